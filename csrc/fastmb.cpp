@@ -1,0 +1,53 @@
+// fastmb._C: the operator schemas of the fused ops, and the Python module that loads them.
+//
+// Kernels register themselves per dispatch key in their own files (csrc/cpu/, csrc/cuda/);
+// fake (meta) implementations and autograd formulas are registered from Python
+// (fastmb/ops/), as in pytorch/extension-cpp. The reference backend defines the same schemas
+// under the name suffix "_reference" (fastmb/ops/schemas.py); a test keeps the two in step.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "build_info.h"
+
+TORCH_LIBRARY(fastmb, m) {
+  // z = depthwise_conv(x), u = batch_norm(z), y = act(u). Returns (y, mean, var): the batch
+  // statistics in training (var biased), the running statistics in eval; kept for backward.
+  m.def(
+      "dwconv_bn_act(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor? running_mean, Tensor? running_var, int[2] stride, int[2] padding, "
+      "int[2] dilation, float eps, bool training, str activation) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias); an entry whose output_mask
+  // flag (x, weight, bn affine) is false is an empty tensor.
+  m.def(
+      "dwconv_bn_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? bn_weight, "
+      "Tensor? bn_bias, Tensor mean, Tensor var, int[2] stride, int[2] padding, "
+      "int[2] dilation, float eps, bool training, str activation, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // y = gate(fc2(act(fc1(mean_hw(x))))) * x, fc weights as (out, in) matrices.
+  // Returns (y, pooled): pooled = mean_hw(x) in the compute dtype, kept for backward.
+  m.def(
+      "squeeze_excitation(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
+      "Tensor? fc2_bias, str activation, str gate) -> (Tensor, Tensor)");
+  // Returns (grad_x, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias).
+  m.def(
+      "squeeze_excitation_backward(Tensor grad_y, Tensor x, Tensor pooled, Tensor fc1_weight, "
+      "Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, str activation, str gate) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+// Importing fastmb._C runs the static registrations above; the module itself only carries
+// how the extension was built, for fastmb.backends().
+static struct PyModuleDef fastmb_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&fastmb_module);
+  if (module == nullptr) {
+    return nullptr;
+  }
+  if (PyModule_AddStringConstant(module, "cuda_build", fastmb::cuda_build_status()) < 0 ||
+      PyModule_AddStringConstant(module, "cuda_archs", fastmb::cuda_archs()) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

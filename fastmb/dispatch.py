@@ -1,0 +1,176 @@
+"""Backend registry and selection.
+
+A backend is a set of kernels for the fused ops: "reference" (PyTorch ops, the correctness
+oracle, runs anywhere), "cpu" and "cuda" (fastmb._C), "triton" (fastmb.kernels). Each fused op
+asks `select` for the forward operator to call; the operator's registered autograd formula
+calls the same backend's backward operator.
+"""
+
+import contextlib
+import functools
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from fastmb import _extension
+
+NAMES = ("reference", "cpu", "cuda", "triton")
+AVAILABLE = "available"
+
+# "auto" tries these, in order, for tensors of each device type; anything else, or nothing
+# usable, runs the reference.
+_AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One backend's implementation of one fused op."""
+
+    forward: Callable  # the forward operator, called with the op's schema arguments
+    supports: Callable[..., bool]  # same arguments; False sends the call to the reference
+
+
+_KERNELS: dict[tuple[str, str], Kernel] = {}
+_default_backend = "auto"
+_thread_state = threading.local()
+_warned_device_types: set[str] = set()
+
+
+def _always(*args: object) -> bool:
+    return True
+
+
+def register_kernel(
+    backend: str, op: str, forward: Callable, supports: Callable[..., bool] = _always
+) -> None:
+    """Makes `forward` the implementation of fused op `op` (e.g. "dwconv_bn_act") in `backend`."""
+    if backend not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
+    _KERNELS[(backend, op)] = Kernel(forward, supports)
+    _unavailable_reason.cache_clear()
+
+
+def _has_kernels(backend: str) -> bool:
+    return any(name == backend for name, _ in _KERNELS)
+
+
+def _cuda_arch_mismatch() -> str | None:
+    major, minor = torch.cuda.get_device_capability()
+    built = [int(a) for a in _extension.C.cuda_archs.split(",") if a.isdigit()]
+    if not built or any(a // 100 == major and a % 100 // 10 <= minor for a in built):
+        return None
+    return (
+        f"fastmb._C was compiled for sm_{', sm_'.join(str(a // 10) for a in built)} but this GPU "
+        f"is sm_{major}{minor}: rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}"
+    )
+
+
+@functools.cache
+def _unavailable_reason(backend: str) -> str | None:
+    if backend == "reference":
+        return None
+    if backend in ("cpu", "cuda") and _extension.C is None:
+        return _extension.LOAD_ERROR
+    if backend == "cuda":
+        if _extension.C.cuda_build != "built":
+            return f"fastmb._C's CUDA kernels were {_extension.C.cuda_build}"
+        if not torch.cuda.is_available():
+            return "torch.cuda.is_available() is False"
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as error:
+            return f"triton cannot be imported ({error})"
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
+    if not _has_kernels(backend):
+        return f"this version of fastmb has no {backend} kernels yet"
+    if backend == "cuda":
+        return _cuda_arch_mismatch()
+    return None
+
+
+def backends() -> dict[str, str]:
+    """Each backend name mapped to "available" or the reason it is not."""
+    return {name: _unavailable_reason(name) or AVAILABLE for name in NAMES}
+
+
+def _check_name(backend: str) -> None:
+    if backend != "auto" and backend not in NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {backend!r}")
+    reason = None if backend == "auto" else _unavailable_reason(backend)
+    if reason is not None:
+        raise RuntimeError(f"fastmb backend {backend!r} is not available: {reason}")
+
+
+def set_backend(backend: str) -> None:
+    """Sets the process-wide backend: "auto" (fastest available per device) or a name."""
+    global _default_backend
+    _check_name(backend)
+    _default_backend = backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """Uses `backend` in this thread for the duration of the `with` block."""
+    _check_name(backend)
+    previous = getattr(_thread_state, "backend", None)
+    _thread_state.backend = backend
+    try:
+        yield
+    finally:
+        _thread_state.backend = previous
+
+
+def current_backend() -> str:
+    return getattr(_thread_state, "backend", None) or _default_backend
+
+
+def _serves(backend: str, device_type: str) -> bool:
+    if backend == "triton":
+        return device_type == "cuda" or (
+            device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        )
+    return backend == device_type
+
+
+def _usable(backend: str, op: str, device_type: str, args: tuple) -> Kernel | None:
+    kernel = _KERNELS.get((backend, op))
+    if kernel is None or _unavailable_reason(backend) or not _serves(backend, device_type):
+        return None
+    return kernel if kernel.supports(*args) else None
+
+
+def select(op: str, device_type: str, args: tuple) -> Callable:
+    """The forward operator that runs fused op `op` on `args` (the op's schema arguments)."""
+    backend = current_backend()
+    if backend == "auto":
+        for candidate in _AUTO_ORDER.get(device_type, ()):
+            kernel = _usable(candidate, op, device_type, args)
+            if kernel is not None:
+                return kernel.forward
+        _warn_reference_once(device_type)
+    elif backend != "reference":
+        kernel = _usable(backend, op, device_type, args)
+        if kernel is not None:
+            return kernel.forward
+    # Unsupported-but-valid input (a kernel size, a dtype, a device) runs the reference.
+    return _KERNELS[("reference", op)].forward
+
+
+def _warn_reference_once(device_type: str) -> None:
+    candidates = _AUTO_ORDER.get(device_type, ())
+    if device_type in _warned_device_types or any(_unavailable_reason(c) is None for c in candidates):
+        return
+    _warned_device_types.add(device_type)
+    reasons = "; ".join(f"{c}: {_unavailable_reason(c)}" for c in candidates) or "none serves it"
+    warnings.warn(
+        f"fastmb: no fused backend for {device_type} tensors ({reasons}); running the reference "
+        "implementation (plain PyTorch ops). fastmb.backends() lists every backend's status.",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -1,0 +1,63 @@
+"""DWConvBNAct: a drop-in for torchvision's depthwise Conv2dNormActivation."""
+
+from torch import Tensor, nn
+
+from fastmb.ops.activations import ACTIVATIONS
+from fastmb.ops.common import check_choice
+from fastmb.ops.dwconv_bn_act import dwconv_bn_act
+
+
+class DWConvBNAct(nn.Sequential):
+    """Depthwise ``Conv2d`` (no bias) + ``BatchNorm2d`` + activation, run as one fused op.
+
+    Children "0" (the conv) and "1" (the batch norm) carry the parameter and buffer names of
+    torchvision's ``Conv2dNormActivation``, so its state_dict loads unchanged; the activation
+    ("hardswish", "relu", "relu6" or "identity") has no parameters and no child. Training and
+    eval follow ``nn.BatchNorm2d`` exactly, ``momentum=None`` and ``num_batches_tracked`` included.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+        activation: str = "hardswish",
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+    ) -> None:
+        padding = (kernel_size - 1) // 2 * dilation
+        super().__init__(
+            nn.Conv2d(channels, channels, kernel_size, stride, padding, dilation, groups=channels, bias=False),
+            nn.BatchNorm2d(channels, eps=eps, momentum=momentum),
+        )
+        self.activation = check_choice("activation", activation, ACTIVATIONS)
+        self.out_channels = channels
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv, bn = self[0], self[1]
+        # nn.BatchNorm2d.forward's rules for the averaging factor and which statistics to use.
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if self.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        use_batch_stats = self.training or (bn.running_mean is None and bn.running_var is None)
+        keep_running = not self.training or bn.track_running_stats
+        return dwconv_bn_act(
+            x,
+            conv.weight,
+            bn.weight,
+            bn.bias,
+            bn.running_mean if keep_running else None,
+            bn.running_var if keep_running else None,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            eps=bn.eps,
+            momentum=factor,
+            training=use_batch_stats,
+            activation=self.activation,
+        )

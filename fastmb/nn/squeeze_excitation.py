@@ -1,0 +1,33 @@
+"""SqueezeExcitation: a drop-in for torchvision.ops.SqueezeExcitation."""
+
+from torch import Tensor, nn
+
+from fastmb.ops.activations import ACTIVATIONS, GATES
+from fastmb.ops.common import check_choice
+from fastmb.ops.squeeze_excitation import squeeze_excitation
+
+
+class SqueezeExcitation(nn.Module):
+    """``x * gate(fc2(activation(fc1(mean_hw(x)))))`` as one fused op.
+
+    ``fc1`` and ``fc2`` are 1x1 ``Conv2d`` layers with bias, named as in torchvision's
+    ``SqueezeExcitation``, whose state_dict loads unchanged. The default gate is hardsigmoid,
+    as in MobileNetV3 (torchvision's own default is sigmoid).
+    """
+
+    def __init__(
+        self, input_channels: int, squeeze_channels: int, activation: str = "relu", gate: str = "hardsigmoid"
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
+        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
+        self.activation = check_choice("activation", activation, ACTIVATIONS)
+        self.gate = check_choice("gate", gate, GATES)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, gate={self.gate!r}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return squeeze_excitation(
+            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, activation=self.activation, gate=self.gate
+        )

@@ -1,0 +1,100 @@
+"""Argument checks and shape/layout rules shared by the fused ops and all their backends."""
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+
+def check_tensor(name: str, value: object, ndim: int | tuple[int, ...]) -> Tensor:
+    """`value` must be a floating-point tensor with `ndim` dimensions (one of them)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    allowed = (ndim,) if isinstance(ndim, int) else ndim
+    if value.dim() not in allowed:
+        shapes = " or ".join(f"{d}-D" for d in allowed)
+        raise ValueError(f"{name} must be {shapes}, got a {value.dim()}-D tensor of shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def check_optional_vector(name: str, value: object, length: int, what: str) -> Tensor | None:
+    """`value` is None or a floating-point vector of `length` (`what` says where it comes from)."""
+    if value is None:
+        return None
+    check_tensor(name, value, 1)
+    if value.shape[0] != length:
+        raise ValueError(f"{name} must have {length} elements ({what}), got {value.shape[0]}")
+    return value
+
+
+def check_same_device(x: Tensor, **others: Tensor | None) -> None:
+    for name, tensor in others.items():
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; move them to one device")
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def pair(name: str, value: int | Sequence[int], minimum: int) -> list[int]:
+    """An int or a pair of ints, each at least `minimum`, as [h, w]."""
+    values = [value, value] if isinstance(value, int) else list(value)
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(values) < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
+    return values
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def dwconv_output_shape(
+    x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+) -> tuple[int, int, int, int]:
+    n, c, h, w = x.shape
+    return (
+        n,
+        c,
+        conv_output_size(h, weight.shape[2], stride[0], padding[0], dilation[0]),
+        conv_output_size(w, weight.shape[3], stride[1], padding[1], dilation[1]),
+    )
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """The layout outputs take: channels_last for NHWC-strided inputs, as ATen's conv does."""
+    return suggest_memory_format(x)
+
+
+def new_output(shape: Sequence[int], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialised output in `like`'s memory format (canonical strides, so that fake and
+    real implementations agree)."""
+    fmt = memory_format(like) if len(shape) == 4 else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels accumulate in and keep statistics in: fp32 for fp16/bf16."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts conv inputs to on `device_type`, or None when it is off."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Disables autocast inside an implementation that chooses its own precisions."""
+    if autocast_dtype(device_type) is not None:
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

@@ -1,0 +1,159 @@
+"""Fused depthwise conv + BatchNorm + activation: the public function, its argument checks,
+and the fake implementation and autograd formula shared by every backend's operator."""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastmb import _extension, dispatch
+from fastmb.ops import reference
+from fastmb.ops.activations import ACTIVATIONS
+from fastmb.ops.common import (
+    autocast_dtype,
+    check_choice,
+    check_optional_vector,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    dwconv_output_shape,
+    new_output,
+    pair,
+)
+
+OP = "dwconv_bn_act"
+
+
+def dwconv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | None = None,
+    dilation: int | Sequence[int] = 1,
+    eps: float = 1e-5,
+    momentum: float = 0.1,
+    training: bool = False,
+    activation: str = "hardswish",
+) -> Tensor:
+    """act(batch_norm(depthwise_conv2d(x, weight))) in one fused op.
+
+    Same semantics as ``nn.Conv2d(C, C, k, stride, padding, dilation, groups=C, bias=False)``
+    followed by ``F.batch_norm(..., training, momentum, eps)`` and the activation:
+    ``training=True`` normalises with the batch statistics and updates ``running_mean`` and
+    ``running_var`` in place (if given) with factor ``momentum``; ``training=False`` uses the
+    running statistics. ``padding=None`` means "same" padding, ``(k - 1) // 2 * dilation``.
+    Under autocast, x and weight are cast like ``conv2d``'s inputs; the output keeps x's
+    memory format.
+    """
+    check_tensor("x", x, 4)
+    check_tensor("weight", weight, 4)
+    channels = x.shape[1]
+    if weight.shape[0] != channels or weight.shape[1] != 1:
+        raise ValueError(
+            f"weight must be depthwise, of shape (C, 1, kH, kW) with C = x.shape[1] = {channels}; "
+            f"got {tuple(weight.shape)}"
+        )
+    what = f"one per channel of x, which has {channels}"
+    for name, vector in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean), ("running_var", running_var)):
+        check_optional_vector(name, vector, channels, what)
+    check_same_device(x, weight=weight, bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean, running_var=running_var)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    check_choice("activation", activation, ACTIVATIONS)
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if training and not isinstance(momentum, (int, float)):
+        raise TypeError(
+            f"momentum must be a number, got {momentum!r} (for a cumulative average pass "
+            "1 / num_batches_tracked, as nn.BatchNorm2d does)"
+        )
+    stride = pair("stride", stride, 1)
+    dilation = pair("dilation", dilation, 1)
+    if padding is None:
+        padding = [(k - 1) // 2 * d for k, d in zip(weight.shape[2:], dilation)]
+    padding = pair("padding", padding, 0)
+
+    cast_to = autocast_dtype(x.device.type)
+    if cast_to is not None:
+        x, weight = x.to(cast_to), weight.to(cast_to)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
+    shape = dwconv_output_shape(x, weight, stride, padding, dilation)
+    if shape[2] <= 0 or shape[3] <= 0:
+        raise ValueError(
+            f"the output would be empty: x of spatial size {tuple(x.shape[2:])} with a "
+            f"{tuple(weight.shape[2:])} kernel, stride {stride}, padding {padding}, dilation {dilation}"
+        )
+    values_per_channel = shape[0] * shape[2] * shape[3]
+    if training and values_per_channel == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+
+    args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, float(eps), bool(training), activation)
+    forward = dispatch.select(OP, x.device.type, args)
+    y, mean, var = forward(*args)
+    if training and running_mean is not None and values_per_channel > 0:
+        unbiased_var = var * (values_per_channel / (values_per_channel - 1))
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
+    return y
+
+
+def _fake_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, training, activation):
+    stats = x.new_empty(x.shape[1], dtype=compute_dtype(x.dtype))
+    return new_output(dwconv_output_shape(x, weight, stride, padding, dilation), x), stats, torch.empty_like(stats)
+
+
+def _fake_backward(grad_y, x, weight, bn_weight, bn_bias, mean, var, stride, padding, dilation, eps, training, activation, output_mask):
+    affine_dtype = bn_weight.dtype if bn_weight is not None else mean.dtype
+    affine = mean.new_empty(x.shape[1] if output_mask[2] else 0, dtype=affine_dtype)
+    return (
+        new_output(x.shape, x) if output_mask[0] else x.new_empty(0),
+        weight.new_empty(weight.shape if output_mask[1] else 0),
+        affine,
+        torch.empty_like(affine),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bn_weight, bn_bias, _, _, stride, padding, dilation, eps, training, activation = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var)
+    ctx.arguments = (stride, padding, dilation, eps, training, activation)
+
+
+def register_operators(forward_op, backward_op) -> None:
+    """Registers the fake implementations and the autograd formula of one backend's pair of
+    operators (forward, backward) with the schemas of fastmb/ops/schemas.py."""
+    torch.library.register_fake(forward_op, _fake_forward)
+    torch.library.register_fake(backward_op, _fake_backward)
+
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        mask = [needs[0], needs[1], needs[2] or needs[3]]
+        grad_x, grad_weight, grad_bn_weight, grad_bn_bias = backward_op(
+            grad_y, x, weight, bn_weight, bn_bias, mean, var, *ctx.arguments, mask
+        )
+        return (
+            grad_x if needs[0] else None,
+            grad_weight if needs[1] else None,
+            grad_bn_weight if needs[2] else None,
+            grad_bn_bias if needs[3] else None,
+            *([None] * 8),
+        )
+
+    torch.library.register_autograd(forward_op, backward, setup_context=_setup_context)
+
+
+register_operators(reference.dwconv_bn_act.forward_op, reference.dwconv_bn_act.backward_op)
+dispatch.register_kernel("reference", OP, reference.dwconv_bn_act.forward_op)
+if _extension.C is not None:
+    register_operators(torch.ops.fastmb.dwconv_bn_act.default, torch.ops.fastmb.dwconv_bn_act_backward.default)

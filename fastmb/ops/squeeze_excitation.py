@@ -1,0 +1,108 @@
+"""Fused squeeze-and-excitation: the public function, its argument checks, and the fake
+implementation and autograd formula shared by every backend's operator."""
+
+import torch
+from torch import Tensor
+
+from fastmb import _extension, dispatch
+from fastmb.ops import reference
+from fastmb.ops.activations import ACTIVATIONS, GATES
+from fastmb.ops.common import (
+    check_choice,
+    check_optional_vector,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+)
+
+OP = "squeeze_excitation"
+
+
+def _as_matrix(name: str, weight: Tensor, rows: int | None, cols: int | None, what: str) -> Tensor:
+    """A 1x1 conv weight (out, in, 1, 1) or linear weight (out, in), as an (out, in) matrix."""
+    check_tensor(name, weight, (2, 4))
+    if weight.dim() == 4 and weight.shape[2:] != (1, 1):
+        raise ValueError(f"{name} must be a 1x1 convolution weight, got shape {tuple(weight.shape)}")
+    if (rows is not None and weight.shape[0] != rows) or (cols is not None and weight.shape[1] != cols):
+        raise ValueError(f"{name} must have shape ({rows or 'S'}, {cols or 'S'}[, 1, 1]) ({what}), got {tuple(weight.shape)}")
+    return weight.flatten(1)
+
+
+def squeeze_excitation(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor | None,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    *,
+    activation: str = "relu",
+    gate: str = "hardsigmoid",
+) -> Tensor:
+    """torchvision's SqueezeExcitation in one fused op:
+    ``x * gate(fc2(activation(fc1(x.mean((2, 3))))))``.
+
+    fc weights are 1x1 conv weights (S, C, 1, 1) / (C, S, 1, 1) or matrices (S, C) / (C, S).
+    They may be fp32 while x is fp16/bf16 (the FC layers compute in fp32); the output has x's
+    dtype and memory format.
+    """
+    check_tensor("x", x, 4)
+    channels = x.shape[1]
+    w1 = _as_matrix("fc1_weight", fc1_weight, None, channels, f"x has {channels} channels")
+    squeeze = w1.shape[0]
+    w2 = _as_matrix("fc2_weight", fc2_weight, channels, squeeze, f"fc1_weight has {squeeze} outputs, x {channels} channels")
+    check_optional_vector("fc1_bias", fc1_bias, squeeze, "one per fc1 output")
+    check_optional_vector("fc2_bias", fc2_bias, channels, "one per channel of x")
+    check_same_device(x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
+    check_choice("activation", activation, ACTIVATIONS)
+    check_choice("gate", gate, GATES)
+
+    args = (x, w1, fc1_bias, w2, fc2_bias, activation, gate)
+    forward = dispatch.select(OP, x.device.type, args)
+    return forward(*args)[0]
+
+
+# Outputs of x's shape are laid out like x (torch.empty_like), as eager's element-wise ops do.
+def _fake_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate):
+    return torch.empty_like(x), x.new_empty(x.shape[:2], dtype=compute_dtype(x.dtype))
+
+
+def _fake_backward(grad_y, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate):
+    def bias_grad(bias, weight):  # shaped like the bias, typed like it (or the weight if None)
+        return weight.new_empty(weight.shape[0], dtype=(bias if bias is not None else weight).dtype)
+
+    return (
+        torch.empty_like(x),
+        torch.empty_like(fc1_weight),
+        bias_grad(fc1_bias, fc1_weight),
+        torch.empty_like(fc2_weight),
+        bias_grad(fc2_bias, fc2_weight),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, output[1], fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    ctx.arguments = (activation, gate)
+
+
+def register_operators(forward_op, backward_op) -> None:
+    """Registers the fake implementations and the autograd formula of one backend's pair of
+    operators (forward, backward) with the schemas of fastmb/ops/schemas.py."""
+    torch.library.register_fake(forward_op, _fake_forward)
+    torch.library.register_fake(backward_op, _fake_backward)
+
+    def backward(ctx, grad_y, _grad_pooled):
+        x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias = ctx.saved_tensors
+        grads = backward_op(grad_y, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *ctx.arguments)
+        return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None)
+
+    torch.library.register_autograd(forward_op, backward, setup_context=_setup_context)
+
+
+register_operators(reference.squeeze_excitation.forward_op, reference.squeeze_excitation.backward_op)
+dispatch.register_kernel("reference", OP, reference.squeeze_excitation.forward_op)
+if _extension.C is not None:
+    register_operators(
+        torch.ops.fastmb.squeeze_excitation.default, torch.ops.fastmb.squeeze_excitation_backward.default
+    )

@@ -1,0 +1,90 @@
+"""Builds fastmb._C against the installed torch: the C++ part always, csrc/cuda/ when it can.
+
+Knobs (environment variables):
+  FASTMB_SKIP_CUDA=1       leave out the CUDA kernels even where nvcc and a CUDA torch exist
+  TORCH_CUDA_ARCH_LIST     GPU architectures to compile for (default "8.0;9.0")
+  MAX_JOBS                 parallel compile jobs (ninja)
+  FASTMB_DEBUG=1           -O0 -g builds
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    sys.exit(
+        "fastmb builds its extension against the PyTorch you run, so torch must be installed "
+        "first: `pip install torch`, then `pip install .` again."
+    )
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Values of FASTMB_CUDA_STATUS, decoded in csrc/build_info.cpp.
+CUDA_BUILT, CUDA_SKIPPED, CUDA_NO_NVCC, CUDA_TORCH_WITHOUT_CUDA = 0, 1, 2, 4
+
+
+def cuda_status() -> int:
+    if os.environ.get("FASTMB_SKIP_CUDA", "0") not in ("", "0"):
+        return CUDA_SKIPPED
+    if torch.version.cuda is None:
+        return CUDA_TORCH_WITHOUT_CUDA
+    home = cpp_extension.CUDA_HOME
+    # torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper outside the toolkit.
+    if home is None or not all(
+        os.path.exists(os.path.join(home, *part)) for part in (("bin", "nvcc"), ("include", "cuda_runtime.h"))
+    ):
+        return CUDA_NO_NVCC
+    return CUDA_BUILT
+
+
+def sources(pattern: str) -> list[str]:
+    # Relative paths: setuptools rejects absolute ones in sources.
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def extension():
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        sys.exit(f"fastmb needs a C++ compiler to build its extension; `{compiler}` was not found.")
+
+    status = cuda_status()
+    debug = os.environ.get("FASTMB_DEBUG", "0") not in ("", "0")
+    optimize = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = [*optimize, f"-DFASTMB_CUDA_STATUS={status}"]
+    cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+
+    if status != CUDA_BUILT:
+        print(f"fastmb: CUDA kernels {_CUDA_REASONS[status]}", file=sys.stderr)
+        return cpp_extension.CppExtension(
+            "fastmb._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}
+        )
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    nvcc_flags = [*optimize, "-lineinfo", f"-DFASTMB_CUDA_STATUS={status}"]
+    return cpp_extension.CUDAExtension(
+        "fastmb._C",
+        cpp_sources + sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp"),
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+
+
+_CUDA_REASONS = {
+    CUDA_SKIPPED: "skipped (FASTMB_SKIP_CUDA=1)",
+    CUDA_NO_NVCC: f"skipped: no CUDA toolkit at CUDA_HOME={cpp_extension.CUDA_HOME} (set CUDA_HOME)",
+    CUDA_TORCH_WITHOUT_CUDA: "skipped: the installed torch is a CPU-only build",
+}
+
+packages = find_packages(include=["fastmb", "fastmb.*"]) + ["fastmb.kernels"]
+
+setup(
+    packages=packages,
+    package_dir={"fastmb": "fastmb", "fastmb.kernels": "kernels"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

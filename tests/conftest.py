@@ -1,0 +1,37 @@
+"""Shared fixtures: the device under test (FASTMB_TEST_DEVICE, default cpu; bench/gpu_check.sh
+runs the same suite with cuda) and every fastmb backend available for it."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+import fastmb
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/oracle.py, also used by bench/
+
+DEVICE = os.environ.get("FASTMB_TEST_DEVICE", "cpu")
+BACKENDS_FOR_DEVICE = {"cpu": ("reference", "cpu", "triton"), "cuda": ("reference", "cuda", "triton")}
+
+
+def available_backends() -> list[str]:
+    status = fastmb.backends()
+    return [name for name in BACKENDS_FOR_DEVICE[DEVICE] if status[name] == "available"]
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE
+
+
+@pytest.fixture(params=available_backends())
+def backend(request):
+    """Runs the test once per backend available for the device, with that backend forced."""
+    with fastmb.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,113 @@
+"""fastmb.nn modules as drop-ins for torchvision's: state_dicts load both ways, and outputs,
+gradients and running statistics match in train and eval."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import SqueezeExcitation as TorchvisionSE
+from torchvision.ops.misc import Conv2dNormActivation
+
+import fastmb
+from oracle import assert_close_to_oracle, clone_as, randomize_batch_norm, run
+
+ACTIVATION_LAYERS = {"hardswish": nn.Hardswish, "relu": nn.ReLU, "relu6": nn.ReLU6, "identity": None}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def torchvision_dwconv(channels, kernel, stride, activation, momentum=0.1):
+    return Conv2dNormActivation(
+        channels, channels, kernel, stride, groups=channels,
+        norm_layer=lambda c: nn.BatchNorm2d(c, momentum=momentum), activation_layer=ACTIVATION_LAYERS[activation],
+    )
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATION_LAYERS))
+def test_dwconv_state_dict_round_trip(activation):
+    theirs = torchvision_dwconv(16, 5, 2, activation)
+    randomize_batch_norm(theirs)
+    ours = fastmb.nn.DWConvBNAct(16, 5, stride=2, activation=activation)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    back = torchvision_dwconv(16, 5, 2, activation)
+    back.load_state_dict(ours.state_dict(), strict=True)
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], value, rtol=0, atol=0)
+    assert isinstance(ours[0], nn.Conv2d) and isinstance(ours[1], nn.BatchNorm2d)
+
+
+def test_se_state_dict_round_trip():
+    theirs = TorchvisionSE(24, 8, scale_activation=nn.Hardsigmoid)
+    ours = fastmb.nn.SqueezeExcitation(24, 8)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    TorchvisionSE(24, 8).load_state_dict(ours.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_dwconv_matches_torchvision_over_steps(backend, device, dtype, memory_format, momentum):
+    """Three training steps then eval: outputs, gradients, running statistics and
+    num_batches_tracked agree with torchvision's module by DESIGN.md's rule."""
+    theirs = torchvision_dwconv(8, 3, 1, "hardswish", momentum)
+    randomize_batch_norm(theirs)
+    ours = fastmb.nn.DWConvBNAct(8, 3, momentum=momentum)
+    ours.load_state_dict(theirs.state_dict())
+    oracle_module = clone_as(theirs, torch.float64)
+    eager_module = clone_as(theirs, dtype, memory_format).to(device)
+    fused_module = clone_as(ours, dtype, memory_format).to(device)
+    for step in range(4):
+        training = step < 3
+        for module in (oracle_module, eager_module, fused_module):
+            module.train(training)
+        x = torch.randn(3, 8, 9, 9) + step
+        grad = torch.randn(3, 8, 9, 9)
+        inputs = (x.to(device, dtype, memory_format=memory_format), grad.to(device))
+        oracle = run(oracle_module, x.double(), grad.double())
+        assert_close_to_oracle(run(fused_module, *inputs), run(eager_module, *inputs), oracle, dtype)
+        assert fused_module[1].num_batches_tracked.item() == eager_module[1].num_batches_tracked.item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_se_matches_torchvision(backend, device, dtype):
+    theirs = TorchvisionSE(16, 8, scale_activation=nn.Hardsigmoid)
+    ours = fastmb.nn.SqueezeExcitation(16, 8)
+    ours.load_state_dict(theirs.state_dict())
+    x, grad = torch.randn(2, 16, 7, 7), torch.randn(2, 16, 7, 7)
+    oracle = run(clone_as(theirs, torch.float64), x.double(), grad.double())
+    inputs = (x.to(device, dtype, memory_format=torch.channels_last), grad.to(device))
+    actual = run(clone_as(ours, dtype).to(device), *inputs)
+    assert actual["y"].is_contiguous(memory_format=torch.channels_last)
+    assert_close_to_oracle(actual, run(clone_as(theirs, dtype).to(device), *inputs), oracle, dtype)
+
+
+def test_modules_under_autocast(backend, device):
+    stack = nn.Sequential(torchvision_dwconv(8, 3, 1, "hardswish"), TorchvisionSE(8, 4, scale_activation=nn.Hardsigmoid))
+    randomize_batch_norm(stack)
+    ours = nn.Sequential(fastmb.nn.DWConvBNAct(8, 3), fastmb.nn.SqueezeExcitation(8, 4))
+    ours.load_state_dict(stack.state_dict())
+    stack, ours = stack.to(device).train(), ours.to(device).train()
+    x = torch.randn(2, 8, 10, 10, device=device)
+    lower = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device, dtype=lower):
+        expected, actual = stack(x), ours(x)
+    assert actual.dtype == expected.dtype
+    torch.testing.assert_close(actual.float(), expected.float(), atol=6e-2, rtol=6e-2)
+    actual.float().sum().backward()
+    assert ours[0][0].weight.grad.dtype == torch.float32
+
+
+def test_repr_and_bad_activation():
+    assert "activation='relu6'" in repr(fastmb.nn.DWConvBNAct(4, 3, activation="relu6"))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fastmb.nn.DWConvBNAct(4, 3, activation="gelu")
+    with pytest.raises(ValueError, match="gate must be one of"):
+        fastmb.nn.SqueezeExcitation(4, 2, gate="tanh")
+
+
+def test_deepcopy_and_eval_without_grad(backend, device):
+    module = fastmb.nn.DWConvBNAct(4, 3).to(device).eval()
+    copy.deepcopy(module)
+    with torch.inference_mode():
+        y = module(torch.randn(1, 4, 5, 5, device=device))
+    assert y.shape == (1, 4, 5, 5) and not y.requires_grad

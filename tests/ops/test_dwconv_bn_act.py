@@ -1,0 +1,214 @@
+"""fastmb.ops.dwconv_bn_act against the float64 eager oracle, on every available backend."""
+
+import pytest
+import torch
+
+import fastmb
+from fastmb.nn import DWConvBNAct
+from fastmb.ops.reference import dwconv_bn_act as reference_op
+from oracle import assert_close_to_oracle, clone_as, eager_dwconv_bn_act, randomize_batch_norm, run
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FORMATS = [torch.contiguous_format, torch.channels_last]
+# (kernel size, stride, dilation, activation): MobileNet's stages plus the odd ones.
+CONFIGS = [(3, 1, 1, "hardswish"), (3, 2, 1, "relu"), (5, 1, 2, "relu6"), (5, 2, 1, "identity"), (7, 1, 1, "hardswish")]
+
+
+def compare(shape, config, dtype, memory_format, training, device, momentum=0.1):
+    """Runs the fused module and the eager stack (in `dtype` and in float64) on one input and
+    checks outputs, gradients and running statistics by DESIGN.md's rule."""
+    kernel, stride, dilation, activation = config
+    eager = eager_dwconv_bn_act(shape[1], kernel, stride, dilation, activation, momentum)
+    randomize_batch_norm(eager)
+    eager.train(training)
+    fused = DWConvBNAct(shape[1], kernel, stride, dilation, activation, momentum=momentum).train(training)
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(shape) * 2 + 0.5
+    grad = torch.randn(clone_as(eager, torch.float32)(x).shape)
+    oracle = run(clone_as(eager, torch.float64), x.double(), grad.double())
+    baseline = run(clone_as(eager, dtype, memory_format).to(device), x.to(device, dtype, memory_format=memory_format), grad.to(device))
+    actual = run(clone_as(fused, dtype, memory_format).to(device), x.to(device, dtype, memory_format=memory_format), grad.to(device))
+    for fmt in FORMATS:  # the output's layout follows the input's, as eager's does
+        assert actual["y"].is_contiguous(memory_format=fmt) == baseline["y"].is_contiguous(memory_format=fmt)
+    assert actual["y"].dtype == dtype
+    assert_close_to_oracle(actual, baseline, oracle, dtype)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "k{}s{}d{}-{}".format(*c))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_eager(backend, device, dtype, memory_format, training, config):
+    compare((2, 8, 11, 11), config, dtype, memory_format, training, device)
+
+
+@pytest.mark.parametrize(
+    "shape", [(0, 4, 7, 7), (1, 1, 2, 3), (3, 5, 1, 1), (2, 7, 2, 13), (1, 3, 13, 2)], ids=str
+)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_odd_shapes(backend, device, shape, training):
+    """Empty batch, one channel, spatial sizes below the kernel, primes."""
+    compare(shape, (3, 2, 1, "hardswish"), torch.float32, torch.contiguous_format, training, device)
+    compare(shape, (5, 1, 1, "relu"), torch.float32, torch.channels_last, training, device)
+
+
+def test_momentum_none_is_cumulative_average(backend, device):
+    compare((2, 4, 6, 6), (3, 1, 1, "relu6"), torch.float32, torch.contiguous_format, True, device, momentum=None)
+
+
+def test_non_contiguous_input(backend, device):
+    eager = eager_dwconv_bn_act(6, 3).train()
+    fused = DWConvBNAct(6, 3).train()
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 12, 9, 20)[:, ::2, :, ::2]  # strided in C and W
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 6, 9, 10)
+    oracle = run(clone_as(eager, torch.float64), x.double(), grad.double())
+    baseline = run(eager.to(device), x.to(device), grad.to(device))
+    assert_close_to_oracle(run(fused.to(device), x.to(device), grad.to(device)), baseline, oracle, torch.float32)
+
+
+def test_statistics_of_large_mean(backend, device):
+    """|mean| = 1e4 with std 1: a sum-of-squares variance would lose every digit in fp32."""
+    eager = eager_dwconv_bn_act(4, 3, activation="identity").train()
+    with torch.no_grad():
+        eager[0].weight.zero_()[:, :, 1, 1] = 1  # z = x: the statistics are those of x
+    fused = DWConvBNAct(4, 3, activation="identity").train()
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(4, 4, 16, 16) + 1e4
+    grad = torch.randn(4, 4, 16, 16)
+    oracle = run(clone_as(eager, torch.float64), x.double(), grad.double())
+    actual = run(fused.to(device), x.to(device), grad.to(device))
+    assert (actual["1.running_var"].cpu().double() - oracle["1.running_var"]).abs().max() < 1e-3
+    assert (actual["y"].cpu().double() - oracle["y"]).abs().max() < 1e-2
+
+
+def test_nan_and_inf_propagate_like_eager(backend, device):
+    eager = eager_dwconv_bn_act(3, 3).eval()
+    randomize_batch_norm(eager)
+    fused = DWConvBNAct(3, 3).eval()
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(1, 3, 6, 6)
+    x[0, 0, 2, 2] = float("nan")
+    x[0, 1, 4, 4] = float("inf")
+    expected = eager(x)
+    actual = fused.to(device)(x.to(device)).cpu()
+    torch.testing.assert_close(actual.isnan(), expected.isnan())
+    finite = expected.isfinite()
+    torch.testing.assert_close(actual[finite], expected[finite], atol=1e-5, rtol=1e-5)
+
+
+def test_functional_arguments(backend, device):
+    """Tuple stride/padding/dilation, explicit padding, no BN affine, no running statistics."""
+    x = torch.randn(2, 4, 9, 8, device=device)
+    weight = torch.randn(4, 1, 3, 5, device=device)
+    y = fastmb.ops.dwconv_bn_act(x, weight, stride=(2, 1), padding=(0, 2), dilation=(1, 2), training=True, activation="relu")
+    z = torch.nn.functional.conv2d(x, weight, None, (2, 1), (0, 2), (1, 2), groups=4)
+    expected = torch.relu(torch.nn.functional.batch_norm(z, None, None, training=True))
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+    running_mean, running_var = torch.zeros(4, device=device), torch.ones(4, device=device)
+    eager_mean, eager_var = running_mean.clone(), running_var.clone()
+    fastmb.ops.dwconv_bn_act(x, weight, None, None, running_mean, running_var, padding=1, momentum=0.3, training=True, activation="identity")
+    torch.nn.functional.batch_norm(torch.nn.functional.conv2d(x, weight, None, 1, 1, groups=4), eager_mean, eager_var, training=True, momentum=0.3)
+    torch.testing.assert_close(running_mean, eager_mean)
+    torch.testing.assert_close(running_var, eager_var)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", ["hardswish", "relu", "relu6", "identity"])
+def test_gradcheck(backend, device, training, activation):
+    options = {"dtype": torch.float64, "device": device}
+    x = torch.randn(2, 3, 6, 5, **options, requires_grad=True)
+    weight = torch.randn(3, 1, 3, 3, **options, requires_grad=True)
+    bn_weight = torch.rand(3, **options).add(0.5).requires_grad_()
+    bn_bias = torch.randn(3, **options, requires_grad=True)
+    # Eval uses fixed running statistics; training uses (and updates copies of) batch ones.
+    running = (torch.randn(3, **options), torch.rand(3, **options) + 0.5)
+
+    def fn(x, weight, bn_weight, bn_bias):
+        mean, var = (t.clone() for t in running)
+        return fastmb.ops.dwconv_bn_act(x, weight, bn_weight, bn_bias, mean, var, stride=2, training=training, activation=activation)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bn_weight, bn_bias))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_reference(device, training):
+    x = torch.randn(2, 4, 7, 6, device=device, requires_grad=True)
+    weight = torch.randn(4, 1, 3, 3, device=device, requires_grad=True)
+    affine = [torch.randn(4, device=device, requires_grad=True) for _ in range(2)]
+    running = [torch.randn(4, device=device), torch.rand(4, device=device) + 0.5]
+    conv = ([2, 2], [1, 1], [1, 1])
+    args = (x, weight, *affine, *running, *conv, 1e-5, training, "hardswish")
+    torch.library.opcheck(reference_op.forward_op, args)
+    y, mean, var = reference_op.forward_op(*args)
+    # The backward operator has no autograd formula of its own (no double backward).
+    tensors = [t.detach() for t in (torch.randn_like(y), x, weight, *affine, mean, var)]
+    backward_args = (*tensors, *conv, 1e-5, training, "hardswish")
+    torch.library.opcheck(reference_op.backward_op, (*backward_args, [True, True, True]))
+    torch.library.opcheck(reference_op.backward_op, (*backward_args, [True, False, False]))
+
+
+def valid_arguments(device="cpu"):
+    return {
+        "x": torch.randn(2, 4, 8, 8, device=device),
+        "weight": torch.randn(4, 1, 3, 3, device=device),
+        "bn_weight": torch.ones(4, device=device),
+        "bn_bias": torch.zeros(4, device=device),
+        "running_mean": torch.zeros(4, device=device),
+        "running_var": torch.ones(4, device=device),
+    }
+
+
+@pytest.mark.parametrize(
+    "change, error, names",
+    [
+        ({"x": torch.randn(4, 8, 8)}, ValueError, "x must be 4-D"),
+        ({"x": torch.ones(2, 4, 8, 8, dtype=torch.int64)}, TypeError, "x must be a floating-point"),
+        ({"x": [[1.0]]}, TypeError, "x must be a torch.Tensor"),
+        ({"weight": torch.randn(5, 1, 3, 3)}, ValueError, "weight must be depthwise"),
+        ({"weight": torch.randn(4, 4, 3, 3)}, ValueError, "weight must be depthwise"),
+        ({"weight": torch.randn(4, 1, 3)}, ValueError, "weight must be 4-D"),
+        ({"weight": torch.randn(4, 1, 3, 3, dtype=torch.float64)}, TypeError, "weight has dtype"),
+        ({"running_mean": torch.zeros(5)}, ValueError, "running_mean must have 4 elements"),
+        ({"running_var": torch.ones(3)}, ValueError, "running_var must have 4 elements"),
+        ({"bn_weight": torch.ones(4, 1)}, ValueError, "bn_weight must be 1-D"),
+        ({"bn_bias": torch.ones(2)}, ValueError, "bn_bias must have 4 elements"),
+        ({"running_mean": torch.zeros(4, device="meta")}, ValueError, "running_mean is on meta"),
+        ({"weight": torch.randn(4, 1, 3, 3, device="meta")}, ValueError, "weight is on meta"),
+        ({"stride": 0}, ValueError, "stride must be at least 1"),
+        ({"stride": (1, 2, 3)}, TypeError, "stride must be an int or a pair"),
+        ({"dilation": -1}, ValueError, "dilation must be at least 1"),
+        ({"padding": -1}, ValueError, "padding must be at least 0"),
+        ({"activation": "swish"}, ValueError, "activation must be one of"),
+        ({"running_mean": None, "running_var": None}, ValueError, "required when training=False"),
+        ({"running_var": None}, ValueError, "must be given together"),
+        ({"x": torch.randn(2, 4, 2, 2), "padding": 0}, ValueError, "output would be empty"),
+        ({"training": True, "x": torch.randn(1, 4, 1, 1)}, ValueError, "more than 1 value per channel"),
+        ({"training": True, "momentum": None}, TypeError, "momentum must be a number"),
+        ({"eps": -1.0}, ValueError, "eps must be"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_invalid_input_names_the_argument(change, error, names):
+    arguments = valid_arguments()
+    keywords = {k: change.pop(k) for k in list(change) if k not in arguments}
+    arguments.update(change)
+    with pytest.raises(error, match=names):
+        fastmb.ops.dwconv_bn_act(*arguments.values(), **keywords)
+
+
+def test_autocast_casts_like_conv2d(backend, device):
+    eager = eager_dwconv_bn_act(8, 3).train()
+    randomize_batch_norm(eager)
+    fused = DWConvBNAct(8, 3).train()
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 8, 10, 10, device=device)
+    eager, fused = eager.to(device), fused.to(device)
+    lower = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device, dtype=lower):
+        expected, actual = eager(x), fused(x)
+    assert actual.dtype == expected.dtype == lower
+    torch.testing.assert_close(actual.float(), expected.float(), atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(fused[1].running_mean, eager[1].running_mean, atol=1e-2, rtol=1e-2)

@@ -1,0 +1,99 @@
+"""fastmb.backends / set_backend / use_backend and the per-call backend selection."""
+
+import threading
+import warnings
+
+import pytest
+import torch
+
+import fastmb
+from fastmb import dispatch as registry
+from fastmb.ops.reference import dwconv_bn_act as reference_dwconv
+
+
+def test_backends_lists_every_backend_with_a_status():
+    status = fastmb.backends()
+    assert list(status) == ["reference", "cpu", "cuda", "triton"]
+    assert status["reference"] == "available"
+    assert all(isinstance(v, str) and v for v in status.values())
+
+
+def test_unknown_backend_name_is_a_value_error():
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        fastmb.set_backend("tpu")
+    with pytest.raises(ValueError, match="backend must be"):
+        with fastmb.use_backend("fast"):
+            pass
+
+
+def test_unavailable_backend_raises_with_the_reason():
+    unavailable = {name: why for name, why in fastmb.backends().items() if why != "available"}
+    if not unavailable:
+        pytest.skip("every backend is available on this machine")
+    for name, why in unavailable.items():
+        with pytest.raises(RuntimeError, match="not available") as error:
+            fastmb.set_backend(name)
+        assert why in str(error.value)
+
+
+def test_cuda_backend_says_how_the_extension_was_built():
+    from fastmb import _extension
+
+    if _extension.C is not None and _extension.C.cuda_build != "built":
+        assert _extension.C.cuda_build in fastmb.backends()["cuda"]
+
+
+def test_use_backend_is_scoped_and_thread_local():
+    seen = {}
+    with fastmb.use_backend("reference"):
+        assert registry.current_backend() == "reference"
+        thread = threading.Thread(target=lambda: seen.update(other=registry.current_backend()))
+        thread.start()
+        thread.join()
+    assert seen["other"] == "auto"
+    assert registry.current_backend() == "auto"
+    fastmb.set_backend("reference")
+    try:
+        assert registry.current_backend() == "reference"
+    finally:
+        fastmb.set_backend("auto")
+
+
+def test_auto_warns_once_when_it_falls_back_to_reference(monkeypatch):
+    monkeypatch.setattr(registry, "_warned_device_types", set())
+    x, weight = torch.randn(1, 2, 4, 4), torch.randn(2, 1, 3, 3)
+    stats = torch.zeros(2), torch.ones(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            fastmb.ops.dwconv_bn_act(x, weight, None, None, *stats)
+    fallbacks = [w for w in caught if "running the reference implementation" in str(w.message)]
+    expected = 0 if fastmb.backends()["cpu"] == "available" else 1
+    assert len(fallbacks) == expected
+    if fallbacks:
+        assert fastmb.backends()["cpu"] in str(fallbacks[0].message)
+
+
+def test_unsupported_input_falls_back_to_the_reference(monkeypatch):
+    """A backend kernel that declines an input (here: 7x7 kernels) leaves it to the reference."""
+    calls = []
+
+    def fake_cpu_kernel(*args):
+        calls.append(args[1].shape[-1])
+        return reference_dwconv.forward_op(*args)
+
+    monkeypatch.setattr(registry, "_KERNELS", dict(registry._KERNELS))
+    registry.register_kernel("cpu", "dwconv_bn_act", fake_cpu_kernel, supports=lambda x, weight, *rest: weight.shape[-1] != 7)
+    monkeypatch.setattr(registry, "_unavailable_reason", lambda name: None)
+    x = torch.randn(1, 2, 8, 8)
+    stats = torch.zeros(2), torch.ones(2)
+    for kernel in (3, 7):
+        for backend in ("auto", "cpu"):
+            with fastmb.use_backend(backend):
+                fastmb.ops.dwconv_bn_act(x, torch.randn(2, 1, kernel, kernel), None, None, *stats)
+    assert calls == [3, 3]
+
+
+def test_register_kernel_rejects_unknown_backends():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        registry.register_kernel("opencl", "dwconv_bn_act", reference_dwconv.forward_op)
