@@ -54,6 +54,11 @@ def register_kernel(
     _unavailable_reason.cache_clear()
 
 
+def forward_operators(op: str) -> list[Callable]:
+    """The forward operators of fused op `op` in every backend that registered one."""
+    return [kernel.forward for (_, name), kernel in _KERNELS.items() if name == op]
+
+
 def _has_kernels(backend: str) -> bool:
     return any(name == backend for name, _ in _KERNELS)
 

@@ -34,6 +34,16 @@ class DWConvBNAct(nn.Sequential):
         self.activation = check_choice("activation", activation, ACTIVATIONS)
         self.out_channels = channels
 
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str = "identity") -> "DWConvBNAct":
+        """The fused module around existing depthwise `conv` (no bias) and `bn` modules, which
+        it shares, with their stride, padding and dilation (fastmb.convert uses this)."""
+        module = cls.__new__(cls)
+        nn.Sequential.__init__(module, conv, bn)
+        module.activation = check_choice("activation", activation, ACTIVATIONS)
+        module.out_channels = conv.out_channels
+        return module
+
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
 

@@ -24,6 +24,15 @@ class SqueezeExcitation(nn.Module):
         self.activation = check_choice("activation", activation, ACTIVATIONS)
         self.gate = check_choice("gate", gate, GATES)
 
+    @classmethod
+    def from_modules(
+        cls, fc1: nn.Conv2d, fc2: nn.Conv2d, activation: str = "relu", gate: str = "hardsigmoid"
+    ) -> "SqueezeExcitation":
+        """The fused module around existing 1x1 conv layers `fc1` and `fc2`, which it shares."""
+        module = cls(fc1.in_channels, fc1.out_channels, activation, gate)
+        module.fc1, module.fc2 = fc1, fc2
+        return module
+
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, gate={self.gate!r}"
 

@@ -1,0 +1,181 @@
+"""fastmb.profile: parameters, multiply-accumulates and bytes moved, per layer and in total.
+
+Built on torch.utils.flop_counter.FlopCounterMode, with formulas registered for the fastmb ops,
+so a torchvision model and its fastmb counterpart are counted by one mechanism: every operator
+the forward pass dispatches is one entry, attributed to the innermost module running it.
+"""
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from math import prod
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastmb import dispatch
+
+aten = torch.ops.aten
+
+# Element-wise work the papers leave out of their multiply-add counts, per output element...
+_PER_OUTPUT = {
+    aten.native_batch_norm, aten._native_batch_norm_legit, aten._native_batch_norm_legit_no_training,
+    aten.hardswish, aten.hardswish_, aten.relu, aten.relu_, aten.hardtanh, aten.hardtanh_,
+    aten.hardsigmoid, aten.hardsigmoid_, aten.sigmoid, aten.sigmoid_, aten.add, aten.add_, aten.mul, aten.mul_,
+}
+# ... and per input element (reductions).
+_PER_INPUT = {aten.mean, aten._adaptive_avg_pool2d, aten.avg_pool2d}
+
+
+def _dwconv_bn_act_flops(x_shape, weight_shape, *args, out_shape, **kwargs) -> int:
+    n, c, h, w = out_shape[0]
+    return 2 * n * c * h * w * weight_shape[2] * weight_shape[3]
+
+
+def _squeeze_excitation_flops(x_shape, fc1_weight_shape, *args, out_shape, **kwargs) -> int:
+    squeeze, channels = fc1_weight_shape
+    return 2 * x_shape[0] * 2 * squeeze * channels  # fc1 and fc2, biases excluded
+
+
+def _dwconv_bn_act_elementwise(args, out) -> int:
+    return out[0].numel() * (1 if args[-1] == "identity" else 2)  # batch norm, activation
+
+
+def _squeeze_excitation_elementwise(args, out) -> int:
+    x, fc1_weight = args[0], args[1]
+    return 2 * x.numel() + x.shape[0] * sum(fc1_weight.shape)  # pool, scale; activation, gate
+
+
+_FASTMB_OPS = {
+    "dwconv_bn_act": (_dwconv_bn_act_flops, _dwconv_bn_act_elementwise),
+    "squeeze_excitation": (_squeeze_excitation_flops, _squeeze_excitation_elementwise),
+}
+
+
+def _fastmb_packets() -> dict:
+    """Each fastmb forward operator (any backend) -> its (flop formula, element-wise count)."""
+    packets = {}
+    for op, formulas in _FASTMB_OPS.items():
+        for forward in dispatch.forward_operators(op):
+            overload = getattr(forward, "_opoverload", forward)
+            if isinstance(overload, torch._ops.OpOverload):
+                packets[overload._overloadpacket] = formulas
+    return packets
+
+
+@dataclass
+class LayerRow:
+    name: str
+    op: str
+    output_shape: tuple[int, ...]
+    params: int = 0
+    macs: int = 0
+    elementwise: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class Profile:
+    """Totals and per-layer rows; str() is a table, to_dict() a plain dict."""
+
+    params: int
+    macs: int
+    elementwise: int
+    bytes: int
+    rows: list[LayerRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        header = ("layer", "op", "output shape", "params", "MACs", "elementwise", "bytes")
+        lines = [
+            (r.name, r.op, "x".join(map(str, r.output_shape)), f"{r.params:,}", f"{r.macs:,}", f"{r.elementwise:,}", f"{r.bytes:,}")
+            for r in self.rows
+        ]
+        lines.append(("total", "", "", f"{self.params:,}", f"{self.macs:,}", f"{self.elementwise:,}", f"{self.bytes:,}"))
+        widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+        render = lambda row: "  ".join(  # noqa: E731
+            cell.ljust(width) if i < 3 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths))
+        )
+        rule = "-" * len(render(header))
+        return "\n".join([render(header), rule, *map(render, lines[:-1]), rule, render(lines[-1])])
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+
+
+class _LayerCounter(FlopCounterMode):
+    """FlopCounterMode that also records, per operator call, the innermost module, the output
+    shape, the element-wise work, the bytes read and written, and first-used parameters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        fastmb_ops = _fastmb_packets()
+        super().__init__(display=False, custom_mapping={packet: f for packet, (f, _) in fastmb_ops.items()})
+        self.elementwise_of = {packet: count for packet, (_, count) in fastmb_ops.items()}
+        self.root = type(model).__name__
+        self.parameters = {p.data_ptr(): p.numel() for p in model.parameters()}
+        self.rows: list[LayerRow] = []
+
+    def _elementwise(self, packet, args, out) -> int:
+        if packet in self.elementwise_of:
+            return self.elementwise_of[packet](args, out)
+        if packet in _PER_OUTPUT:
+            return tree_leaves(out)[0].numel()
+        if packet in _PER_INPUT:
+            return args[0].numel()
+        return 0
+
+    def _count_flops(self, func_packet, out, args, kwargs):
+        flops = self.flop_registry[func_packet](*args, **kwargs, out_val=out) if func_packet in self.flop_registry else 0
+        elementwise = self._elementwise(func_packet, args, out)
+        if flops or elementwise:
+            self._record(func_packet, out, args, kwargs, flops // 2, elementwise)
+        return super()._count_flops(func_packet, out, args, kwargs)
+
+    def _record(self, packet, out, args, kwargs, macs, elementwise) -> None:
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        params = sum(self.parameters.pop(t.data_ptr(), 0) for t in inputs)
+        innermost = max(self.mod_tracker.parents, key=lambda name: (name != "Global", name.count(".")))
+        name = innermost.removeprefix(self.root).removeprefix(".") or "(top level)"
+        op = packet._qualified_op_name.replace("::", ".").removeprefix("aten.")
+        outputs = tree_leaves(out)
+        if self.rows and self.rows[-1].name == name:  # consecutive ops of one module: one row
+            row = self.rows[-1]
+            row.op = f"{row.op}+{op}"
+            row.output_shape = tuple(outputs[0].shape)
+        else:
+            row = LayerRow(name, op, tuple(outputs[0].shape))
+            self.rows.append(row)
+        row.params += params
+        row.macs += macs
+        row.elementwise += elementwise
+        row.bytes += _nbytes(inputs) + _nbytes(outputs)
+
+
+def profile(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224)) -> Profile:
+    """Counts one eval-mode forward pass of `model` on an input of `input_size`, on the model's
+    device and dtype. MACs count conv and linear layers exactly (K*K*Cin/groups*Cout*Hout*Wout,
+    Cin*Cout; biases excluded); element-wise work (BN, activations, SE pool and scale) is its
+    own column; bytes are the minimum each operator reads and writes (every tensor it takes or
+    returns, once), so fusion shows up as fewer bytes."""
+    parameter = next(model.parameters(), None)
+    options = {"device": parameter.device, "dtype": parameter.dtype} if parameter is not None else {}
+    x = torch.randn(*input_size, **options)
+    was_training = model.training
+    counter = _LayerCounter(model.eval())
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    rows = counter.rows
+    return Profile(
+        params=sum(p.numel() for p in model.parameters()),
+        macs=sum(r.macs for r in rows),
+        elementwise=sum(r.elementwise for r in rows),
+        bytes=sum(r.bytes for r in rows),
+        rows=rows,
+    )

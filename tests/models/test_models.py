@@ -1,0 +1,187 @@
+"""The MobileNet builders against torchvision (V2, V3) and the papers (V1)."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fastmb
+from fastmb.models.mobilenet_v1 import from_timm_state_dict
+from fastmb.__main__ import calibrate_batch_norm
+from oracle import randomize_batch_norm
+
+TORCHVISION_CASES = [
+    ("mobilenet_v2", {}),
+    ("mobilenet_v2", {"width_mult": 0.75, "num_classes": 10}),
+    ("mobilenet_v3_large", {}),
+    ("mobilenet_v3_large", {"width_mult": 0.75}),
+    ("mobilenet_v3_large", {"reduced_tail": True, "dilated": True}),
+    ("mobilenet_v3_small", {}),
+    ("mobilenet_v3_small", {"width_mult": 1.25, "reduced_tail": True, "num_classes": 37}),
+    ("mobilenet_v3_small", {"dilated": True, "dropout": 0.1}),
+]
+CASE_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kwargs.items()) or 'default'}" for name, kwargs in TORCHVISION_CASES]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def pair(name: str, kwargs: dict) -> tuple[nn.Module, nn.Module]:
+    theirs = calibrate_batch_norm(getattr(torchvision.models, name)(**kwargs), resolution=96)
+    ours = getattr(fastmb, name)(**kwargs)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("name, kwargs", TORCHVISION_CASES, ids=CASE_IDS)
+def test_torchvision_state_dict_loads_and_eval_outputs_agree(name, kwargs):
+    theirs, ours = pair(name, kwargs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert relative_error(ours.eval()(x), theirs.eval()(x)) <= 1e-5
+
+
+def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Loss, gradients, updated parameters and buffers after one SGD step."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(1)  # the same dropout mask for every model
+    loss = nn.functional.cross_entropy(model(x.to(next(model.parameters()).dtype)), target)
+    loss.backward()
+    optimizer.step()
+    results = {"loss": loss.detach()}
+    results.update({f"grad {k}": p.grad for k, p in model.named_parameters()})
+    results.update({k: v for k, v in model.state_dict().items()})
+    return results
+
+
+def flat(results: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+    return torch.cat([results[k].double().flatten() for k in keys])
+
+
+@pytest.mark.parametrize("name, kwargs", TORCHVISION_CASES[::2], ids=CASE_IDS[::2])
+def test_one_training_step_matches_torchvision(name, kwargs):
+    """float64: the same loss, gradients, parameters and running statistics, tensor by tensor,
+    to 1e-9. float32: DESIGN.md's rule against the float64 step, on the relative L2 error of
+    all gradients and of all state together (train-mode BN stacks amplify rounding so much
+    that per-tensor float32 errors of eager PyTorch itself vary by 10x from seed to seed)."""
+    theirs, ours = pair(name, kwargs)
+    x, target = torch.randn(4, 3, 96, 96), torch.randint(0, 10, (4,))
+    oracle = training_step(copy.deepcopy(theirs).double(), x, target)
+    exact = training_step(copy.deepcopy(ours).double(), x, target)
+    eager32, ours32 = training_step(theirs, x, target), training_step(ours, x, target)
+    for key, expected in oracle.items():
+        if expected.is_floating_point():
+            scale = expected.abs().max().item()
+            assert (exact[key] - expected).abs().max().item() <= 1e-9 * scale + 1e-12, key
+        else:
+            assert torch.equal(exact[key], expected) and torch.equal(ours32[key], eager32[key]), key
+    assert ours32["loss"].item() == pytest.approx(oracle["loss"].item(), rel=1e-5)
+    floating = [k for k, v in oracle.items() if v.is_floating_point() and k != "loss"]
+    for keys in ([k for k in floating if k.startswith("grad ")], [k for k in floating if not k.startswith("grad ")]):
+        expected = flat(oracle, keys)
+        eager_error = (flat(eager32, keys) - expected).norm() / expected.norm()
+        assert (flat(ours32, keys) - expected).norm() / expected.norm() <= 2 * eager_error + 1e-7
+
+
+@pytest.mark.parametrize(
+    "build, expected",
+    [
+        (fastmb.mobilenet_v2, 3_504_872),
+        (fastmb.mobilenet_v3_large, 5_483_032),
+        (fastmb.mobilenet_v3_small, 2_542_856),
+        (fastmb.mobilenet_v1, 4_231_976),
+    ],
+    ids=["v2", "v3_large", "v3_small", "v1"],
+)
+def test_parameter_counts(build, expected):
+    assert sum(p.numel() for p in build().parameters()) == expected
+
+
+def test_fused_modules_in_every_depthwise_stage_and_se_block():
+    counts = {
+        name: (sum(isinstance(m, fastmb.nn.DWConvBNAct) for m in model.modules()), sum(isinstance(m, fastmb.nn.SqueezeExcitation) for m in model.modules()))
+        for name, model in [("v1", fastmb.mobilenet_v1()), ("v2", fastmb.mobilenet_v2()), ("v3l", fastmb.mobilenet_v3_large()), ("v3s", fastmb.mobilenet_v3_small())]
+    }
+    assert counts == {"v1": (13, 0), "v2": (17, 0), "v3l": (15, 8), "v3s": (11, 9)}
+
+
+def test_v1_follows_table_1_with_the_last_stride_fixed():
+    model = fastmb.mobilenet_v1().eval()
+    strides = [block.dw[0].stride[0] for block in model.features[1:]]
+    assert strides == [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1]
+    with torch.no_grad():
+        assert model.features(torch.randn(1, 3, 224, 224)).shape == (1, 1024, 7, 7)
+    half = fastmb.mobilenet_v1(width_mult=0.5, num_classes=10)
+    assert half.classifier[1].in_features == 512 and half.classifier[1].out_features == 10
+
+
+def test_v1_timm_key_mapping_without_timm():
+    ours = fastmb.mobilenet_v1()
+    # timm's mobilenetv1_100 layout: stem, 5 stages of (1, 2, 2, 6, 2) blocks, classifier.
+    timm_keys = ["conv_stem.weight"] + [f"bn1.{b}" for b in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    for stage, depth in enumerate((1, 2, 2, 6, 2)):
+        for index in range(depth):
+            for part in ("conv_dw", "bn1", "conv_pw", "bn2"):
+                leaves = ["weight"] if part.startswith("conv") else ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+                timm_keys += [f"blocks.{stage}.{index}.{part}.{leaf}" for leaf in leaves]
+    timm_keys += ["classifier.weight", "classifier.bias"]
+    assert len(timm_keys) == len(ours.state_dict()) == 164
+    values = dict(zip(timm_keys, ours.state_dict().values()))
+    renamed = from_timm_state_dict(values)
+    assert renamed["features.13.pw.1.running_var"] is values["blocks.4.1.bn2.running_var"]
+    assert renamed["features.1.dw.0.weight"] is values["blocks.0.0.conv_dw.weight"]
+    ours.load_state_dict(renamed, strict=True)
+    with pytest.raises(KeyError, match="not a key of timm"):
+        from_timm_state_dict({"head.fc.weight": torch.zeros(1)})
+
+
+def test_v1_loads_a_real_timm_model():
+    timm = pytest.importorskip("timm")
+    theirs = calibrate_batch_norm(timm.create_model("mobilenetv1_100", pretrained=False), resolution=96)
+    ours = fastmb.mobilenet_v1(activation="relu6")
+    ours.load_state_dict(from_timm_state_dict(theirs.state_dict()), strict=True)
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        assert relative_error(ours.eval()(x), theirs.eval()(x)) <= 1e-5
+
+
+def test_weights_load_through_torchvision(monkeypatch):
+    """`weights=` takes torchvision's enum or its member names; the download is replaced by a
+    random torchvision model's state_dict (no network in tests)."""
+    source = torchvision.models.mobilenet_v3_small()
+    randomize_batch_norm(source)
+    requested = []
+
+    def fake_download(url, *args, **kwargs):
+        requested.append(url)
+        return copy.deepcopy(source.state_dict())
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", fake_download)
+    for weights in ("IMAGENET1K_V1", "DEFAULT", torchvision.models.MobileNet_V3_Small_Weights.IMAGENET1K_V1):
+        model = fastmb.mobilenet_v3_small(weights=weights)
+        torch.testing.assert_close(model.state_dict()["features.1.block.0.1.running_var"], source.state_dict()["features.1.block.0.1.running_var"])
+    assert all("mobilenet_v3_small" in url for url in requested)
+    with pytest.raises(ValueError, match="num_classes=10 does not match"):
+        fastmb.mobilenet_v3_small(weights="DEFAULT", num_classes=10)
+    with pytest.raises(KeyError):
+        fastmb.mobilenet_v2(weights="IMAGENET1K_V9")
+
+
+def test_builders_are_keyword_only_and_validate():
+    with pytest.raises(TypeError):
+        fastmb.mobilenet_v3_large(None)
+    with pytest.raises(ValueError, match="Unsupported model type"):
+        fastmb.models.mobilenet_v3._mobilenet_v3_conf("mobilenet_v3_medium")
+    with pytest.raises(ValueError, match="inverted_residual_setting"):
+        fastmb.MobileNetV2(inverted_residual_setting=[[1, 16, 1]])
+
+
+def test_norm_layer_injection_keeps_unfusable_norms_unfused():
+    model = fastmb.mobilenet_v2(norm_layer=lambda c: nn.GroupNorm(1, c))
+    assert not any(isinstance(m, fastmb.nn.DWConvBNAct) for m in model.modules())
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)

@@ -1,0 +1,55 @@
+"""python -m fastmb, the main job."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastmb import __main__ as cli
+
+
+def test_default_run_exits_zero_and_prints_the_table():
+    result = subprocess.run([sys.executable, "-m", "fastmb", "--seconds", "0.2"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "parity (eval, fastmb reference): max relative error" in result.stdout
+    assert "mobilenet_v3_large, eval, cpu, float32" in result.stdout
+    assert "torchvision" in result.stdout and "fastmb reference" in result.stdout and "speedup" in result.stdout
+    assert "... timing" in result.stderr  # progress
+
+
+def test_v1_training_step(capsys):
+    assert cli.main(["--model", "mobilenet_v1", "--mode", "train", "--batch-size", "2", "--resolution", "96", "--seconds", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "parity (train, fastmb reference)" in out and "mobilenet_v1, train" in out and "eager PyTorch" in out
+
+
+def test_profile_and_channels_last(capsys):
+    assert cli.main(["--model", "mobilenet_v3_small", "--profile", "--channels-last", "--batch-size", "1", "--seconds", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "56,510,400" in out and "bytes moved" in out and "channels_last" in out
+
+
+def test_refuses_to_report_speed_when_outputs_disagree(monkeypatch, capsys):
+    real_build_pair = cli.build_pair
+
+    def broken_pair(name):
+        baseline, ours, label = real_build_pair(name)
+        with torch.no_grad():
+            next(ours.parameters()).mul_(2)
+        return baseline, ours, label
+
+    monkeypatch.setattr(cli, "build_pair", broken_pair)
+    assert cli.main(["--model", "mobilenet_v3_small", "--batch-size", "1", "--seconds", "0.05"]) == 1
+    captured = capsys.readouterr()
+    assert "MISMATCH" in captured.out and "not reporting speed" in captured.err
+    assert "latency" not in captured.out
+
+
+def test_unavailable_backend_and_bad_arguments(capsys):
+    with pytest.raises(SystemExit, match="not available"):
+        cli.main(["--backend", "cuda", "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        cli.main(["--batch-size", "0"])
+    with pytest.raises(SystemExit):
+        cli.main(["--model", "resnet50"])

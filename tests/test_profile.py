@@ -1,0 +1,48 @@
+"""fastmb.profile against torchvision's published operation counts and the MobileNet paper."""
+
+import pytest
+import torchvision
+
+import fastmb
+
+
+@pytest.mark.parametrize(
+    "name, macs, params",
+    [("mobilenet_v2", 300_774_272, 3_504_872), ("mobilenet_v3_large", 216_589_760, 5_483_032), ("mobilenet_v3_small", 56_510_400, 2_542_856)],
+)
+def test_exact_macs_for_torchvision_and_fastmb_models(name, macs, params):
+    theirs = fastmb.profile(getattr(torchvision.models, name)())
+    ours = fastmb.profile(getattr(fastmb, name)())
+    assert theirs.macs == ours.macs == macs
+    assert theirs.params == ours.params == params
+    assert sum(r.params for r in ours.rows) == params  # every parameter is used once
+    assert theirs.elementwise == ours.elementwise
+    assert ours.bytes < theirs.bytes  # fusion moves fewer bytes
+
+
+# MobileNet paper, Table 6 (width multiplier) and Table 7 (resolution), million mult-adds.
+@pytest.mark.parametrize(
+    "width_mult, resolution, million_macs",
+    [(1.0, 224, 568.7), (0.75, 224, 325.4), (0.5, 224, 149.5), (0.25, 224, 41.0), (1.0, 192, 418.1), (1.0, 160, 290.7), (1.0, 128, 186.4)],
+)
+def test_mobilenet_v1_matches_the_paper(width_mult, resolution, million_macs):
+    result = fastmb.profile(fastmb.mobilenet_v1(width_mult=width_mult), (1, 3, resolution, resolution))
+    assert result.macs / 1e6 == pytest.approx(million_macs, rel=0.002)
+
+
+def test_rows_table_and_dict():
+    model = fastmb.mobilenet_v3_small()
+    result = fastmb.profile(model, (2, 3, 96, 96))
+    assert model.training  # restored
+    rows = {row.name: row for row in result.rows}
+    depthwise = rows["features.1.block.0"]
+    assert depthwise.op.startswith("fastmb.dwconv_bn_act")
+    assert depthwise.output_shape == (2, 16, 24, 24)
+    assert depthwise.macs == 2 * 16 * 24 * 24 * 9
+    assert depthwise.params == 16 * 9 + 2 * 16
+    se = rows["features.1.block.1"]
+    assert se.op.startswith("fastmb.squeeze_excitation") and se.macs == 2 * 2 * 16 * 8
+    table = str(result)
+    assert "features.1.block.0" in table and table.splitlines()[-1].startswith("total")
+    as_dict = result.to_dict()
+    assert as_dict["macs"] == result.macs and len(as_dict["rows"]) == len(result.rows)
