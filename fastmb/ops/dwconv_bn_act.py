@@ -105,6 +105,13 @@ def dwconv_bn_act(
     return y
 
 
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _cpu_supports(x: Tensor, *args) -> bool:
+    return x.dtype in CPU_DTYPES  # any kernel size, stride, dilation; float16 runs on the reference
+
+
 def _fake_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, training, activation):
     stats = x.new_empty(x.shape[1], dtype=compute_dtype(x.dtype))
     return new_output(dwconv_output_shape(x, weight, stride, padding, dilation), x), stats, torch.empty_like(stats)
@@ -157,3 +164,5 @@ register_operators(reference.dwconv_bn_act.forward_op, reference.dwconv_bn_act.b
 dispatch.register_kernel("reference", OP, reference.dwconv_bn_act.forward_op)
 if _extension.C is not None:
     register_operators(torch.ops.fastmb.dwconv_bn_act.default, torch.ops.fastmb.dwconv_bn_act_backward.default)
+if _extension.has_kernel(OP, "CPU"):
+    dispatch.register_kernel("cpu", OP, torch.ops.fastmb.dwconv_bn_act.default, supports=_cpu_supports)

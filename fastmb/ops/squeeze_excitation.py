@@ -61,6 +61,13 @@ def squeeze_excitation(
     return forward(*args)[0]
 
 
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _cpu_supports(x: Tensor, *args) -> bool:
+    return x.dtype in CPU_DTYPES  # float16 runs on the reference
+
+
 # Outputs of x's shape are laid out like x (torch.empty_like), as eager's element-wise ops do.
 def _fake_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate):
     return torch.empty_like(x), x.new_empty(x.shape[:2], dtype=compute_dtype(x.dtype))
@@ -106,3 +113,5 @@ if _extension.C is not None:
     register_operators(
         torch.ops.fastmb.squeeze_excitation.default, torch.ops.fastmb.squeeze_excitation_backward.default
     )
+if _extension.has_kernel(OP, "CPU"):
+    dispatch.register_kernel("cpu", OP, torch.ops.fastmb.squeeze_excitation.default, supports=_cpu_supports)
