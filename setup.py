@@ -56,13 +56,15 @@ def extension():
     status = cuda_status()
     debug = os.environ.get("FASTMB_DEBUG", "0") not in ("", "0")
     optimize = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = [*optimize, f"-DFASTMB_CUDA_STATUS={status}"]
+    # at::parallel_for is inlined into the extension: without OpenMP here it runs serially.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    cxx_flags = [*optimize, *openmp, f"-DFASTMB_CUDA_STATUS={status}"]
     cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
 
     if status != CUDA_BUILT:
         print(f"fastmb: CUDA kernels {_CUDA_REASONS[status]}", file=sys.stderr)
         return cpp_extension.CppExtension(
-            "fastmb._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}
+            "fastmb._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp
         )
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -71,6 +73,7 @@ def extension():
         "fastmb._C",
         cpp_sources + sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp"),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=openmp,
     )
 
 

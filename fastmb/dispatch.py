@@ -167,6 +167,18 @@ def select(op: str, device_type: str, args: tuple) -> Callable:
     return _KERNELS[("reference", op)].forward
 
 
+def call(forward: Callable, args: tuple):
+    """forward(*args). With nothing to differentiate it is called below the autograd layer:
+    the registered (Python) autograd glue would only pass the call on, at a cost larger than
+    a small kernel's."""
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    ):
+        return forward(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return forward(*args)
+
+
 def _warn_reference_once(device_type: str) -> None:
     candidates = _AUTO_ORDER.get(device_type, ())
     if device_type in _warned_device_types or any(_unavailable_reason(c) is None for c in candidates):

@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string_view>
+#include <type_traits>
 
 // The hot loops are plain C++ written for the auto-vectoriser; on x86-64 GCC and Clang compile
 // each for AVX-512, AVX2+FMA and baseline SSE2 and pick one at load time, so one build runs
@@ -19,6 +21,33 @@
 #define FASTMB_INLINE inline __attribute__((always_inline))
 
 namespace fastmb::cpu {
+
+// A 32-byte vector of Acc (GCC/Clang vector extension): AVX2 registers on x86-64 (AVX-512
+// machines use them too, from the same clone), two NEON registers on ARM. Loops keep
+// accumulators of this type in registers, which the auto-vectoriser does not reliably do.
+template <typename Acc>
+struct Vec {
+  typedef Acc type __attribute__((vector_size(32)));
+  static constexpr int kLanes = 32 / sizeof(Acc);
+
+  template <typename T>
+  static FASTMB_INLINE type load(const T* p) {
+    type v;
+    if constexpr (std::is_same_v<T, Acc>) {
+      std::memcpy(&v, p, sizeof v);
+    } else {  // bfloat16 -> float: the 16 bits are the float's top half
+      static_assert(std::is_same_v<T, c10::BFloat16> && std::is_same_v<Acc, float>);
+      typedef uint16_t half_bits __attribute__((vector_size(16)));
+      typedef uint32_t bits __attribute__((vector_size(32)));
+      half_bits h;
+      std::memcpy(&h, p, sizeof h);
+      const bits b = __builtin_convertvector(h, bits) << 16;
+      std::memcpy(&v, &b, sizeof v);
+    }
+    return v;
+  }
+  static FASTMB_INLINE void store(Acc* p, type v) { std::memcpy(p, &v, sizeof v); }
+};
 
 enum class Activation { kHardswish, kRelu, kRelu6, kIdentity };
 enum class Gate { kHardsigmoid, kSigmoid };

@@ -1,8 +1,8 @@
 // Fused depthwise conv + BatchNorm + activation on the CPU, forward and backward.
 //
-// NHWC throughout (other layouts are converted on entry): every loop runs over a block of
-// channels at one pixel, contiguous in memory, so it vectorises; z = conv(x) is recomputed
-// where needed instead of being stored (DESIGN.md's kernel plan):
+// NHWC throughout (other layouts are converted on entry): z is accumulated tap by tap over a
+// chunk of output pixels held in L1, every innermost loop runs over contiguous channels and
+// vectorises, and z = conv(x) is recomputed where needed instead of stored (DESIGN.md's plan):
 //   eval forward      one pass: y = act(z * scale + shift), BN folded per channel
 //   train forward     pass 1: per-channel mean and M2 of z (two-pass per row, Chan merges);
 //                     pass 2: as eval with the batch statistics
@@ -22,49 +22,90 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kBlock = 32;  // channels per register block
+// Channels per backward task (pass 2 runs per image and channel block).
+constexpr int64_t kBlock = 64;
+// Accumulators per row chunk: a chunk of output pixels times the channels, kept in L1.
+constexpr int64_t kChunkValues = 4096;
+
+template <int V>
+using Int = std::integral_constant<int, V>;
 
 struct Geometry {
   int64_t n, c, h, w, ho, wo;
   int kh, kw, sh, sw, ph, pw, dh, dw;
 };
 
-// The kernel taps [lo, hi) of one dimension that fall inside the input at output position o.
-FASTMB_INLINE void valid_taps(int64_t o, int stride, int pad, int dil, int k, int64_t size, int& lo, int& hi) {
-  const int64_t base = o * stride - pad;
-  lo = 0;
-  hi = k;
-  while (lo < k && base + int64_t(lo) * dil < 0) ++lo;
-  while (hi > lo && base + int64_t(hi - 1) * dil >= size) --hi;
+// Output pixels per chunk when each holds `channels` accumulators.
+FASTMB_INLINE int64_t chunk_pixels(int64_t channels) { return std::max<int64_t>(1, kChunkValues / std::max<int64_t>(channels, 1)); }
+
+// The output positions [lo, hi) whose input position o * stride - pad + tap * dil lies in [0, size).
+FASTMB_INLINE void valid_outputs(int tap, int stride, int pad, int dil, int64_t size, int64_t out_lo, int64_t out_hi,
+                                 int64_t& lo, int64_t& hi) {
+  const int64_t offset = int64_t(tap) * dil - pad;  // input = o * stride + offset
+  lo = std::max<int64_t>(out_lo, offset >= 0 ? 0 : (-offset + stride - 1) / stride);
+  hi = std::min<int64_t>(out_hi, size - 1 - offset < 0 ? 0 : (size - 1 - offset) / stride + 1);
+  if (hi < lo) hi = lo;
 }
 
-// acc[0:nc] = depthwise conv at output pixel (oh, ow) for channels c0..c0+nc of one image.
-// K > 0: a square K x K kernel known at compile time; NC > 0: nc == NC at compile time.
-template <int K, int NC, typename T, typename Acc>
-FASTMB_INLINE void conv_block(Acc* acc, int64_t nc, const T* x_img, const Acc* w, const Geometry& g, int64_t oh, int64_t ow, int64_t c0) {
+// acc[0:NV] (NV vectors of channels from c) = the conv at one output pixel: taps rows
+// [i_lo, i_hi) x columns [j_lo, j_hi), x_pixel pointing at tap (0, 0)'s input pixel.
+template <int NV, int K, typename T, typename Acc>
+FASTMB_INLINE void conv_pixel_vectors(Acc* z, const T* x_tap0, const Acc* w, const Geometry& g, int i_lo, int i_hi, int j_lo,
+                                      int j_hi, int64_t c) {
+  using V = Vec<Acc>;
+  const int kw = K ? K : g.kw;
+  typename V::type acc[NV] = {};
+  for (int i = i_lo; i < i_hi; ++i) {
+    for (int j = j_lo; j < j_hi; ++j) {
+      const T* xp = x_tap0 + (int64_t(i) * g.dh * g.w + int64_t(j) * g.dw) * g.c + c;
+      const Acc* wp = w + (int64_t(i) * kw + j) * g.c + c;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[v] += V::load(xp + v * V::kLanes) * V::load(wp + v * V::kLanes);
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) V::store(z + v * V::kLanes, acc[v]);
+}
+
+// z[p][0:nc] = depthwise conv at output pixels (oh, ow0 + p), p < count, channels c0..c0+nc of
+// one image: per pixel, blocks of 4 and 1 vectors of channels with the accumulators in
+// registers across all taps (out-of-image taps skipped), a scalar loop for what is left.
+template <int K, typename T, typename Acc>
+FASTMB_INLINE void conv_chunk(Acc* z, const T* x_img, const Acc* w, const Geometry& g, int64_t oh, int64_t ow0, int64_t count,
+                              int64_t c0, int64_t nc) {
+  constexpr int64_t L = Vec<Acc>::kLanes;
   const int kh = K ? K : g.kh, kw = K ? K : g.kw;
-  const int64_t count = NC ? NC : nc;
-  int h_lo, h_hi, w_lo, w_hi;
-  valid_taps(oh, g.sh, g.ph, g.dh, kh, g.h, h_lo, h_hi);
-  valid_taps(ow, g.sw, g.pw, g.dw, kw, g.w, w_lo, w_hi);
-  for (int64_t c = 0; c < count; ++c) acc[c] = Acc(0);
-  for (int i = h_lo; i < h_hi; ++i) {
-    const int64_t ih = oh * g.sh - g.ph + int64_t(i) * g.dh;
-    for (int j = w_lo; j < w_hi; ++j) {
-      const int64_t iw = ow * g.sw - g.pw + int64_t(j) * g.dw;
-      const T* xp = x_img + (ih * g.w + iw) * g.c + c0;
-      const Acc* wp = w + (int64_t(i) * kw + j) * g.c + c0;
-      for (int64_t c = 0; c < count; ++c) acc[c] += Acc(xp[c]) * wp[c];
+  int i_lo = 0, i_hi = kh;
+  while (i_lo < kh && oh * g.sh - g.ph + int64_t(i_lo) * g.dh < 0) ++i_lo;
+  while (i_hi > i_lo && oh * g.sh - g.ph + int64_t(i_hi - 1) * g.dh >= g.h) --i_hi;
+  for (int64_t p = 0; p < count; ++p) {
+    const int64_t ow = ow0 + p, iw0 = ow * g.sw - g.pw;
+    int j_lo = 0, j_hi = kw;
+    while (j_lo < kw && iw0 + int64_t(j_lo) * g.dw < 0) ++j_lo;
+    while (j_hi > j_lo && iw0 + int64_t(j_hi - 1) * g.dw >= g.w) --j_hi;
+    // Tap (0, 0)'s input pixel; only valid taps are dereferenced.
+    const T* x_tap0 = x_img + ((oh * g.sh - g.ph) * g.w + iw0) * g.c + c0;
+    const Acc* wc = w + c0;
+    Acc* zp = z + p * nc;
+    int64_t c = 0;
+    for (; c + 4 * L <= nc; c += 4 * L) conv_pixel_vectors<4, K>(zp + c, x_tap0, wc, g, i_lo, i_hi, j_lo, j_hi, c);
+    for (; c + L <= nc; c += L) conv_pixel_vectors<1, K>(zp + c, x_tap0, wc, g, i_lo, i_hi, j_lo, j_hi, c);
+    for (; c < nc; ++c) {
+      Acc sum = 0;
+      for (int i = i_lo; i < i_hi; ++i)
+        for (int j = j_lo; j < j_hi; ++j)
+          sum += Acc(x_tap0[(int64_t(i) * g.dh * g.w + int64_t(j) * g.dw) * g.c + c]) * wc[(int64_t(i) * kw + j) * g.c + c];
+      zp[c] = sum;
     }
   }
 }
 
-// out = act(acc * scale + shift), the activation's switch hoisted out of the channel loop.
-template <int NC, typename T, typename Acc>
-FASTMB_INLINE void store_activated(T* out, const Acc* acc, const Acc* scale, const Acc* shift, Activation act, int64_t nc) {
-  const int64_t count = NC ? NC : nc;
-#define FASTMB_STORE(A) \
-  for (int64_t c = 0; c < count; ++c) out[c] = T(activate<Acc>(A, acc[c] * scale[c] + shift[c]))
+// out[p][c] = act(z[p][c] * scale[c] + shift[c]), the activation's switch hoisted out of the loops.
+template <typename T, typename Acc>
+FASTMB_INLINE void store_activated(T* out, const Acc* z, const Acc* scale, const Acc* shift, Activation act, int64_t count, int64_t c) {
+#define FASTMB_STORE(A)                  \
+  for (int64_t p = 0; p < count; ++p)    \
+    for (int64_t k = 0; k < c; ++k) out[p * c + k] = T(activate<Acc>(A, z[p * c + k] * scale[k] + shift[k]))
   switch (act) {
     case Activation::kHardswish: FASTMB_STORE(Activation::kHardswish); break;
     case Activation::kRelu: FASTMB_STORE(Activation::kRelu); break;
@@ -74,68 +115,73 @@ FASTMB_INLINE void store_activated(T* out, const Acc* acc, const Acc* scale, con
 #undef FASTMB_STORE
 }
 
-template <int V>
-using Int = std::integral_constant<int, V>;
-
-// Calls f(Int<NC>, c0, nc) for each channel block, with NC = kBlock for full blocks (constant
-// trip counts: the accumulators stay in registers) and 0 for the tail.
-template <typename F>
-FASTMB_INLINE void for_each_block(int64_t channels, F&& f) {
-  int64_t c0 = 0;
-  for (; c0 + kBlock <= channels; c0 += kBlock) f(Int<kBlock>{}, c0, kBlock);
-  if (c0 < channels) f(Int<0>{}, c0, channels - c0);
-}
-
 template <int K, typename T, typename Acc>
 FASTMB_MULTIVERSION void forward_rows(T* y, const T* x, const Acc* w, const Acc* scale, const Acc* shift, Geometry g,
                                       Activation act, int64_t begin, int64_t end) {
-  alignas(64) Acc acc[kBlock];
+  const int64_t chunk = chunk_pixels(g.c);
+  std::vector<Acc> z(chunk * g.c);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / g.ho, oh = row % g.ho;
-    const T* x_img = x + n * g.h * g.w * g.c;
-    for (int64_t ow = 0; ow < g.wo; ++ow) {
-      T* out = y + (row * g.wo + ow) * g.c;
-      for_each_block(g.c, [&](auto block, int64_t c0, int64_t nc) {
-        constexpr int NC = decltype(block)::value;
-        conv_block<K, NC>(acc, nc, x_img, w, g, oh, ow, c0);
-        store_activated<NC>(out + c0, acc, scale + c0, shift + c0, act, nc);
-      });
+    for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
+      const int64_t count = std::min(chunk, g.wo - ow0);
+      conv_chunk<K>(z.data(), x + n * g.h * g.w * g.c, w, g, oh, ow0, count, 0, g.c);
+      store_activated(y + (row * g.wo + ow0) * g.c, z.data(), scale, shift, act, count, g.c);
     }
   }
 }
 
-// Per-channel mean and M2 of z over rows [begin, end), Chan-merged into (count, mean, m2).
+// Per-channel mean and M2 of z over rows [begin, end): two passes per chunk (exact in L1),
+// Chan-merged into (count, mean, m2).
 template <int K, typename T, typename Acc>
 FASTMB_MULTIVERSION void statistics_rows(double* mean, double* m2, int64_t& count, const T* x, const Acc* w, Geometry g,
                                          int64_t begin, int64_t end) {
-  std::vector<Acc> z(g.wo * g.c), row_mean(g.c), row_m2(g.c);
+  const int64_t chunk = chunk_pixels(g.c);
+  std::vector<Acc> z(chunk * g.c), chunk_mean(g.c), chunk_m2(g.c);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / g.ho, oh = row % g.ho;
-    const T* x_img = x + n * g.h * g.w * g.c;
-    for (int64_t ow = 0; ow < g.wo; ++ow) {
-      Acc* zp = z.data() + ow * g.c;
-      for_each_block(g.c, [&](auto block, int64_t c0, int64_t nc) {
-        conv_block<K, decltype(block)::value>(zp + c0, nc, x_img, w, g, oh, ow, c0);
-      });
-    }
-    std::fill(row_mean.begin(), row_mean.end(), Acc(0));
-    std::fill(row_m2.begin(), row_m2.end(), Acc(0));
-    for (int64_t ow = 0; ow < g.wo; ++ow)
-      for (int64_t c = 0; c < g.c; ++c) row_mean[c] += z[ow * g.c + c];
-    for (int64_t c = 0; c < g.c; ++c) row_mean[c] /= Acc(g.wo);
-    for (int64_t ow = 0; ow < g.wo; ++ow)
+    for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
+      const int64_t pixels = std::min(chunk, g.wo - ow0);
+      conv_chunk<K>(z.data(), x + n * g.h * g.w * g.c, w, g, oh, ow0, pixels, 0, g.c);
+      std::fill(chunk_mean.begin(), chunk_mean.end(), Acc(0));
+      std::fill(chunk_m2.begin(), chunk_m2.end(), Acc(0));
+      for (int64_t p = 0; p < pixels; ++p)
+        for (int64_t c = 0; c < g.c; ++c) chunk_mean[c] += z[p * g.c + c];
+      for (int64_t c = 0; c < g.c; ++c) chunk_mean[c] /= Acc(pixels);
+      for (int64_t p = 0; p < pixels; ++p)
+        for (int64_t c = 0; c < g.c; ++c) {
+          const Acc d = z[p * g.c + c] - chunk_mean[c];
+          chunk_m2[c] += d * d;
+        }
+      const double na = double(count), nb = double(pixels), total = na + nb;
       for (int64_t c = 0; c < g.c; ++c) {
-        const Acc d = z[ow * g.c + c] - row_mean[c];
-        row_m2[c] += d * d;
+        const double delta = double(chunk_mean[c]) - mean[c];
+        mean[c] += delta * nb / total;
+        m2[c] += double(chunk_m2[c]) + delta * delta * na * nb / total;
       }
-    const double na = double(count), nb = double(g.wo), total = na + nb;
-    for (int64_t c = 0; c < g.c; ++c) {
-      const double delta = double(row_mean[c]) - mean[c];
-      mean[c] += delta * nb / total;
-      m2[c] += double(row_m2[c]) + delta * delta * na * nb / total;
+      count += pixels;
     }
-    count += g.wo;
   }
+}
+
+// dL/du at z for `pixels` x `nc` values: gu = act'(u) * grad_y, u = x_hat * gamma + beta. Writes
+// x_hat over z and returns gu in `gu`.
+template <typename T, typename Acc>
+FASTMB_INLINE void grad_u(Acc* gu, Acc* z, const T* gy, int64_t gy_stride, const Acc* mean, const Acc* invstd, const Acc* gamma,
+                          const Acc* beta, Activation act, int64_t pixels, int64_t nc) {
+#define FASTMB_GRAD(A)                                                               \
+  for (int64_t p = 0; p < pixels; ++p)                                               \
+    for (int64_t c = 0; c < nc; ++c) {                                               \
+      const Acc x_hat = (z[p * nc + c] - mean[c]) * invstd[c];                       \
+      z[p * nc + c] = x_hat;                                                         \
+      gu[p * nc + c] = activation_grad<Acc>(A, Acc(gy[p * gy_stride + c]), x_hat * gamma[c] + beta[c]); \
+    }
+  switch (act) {
+    case Activation::kHardswish: FASTMB_GRAD(Activation::kHardswish); break;
+    case Activation::kRelu: FASTMB_GRAD(Activation::kRelu); break;
+    case Activation::kRelu6: FASTMB_GRAD(Activation::kRelu6); break;
+    default: FASTMB_GRAD(Activation::kIdentity);
+  }
+#undef FASTMB_GRAD
 }
 
 // Backward pass 1: per-channel sums of dL/du and dL/du * x_hat over rows [begin, end).
@@ -143,38 +189,33 @@ template <int K, typename T, typename Acc>
 FASTMB_MULTIVERSION void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, const T* gy, const T* x, const Acc* w,
                                         const Acc* mean, const Acc* invstd, const Acc* gamma, const Acc* beta, Geometry g,
                                         Activation act, int64_t begin, int64_t end) {
-  alignas(64) Acc acc[kBlock];
-  std::vector<Acc> row_gu(g.c), row_gu_xhat(g.c);
+  const int64_t chunk = chunk_pixels(g.c);
+  std::vector<Acc> z(chunk * g.c), gu(chunk * g.c), partial_gu(g.c), partial_gu_xhat(g.c);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / g.ho, oh = row % g.ho;
-    const T* x_img = x + n * g.h * g.w * g.c;
-    std::fill(row_gu.begin(), row_gu.end(), Acc(0));
-    std::fill(row_gu_xhat.begin(), row_gu_xhat.end(), Acc(0));
-    for (int64_t ow = 0; ow < g.wo; ++ow) {
-      const T* gyp = gy + (row * g.wo + ow) * g.c;
-      for_each_block(g.c, [&](auto block, int64_t c0, int64_t nc) {
-        constexpr int NC = decltype(block)::value;
-        conv_block<K, NC>(acc, nc, x_img, w, g, oh, ow, c0);
-        for (int64_t c = 0; c < (NC ? NC : nc); ++c) {
-          const int64_t k = c0 + c;
-          const Acc x_hat = (acc[c] - mean[k]) * invstd[k];
-          const Acc gu = activation_grad<Acc>(act, Acc(gyp[k]), x_hat * gamma[k] + beta[k]);
-          row_gu[k] += gu;
-          row_gu_xhat[k] += gu * x_hat;
+    std::fill(partial_gu.begin(), partial_gu.end(), Acc(0));
+    std::fill(partial_gu_xhat.begin(), partial_gu_xhat.end(), Acc(0));
+    for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
+      const int64_t pixels = std::min(chunk, g.wo - ow0);
+      conv_chunk<K>(z.data(), x + n * g.h * g.w * g.c, w, g, oh, ow0, pixels, 0, g.c);
+      grad_u(gu.data(), z.data(), gy + (row * g.wo + ow0) * g.c, g.c, mean, invstd, gamma, beta, act, pixels, g.c);
+      for (int64_t p = 0; p < pixels; ++p)
+        for (int64_t c = 0; c < g.c; ++c) {
+          partial_gu[c] += gu[p * g.c + c];
+          partial_gu_xhat[c] += gu[p * g.c + c] * z[p * g.c + c];
         }
-      });
     }
     for (int64_t c = 0; c < g.c; ++c) {
-      sum_gu[c] += row_gu[c];
-      sum_gu_xhat[c] += row_gu_xhat[c];
+      sum_gu[c] += partial_gu[c];
+      sum_gu_xhat[c] += partial_gu_xhat[c];
     }
   }
 }
 
 // Backward pass 2 for image n, channels [c0, c0 + nc): dL/dz = a * dL/du - b - x_hat * d per
-// channel (a = gamma * invstd; b, d: the batch-statistics terms, zero in eval), accumulated
-// into the weight gradient gw ([taps][C], this thread's partial) and scattered into gx_acc
-// (dL/dx of this image and block, [H][W][nc], zeroed here).
+// channel (a = gamma * invstd; b, d: the batch statistics' terms, zero in eval), accumulated
+// into the weight gradient gw ([taps][C], this thread's partial) and scattered over the taps
+// into gx_acc (dL/dx of this image and block, [H][W][nc], zeroed here).
 template <int K, typename T, typename Acc>
 FASTMB_MULTIVERSION void grad_input_weight_block(Acc* gx_acc, Acc* gw, const T* gy, const T* x, const Acc* w, const Acc* mean,
                                                  const Acc* invstd, const Acc* gamma, const Acc* beta, const Acc* a,
@@ -183,34 +224,36 @@ FASTMB_MULTIVERSION void grad_input_weight_block(Acc* gx_acc, Acc* gw, const T* 
   const int kh = K ? K : g.kh, kw = K ? K : g.kw;
   const T* x_img = x + n * g.h * g.w * g.c;
   if (gx_acc != nullptr) std::fill(gx_acc, gx_acc + g.h * g.w * nc, Acc(0));
-  alignas(64) Acc acc[kBlock];
+  const int64_t chunk = chunk_pixels(nc);
+  std::vector<Acc> z(chunk * nc), gz(chunk * nc);
   for (int64_t oh = 0; oh < g.ho; ++oh) {
-    for (int64_t ow = 0; ow < g.wo; ++ow) {
-      conv_block<K, 0>(acc, nc, x_img, w, g, oh, ow, c0);
-      const T* gyp = gy + ((n * g.ho + oh) * g.wo + ow) * g.c + c0;
-      for (int64_t c = 0; c < nc; ++c) {
-        const int64_t k = c0 + c;
-        const Acc x_hat = (acc[c] - mean[k]) * invstd[k];
-        const Acc gu = activation_grad<Acc>(act, Acc(gyp[c]), x_hat * gamma[k] + beta[k]);
-        acc[c] = a[k] * gu - b[k] - x_hat * d[k];  // acc now holds dL/dz
-      }
-      int h_lo, h_hi, w_lo, w_hi;
-      valid_taps(oh, g.sh, g.ph, g.dh, kh, g.h, h_lo, h_hi);
-      valid_taps(ow, g.sw, g.pw, g.dw, kw, g.w, w_lo, w_hi);
-      for (int i = h_lo; i < h_hi; ++i) {
+    for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
+      const int64_t pixels = std::min(chunk, g.wo - ow0);
+      conv_chunk<K>(z.data(), x_img, w, g, oh, ow0, pixels, c0, nc);
+      grad_u(gz.data(), z.data(), gy + ((n * g.ho + oh) * g.wo + ow0) * g.c + c0, g.c, mean + c0, invstd + c0, gamma + c0, beta + c0,
+             act, pixels, nc);
+      for (int64_t p = 0; p < pixels; ++p)
+        for (int64_t c = 0; c < nc; ++c) gz[p * nc + c] = a[c0 + c] * gz[p * nc + c] - b[c0 + c] - z[p * nc + c] * d[c0 + c];
+      for (int i = 0; i < kh; ++i) {
         const int64_t ih = oh * g.sh - g.ph + int64_t(i) * g.dh;
-        for (int j = w_lo; j < w_hi; ++j) {
-          const int64_t iw = ow * g.sw - g.pw + int64_t(j) * g.dw;
+        if (ih < 0 || ih >= g.h) continue;
+        for (int j = 0; j < kw; ++j) {
+          int64_t lo, hi;
+          valid_outputs(j, g.sw, g.pw, g.dw, g.w, ow0, ow0 + pixels, lo, hi);
           const int64_t tap = int64_t(i) * kw + j;
-          if (gw != nullptr) {
-            const T* xp = x_img + (ih * g.w + iw) * g.c + c0;
-            Acc* gwp = gw + tap * g.c + c0;
-            for (int64_t c = 0; c < nc; ++c) gwp[c] += acc[c] * Acc(xp[c]);
-          }
-          if (gx_acc != nullptr) {
-            const Acc* wp = w + tap * g.c + c0;
-            Acc* gxp = gx_acc + (ih * g.w + iw) * nc;
-            for (int64_t c = 0; c < nc; ++c) gxp[c] += acc[c] * wp[c];
+          const Acc* wp = w + tap * g.c + c0;
+          Acc* gwp = gw != nullptr ? gw + tap * g.c + c0 : nullptr;
+          for (int64_t ow = lo; ow < hi; ++ow) {
+            const int64_t iw = ow * g.sw - g.pw + int64_t(j) * g.dw;
+            const Acc* gzp = gz.data() + (ow - ow0) * nc;
+            if (gwp != nullptr) {
+              const T* xp = x_img + (ih * g.w + iw) * g.c + c0;
+              for (int64_t c = 0; c < nc; ++c) gwp[c] += gzp[c] * Acc(xp[c]);
+            }
+            if (gx_acc != nullptr) {
+              Acc* gxp = gx_acc + (ih * g.w + iw) * nc;
+              for (int64_t c = 0; c < nc; ++c) gxp[c] += gzp[c] * wp[c];
+            }
           }
         }
       }
@@ -239,7 +282,7 @@ Geometry geometry(const Tensor& x, const Tensor& weight, at::IntArrayRef stride,
   return g;
 }
 
-// Rows of work per parallel chunk: about 64K multiply-adds.
+// Rows of work per parallel task: about 64K multiply-adds.
 int64_t row_grain(const Geometry& g) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, g.wo * g.c * g.kh * g.kw)); }
 
 void check_inputs(const Tensor& x, const Tensor& weight) {

@@ -3,8 +3,8 @@
 from torch import Tensor, nn
 
 from fastmb.ops.activations import ACTIVATIONS
-from fastmb.ops.common import check_choice
-from fastmb.ops.dwconv_bn_act import dwconv_bn_act
+from fastmb.ops.common import check_choice, check_tensor
+from fastmb.ops.dwconv_bn_act import run_dwconv_bn_act
 
 
 class DWConvBNAct(nn.Sequential):
@@ -56,18 +56,22 @@ class DWConvBNAct(nn.Sequential):
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         use_batch_stats = self.training or (bn.running_mean is None and bn.running_var is None)
         keep_running = not self.training or bn.track_running_stats
-        return dwconv_bn_act(
+        # The parameters were checked when built; only x is new.
+        check_tensor("x", x, 4)
+        if x.shape[1] != conv.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels but this DWConvBNAct has {conv.in_channels}")
+        return run_dwconv_bn_act(
             x,
             conv.weight,
             bn.weight,
             bn.bias,
             bn.running_mean if keep_running else None,
             bn.running_var if keep_running else None,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            eps=bn.eps,
-            momentum=factor,
-            training=use_batch_stats,
-            activation=self.activation,
+            list(conv.stride),
+            list(conv.padding),
+            list(conv.dilation),
+            bn.eps,
+            factor,
+            use_batch_stats,
+            self.activation,
         )

@@ -3,8 +3,8 @@
 from torch import Tensor, nn
 
 from fastmb.ops.activations import ACTIVATIONS, GATES
-from fastmb.ops.common import check_choice
-from fastmb.ops.squeeze_excitation import squeeze_excitation
+from fastmb.ops.common import check_choice, check_tensor
+from fastmb.ops.squeeze_excitation import run_squeeze_excitation
 
 
 class SqueezeExcitation(nn.Module):
@@ -37,6 +37,11 @@ class SqueezeExcitation(nn.Module):
         return f"activation={self.activation!r}, gate={self.gate!r}"
 
     def forward(self, x: Tensor) -> Tensor:
-        return squeeze_excitation(
-            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, activation=self.activation, gate=self.gate
+        # The parameters were checked when built; only x is new.
+        check_tensor("x", x, 4)
+        if x.shape[1] != self.fc1.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels but this SqueezeExcitation has {self.fc1.in_channels}")
+        fc1, fc2 = self.fc1, self.fc2
+        return run_squeeze_excitation(
+            x, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias, self.activation, self.gate
         )

@@ -79,7 +79,28 @@ def dwconv_bn_act(
     if padding is None:
         padding = [(k - 1) // 2 * d for k, d in zip(weight.shape[2:], dilation)]
     padding = pair("padding", padding, 0)
+    return run_dwconv_bn_act(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, momentum, training, activation
+    )
 
+
+def run_dwconv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    eps: float,
+    momentum: float,
+    training: bool,
+    activation: str,
+) -> Tensor:
+    """dwconv_bn_act after its argument checks (fastmb.nn.DWConvBNAct's parameters are known
+    good): autocast, the output size, the backend's operator, the running statistics."""
     cast_to = autocast_dtype(x.device.type)
     if cast_to is not None:
         x, weight = x.to(cast_to), weight.to(cast_to)
@@ -96,8 +117,7 @@ def dwconv_bn_act(
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
 
     args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, float(eps), bool(training), activation)
-    forward = dispatch.select(OP, x.device.type, args)
-    y, mean, var = forward(*args)
+    y, mean, var = dispatch.call(dispatch.select(OP, x.device.type, args), args)
     if training and running_mean is not None and values_per_channel > 0:
         unbiased_var = var * (values_per_channel / (values_per_channel - 1))
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)

@@ -56,9 +56,15 @@ def squeeze_excitation(
     check_choice("activation", activation, ACTIVATIONS)
     check_choice("gate", gate, GATES)
 
-    args = (x, w1, fc1_bias, w2, fc2_bias, activation, gate)
-    forward = dispatch.select(OP, x.device.type, args)
-    return forward(*args)[0]
+    return run_squeeze_excitation(x, w1, fc1_bias, w2, fc2_bias, activation, gate)
+
+
+def run_squeeze_excitation(
+    x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None, activation: str, gate: str
+) -> Tensor:
+    """squeeze_excitation after its argument checks, fc weights as (out, in) matrices."""
+    args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)
+    return dispatch.call(dispatch.select(OP, x.device.type, args), args)[0]
 
 
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
