@@ -109,14 +109,15 @@ def _nbytes(tensors) -> int:
 
 class _LayerCounter(FlopCounterMode):
     """FlopCounterMode that also records, per operator call, the innermost module, the output
-    shape, the element-wise work, the bytes read and written, and first-used parameters."""
+    shape, the element-wise work, the bytes read and written, and the module's parameters."""
 
     def __init__(self, model: nn.Module) -> None:
         fastmb_ops = _fastmb_packets()
         super().__init__(display=False, custom_mapping={packet: f for packet, (f, _) in fastmb_ops.items()})
         self.elementwise_of = {packet: count for packet, (_, count) in fastmb_ops.items()}
+        self.model = model
         self.root = type(model).__name__
-        self.parameters = {p.data_ptr(): p.numel() for p in model.parameters()}
+        self.attributed: set[int] = set()  # ids of parameters already counted in a row
         self.rows: list[LayerRow] = []
 
     def _elementwise(self, packet, args, out) -> int:
@@ -137,9 +138,14 @@ class _LayerCounter(FlopCounterMode):
 
     def _record(self, packet, out, args, kwargs, macs, elementwise) -> None:
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
-        params = sum(self.parameters.pop(t.data_ptr(), 0) for t in inputs)
         innermost = max(self.mod_tracker.parents, key=lambda name: (name != "Global", name.count(".")))
-        name = innermost.removeprefix(self.root).removeprefix(".") or "(top level)"
+        path = innermost.removeprefix(self.root).removeprefix(".")
+        name = path or "(top level)"
+        # A layer's parameters count in the first row of the module that runs it.
+        module = self.model.get_submodule(path) if innermost != "Global" else self.model
+        fresh = [p for p in module.parameters() if id(p) not in self.attributed]
+        self.attributed.update(id(p) for p in fresh)
+        params = sum(p.numel() for p in fresh)
         op = packet._qualified_op_name.replace("::", ".").removeprefix("aten.")
         outputs = tree_leaves(out)
         if self.rows and self.rows[-1].name == name:  # consecutive ops of one module: one row

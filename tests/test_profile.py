@@ -15,9 +15,10 @@ def test_exact_macs_for_torchvision_and_fastmb_models(name, macs, params):
     ours = fastmb.profile(getattr(fastmb, name)())
     assert theirs.macs == ours.macs == macs
     assert theirs.params == ours.params == params
-    assert sum(r.params for r in ours.rows) == params  # every parameter is used once
-    assert theirs.elementwise == ours.elementwise
-    assert ours.bytes < theirs.bytes  # fusion moves fewer bytes
+    assert sum(r.params for r in ours.rows) == sum(r.params for r in theirs.rows) == params
+    # fastmb's eval path fuses (depthwise) or folds (pointwise) every BatchNorm: fewer passes.
+    assert ours.elementwise < theirs.elementwise
+    assert ours.bytes < theirs.bytes
 
 
 # MobileNet paper, Table 6 (width multiplier) and Table 7 (resolution), million mult-adds.

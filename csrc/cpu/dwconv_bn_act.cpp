@@ -35,8 +35,8 @@ struct Geometry {
   int kh, kw, sh, sw, ph, pw, dh, dw;
 };
 
-// Output pixels per chunk when each holds `channels` accumulators.
-FASTMB_INLINE int64_t chunk_pixels(int64_t channels) { return std::max<int64_t>(1, kChunkValues / std::max<int64_t>(channels, 1)); }
+// Output pixels per chunk when each holds `channels` accumulators: a multiple of the 4-pixel tile.
+FASTMB_INLINE int64_t chunk_pixels(int64_t channels) { return std::max<int64_t>(4, kChunkValues / std::max<int64_t>(channels, 1) / 4 * 4); }
 
 // The output positions [lo, hi) whose input position o * stride - pad + tap * dil lies in [0, size).
 FASTMB_INLINE void valid_outputs(int tap, int stride, int pad, int dil, int64_t size, int64_t out_lo, int64_t out_hi,
@@ -47,56 +47,94 @@ FASTMB_INLINE void valid_outputs(int tap, int stride, int pad, int dil, int64_t 
   if (hi < lo) hi = lo;
 }
 
-// acc[0:NV] (NV vectors of channels from c) = the conv at one output pixel: taps rows
-// [i_lo, i_hi) x columns [j_lo, j_hi), x_pixel pointing at tap (0, 0)'s input pixel.
-template <int NV, int K, typename T, typename Acc>
-FASTMB_INLINE void conv_pixel_vectors(Acc* z, const T* x_tap0, const Acc* w, const Geometry& g, int i_lo, int i_hi, int j_lo,
-                                      int j_hi, int64_t c) {
+// Zeros that out-of-image taps read instead of the input (at least two vectors of any dtype).
+template <typename T>
+struct Zeros {
+  alignas(64) static inline const T values[64] = {};
+};
+
+// The conv at P output pixels of one row (pixel_step apart in the input) for NV vectors of
+// channels from c, into z (pixel stride z_step). x_tap0 points at pixel 0's tap (0, 0) input;
+// kernel rows [i_lo, i_hi) are inside the image for all P pixels, columns [j_lo[p], j_hi[p])
+// for pixel p (the others read zeros). The P x NV accumulators stay in registers over all
+// taps and each weight vector is loaded once for the P pixels.
+template <int P, int NV, int K, typename T, typename Acc>
+FASTMB_INLINE void conv_tile(Acc* z, int64_t z_step, const T* x_tap0, int64_t pixel_step, const Acc* w, const Geometry& g, int i_lo,
+                             int i_hi, const int* j_lo, const int* j_hi, int64_t c) {
   using V = Vec<Acc>;
   const int kw = K ? K : g.kw;
-  typename V::type acc[NV] = {};
+  int j_min = j_lo[0], j_max = j_hi[0];
+  for (int p = 1; p < P; ++p) j_min = std::min(j_min, j_lo[p]), j_max = std::max(j_max, j_hi[p]);
+  typename V::type acc[P][NV] = {};
   for (int i = i_lo; i < i_hi; ++i) {
-    for (int j = j_lo; j < j_hi; ++j) {
+    for (int j = j_min; j < j_max; ++j) {
       const T* xp = x_tap0 + (int64_t(i) * g.dh * g.w + int64_t(j) * g.dw) * g.c + c;
       const Acc* wp = w + (int64_t(i) * kw + j) * g.c + c;
+      typename V::type wv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[v] += V::load(xp + v * V::kLanes) * V::load(wp + v * V::kLanes);
+      for (int v = 0; v < NV; ++v) wv[v] = V::load(wp + v * V::kLanes);
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p) {
+        const T* src = (j >= j_lo[p] && j < j_hi[p]) ? xp + p * pixel_step : Zeros<T>::values;
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[p][v] += V::load(src + v * V::kLanes) * wv[v];
+      }
     }
   }
 #pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) V::store(z + v * V::kLanes, acc[v]);
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) V::store(z + p * z_step + v * V::kLanes, acc[p][v]);
+}
+
+// Channels [0, nc) of P pixels: vector tiles of 2 and 1 vectors, then a scalar loop.
+template <int P, int K, typename T, typename Acc>
+FASTMB_INLINE void conv_pixels(Acc* z, int64_t nc, const T* x_tap0, int64_t pixel_step, const Acc* w, const Geometry& g, int i_lo,
+                               int i_hi, const int* j_lo, const int* j_hi) {
+  constexpr int64_t L = Vec<Acc>::kLanes;
+  const int kw = K ? K : g.kw;
+  int64_t c = 0;
+  for (; c + 2 * L <= nc; c += 2 * L) conv_tile<P, 2, K>(z + c, nc, x_tap0, pixel_step, w, g, i_lo, i_hi, j_lo, j_hi, c);
+  for (; c + L <= nc; c += L) conv_tile<P, 1, K>(z + c, nc, x_tap0, pixel_step, w, g, i_lo, i_hi, j_lo, j_hi, c);
+  for (; c < nc; ++c) {
+    for (int p = 0; p < P; ++p) {
+      Acc sum = 0;
+      for (int i = i_lo; i < i_hi; ++i)
+        for (int j = j_lo[p]; j < j_hi[p]; ++j)
+          sum += Acc(x_tap0[p * pixel_step + (int64_t(i) * g.dh * g.w + int64_t(j) * g.dw) * g.c + c]) * w[(int64_t(i) * kw + j) * g.c + c];
+      z[p * nc + c] = sum;
+    }
+  }
 }
 
 // z[p][0:nc] = depthwise conv at output pixels (oh, ow0 + p), p < count, channels c0..c0+nc of
-// one image: per pixel, blocks of 4 and 1 vectors of channels with the accumulators in
-// registers across all taps (out-of-image taps skipped), a scalar loop for what is left.
+// one image, four pixels at a time (out-of-image taps read zeros), then one at a time.
 template <int K, typename T, typename Acc>
 FASTMB_INLINE void conv_chunk(Acc* z, const T* x_img, const Acc* w, const Geometry& g, int64_t oh, int64_t ow0, int64_t count,
                               int64_t c0, int64_t nc) {
-  constexpr int64_t L = Vec<Acc>::kLanes;
+  constexpr int kTile = 4;
   const int kh = K ? K : g.kh, kw = K ? K : g.kw;
   int i_lo = 0, i_hi = kh;
   while (i_lo < kh && oh * g.sh - g.ph + int64_t(i_lo) * g.dh < 0) ++i_lo;
   while (i_hi > i_lo && oh * g.sh - g.ph + int64_t(i_hi - 1) * g.dh >= g.h) --i_hi;
-  for (int64_t p = 0; p < count; ++p) {
-    const int64_t ow = ow0 + p, iw0 = ow * g.sw - g.pw;
-    int j_lo = 0, j_hi = kw;
-    while (j_lo < kw && iw0 + int64_t(j_lo) * g.dw < 0) ++j_lo;
-    while (j_hi > j_lo && iw0 + int64_t(j_hi - 1) * g.dw >= g.w) --j_hi;
-    // Tap (0, 0)'s input pixel; only valid taps are dereferenced.
-    const T* x_tap0 = x_img + ((oh * g.sh - g.ph) * g.w + iw0) * g.c + c0;
-    const Acc* wc = w + c0;
-    Acc* zp = z + p * nc;
-    int64_t c = 0;
-    for (; c + 4 * L <= nc; c += 4 * L) conv_pixel_vectors<4, K>(zp + c, x_tap0, wc, g, i_lo, i_hi, j_lo, j_hi, c);
-    for (; c + L <= nc; c += L) conv_pixel_vectors<1, K>(zp + c, x_tap0, wc, g, i_lo, i_hi, j_lo, j_hi, c);
-    for (; c < nc; ++c) {
-      Acc sum = 0;
-      for (int i = i_lo; i < i_hi; ++i)
-        for (int j = j_lo; j < j_hi; ++j)
-          sum += Acc(x_tap0[(int64_t(i) * g.dh * g.w + int64_t(j) * g.dw) * g.c + c]) * wc[(int64_t(i) * kw + j) * g.c + c];
-      zp[c] = sum;
+  const int64_t pixel_step = int64_t(g.sw) * g.c;
+  int j_lo[kTile], j_hi[kTile];
+  for (int64_t p = 0; p < count;) {
+    const int tile = p + kTile <= count ? kTile : 1;
+    for (int t = 0; t < tile; ++t) {
+      const int64_t iw0 = (ow0 + p + t) * g.sw - g.pw;
+      j_lo[t] = 0, j_hi[t] = kw;
+      while (j_lo[t] < kw && iw0 + int64_t(j_lo[t]) * g.dw < 0) ++j_lo[t];
+      while (j_hi[t] > j_lo[t] && iw0 + int64_t(j_hi[t] - 1) * g.dw >= g.w) --j_hi[t];
     }
+    // Pixel p's tap (0, 0) input, possibly outside the image: only valid taps are read.
+    const T* x_tap0 = x_img + ((oh * g.sh - g.ph) * g.w + (ow0 + p) * g.sw - g.pw) * g.c + c0;
+    if (tile == kTile) {
+      conv_pixels<kTile, K>(z + p * nc, nc, x_tap0, pixel_step, w + c0, g, i_lo, i_hi, j_lo, j_hi);
+    } else {
+      conv_pixels<1, K>(z + p * nc, nc, x_tap0, pixel_step, w + c0, g, i_lo, i_hi, j_lo, j_hi);
+    }
+    p += tile;
   }
 }
 
