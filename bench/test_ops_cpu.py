@@ -3,10 +3,10 @@
 
 import pytest
 import torch
-from torch import nn
 
 import fastmb
 from oracle import EagerSqueezeExcitation, eager_dwconv_bn_act
+from providers import provider_module, step
 from shapes import mobilenet_v3_large_blocks
 from timing import run_benchmark
 
@@ -15,36 +15,6 @@ MODES = [("eval", 1), ("eval", 16), ("train", 16)]
 PROVIDERS = ["eager", "eager_cl", "compile", "fastmb"]
 
 pytestmark = pytest.mark.skipif(fastmb.backends()["cpu"] != "available", reason=fastmb.backends()["cpu"])
-
-
-def provider_module(provider: str, eager: nn.Module, fused: nn.Module) -> tuple[nn.Module, torch.memory_format]:
-    if provider == "eager":
-        return eager, torch.contiguous_format
-    if provider == "eager_cl":
-        return eager.to(memory_format=torch.channels_last), torch.channels_last
-    if provider == "compile":
-        return torch.compile(eager.to(memory_format=torch.channels_last)), torch.channels_last
-    return fused.to(memory_format=torch.channels_last), torch.channels_last
-
-
-def step(module: nn.Module, x: torch.Tensor, mode: str):
-    """eval: a forward pass without grad; train: forward and backward with batch statistics."""
-    if mode == "eval":
-        module.eval()
-
-        def run():
-            with torch.no_grad():
-                return module(x)
-
-        return run
-    module.train()
-    x = x.requires_grad_()
-    grad = torch.randn_like(module(x))
-
-    def run():
-        module(x).backward(grad)
-
-    return run
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -25,6 +25,8 @@ def small_stack() -> nn.Module:
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_fullgraph_compile_matches_eager(backend, device, training):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("torch.compile traces Triton kernels on CUDA tensors only; the interpreter runs them eagerly")
     eager = small_stack().to(device).train(training)
     compiled_module = copy.deepcopy(eager)
     compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")

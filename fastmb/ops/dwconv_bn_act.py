@@ -156,11 +156,13 @@ def _setup_context(ctx, inputs, output):
     ctx.arguments = (stride, padding, dilation, eps, training, activation)
 
 
-def register_operators(forward_op, backward_op) -> None:
-    """Registers the fake implementations and the autograd formula of one backend's pair of
-    operators (forward, backward) with the schemas of fastmb/ops/schemas.py."""
-    torch.library.register_fake(forward_op, _fake_forward)
-    torch.library.register_fake(backward_op, _fake_backward)
+def register_operators(forward_op, backward_op, fake: bool = True) -> None:
+    """Registers the fake implementations (unless the operators bring theirs, as triton_op
+    does) and the autograd formula of one backend's pair of operators (forward, backward)
+    with the schemas of fastmb/ops/schemas.py."""
+    if fake:
+        torch.library.register_fake(forward_op, _fake_forward)
+        torch.library.register_fake(backward_op, _fake_backward)
 
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         x, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
@@ -186,3 +188,10 @@ if _extension.C is not None:
     register_operators(torch.ops.fastmb.dwconv_bn_act.default, torch.ops.fastmb.dwconv_bn_act_backward.default)
 if _extension.has_kernel(OP, "CPU"):
     dispatch.register_kernel("cpu", OP, torch.ops.fastmb.dwconv_bn_act.default, supports=_cpu_supports)
+try:
+    from fastmb.kernels import dwconv_bn_act as triton_kernels
+except ImportError:  # no triton: the backend says so in fastmb.backends()
+    triton_kernels = None
+if triton_kernels is not None:
+    register_operators(triton_kernels.forward, triton_kernels.backward, fake=False)
+    dispatch.register_kernel("triton", OP, triton_kernels.forward, supports=triton_kernels.supports)

@@ -99,11 +99,13 @@ def _setup_context(ctx, inputs, output):
     ctx.arguments = (activation, gate)
 
 
-def register_operators(forward_op, backward_op) -> None:
-    """Registers the fake implementations and the autograd formula of one backend's pair of
-    operators (forward, backward) with the schemas of fastmb/ops/schemas.py."""
-    torch.library.register_fake(forward_op, _fake_forward)
-    torch.library.register_fake(backward_op, _fake_backward)
+def register_operators(forward_op, backward_op, fake: bool = True) -> None:
+    """Registers the fake implementations (unless the operators bring theirs, as triton_op
+    does) and the autograd formula of one backend's pair of operators (forward, backward)
+    with the schemas of fastmb/ops/schemas.py."""
+    if fake:
+        torch.library.register_fake(forward_op, _fake_forward)
+        torch.library.register_fake(backward_op, _fake_backward)
 
     def backward(ctx, grad_y, _grad_pooled):
         x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias = ctx.saved_tensors
@@ -121,3 +123,10 @@ if _extension.C is not None:
     )
 if _extension.has_kernel(OP, "CPU"):
     dispatch.register_kernel("cpu", OP, torch.ops.fastmb.squeeze_excitation.default, supports=_cpu_supports)
+try:
+    from fastmb.kernels import squeeze_excitation as triton_kernels
+except ImportError:  # no triton: the backend says so in fastmb.backends()
+    triton_kernels = None
+if triton_kernels is not None:
+    register_operators(triton_kernels.forward, triton_kernels.backward, fake=False)
+    dispatch.register_kernel("triton", OP, triton_kernels.forward, supports=triton_kernels.supports)

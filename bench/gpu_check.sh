@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The prepared GPU check for one NVIDIA GPU machine (no network; its own torch and Triton):
+# build fastmb in place, run the test suite on CUDA tensors (every available backend), run
+# the GPU benchmarks (copy bandwidth, ops, model), print a short table last. Full results go
+# to $OUT (default bench/results/latest). Exits non-zero if the build or any test fails.
+# Budget: under 7 minutes on an H200.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results/latest}"
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+start=$(date +%s)
+if ! timeout 300 python setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  echo "gpu_check: build failed"
+  exit 2
+fi
+ln -sfn ../kernels fastmb/kernels  # fastmb.kernels in the in-place tree (installs map it)
+echo "gpu_check: build $(( $(date +%s) - start )) s"
+python -c "import fastmb; print('backends', fastmb.backends())" | tee "$OUT/backends.txt"
+
+start=$(date +%s)
+FASTMB_TEST_DEVICE=cuda timeout 240 python -m pytest tests/ops tests/nn tests/test_compile.py -q -p no:cacheprovider \
+  --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+tests=$?
+echo "gpu_check: tests $(( $(date +%s) - start )) s, exit $tests"
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+tail -1 "$OUT/tests.log"
+
+start=$(date +%s)
+timeout 240 python -m pytest bench/test_ops_gpu.py bench/test_models_gpu.py -q -p no:cacheprovider > "$OUT/bench.log" 2>&1
+echo "gpu_check: benchmarks $(( $(date +%s) - start )) s, exit $?"
+sed -n '/^speedup over/,$p' "$OUT/bench.log" > "$OUT/speedups.txt"
+grep -E "^speedup over|model |geometric|  (dwconv|se) .* over" "$OUT/speedups.txt"
+exit $(( tests != 0 ))

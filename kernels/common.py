@@ -1,0 +1,66 @@
+"""Triton helpers shared by the fused-op kernels: activations with PyTorch's conventions,
+launch settings, and NHWC layout handling."""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATION_CODES = {"hardswish": 0, "relu": 1, "relu6": 2, "identity": 3}
+GATE_CODES = {"hardsigmoid": 0, "sigmoid": 1}
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def activate(u, ACT: tl.constexpr):
+    # tl.where keeps NaN (comparisons with NaN are false), as PyTorch's activations do.
+    if ACT == 0:
+        t = u + 3.0
+        t = tl.where(t < 0.0, 0.0, t)
+        t = tl.where(t > 6.0, 6.0, t)
+        return u * t / 6.0
+    elif ACT == 1:
+        return tl.where(u < 0.0, 0.0, u)
+    elif ACT == 2:
+        v = tl.where(u < 0.0, 0.0, u)
+        return tl.where(v > 6.0, 6.0, v)
+    else:
+        return u
+
+
+@triton.jit
+def activation_grad(g, u, ACT: tl.constexpr):
+    # PyTorch's kinks: relu'(0) = 0, hardswish' = 0 below -3, u/3 + 1/2 up to 3, 1 above.
+    if ACT == 0:
+        return tl.where(u < -3.0, 0.0, tl.where(u <= 3.0, g * (u / 3.0 + 0.5), g))
+    elif ACT == 1:
+        return tl.where(u > 0.0, g, 0.0)
+    elif ACT == 2:
+        return tl.where((u > 0.0) & (u < 6.0), g, 0.0)
+    else:
+        return g
+
+
+def triton_op(name: str, schema: str):
+    """torch.library.triton_op with fastmb's schema; older torch infers it from the type hints."""
+    def register(fn):
+        try:
+            return torch.library.triton_op(name, fn, mutates_args=(), schema=schema)
+        except TypeError:  # torch without triton_op(schema=...)
+            return torch.library.triton_op(name, fn, mutates_args=())
+
+    return register
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def autotune_configs(configs: list[dict]) -> list[triton.Config]:
+    """The configs to autotune over; one under the interpreter, where timing means nothing."""
+    return [triton.Config(c) for c in (configs[:1] if INTERPRETED else configs)]

@@ -1,0 +1,141 @@
+"""Triton kernels of the fused squeeze-and-excitation, and the operators
+fastmb::squeeze_excitation_triton / fastmb::squeeze_excitation_backward_triton.
+
+NHWC. The two passes over x are kernels (per-image channel sums; a per-image channel scale and
+shift); the tiny FC layers in between are PyTorch ops on (N, C) matrices:
+  forward   pooled = mean_hw(x); scale = gate(fc2(act(fc1(pooled)))); y = x * scale
+  backward  dscale = sum_hw(grad_y * x); the FC layers' backward; grad_x = grad_y * scale + dpooled / HW
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+from fastmb.kernels.common import accumulation_dtype, autotune_configs, nhwc, triton_op
+from fastmb.ops import schemas
+from fastmb.ops.activations import activation_backward, activation_forward, gate_backward, gate_forward
+from fastmb.ops.common import autocast_off
+
+BLOCK_P, BLOCK_C = 64, 32
+
+
+@triton.jit
+def _channel_sums_kernel(a_ptr, b_ptr, out_ptr, HW, C, PRODUCT: tl.constexpr, ACC: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # out[n, c] = sum over the pixels of image n of a (or a * b), one program per (n, channel block).
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+    for p0 in range(0, HW, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (p < HW)[:, None] & c_mask[None, :]
+        offsets = (n * HW + p)[:, None] * C + c[None, :]
+        a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        if PRODUCT:
+            a *= tl.load(b_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        acc += a
+    tl.store(out_ptr + n * C + c, tl.sum(acc, axis=0), mask=c_mask)
+
+
+@triton.autotune(configs=autotune_configs([{"BLOCK_P": 64, "BLOCK_C": 32}, {"BLOCK_P": 16, "BLOCK_C": 128}]), key=["C"])
+@triton.jit
+def _scale_shift_kernel(a_ptr, scale_ptr, shift_ptr, out_ptr, P, HW, C, SHIFT: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # out[n, p, c] = a[n, p, c] * scale[n, c] (+ shift[n, c]) over the flattened pixels of all images.
+    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (p < P)[:, None] & (c < C)[None, :]
+    per_image = (p // HW)[:, None] * C + c[None, :]
+    scale = tl.load(scale_ptr + per_image, mask=mask, other=0.0)
+    a = tl.load(a_ptr + p[:, None] * C + c[None, :], mask=mask, other=0.0).to(scale.dtype)
+    out = a * scale
+    if SHIFT:
+        out += tl.load(shift_ptr + per_image, mask=mask, other=0.0)
+    tl.store(out_ptr + p[:, None] * C + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _channel_sums(a: Tensor, b: Tensor | None, acc: torch.dtype) -> Tensor:
+    n, c, h, w = a.shape
+    out = a.new_empty((n, c), dtype=acc)
+    if n > 0:
+        wrap_triton(_channel_sums_kernel)[(n, triton.cdiv(c, BLOCK_C))](
+            a, a if b is None else b, out, h * w, c, PRODUCT=b is not None,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    return out
+
+
+def _scale_shift(a: Tensor, scale: Tensor, shift: Tensor | None, like: Tensor) -> Tensor:
+    """a * scale (+ shift) per image and channel, laid out like `like` (torch.empty_like)."""
+    n, c, h, w = a.shape
+    out = torch.empty_like(a)
+    if a.numel() > 0:
+        grid = lambda meta: (triton.cdiv(n * h * w, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
+        wrap_triton(_scale_shift_kernel)[grid](a, scale, scale if shift is None else shift, out, n * h * w, h * w, c,
+                                               SHIFT=shift is not None)
+    if like.is_contiguous(memory_format=torch.channels_last):  # then a is `like` itself
+        return out
+    return torch.empty_like(like).copy_(out)
+
+
+def _fc(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(input, weight.to(input.dtype), None if bias is None else bias.to(input.dtype))
+
+
+def supports(x: Tensor, *args) -> bool:
+    dtypes = (torch.float32, torch.float16, torch.float64) + ((torch.bfloat16,) if x.is_cuda else ())
+    return x.dtype in dtypes
+
+
+@triton_op("fastmb::squeeze_excitation_triton", schemas.SQUEEZE_EXCITATION)
+def forward(
+    x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None, activation: str, gate: str
+) -> tuple[Tensor, Tensor]:
+    acc = accumulation_dtype(x.dtype)
+    xs = nhwc(x)
+    with autocast_off(x.device.type):  # the FC layers compute in the accumulation dtype
+        pooled = _channel_sums(xs, None, acc) / (x.shape[2] * x.shape[3])
+        scale = gate_forward(gate, _fc(activation_forward(activation, _fc(pooled, fc1_weight, fc1_bias)), fc2_weight, fc2_bias))
+        return _scale_shift(xs, scale, None, x), pooled
+
+
+@triton_op("fastmb::squeeze_excitation_backward_triton", schemas.SQUEEZE_EXCITATION_BACKWARD)
+def backward(
+    grad_y: Tensor,
+    x: Tensor,
+    pooled: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor | None,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    activation: str,
+    gate: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with autocast_off(x.device.type):  # the FC layers compute in the accumulation dtype
+        return _backward(grad_y, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)
+
+
+def _backward(grad_y, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate):
+    acc = pooled.dtype
+    xs, gys = nhwc(x), nhwc(grad_y)
+    pre_activation = _fc(pooled, fc1_weight, fc1_bias)
+    hidden = activation_forward(activation, pre_activation)
+    pre_gate = _fc(hidden, fc2_weight, fc2_bias)
+    grad_pre_gate = gate_backward(gate, _channel_sums(gys, xs, acc), pre_gate)
+    grad_pre_activation = activation_backward(activation, grad_pre_gate @ fc2_weight.to(acc), pre_activation)
+    grad_pooled = grad_pre_activation @ fc1_weight.to(acc) / max(x.shape[2] * x.shape[3], 1)
+    grad_x = _scale_shift(gys, gate_forward(gate, pre_gate), grad_pooled, x)
+
+    def like(grad: Tensor, param: Tensor | None, fallback: Tensor) -> Tensor:
+        return grad.to((param if param is not None else fallback).dtype)
+
+    return (
+        grad_x,
+        like(grad_pre_activation.t() @ pooled, fc1_weight, fc1_weight),
+        like(grad_pre_activation.sum(0), fc1_bias, fc1_weight),
+        like(grad_pre_gate.t() @ hidden, fc2_weight, fc2_weight),
+        like(grad_pre_gate.sum(0), fc2_bias, fc2_weight),
+    )
