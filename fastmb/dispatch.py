@@ -8,6 +8,7 @@ calls the same backend's backward operator.
 
 import contextlib
 import functools
+import importlib
 import os
 import threading
 import warnings
@@ -52,6 +53,28 @@ def register_kernel(
         raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
     _KERNELS[(backend, op)] = Kernel(forward, supports)
     _unavailable_reason.cache_clear()
+
+
+def _cpu_supports(x: torch.Tensor, *args: object) -> bool:
+    # Any kernel size, stride and dilation; float16 runs on the reference.
+    return x.dtype in (torch.float32, torch.float64, torch.bfloat16)
+
+
+def register_compiled_backends(op: str, register_operators: Callable) -> None:
+    """Registers fused op `op`'s native operators (fastmb::<op>, kernels in fastmb._C) and its
+    Triton operators (fastmb.kernels.<op>), where they exist. `register_operators(forward,
+    backward, fake=...)` attaches the op's fake implementations and autograd formula."""
+    if _extension.C is not None:
+        forward = getattr(torch.ops.fastmb, op).default
+        register_operators(forward, getattr(torch.ops.fastmb, f"{op}_backward").default)
+        if _extension.has_kernel(op, "CPU"):
+            register_kernel("cpu", op, forward, supports=_cpu_supports)
+    try:
+        kernels = importlib.import_module(f"fastmb.kernels.{op}")
+    except ImportError:  # no triton: fastmb.backends() says so
+        return
+    register_operators(kernels.forward, kernels.backward, fake=False)  # triton_op brings its fake
+    register_kernel("triton", op, kernels.forward, supports=kernels.supports)
 
 
 def forward_operators(op: str) -> list[Callable]:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fastmb import _extension, dispatch
+from fastmb import dispatch
 from fastmb.ops import reference
 from fastmb.ops.activations import ACTIVATIONS
 from fastmb.ops.common import (
@@ -125,13 +125,6 @@ def run_dwconv_bn_act(
     return y
 
 
-CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-
-
-def _cpu_supports(x: Tensor, *args) -> bool:
-    return x.dtype in CPU_DTYPES  # any kernel size, stride, dilation; float16 runs on the reference
-
-
 def _fake_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, training, activation):
     stats = x.new_empty(x.shape[1], dtype=compute_dtype(x.dtype))
     return new_output(dwconv_output_shape(x, weight, stride, padding, dilation), x), stats, torch.empty_like(stats)
@@ -184,14 +177,4 @@ def register_operators(forward_op, backward_op, fake: bool = True) -> None:
 
 register_operators(reference.dwconv_bn_act.forward_op, reference.dwconv_bn_act.backward_op)
 dispatch.register_kernel("reference", OP, reference.dwconv_bn_act.forward_op)
-if _extension.C is not None:
-    register_operators(torch.ops.fastmb.dwconv_bn_act.default, torch.ops.fastmb.dwconv_bn_act_backward.default)
-if _extension.has_kernel(OP, "CPU"):
-    dispatch.register_kernel("cpu", OP, torch.ops.fastmb.dwconv_bn_act.default, supports=_cpu_supports)
-try:
-    from fastmb.kernels import dwconv_bn_act as triton_kernels
-except ImportError:  # no triton: the backend says so in fastmb.backends()
-    triton_kernels = None
-if triton_kernels is not None:
-    register_operators(triton_kernels.forward, triton_kernels.backward, fake=False)
-    dispatch.register_kernel("triton", OP, triton_kernels.forward, supports=triton_kernels.supports)
+dispatch.register_compiled_backends(OP, register_operators)

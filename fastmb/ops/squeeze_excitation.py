@@ -4,7 +4,7 @@ implementation and autograd formula shared by every backend's operator."""
 import torch
 from torch import Tensor
 
-from fastmb import _extension, dispatch
+from fastmb import dispatch
 from fastmb.ops import reference
 from fastmb.ops.activations import ACTIVATIONS, GATES
 from fastmb.ops.common import (
@@ -67,13 +67,6 @@ def run_squeeze_excitation(
     return dispatch.call(dispatch.select(OP, x.device.type, args), args)[0]
 
 
-CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-
-
-def _cpu_supports(x: Tensor, *args) -> bool:
-    return x.dtype in CPU_DTYPES  # float16 runs on the reference
-
-
 # Outputs of x's shape are laid out like x (torch.empty_like), as eager's element-wise ops do.
 def _fake_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate):
     return torch.empty_like(x), x.new_empty(x.shape[:2], dtype=compute_dtype(x.dtype))
@@ -117,16 +110,4 @@ def register_operators(forward_op, backward_op, fake: bool = True) -> None:
 
 register_operators(reference.squeeze_excitation.forward_op, reference.squeeze_excitation.backward_op)
 dispatch.register_kernel("reference", OP, reference.squeeze_excitation.forward_op)
-if _extension.C is not None:
-    register_operators(
-        torch.ops.fastmb.squeeze_excitation.default, torch.ops.fastmb.squeeze_excitation_backward.default
-    )
-if _extension.has_kernel(OP, "CPU"):
-    dispatch.register_kernel("cpu", OP, torch.ops.fastmb.squeeze_excitation.default, supports=_cpu_supports)
-try:
-    from fastmb.kernels import squeeze_excitation as triton_kernels
-except ImportError:  # no triton: the backend says so in fastmb.backends()
-    triton_kernels = None
-if triton_kernels is not None:
-    register_operators(triton_kernels.forward, triton_kernels.backward, fake=False)
-    dispatch.register_kernel("triton", OP, triton_kernels.forward, supports=triton_kernels.supports)
+dispatch.register_compiled_backends(OP, register_operators)
