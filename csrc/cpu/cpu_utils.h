@@ -52,7 +52,10 @@ struct Vec {
 enum class Activation { kHardswish, kRelu, kRelu6, kIdentity };
 enum class Gate { kHardsigmoid, kSigmoid };
 
-inline Activation parse_activation(std::string_view name) {
+// c10::string_view is std::string_view in recent torch and its own class in older releases:
+// compare through std::string_view built from data() and size(), which works with both.
+inline Activation parse_activation(c10::string_view name_in) {
+  const std::string_view name(name_in.data(), name_in.size());
   if (name == "hardswish") return Activation::kHardswish;
   if (name == "relu") return Activation::kRelu;
   if (name == "relu6") return Activation::kRelu6;
@@ -60,7 +63,8 @@ inline Activation parse_activation(std::string_view name) {
   return Activation::kIdentity;
 }
 
-inline Gate parse_gate(std::string_view name) {
+inline Gate parse_gate(c10::string_view name_in) {
+  const std::string_view name(name_in.data(), name_in.size());
   if (name == "hardsigmoid") return Gate::kHardsigmoid;
   TORCH_CHECK(name == "sigmoid", "fastmb: unknown gate '", std::string(name), "'");
   return Gate::kSigmoid;
