@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from fastmb.ops import schemas
-from fastmb.ops.common import autocast_off, dwconv_output_shape, memory_format
+from fastmb.ops.common import autocast_off, bn_affine, dwconv_output_shape, memory_format, new_output
 from fastmb.kernels.common import (
     ACTIVATION_CODES,
     accumulation_dtype,
@@ -182,16 +182,11 @@ def _taps_major(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weight.to(dtype).reshape(weight.shape[0], -1).t().contiguous()
 
 
-def _affine(vector, c, like):
-    return like.new_ones(c) if vector is None else vector.to(like.dtype)
-
-
 def _from_nhwc(nhwc_tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`nhwc_tensor` in `like`'s memory format (canonical strides, as the fake kernels)."""
-    fmt = memory_format(like)
-    if fmt == torch.channels_last:
+    """`nhwc_tensor` in `like`'s memory format, with the fake kernels' strides."""
+    if memory_format(like) == torch.channels_last:
         return nhwc_tensor
-    return torch.empty(nhwc_tensor.shape, dtype=nhwc_tensor.dtype, device=nhwc_tensor.device, memory_format=fmt).copy_(nhwc_tensor)
+    return new_output(nhwc_tensor.shape, like).copy_(nhwc_tensor)
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, *args) -> bool:
@@ -243,8 +238,9 @@ def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, p
         mean = (means * counts).sum(0) / p
         var = (m2s + counts * (means - mean) ** 2).sum(0) / p
     if p > 0:
-        scale = _affine(bn_weight, c, mean) * torch.rsqrt(var + eps)
-        shift = (bn_bias.to(acc) if bn_bias is not None else torch.zeros_like(mean)) - mean * scale
+        gamma, beta = bn_affine(bn_weight, bn_bias, mean)
+        scale = gamma * torch.rsqrt(var + eps)
+        shift = beta - mean * scale
         grid = lambda meta: (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
         wrap_triton(_forward_kernel)[grid](xs, w, scale, shift, y, p, **g, ACT=ACTIVATION_CODES[activation], ACC=_acc_triton(acc))
     return _from_nhwc(y, x), mean, var
@@ -280,8 +276,7 @@ def _backward(grad_y, x, weight, bn_weight, bn_bias, mean, var, stride, padding,
     affine_dtype = bn_weight.dtype if bn_weight is not None else acc
     xs, gys, w = nhwc(x), nhwc(grad_y), _taps_major(weight, acc)
     invstd = torch.rsqrt(var + eps)
-    gamma = _affine(bn_weight, c, mean)
-    beta = bn_bias.to(acc) if bn_bias is not None else torch.zeros_like(mean)
+    gamma, beta = bn_affine(bn_weight, bn_bias, mean)
     a = gamma * invstd
     b, d = torch.zeros_like(mean), torch.zeros_like(mean)
     grad_gamma, grad_beta = mean.new_zeros(c), mean.new_zeros(c)

@@ -81,6 +81,14 @@ def new_output(shape: Sequence[int], like: Tensor, dtype: torch.dtype | None = N
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
 
 
+def bn_affine(bn_weight: Tensor | None, bn_bias: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(gamma, beta) in `like`'s dtype and device; None means ones and zeros, as affine=False."""
+    c = like.shape[0]
+    gamma = like.new_ones(c) if bn_weight is None else bn_weight.to(like.dtype)
+    beta = like.new_zeros(c) if bn_bias is None else bn_bias.to(like.dtype)
+    return gamma, beta
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels accumulate in and keep statistics in: fp32 for fp16/bf16."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -6,18 +6,11 @@ from torch import Tensor
 
 from fastmb.ops import schemas
 from fastmb.ops.activations import activation_backward, activation_forward
-from fastmb.ops.common import autocast_off, compute_dtype, new_output
+from fastmb.ops.common import autocast_off, bn_affine, compute_dtype, new_output
 
 
 def _per_channel(v: Tensor) -> Tensor:
     return v[:, None, None]
-
-
-def _affine(bn_weight: Tensor | None, bn_bias: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
-    c = like.shape[0]
-    gamma = like.new_ones(c) if bn_weight is None else bn_weight.to(like.dtype)
-    beta = like.new_zeros(c) if bn_bias is None else bn_bias.to(like.dtype)
-    return gamma, beta
 
 
 def _conv(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
@@ -48,7 +41,7 @@ def forward(
             mean, var = z.new_zeros(c), z.new_ones(c)
         else:
             var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
-        gamma, beta = _affine(bn_weight, bn_bias, mean)
+        gamma, beta = bn_affine(bn_weight, bn_bias, mean)
         scale = gamma * torch.rsqrt(var + eps)
         u = z * _per_channel(scale) + _per_channel(beta - mean * scale)
         y = new_output(z.shape, x)
@@ -76,7 +69,7 @@ def backward(
     with autocast_off(x.device.type):
         x_, weight_ = x.to(dtype), weight.to(dtype)
         z = _conv(x_, weight_, stride, padding, dilation)
-        gamma, beta = _affine(bn_weight, bn_bias, mean)
+        gamma, beta = bn_affine(bn_weight, bn_bias, mean)
         invstd = torch.rsqrt(var + eps)
         x_hat = (z - _per_channel(mean)) * _per_channel(invstd)
         grad_u = activation_backward(activation, grad_y.to(dtype), x_hat * _per_channel(gamma) + _per_channel(beta))
