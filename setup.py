@@ -88,6 +88,7 @@ packages = find_packages(include=["fastmb", "fastmb.*"]) + ["fastmb.kernels"]
 setup(
     packages=packages,
     package_dir={"fastmb": "fastmb", "fastmb.kernels": "kernels"},
+    package_data={"fastmb": ["auto_order.json"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

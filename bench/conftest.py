@@ -4,6 +4,8 @@ printed with their speedup over the group's baseline (eager PyTorch, channels_la
 measured in the same run (and, on a GPU, the achieved bandwidth against the measured copy
 bandwidth), and the geometric mean of the speedups per suite."""
 
+import datetime
+import json
 import math
 import os
 import sys
@@ -47,7 +49,34 @@ def pytest_terminal_summary(terminalreporter, config):
             cells.append(cell + ")")
             suites[(" ".join(group.split(" ")[:2]), provider)].append(speedup)
         write(f"  {group:<52} " + "  ".join(cells))
+    if os.environ.get("FASTMB_AUTO_ORDER_OUT"):
+        write_auto_order(groups, os.environ["FASTMB_AUTO_ORDER_OUT"])
     write("\ngeometric-mean speedup per suite and provider:")
     for (suite, provider), speedups in sorted(suites.items()):
         geomean = math.exp(sum(map(math.log, speedups)) / len(speedups))
         write(f"  {suite:<32} {provider:<14} {geomean:.2f}x over {len(speedups)} groups")
+
+
+# Benchmark group prefixes of the fused ops (bench/test_ops_gpu.py).
+OP_GROUPS = {"dwconv_bn_act": "dwconv ", "squeeze_excitation": "se "}
+
+
+def write_auto_order(groups: dict[str, dict[str, Result]], path: str) -> None:
+    """fastmb/auto_order.json's table from this run: per fused op, the GPU backend with the lower
+    geometric-mean time over the op's groups (both modes and dtypes) goes first."""
+    order, ratios = {}, {}
+    for op, prefix in OP_GROUPS.items():
+        pairs = [(r["cuda"].seconds, r["triton"].seconds) for g, r in groups.items() if g.startswith(prefix) and "cuda" in r and "triton" in r]
+        if not pairs:
+            continue
+        ratio = math.exp(sum(math.log(c / t) for c, t in pairs) / len(pairs))
+        order[op] = ["cuda", "triton"] if ratio <= 1.0 else ["triton", "cuda"]
+        ratios[op] = {"cuda_time_over_triton_time": round(ratio, 4), "groups": len(pairs)}
+    table = {
+        "measured": f"{datetime.date.today()} {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
+        "source": "bench/gpu_check.sh (bench/test_ops_gpu.py medians)",
+        "ratios": ratios,
+        "order": order,
+    }
+    with open(path, "w") as file:
+        json.dump(table, file, indent=2)

@@ -9,6 +9,7 @@ calls the same backend's backward operator.
 import contextlib
 import functools
 import importlib
+import json
 import os
 import threading
 import warnings
@@ -23,8 +24,11 @@ NAMES = ("reference", "cpu", "cuda", "triton")
 AVAILABLE = "available"
 
 # "auto" tries these, in order, for tensors of each device type; anything else, or nothing
-# usable, runs the reference.
+# usable, runs the reference. For CUDA tensors the order is per op, from AUTO_ORDER_FILE.
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+# Which GPU backend "auto" tries first for each fused op, as measured by bench/gpu_check.sh (it
+# writes this table from its benchmarks; the results and the table are committed together).
+AUTO_ORDER_FILE = os.path.join(os.path.dirname(__file__), "auto_order.json")
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,9 @@ def _cpu_supports(x: torch.Tensor, *args: object) -> bool:
     return x.dtype in (torch.float32, torch.float64, torch.bfloat16)
 
 
-def register_compiled_backends(op: str, register_operators: Callable) -> None:
-    """Registers fused op `op`'s native operators (fastmb::<op>, kernels in fastmb._C) and its
+def register_compiled_backends(op: str, register_operators: Callable, cuda_supports: Callable[..., bool]) -> None:
+    """Registers fused op `op`'s native operators (fastmb::<op>, kernels in fastmb._C for the
+    CPU and CUDA dispatch keys; `cuda_supports` says which inputs the CUDA kernels take) and its
     Triton operators (fastmb.kernels.<op>), where they exist. `register_operators(forward,
     backward, fake=...)` attaches the op's fake implementations and autograd formula."""
     if _extension.C is not None:
@@ -69,6 +74,8 @@ def register_compiled_backends(op: str, register_operators: Callable) -> None:
         register_operators(forward, getattr(torch.ops.fastmb, f"{op}_backward").default)
         if _extension.has_kernel(op, "CPU"):
             register_kernel("cpu", op, forward, supports=_cpu_supports)
+        if _extension.has_kernel(op, "CUDA"):
+            register_kernel("cuda", op, forward, supports=cuda_supports)
     try:
         kernels = importlib.import_module(f"fastmb.kernels.{op}")
     except ImportError:  # no triton: fastmb.backends() says so
@@ -173,11 +180,22 @@ def _usable(backend: str, op: str, device_type: str, args: tuple) -> Kernel | No
     return kernel if kernel.supports(*args) else None
 
 
+@functools.cache
+def auto_order(op: str, device_type: str) -> tuple[str, ...]:
+    """The backends "auto" tries, in order, for fused op `op` on tensors of `device_type`."""
+    if device_type == "cuda" and os.path.exists(AUTO_ORDER_FILE):
+        with open(AUTO_ORDER_FILE) as file:
+            measured = json.load(file)["order"].get(op)
+        if measured:
+            return tuple(measured)
+    return _AUTO_ORDER.get(device_type, ())
+
+
 def select(op: str, device_type: str, args: tuple) -> Callable:
     """The forward operator that runs fused op `op` on `args` (the op's schema arguments)."""
     backend = current_backend()
     if backend == "auto":
-        for candidate in _AUTO_ORDER.get(device_type, ()):
+        for candidate in auto_order(op, device_type):
             kernel = _usable(candidate, op, device_type, args)
             if kernel is not None:
                 return kernel.forward

@@ -97,3 +97,29 @@ def test_unsupported_input_falls_back_to_the_reference(monkeypatch):
 def test_register_kernel_rejects_unknown_backends():
     with pytest.raises(ValueError, match="backend must be one of"):
         registry.register_kernel("opencl", "dwconv_bn_act", reference_dwconv.forward_op)
+
+
+def test_auto_order_for_cuda_comes_from_the_measured_table(tmp_path, monkeypatch):
+    import json
+
+    table = tmp_path / "auto_order.json"
+    table.write_text(json.dumps({"measured": "test", "order": {"dwconv_bn_act": ["triton", "cuda"]}}))
+    monkeypatch.setattr(registry, "AUTO_ORDER_FILE", str(table))
+    registry.auto_order.cache_clear()
+    try:
+        assert registry.auto_order("dwconv_bn_act", "cuda") == ("triton", "cuda")
+        assert registry.auto_order("squeeze_excitation", "cuda") == ("cuda", "triton")  # not in the table
+        assert registry.auto_order("dwconv_bn_act", "cpu") == ("cpu",)
+    finally:
+        registry.auto_order.cache_clear()
+
+
+def test_committed_auto_order_table_names_known_ops_and_backends():
+    import json
+
+    with open(registry.AUTO_ORDER_FILE) as file:
+        table = json.load(file)
+    assert "measured" in table and "source" in table
+    for op, order in table["order"].items():
+        assert op in ("dwconv_bn_act", "squeeze_excitation")
+        assert sorted(order) == ["cuda", "triton"]

@@ -26,3 +26,20 @@ def test_native_schema_matches_reference_schema(name):
     reference = getattr(torch.ops.fastmb, f"{name}_reference").default._schema
     assert str(native).replace(f"fastmb::{name}(", "(") == str(reference).replace(f"fastmb::{name}_reference(", "(")
     assert str(reference).endswith(OPS[name].split("->")[-1].strip())
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_cuda_build_has_a_kernel_for_every_op(name):
+    """Runs without a GPU: the kernels' registration for the CUDA dispatch key is static."""
+    if _extension.C is None or _extension.C.cuda_build != "built":
+        pytest.skip(f"fastmb._C was built without its CUDA part ({_extension.C and _extension.C.cuda_build})")
+    assert _extension.has_kernel(name, "CUDA")
+    assert _extension.has_kernel(name, "CPU")
+
+
+def test_cuda_backend_is_registered_for_every_fused_op():
+    from fastmb import dispatch
+
+    if _extension.C is None or _extension.C.cuda_build != "built":
+        pytest.skip("fastmb._C was built without its CUDA part")
+    assert {op for backend, op in dispatch._KERNELS if backend == "cuda"} == {"dwconv_bn_act", "squeeze_excitation"}

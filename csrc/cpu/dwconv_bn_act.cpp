@@ -30,11 +30,6 @@ constexpr int64_t kChunkValues = 4096;
 template <int V>
 using Int = std::integral_constant<int, V>;
 
-struct Geometry {
-  int64_t n, c, h, w, ho, wo;
-  int kh, kw, sh, sw, ph, pw, dh, dw;
-};
-
 // Output pixels per chunk when each holds `channels` accumulators: a multiple of the 4-pixel tile.
 FASTMB_INLINE int64_t chunk_pixels(int64_t channels) { return std::max<int64_t>(4, kChunkValues / std::max<int64_t>(channels, 1) / 4 * 4); }
 
@@ -309,17 +304,6 @@ void dispatch_kernel_size(const Geometry& g, F&& f) {
   else f(Int<0>{});
 }
 
-Geometry geometry(const Tensor& x, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  Geometry g{};
-  g.n = x.size(0), g.c = x.size(1), g.h = x.size(2), g.w = x.size(3);
-  g.kh = int(weight.size(2)), g.kw = int(weight.size(3));
-  g.sh = int(stride[0]), g.sw = int(stride[1]), g.ph = int(padding[0]), g.pw = int(padding[1]);
-  g.dh = int(dilation[0]), g.dw = int(dilation[1]);
-  g.ho = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
-  g.wo = (g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
-  return g;
-}
-
 // Rows of work per parallel task: about 64K multiply-adds.
 int64_t row_grain(const Geometry& g) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, g.wo * g.c * g.kh * g.kw)); }
 
@@ -330,15 +314,6 @@ void check_inputs(const Tensor& x, const Tensor& weight) {
   TORCH_CHECK(x.scalar_type() != at::kHalf, "fastmb::dwconv_bn_act: the CPU kernels have no float16 path; use the reference backend");
 }
 
-// weight (C, 1, kH, kW) as [kH * kW][C] in the accumulation dtype.
-Tensor taps_major(const Tensor& weight, at::ScalarType acc) {
-  return weight.to(acc).reshape({weight.size(0), -1}).t().contiguous();
-}
-
-Tensor vector_or(const std::optional<Tensor>& v, int64_t c, at::ScalarType acc, const Tensor& like, double fill) {
-  return v.has_value() ? v->to(acc).contiguous() : at::full({c}, fill, like.options().dtype(acc));
-}
-
 std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
     const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bn_weight, const std::optional<Tensor>& bn_bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, at::IntArrayRef stride,
@@ -346,7 +321,7 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
   check_inputs(x_in, weight);
   const NoAutocast no_autocast;
   const Activation act = parse_activation(activation);
-  const Geometry g = geometry(x_in, weight, stride, padding, dilation);
+  const Geometry g = dwconv_geometry(x_in, weight, stride, padding, dilation);
   const at::ScalarType acc_type = at::toOpMathType(x_in.scalar_type());
   const auto stats_options = x_in.options().dtype(acc_type);
   Nhwc4dOutput out({g.n, g.c, g.ho, g.wo}, x_in.options(), x_in.suggest_memory_format());
@@ -419,7 +394,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
   check_inputs(x_in, weight);
   const NoAutocast no_autocast;
   const Activation act = parse_activation(activation);
-  const Geometry g = geometry(x_in, weight, stride, padding, dilation);
+  const Geometry g = dwconv_geometry(x_in, weight, stride, padding, dilation);
   const at::ScalarType acc_type = at::toOpMathType(x_in.scalar_type());
   const auto acc_options = x_in.options().dtype(acc_type);
   const at::ScalarType affine_type = bn_weight.has_value() ? bn_weight->scalar_type() : acc_type;

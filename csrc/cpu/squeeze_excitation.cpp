@@ -2,12 +2,13 @@
 //
 // The two big passes over x are vectorised loops over channels; the per-image vectors (means,
 // FC layers, gate) are tiny and go through ATen's BLAS in the accumulation dtype.
-//   forward   pass 1: pooled = mean_hw(x); FC, activation, FC, gate; pass 2: y = x * scale
-//   backward  pass 1: dscale = sum_hw(grad_y * x); the FC layers' backward;
+//   forward   pass 1: pooled = mean_hw(x); excitation (FC, activation, FC, gate); pass 2: y = x * scale
+//   backward  pass 1: dscale = sum_hw(grad_y * x); the excitation's backward;
 //             pass 2: grad_x = grad_y * scale + grad_pooled / HW
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../squeeze_excitation_fc.h"
 #include "cpu_utils.h"
 
 namespace fastmb::cpu {
@@ -76,32 +77,6 @@ void apply_scale(Tensor& out, const Tensor& a, const Tensor& scale, const Tensor
   });
 }
 
-Tensor fully_connected(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
-  return bias.has_value() ? at::addmm(bias->to(input.scalar_type()), input, weight.to(input.scalar_type()).t())
-                          : at::mm(input, weight.to(input.scalar_type()).t());
-}
-
-template <typename F>
-Tensor map(const Tensor& t, F&& f) {
-  Tensor out = at::empty_like(t);
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fastmb_se_map", [&] {
-    const scalar_t* in = t.const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < t.numel(); ++i) o[i] = f(in[i], i);
-  });
-  return out;
-}
-
-// The FC layers from the pooled means: (pre-activation, hidden, pre-gate, scale), all (N, *).
-std::array<Tensor, 4> excitation(const Tensor& pooled, const Tensor& fc1_weight, const std::optional<Tensor>& fc1_bias,
-                                 const Tensor& fc2_weight, const std::optional<Tensor>& fc2_bias, Activation act, Gate gate) {
-  Tensor pre_activation = fully_connected(pooled, fc1_weight, fc1_bias);
-  Tensor hidden = map(pre_activation, [&](auto v, int64_t) { return activate(act, v); });
-  Tensor pre_gate = fully_connected(hidden, fc2_weight, fc2_bias);
-  Tensor scale = map(pre_gate, [&](auto v, int64_t) { return gate_forward(gate, v); });
-  return {pre_activation, hidden, pre_gate, scale};
-}
-
 void check_input(const Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "fastmb::squeeze_excitation: x must be (N, C, H, W)");
   TORCH_CHECK(x.scalar_type() != at::kHalf, "fastmb::squeeze_excitation: the CPU kernels have no float16 path; use the reference backend");
@@ -121,7 +96,7 @@ std::tuple<Tensor, Tensor> squeeze_excitation_forward(const Tensor& x_in, const 
     using Acc = at::opmath_type<scalar_t>;
     const Tensor acc_like = at::empty({0}, x.options().dtype(c10::CppTypeToScalarType<Acc>::value));
     pooled = image_channel_sums<scalar_t, Acc>(x, nullptr, n, c, pixels, acc_like).div_(double(pixels));
-    const Tensor scale = excitation(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, parse_activation(activation), parse_gate(gate))[3];
+    const Tensor scale = excitation(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, parse_activation(activation), parse_gate(gate)).scale;
     apply_scale<scalar_t, Acc>(y_nhwc, x, scale, nullptr, n, c, pixels);
   });
   if (!y_nhwc.is_same(y)) y.copy_(y_nhwc);
@@ -139,30 +114,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> squeeze_excitation_backward(
   const Tensor x = as_nhwc(x_in), grad_y = as_nhwc(grad_y_in);
   Tensor grad_x = at::empty_like(x_in);
   Tensor grad_x_nhwc = grad_x.is_contiguous(at::MemoryFormat::ChannelsLast) ? grad_x : at::empty_like(x);
-  Tensor grads[4];
+  ExcitationGrads grads;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastmb_se_backward", [&] {
     using Acc = at::opmath_type<scalar_t>;
-    const std::array<Tensor, 4> fc = excitation(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate);
-    const Tensor &pre_activation = fc[0], &hidden = fc[1], &pre_gate = fc[2], &scale = fc[3];
+    const Excitation fc = excitation(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate);
     const Tensor grad_scale = image_channel_sums<scalar_t, Acc>(grad_y, &x, n, c, pixels, pooled);
-    const Acc* pg = pre_gate.const_data_ptr<Acc>();
-    const Tensor grad_pre_gate = map(grad_scale, [&](auto v, int64_t i) { return gate_grad(gate, v, decltype(v)(pg[i])); });
-    const Tensor grad_hidden = at::mm(grad_pre_gate, fc2_weight.to(pooled.scalar_type()));
-    const Acc* pa = pre_activation.const_data_ptr<Acc>();
-    const Tensor grad_pre_activation = map(grad_hidden, [&](auto v, int64_t i) { return activation_grad(act, v, decltype(v)(pa[i])); });
-    const Tensor grad_pooled = at::mm(grad_pre_activation, fc1_weight.to(pooled.scalar_type())).div_(double(std::max<int64_t>(pixels, 1)));
-    apply_scale<scalar_t, Acc>(grad_x_nhwc, grad_y, scale, &grad_pooled, n, c, pixels);
-    grads[0] = at::mm(grad_pre_activation.t(), pooled);
-    grads[1] = grad_pre_activation.sum(0);
-    grads[2] = at::mm(grad_pre_gate.t(), hidden);
-    grads[3] = grad_pre_gate.sum(0);
+    grads = excitation_backward(grad_scale, pooled, fc, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate);
+    const Tensor grad_pooled = grads.pooled.div_(double(std::max<int64_t>(pixels, 1)));
+    apply_scale<scalar_t, Acc>(grad_x_nhwc, grad_y, fc.scale, &grad_pooled, n, c, pixels);
   });
   if (!grad_x_nhwc.is_same(grad_x)) grad_x.copy_(grad_x_nhwc);
-  const auto typed = [](const Tensor& g, const std::optional<Tensor>& p, const Tensor& fallback) {
-    return g.to((p.has_value() ? *p : fallback).scalar_type());
-  };
-  return {grad_x, typed(grads[0], fc1_weight, fc1_weight), typed(grads[1], fc1_bias, fc1_weight), typed(grads[2], fc2_weight, fc2_weight),
-          typed(grads[3], fc2_bias, fc2_weight)};
+  const auto& p = grads.parameters;
+  return {grad_x, p[0], p[1], p[2], p[3]};
 }
 
 }  // namespace

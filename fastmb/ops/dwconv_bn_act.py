@@ -125,6 +125,21 @@ def run_dwconv_bn_act(
     return y
 
 
+def _cuda_supports(x: Tensor, weight: Tensor, bn_weight, bn_bias, running_mean, running_var, stride, padding, *args) -> bool:
+    """What fastmb._C's CUDA kernels take: square 3/5/7 kernels, float32/16 and bfloat16, and
+    pixel counts (input and padded) that index in 32 bits (offsets are 64-bit)."""
+    k = weight.shape[2]
+    n, c, h, w = x.shape
+    padded_pixels = n * (h + 2 * padding[0]) * (w + 2 * padding[1])
+    return (
+        x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and k == weight.shape[3]
+        and k in (3, 5, 7)
+        and padded_pixels < 2**31
+        and c < 2**21
+    )
+
+
 def _fake_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, training, activation):
     stats = x.new_empty(x.shape[1], dtype=compute_dtype(x.dtype))
     return new_output(dwconv_output_shape(x, weight, stride, padding, dilation), x), stats, torch.empty_like(stats)
@@ -177,4 +192,4 @@ def register_operators(forward_op, backward_op, fake: bool = True) -> None:
 
 register_operators(reference.dwconv_bn_act.forward_op, reference.dwconv_bn_act.backward_op)
 dispatch.register_kernel("reference", OP, reference.dwconv_bn_act.forward_op)
-dispatch.register_compiled_backends(OP, register_operators)
+dispatch.register_compiled_backends(OP, register_operators, _cuda_supports)

@@ -67,6 +67,12 @@ def run_squeeze_excitation(
     return dispatch.call(dispatch.select(OP, x.device.type, args), args)[0]
 
 
+def _cuda_supports(x: Tensor, *args) -> bool:
+    """What fastmb._C's CUDA kernels take: float32/16 and bfloat16, pixel counts within 32 bits."""
+    n, c, h, w = x.shape
+    return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and n * h * w < 2**31 and c < 2**21
+
+
 # Outputs of x's shape are laid out like x (torch.empty_like), as eager's element-wise ops do.
 def _fake_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate):
     return torch.empty_like(x), x.new_empty(x.shape[:2], dtype=compute_dtype(x.dtype))
@@ -110,4 +116,4 @@ def register_operators(forward_op, backward_op, fake: bool = True) -> None:
 
 register_operators(reference.squeeze_excitation.forward_op, reference.squeeze_excitation.backward_op)
 dispatch.register_kernel("reference", OP, reference.squeeze_excitation.forward_op)
-dispatch.register_compiled_backends(OP, register_operators)
+dispatch.register_compiled_backends(OP, register_operators, _cuda_supports)

@@ -212,3 +212,35 @@ def test_autocast_casts_like_conv2d(backend, device):
     assert actual.dtype == expected.dtype == lower
     torch.testing.assert_close(actual.float(), expected.float(), atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(fused[1].running_mean, eager[1].running_mean, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
+def test_more_than_2_31_elements(device, gpu_backend):
+    """64-bit offsets: a bf16 input of 2.15e9 elements, eval forward and backward. Only the last
+    rows and columns get a nonzero grad_y, so the whole op must equal the reference on a crop."""
+    if device != "cuda" or fastmb.backends()[gpu_backend] != "available":
+        pytest.skip(f"needs a CUDA GPU and the {gpu_backend} backend (bench/gpu_check.sh runs it)")
+    if torch.cuda.get_device_properties(0).total_memory < 48 * 2**30:
+        pytest.skip("needs a GPU with 48 GiB")
+    channels, size, corner = 8, 16400, 8
+    options = {"device": "cuda", "dtype": torch.bfloat16}
+    x = torch.randn(1, channels, size, size, **options).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert x.numel() > 2**31
+    weight = torch.randn(channels, 1, 3, 3, **options).requires_grad_()
+    running_mean, running_var = torch.zeros(channels, device="cuda"), torch.ones(channels, device="cuda")
+    with fastmb.use_backend(gpu_backend):
+        y = fastmb.ops.dwconv_bn_act(x, weight, None, None, running_mean, running_var)
+        grad = torch.zeros_like(y)
+        grad[..., -corner:, -corner:] = torch.randn(1, channels, corner, corner, **options)
+        grad_x, grad_weight = torch.autograd.grad(y, (x, weight), grad)
+    # The crop holds every input the corner's outputs read (a 3x3 kernel reaches one pixel out).
+    crop = x.detach()[..., -corner - 2 :, -corner - 2 :].double().requires_grad_()
+    weight64 = weight.detach().double().requires_grad_()
+    with fastmb.use_backend("reference"):
+        expected = fastmb.ops.dwconv_bn_act(crop, weight64, None, None, running_mean.double(), running_var.double())
+        expected_grads = torch.autograd.grad(expected, (crop, weight64), grad[..., -corner - 2 :, -corner - 2 :].double())
+    tolerance = {"atol": 0.05, "rtol": 0.02}
+    torch.testing.assert_close(y[..., -corner:, -corner:].double(), expected[..., -corner:, -corner:], **tolerance)
+    torch.testing.assert_close(grad_x[..., -corner - 2 :, -corner - 2 :].double(), expected_grads[0], **tolerance)
+    torch.testing.assert_close(grad_weight.double(), expected_grads[1], **tolerance)
+    assert grad_x[..., : -corner - 2, :].abs().max().item() == 0.0

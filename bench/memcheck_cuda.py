@@ -1,0 +1,62 @@
+"""One small forward + backward of every CUDA kernel variant (dtypes, kernel sizes, vector and
+scalar channel paths, train and eval, both fused ops), for `compute-sanitizer --tool memcheck`
+(bench/gpu_check.sh). Exits non-zero if a result differs from the reference backend's."""
+
+import sys
+from collections.abc import Callable
+
+import torch
+
+import fastmb
+
+Case = tuple[Callable[..., torch.Tensor], list[torch.Tensor]]  # (op, differentiable inputs)
+
+
+def dwconv_case(dtype: torch.dtype, kernel: int, channels: int, training: bool) -> Case:
+    x = torch.randn(2, channels, 9, 10, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(channels, 1, kernel, kernel, device="cuda", dtype=dtype)
+    bn_weight, bn_bias = torch.rand(channels, device="cuda") + 0.5, torch.randn(channels, device="cuda")
+
+    def op(x, weight, bn_weight, bn_bias):
+        stats = torch.zeros(channels, device="cuda"), torch.ones(channels, device="cuda")
+        return fastmb.ops.dwconv_bn_act(x, weight, bn_weight, bn_bias, *stats, stride=2 if kernel == 5 else 1, training=training)
+
+    return op, [x, weight, bn_weight, bn_bias]
+
+
+def se_case(dtype: torch.dtype, channels: int) -> Case:
+    x = torch.randn(2, channels, 5, 6, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    fc = [torch.randn(4, channels, device="cuda"), torch.randn(4, device="cuda"), torch.randn(channels, 4, device="cuda"), torch.randn(channels, device="cuda")]
+    return fastmb.ops.squeeze_excitation, [x, *fc]
+
+
+def results(backend: str, case: Case) -> list[torch.Tensor]:
+    op, inputs = case
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    with fastmb.use_backend(backend):
+        y = op(*leaves)
+        grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+    return [y.float(), *(g.float() for g in grads)]
+
+
+def main() -> int:
+    cases: dict[str, Callable[[], Case]] = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for channels in (16, 5):  # the 16-byte vector path and the scalar path
+            for kernel in (3, 5, 7):
+                for training in (True, False):
+                    name = f"dwconv {dtype} k{kernel} c{channels} {'train' if training else 'eval'}"
+                    cases[name] = lambda d=dtype, k=kernel, c=channels, t=training: dwconv_case(d, k, c, t)
+            cases[f"se {dtype} c{channels}"] = lambda d=dtype, c=channels: se_case(d, c)
+    failures = 0
+    for name, make in cases.items():
+        case = make()
+        ok = all(torch.allclose(a, b, atol=0.1, rtol=0.05) for a, b in zip(results("cuda", case), results("reference", case)))
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {name}", flush=True)
+    torch.cuda.synchronize()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+// Device code shared by the forward (dwconv_bn_act_forward.cu) and backward
+// (dwconv_bn_act_backward.cu) CUDA kernels of the fused depthwise conv + BN + activation.
+//
+// NHWC throughout: a thread owns V consecutive channels (one 16-byte access of x where the
+// layout allows it) at one output pixel at a time; blocks are (channel vectors) x (pixels), so
+// a warp reads contiguous channels and neighbouring pixels, and the k x k halo re-reads hit L1.
+#pragma once
+
+#include "cuda_utils.cuh"
+
+namespace fastmb::cuda {
+
+inline void check_inputs(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+  TORCH_CHECK(x.is_cuda(), "fastmb::", op, ": x must be a CUDA tensor for the CUDA kernels");
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1, "fastmb::", op,
+              ": x must be (N, C, H, W) and weight (C, 1, kH, kW)");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "fastmb::", op, ": x and weight dtypes differ");
+  const int64_t k = weight.size(2);
+  TORCH_CHECK(k == weight.size(3) && (k == 3 || k == 5 || k == 7), "fastmb::", op,
+              ": the CUDA kernels take square 3x3, 5x5 or 7x7 kernels (others run on the reference backend)");
+}
+
+template <int K>
+using KernelSize = std::integral_constant<int, K>;
+
+// Calls f(KernelSize<K>{}) for the kernel size (3, 5 or 7: check_inputs made sure).
+template <typename F>
+void dispatch_kernel_size(int k, F&& f) {
+  if (k == 3) f(KernelSize<3>{});
+  else if (k == 5) f(KernelSize<5>{});
+  else f(KernelSize<7>{});
+}
+
+// Calls f(tap, x_tap) for each tap (i * K + j) of the kernel at output pixel o whose input lies
+// inside the image (zero padding: the others add nothing); x_tap points at channel c there.
+template <int K, typename T, typename F>
+__device__ __forceinline__ void for_each_tap(const T* __restrict__ x, const Geometry& g, PixelCoords o, int64_t c, F&& f) {
+  const T* x_img = x + o.n * g.h * g.w * g.c + c;
+  const int64_t ih0 = o.h * g.sh - g.ph, iw0 = o.w * g.sw - g.pw;
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    const int64_t ih = ih0 + int64_t(i) * g.dh;
+    if (ih < 0 || ih >= g.h) continue;
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int64_t iw = iw0 + int64_t(j) * g.dw;
+      if (iw < 0 || iw >= g.w) continue;
+      f(i * K + j, x_img + (ih * g.w + iw) * g.c);
+    }
+  }
+}
+
+// z[0:V] = the depthwise conv at output pixel o, channels c..c+V-1. w is [K * K][C] in float.
+template <int K, int V, typename T>
+__device__ __forceinline__ void conv_at(float (&z)[V], const T* __restrict__ x, const float* __restrict__ w, const Geometry& g,
+                                        PixelCoords o, int64_t c) {
+#pragma unroll
+  for (int l = 0; l < V; ++l) z[l] = 0.f;
+  for_each_tap<K>(x, g, o, c, [&](int tap, const T* x_tap) {
+    float xv[V], wv[V];
+    load_floats<V>(xv, x_tap);
+    load_floats<V>(wv, w + tap * g.c + c);
+#pragma unroll
+    for (int l = 0; l < V; ++l) z[l] = fmaf(xv[l], wv[l], z[l]);
+  });
+}
+
+// A thread's per-channel BN values, loaded once: the statistics used to normalise (batch or
+// running) and the affine parameters.
+template <int V>
+struct ChannelNorm {
+  float mean[V], invstd[V], gamma[V], beta[V];
+
+  __device__ __forceinline__ ChannelNorm(const float* m, const float* var, const float* g, const float* b, float eps, int64_t c) {
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      mean[l] = m[c + l];
+      invstd[l] = 1.f / sqrtf(var[c + l] + eps);
+      gamma[l] = g[c + l];
+      beta[l] = b[c + l];
+    }
+  }
+
+  // From z and dL/dy at one pixel: x_hat = (z - mean) * invstd, and dL/du = act'(u) * dL/dy
+  // with u = x_hat * gamma + beta.
+  __device__ __forceinline__ void grad_u(float (&gu)[V], float (&x_hat)[V], const float (&z)[V], const float (&gy)[V],
+                                         Activation act) const {
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      x_hat[l] = (z[l] - mean[l]) * invstd[l];
+      gu[l] = activation_grad(act, gy[l], x_hat[l] * gamma[l] + beta[l]);
+    }
+  }
+};
+
+}  // namespace fastmb::cuda

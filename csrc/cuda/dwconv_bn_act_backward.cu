@@ -1,0 +1,252 @@
+// Fused depthwise conv + BatchNorm + activation on CUDA: the backward (DESIGN.md's plan;
+// z = conv(x) is recomputed, never stored).
+//   pass 1  per-channel sums of dL/du and dL/du * x_hat (the BN affine grads, and in training
+//           the batch statistics' share of dL/dz); skipped in eval unless the affine grads are
+//           wanted
+//   pass 2  dL/dz = a * dL/du - b - x_hat * d per pixel, written to a float buffer for pass 3,
+//           and the weight gradient: each thread keeps its k*k per-channel sums of dL/dz * x in
+//           registers over its pixels, blocks reduce them, one partial row per block
+//   pass 3  dL/dx as a gather of dL/dz over the taps (no atomics)
+#include <torch/library.h>
+
+#include "dwconv_bn_act.cuh"
+
+namespace fastmb::cuda {
+namespace {
+
+using at::Tensor;
+
+// Pass 1: block b writes its per-channel sums of dL/du and dL/du * x_hat to row b of the partials.
+template <typename T, int K, int V>
+__global__ void __launch_bounds__(kThreads)
+    grad_sums_kernel(float* __restrict__ partial_gu, float* __restrict__ partial_gu_xhat, const T* __restrict__ gy,
+                     const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ var,
+                     const float* __restrict__ gamma, const float* __restrict__ beta, float eps, Geometry g, Activation act) {
+  __shared__ float shared[kThreads * V];
+  const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
+  const bool active = c < g.c;  // inactive threads still take part in the block sums
+  float sum_gu[V] = {}, sum_gu_xhat[V] = {};
+  if (active) {
+    const ChannelNorm<V> bn(mean, var, gamma, beta, eps, c);
+    for (int64_t p = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; p < g.pixels; p += int64_t(gridDim.x) * blockDim.y) {
+      float z[V], gyv[V], gu[V], x_hat[V];
+      conv_at<K, V>(z, x, w, g, pixel_coords(uint32_t(p), uint32_t(g.ho), uint32_t(g.wo)), c);
+      load_floats<V>(gyv, gy + p * g.c + c);
+      bn.grad_u(gu, x_hat, z, gyv, act);
+#pragma unroll
+      for (int l = 0; l < V; ++l) sum_gu[l] += gu[l], sum_gu_xhat[l] = fmaf(gu[l], x_hat[l], sum_gu_xhat[l]);
+    }
+  }
+  sum_over_rows<V>(sum_gu, shared);
+  sum_over_rows<V>(sum_gu_xhat, shared);
+  if (threadIdx.y == 0 && active) {
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      partial_gu[blockIdx.x * g.c + c + l] = sum_gu[l];
+      partial_gu_xhat[blockIdx.x * g.c + c + l] = sum_gu_xhat[l];
+    }
+  }
+}
+
+// Per channel, from the pass-1 partials (float64 sums; blocks = 0 when pass 1 was skipped):
+// coef = [a = gamma * invstd; b; d] with dL/dz = a * dL/du - b - x_hat * d, and the BN
+// affine grads (grad_gamma = sum dL/du * x_hat, grad_beta = sum dL/du) when they are wanted.
+__global__ void coefficients_kernel(float* __restrict__ coef, float* __restrict__ grad_gamma, float* __restrict__ grad_beta,
+                                    const float* __restrict__ partial_gu, const float* __restrict__ partial_gu_xhat, int64_t blocks,
+                                    const float* __restrict__ var, const float* __restrict__ gamma, float eps, int64_t channels,
+                                    double values, bool training) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  double sum_gu = 0.0, sum_gu_xhat = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    sum_gu += partial_gu[b * channels + c];
+    sum_gu_xhat += partial_gu_xhat[b * channels + c];
+  }
+  const float invstd = 1.f / sqrtf(var[c] + eps), a = gamma[c] * invstd;
+  coef[c] = a;
+  coef[channels + c] = training ? a * float(sum_gu / values) : 0.f;
+  coef[2 * channels + c] = training ? a * float(sum_gu_xhat / values) : 0.f;
+  if (grad_gamma != nullptr) {
+    grad_gamma[c] = float(sum_gu_xhat);
+    grad_beta[c] = float(sum_gu);
+  }
+}
+
+// Pass 2: dL/dz into gz (when dL/dx is wanted) and, when partial_gw is given, block b's weight
+// gradient [K * K][C] into partial_gw[b]. V is small (2 or 4) so the K*K*V sums fit in registers.
+template <typename T, int K, int V>
+__global__ void __launch_bounds__(kThreads)
+    grad_z_kernel(float* __restrict__ gz, float* __restrict__ partial_gw, const T* __restrict__ gy, const T* __restrict__ x,
+                  const float* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ var,
+                  const float* __restrict__ gamma, const float* __restrict__ beta, const float* __restrict__ coef, float eps, Geometry g,
+                  Activation act) {
+  __shared__ float shared[kThreads * V];
+  const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
+  const bool active = c < g.c;  // inactive threads still take part in the block sums
+  float gw[K * K][V] = {};
+  if (active) {
+    const ChannelNorm<V> bn(mean, var, gamma, beta, eps, c);
+    float a[V], b[V], d[V];
+#pragma unroll
+    for (int l = 0; l < V; ++l) a[l] = coef[c + l], b[l] = coef[g.c + c + l], d[l] = coef[2 * g.c + c + l];
+    for (int64_t p = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; p < g.pixels; p += int64_t(gridDim.x) * blockDim.y) {
+      const PixelCoords o = pixel_coords(uint32_t(p), uint32_t(g.ho), uint32_t(g.wo));
+      float z[V], gyv[V], gzv[V], x_hat[V];
+      conv_at<K, V>(z, x, w, g, o, c);
+      load_floats<V>(gyv, gy + p * g.c + c);
+      bn.grad_u(gzv, x_hat, z, gyv, act);
+#pragma unroll
+      for (int l = 0; l < V; ++l) gzv[l] = a[l] * gzv[l] - b[l] - x_hat[l] * d[l];
+      if (gz != nullptr) store_floats<V>(gz + p * g.c + c, gzv);
+      if (partial_gw == nullptr) continue;
+      // The taps' inputs were just read by conv_at: these loads hit L1.
+      for_each_tap<K>(x, g, o, c, [&](int tap, const T* x_tap) {
+        float xv[V];
+        load_floats<V>(xv, x_tap);
+#pragma unroll
+        for (int l = 0; l < V; ++l) gw[tap][l] = fmaf(gzv[l], xv[l], gw[tap][l]);
+      });
+    }
+  }
+  if (partial_gw == nullptr) return;  // the same for the whole block
+#pragma unroll
+  for (int tap = 0; tap < K * K; ++tap) {
+    sum_over_rows<V>(gw[tap], shared);
+    if (threadIdx.y == 0 && active) {
+#pragma unroll
+      for (int l = 0; l < V; ++l) partial_gw[(int64_t(blockIdx.x) * K * K + tap) * g.c + c + l] = gw[tap][l];
+    }
+  }
+}
+
+// Pass 3: dL/dx at one input pixel and V channels per thread, gathered from the output pixels
+// whose taps read it.
+template <typename T, int K, int V>
+__global__ void __launch_bounds__(kThreads)
+    grad_x_kernel(T* __restrict__ gx, const float* __restrict__ gz, const float* __restrict__ w, Geometry g) {
+  const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
+  const int64_t q = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (c >= g.c || q >= g.n * g.h * g.w) return;
+  const PixelCoords in = pixel_coords(uint32_t(q), uint32_t(g.h), uint32_t(g.w));
+  const float* gz_img = gz + in.n * g.ho * g.wo * g.c + c;
+  float acc[V] = {};
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    const int th = int(in.h) + g.ph - i * g.dh;  // = oh * stride when output row oh reads it
+    if (th < 0 || th % g.sh != 0 || th / g.sh >= g.ho) continue;
+    const int64_t oh = th / g.sh;
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int tw = int(in.w) + g.pw - j * g.dw;
+      if (tw < 0 || tw % g.sw != 0 || tw / g.sw >= g.wo) continue;
+      float gzv[V], wv[V];
+      load_floats<V>(gzv, gz_img + (oh * g.wo + tw / g.sw) * g.c);
+      load_floats<V>(wv, w + (i * K + j) * g.c + c);
+#pragma unroll
+      for (int l = 0; l < V; ++l) acc[l] = fmaf(gzv[l], wv[l], acc[l]);
+    }
+  }
+  store_floats<V>(gx + q * g.c + c, acc);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
+    const Tensor& grad_y_in, const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bn_weight,
+    const std::optional<Tensor>& bn_bias, const Tensor& mean_in, const Tensor& var_in, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, double eps, bool training, c10::string_view activation,
+    std::array<bool, 3> output_mask) {
+  check_inputs(x_in, weight, "dwconv_bn_act_backward");
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const NoAutocast no_autocast;
+  const Activation act = parse_activation(activation);
+  const Geometry g = dwconv_geometry(x_in, weight, stride, padding, dilation);
+  const auto float_options = x_in.options().dtype(at::kFloat);
+  const at::ScalarType affine_type = bn_weight.has_value() ? bn_weight->scalar_type() : at::kFloat;
+  const bool want_x = output_mask[0], want_weight = output_mask[1], want_affine = output_mask[2];
+
+  Nhwc4dOutput grad_x(want_x ? x_in.sizes() : at::IntArrayRef{0}, x_in.options(),
+                      want_x ? x_in.suggest_memory_format() : at::MemoryFormat::Contiguous);
+  Tensor grad_weight = want_weight ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : at::empty({0}, weight.options());
+  Tensor grad_gamma = at::zeros({want_affine ? g.c : 0}, float_options), grad_beta = at::zeros_like(grad_gamma);
+  if (g.pixels == 0 || !(want_x || want_weight || want_affine)) {
+    if (want_x) grad_x.nhwc.zero_();
+    return {grad_x.finish(), grad_weight, grad_gamma.to(affine_type), grad_beta.to(affine_type)};
+  }
+
+  const Tensor x = as_nhwc(x_in), grad_y = as_nhwc(grad_y_in);
+  const Tensor w = taps_major(weight, at::kFloat);
+  const Tensor mean = mean_in.to(at::kFloat).contiguous(), var = var_in.to(at::kFloat).contiguous();
+  const Tensor gamma = vector_or(bn_weight, g.c, at::kFloat, x, 1.0), beta = vector_or(bn_bias, g.c, at::kFloat, x, 0.0);
+  const Tensor coef = at::empty({3, g.c}, float_options);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int width = vector_width(x.scalar_type(), g.c, {&x, &grad_y, &grad_x.nhwc});
+
+  dispatch_floating(x.scalar_type(), "dwconv_bn_act_backward", [&](auto element) {
+    using T = decltype(element);
+    dispatch_kernel_size(g.kh, [&](auto kernel_size) {
+      constexpr int K = decltype(kernel_size)::value;
+      // Passes 1 and 3 use full 16-byte vectors where they can.
+      Tensor partial_gu, partial_gu_xhat;
+      if (training || want_affine) {
+        dispatch_width<T>(width, [&](auto vector) {
+          constexpr int V = decltype(vector)::value;
+          const dim3 block = block_shape(g.c / V);
+          const int64_t channel_blocks = ceil_div(g.c / V, block.x);
+          const int64_t blocks = reduction_blocks(g.pixels, block.y, channel_blocks);
+          partial_gu = at::empty({blocks, g.c}, float_options);
+          partial_gu_xhat = at::empty_like(partial_gu);
+          grad_sums_kernel<T, K, V><<<dim3(blocks, channel_blocks), block, 0, stream>>>(
+              partial_gu.mutable_data_ptr<float>(), partial_gu_xhat.mutable_data_ptr<float>(), grad_y.const_data_ptr<T>(),
+              x.const_data_ptr<T>(), w.const_data_ptr<float>(), mean.const_data_ptr<float>(), var.const_data_ptr<float>(),
+              gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), float(eps), g, act);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      }
+      coefficients_kernel<<<ceil_div(g.c, kThreads), kThreads, 0, stream>>>(
+          coef.mutable_data_ptr<float>(), want_affine ? grad_gamma.mutable_data_ptr<float>() : nullptr,
+          want_affine ? grad_beta.mutable_data_ptr<float>() : nullptr,
+          partial_gu.defined() ? partial_gu.const_data_ptr<float>() : nullptr,
+          partial_gu_xhat.defined() ? partial_gu_xhat.const_data_ptr<float>() : nullptr, partial_gu.defined() ? partial_gu.size(0) : 0,
+          var.const_data_ptr<float>(), gamma.const_data_ptr<float>(), float(eps), g.c, double(g.pixels), training);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (!want_x && !want_weight) return;
+
+      // Pass 2 keeps K*K*V weight-gradient sums per thread: V = 4 channels for 3x3, 2 for 5x5 and 7x7.
+      const Tensor gz = want_x ? at::empty({g.pixels, g.c}, float_options) : Tensor();
+      constexpr int kGradZWidth = K == 3 ? 4 : 2;  // <= every 16-byte width; fits K*K*V sums in registers
+      const auto grad_z = [&](auto vector) {
+        constexpr int V = decltype(vector)::value;
+        const dim3 block = block_shape(g.c / V);
+        const int64_t channel_blocks = ceil_div(g.c / V, block.x);
+        const int64_t blocks = reduction_blocks(g.pixels, block.y, channel_blocks);
+        const Tensor partial_gw = want_weight ? at::empty({blocks, K * K, g.c}, float_options) : Tensor();
+        grad_z_kernel<T, K, V><<<dim3(blocks, channel_blocks), block, 0, stream>>>(
+            want_x ? gz.mutable_data_ptr<float>() : nullptr, want_weight ? partial_gw.mutable_data_ptr<float>() : nullptr,
+            grad_y.const_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<float>(), mean.const_data_ptr<float>(),
+            var.const_data_ptr<float>(), gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), coef.const_data_ptr<float>(),
+            float(eps), g, act);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (want_weight) {  // [blocks][taps][C] -> (C, 1, K, K)
+          grad_weight.copy_(partial_gw.sum(0).t().reshape(weight.sizes()));
+        }
+      };
+      if (width == 1) grad_z(Width<1>{});
+      else grad_z(Width<kGradZWidth>{});
+
+      if (!want_x) return;
+      dispatch_width<T>(width, [&](auto vector) {
+        constexpr int V = decltype(vector)::value;
+        const dim3 block = block_shape(g.c / V);
+        grad_x_kernel<T, K, V><<<dim3(ceil_div(g.n * g.h * g.w, block.y), ceil_div(g.c / V, block.x)), block, 0, stream>>>(
+            grad_x.nhwc.mutable_data_ptr<T>(), gz.const_data_ptr<float>(), w.const_data_ptr<float>(), g);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return {grad_x.finish(), grad_weight, grad_gamma.to(affine_type), grad_beta.to(affine_type)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmb, CUDA, m) { m.impl("dwconv_bn_act_backward", &dwconv_bn_act_backward); }
+
+}  // namespace fastmb::cuda

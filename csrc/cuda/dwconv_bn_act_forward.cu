@@ -1,0 +1,176 @@
+// Fused depthwise conv + BatchNorm + activation on CUDA: the forward (DESIGN.md's plan).
+//   eval    one pass: y = act(z * scale + shift), BN folded per channel inside the kernel
+//   train   pass 1: per-block Welford mean and M2 of z (z is not stored), Chan-merged per
+//           channel in float64; pass 2: as eval with the batch statistics
+#include <torch/library.h>
+
+#include "dwconv_bn_act.cuh"
+
+namespace fastmb::cuda {
+namespace {
+
+using at::Tensor;
+
+// y = act(bn(conv(x))) at one output pixel and V channels per thread. In eval it also copies the
+// running statistics to the op's mean/var outputs (mean_out, var_out; null in training).
+template <typename T, int K, int V>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(T* __restrict__ y, const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ mean,
+                   const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, float eps,
+                   float* __restrict__ mean_out, float* __restrict__ var_out, Geometry g, Activation act) {
+  const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
+  const int64_t p = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (c >= g.c || p >= g.pixels) return;
+  if (mean_out != nullptr && p == 0) {
+#pragma unroll
+    for (int l = 0; l < V; ++l) mean_out[c + l] = mean[c + l], var_out[c + l] = var[c + l];
+  }
+  const ChannelNorm<V> bn(mean, var, gamma, beta, eps, c);
+  float z[V];
+  conv_at<K, V>(z, x, w, g, pixel_coords(uint32_t(p), uint32_t(g.ho), uint32_t(g.wo)), c);
+#pragma unroll
+  for (int l = 0; l < V; ++l) {
+    const float scale = bn.gamma[l] * bn.invstd[l];
+    z[l] = activate(act, fmaf(z[l] - bn.mean[l], scale, bn.beta[l]));
+  }
+  store_floats<V>(y + p * g.c + c, z);
+}
+
+// Train pass 1: each thread runs Welford over its pixels (a grid-stride loop), the block merges
+// its rows with Chan's formula, and block b writes its per-channel mean and M2 and its pixel
+// count to row b of the partial buffers.
+template <typename T, int K, int V>
+__global__ void __launch_bounds__(kThreads)
+    statistics_kernel(float* __restrict__ partial_mean, float* __restrict__ partial_m2, float* __restrict__ partial_count,
+                      const T* __restrict__ x, const float* __restrict__ w, Geometry g) {
+  __shared__ float s_mean[kThreads * V], s_m2[kThreads * V], s_count[kThreads];
+  const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
+  const bool active = c < g.c;  // inactive threads still take part in the merge
+  float mean[V] = {}, m2[V] = {}, count = 0.f;
+  if (active) {
+    for (int64_t p = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; p < g.pixels; p += int64_t(gridDim.x) * blockDim.y) {
+      float z[V];
+      conv_at<K, V>(z, x, w, g, pixel_coords(uint32_t(p), uint32_t(g.ho), uint32_t(g.wo)), c);
+      count += 1.f;
+      const float inv_count = 1.f / count;
+#pragma unroll
+      for (int l = 0; l < V; ++l) {
+        const float delta = z[l] - mean[l];
+        mean[l] += delta * inv_count;
+        m2[l] = fmaf(delta, z[l] - mean[l], m2[l]);
+      }
+    }
+  }
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll
+  for (int l = 0; l < V; ++l) s_mean[t * V + l] = mean[l], s_m2[t * V + l] = m2[l];
+  s_count[t] = count;
+  __syncthreads();
+  for (int s = blockDim.y / 2; s > 0; s >>= 1) {
+    const int o = t + s * blockDim.x;
+    if (threadIdx.y < s && s_count[o] > 0.f) {
+      const float na = s_count[t], nb = s_count[o], total = na + nb;
+#pragma unroll
+      for (int l = 0; l < V; ++l) {
+        const float delta = s_mean[o * V + l] - s_mean[t * V + l];
+        s_mean[t * V + l] += delta * (nb / total);
+        s_m2[t * V + l] += s_m2[o * V + l] + delta * delta * (na * nb / total);
+      }
+      s_count[t] = total;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && active) {
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      partial_mean[blockIdx.x * g.c + c + l] = s_mean[t * V + l];
+      partial_m2[blockIdx.x * g.c + c + l] = s_m2[t * V + l];
+    }
+    if (c == 0) partial_count[blockIdx.x] = s_count[t];
+  }
+}
+
+// Chan-merges the blocks' partial statistics per channel (float64) into the batch mean and
+// biased variance.
+__global__ void merge_statistics_kernel(float* __restrict__ mean, float* __restrict__ var, const float* __restrict__ partial_mean,
+                                        const float* __restrict__ partial_m2, const float* __restrict__ partial_count, int64_t blocks,
+                                        int64_t channels) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  double m = 0.0, m2 = 0.0, n = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const double nb = partial_count[b];
+    if (nb == 0.0) continue;
+    const double delta = double(partial_mean[b * channels + c]) - m, total = n + nb;
+    m += delta * nb / total;
+    m2 += double(partial_m2[b * channels + c]) + delta * delta * n * nb / total;
+    n = total;
+  }
+  mean[c] = float(m);
+  var[c] = float(m2 / n);
+}
+
+std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
+    const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bn_weight, const std::optional<Tensor>& bn_bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, double eps, bool training, c10::string_view activation) {
+  check_inputs(x_in, weight, "dwconv_bn_act");
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const NoAutocast no_autocast;
+  const Activation act = parse_activation(activation);
+  const Geometry g = dwconv_geometry(x_in, weight, stride, padding, dilation);
+  const auto float_options = x_in.options().dtype(at::kFloat);
+  TORCH_CHECK(training || (running_mean.has_value() && running_var.has_value()),
+              "fastmb::dwconv_bn_act: eval needs running statistics");
+  Nhwc4dOutput out({g.n, g.c, g.ho, g.wo}, x_in.options(), x_in.suggest_memory_format());
+  if (out.output.numel() == 0) {
+    if (training) return {out.output, at::zeros({g.c}, float_options), at::ones({g.c}, float_options)};
+    return {out.output, running_mean->to(at::kFloat, false, true), running_var->to(at::kFloat, false, true)};
+  }
+
+  const Tensor x = as_nhwc(x_in);
+  const Tensor w = taps_major(weight, at::kFloat);
+  const Tensor gamma = vector_or(bn_weight, g.c, at::kFloat, x, 1.0), beta = vector_or(bn_bias, g.c, at::kFloat, x, 0.0);
+  const Tensor mean = training ? at::empty({g.c}, float_options) : running_mean->to(at::kFloat).contiguous();
+  const Tensor var = training ? at::empty({g.c}, float_options) : running_var->to(at::kFloat).contiguous();
+  // In eval the outputs are copies of the running statistics, written by the forward kernel.
+  Tensor mean_out = training ? mean : at::empty({g.c}, float_options), var_out = training ? var : at::empty({g.c}, float_options);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  dispatch_floating(x.scalar_type(), "dwconv_bn_act", [&](auto element) {
+    using T = decltype(element);
+    dispatch_width<T>(vector_width(x.scalar_type(), g.c, {&x, &out.nhwc}), [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      dispatch_kernel_size(g.kh, [&](auto kernel_size) {
+        constexpr int K = decltype(kernel_size)::value;
+        const dim3 block = block_shape(g.c / V);
+        const int64_t channel_blocks = ceil_div(g.c / V, block.x);
+        if (training) {
+          const int64_t blocks = reduction_blocks(g.pixels, block.y, channel_blocks);
+          const Tensor partial_mean = at::empty({blocks, g.c}, float_options), partial_m2 = at::empty_like(partial_mean);
+          const Tensor partial_count = at::empty({blocks}, float_options);
+          statistics_kernel<T, K, V><<<dim3(blocks, channel_blocks), block, 0, stream>>>(
+              partial_mean.mutable_data_ptr<float>(), partial_m2.mutable_data_ptr<float>(), partial_count.mutable_data_ptr<float>(),
+              x.const_data_ptr<T>(), w.const_data_ptr<float>(), g);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          merge_statistics_kernel<<<ceil_div(g.c, kThreads), kThreads, 0, stream>>>(
+              mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(), partial_mean.const_data_ptr<float>(),
+              partial_m2.const_data_ptr<float>(), partial_count.const_data_ptr<float>(), blocks, g.c);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        forward_kernel<T, K, V><<<dim3(ceil_div(g.pixels, block.y), channel_blocks), block, 0, stream>>>(
+            out.nhwc.mutable_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<float>(), mean.const_data_ptr<float>(),
+            var.const_data_ptr<float>(), gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), float(eps),
+            training ? nullptr : mean_out.mutable_data_ptr<float>(), training ? nullptr : var_out.mutable_data_ptr<float>(), g, act);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return {out.finish(), mean_out, var_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmb, CUDA, m) { m.impl("dwconv_bn_act", &dwconv_bn_act_forward); }
+
+}  // namespace fastmb::cuda
