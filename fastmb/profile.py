@@ -185,3 +185,20 @@ def profile(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224)) -> P
         bytes=sum(r.bytes for r in rows),
         rows=rows,
     )
+
+
+def saved_for_backward_bytes(model: nn.Module, x: Tensor) -> int:
+    """Bytes of the tensors autograd keeps from `model`'s forward on `x` until backward (the
+    training memory that grows with the batch): each storage counted once, parameters not."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(x)
+    return sum(storages.values())

@@ -7,8 +7,9 @@
 //   train forward     pass 1: per-channel mean and M2 of z (two-pass per row, Chan merges);
 //                     pass 2: as eval with the batch statistics
 //   backward          pass 1: sums of dL/du and dL/du * x_hat per channel;
-//                     pass 2, per (image, channel block): dL/dz, the weight gradient
-//                     (per-thread partials) and dL/dx (scatter over the taps)
+//                     pass 2, per (image, channel block): dL/dz into a task buffer, the
+//                     weight gradient (sums held in registers along each row, per-thread
+//                     partials), then dL/dx as a gather over the taps (no scatter)
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -245,53 +246,147 @@ FASTMB_MULTIVERSION void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, con
   }
 }
 
-// Backward pass 2 for image n, channels [c0, c0 + nc): dL/dz = a * dL/du - b - x_hat * d per
-// channel (a = gamma * invstd; b, d: the batch statistics' terms, zero in eval), accumulated
-// into the weight gradient gw ([taps][C], this thread's partial) and scattered over the taps
-// into gx_acc (dL/dx of this image and block, [H][W][nc], zeroed here).
+// gw[tap][0:nc] += sum over pixels [lo, hi) of one output row of gz[ow - ow0][c] * x(ih, iw(ow))[c]
+// for one tap (column j): NV vectors of channels from c, their sums held in registers over
+// the row and added to gw once.
+template <int NV, typename T, typename Acc>
+FASTMB_INLINE void weight_grad_tile(Acc* gw, const Acc* gz, int64_t nc, const T* x_row, const Geometry& g, int j, int64_t ow0,
+                                    int64_t lo, int64_t hi, int64_t c) {
+  using V = Vec<Acc>;
+  typename V::type acc[NV] = {};
+  for (int64_t ow = lo; ow < hi; ++ow) {
+    const Acc* gzp = gz + (ow - ow0) * nc + c;
+    const T* xp = x_row + (ow * g.sw - g.pw + int64_t(j) * g.dw) * g.c + c;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[v] += V::load(gzp + v * V::kLanes) * V::load(xp + v * V::kLanes);
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) V::store(gw + c + v * V::kLanes, V::load(gw + c + v * V::kLanes) + acc[v]);
+}
+
+// The weight gradient's share of output row oh, pixels [ow0, ow0 + pixels): gw is [taps][C]
+// (this thread's partial) offset to c0, gz is [pixels][nc], x_img offset to c0.
 template <int K, typename T, typename Acc>
-FASTMB_MULTIVERSION void grad_input_weight_block(Acc* gx_acc, Acc* gw, const T* gy, const T* x, const Acc* w, const Acc* mean,
-                                                 const Acc* invstd, const Acc* gamma, const Acc* beta, const Acc* a,
-                                                 const Acc* b, const Acc* d, Geometry g, Activation act, int64_t n, int64_t c0,
-                                                 int64_t nc) {
+FASTMB_INLINE void weight_grad_row(Acc* gw, const Acc* gz, const T* x_img, const Geometry& g, int64_t oh, int64_t ow0, int64_t pixels,
+                                   int64_t nc) {
+  constexpr int64_t L = Vec<Acc>::kLanes;
   const int kh = K ? K : g.kh, kw = K ? K : g.kw;
+  for (int i = 0; i < kh; ++i) {
+    const int64_t ih = oh * g.sh - g.ph + int64_t(i) * g.dh;
+    if (ih < 0 || ih >= g.h) continue;
+    const T* x_row = x_img + ih * g.w * g.c;
+    for (int j = 0; j < kw; ++j) {
+      int64_t lo, hi;
+      valid_outputs(j, g.sw, g.pw, g.dw, g.w, ow0, ow0 + pixels, lo, hi);
+      Acc* gw_tap = gw + (int64_t(i) * kw + j) * g.c;
+      int64_t c = 0;
+      for (; c + 4 * L <= nc; c += 4 * L) weight_grad_tile<4>(gw_tap, gz, nc, x_row, g, j, ow0, lo, hi, c);
+      for (; c + L <= nc; c += L) weight_grad_tile<1>(gw_tap, gz, nc, x_row, g, j, ow0, lo, hi, c);
+      for (; c < nc; ++c)
+        for (int64_t ow = lo; ow < hi; ++ow) gw_tap[c] += gz[(ow - ow0) * nc + c] * Acc(x_row[(ow * g.sw - g.pw + int64_t(j) * g.dw) * g.c + c]);
+    }
+  }
+}
+
+// The output pixels whose taps read input column (or row) `in`: for each, the tap and output
+// index. Precomputed per task so the gather does no divisions.
+struct TapSources {
+  std::vector<int> count;        // [size]
+  std::vector<int> tap, output;  // [size][kernel]
+  TapSources(int64_t size, int kernel, int stride, int pad, int dil, int64_t out_size)
+      : count(size, 0), tap(size * kernel), output(size * kernel) {
+    for (int64_t in = 0; in < size; ++in)
+      for (int t = 0; t < kernel; ++t) {
+        const int64_t shifted = in + pad - int64_t(t) * dil;  // = out * stride
+        if (shifted < 0 || shifted % stride != 0 || shifted / stride >= out_size) continue;
+        tap[in * kernel + count[in]] = t;
+        output[in * kernel + count[in]++] = int(shifted / stride);
+      }
+  }
+};
+
+// dL/dx at one input pixel for NV vectors of channels from c: the gather, over the taps that
+// read the pixel (row pairs ri/ro, column pairs cj/co: tap and output index), of gz ([Ho][Wo][nc])
+// times the weight (w offset to the block's first channel, rows of C).
+template <int NV, typename T, typename Acc>
+FASTMB_INLINE void grad_x_tile(T* gx, const Acc* gz, const Acc* w, const Geometry& g, const int* ri, const int* ro, int rows,
+                               const int* cj, const int* co, int cols, int64_t nc, int64_t c) {
+  using V = Vec<Acc>;
+  constexpr int L = V::kLanes;
+  typename V::type acc[NV] = {};
+  for (int a = 0; a < rows; ++a)
+    for (int b = 0; b < cols; ++b) {
+      const Acc* gzp = gz + (int64_t(ro[a]) * g.wo + co[b]) * nc + c;
+      const Acc* wp = w + (int64_t(ri[a]) * g.kw + cj[b]) * g.c + c;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[v] += V::load(gzp + v * L) * V::load(wp + v * L);
+    }
+  if constexpr (std::is_same_v<T, Acc>) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) V::store(gx + c + v * L, acc[v]);
+  } else {
+    alignas(64) Acc out[NV * L];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) V::store(out + v * L, acc[v]);
+    for (int k = 0; k < NV * L; ++k) gx[c + k] = T(out[k]);
+  }
+}
+
+// dL/dx for input row ih of one image and channel block: gx offset to the row's first pixel and
+// the block's first channel (pixels C apart).
+template <typename T, typename Acc>
+FASTMB_INLINE void grad_x_row(T* gx, const Acc* gz, const Acc* w, const Geometry& g, const TapSources& rows, const TapSources& cols,
+                              int64_t ih, int64_t nc) {
+  constexpr int64_t L = Vec<Acc>::kLanes;
+  const int* ri = rows.tap.data() + ih * g.kh;
+  const int* ro = rows.output.data() + ih * g.kh;
+  for (int64_t iw = 0; iw < g.w; ++iw) {
+    const int* cj = cols.tap.data() + iw * g.kw;
+    const int* co = cols.output.data() + iw * g.kw;
+    const int nr = rows.count[ih], ncols = cols.count[iw];
+    T* gxp = gx + iw * g.c;
+    int64_t c = 0;
+    for (; c + 4 * L <= nc; c += 4 * L) grad_x_tile<4>(gxp, gz, w, g, ri, ro, nr, cj, co, ncols, nc, c);
+    for (; c + L <= nc; c += L) grad_x_tile<1>(gxp, gz, w, g, ri, ro, nr, cj, co, ncols, nc, c);
+    for (; c < nc; ++c) {
+      Acc sum = 0;
+      for (int a = 0; a < nr; ++a)
+        for (int b = 0; b < ncols; ++b)
+          sum += gz[(int64_t(ro[a]) * g.wo + co[b]) * nc + c] * w[(int64_t(ri[a]) * g.kw + cj[b]) * g.c + c];
+      gxp[c] = T(sum);
+    }
+  }
+}
+
+// Backward pass 2 for image n, channels [c0, c0 + nc): dL/dz = a * dL/du - b - x_hat * d per
+// channel (a = gamma * invstd; b, d: the batch statistics' terms, zero in eval), row by row into
+// gz (this task's buffer: the whole [Ho][Wo][nc] when dL/dx is wanted, one chunk otherwise), the
+// weight gradient from each row (gw: this thread's [taps][C] partial, or null), then dL/dx as a
+// gather from gz (gx: the NHWC output, or null).
+template <int K, typename T, typename Acc>
+FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc>& gz, const T* gy, const T* x, const Acc* w,
+                                                 const Acc* mean, const Acc* invstd, const Acc* gamma, const Acc* beta, const Acc* a,
+                                                 const Acc* b, const Acc* d, const TapSources& rows, const TapSources& cols, Geometry g,
+                                                 Activation act, int64_t n, int64_t c0, int64_t nc) {
   const T* x_img = x + n * g.h * g.w * g.c;
-  if (gx_acc != nullptr) std::fill(gx_acc, gx_acc + g.h * g.w * nc, Acc(0));
   const int64_t chunk = chunk_pixels(nc);
-  std::vector<Acc> z(chunk * nc), gz(chunk * nc);
+  std::vector<Acc> z(chunk * nc);
+  gz.resize(gx != nullptr ? g.ho * g.wo * nc : chunk * nc);
   for (int64_t oh = 0; oh < g.ho; ++oh) {
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
       const int64_t pixels = std::min(chunk, g.wo - ow0);
+      Acc* gz_chunk = gx != nullptr ? gz.data() + (oh * g.wo + ow0) * nc : gz.data();
       conv_chunk<K>(z.data(), x_img, w, g, oh, ow0, pixels, c0, nc);
-      grad_u(gz.data(), z.data(), gy + ((n * g.ho + oh) * g.wo + ow0) * g.c + c0, g.c, mean + c0, invstd + c0, gamma + c0, beta + c0,
+      grad_u(gz_chunk, z.data(), gy + ((n * g.ho + oh) * g.wo + ow0) * g.c + c0, g.c, mean + c0, invstd + c0, gamma + c0, beta + c0,
              act, pixels, nc);
       for (int64_t p = 0; p < pixels; ++p)
-        for (int64_t c = 0; c < nc; ++c) gz[p * nc + c] = a[c0 + c] * gz[p * nc + c] - b[c0 + c] - z[p * nc + c] * d[c0 + c];
-      for (int i = 0; i < kh; ++i) {
-        const int64_t ih = oh * g.sh - g.ph + int64_t(i) * g.dh;
-        if (ih < 0 || ih >= g.h) continue;
-        for (int j = 0; j < kw; ++j) {
-          int64_t lo, hi;
-          valid_outputs(j, g.sw, g.pw, g.dw, g.w, ow0, ow0 + pixels, lo, hi);
-          const int64_t tap = int64_t(i) * kw + j;
-          const Acc* wp = w + tap * g.c + c0;
-          Acc* gwp = gw != nullptr ? gw + tap * g.c + c0 : nullptr;
-          for (int64_t ow = lo; ow < hi; ++ow) {
-            const int64_t iw = ow * g.sw - g.pw + int64_t(j) * g.dw;
-            const Acc* gzp = gz.data() + (ow - ow0) * nc;
-            if (gwp != nullptr) {
-              const T* xp = x_img + (ih * g.w + iw) * g.c + c0;
-              for (int64_t c = 0; c < nc; ++c) gwp[c] += gzp[c] * Acc(xp[c]);
-            }
-            if (gx_acc != nullptr) {
-              Acc* gxp = gx_acc + (ih * g.w + iw) * nc;
-              for (int64_t c = 0; c < nc; ++c) gxp[c] += gzp[c] * wp[c];
-            }
-          }
-        }
-      }
+        for (int64_t c = 0; c < nc; ++c)
+          gz_chunk[p * nc + c] = a[c0 + c] * gz_chunk[p * nc + c] - b[c0 + c] - z[p * nc + c] * d[c0 + c];
+      if (gw != nullptr) weight_grad_row<K>(gw + c0, gz_chunk, x_img + c0, g, oh, ow0, pixels, nc);
     }
   }
+  if (gx == nullptr) return;
+  for (int64_t ih = 0; ih < g.h; ++ih) grad_x_row(gx + ((n * g.h + ih) * g.w) * g.c + c0, gz.data(), w + c0, g, rows, cols, ih, nc);
 }
 
 // Calls f(Int<K>) with the kernel-size specialisation: 3, 5, 7 compiled for, else generic (0).
@@ -450,20 +545,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
       }
       if (!output_mask[0] && !output_mask[1]) return;
       Tensor gw_partials = output_mask[1] ? per_thread_zeros<Acc>(taps * g.c, x) : Tensor();
+      const TapSources rows(g.h, g.kh, g.sh, g.ph, g.dh, g.ho), cols(g.w, g.kw, g.sw, g.pw, g.dw, g.wo);
       const int64_t blocks = (g.c + kBlock - 1) / kBlock;
       at::parallel_for(0, g.n * blocks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<Acc> gx_acc(output_mask[0] ? g.h * g.w * kBlock : 0);
+        std::vector<Acc> gz;
         Acc* gw = output_mask[1] ? gw_partials.mutable_data_ptr<Acc>() + at::get_thread_num() * taps * g.c : nullptr;
         for (int64_t task = begin; task < end; ++task) {
           const int64_t n = task / blocks, c0 = (task % blocks) * kBlock, nc = std::min(kBlock, g.c - c0);
-          grad_input_weight_block<K>(output_mask[0] ? gx_acc.data() : nullptr, gw, grad_y.const_data_ptr<scalar_t>(),
-                                     x.const_data_ptr<scalar_t>(), w.const_data_ptr<Acc>(), pm, invstd.data(), pg, pb, a.data(),
-                                     b.data(), d.data(), g, act, n, c0, nc);
-          if (output_mask[0]) {
-            scalar_t* gx = grad_x.nhwc.mutable_data_ptr<scalar_t>() + n * g.h * g.w * g.c + c0;
-            for (int64_t p = 0; p < g.h * g.w; ++p)
-              for (int64_t c = 0; c < nc; ++c) gx[p * g.c + c] = scalar_t(gx_acc[p * nc + c]);
-          }
+          grad_input_weight_block<K>(output_mask[0] ? grad_x.nhwc.mutable_data_ptr<scalar_t>() : nullptr, gw, gz,
+                                     grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w.const_data_ptr<Acc>(), pm,
+                                     invstd.data(), pg, pb, a.data(), b.data(), d.data(), rows, cols, g, act, n, c0, nc);
         }
       });
       if (output_mask[1]) {  // [threads][taps][C] partials -> (C, 1, kH, kW)

@@ -185,3 +185,40 @@ def test_norm_layer_injection_keeps_unfusable_norms_unfused():
     model = fastmb.mobilenet_v2(norm_layer=lambda c: nn.GroupNorm(1, c))
     assert not any(isinstance(m, fastmb.nn.DWConvBNAct) for m in model.modules())
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_large", "mobilenet_v3_small"])
+def test_training_saves_at_most_three_quarters_of_torchvisions_activations(name):
+    """Issue #4's memory target, deterministic: the fused depthwise stages save x and the
+    statistics (not z and u), the pointwise BN + hardswish layers save z only."""
+    from fastmb.profile import saved_for_backward_bytes
+
+    theirs = getattr(torchvision.models, name)().train()
+    ours = getattr(fastmb, name)().train()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    assert saved_for_backward_bytes(ours, x) <= 0.75 * saved_for_backward_bytes(theirs, x)
+
+
+@pytest.mark.parametrize("activation", ["hardswish", "relu6"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_conv_bn_act_training_matches_eager(activation, momentum):
+    """ConvBNAct's training path (u recomputed in backward) against the plain module stack."""
+    from fastmb.models.layers import ConvBNAct
+
+    fused = ConvBNAct(6, 10, 1, activation=activation, norm_layer=lambda c: nn.BatchNorm2d(c, momentum=momentum)).double().train()
+    randomize_batch_norm(fused)
+    eager = nn.Sequential(*copy.deepcopy(list(fused.children())))
+    assert fused._fuses_training_batch_norm(fused[1])
+    x = torch.randn(3, 6, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(3, 10, 5, 7, dtype=torch.float64)
+    results = []
+    for module in (fused, eager):
+        xi = x.clone().requires_grad_()
+        for _ in range(2):  # twice: momentum=None averages over num_batches_tracked
+            module.zero_grad()
+            y = module(xi)
+            y.backward(grad)
+        results.append([y, xi.grad, *(p.grad for p in module.parameters()), *module.buffers()])
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
