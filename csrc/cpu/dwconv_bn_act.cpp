@@ -389,6 +389,20 @@ FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc
   for (int64_t ih = 0; ih < g.h; ++ih) grad_x_row(gx + ((n * g.h + ih) * g.w) * g.c + c0, gz.data(), w + c0, g, rows, cols, ih, nc);
 }
 
+// weight (C, 1, kH, kW) as [kH * kW][C] in Acc, in a buffer the calling thread reuses from call
+// to call (valid until its next call): the eval path allocates nothing beyond the op's outputs.
+template <typename T, typename Acc>
+const Acc* taps_major_scratch(const Tensor& weight) {
+  thread_local std::vector<Acc> buffer;
+  const int64_t channels = weight.size(0), taps = weight.size(2) * weight.size(3);
+  buffer.resize(channels * taps);
+  const Tensor dense = weight.contiguous();
+  const T* src = dense.const_data_ptr<T>();
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t t = 0; t < taps; ++t) buffer[t * channels + c] = Acc(src[c * taps + t]);
+  return buffer.data();
+}
+
 // Calls f(Int<K>) with the kernel-size specialisation: 3, 5, 7 compiled for, else generic (0).
 template <typename F>
 void dispatch_kernel_size(const Geometry& g, F&& f) {
@@ -432,11 +446,11 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
   if (out.output.numel() == 0) return {out.output, mean, var};
 
   const Tensor x = as_nhwc(x_in);
-  const Tensor w = taps_major(weight, acc_type);
   const Tensor gamma = vector_or(bn_weight, g.c, acc_type, x, 1.0), beta = vector_or(bn_bias, g.c, acc_type, x, 0.0);
   const int64_t rows = g.n * g.ho;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastmb_dwconv_bn_act_forward", [&] {
     using Acc = at::opmath_type<scalar_t>;
+    const Acc* w = taps_major_scratch<scalar_t, Acc>(weight);
     dispatch_kernel_size(g, [&](auto kernel) {
       constexpr int K = decltype(kernel)::value;
       if (training) {
@@ -447,7 +461,7 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
         at::parallel_for(0, rows, row_grain(g), [&](int64_t begin, int64_t end) {
           const int t = at::get_thread_num();
           statistics_rows<K>(means.data() + t * g.c, m2s.data() + t * g.c, counts[t], x.const_data_ptr<scalar_t>(),
-                             w.const_data_ptr<Acc>(), g, begin, end);
+                             w, g, begin, end);
         });
         mean = at::empty({g.c}, stats_options);
         var = at::empty({g.c}, stats_options);
@@ -473,7 +487,7 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
         shift[c] = beta.const_data_ptr<Acc>()[c] - m[c] * scale[c];
       }
       at::parallel_for(0, rows, row_grain(g), [&](int64_t begin, int64_t end) {
-        forward_rows<K>(out.nhwc.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w.const_data_ptr<Acc>(),
+        forward_rows<K>(out.nhwc.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w,
                         scale.data(), shift.data(), g, act, begin, end);
       });
     });
@@ -505,12 +519,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
   }
 
   const Tensor x = as_nhwc(x_in), grad_y = as_nhwc(grad_y_in);
-  const Tensor w = taps_major(weight, acc_type);
   const Tensor mean = mean_in.to(acc_type).contiguous(), var = var_in.to(acc_type).contiguous();
   const Tensor gamma = vector_or(bn_weight, g.c, acc_type, x, 1.0), beta = vector_or(bn_bias, g.c, acc_type, x, 0.0);
   const int taps = g.kh * g.kw;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastmb_dwconv_bn_act_backward", [&] {
     using Acc = at::opmath_type<scalar_t>;
+    const Acc* w = taps_major_scratch<scalar_t, Acc>(weight);
     std::vector<Acc> invstd(g.c), a(g.c), b(g.c, Acc(0)), d(g.c, Acc(0));
     for (int64_t c = 0; c < g.c; ++c) {
       invstd[c] = Acc(1) / std::sqrt(var.const_data_ptr<Acc>()[c] + Acc(eps));
@@ -524,7 +538,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
         std::vector<double> sums(2 * threads * g.c, 0.0);
         at::parallel_for(0, g.n * g.ho, row_grain(g), [&](int64_t begin, int64_t end) {
           double* s = sums.data() + 2 * at::get_thread_num() * g.c;
-          grad_sums_rows<K>(s, s + g.c, grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w.const_data_ptr<Acc>(),
+          grad_sums_rows<K>(s, s + g.c, grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w,
                             pm, invstd.data(), pg, pb, g, act, begin, end);
         });
         for (int64_t c = 0; c < g.c; ++c) {
@@ -553,7 +567,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
         for (int64_t task = begin; task < end; ++task) {
           const int64_t n = task / blocks, c0 = (task % blocks) * kBlock, nc = std::min(kBlock, g.c - c0);
           grad_input_weight_block<K>(output_mask[0] ? grad_x.nhwc.mutable_data_ptr<scalar_t>() : nullptr, gw, gz,
-                                     grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w.const_data_ptr<Acc>(), pm,
+                                     grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w, pm,
                                      invstd.data(), pg, pb, a.data(), b.data(), d.data(), rows, cols, g, act, n, c0, nc);
         }
       });

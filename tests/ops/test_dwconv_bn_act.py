@@ -244,3 +244,18 @@ def test_more_than_2_31_elements(device, gpu_backend):
     torch.testing.assert_close(grad_x[..., -corner - 2 :, -corner - 2 :].double(), expected_grads[0], **tolerance)
     torch.testing.assert_close(grad_weight.double(), expected_grads[1], **tolerance)
     assert grad_x[..., : -corner - 2, :].abs().max().item() == 0.0
+
+
+def test_cpu_eval_allocates_only_its_outputs(device):
+    """Issue #4: the eval path's scratch (the transposed weight) is reused per thread, so each
+    call allocates y and the copies of the running statistics it returns, nothing else."""
+    if device != "cpu" or fastmb.backends()["cpu"] != "available":
+        pytest.skip("the cpu backend's eval path")
+    module = DWConvBNAct(32, 3).eval()
+    x = torch.randn(1, 32, 14, 14).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), fastmb.use_backend("cpu"):
+        module(x)
+        with torch.profiler.profile() as prof:
+            module(x)
+    allocations = [e.name for e in prof.events() if e.name in ("aten::empty", "aten::empty_strided", "aten::empty_like")]
+    assert len(allocations) == 3, allocations
