@@ -52,26 +52,31 @@ struct Zeros {
 // The conv at P output pixels of one row (pixel_step apart in the input) for NV vectors of
 // channels from c, into z (pixel stride z_step). x_tap0 points at pixel 0's tap (0, 0) input;
 // kernel rows [i_lo, i_hi) are inside the image for all P pixels, columns [j_lo[p], j_hi[p])
-// for pixel p (the others read zeros). The P x NV accumulators stay in registers over all
-// taps and each weight vector is loaded once for the P pixels.
-template <int P, int NV, int K, typename T, typename Acc>
+// for pixel p (the others read zeros); Inside: every column is, for every pixel (the common
+// case, compiled without the per-pixel selects). The P x NV accumulators stay in registers over
+// all taps and each weight vector is loaded once for the P pixels.
+template <int P, int NV, int K, bool Inside, typename T, typename Acc>
 FASTMB_INLINE void conv_tile(Acc* z, int64_t z_step, const T* x_tap0, int64_t pixel_step, const Acc* w, const Geometry& g, int i_lo,
                              int i_hi, const int* j_lo, const int* j_hi, int64_t c) {
   using V = Vec<Acc>;
   const int kw = K ? K : g.kw;
-  int j_min = j_lo[0], j_max = j_hi[0];
-  for (int p = 1; p < P; ++p) j_min = std::min(j_min, j_lo[p]), j_max = std::max(j_max, j_hi[p]);
+  int j_min = Inside ? 0 : j_lo[0], j_max = Inside ? kw : j_hi[0];
+  for (int p = 1; p < P && !Inside; ++p) j_min = std::min(j_min, j_lo[p]), j_max = std::max(j_max, j_hi[p]);
+  const int64_t row_step = int64_t(g.dh) * g.w * g.c, column_step = int64_t(g.dw) * g.c;
   typename V::type acc[P][NV] = {};
   for (int i = i_lo; i < i_hi; ++i) {
+    const T* x_row = x_tap0 + i * row_step + c;
+    const Acc* w_row = w + int64_t(i) * kw * g.c + c;
+#pragma GCC unroll 8
     for (int j = j_min; j < j_max; ++j) {
-      const T* xp = x_tap0 + (int64_t(i) * g.dh * g.w + int64_t(j) * g.dw) * g.c + c;
-      const Acc* wp = w + (int64_t(i) * kw + j) * g.c + c;
+      const T* xp = x_row + j * column_step;
+      const Acc* wp = w_row + int64_t(j) * g.c;
       typename V::type wv[NV];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) wv[v] = V::load(wp + v * V::kLanes);
 #pragma GCC unroll 4
       for (int p = 0; p < P; ++p) {
-        const T* src = (j >= j_lo[p] && j < j_hi[p]) ? xp + p * pixel_step : Zeros<T>::values;
+        const T* src = Inside || (j >= j_lo[p] && j < j_hi[p]) ? xp + p * pixel_step : Zeros<T>::values;
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) acc[p][v] += V::load(src + v * V::kLanes) * wv[v];
       }
@@ -84,14 +89,14 @@ FASTMB_INLINE void conv_tile(Acc* z, int64_t z_step, const T* x_tap0, int64_t pi
 }
 
 // Channels [0, nc) of P pixels: vector tiles of 2 and 1 vectors, then a scalar loop.
-template <int P, int K, typename T, typename Acc>
+template <int P, int K, bool Inside, typename T, typename Acc>
 FASTMB_INLINE void conv_pixels(Acc* z, int64_t nc, const T* x_tap0, int64_t pixel_step, const Acc* w, const Geometry& g, int i_lo,
                                int i_hi, const int* j_lo, const int* j_hi) {
   constexpr int64_t L = Vec<Acc>::kLanes;
   const int kw = K ? K : g.kw;
   int64_t c = 0;
-  for (; c + 2 * L <= nc; c += 2 * L) conv_tile<P, 2, K>(z + c, nc, x_tap0, pixel_step, w, g, i_lo, i_hi, j_lo, j_hi, c);
-  for (; c + L <= nc; c += L) conv_tile<P, 1, K>(z + c, nc, x_tap0, pixel_step, w, g, i_lo, i_hi, j_lo, j_hi, c);
+  for (; c + 2 * L <= nc; c += 2 * L) conv_tile<P, 2, K, Inside>(z + c, nc, x_tap0, pixel_step, w, g, i_lo, i_hi, j_lo, j_hi, c);
+  for (; c + L <= nc; c += L) conv_tile<P, 1, K, Inside>(z + c, nc, x_tap0, pixel_step, w, g, i_lo, i_hi, j_lo, j_hi, c);
   for (; c < nc; ++c) {
     for (int p = 0; p < P; ++p) {
       Acc sum = 0;
@@ -117,18 +122,22 @@ FASTMB_INLINE void conv_chunk(Acc* z, const T* x_img, const Acc* w, const Geomet
   int j_lo[kTile], j_hi[kTile];
   for (int64_t p = 0; p < count;) {
     const int tile = p + kTile <= count ? kTile : 1;
+    bool inside = true;
     for (int t = 0; t < tile; ++t) {
       const int64_t iw0 = (ow0 + p + t) * g.sw - g.pw;
       j_lo[t] = 0, j_hi[t] = kw;
       while (j_lo[t] < kw && iw0 + int64_t(j_lo[t]) * g.dw < 0) ++j_lo[t];
       while (j_hi[t] > j_lo[t] && iw0 + int64_t(j_hi[t] - 1) * g.dw >= g.w) --j_hi[t];
+      inside = inside && j_lo[t] == 0 && j_hi[t] == kw;
     }
     // Pixel p's tap (0, 0) input, possibly outside the image: only valid taps are read.
     const T* x_tap0 = x_img + ((oh * g.sh - g.ph) * g.w + (ow0 + p) * g.sw - g.pw) * g.c + c0;
-    if (tile == kTile) {
-      conv_pixels<kTile, K>(z + p * nc, nc, x_tap0, pixel_step, w + c0, g, i_lo, i_hi, j_lo, j_hi);
+    if (tile == kTile && inside) {
+      conv_pixels<kTile, K, true>(z + p * nc, nc, x_tap0, pixel_step, w + c0, g, i_lo, i_hi, j_lo, j_hi);
+    } else if (tile == kTile) {
+      conv_pixels<kTile, K, false>(z + p * nc, nc, x_tap0, pixel_step, w + c0, g, i_lo, i_hi, j_lo, j_hi);
     } else {
-      conv_pixels<1, K>(z + p * nc, nc, x_tap0, pixel_step, w + c0, g, i_lo, i_hi, j_lo, j_hi);
+      conv_pixels<1, K, false>(z + p * nc, nc, x_tap0, pixel_step, w + c0, g, i_lo, i_hi, j_lo, j_hi);
     }
     p += tile;
   }

@@ -18,6 +18,11 @@ using at::Tensor;
 
 // Pixels of one image per parallel task.
 constexpr int64_t kPixelsPerTask = 256;
+// Elements per thread below which a pass runs on one thread: starting the others costs more.
+constexpr int64_t kSerialElements = int64_t(1) << 18;
+
+// Tasks per parallel chunk, so that small passes (SE at batch 1) run serially.
+int64_t task_grain(int64_t channels) { return std::max<int64_t>(1, kSerialElements / (kPixelsPerTask * std::max<int64_t>(channels, 1))); }
 
 // partial[n][c] += sum of a[p][c] (* b[p][c] when b is given) over pixels [p0, p1) of image n.
 template <typename T, typename Acc>
@@ -52,7 +57,7 @@ template <typename T, typename Acc>
 Tensor image_channel_sums(const Tensor& a, const Tensor* b, int64_t n, int64_t c, int64_t pixels, const Tensor& acc_like) {
   const int64_t chunks = std::max<int64_t>(1, (pixels + kPixelsPerTask - 1) / kPixelsPerTask);
   Tensor partial = per_thread_zeros<Acc>(n * c, acc_like);
-  at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n * chunks, task_grain(c), [&](int64_t begin, int64_t end) {
     Acc* mine = partial.mutable_data_ptr<Acc>() + at::get_thread_num() * n * c;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / chunks, p0 = (task % chunks) * kPixelsPerTask, p1 = std::min(pixels, p0 + kPixelsPerTask);
@@ -67,7 +72,7 @@ Tensor image_channel_sums(const Tensor& a, const Tensor* b, int64_t n, int64_t c
 template <typename T, typename Acc>
 void apply_scale(Tensor& out, const Tensor& a, const Tensor& scale, const Tensor* shift, int64_t n, int64_t c, int64_t pixels) {
   const int64_t chunks = std::max<int64_t>(1, (pixels + kPixelsPerTask - 1) / kPixelsPerTask);
-  at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n * chunks, task_grain(c), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / chunks, p0 = (task % chunks) * kPixelsPerTask, p1 = std::min(pixels, p0 + kPixelsPerTask);
       const int64_t offset = image * pixels * c;
