@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import fastmb
-from fastmb.__main__ import calibrate_batch_norm
+from fastmb.models.calibration import calibrate_batch_norm
 from timing import THREADS, run_benchmark
 
 MODELS = ["mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v2"]

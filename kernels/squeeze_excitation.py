@@ -8,7 +8,6 @@ shift); the tiny FC layers in between are PyTorch ops on (N, C) matrices:
 """
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -16,7 +15,7 @@ from torch.library import wrap_triton
 
 from fastmb.kernels.common import accumulation_dtype, autotune_configs, nhwc, triton_op
 from fastmb.ops import schemas
-from fastmb.ops.activations import activation_backward, activation_forward, gate_backward, gate_forward
+from fastmb.ops.reference.squeeze_excitation import excitation, excitation_backward
 from fastmb.ops.common import autocast_off
 
 BLOCK_P, BLOCK_C = 64, 32
@@ -81,10 +80,6 @@ def _scale_shift(a: Tensor, scale: Tensor, shift: Tensor | None, like: Tensor) -
     return torch.empty_like(like).copy_(out)
 
 
-def _fc(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return F.linear(input, weight.to(input.dtype), None if bias is None else bias.to(input.dtype))
-
-
 def supports(x: Tensor, *args) -> bool:
     dtypes = (torch.float32, torch.float16, torch.float64) + ((torch.bfloat16,) if x.is_cuda else ())
     return x.dtype in dtypes
@@ -98,7 +93,7 @@ def forward(
     xs = nhwc(x)
     with autocast_off(x.device.type):  # the FC layers compute in the accumulation dtype
         pooled = _channel_sums(xs, None, acc) / (x.shape[2] * x.shape[3])
-        scale = gate_forward(gate, _fc(activation_forward(activation, _fc(pooled, fc1_weight, fc1_bias)), fc2_weight, fc2_bias))
+        scale = excitation(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)[3]
         return _scale_shift(xs, scale, None, x), pooled
 
 
@@ -119,23 +114,10 @@ def backward(
 
 
 def _backward(grad_y, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate):
-    acc = pooled.dtype
     xs, gys = nhwc(x), nhwc(grad_y)
-    pre_activation = _fc(pooled, fc1_weight, fc1_bias)
-    hidden = activation_forward(activation, pre_activation)
-    pre_gate = _fc(hidden, fc2_weight, fc2_bias)
-    grad_pre_gate = gate_backward(gate, _channel_sums(gys, xs, acc), pre_gate)
-    grad_pre_activation = activation_backward(activation, grad_pre_gate @ fc2_weight.to(acc), pre_activation)
-    grad_pooled = grad_pre_activation @ fc1_weight.to(acc) / max(x.shape[2] * x.shape[3], 1)
-    grad_x = _scale_shift(gys, gate_forward(gate, pre_gate), grad_pooled, x)
-
-    def like(grad: Tensor, param: Tensor | None, fallback: Tensor) -> Tensor:
-        return grad.to((param if param is not None else fallback).dtype)
-
-    return (
-        grad_x,
-        like(grad_pre_activation.t() @ pooled, fc1_weight, fc1_weight),
-        like(grad_pre_activation.sum(0), fc1_bias, fc1_weight),
-        like(grad_pre_gate.t() @ hidden, fc2_weight, fc2_weight),
-        like(grad_pre_gate.sum(0), fc2_bias, fc2_weight),
-    )
+    fc = excitation(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)
+    grad_scale = _channel_sums(gys, xs, pooled.dtype)
+    parameters = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    grad_pooled, grad_parameters = excitation_backward(grad_scale, pooled, fc, parameters, activation, gate)
+    grad_x = _scale_shift(gys, fc[3], grad_pooled / max(x.shape[2] * x.shape[3], 1), x)
+    return (grad_x, *grad_parameters)

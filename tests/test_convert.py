@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.ops.misc import Conv2dNormActivation
 
 import fastmb
-from fastmb.__main__ import calibrate_batch_norm
+from fastmb.models.calibration import calibrate_batch_norm
 
 
 def converted(name: str, caplog) -> tuple[nn.Module, nn.Module]:

@@ -9,7 +9,7 @@ from torch import nn
 
 import fastmb
 from fastmb.models.mobilenet_v1 import from_timm_state_dict
-from fastmb.__main__ import calibrate_batch_norm
+from fastmb.models.calibration import calibrate_batch_norm
 from oracle import randomize_batch_norm
 
 TORCHVISION_CASES = [

@@ -13,6 +13,40 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
+def excitation(
+    pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None, activation: str, gate: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The FC layers on the (N, C) means, in their dtype: (pre_activation, hidden, pre_gate, scale).
+    Shared with the Triton backend (the C++ backends have the same in csrc/squeeze_excitation_fc)."""
+    dtype = pooled.dtype
+    pre_activation = F.linear(pooled, fc1_weight.to(dtype), _cast(fc1_bias, dtype))
+    hidden = activation_forward(activation, pre_activation)
+    pre_gate = F.linear(hidden, fc2_weight.to(dtype), _cast(fc2_bias, dtype))
+    return pre_activation, hidden, pre_gate, gate_forward(gate, pre_gate)
+
+
+def excitation_backward(
+    grad_scale: Tensor, pooled: Tensor, fc: tuple[Tensor, ...], parameters: tuple[Tensor | None, ...], activation: str, gate: str
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """From dL/dscale and excitation()'s results `fc`: dL/dpooled, and the grads of `parameters`
+    (fc1 weight and bias, fc2 weight and bias), typed like them (a missing bias: like its weight)."""
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias = parameters
+    pre_activation, hidden, pre_gate, _ = fc
+    dtype = pooled.dtype
+    grad_pre_gate = gate_backward(gate, grad_scale, pre_gate)
+    grad_pre_activation = activation_backward(activation, grad_pre_gate @ fc2_weight.to(dtype), pre_activation)
+
+    def like(grad: Tensor, param: Tensor | None, fallback: Tensor) -> Tensor:
+        return grad.to((param if param is not None else fallback).dtype)
+
+    return grad_pre_activation @ fc1_weight.to(dtype), (
+        like(grad_pre_activation.t() @ pooled, fc1_weight, fc1_weight),
+        like(grad_pre_activation.sum(0), fc1_bias, fc1_weight),
+        like(grad_pre_gate.t() @ hidden, fc2_weight, fc2_weight),
+        like(grad_pre_gate.sum(0), fc2_bias, fc2_weight),
+    )
+
+
 def forward(
     x: Tensor,
     fc1_weight: Tensor,
@@ -26,8 +60,7 @@ def forward(
     with autocast_off(x.device.type):
         x_ = x.to(dtype)
         pooled = x_.mean(dim=(2, 3))
-        hidden = activation_forward(activation, F.linear(pooled, fc1_weight.to(dtype), _cast(fc1_bias, dtype)))
-        scale = gate_forward(gate, F.linear(hidden, fc2_weight.to(dtype), _cast(fc2_bias, dtype)))
+        scale = excitation(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)[3]
         y = torch.empty_like(x)
         y.copy_(x_ * scale[:, :, None, None])
     return y, pooled
@@ -44,33 +77,17 @@ def backward(
     activation: str,
     gate: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dtype = pooled.dtype
     with autocast_off(x.device.type):
-        grad, x_ = grad_y.to(dtype), x.to(dtype)
-        w1, w2 = fc1_weight.to(dtype), fc2_weight.to(dtype)
+        grad, x_ = grad_y.to(pooled.dtype), x.to(pooled.dtype)
         # Recompute the two tiny FC layers from the saved per-(n, c) means.
-        pre_activation = F.linear(pooled, w1, _cast(fc1_bias, dtype))
-        hidden = activation_forward(activation, pre_activation)
-        pre_gate = F.linear(hidden, w2, _cast(fc2_bias, dtype))
-        scale = gate_forward(gate, pre_gate)
-
-        grad_pre_gate = gate_backward(gate, (grad * x_).sum(dim=(2, 3)), pre_gate)
-        grad_pre_activation = activation_backward(activation, grad_pre_gate @ w2, pre_activation)
-        grad_pooled = grad_pre_activation @ w1
+        fc = excitation(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)
+        grad_scale = (grad * x_).sum(dim=(2, 3))
+        parameters = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        grad_pooled, grad_parameters = excitation_backward(grad_scale, pooled, fc, parameters, activation, gate)
         spatial = x.shape[2] * x.shape[3]
         grad_x = torch.empty_like(x)
-        grad_x.copy_(grad * scale[:, :, None, None] + (grad_pooled / max(spatial, 1))[:, :, None, None])
-
-    def like(grad_param: Tensor, param: Tensor | None, reference: Tensor) -> Tensor:
-        return grad_param.to((param if param is not None else reference).dtype)
-
-    return (
-        grad_x,
-        like(grad_pre_activation.t() @ pooled, fc1_weight, fc1_weight),
-        like(grad_pre_activation.sum(0), fc1_bias, fc1_weight),
-        like(grad_pre_gate.t() @ hidden, fc2_weight, fc2_weight),
-        like(grad_pre_gate.sum(0), fc2_bias, fc2_weight),
-    )
+        grad_x.copy_(grad * fc[3][:, :, None, None] + (grad_pooled / max(spatial, 1))[:, :, None, None])
+    return (grad_x, *grad_parameters)
 
 
 forward_op = torch.library.custom_op(
