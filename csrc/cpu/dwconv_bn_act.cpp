@@ -2,12 +2,13 @@
 //
 // NHWC throughout (other layouts are converted on entry): z is accumulated tap by tap over a
 // chunk of output pixels held in L1, every innermost loop runs over contiguous channels and
-// vectorises, and z = conv(x) is recomputed where needed instead of stored (DESIGN.md's plan):
+// vectorises; z = conv(x) is never saved for backward (DESIGN.md's plan), but within a forward
+// or a backward it is kept between passes instead of computed twice:
 //   eval forward      one pass: y = act(z * scale + shift), BN folded per channel
-//   train forward     pass 1: per-channel mean and M2 of z (two-pass per row, Chan merges);
-//                     pass 2: as eval with the batch statistics
-//   backward          pass 1: sums of dL/du and dL/du * x_hat per channel;
-//                     pass 2, per (image, channel block): dL/dz into a task buffer, the
+//   train forward     pass 1: z, stored (in y when it is float), and its per-channel mean and
+//                     M2 (two-pass per chunk, Chan merges); pass 2: y = act(z * scale + shift)
+//   backward          pass 1: sums of dL/du and dL/du * x_hat per channel, z kept in a
+//                     transient buffer; pass 2, per (image, channel block): dL/dz into a task buffer, the
 //                     weight gradient (sums held in registers along each row, per-thread
 //                     partials), then dL/dx as a gather over the taps (no scatter)
 #include <ATen/Parallel.h>
@@ -158,6 +159,13 @@ FASTMB_INLINE void store_activated(T* out, const Acc* z, const Acc* scale, const
 #undef FASTMB_STORE
 }
 
+// Train pass 2 over `pixels` stored z values (y and z may be the same memory).
+template <typename T, typename Acc>
+FASTMB_MULTIVERSION void normalize_stored(T* y, const Acc* z, const Acc* scale, const Acc* shift, Activation act, int64_t pixels,
+                                          int64_t c) {
+  store_activated(y, z, scale, shift, act, pixels, c);
+}
+
 template <int K, typename T, typename Acc>
 FASTMB_MULTIVERSION void forward_rows(T* y, const T* x, const Acc* w, const Acc* scale, const Acc* shift, Geometry g,
                                       Activation act, int64_t begin, int64_t end) {
@@ -173,33 +181,37 @@ FASTMB_MULTIVERSION void forward_rows(T* y, const T* x, const Acc* w, const Acc*
   }
 }
 
-// Per-channel mean and M2 of z over rows [begin, end): two passes per chunk (exact in L1),
-// Chan-merged into (count, mean, m2).
+// z over rows [begin, end) into z_out ([rows * Wo][C]), and its per-channel mean and M2: two
+// passes per chunk (exact, in L1), Chan-merged into (count, mean, m2).
 template <int K, typename T, typename Acc>
-FASTMB_MULTIVERSION void statistics_rows(double* mean, double* m2, int64_t& count, const T* x, const Acc* w, Geometry g,
+FASTMB_MULTIVERSION void statistics_rows(Acc* z_out, double* mean, double* m2, int64_t& count, const T* x, const Acc* w, Geometry g,
                                          int64_t begin, int64_t end) {
   const int64_t chunk = chunk_pixels(g.c);
-  std::vector<Acc> z(chunk * g.c), chunk_mean(g.c), chunk_m2(g.c);
+  std::vector<Acc> chunk_mean(g.c), chunk_m2(g.c);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / g.ho, oh = row % g.ho;
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
       const int64_t pixels = std::min(chunk, g.wo - ow0);
-      conv_chunk<K>(z.data(), x + n * g.h * g.w * g.c, w, g, oh, ow0, pixels, 0, g.c);
+      Acc* z = z_out + (row * g.wo + ow0) * g.c;
+      conv_chunk<K>(z, x + n * g.h * g.w * g.c, w, g, oh, ow0, pixels, 0, g.c);
       std::fill(chunk_mean.begin(), chunk_mean.end(), Acc(0));
       std::fill(chunk_m2.begin(), chunk_m2.end(), Acc(0));
       for (int64_t p = 0; p < pixels; ++p)
         for (int64_t c = 0; c < g.c; ++c) chunk_mean[c] += z[p * g.c + c];
-      for (int64_t c = 0; c < g.c; ++c) chunk_mean[c] /= Acc(pixels);
+      const Acc inv_pixels = Acc(1) / Acc(pixels);
+      for (int64_t c = 0; c < g.c; ++c) chunk_mean[c] *= inv_pixels;
       for (int64_t p = 0; p < pixels; ++p)
         for (int64_t c = 0; c < g.c; ++c) {
           const Acc d = z[p * g.c + c] - chunk_mean[c];
           chunk_m2[c] += d * d;
         }
+      // Chan's merge; its weights are the same for every channel (no division per channel).
       const double na = double(count), nb = double(pixels), total = na + nb;
+      const double weight_b = nb / total, weight_ab = na * nb / total;
       for (int64_t c = 0; c < g.c; ++c) {
         const double delta = double(chunk_mean[c]) - mean[c];
-        mean[c] += delta * nb / total;
-        m2[c] += double(chunk_m2[c]) + delta * delta * na * nb / total;
+        mean[c] += delta * weight_b;
+        m2[c] += double(chunk_m2[c]) + delta * delta * weight_ab;
       }
       count += pixels;
     }
@@ -227,9 +239,10 @@ FASTMB_INLINE void grad_u(Acc* gu, Acc* z, const T* gy, int64_t gy_stride, const
 #undef FASTMB_GRAD
 }
 
-// Backward pass 1: per-channel sums of dL/du and dL/du * x_hat over rows [begin, end).
+// Backward pass 1: per-channel sums of dL/du and dL/du * x_hat over rows [begin, end); z is
+// kept in z_store ([rows * Wo][C]) for pass 2 when that is given.
 template <int K, typename T, typename Acc>
-FASTMB_MULTIVERSION void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, const T* gy, const T* x, const Acc* w,
+FASTMB_MULTIVERSION void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, Acc* z_store, const T* gy, const T* x, const Acc* w,
                                         const Acc* mean, const Acc* invstd, const Acc* gamma, const Acc* beta, Geometry g,
                                         Activation act, int64_t begin, int64_t end) {
   const int64_t chunk = chunk_pixels(g.c);
@@ -241,6 +254,7 @@ FASTMB_MULTIVERSION void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, con
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
       const int64_t pixels = std::min(chunk, g.wo - ow0);
       conv_chunk<K>(z.data(), x + n * g.h * g.w * g.c, w, g, oh, ow0, pixels, 0, g.c);
+      if (z_store != nullptr) std::copy(z.begin(), z.begin() + pixels * g.c, z_store + (row * g.wo + ow0) * g.c);
       grad_u(gu.data(), z.data(), gy + (row * g.wo + ow0) * g.c, g.c, mean, invstd, gamma, beta, act, pixels, g.c);
       for (int64_t p = 0; p < pixels; ++p)
         for (int64_t c = 0; c < g.c; ++c) {
@@ -371,9 +385,10 @@ FASTMB_INLINE void grad_x_row(T* gx, const Acc* gz, const Acc* w, const Geometry
 // channel (a = gamma * invstd; b, d: the batch statistics' terms, zero in eval), row by row into
 // gz (this task's buffer: the whole [Ho][Wo][nc] when dL/dx is wanted, one chunk otherwise), the
 // weight gradient from each row (gw: this thread's [taps][C] partial, or null), then dL/dx as a
-// gather from gz (gx: the NHWC output, or null).
+// gather from gz (gx: the NHWC output, or null). z comes from pass 1's z_stored when given.
 template <int K, typename T, typename Acc>
-FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc>& gz, const T* gy, const T* x, const Acc* w,
+FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc>& gz, const Acc* z_stored, const T* gy, const T* x,
+                                                 const Acc* w,
                                                  const Acc* mean, const Acc* invstd, const Acc* gamma, const Acc* beta, const Acc* a,
                                                  const Acc* b, const Acc* d, const TapSources& rows, const TapSources& cols, Geometry g,
                                                  Activation act, int64_t n, int64_t c0, int64_t nc) {
@@ -385,7 +400,12 @@ FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
       const int64_t pixels = std::min(chunk, g.wo - ow0);
       Acc* gz_chunk = gx != nullptr ? gz.data() + (oh * g.wo + ow0) * nc : gz.data();
-      conv_chunk<K>(z.data(), x_img, w, g, oh, ow0, pixels, c0, nc);
+      if (z_stored != nullptr) {
+        const Acc* src = z_stored + ((n * g.ho + oh) * g.wo + ow0) * g.c + c0;
+        for (int64_t p = 0; p < pixels; ++p) std::copy(src + p * g.c, src + p * g.c + nc, z.data() + p * nc);
+      } else {
+        conv_chunk<K>(z.data(), x_img, w, g, oh, ow0, pixels, c0, nc);
+      }
       grad_u(gz_chunk, z.data(), gy + ((n * g.ho + oh) * g.wo + ow0) * g.c + c0, g.c, mean + c0, invstd + c0, gamma + c0, beta + c0,
              act, pixels, nc);
       for (int64_t p = 0; p < pixels; ++p)
@@ -462,15 +482,22 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
     const Acc* w = taps_major_scratch<scalar_t, Acc>(weight);
     dispatch_kernel_size(g, [&](auto kernel) {
       constexpr int K = decltype(kernel)::value;
+      // Training keeps z between its two passes: in y itself when it has the accumulation dtype
+      // (normalised in place), else in a transient buffer.
+      Tensor z_buffer;
+      if (training && !std::is_same_v<scalar_t, Acc>) z_buffer = at::empty({rows * g.wo, g.c}, stats_options);
+      Acc* z_store = !training ? nullptr
+                     : z_buffer.defined() ? z_buffer.mutable_data_ptr<Acc>()
+                                          : reinterpret_cast<Acc*>(out.nhwc.mutable_data_ptr<scalar_t>());
       if (training) {
-        // Pass 1: per-thread Welford states, merged with Chan's formula.
+        // Pass 1: z and per-thread Welford states, merged with Chan's formula.
         const int threads = at::get_num_threads();
         std::vector<double> means(threads * g.c, 0.0), m2s(threads * g.c, 0.0);
         std::vector<int64_t> counts(threads, 0);
         at::parallel_for(0, rows, row_grain(g), [&](int64_t begin, int64_t end) {
           const int t = at::get_thread_num();
-          statistics_rows<K>(means.data() + t * g.c, m2s.data() + t * g.c, counts[t], x.const_data_ptr<scalar_t>(),
-                             w, g, begin, end);
+          statistics_rows<K>(z_store, means.data() + t * g.c, m2s.data() + t * g.c, counts[t], x.const_data_ptr<scalar_t>(), w, g,
+                             begin, end);
         });
         mean = at::empty({g.c}, stats_options);
         var = at::empty({g.c}, stats_options);
@@ -495,9 +522,14 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
         scale[c] = gamma.const_data_ptr<Acc>()[c] / std::sqrt(v[c] + Acc(eps));
         shift[c] = beta.const_data_ptr<Acc>()[c] - m[c] * scale[c];
       }
+      scalar_t* y = out.nhwc.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, rows, row_grain(g), [&](int64_t begin, int64_t end) {
-        forward_rows<K>(out.nhwc.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w,
-                        scale.data(), shift.data(), g, act, begin, end);
+        if (!training) {
+          forward_rows<K>(y, x.const_data_ptr<scalar_t>(), w, scale.data(), shift.data(), g, act, begin, end);
+        } else {  // z was stored by the statistics pass: normalise it
+          normalize_stored(y + begin * g.wo * g.c, z_store + begin * g.wo * g.c, scale.data(), shift.data(), act, (end - begin) * g.wo,
+                           g.c);
+        }
       });
     });
   });
@@ -542,12 +574,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
     const Acc *pm = mean.const_data_ptr<Acc>(), *pg = gamma.const_data_ptr<Acc>(), *pb = beta.const_data_ptr<Acc>();
     dispatch_kernel_size(g, [&](auto kernel) {
       constexpr int K = decltype(kernel)::value;
-      if (training || output_mask[2]) {
+      // Pass 1 keeps z for pass 2 (a transient buffer; nothing extra is saved for backward).
+      const bool pass_one = training || output_mask[2], pass_two = output_mask[0] || output_mask[1];
+      const Tensor z_buffer = pass_one && pass_two ? at::empty({values, g.c}, acc_options) : Tensor();
+      Acc* z_store = z_buffer.defined() ? z_buffer.mutable_data_ptr<Acc>() : nullptr;
+      if (pass_one) {
         const int threads = at::get_num_threads();
         std::vector<double> sums(2 * threads * g.c, 0.0);
         at::parallel_for(0, g.n * g.ho, row_grain(g), [&](int64_t begin, int64_t end) {
           double* s = sums.data() + 2 * at::get_thread_num() * g.c;
-          grad_sums_rows<K>(s, s + g.c, grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w,
+          grad_sums_rows<K>(s, s + g.c, z_store, grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w,
                             pm, invstd.data(), pg, pb, g, act, begin, end);
         });
         for (int64_t c = 0; c < g.c; ++c) {
@@ -566,7 +602,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
           }
         }
       }
-      if (!output_mask[0] && !output_mask[1]) return;
+      if (!pass_two) return;
       Tensor gw_partials = output_mask[1] ? per_thread_zeros<Acc>(taps * g.c, x) : Tensor();
       const TapSources rows(g.h, g.kh, g.sh, g.ph, g.dh, g.ho), cols(g.w, g.kw, g.sw, g.pw, g.dw, g.wo);
       const int64_t blocks = (g.c + kBlock - 1) / kBlock;
@@ -575,7 +611,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
         Acc* gw = output_mask[1] ? gw_partials.mutable_data_ptr<Acc>() + at::get_thread_num() * taps * g.c : nullptr;
         for (int64_t task = begin; task < end; ++task) {
           const int64_t n = task / blocks, c0 = (task % blocks) * kBlock, nc = std::min(kBlock, g.c - c0);
-          grad_input_weight_block<K>(output_mask[0] ? grad_x.nhwc.mutable_data_ptr<scalar_t>() : nullptr, gw, gz,
+          grad_input_weight_block<K>(output_mask[0] ? grad_x.nhwc.mutable_data_ptr<scalar_t>() : nullptr, gw, gz, z_store,
                                      grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w, pm,
                                      invstd.data(), pg, pb, a.data(), b.data(), d.data(), rows, cols, g, act, n, c0, nc);
         }
