@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmb.nn import DWConvBNAct
+from fastmb.ops.common import bn_affine
 
 ACTIVATION_MODULES: dict[str, type[nn.Module]] = {"hardswish": nn.Hardswish, "relu": nn.ReLU, "relu6": nn.ReLU6}
 
@@ -37,15 +38,15 @@ class _BatchNormActivation(torch.autograd.Function):
         u, mean, invstd = torch.native_batch_norm(z, weight, bias, running_mean, running_var, True, momentum, eps)
         ctx.save_for_backward(z, weight, bias, mean, invstd)
         ctx.eps, ctx.activation = eps, activation
-        return type(activation).forward(activation, u)
+        return activation(u)
 
     @staticmethod
     def backward(ctx, grad_y):
         z, weight, bias, mean, invstd = ctx.saved_tensors
+        gamma, beta = bn_affine(weight, bias, invstd)
+        scale = invstd * gamma
         shape = (1, -1, 1, 1)
-        scale = invstd if weight is None else invstd * weight
-        shift = -mean * scale if bias is None else bias - mean * scale
-        u = z * scale.reshape(shape).to(z.dtype) + shift.reshape(shape).to(z.dtype)
+        u = z * scale.reshape(shape).to(z.dtype) + (beta - mean * scale).reshape(shape).to(z.dtype)
         grad_u = _INPUT_SAVING_ACTIVATIONS[type(ctx.activation)](grad_y, u)
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
         grad_z, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
