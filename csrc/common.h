@@ -59,7 +59,7 @@ template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T activation_grad(Activation a, T grad, T u) {
   switch (a) {
     case Activation::kHardswish:
-      return u < T(-3) ? T(0) : (u <= T(3) ? grad * (u / T(3) + T(0.5)) : grad);
+      return u < T(-3) ? T(0) : (u <= T(3) ? grad * (u * T(1.0 / 3.0) + T(0.5)) : grad);  // * (1/3): no division
     case Activation::kRelu:
       return u > T(0) ? grad : T(0);
     case Activation::kRelu6:

@@ -48,7 +48,32 @@ struct Vec {
     return v;
   }
   static FASTMB_INLINE void store(Acc* p, type v) { std::memcpy(p, &v, sizeof v); }
+  template <typename T>
+  static FASTMB_INLINE void store(T* p, type v) {  // to bfloat16: rounded as c10 does, lane by lane
+    static_assert(std::is_same_v<T, c10::BFloat16> && std::is_same_v<Acc, float>);
+    for (int k = 0; k < kLanes; ++k) p[k] = T(v[k]);
+  }
 };
+
+// activate(A, v) (../common.h) on a whole vector, with the same NaN behaviour: comparisons
+// with NaN are false, so NaN falls through.
+template <Activation A, typename Acc, typename VT>
+FASTMB_INLINE VT activate_vector(VT u) {
+  const VT zero = {}, three = zero + Acc(3), six = zero + Acc(6);
+  const auto clamp_0_6 = [&](VT v) { v = v < zero ? zero : v; return v > six ? six : v; };
+  if constexpr (A == Activation::kHardswish) return u * clamp_0_6(u + three) * Acc(1.0 / 6.0);
+  else if constexpr (A == Activation::kRelu) return u < zero ? zero : u;
+  else if constexpr (A == Activation::kRelu6) return clamp_0_6(u);
+  else return u;
+}
+
+// p, hidden from the optimiser: a pointer stepped through an unrolled loop stays one register
+// instead of becoming a precomputed offset per step.
+template <typename T>
+FASTMB_INLINE T* opaque(T* p) {
+  asm("" : "+r"(p));
+  return p;
+}
 
 // A [num_threads][n] scratch buffer of zeros for per-thread partial reductions.
 template <typename T>

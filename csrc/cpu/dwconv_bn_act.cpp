@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_utils.h"
@@ -32,8 +33,19 @@ constexpr int64_t kChunkValues = 4096;
 template <int V>
 using Int = std::integral_constant<int, V>;
 
-// Output pixels per chunk when each holds `channels` accumulators: a multiple of the 4-pixel tile.
-FASTMB_INLINE int64_t chunk_pixels(int64_t channels) { return std::max<int64_t>(4, kChunkValues / std::max<int64_t>(channels, 1) / 4 * 4); }
+// Output pixels per chunk when each holds `channels` accumulators: a multiple of the 8-pixel tile.
+FASTMB_INLINE int64_t chunk_pixels(int64_t channels) { return std::max<int64_t>(8, kChunkValues / std::max<int64_t>(channels, 1) / 8 * 8); }
+
+// Calls f(Int<0>{}), ..., f(Int<N - 1>{}): a loop unrolled at compile time, so indices into
+// register arrays and the conditions on them are constants.
+template <typename F, int... I>
+FASTMB_INLINE void unroll_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(Int<I>{}), ...);
+}
+template <int N, typename F>
+FASTMB_INLINE void unroll(F&& f) {
+  unroll_impl(f, std::make_integer_sequence<int, N>{});
+}
 
 // The output positions [lo, hi) whose input position o * stride - pad + tap * dil lies in [0, size).
 FASTMB_INLINE void valid_outputs(int tap, int stride, int pad, int dil, int64_t size, int64_t out_lo, int64_t out_hi,
@@ -44,23 +56,125 @@ FASTMB_INLINE void valid_outputs(int tap, int stride, int pad, int dil, int64_t 
   if (hi < lo) hi = lo;
 }
 
+// Where the conv's results go, pixel p (from the row chunk's first) and channel c (from its
+// first): the values themselves (z, which training and backward keep; dL/dx in T) ...
+template <typename T, typename Acc>
+struct StoreValues {
+  T* out;
+  int64_t pixel_step;
+  FASTMB_INLINE void vector(int64_t p, int64_t c, typename Vec<Acc>::type v) const { Vec<Acc>::store(out + p * pixel_step + c, v); }
+  FASTMB_INLINE void scalar(int64_t p, int64_t c, Acc v) const { out[p * pixel_step + c] = T(v); }
+};
+
+// ... or y = act(z * scale + shift), eval's epilogue applied in registers (scale and shift
+// offset to the chunk's first channel; the activation's switch is predicted, one per vector).
+template <typename T, typename Acc>
+struct StoreActivated {
+  T* y;
+  int64_t pixel_step;
+  const Acc* scale;
+  const Acc* shift;
+  Activation act;
+  FASTMB_INLINE void vector(int64_t p, int64_t c, typename Vec<Acc>::type v) const {
+    using V = Vec<Acc>;
+    v = v * V::load(scale + c) + V::load(shift + c);
+    switch (act) {
+      case Activation::kHardswish: v = activate_vector<Activation::kHardswish, Acc>(v); break;
+      case Activation::kRelu: v = activate_vector<Activation::kRelu, Acc>(v); break;
+      case Activation::kRelu6: v = activate_vector<Activation::kRelu6, Acc>(v); break;
+      default: break;
+    }
+    V::store(y + p * pixel_step + c, v);
+  }
+  FASTMB_INLINE void scalar(int64_t p, int64_t c, Acc v) const { y[p * pixel_step + c] = T(activate<Acc>(act, v * scale[c] + shift[c])); }
+};
+
+// Stride 1 or 2 with dilation 1 (every MobileNet depthwise layer): P output pixels of a row for
+// one vector of channels from c, sliding along the input row. Each input vector is loaded once
+// and feeds every (pixel, tap) pair that reads it, and the row's K weight vectors stay in
+// registers, so loads stay below the multiply-adds. x_tap0 is pixel 0's tap (0, 0) input;
+// input columns q < q_lo or >= q_hi (relative to it) are outside the image and read as zero;
+// Inside: none are. Pixels >= count are computed but not stored.
+template <int P, int K, int S, bool Inside, typename T, typename Acc, typename Store>
+FASTMB_INLINE void conv_sliding_tile(const Store& store, int64_t p0, int count, const T* x_tap0, const Acc* w, const Geometry& g,
+                                     int i_lo, int i_hi, int q_lo, int q_hi, int64_t c) {
+  using V = Vec<Acc>;
+  constexpr int Q = (P - 1) * S + K;  // input columns the tile reads
+  const int64_t row_step = int64_t(g.dh) * g.w * g.c;
+  typename V::type acc[P] = {};
+  for (int i = i_lo; i < i_hi; ++i) {
+    // Pointers stepped column by column: precomputed offsets q * C would each need a register
+    // and spill (opaque keeps the compiler from hoisting them).
+    const Acc* wp = w + int64_t(i) * K * g.c + c;
+    typename V::type wv[K];
+    unroll<K>([&](auto j) __attribute__((always_inline)) {
+      wv[j] = V::load(wp);
+      wp = opaque(wp + g.c);
+    });
+    const T* xp = x_tap0 + i * row_step + c;
+    unroll<Q>([&](auto q) __attribute__((always_inline)) {
+      const T* column = xp;
+      xp = opaque(xp + g.c);
+      if (!Inside && (q < q_lo || q >= q_hi)) return;
+      const typename V::type xv = V::load(column);
+      unroll<P>([&](auto p) __attribute__((always_inline)) {
+        constexpr int j = decltype(q)::value - decltype(p)::value * S;
+        if constexpr (j >= 0 && j < K) acc[p] += xv * wv[j];
+      });
+    });
+  }
+  unroll<P>([&](auto p) __attribute__((always_inline)) {
+    if (p < count) store.vector(p0 + p, c, acc[p]);
+  });
+}
+
+// Output pixels [ow0, ow0 + count) of row oh, channels c0..c0+nc, by sliding tiles of P pixels
+// (P / 2 for a short tail); channels past the last whole vector one at a time.
+template <int K, int S, typename T, typename Acc, typename Store>
+FASTMB_INLINE void conv_row_sliding(const Store& store, const T* x_img, const Acc* w, const Geometry& g, int i_lo, int i_hi, int64_t oh,
+                                    int64_t ow0, int64_t count, int64_t c0, int64_t nc) {
+  constexpr int64_t L = Vec<Acc>::kLanes;
+  constexpr int P = 8;
+  for (int64_t p0 = 0; p0 < count; p0 += P) {
+    const int tile = int(std::min<int64_t>(P, count - p0));
+    const int64_t iw0 = (ow0 + p0) * S - g.pw;  // input column of pixel p0's tap 0
+    const T* x_tap0 = x_img + ((oh * g.sh - g.ph) * g.w + iw0) * g.c + c0;
+    const int q_lo = int(std::max<int64_t>(0, -iw0)), q_hi = int(std::min<int64_t>((P - 1) * S + K, g.w - iw0));
+    const bool whole = tile > P / 2, inside = q_lo == 0 && q_hi == (whole ? P - 1 : P / 2 - 1) * S + K;
+    int64_t c = 0;
+    for (; c + L <= nc; c += L) {
+      if (whole && inside) conv_sliding_tile<P, K, S, true>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
+      else if (whole) conv_sliding_tile<P, K, S, false>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
+      else if (inside) conv_sliding_tile<P / 2, K, S, true>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
+      else conv_sliding_tile<P / 2, K, S, false>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
+    }
+    for (; c < nc; ++c)
+      for (int p = 0; p < tile; ++p) {
+        Acc sum = 0;
+        for (int i = i_lo; i < i_hi; ++i)
+          for (int j = std::max(0, q_lo - p * S); j < std::min(K, q_hi - p * S); ++j)
+            sum += Acc(x_tap0[(int64_t(i) * g.dh * g.w + p * S + j) * g.c + c]) * w[(int64_t(i) * K + j) * g.c + c0 + c];
+        store.scalar(p0 + p, c, sum);
+      }
+  }
+}
+
 // Zeros that out-of-image taps read instead of the input (at least two vectors of any dtype).
 template <typename T>
 struct Zeros {
   alignas(64) static inline const T values[64] = {};
 };
 
-// The conv at P output pixels of one row (pixel_step apart in the input) for NV vectors of
-// channels from c, into z (pixel stride z_step). x_tap0 points at pixel 0's tap (0, 0) input;
-// kernel rows [i_lo, i_hi) are inside the image for all P pixels, columns [j_lo[p], j_hi[p])
-// for pixel p (the others read zeros); Inside: every column is, for every pixel (the common
-// case, compiled without the per-pixel selects). The P x NV accumulators stay in registers over
-// all taps and each weight vector is loaded once for the P pixels.
-template <int P, int NV, int K, bool Inside, typename T, typename Acc>
-FASTMB_INLINE void conv_tile(Acc* z, int64_t z_step, const T* x_tap0, int64_t pixel_step, const Acc* w, const Geometry& g, int i_lo,
+// Any stride and dilation: the conv at P output pixels of one row (pixel_step apart in the input)
+// for NV vectors of channels from c. x_tap0 points at pixel 0's tap (0, 0) input; kernel rows
+// [i_lo, i_hi) are inside the image for all P pixels, columns [j_lo[p], j_hi[p]) for pixel p
+// (the others read zeros); Inside: every column is, for every pixel (compiled without the
+// per-pixel selects). The P x NV accumulators stay in registers over all taps.
+template <int P, int NV, bool Inside, typename T, typename Acc, typename Store>
+FASTMB_INLINE void conv_tile(const Store& store, int64_t p0, const T* x_tap0, int64_t pixel_step, const Acc* w, const Geometry& g, int i_lo,
                              int i_hi, const int* j_lo, const int* j_hi, int64_t c) {
   using V = Vec<Acc>;
-  const int kw = K ? K : g.kw;
+  const int kw = g.kw;
   int j_min = Inside ? 0 : j_lo[0], j_max = Inside ? kw : j_hi[0];
   for (int p = 1; p < P && !Inside; ++p) j_min = std::min(j_min, j_lo[p]), j_max = std::max(j_max, j_hi[p]);
   const int64_t row_step = int64_t(g.dh) * g.w * g.c, column_step = int64_t(g.dw) * g.c;
@@ -86,39 +200,34 @@ FASTMB_INLINE void conv_tile(Acc* z, int64_t z_step, const T* x_tap0, int64_t pi
 #pragma GCC unroll 4
   for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) V::store(z + p * z_step + v * V::kLanes, acc[p][v]);
+    for (int v = 0; v < NV; ++v) store.vector(p0 + p, c + v * V::kLanes, acc[p][v]);
 }
 
-// Channels [0, nc) of P pixels: vector tiles of 2 and 1 vectors, then a scalar loop.
-template <int P, int K, bool Inside, typename T, typename Acc>
-FASTMB_INLINE void conv_pixels(Acc* z, int64_t nc, const T* x_tap0, int64_t pixel_step, const Acc* w, const Geometry& g, int i_lo,
-                               int i_hi, const int* j_lo, const int* j_hi) {
+// Channels [0, nc) of P pixels from p0: vector tiles of 2 and 1 vectors, then a scalar loop.
+template <int P, bool Inside, typename T, typename Acc, typename Store>
+FASTMB_INLINE void conv_pixels(const Store& store, int64_t p0, int64_t nc, const T* x_tap0, int64_t pixel_step, const Acc* w,
+                               const Geometry& g, int i_lo, int i_hi, const int* j_lo, const int* j_hi) {
   constexpr int64_t L = Vec<Acc>::kLanes;
-  const int kw = K ? K : g.kw;
+  const int kw = g.kw;
   int64_t c = 0;
-  for (; c + 2 * L <= nc; c += 2 * L) conv_tile<P, 2, K, Inside>(z + c, nc, x_tap0, pixel_step, w, g, i_lo, i_hi, j_lo, j_hi, c);
-  for (; c + L <= nc; c += L) conv_tile<P, 1, K, Inside>(z + c, nc, x_tap0, pixel_step, w, g, i_lo, i_hi, j_lo, j_hi, c);
+  for (; c + 2 * L <= nc; c += 2 * L) conv_tile<P, 2, Inside>(store, p0, x_tap0, pixel_step, w, g, i_lo, i_hi, j_lo, j_hi, c);
+  for (; c + L <= nc; c += L) conv_tile<P, 1, Inside>(store, p0, x_tap0, pixel_step, w, g, i_lo, i_hi, j_lo, j_hi, c);
   for (; c < nc; ++c) {
     for (int p = 0; p < P; ++p) {
       Acc sum = 0;
       for (int i = i_lo; i < i_hi; ++i)
         for (int j = j_lo[p]; j < j_hi[p]; ++j)
           sum += Acc(x_tap0[p * pixel_step + (int64_t(i) * g.dh * g.w + int64_t(j) * g.dw) * g.c + c]) * w[(int64_t(i) * kw + j) * g.c + c];
-      z[p * nc + c] = sum;
+      store.scalar(p0 + p, c, sum);
     }
   }
 }
 
-// z[p][0:nc] = depthwise conv at output pixels (oh, ow0 + p), p < count, channels c0..c0+nc of
-// one image, four pixels at a time (out-of-image taps read zeros), then one at a time.
-template <int K, typename T, typename Acc>
-FASTMB_INLINE void conv_chunk(Acc* z, const T* x_img, const Acc* w, const Geometry& g, int64_t oh, int64_t ow0, int64_t count,
-                              int64_t c0, int64_t nc) {
+// Any geometry: four output pixels of the row at a time, then one at a time.
+template <typename T, typename Acc, typename Store>
+FASTMB_INLINE void conv_row_general(const Store& store, const T* x_img, const Acc* w, const Geometry& g, int i_lo, int i_hi, int64_t oh,
+                                    int64_t ow0, int64_t count, int64_t c0, int64_t nc) {
   constexpr int kTile = 4;
-  const int kh = K ? K : g.kh, kw = K ? K : g.kw;
-  int i_lo = 0, i_hi = kh;
-  while (i_lo < kh && oh * g.sh - g.ph + int64_t(i_lo) * g.dh < 0) ++i_lo;
-  while (i_hi > i_lo && oh * g.sh - g.ph + int64_t(i_hi - 1) * g.dh >= g.h) --i_hi;
   const int64_t pixel_step = int64_t(g.sw) * g.c;
   int j_lo[kTile], j_hi[kTile];
   for (int64_t p = 0; p < count;) {
@@ -126,22 +235,38 @@ FASTMB_INLINE void conv_chunk(Acc* z, const T* x_img, const Acc* w, const Geomet
     bool inside = true;
     for (int t = 0; t < tile; ++t) {
       const int64_t iw0 = (ow0 + p + t) * g.sw - g.pw;
-      j_lo[t] = 0, j_hi[t] = kw;
-      while (j_lo[t] < kw && iw0 + int64_t(j_lo[t]) * g.dw < 0) ++j_lo[t];
+      j_lo[t] = 0, j_hi[t] = g.kw;
+      while (j_lo[t] < g.kw && iw0 + int64_t(j_lo[t]) * g.dw < 0) ++j_lo[t];
       while (j_hi[t] > j_lo[t] && iw0 + int64_t(j_hi[t] - 1) * g.dw >= g.w) --j_hi[t];
-      inside = inside && j_lo[t] == 0 && j_hi[t] == kw;
+      inside = inside && j_lo[t] == 0 && j_hi[t] == g.kw;
     }
     // Pixel p's tap (0, 0) input, possibly outside the image: only valid taps are read.
     const T* x_tap0 = x_img + ((oh * g.sh - g.ph) * g.w + (ow0 + p) * g.sw - g.pw) * g.c + c0;
     if (tile == kTile && inside) {
-      conv_pixels<kTile, K, true>(z + p * nc, nc, x_tap0, pixel_step, w + c0, g, i_lo, i_hi, j_lo, j_hi);
+      conv_pixels<kTile, true>(store, p, nc, x_tap0, pixel_step, w + c0, g, i_lo, i_hi, j_lo, j_hi);
     } else if (tile == kTile) {
-      conv_pixels<kTile, K, false>(z + p * nc, nc, x_tap0, pixel_step, w + c0, g, i_lo, i_hi, j_lo, j_hi);
+      conv_pixels<kTile, false>(store, p, nc, x_tap0, pixel_step, w + c0, g, i_lo, i_hi, j_lo, j_hi);
     } else {
-      conv_pixels<1, K, false>(z + p * nc, nc, x_tap0, pixel_step, w + c0, g, i_lo, i_hi, j_lo, j_hi);
+      conv_pixels<1, false>(store, p, nc, x_tap0, pixel_step, w + c0, g, i_lo, i_hi, j_lo, j_hi);
     }
     p += tile;
   }
+}
+
+// The depthwise conv at output pixels (oh, ow0 + p), p < count, channels c0..c0+nc of one image
+// (out-of-image taps read zeros), handed to `store`. K = 3, 5, 7 (stride 1 or 2, dilation 1
+// along the row: dispatch_kernel_size sees to it): sliding tiles; K = 0, any geometry: the
+// general path. Out of line: the passes that store z share one copy.
+template <int K, typename T, typename Acc, typename Store>
+FASTMB_MULTIVERSION void conv_row(const Store& store, const T* x_img, const Acc* w, Geometry g, int64_t oh, int64_t ow0, int64_t count,
+                                  int64_t c0, int64_t nc) {
+  const int kh = K ? K : g.kh;
+  int i_lo = 0, i_hi = kh;
+  while (i_lo < kh && oh * g.sh - g.ph + int64_t(i_lo) * g.dh < 0) ++i_lo;
+  while (i_hi > i_lo && oh * g.sh - g.ph + int64_t(i_hi - 1) * g.dh >= g.h) --i_hi;
+  if constexpr (K == 0) conv_row_general(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
+  else if (g.sw == 1) conv_row_sliding<K, 1>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
+  else conv_row_sliding<K, 2>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
 }
 
 // out[p][c] = act(z[p][c] * scale[c] + shift[c]), the activation's switch hoisted out of the loops.
@@ -166,18 +291,14 @@ FASTMB_MULTIVERSION void normalize_stored(T* y, const Acc* z, const Acc* scale, 
   store_activated(y, z, scale, shift, act, pixels, c);
 }
 
+// Eval: y = act(conv(x) * scale + shift) over output rows [begin, end), in one pass.
 template <int K, typename T, typename Acc>
-FASTMB_MULTIVERSION void forward_rows(T* y, const T* x, const Acc* w, const Acc* scale, const Acc* shift, Geometry g,
-                                      Activation act, int64_t begin, int64_t end) {
-  const int64_t chunk = chunk_pixels(g.c);
-  std::vector<Acc> z(chunk * g.c);
+FASTMB_MULTIVERSION void forward_rows(T* y, const T* x, const Acc* w, const Acc* scale, const Acc* shift, Geometry g, Activation act,
+                                      int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / g.ho, oh = row % g.ho;
-    for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
-      const int64_t count = std::min(chunk, g.wo - ow0);
-      conv_chunk<K>(z.data(), x + n * g.h * g.w * g.c, w, g, oh, ow0, count, 0, g.c);
-      store_activated(y + (row * g.wo + ow0) * g.c, z.data(), scale, shift, act, count, g.c);
-    }
+    const StoreActivated<T, Acc> store{y + row * g.wo * g.c, g.c, scale, shift, act};
+    conv_row<K>(store, x + n * g.h * g.w * g.c, w, g, oh, 0, g.wo, 0, g.c);
   }
 }
 
@@ -193,7 +314,7 @@ FASTMB_MULTIVERSION void statistics_rows(Acc* z_out, double* mean, double* m2, i
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
       const int64_t pixels = std::min(chunk, g.wo - ow0);
       Acc* z = z_out + (row * g.wo + ow0) * g.c;
-      conv_chunk<K>(z, x + n * g.h * g.w * g.c, w, g, oh, ow0, pixels, 0, g.c);
+      conv_row<K>(StoreValues<Acc, Acc>{z, g.c}, x + n * g.h * g.w * g.c, w, g, oh, ow0, pixels, 0, g.c);
       std::fill(chunk_mean.begin(), chunk_mean.end(), Acc(0));
       std::fill(chunk_m2.begin(), chunk_m2.end(), Acc(0));
       for (int64_t p = 0; p < pixels; ++p)
@@ -239,10 +360,15 @@ FASTMB_INLINE void grad_u(Acc* gu, Acc* z, const T* gy, int64_t gy_stride, const
 #undef FASTMB_GRAD
 }
 
-// Backward pass 1: per-channel sums of dL/du and dL/du * x_hat over rows [begin, end); z is
-// kept in z_store ([rows * Wo][C]) for pass 2 when that is given.
+// Offset of image n's channel block from c0 (nc channels) in the [N][blocks][Ho * Wo][nc] layout
+// pass 1 keeps x_hat and dL/du in, so that pass 2's tasks read them contiguously.
+FASTMB_INLINE int64_t block_offset(const Geometry& g, int64_t n, int64_t c0) { return (n * g.c + c0) * g.ho * g.wo; }
+
+// Backward pass 1: per-channel sums of dL/du and dL/du * x_hat over rows [begin, end); x_hat
+// and dL/du are kept in block layout (block_offset) for pass 2 when xhat_store is given.
 template <int K, typename T, typename Acc>
-FASTMB_MULTIVERSION void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, Acc* z_store, const T* gy, const T* x, const Acc* w,
+FASTMB_MULTIVERSION void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, Acc* xhat_store, Acc* gu_store, const T* gy, const T* x,
+                                        const Acc* w,
                                         const Acc* mean, const Acc* invstd, const Acc* gamma, const Acc* beta, Geometry g,
                                         Activation act, int64_t begin, int64_t end) {
   const int64_t chunk = chunk_pixels(g.c);
@@ -253,9 +379,15 @@ FASTMB_MULTIVERSION void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, Acc
     std::fill(partial_gu_xhat.begin(), partial_gu_xhat.end(), Acc(0));
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
       const int64_t pixels = std::min(chunk, g.wo - ow0);
-      conv_chunk<K>(z.data(), x + n * g.h * g.w * g.c, w, g, oh, ow0, pixels, 0, g.c);
-      if (z_store != nullptr) std::copy(z.begin(), z.begin() + pixels * g.c, z_store + (row * g.wo + ow0) * g.c);
+      conv_row<K>(StoreValues<Acc, Acc>{z.data(), g.c}, x + n * g.h * g.w * g.c, w, g, oh, ow0, pixels, 0, g.c);
       grad_u(gu.data(), z.data(), gy + (row * g.wo + ow0) * g.c, g.c, mean, invstd, gamma, beta, act, pixels, g.c);
+      for (int64_t c0 = 0; c0 < g.c && xhat_store != nullptr; c0 += kBlock) {
+        const int64_t nc = std::min(kBlock, g.c - c0), offset = block_offset(g, n, c0) + (oh * g.wo + ow0) * nc;
+        for (int64_t p = 0; p < pixels; ++p) {
+          std::copy(z.data() + p * g.c + c0, z.data() + p * g.c + c0 + nc, xhat_store + offset + p * nc);
+          std::copy(gu.data() + p * g.c + c0, gu.data() + p * g.c + c0 + nc, gu_store + offset + p * nc);
+        }
+      }
       for (int64_t p = 0; p < pixels; ++p)
         for (int64_t c = 0; c < g.c; ++c) {
           partial_gu[c] += gu[p * g.c + c];
@@ -288,12 +420,12 @@ FASTMB_INLINE void weight_grad_tile(Acc* gw, const Acc* gz, int64_t nc, const T*
 }
 
 // The weight gradient's share of output row oh, pixels [ow0, ow0 + pixels): gw is [taps][C]
-// (this thread's partial) offset to c0, gz is [pixels][nc], x_img offset to c0.
-template <int K, typename T, typename Acc>
+// (this thread's partial) offset to c0, gz is [pixels][nc], x_img offset to c0. Any geometry.
+template <typename T, typename Acc>
 FASTMB_INLINE void weight_grad_row(Acc* gw, const Acc* gz, const T* x_img, const Geometry& g, int64_t oh, int64_t ow0, int64_t pixels,
                                    int64_t nc) {
   constexpr int64_t L = Vec<Acc>::kLanes;
-  const int kh = K ? K : g.kh, kw = K ? K : g.kw;
+  const int kh = g.kh, kw = g.kw;
   for (int i = 0; i < kh; ++i) {
     const int64_t ih = oh * g.sh - g.ph + int64_t(i) * g.dh;
     if (ih < 0 || ih >= g.h) continue;
@@ -308,6 +440,47 @@ FASTMB_INLINE void weight_grad_row(Acc* gw, const Acc* gz, const T* x_img, const
       for (; c < nc; ++c)
         for (int64_t ow = lo; ow < hi; ++ow) gw_tap[c] += gz[(ow - ow0) * nc + c] * Acc(x_row[(ow * g.sw - g.pw + int64_t(j) * g.dw) * g.c + c]);
     }
+  }
+}
+
+// weight_grad_row for K = 3, 5, 7 (dilation 1 along the row): per kernel row and channel vector,
+// the K taps' sums in registers over the row's pixels, each dL/dz vector loaded once for all K.
+template <int K, typename T, typename Acc>
+FASTMB_INLINE void weight_grad_row_k(Acc* gw, const Acc* gz, const T* x_img, const Geometry& g, int64_t oh, int64_t ow0, int64_t pixels,
+                                     int64_t nc) {
+  using V = Vec<Acc>;
+  constexpr int64_t L = V::kLanes;
+  const int64_t end = ow0 + pixels;
+  // Pixels [lo, hi) read all K columns inside the row; the others check each tap.
+  const int64_t lo = std::min(end, std::max<int64_t>(ow0, (g.pw + g.sw - 1) / g.sw));
+  const int64_t hi = std::max(lo, std::min<int64_t>(end, g.w - K + g.pw >= 0 ? (g.w - K + g.pw) / g.sw + 1 : 0));
+  for (int i = 0; i < K; ++i) {
+    const int64_t ih = oh * g.sh - g.ph + int64_t(i) * g.dh;
+    if (ih < 0 || ih >= g.h) continue;
+    const T* x_row = x_img + ih * g.w * g.c;
+    Acc* gw_row = gw + int64_t(i) * K * g.c;
+    int64_t c = 0;
+    for (; c + L <= nc; c += L) {
+      typename V::type acc[K] = {};
+      const auto add_pixel = [&](int64_t ow, bool check) __attribute__((always_inline)) {
+        const typename V::type gv = V::load(gz + (ow - ow0) * nc + c);
+        const int64_t iw0 = ow * g.sw - g.pw;
+        const T* xp = x_row + iw0 * g.c + c;
+        unroll<K>([&](auto j) __attribute__((always_inline)) {
+          if (!check || (iw0 + j >= 0 && iw0 + j < g.w)) acc[j] += gv * V::load(xp + j * g.c);
+        });
+      };
+      for (int64_t ow = ow0; ow < lo; ++ow) add_pixel(ow, true);
+      for (int64_t ow = lo; ow < hi; ++ow) add_pixel(ow, false);
+      for (int64_t ow = hi; ow < end; ++ow) add_pixel(ow, true);
+      unroll<K>([&](auto j) __attribute__((always_inline)) { V::store(gw_row + j * g.c + c, V::load(gw_row + j * g.c + c) + acc[j]); });
+    }
+    for (; c < nc; ++c)
+      for (int64_t ow = ow0; ow < end; ++ow)
+        for (int j = 0; j < K; ++j) {
+          const int64_t iw = ow * g.sw - g.pw + j;
+          if (iw >= 0 && iw < g.w) gw_row[j * g.c + c] += gz[(ow - ow0) * nc + c] * Acc(x_row[iw * g.c + c]);
+        }
   }
 }
 
@@ -385,9 +558,11 @@ FASTMB_INLINE void grad_x_row(T* gx, const Acc* gz, const Acc* w, const Geometry
 // channel (a = gamma * invstd; b, d: the batch statistics' terms, zero in eval), row by row into
 // gz (this task's buffer: the whole [Ho][Wo][nc] when dL/dx is wanted, one chunk otherwise), the
 // weight gradient from each row (gw: this thread's [taps][C] partial, or null), then dL/dx as a
-// gather from gz (gx: the NHWC output, or null). z comes from pass 1's z_stored when given.
+// gather from gz (gx: the NHWC output, or null). x_hat and dL/du come from pass 1 (block
+// layout) when xhat_stored is given; else they are recomputed from x and grad_y.
 template <int K, typename T, typename Acc>
-FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc>& gz, const Acc* z_stored, const T* gy, const T* x,
+FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc>& gz, const Acc* xhat_stored, const Acc* gu_stored,
+                                                 const T* gy, const T* x,
                                                  const Acc* w,
                                                  const Acc* mean, const Acc* invstd, const Acc* gamma, const Acc* beta, const Acc* a,
                                                  const Acc* b, const Acc* d, const TapSources& rows, const TapSources& cols, Geometry g,
@@ -400,21 +575,42 @@ FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
       const int64_t pixels = std::min(chunk, g.wo - ow0);
       Acc* gz_chunk = gx != nullptr ? gz.data() + (oh * g.wo + ow0) * nc : gz.data();
-      if (z_stored != nullptr) {
-        const Acc* src = z_stored + ((n * g.ho + oh) * g.wo + ow0) * g.c + c0;
-        for (int64_t p = 0; p < pixels; ++p) std::copy(src + p * g.c, src + p * g.c + nc, z.data() + p * nc);
+      const Acc *x_hat = z.data(), *gu = gz_chunk;
+      if (xhat_stored != nullptr) {
+        const int64_t offset = block_offset(g, n, c0) + (oh * g.wo + ow0) * nc;
+        x_hat = xhat_stored + offset, gu = gu_stored + offset;
       } else {
-        conv_chunk<K>(z.data(), x_img, w, g, oh, ow0, pixels, c0, nc);
+        conv_row<K>(StoreValues<Acc, Acc>{z.data(), nc}, x_img, w, g, oh, ow0, pixels, c0, nc);
+        grad_u(gz_chunk, z.data(), gy + ((n * g.ho + oh) * g.wo + ow0) * g.c + c0, g.c, mean + c0, invstd + c0, gamma + c0,
+               beta + c0, act, pixels, nc);
       }
-      grad_u(gz_chunk, z.data(), gy + ((n * g.ho + oh) * g.wo + ow0) * g.c + c0, g.c, mean + c0, invstd + c0, gamma + c0, beta + c0,
-             act, pixels, nc);
       for (int64_t p = 0; p < pixels; ++p)
         for (int64_t c = 0; c < nc; ++c)
-          gz_chunk[p * nc + c] = a[c0 + c] * gz_chunk[p * nc + c] - b[c0 + c] - z[p * nc + c] * d[c0 + c];
-      if (gw != nullptr) weight_grad_row<K>(gw + c0, gz_chunk, x_img + c0, g, oh, ow0, pixels, nc);
+          gz_chunk[p * nc + c] = a[c0 + c] * gu[p * nc + c] - b[c0 + c] - x_hat[p * nc + c] * d[c0 + c];
+      if constexpr (K != 0) {
+        if (gw != nullptr) weight_grad_row_k<K>(gw + c0, gz_chunk, x_img + c0, g, oh, ow0, pixels, nc);
+      } else if (gw != nullptr) {
+        weight_grad_row(gw + c0, gz_chunk, x_img + c0, g, oh, ow0, pixels, nc);
+      }
     }
   }
   if (gx == nullptr) return;
+  if constexpr (K != 0) {
+    // Stride 1: dL/dx is the conv of dL/dz with the flipped kernel (padding (K - 1) * dilation -
+    // pad), which the forward's sliding tiles compute with dL/dz in registers, not gathered.
+    if (g.sh == 1 && g.sw == 1 && g.ph <= (K - 1) * g.dh && g.pw <= K - 1) {
+      thread_local std::vector<Acc> flipped;
+      flipped.resize(K * K * nc);
+      for (int t = 0; t < K * K; ++t) std::copy(w + t * g.c + c0, w + t * g.c + c0 + nc, flipped.data() + (K * K - 1 - t) * nc);
+      Geometry transposed = g;
+      transposed.n = 1, transposed.c = nc, transposed.h = g.ho, transposed.w = g.wo, transposed.ho = g.h, transposed.wo = g.w;
+      transposed.ph = (K - 1) * g.dh - g.ph, transposed.pw = K - 1 - g.pw;
+      for (int64_t ih = 0; ih < g.h; ++ih)
+        conv_row<K>(StoreValues<T, Acc>{gx + ((n * g.h + ih) * g.w) * g.c + c0, g.c}, gz.data(), flipped.data(), transposed, ih, 0, g.w, 0,
+                    nc);
+      return;
+    }
+  }
   for (int64_t ih = 0; ih < g.h; ++ih) grad_x_row(gx + ((n * g.h + ih) * g.w) * g.c + c0, gz.data(), w + c0, g, rows, cols, ih, nc);
 }
 
@@ -432,11 +628,14 @@ const Acc* taps_major_scratch(const Tensor& weight) {
   return buffer.data();
 }
 
-// Calls f(Int<K>) with the kernel-size specialisation: 3, 5, 7 compiled for, else generic (0).
-template <typename F>
+// Calls f(Int<K>) with the kernel-size specialisation: 3, 5, 7 with stride 1 or 2 and dilation
+// 1 along rows (every MobileNet layer) compiled for, anything else generic (0). float64 (tests,
+// gradcheck) always takes the generic path: it keeps the build small.
+template <typename T, typename F>
 void dispatch_kernel_size(const Geometry& g, F&& f) {
-  const int k = g.kh == g.kw ? g.kh : 0;
-  if (k == 3) f(Int<3>{});
+  const int k = g.kh == g.kw && g.dw == 1 && (g.sw == 1 || g.sw == 2) ? g.kh : 0;
+  if constexpr (std::is_same_v<T, double>) f(Int<0>{});
+  else if (k == 3) f(Int<3>{});
   else if (k == 5) f(Int<5>{});
   else if (k == 7) f(Int<7>{});
   else f(Int<0>{});
@@ -480,7 +679,7 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastmb_dwconv_bn_act_forward", [&] {
     using Acc = at::opmath_type<scalar_t>;
     const Acc* w = taps_major_scratch<scalar_t, Acc>(weight);
-    dispatch_kernel_size(g, [&](auto kernel) {
+    dispatch_kernel_size<scalar_t>(g, [&](auto kernel) {
       constexpr int K = decltype(kernel)::value;
       // Training keeps z between its two passes: in y itself when it has the accumulation dtype
       // (normalised in place), else in a transient buffer.
@@ -572,18 +771,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
       a[c] = gamma.const_data_ptr<Acc>()[c] * invstd[c];
     }
     const Acc *pm = mean.const_data_ptr<Acc>(), *pg = gamma.const_data_ptr<Acc>(), *pb = beta.const_data_ptr<Acc>();
-    dispatch_kernel_size(g, [&](auto kernel) {
+    dispatch_kernel_size<scalar_t>(g, [&](auto kernel) {
       constexpr int K = decltype(kernel)::value;
-      // Pass 1 keeps z for pass 2 (a transient buffer; nothing extra is saved for backward).
+      // Pass 1 keeps x_hat and dL/du for pass 2 in transient buffers (nothing extra is saved for
+      // backward): pass 2 then neither recomputes the conv nor reads grad_y with a stride.
       const bool pass_one = training || output_mask[2], pass_two = output_mask[0] || output_mask[1];
-      const Tensor z_buffer = pass_one && pass_two ? at::empty({values, g.c}, acc_options) : Tensor();
-      Acc* z_store = z_buffer.defined() ? z_buffer.mutable_data_ptr<Acc>() : nullptr;
+      const Tensor kept = pass_one && pass_two ? at::empty({2, values * g.c}, acc_options) : Tensor();
+      Acc* xhat_store = kept.defined() ? kept[0].mutable_data_ptr<Acc>() : nullptr;
+      Acc* gu_store = kept.defined() ? kept[1].mutable_data_ptr<Acc>() : nullptr;
       if (pass_one) {
         const int threads = at::get_num_threads();
         std::vector<double> sums(2 * threads * g.c, 0.0);
         at::parallel_for(0, g.n * g.ho, row_grain(g), [&](int64_t begin, int64_t end) {
           double* s = sums.data() + 2 * at::get_thread_num() * g.c;
-          grad_sums_rows<K>(s, s + g.c, z_store, grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w,
+          grad_sums_rows<K>(s, s + g.c, xhat_store, gu_store, grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w,
                             pm, invstd.data(), pg, pb, g, act, begin, end);
         });
         for (int64_t c = 0; c < g.c; ++c) {
@@ -611,7 +812,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
         Acc* gw = output_mask[1] ? gw_partials.mutable_data_ptr<Acc>() + at::get_thread_num() * taps * g.c : nullptr;
         for (int64_t task = begin; task < end; ++task) {
           const int64_t n = task / blocks, c0 = (task % blocks) * kBlock, nc = std::min(kBlock, g.c - c0);
-          grad_input_weight_block<K>(output_mask[0] ? grad_x.nhwc.mutable_data_ptr<scalar_t>() : nullptr, gw, gz, z_store,
+          grad_input_weight_block<K>(output_mask[0] ? grad_x.nhwc.mutable_data_ptr<scalar_t>() : nullptr, gw, gz, xhat_store, gu_store,
                                      grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w, pm,
                                      invstd.data(), pg, pb, a.data(), b.data(), d.data(), rows, cols, g, act, n, c0, nc);
         }

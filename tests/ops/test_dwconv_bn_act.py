@@ -52,6 +52,16 @@ def test_odd_shapes(backend, device, shape, training):
     compare(shape, (5, 1, 1, "relu"), torch.float32, torch.channels_last, training, device)
 
 
+@pytest.mark.parametrize("config", [(3, 1, 1, "hardswish"), (3, 2, 1, "relu"), (5, 2, 1, "relu6"), (7, 1, 1, "identity")],
+                         ids=lambda c: "k{}s{}d{}-{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_wide_rows_and_channel_tails(backend, device, dtype, training, config):
+    """Rows long enough for border and interior pixel tiles and a short tail; channels as whole
+    vectors plus a remainder (the CPU kernels' tiles)."""
+    compare((2, 21, 5, 23), config, dtype, torch.channels_last, training, device)
+
+
 def test_momentum_none_is_cumulative_average(backend, device):
     compare((2, 4, 6, 6), (3, 1, 1, "relu6"), torch.float32, torch.contiguous_format, True, device, momentum=None)
 
