@@ -558,18 +558,18 @@ FASTMB_INLINE void grad_x_row(T* gx, const Acc* gz, const Acc* w, const Geometry
 // channel (a = gamma * invstd; b, d: the batch statistics' terms, zero in eval), row by row into
 // gz (this task's buffer: the whole [Ho][Wo][nc] when dL/dx is wanted, one chunk otherwise), the
 // weight gradient from each row (gw: this thread's [taps][C] partial, or null), then dL/dx as a
-// gather from gz (gx: the NHWC output, or null). x_hat and dL/du come from pass 1 (block
-// layout) when xhat_stored is given; else they are recomputed from x and grad_y.
+// gather from gz (gx: the NHWC output, or null) — or, given the flipped weight (stride 1),
+// as a conv. x_hat and dL/du come from pass 1 (block layout) when xhat_stored is given; else
+// they are recomputed from x and grad_y.
 template <int K, typename T, typename Acc>
 FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc>& gz, const Acc* xhat_stored, const Acc* gu_stored,
-                                                 const T* gy, const T* x,
-                                                 const Acc* w,
+                                                 const T* gy, const T* x, const Acc* w, const Acc* flipped,
                                                  const Acc* mean, const Acc* invstd, const Acc* gamma, const Acc* beta, const Acc* a,
                                                  const Acc* b, const Acc* d, const TapSources& rows, const TapSources& cols, Geometry g,
                                                  Activation act, int64_t n, int64_t c0, int64_t nc) {
   const T* x_img = x + n * g.h * g.w * g.c;
   const int64_t chunk = chunk_pixels(nc);
-  std::vector<Acc> z(chunk * nc);
+  std::vector<Acc> z(xhat_stored != nullptr ? 0 : chunk * nc);  // recomputed z, when pass 1 kept none
   gz.resize(gx != nullptr ? g.ho * g.wo * nc : chunk * nc);
   for (int64_t oh = 0; oh < g.ho; ++oh) {
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
@@ -595,21 +595,14 @@ FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc
     }
   }
   if (gx == nullptr) return;
-  if constexpr (K != 0) {
-    // Stride 1: dL/dx is the conv of dL/dz with the flipped kernel (padding (K - 1) * dilation -
-    // pad), which the forward's sliding tiles compute with dL/dz in registers, not gathered.
-    if (g.sh == 1 && g.sw == 1 && g.ph <= (K - 1) * g.dh && g.pw <= K - 1) {
-      thread_local std::vector<Acc> flipped;
-      flipped.resize(K * K * nc);
-      for (int t = 0; t < K * K; ++t) std::copy(w + t * g.c + c0, w + t * g.c + c0 + nc, flipped.data() + (K * K - 1 - t) * nc);
-      Geometry transposed = g;
-      transposed.n = 1, transposed.c = nc, transposed.h = g.ho, transposed.w = g.wo, transposed.ho = g.h, transposed.wo = g.w;
-      transposed.ph = (K - 1) * g.dh - g.ph, transposed.pw = K - 1 - g.pw;
-      for (int64_t ih = 0; ih < g.h; ++ih)
-        conv_row<K>(StoreValues<T, Acc>{gx + ((n * g.h + ih) * g.w) * g.c + c0, g.c}, gz.data(), flipped.data(), transposed, ih, 0, g.w, 0,
-                    nc);
-      return;
-    }
+  if (flipped != nullptr) {  // the conv of dL/dz with the flipped kernel: see flipped_blocks
+    Geometry transposed = g;
+    transposed.n = 1, transposed.c = nc, transposed.h = g.ho, transposed.w = g.wo, transposed.ho = g.h, transposed.wo = g.w;
+    transposed.ph = (g.kh - 1) * g.dh - g.ph, transposed.pw = g.kw - 1 - g.pw;
+    for (int64_t ih = 0; ih < g.h; ++ih)
+      conv_row<K>(StoreValues<T, Acc>{gx + ((n * g.h + ih) * g.w) * g.c + c0, g.c}, gz.data(), flipped + c0 * g.kh * g.kw, transposed, ih,
+                  0, g.w, 0, nc);
+    return;
   }
   for (int64_t ih = 0; ih < g.h; ++ih) grad_x_row(gx + ((n * g.h + ih) * g.w) * g.c + c0, gz.data(), w + c0, g, rows, cols, ih, nc);
 }
@@ -626,6 +619,24 @@ const Acc* taps_major_scratch(const Tensor& weight) {
   for (int64_t c = 0; c < channels; ++c)
     for (int64_t t = 0; t < taps; ++t) buffer[t * channels + c] = Acc(src[c * taps + t]);
   return buffer.data();
+}
+
+// Stride 1 (K specialised, padding within the kernel's extent): dL/dx is the conv of dL/dz with
+// the flipped kernel (padding (K - 1) * dilation - pad), which the forward's sliding tiles
+// compute with dL/dz in registers instead of a gather. The flipped taps-major weight per
+// channel block ([blocks][taps][nc], the tasks' channel stride), built once per call; empty when
+// the geometry gathers.
+template <int K, typename Acc>
+std::vector<Acc> flipped_blocks(const Acc* w, const Geometry& g) {
+  if (K == 0 || g.sh != 1 || g.sw != 1 || g.ph > (g.kh - 1) * g.dh || g.pw > g.kw - 1) return {};
+  const int taps = g.kh * g.kw;
+  std::vector<Acc> flipped(taps * g.c);
+  for (int64_t c0 = 0; c0 < g.c; c0 += kBlock) {
+    const int64_t nc = std::min(kBlock, g.c - c0);
+    for (int t = 0; t < taps; ++t)
+      std::copy(w + t * g.c + c0, w + t * g.c + c0 + nc, flipped.data() + c0 * taps + (taps - 1 - t) * nc);
+  }
+  return flipped;
 }
 
 // Calls f(Int<K>) with the kernel-size specialisation: 3, 5, 7 with stride 1 or 2 and dilation
@@ -806,6 +817,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
       if (!pass_two) return;
       Tensor gw_partials = output_mask[1] ? per_thread_zeros<Acc>(taps * g.c, x) : Tensor();
       const TapSources rows(g.h, g.kh, g.sh, g.ph, g.dh, g.ho), cols(g.w, g.kw, g.sw, g.pw, g.dw, g.wo);
+      const std::vector<Acc> flipped = output_mask[0] ? flipped_blocks<K>(w, g) : std::vector<Acc>();
       const int64_t blocks = (g.c + kBlock - 1) / kBlock;
       at::parallel_for(0, g.n * blocks, 1, [&](int64_t begin, int64_t end) {
         std::vector<Acc> gz;
@@ -813,7 +825,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
         for (int64_t task = begin; task < end; ++task) {
           const int64_t n = task / blocks, c0 = (task % blocks) * kBlock, nc = std::min(kBlock, g.c - c0);
           grad_input_weight_block<K>(output_mask[0] ? grad_x.nhwc.mutable_data_ptr<scalar_t>() : nullptr, gw, gz, xhat_store, gu_store,
-                                     grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w, pm,
+                                     grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w,
+                                     flipped.empty() ? nullptr : flipped.data(), pm,
                                      invstd.data(), pg, pb, a.data(), b.data(), d.data(), rows, cols, g, act, n, c0, nc);
         }
       });
