@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -53,6 +54,12 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T activate(Activation a, T u) {
     default:
       return u;
   }
+}
+
+// The SE gate: hardsigmoid (clamp(v + 3, 0, 6) / 6, NaN through) or the logistic sigmoid.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T gate_value(Gate g, T v) {
+  return g == Gate::kHardsigmoid ? clamp_0_6(v + T(3)) / T(6) : T(1) / (T(1) + std::exp(-v));
 }
 
 template <typename T>

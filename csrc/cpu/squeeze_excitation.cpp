@@ -1,12 +1,16 @@
 // Fused squeeze-and-excitation on the CPU, forward and backward, NHWC.
 //
-// The two big passes over x are vectorised loops over channels; the per-image vectors (means,
-// FC layers, gate) are tiny and go through ATen's BLAS in the accumulation dtype.
-//   forward   pass 1: pooled = mean_hw(x); excitation (FC, activation, FC, gate); pass 2: y = x * scale
+// The two big passes over x are vectorised loops over channels. The forward's excitation (FC,
+// activation, FC, gate on the per-image means) is a loop of dot products: at inference batch
+// sizes a chain of ATen calls costs more than its arithmetic. The backward needs the
+// excitation's intermediates and its transposed products, and takes them from ATen's BLAS.
+//   forward   pass 1: pooled = mean_hw(x); excitation; pass 2: y = x * scale
 //   backward  pass 1: dscale = sum_hw(grad_y * x); the excitation's backward;
 //             pass 2: grad_x = grad_y * scale + grad_pooled / HW
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "../squeeze_excitation_fc.h"
 #include "cpu_utils.h"
@@ -16,29 +20,101 @@ namespace {
 
 using at::Tensor;
 
-// Pixels of one image per parallel task.
+// Pixels of one image per parallel task of the scaling pass, and per partial sum of the pooling
+// pass (fp32 sums over a few hundred values, then over the partials, stay close to eager's).
 constexpr int64_t kPixelsPerTask = 256;
+// Channels per pooling task: each task owns its (image, channel block) sums, so no partial sums
+// are shared between threads.
+constexpr int64_t kChannelBlock = 64;
 // Elements per thread below which a pass runs on one thread: starting the others costs more.
-constexpr int64_t kSerialElements = int64_t(1) << 18;
+constexpr int64_t kSerialElements = int64_t(1) << 16;
+// The same for an FC layer's multiply-adds: its weights come from beyond L2, so it splits sooner.
+constexpr int64_t kSerialWeights = int64_t(1) << 15;
 
-// Tasks per parallel chunk, so that small passes (SE at batch 1) run serially.
-int64_t task_grain(int64_t channels) { return std::max<int64_t>(1, kSerialElements / (kPixelsPerTask * std::max<int64_t>(channels, 1))); }
+// Tasks of `elements_per_task` per parallel chunk, so that small passes (SE at batch 1) run serially.
+int64_t task_grain(int64_t elements_per_task) { return std::max<int64_t>(1, kSerialElements / std::max<int64_t>(elements_per_task, 1)); }
 
-// partial[n][c] += sum of a[p][c] (* b[p][c] when b is given) over pixels [p0, p1) of image n.
+// sums[k] = factor * sum over the image's pixels of a[p][k] (* b[p][k] when b is given), k < nc;
+// a and b point at the block's first channel, c is the pixel stride.
 template <typename T, typename Acc>
-FASTMB_MULTIVERSION void channel_sums(Acc* partial, const T* a, const T* b, int64_t c, int64_t p0, int64_t p1) {
-  for (int64_t p = p0; p < p1; ++p) {
-    const T* ap = a + p * c;
-    if (b == nullptr) {
-      for (int64_t k = 0; k < c; ++k) partial[k] += Acc(ap[k]);
-    } else {
-      const T* bp = b + p * c;
-      for (int64_t k = 0; k < c; ++k) partial[k] += Acc(ap[k]) * Acc(bp[k]);
+FASTMB_MULTIVERSION void channel_block_sums(Acc* sums, const T* a, const T* b, int64_t c, int64_t nc, int64_t pixels, Acc factor) {
+  Acc total[kChannelBlock] = {};
+  for (int64_t p0 = 0; p0 < pixels; p0 += kPixelsPerTask) {
+    Acc partial[kChannelBlock] = {};
+    for (int64_t p = p0; p < std::min(pixels, p0 + kPixelsPerTask); ++p) {
+      const T* ap = a + p * c;
+      if (b == nullptr) {
+        for (int64_t k = 0; k < nc; ++k) partial[k] += Acc(ap[k]);
+      } else {
+        const T* bp = b + p * c;
+        for (int64_t k = 0; k < nc; ++k) partial[k] += Acc(ap[k]) * Acc(bp[k]);
+      }
     }
+    for (int64_t k = 0; k < nc; ++k) total[k] += partial[k];
   }
+  for (int64_t k = 0; k < nc; ++k) sums[k] = total[k] * factor;
 }
 
-// out[p][c] = a[p][c] * scale[c] + shift[c] over pixels [p0, p1) of one image.
+// (N, C) sums over each image's pixels of a (or a * b), times factor, in the accumulation dtype.
+template <typename T, typename Acc>
+Tensor image_channel_sums(const Tensor& a, const Tensor* b, int64_t n, int64_t c, int64_t pixels, Acc factor, const Tensor& acc_like) {
+  Tensor sums = at::empty({n, c}, acc_like.options());
+  const int64_t blocks = (c + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, n * blocks, task_grain(pixels * kChannelBlock), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t image = task / blocks, c0 = (task % blocks) * kChannelBlock, offset = image * pixels * c + c0;
+      channel_block_sums<T, Acc>(sums.mutable_data_ptr<Acc>() + image * c + c0, a.const_data_ptr<T>() + offset,
+                                 b ? b->const_data_ptr<T>() + offset : nullptr, c, std::min(kChannelBlock, c - c0), pixels, factor);
+    }
+  });
+  return sums;
+}
+
+// dot(w, v) over k values with vector accumulators: a plain loop does not vectorise, as the
+// compiler may not reorder a floating-point sum.
+template <typename Acc>
+FASTMB_INLINE Acc dot(const Acc* w, const Acc* v, int64_t k) {
+  using V = Vec<Acc>;
+  typename V::type s0 = {}, s1 = {};
+  int64_t i = 0;
+  for (; i + 2 * V::kLanes <= k; i += 2 * V::kLanes) {
+    s0 += V::load(w + i) * V::load(v + i);
+    s1 += V::load(w + i + V::kLanes) * V::load(v + i + V::kLanes);
+  }
+  for (; i + V::kLanes <= k; i += V::kLanes) s0 += V::load(w + i) * V::load(v + i);
+  s0 += s1;
+  Acc sum = 0;
+  for (int l = 0; l < V::kLanes; ++l) sum += s0[l];
+  for (; i < k; ++i) sum += w[i] * v[i];
+  return sum;
+}
+
+// out[i][r] = bias[r] + dot(weight[r], in[i]) for the n images and output rows [r0, r1): each
+// weight row is read once for all images. weight is (out_features, in_features), row-major.
+template <typename Acc>
+FASTMB_MULTIVERSION void fully_connected_rows(Acc* out, const Acc* in, const Acc* weight, const Acc* bias, int64_t n, int64_t in_features,
+                                              int64_t out_features, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t i = 0; i < n; ++i)
+      out[i * out_features + r] = (bias ? bias[r] : Acc(0)) + dot(weight + r * in_features, in + i * in_features, in_features);
+}
+
+// One FC layer of the excitation, then `finish` on each output: parallel over output rows when
+// the layer is large enough to pay for it.
+template <typename Acc, typename Finish>
+void fully_connected(Acc* out, const Acc* in, const Tensor& weight, const std::optional<Tensor>& bias, int64_t n, Finish finish) {
+  const at::ScalarType acc_type = c10::CppTypeToScalarType<Acc>::value;
+  const Tensor w = weight.to(acc_type).contiguous();
+  const Tensor b = bias.has_value() ? bias->to(acc_type).contiguous() : Tensor();
+  const int64_t out_features = w.size(0), in_features = w.size(1);
+  at::parallel_for(0, out_features, std::max<int64_t>(1, kSerialWeights / std::max<int64_t>(n * in_features, 1)), [&](int64_t r0, int64_t r1) {
+    fully_connected_rows<Acc>(out, in, w.const_data_ptr<Acc>(), b.defined() ? b.const_data_ptr<Acc>() : nullptr, n, in_features,
+                              out_features, r0, r1);
+  });
+  for (int64_t k = 0; k < n * out_features; ++k) out[k] = finish(out[k]);
+}
+
+// out[p][k] = a[p][k] * scale[k] + shift[k] over pixels [p0, p1) of one image.
 template <typename T, typename Acc>
 FASTMB_MULTIVERSION void scale_shift(T* out, const T* a, const Acc* scale, const Acc* shift, int64_t c, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
@@ -52,32 +128,16 @@ FASTMB_MULTIVERSION void scale_shift(T* out, const T* a, const Acc* scale, const
   }
 }
 
-// (N, C) sums over each image's pixels of a (or a * b), in the accumulation dtype.
-template <typename T, typename Acc>
-Tensor image_channel_sums(const Tensor& a, const Tensor* b, int64_t n, int64_t c, int64_t pixels, const Tensor& acc_like) {
-  const int64_t chunks = std::max<int64_t>(1, (pixels + kPixelsPerTask - 1) / kPixelsPerTask);
-  Tensor partial = per_thread_zeros<Acc>(n * c, acc_like);
-  at::parallel_for(0, n * chunks, task_grain(c), [&](int64_t begin, int64_t end) {
-    Acc* mine = partial.mutable_data_ptr<Acc>() + at::get_thread_num() * n * c;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t image = task / chunks, p0 = (task % chunks) * kPixelsPerTask, p1 = std::min(pixels, p0 + kPixelsPerTask);
-      const int64_t offset = image * pixels * c;
-      channel_sums<T, Acc>(mine + image * c, a.const_data_ptr<T>() + offset, b ? b->const_data_ptr<T>() + offset : nullptr, c, p0, p1);
-    }
-  });
-  return partial.sum(0).view({n, c});
-}
-
 // out = a * scale[n] (+ shift[n]) per image, (N, C) scale and shift.
 template <typename T, typename Acc>
-void apply_scale(Tensor& out, const Tensor& a, const Tensor& scale, const Tensor* shift, int64_t n, int64_t c, int64_t pixels) {
+void apply_scale(Tensor& out, const Tensor& a, const Acc* scale, const Acc* shift, int64_t n, int64_t c, int64_t pixels) {
   const int64_t chunks = std::max<int64_t>(1, (pixels + kPixelsPerTask - 1) / kPixelsPerTask);
-  at::parallel_for(0, n * chunks, task_grain(c), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n * chunks, task_grain(kPixelsPerTask * c), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / chunks, p0 = (task % chunks) * kPixelsPerTask, p1 = std::min(pixels, p0 + kPixelsPerTask);
       const int64_t offset = image * pixels * c;
-      scale_shift<T, Acc>(out.mutable_data_ptr<T>() + offset, a.const_data_ptr<T>() + offset, scale.const_data_ptr<Acc>() + image * c,
-                          shift ? shift->const_data_ptr<Acc>() + image * c : nullptr, c, p0, p1);
+      scale_shift<T, Acc>(out.mutable_data_ptr<T>() + offset, a.const_data_ptr<T>() + offset, scale + image * c,
+                          shift ? shift + image * c : nullptr, c, p0, p1);
     }
   });
 }
@@ -96,13 +156,17 @@ std::tuple<Tensor, Tensor> squeeze_excitation_forward(const Tensor& x_in, const 
   const Tensor x = as_nhwc(x_in);
   Tensor y = at::empty_like(x_in);
   Tensor y_nhwc = y.is_contiguous(at::MemoryFormat::ChannelsLast) ? y : at::empty_like(x);
+  const Activation act = parse_activation(activation);
+  const Gate gate_kind = parse_gate(gate);
   Tensor pooled;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastmb_se_forward", [&] {
     using Acc = at::opmath_type<scalar_t>;
     const Tensor acc_like = at::empty({0}, x.options().dtype(c10::CppTypeToScalarType<Acc>::value));
-    pooled = image_channel_sums<scalar_t, Acc>(x, nullptr, n, c, pixels, acc_like).div_(double(pixels));
-    const Tensor scale = excitation(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, parse_activation(activation), parse_gate(gate)).scale;
-    apply_scale<scalar_t, Acc>(y_nhwc, x, scale, nullptr, n, c, pixels);
+    pooled = image_channel_sums<scalar_t, Acc>(x, nullptr, n, c, pixels, Acc(1) / Acc(pixels), acc_like);
+    std::vector<Acc> hidden(n * fc1_weight.size(0)), scale(n * c);
+    fully_connected(hidden.data(), pooled.const_data_ptr<Acc>(), fc1_weight, fc1_bias, n, [&](Acc v) { return activate(act, v); });
+    fully_connected(scale.data(), hidden.data(), fc2_weight, fc2_bias, n, [&](Acc v) { return gate_value(gate_kind, v); });
+    apply_scale<scalar_t, Acc>(y_nhwc, x, scale.data(), nullptr, n, c, pixels);
   });
   if (!y_nhwc.is_same(y)) y.copy_(y_nhwc);
   return {y, pooled};
@@ -123,10 +187,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> squeeze_excitation_backward(
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastmb_se_backward", [&] {
     using Acc = at::opmath_type<scalar_t>;
     const Excitation fc = excitation(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate);
-    const Tensor grad_scale = image_channel_sums<scalar_t, Acc>(grad_y, &x, n, c, pixels, pooled);
+    const Tensor grad_scale = image_channel_sums<scalar_t, Acc>(grad_y, &x, n, c, pixels, Acc(1), pooled);
     grads = excitation_backward(grad_scale, pooled, fc, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate);
     const Tensor grad_pooled = grads.pooled.div_(double(std::max<int64_t>(pixels, 1)));
-    apply_scale<scalar_t, Acc>(grad_x_nhwc, grad_y, fc.scale, &grad_pooled, n, c, pixels);
+    apply_scale<scalar_t, Acc>(grad_x_nhwc, grad_y, fc.scale.const_data_ptr<Acc>(), grad_pooled.const_data_ptr<Acc>(), n, c, pixels);
   });
   if (!grad_x_nhwc.is_same(grad_x)) grad_x.copy_(grad_x_nhwc);
   const auto& p = grads.parameters;

@@ -222,3 +222,29 @@ def test_conv_bn_act_training_matches_eager(activation, momentum):
         results.append([y, xi.grad, *(p.grad for p in module.parameters()), *module.buffers()])
     for ours, theirs in zip(*results):
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("activation", ["hardswish", "relu", "relu6", "identity"])
+@pytest.mark.parametrize("kernel_size, stride", [(1, 1), (3, 2)])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "contiguous"])
+def test_conv_bn_act_eval_matches_eager(activation, kernel_size, stride, memory_format):
+    """ConvBNAct's eval path (BN folded into the conv; oneDNN with a packed weight for
+    channels_last float32) against the plain module stack: values, NaN, memory format, and
+    again after the parameters and statistics change, and after a deep copy."""
+    from fastmb.models.layers import ConvBNAct
+
+    fused = ConvBNAct(6, 10, kernel_size, stride, activation=activation).eval()
+    randomize_batch_norm(fused)
+    eager = nn.Sequential(*fused.children())  # the same parameters and buffers
+    x = torch.randn(3, 6, 9, 11).contiguous(memory_format=memory_format)
+    x[1, :, 4, 5] = float("nan")
+    with torch.no_grad():
+        for step in range(3):
+            if step == 1:
+                fused[0].weight.mul_(-1.5)
+                fused[1].running_var.add_(0.5)
+            module = copy.deepcopy(fused) if step == 2 else fused
+            y, expected = module(x), eager(x)
+            assert y.is_contiguous(memory_format=memory_format)
+            assert torch.isnan(expected).any()
+            torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
