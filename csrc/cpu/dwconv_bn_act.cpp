@@ -25,7 +25,8 @@ namespace {
 
 using at::Tensor;
 
-// Channels per backward task (pass 2 runs per image and channel block).
+// Channels per backward pass-2 task when images alone would not share out evenly between the
+// threads (pass 2 runs per image and channel block; see pass_two_block).
 constexpr int64_t kBlock = 64;
 // Accumulators per row chunk: a chunk of output pixels times the channels, kept in L1.
 constexpr int64_t kChunkValues = 4096;
@@ -344,12 +345,16 @@ FASTMB_MULTIVERSION void statistics_rows(Acc* z_out, double* mean, double* m2, i
 template <typename T, typename Acc>
 FASTMB_INLINE void grad_u(Acc* gu, Acc* z, const T* gy, int64_t gy_stride, const Acc* mean, const Acc* invstd, const Acc* gamma,
                           const Acc* beta, Activation act, int64_t pixels, int64_t nc) {
+  // grad_y first, in a loop of its own: inside the next one the compiler makes it a masked load
+  // (activation_grad may not need it), which stalls on every cache miss.
+  for (int64_t p = 0; p < pixels; ++p)
+    for (int64_t c = 0; c < nc; ++c) gu[p * nc + c] = Acc(gy[p * gy_stride + c]);
 #define FASTMB_GRAD(A)                                                               \
   for (int64_t p = 0; p < pixels; ++p)                                               \
     for (int64_t c = 0; c < nc; ++c) {                                               \
       const Acc x_hat = (z[p * nc + c] - mean[c]) * invstd[c];                       \
       z[p * nc + c] = x_hat;                                                         \
-      gu[p * nc + c] = activation_grad<Acc>(A, Acc(gy[p * gy_stride + c]), x_hat * gamma[c] + beta[c]); \
+      gu[p * nc + c] = activation_grad<Acc>(A, gu[p * nc + c], x_hat * gamma[c] + beta[c]); \
     }
   switch (act) {
     case Activation::kHardswish: FASTMB_GRAD(Activation::kHardswish); break;
@@ -360,17 +365,11 @@ FASTMB_INLINE void grad_u(Acc* gu, Acc* z, const T* gy, int64_t gy_stride, const
 #undef FASTMB_GRAD
 }
 
-// Offset of image n's channel block from c0 (nc channels) in the [N][blocks][Ho * Wo][nc] layout
-// pass 1 keeps x_hat and dL/du in, so that pass 2's tasks read them contiguously.
-FASTMB_INLINE int64_t block_offset(const Geometry& g, int64_t n, int64_t c0) { return (n * g.c + c0) * g.ho * g.wo; }
-
-// Backward pass 1: per-channel sums of dL/du and dL/du * x_hat over rows [begin, end); x_hat
-// and dL/du are kept in block layout (block_offset) for pass 2 when xhat_store is given.
+// Backward pass 1: per-channel sums of dL/du and dL/du * x_hat over rows [begin, end).
 template <int K, typename T, typename Acc>
-FASTMB_MULTIVERSION void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, Acc* xhat_store, Acc* gu_store, const T* gy, const T* x,
-                                        const Acc* w,
-                                        const Acc* mean, const Acc* invstd, const Acc* gamma, const Acc* beta, Geometry g,
-                                        Activation act, int64_t begin, int64_t end) {
+FASTMB_MULTIVERSION void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, const T* gy, const T* x, const Acc* w, const Acc* mean,
+                                        const Acc* invstd, const Acc* gamma, const Acc* beta, Geometry g, Activation act,
+                                        int64_t begin, int64_t end) {
   const int64_t chunk = chunk_pixels(g.c);
   std::vector<Acc> z(chunk * g.c), gu(chunk * g.c), partial_gu(g.c), partial_gu_xhat(g.c);
   for (int64_t row = begin; row < end; ++row) {
@@ -381,13 +380,6 @@ FASTMB_MULTIVERSION void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, Acc
       const int64_t pixels = std::min(chunk, g.wo - ow0);
       conv_row<K>(StoreValues<Acc, Acc>{z.data(), g.c}, x + n * g.h * g.w * g.c, w, g, oh, ow0, pixels, 0, g.c);
       grad_u(gu.data(), z.data(), gy + (row * g.wo + ow0) * g.c, g.c, mean, invstd, gamma, beta, act, pixels, g.c);
-      for (int64_t c0 = 0; c0 < g.c && xhat_store != nullptr; c0 += kBlock) {
-        const int64_t nc = std::min(kBlock, g.c - c0), offset = block_offset(g, n, c0) + (oh * g.wo + ow0) * nc;
-        for (int64_t p = 0; p < pixels; ++p) {
-          std::copy(z.data() + p * g.c + c0, z.data() + p * g.c + c0 + nc, xhat_store + offset + p * nc);
-          std::copy(gu.data() + p * g.c + c0, gu.data() + p * g.c + c0 + nc, gu_store + offset + p * nc);
-        }
-      }
       for (int64_t p = 0; p < pixels; ++p)
         for (int64_t c = 0; c < g.c; ++c) {
           partial_gu[c] += gu[p * g.c + c];
@@ -559,34 +551,28 @@ FASTMB_INLINE void grad_x_row(T* gx, const Acc* gz, const Acc* w, const Geometry
 // gz (this task's buffer: the whole [Ho][Wo][nc] when dL/dx is wanted, one chunk otherwise), the
 // weight gradient from each row (gw: this thread's [taps][C] partial, or null), then dL/dx as a
 // gather from gz (gx: the NHWC output, or null) — or, given the flipped weight (stride 1),
-// as a conv. x_hat and dL/du come from pass 1 (block layout) when xhat_stored is given; else
-// they are recomputed from x and grad_y.
+// as a conv. x_hat and dL/du are recomputed from x and grad_y: cheaper than keeping them from
+// pass 1, which writes and reads two more tensors.
 template <int K, typename T, typename Acc>
-FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc>& gz, const Acc* xhat_stored, const Acc* gu_stored,
-                                                 const T* gy, const T* x, const Acc* w, const Acc* flipped,
+FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc>& gz, const T* gy, const T* x, const Acc* w,
+                                                 const Acc* flipped,
                                                  const Acc* mean, const Acc* invstd, const Acc* gamma, const Acc* beta, const Acc* a,
                                                  const Acc* b, const Acc* d, const TapSources& rows, const TapSources& cols, Geometry g,
                                                  Activation act, int64_t n, int64_t c0, int64_t nc) {
   const T* x_img = x + n * g.h * g.w * g.c;
   const int64_t chunk = chunk_pixels(nc);
-  std::vector<Acc> z(xhat_stored != nullptr ? 0 : chunk * nc);  // recomputed z, when pass 1 kept none
+  std::vector<Acc> x_hat(chunk * nc);
   gz.resize(gx != nullptr ? g.ho * g.wo * nc : chunk * nc);
   for (int64_t oh = 0; oh < g.ho; ++oh) {
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
       const int64_t pixels = std::min(chunk, g.wo - ow0);
       Acc* gz_chunk = gx != nullptr ? gz.data() + (oh * g.wo + ow0) * nc : gz.data();
-      const Acc *x_hat = z.data(), *gu = gz_chunk;
-      if (xhat_stored != nullptr) {
-        const int64_t offset = block_offset(g, n, c0) + (oh * g.wo + ow0) * nc;
-        x_hat = xhat_stored + offset, gu = gu_stored + offset;
-      } else {
-        conv_row<K>(StoreValues<Acc, Acc>{z.data(), nc}, x_img, w, g, oh, ow0, pixels, c0, nc);
-        grad_u(gz_chunk, z.data(), gy + ((n * g.ho + oh) * g.wo + ow0) * g.c + c0, g.c, mean + c0, invstd + c0, gamma + c0,
-               beta + c0, act, pixels, nc);
-      }
+      conv_row<K>(StoreValues<Acc, Acc>{x_hat.data(), nc}, x_img, w, g, oh, ow0, pixels, c0, nc);
+      grad_u(gz_chunk, x_hat.data(), gy + ((n * g.ho + oh) * g.wo + ow0) * g.c + c0, g.c, mean + c0, invstd + c0, gamma + c0,
+             beta + c0, act, pixels, nc);
       for (int64_t p = 0; p < pixels; ++p)
         for (int64_t c = 0; c < nc; ++c)
-          gz_chunk[p * nc + c] = a[c0 + c] * gu[p * nc + c] - b[c0 + c] - x_hat[p * nc + c] * d[c0 + c];
+          gz_chunk[p * nc + c] = a[c0 + c] * gz_chunk[p * nc + c] - b[c0 + c] - x_hat[p * nc + c] * d[c0 + c];
       if constexpr (K != 0) {
         if (gw != nullptr) weight_grad_row_k<K>(gw + c0, gz_chunk, x_img + c0, g, oh, ow0, pixels, nc);
       } else if (gw != nullptr) {
@@ -624,15 +610,15 @@ const Acc* taps_major_scratch(const Tensor& weight) {
 // Stride 1 (K specialised, padding within the kernel's extent): dL/dx is the conv of dL/dz with
 // the flipped kernel (padding (K - 1) * dilation - pad), which the forward's sliding tiles
 // compute with dL/dz in registers instead of a gather. The flipped taps-major weight per
-// channel block ([blocks][taps][nc], the tasks' channel stride), built once per call; empty when
-// the geometry gathers.
+// channel block of `block` channels ([blocks][taps][nc], the tasks' channel stride), built once
+// per call; empty when the geometry gathers.
 template <int K, typename Acc>
-std::vector<Acc> flipped_blocks(const Acc* w, const Geometry& g) {
+std::vector<Acc> flipped_blocks(const Acc* w, const Geometry& g, int64_t block) {
   if (K == 0 || g.sh != 1 || g.sw != 1 || g.ph > (g.kh - 1) * g.dh || g.pw > g.kw - 1) return {};
   const int taps = g.kh * g.kw;
   std::vector<Acc> flipped(taps * g.c);
-  for (int64_t c0 = 0; c0 < g.c; c0 += kBlock) {
-    const int64_t nc = std::min(kBlock, g.c - c0);
+  for (int64_t c0 = 0; c0 < g.c; c0 += block) {
+    const int64_t nc = std::min(block, g.c - c0);
     for (int t = 0; t < taps; ++t)
       std::copy(w + t * g.c + c0, w + t * g.c + c0 + nc, flipped.data() + c0 * taps + (taps - 1 - t) * nc);
   }
@@ -784,19 +770,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
     const Acc *pm = mean.const_data_ptr<Acc>(), *pg = gamma.const_data_ptr<Acc>(), *pb = beta.const_data_ptr<Acc>();
     dispatch_kernel_size<scalar_t>(g, [&](auto kernel) {
       constexpr int K = decltype(kernel)::value;
-      // Pass 1 keeps x_hat and dL/du for pass 2 in transient buffers (nothing extra is saved for
-      // backward): pass 2 then neither recomputes the conv nor reads grad_y with a stride.
       const bool pass_one = training || output_mask[2], pass_two = output_mask[0] || output_mask[1];
-      const Tensor kept = pass_one && pass_two ? at::empty({2, values * g.c}, acc_options) : Tensor();
-      Acc* xhat_store = kept.defined() ? kept[0].mutable_data_ptr<Acc>() : nullptr;
-      Acc* gu_store = kept.defined() ? kept[1].mutable_data_ptr<Acc>() : nullptr;
       if (pass_one) {
         const int threads = at::get_num_threads();
         std::vector<double> sums(2 * threads * g.c, 0.0);
         at::parallel_for(0, g.n * g.ho, row_grain(g), [&](int64_t begin, int64_t end) {
           double* s = sums.data() + 2 * at::get_thread_num() * g.c;
-          grad_sums_rows<K>(s, s + g.c, xhat_store, gu_store, grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w,
-                            pm, invstd.data(), pg, pb, g, act, begin, end);
+          grad_sums_rows<K>(s, s + g.c, grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w, pm, invstd.data(), pg,
+                            pb, g, act, begin, end);
         });
         for (int64_t c = 0; c < g.c; ++c) {
           double sum_gu = 0.0, sum_gu_xhat = 0.0;
@@ -817,14 +798,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
       if (!pass_two) return;
       Tensor gw_partials = output_mask[1] ? per_thread_zeros<Acc>(taps * g.c, x) : Tensor();
       const TapSources rows(g.h, g.kh, g.sh, g.ph, g.dh, g.ho), cols(g.w, g.kw, g.sw, g.pw, g.dw, g.wo);
-      const std::vector<Acc> flipped = output_mask[0] ? flipped_blocks<K>(w, g) : std::vector<Acc>();
-      const int64_t blocks = (g.c + kBlock - 1) / kBlock;
+      // Whole images (every channel: grad_y and x rows read contiguously) when they share out
+      // evenly between the threads, else channel blocks of each image.
+      const int threads = at::get_num_threads();
+      const int64_t block = g.n % threads == 0 || g.n >= 4 * threads ? g.c : kBlock;
+      const std::vector<Acc> flipped = output_mask[0] ? flipped_blocks<K>(w, g, block) : std::vector<Acc>();
+      const int64_t blocks = (g.c + block - 1) / block;
       at::parallel_for(0, g.n * blocks, 1, [&](int64_t begin, int64_t end) {
         std::vector<Acc> gz;
         Acc* gw = output_mask[1] ? gw_partials.mutable_data_ptr<Acc>() + at::get_thread_num() * taps * g.c : nullptr;
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t n = task / blocks, c0 = (task % blocks) * kBlock, nc = std::min(kBlock, g.c - c0);
-          grad_input_weight_block<K>(output_mask[0] ? grad_x.nhwc.mutable_data_ptr<scalar_t>() : nullptr, gw, gz, xhat_store, gu_store,
+          const int64_t n = task / blocks, c0 = (task % blocks) * block, nc = std::min(block, g.c - c0);
+          grad_input_weight_block<K>(output_mask[0] ? grad_x.nhwc.mutable_data_ptr<scalar_t>() : nullptr, gw, gz,
                                      grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w,
                                      flipped.empty() ? nullptr : flipped.data(), pm,
                                      invstd.data(), pg, pb, a.data(), b.data(), d.data(), rows, cols, g, act, n, c0, nc);

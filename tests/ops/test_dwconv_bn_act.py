@@ -62,6 +62,15 @@ def test_wide_rows_and_channel_tails(backend, device, dtype, training, config):
     compare((2, 21, 5, 23), config, dtype, torch.channels_last, training, device)
 
 
+@pytest.mark.parametrize("batch", [3, 4])
+@pytest.mark.parametrize("config", [(3, 1, 1, "hardswish"), (5, 2, 1, "relu")], ids=lambda c: "k{}s{}d{}-{}".format(*c))
+def test_many_channels_per_image_or_per_block(backend, device, batch, config):
+    """131 channels: the CPU backward splits its second pass by whole images when they share
+    out evenly between the threads (batch 4 on 2 threads), else by blocks of 64 channels
+    and a tail (batch 3)."""
+    compare((batch, 131, 6, 9), config, torch.float32, torch.channels_last, True, device)
+
+
 def test_momentum_none_is_cumulative_average(backend, device):
     compare((2, 4, 6, 6), (3, 1, 1, "relu6"), torch.float32, torch.contiguous_format, True, device, momentum=None)
 
