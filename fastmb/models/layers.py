@@ -1,6 +1,5 @@
 """Building blocks shared by the MobileNet builders."""
 
-import platform
 from collections.abc import Callable
 
 import torch
@@ -67,36 +66,13 @@ def _batch_norm_activation(bn: nn.BatchNorm2d, activation: nn.Module, z: Tensor)
     return _BatchNormActivation.apply(z, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps, activation)
 
 
-# Eval-mode convolutions of channels_last float32 tensors on x86-64 CPUs go through oneDNN's
-# fused convolution (what torch.compile's CPU backend calls) with the folded weight reordered
-# once into oneDNN's blocked layout, instead of on every call. oneDNN's relu and clip turn NaN
-# into 0 where eager keeps it, so only hardswish is fused; relu and relu6 run after it, in place.
-_ONEDNN_POST_OPS: dict[type[nn.Module], str] = {nn.Hardswish: "hardswish"}
-_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
-
-
-def _onednn_serves(x: Tensor, conv: nn.Conv2d) -> bool:
-    return (
-        _X86_64
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and conv.padding_mode == "zeros"
-        and not torch.is_autocast_enabled("cpu")
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-    )
-
-
 class ConvBNAct(nn.Sequential):
     """Conv2d (no bias) + norm + optional activation: children "0", "1", "2", the layout of
     torchvision's Conv2dNormActivation, so state_dicts match key for key.
 
     In eval mode without autograd, a BatchNorm2d is folded into the convolution's weight and
     bias (recomputed only when a parameter or statistic changes), which removes the batch
-    norm's pass over the output: most of MobileNet's remaining memory traffic. On x86-64 CPUs
-    the folded weight of channels_last float32 inputs is also kept in oneDNN's layout, with
-    hardswish fused into the convolution. In training,
+    norm's pass over the output: most of MobileNet's remaining memory traffic. In training,
     BatchNorm2d + hardswish/relu6 keep only the conv output for backward (eager also keeps the
     batch norm's output), a quarter less memory for MobileNetV3's activations.
     """
@@ -122,11 +98,6 @@ class ConvBNAct(nn.Sequential):
         super().__init__(*layers)
         self.out_channels = out_channels
         self._folded: tuple | None = None  # (key, weight, bias)
-        self._packed: tuple | None = None  # (folded weight, its oneDNN layout)
-
-    def __getstate__(self) -> dict:
-        # The caches are rebuilt on demand; oneDNN's opaque tensors can be neither copied nor saved.
-        return {**super().__getstate__(), "_folded": None, "_packed": None}
 
     def _folded_conv(self) -> tuple[Tensor, Tensor]:
         conv, bn = self[0], self[1]
@@ -154,25 +125,8 @@ class ConvBNAct(nn.Sequential):
         if not foldable:
             return super().forward(x)
         weight, bias = self._folded_conv()
-        activation = self[2] if len(self) == 3 else None
-        if _onednn_serves(x, conv):
-            post_op = _ONEDNN_POST_OPS.get(type(activation), "none")
-            y = torch.ops.mkldnn._convolution_pointwise(
-                x, self._packed_weight(weight, x), bias, conv.padding, conv.stride, conv.dilation, conv.groups, post_op, [], ""
-            )
-            return activation(y) if activation is not None and post_op == "none" else y
         y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return activation(y) if activation is not None else y
-
-    def _packed_weight(self, weight: Tensor, x: Tensor) -> Tensor:
-        """The folded weight reordered into oneDNN's blocked layout, once per folding."""
-        if self._packed is None or self._packed[0] is not weight:
-            conv = self[0]
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                weight.to_mkldnn(), conv.padding, conv.stride, conv.dilation, conv.groups, x.shape
-            )
-            self._packed = (weight, packed)
-        return self._packed[1]
+        return self[2](y) if len(self) == 3 else y
 
     def _fuses_training_batch_norm(self, bn: nn.Module) -> bool:
         return (

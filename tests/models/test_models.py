@@ -228,9 +228,9 @@ def test_conv_bn_act_training_matches_eager(activation, momentum):
 @pytest.mark.parametrize("kernel_size, stride", [(1, 1), (3, 2)])
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "contiguous"])
 def test_conv_bn_act_eval_matches_eager(activation, kernel_size, stride, memory_format):
-    """ConvBNAct's eval path (BN folded into the conv; oneDNN with a packed weight for
-    channels_last float32) against the plain module stack: values, NaN, memory format, and
-    again after the parameters and statistics change, and after a deep copy."""
+    """ConvBNAct's eval path (BN folded into the conv, the fold cached) against the plain
+    module stack: values, NaN, memory format, and again after the parameters and statistics
+    change, and after a deep copy."""
     from fastmb.models.layers import ConvBNAct
 
     fused = ConvBNAct(6, 10, kernel_size, stride, activation=activation).eval()
