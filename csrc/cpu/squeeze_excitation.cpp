@@ -23,8 +23,9 @@ using at::Tensor;
 // Pixels of one image per parallel task of the scaling pass, and per partial sum of the pooling
 // pass (fp32 sums over a few hundred values, then over the partials, stay close to eager's).
 constexpr int64_t kPixelsPerTask = 256;
-// Channels per pooling task: each task owns its (image, channel block) sums, so no partial sums
-// are shared between threads.
+// Channels per pooling task when there are fewer images than threads: each task owns its
+// (image, channel block) sums, so no partial sums are shared between threads. With enough
+// images a task takes all of an image's channels, and reads its pixels contiguously.
 constexpr int64_t kChannelBlock = 64;
 // Elements per thread below which a pass runs on one thread: starting the others costs more.
 constexpr int64_t kSerialElements = int64_t(1) << 16;
@@ -35,36 +36,53 @@ constexpr int64_t kSerialWeights = int64_t(1) << 15;
 int64_t task_grain(int64_t elements_per_task) { return std::max<int64_t>(1, kSerialElements / std::max<int64_t>(elements_per_task, 1)); }
 
 // sums[k] = factor * sum over the image's pixels of a[p][k] (* b[p][k] when b is given), k < nc;
-// a and b point at the block's first channel, c is the pixel stride.
+// a and b point at the block's first channel, c is the pixel stride. Up to 8 vectors of channels
+// at a time, their sums in registers over the pixels (in memory they would wait on a
+// store-to-load round trip per pixel).
 template <typename T, typename Acc>
 FASTMB_MULTIVERSION void channel_block_sums(Acc* sums, const T* a, const T* b, int64_t c, int64_t nc, int64_t pixels, Acc factor) {
-  Acc total[kChannelBlock] = {};
-  for (int64_t p0 = 0; p0 < pixels; p0 += kPixelsPerTask) {
-    Acc partial[kChannelBlock] = {};
-    for (int64_t p = p0; p < std::min(pixels, p0 + kPixelsPerTask); ++p) {
-      const T* ap = a + p * c;
-      if (b == nullptr) {
-        for (int64_t k = 0; k < nc; ++k) partial[k] += Acc(ap[k]);
-      } else {
-        const T* bp = b + p * c;
-        for (int64_t k = 0; k < nc; ++k) partial[k] += Acc(ap[k]) * Acc(bp[k]);
+  using V = Vec<Acc>;
+  constexpr int64_t L = V::kLanes, NV = 8;
+  int64_t k0 = 0;
+  for (; nc - k0 >= L; ) {
+    const int64_t nv = std::min<int64_t>(NV, (nc - k0) / L);
+    typename V::type total[NV] = {};
+    for (int64_t p0 = 0; p0 < pixels; p0 += kPixelsPerTask) {
+      typename V::type partial[NV] = {};
+      for (int64_t p = p0; p < std::min(pixels, p0 + kPixelsPerTask); ++p) {
+        const T* ap = a + p * c + k0;
+        const T* bp = b == nullptr ? nullptr : b + p * c + k0;
+#pragma GCC unroll 8
+        for (int64_t v = 0; v < NV; ++v)
+          if (v < nv) partial[v] += bp == nullptr ? V::load(ap + v * L) : V::load(ap + v * L) * V::load(bp + v * L);
       }
+#pragma GCC unroll 8
+      for (int64_t v = 0; v < NV; ++v) total[v] += partial[v];
     }
-    for (int64_t k = 0; k < nc; ++k) total[k] += partial[k];
+    for (int64_t v = 0; v < nv; ++v) V::store(sums + k0 + v * L, total[v] * factor);
+    k0 += nv * L;
   }
-  for (int64_t k = 0; k < nc; ++k) sums[k] = total[k] * factor;
+  for (int64_t k = k0; k < nc; ++k) {
+    Acc total = 0;
+    for (int64_t p0 = 0; p0 < pixels; p0 += kPixelsPerTask) {
+      Acc partial = 0;
+      for (int64_t p = p0; p < std::min(pixels, p0 + kPixelsPerTask); ++p) partial += Acc(a[p * c + k]) * (b ? Acc(b[p * c + k]) : Acc(1));
+      total += partial;
+    }
+    sums[k] = total * factor;
+  }
 }
 
 // (N, C) sums over each image's pixels of a (or a * b), times factor, in the accumulation dtype.
 template <typename T, typename Acc>
 Tensor image_channel_sums(const Tensor& a, const Tensor* b, int64_t n, int64_t c, int64_t pixels, Acc factor, const Tensor& acc_like) {
   Tensor sums = at::empty({n, c}, acc_like.options());
-  const int64_t blocks = (c + kChannelBlock - 1) / kChannelBlock;
-  at::parallel_for(0, n * blocks, task_grain(pixels * kChannelBlock), [&](int64_t begin, int64_t end) {
+  const int64_t block = n >= at::get_num_threads() ? c : kChannelBlock, blocks = (c + block - 1) / block;
+  at::parallel_for(0, n * blocks, task_grain(pixels * block), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t image = task / blocks, c0 = (task % blocks) * kChannelBlock, offset = image * pixels * c + c0;
+      const int64_t image = task / blocks, c0 = (task % blocks) * block, offset = image * pixels * c + c0;
       channel_block_sums<T, Acc>(sums.mutable_data_ptr<Acc>() + image * c + c0, a.const_data_ptr<T>() + offset,
-                                 b ? b->const_data_ptr<T>() + offset : nullptr, c, std::min(kChannelBlock, c - c0), pixels, factor);
+                                 b ? b->const_data_ptr<T>() + offset : nullptr, c, std::min(block, c - c0), pixels, factor);
     }
   });
   return sums;
