@@ -67,6 +67,44 @@ FASTMB_INLINE VT activate_vector(VT u) {
   else return u;
 }
 
+// W values from p (Acc or bfloat16) as Acc: the Vec of them when W is its width, else (W = 1) one.
+template <typename Acc, int W, typename T>
+FASTMB_INLINE auto load_values(const T* p) {
+  if constexpr (W == 1) {
+    return Acc(*p);
+  } else {
+    static_assert(W == Vec<Acc>::kLanes);
+    return Vec<Acc>::load(p);
+  }
+}
+
+// sums[k] += the sum over pixels p < pixels of term(p, k, width), k < nc, with the sums of up to 8
+// vectors of channels held in registers over all the pixels (summed into memory, each pixel
+// would wait on a store-to-load round trip). term returns the Vec of channels k..k+kLanes for
+// width Int<kLanes>, and channel k alone for width Int<1> (the channels past the last vector).
+template <typename Acc, typename Term>
+FASTMB_INLINE void add_column_sums(Acc* sums, int64_t pixels, int64_t nc, const Term& term) {
+  using V = Vec<Acc>;
+  constexpr int L = V::kLanes, NV = 8;
+  int64_t k0 = 0;
+  while (nc - k0 >= L) {
+    const int64_t nv = std::min<int64_t>(NV, (nc - k0) / L);
+    typename V::type acc[NV] = {};
+    for (int64_t p = 0; p < pixels; ++p) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v)
+        if (v < nv) acc[v] += term(p, k0 + v * L, std::integral_constant<int, L>{});
+    }
+    for (int64_t v = 0; v < nv; ++v) V::store(sums + k0 + v * L, V::load(sums + k0 + v * L) + acc[v]);
+    k0 += nv * L;
+  }
+  for (int64_t k = k0; k < nc; ++k) {
+    Acc acc = 0;
+    for (int64_t p = 0; p < pixels; ++p) acc += term(p, k, std::integral_constant<int, 1>{});
+    sums[k] += acc;
+  }
+}
+
 // p, hidden from the optimiser: a pointer stepped through an unrolled loop stays one register
 // instead of becoming a precomputed offset per step.
 template <typename T>

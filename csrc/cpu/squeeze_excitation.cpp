@@ -36,41 +36,21 @@ constexpr int64_t kSerialWeights = int64_t(1) << 15;
 int64_t task_grain(int64_t elements_per_task) { return std::max<int64_t>(1, kSerialElements / std::max<int64_t>(elements_per_task, 1)); }
 
 // sums[k] = factor * sum over the image's pixels of a[p][k] (* b[p][k] when b is given), k < nc;
-// a and b point at the block's first channel, c is the pixel stride. Up to 8 vectors of channels
-// at a time, their sums in registers over the pixels (in memory they would wait on a
-// store-to-load round trip per pixel).
+// a and b point at the block's first channel, c is the pixel stride; partial holds nc values.
 template <typename T, typename Acc>
-FASTMB_MULTIVERSION void channel_block_sums(Acc* sums, const T* a, const T* b, int64_t c, int64_t nc, int64_t pixels, Acc factor) {
-  using V = Vec<Acc>;
-  constexpr int64_t L = V::kLanes, NV = 8;
-  int64_t k0 = 0;
-  for (; nc - k0 >= L; ) {
-    const int64_t nv = std::min<int64_t>(NV, (nc - k0) / L);
-    typename V::type total[NV] = {};
-    for (int64_t p0 = 0; p0 < pixels; p0 += kPixelsPerTask) {
-      typename V::type partial[NV] = {};
-      for (int64_t p = p0; p < std::min(pixels, p0 + kPixelsPerTask); ++p) {
-        const T* ap = a + p * c + k0;
-        const T* bp = b == nullptr ? nullptr : b + p * c + k0;
-#pragma GCC unroll 8
-        for (int64_t v = 0; v < NV; ++v)
-          if (v < nv) partial[v] += bp == nullptr ? V::load(ap + v * L) : V::load(ap + v * L) * V::load(bp + v * L);
-      }
-#pragma GCC unroll 8
-      for (int64_t v = 0; v < NV; ++v) total[v] += partial[v];
-    }
-    for (int64_t v = 0; v < nv; ++v) V::store(sums + k0 + v * L, total[v] * factor);
-    k0 += nv * L;
+FASTMB_MULTIVERSION void channel_block_sums(Acc* sums, const T* a, const T* b, int64_t c, int64_t nc, int64_t pixels, Acc factor,
+                                            Acc* partial) {
+  std::fill(sums, sums + nc, Acc(0));
+  for (int64_t p0 = 0; p0 < pixels; p0 += kPixelsPerTask) {
+    std::fill(partial, partial + nc, Acc(0));
+    add_column_sums(partial, std::min(kPixelsPerTask, pixels - p0), nc, [&](int64_t p, int64_t k, auto width) __attribute__((always_inline)) {
+      constexpr int W = decltype(width)::value;
+      const int64_t offset = (p0 + p) * c + k;
+      return b == nullptr ? load_values<Acc, W>(a + offset) : load_values<Acc, W>(a + offset) * load_values<Acc, W>(b + offset);
+    });
+    for (int64_t k = 0; k < nc; ++k) sums[k] += partial[k];
   }
-  for (int64_t k = k0; k < nc; ++k) {
-    Acc total = 0;
-    for (int64_t p0 = 0; p0 < pixels; p0 += kPixelsPerTask) {
-      Acc partial = 0;
-      for (int64_t p = p0; p < std::min(pixels, p0 + kPixelsPerTask); ++p) partial += Acc(a[p * c + k]) * (b ? Acc(b[p * c + k]) : Acc(1));
-      total += partial;
-    }
-    sums[k] = total * factor;
-  }
+  for (int64_t k = 0; k < nc; ++k) sums[k] *= factor;
 }
 
 // (N, C) sums over each image's pixels of a (or a * b), times factor, in the accumulation dtype.
@@ -79,10 +59,12 @@ Tensor image_channel_sums(const Tensor& a, const Tensor* b, int64_t n, int64_t c
   Tensor sums = at::empty({n, c}, acc_like.options());
   const int64_t block = n >= at::get_num_threads() ? c : kChannelBlock, blocks = (c + block - 1) / block;
   at::parallel_for(0, n * blocks, task_grain(pixels * block), [&](int64_t begin, int64_t end) {
+    std::vector<Acc> partial(std::min(block, c));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / blocks, c0 = (task % blocks) * block, offset = image * pixels * c + c0;
       channel_block_sums<T, Acc>(sums.mutable_data_ptr<Acc>() + image * c + c0, a.const_data_ptr<T>() + offset,
-                                 b ? b->const_data_ptr<T>() + offset : nullptr, c, std::min(block, c - c0), pixels, factor);
+                                 b ? b->const_data_ptr<T>() + offset : nullptr, c, std::min(block, c - c0), pixels, factor,
+                                 partial.data());
     }
   });
   return sums;
