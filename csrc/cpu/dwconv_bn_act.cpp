@@ -25,8 +25,8 @@ namespace {
 
 using at::Tensor;
 
-// Channels per backward pass-2 task when images alone would not share out evenly between the
-// threads (pass 2 runs per image and channel block; see pass_two_block).
+// Channels per backward pass-2 task when whole images would not share out evenly between the
+// threads (pass 2 runs per image, or per image and channel block).
 constexpr int64_t kBlock = 64;
 // Accumulators per row chunk: a chunk of output pixels times the channels, kept in L1.
 constexpr int64_t kChunkValues = 4096;
@@ -605,14 +605,8 @@ const Acc* taps_major_scratch(const Tensor& weight) {
   buffer.resize(channels * taps);
   const Tensor dense = weight.contiguous();
   const T* src = dense.const_data_ptr<T>();
-  // A transpose in blocks of 16 channels, whose source (16 x taps values) stays in L1: row by row
-  // it read or wrote one value per cache line, and cost half as much as a small layer's conv.
-  constexpr int64_t kChannels = 16;
-  for (int64_t c0 = 0; c0 < channels; c0 += kChannels) {
-    const int64_t c1 = std::min(channels, c0 + kChannels);
-    for (int64_t t = 0; t < taps; ++t)
-      for (int64_t c = c0; c < c1; ++c) buffer[t * channels + c] = Acc(src[c * taps + t]);
-  }
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t t = 0; t < taps; ++t) buffer[t * channels + c] = Acc(src[c * taps + t]);
   return buffer.data();
 }
 
