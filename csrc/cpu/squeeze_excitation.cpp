@@ -33,7 +33,9 @@ constexpr int64_t kSerialElements = int64_t(1) << 16;
 constexpr int64_t kSerialWeights = int64_t(1) << 15;
 
 // Tasks of `elements_per_task` per parallel chunk, so that small passes (SE at batch 1) run serially.
-int64_t task_grain(int64_t elements_per_task) { return std::max<int64_t>(1, kSerialElements / std::max<int64_t>(elements_per_task, 1)); }
+int64_t task_grain(int64_t elements_per_task, int64_t serial = kSerialElements) {
+  return std::max<int64_t>(1, serial / std::max<int64_t>(elements_per_task, 1));
+}
 
 // sums[k] = factor * sum over the image's pixels of a[p][k] (* b[p][k] when b is given), k < nc;
 // a and b point at the block's first channel, c is the pixel stride; partial holds nc values.
@@ -107,7 +109,7 @@ void fully_connected(Acc* out, const Acc* in, const Tensor& weight, const std::o
   const Tensor w = weight.to(acc_type).contiguous();
   const Tensor b = bias.has_value() ? bias->to(acc_type).contiguous() : Tensor();
   const int64_t out_features = w.size(0), in_features = w.size(1);
-  at::parallel_for(0, out_features, std::max<int64_t>(1, kSerialWeights / std::max<int64_t>(n * in_features, 1)), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, out_features, task_grain(n * in_features, kSerialWeights), [&](int64_t r0, int64_t r1) {
     fully_connected_rows<Acc>(out, in, w.const_data_ptr<Acc>(), b.defined() ? b.const_data_ptr<Acc>() : nullptr, n, in_features,
                               out_features, r0, r1);
   });
