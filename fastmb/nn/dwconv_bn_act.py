@@ -48,7 +48,7 @@ class DWConvBNAct(nn.Sequential):
         return f"activation={self.activation!r}"
 
     def forward(self, x: Tensor) -> Tensor:
-        conv, bn = self[0], self[1]
+        conv, bn = self._modules["0"], self._modules["1"]  # self[i] costs microseconds, a small layer's time
         # nn.BatchNorm2d.forward's rules for the averaging factor and which statistics to use.
         factor = 0.0 if bn.momentum is None else bn.momentum
         if self.training and bn.track_running_stats and bn.num_batches_tracked is not None:

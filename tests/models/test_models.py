@@ -209,7 +209,7 @@ def test_conv_bn_act_training_matches_eager(activation, momentum):
     fused = ConvBNAct(6, 10, 1, activation=activation, norm_layer=lambda c: nn.BatchNorm2d(c, momentum=momentum)).double().train()
     randomize_batch_norm(fused)
     eager = nn.Sequential(*copy.deepcopy(list(fused.children())))
-    assert fused._fuses_training_batch_norm(fused[1])
+    assert fused._fuses_training_batch_norm(fused[1], fused[2])
     x = torch.randn(3, 6, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(3, 10, 5, 7, dtype=torch.float64)
     results = []
@@ -227,17 +227,21 @@ def test_conv_bn_act_training_matches_eager(activation, momentum):
 @pytest.mark.parametrize("activation", ["hardswish", "relu", "relu6", "identity"])
 @pytest.mark.parametrize("kernel_size, stride", [(1, 1), (3, 2)])
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "contiguous"])
-def test_conv_bn_act_eval_matches_eager(activation, kernel_size, stride, memory_format):
-    """ConvBNAct's eval path (BN folded into the conv, the fold cached) against the plain
-    module stack: values, NaN, memory format, and again after the parameters and statistics
-    change, and after a deep copy."""
-    from fastmb.models.layers import ConvBNAct
+@pytest.mark.parametrize("shape", [(1, 6, 9, 11), (3, 6, 9, 11), (3, 6, 19, 21)], ids=["batch1", "few_pixels", "many_pixels"])
+def test_conv_bn_act_eval_matches_eager(activation, kernel_size, stride, memory_format, shape):
+    """ConvBNAct's eval path (BN folded into the conv, the fold cached; channels_last 1x1 convs
+    as a GEMM at batch 1 and few pixels, F.conv2d otherwise) against the plain module stack:
+    values, NaN, memory format, and again after the parameters and statistics change, and
+    after a deep copy."""
+    from fastmb.models.layers import _MATMUL_MAX_PIXELS, ConvBNAct
 
     fused = ConvBNAct(6, 10, kernel_size, stride, activation=activation).eval()
     randomize_batch_norm(fused)
     eager = nn.Sequential(*fused.children())  # the same parameters and buffers
-    x = torch.randn(3, 6, 9, 11).contiguous(memory_format=memory_format)
-    x[1, :, 4, 5] = float("nan")
+    x = torch.randn(shape).contiguous(memory_format=memory_format)
+    few_pixels = shape[0] == 1 or shape[0] * shape[2] * shape[3] <= _MATMUL_MAX_PIXELS
+    assert fused._pointwise_as_matmul(fused[0], x) == (kernel_size == 1 and memory_format == torch.channels_last and few_pixels)
+    x[-1, :, 4, 5] = float("nan")
     with torch.no_grad():
         for step in range(3):
             if step == 1:
