@@ -129,6 +129,36 @@ FASTMB_INLINE void conv_sliding_tile(const Store& store, int64_t p0, int count, 
   });
 }
 
+// Prefetches input columns [begin, end) (clamped to the image) of kernel rows [i_lo, i_hi) for
+// output row oh, channels c0..c0+nc.
+template <typename T>
+FASTMB_INLINE void prefetch_columns(const T* x_img, const Geometry& g, int i_lo, int i_hi, int64_t oh, int64_t begin, int64_t end,
+                                    int64_t c0, int64_t nc) {
+  begin = std::max<int64_t>(begin, 0), end = std::min(end, g.w);
+  if (begin >= end) return;
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int i = i_lo; i < i_hi; ++i) {
+    const T* row = x_img + (oh * g.sh - g.ph + int64_t(i) * g.dh) * g.w * g.c + c0;
+    if (nc == g.c) {  // the columns' channels are one contiguous range
+      for (int64_t k = begin * g.c; k < end * g.c; k += kLine) __builtin_prefetch(row + k);
+    } else {
+      for (int64_t q = begin; q < end; ++q)
+        for (int64_t k = 0; k < nc; k += kLine) __builtin_prefetch(row + q * g.c + k);
+    }
+  }
+}
+
+// Whether the sliding tiles prefetch their next input columns: each channel vector reads one
+// piece of every column, a pattern the hardware prefetchers follow with one cache line per pixel
+// and learn over many channel vectors, but not at 2 to 8 lines per pixel. Measured (fp32, batch
+// 16, in-process A/B): C64 and C72 maps of 56x56 and 112x112 1.03-1.10x faster, forward and
+// backward; C16, and C240 and wider, slower in separate-process runs.
+template <typename T>
+FASTMB_INLINE bool prefetches_columns(const Geometry& g, int64_t nc) {
+  const int64_t pixel_bytes = nc * int64_t(sizeof(T)), input_bytes = g.n * g.h * g.w * g.c * int64_t(sizeof(T));
+  return pixel_bytes > 64 && pixel_bytes <= 512 && input_bytes > (int64_t(2) << 20);  // and beyond L2
+}
+
 // Output pixels [ow0, ow0 + count) of row oh, channels c0..c0+nc, by sliding tiles of P pixels
 // (P / 2 for a short tail); channels past the last whole vector one at a time.
 template <int K, int S, typename T, typename Acc, typename Store>
@@ -136,9 +166,12 @@ FASTMB_INLINE void conv_row_sliding(const Store& store, const T* x_img, const Ac
                                     int64_t ow0, int64_t count, int64_t c0, int64_t nc) {
   constexpr int64_t L = Vec<Acc>::kLanes;
   constexpr int P = 8;
+  const bool prefetch = prefetches_columns<T>(g, nc);
   for (int64_t p0 = 0; p0 < count; p0 += P) {
     const int tile = int(std::min<int64_t>(P, count - p0));
     const int64_t iw0 = (ow0 + p0) * S - g.pw;  // input column of pixel p0's tap 0
+    // The next tile's new input columns, requested while this tile computes.
+    if (prefetch) prefetch_columns(x_img, g, i_lo, i_hi, oh, iw0 + (P - 1) * S + K, iw0 + (2 * P - 1) * S + K, c0, nc);
     const T* x_tap0 = x_img + ((oh * g.sh - g.ph) * g.w + iw0) * g.c + c0;
     const int q_lo = int(std::max<int64_t>(0, -iw0)), q_hi = int(std::min<int64_t>((P - 1) * S + K, g.w - iw0));
     const bool whole = tile > P / 2, inside = q_lo == 0 && q_hi == (whole ? P - 1 : P / 2 - 1) * S + K;

@@ -71,6 +71,15 @@ def test_many_channels_per_image_or_per_block(backend, device, batch, config):
     compare((batch, 131, 6, 9), config, torch.float32, torch.channels_last, True, device)
 
 
+@pytest.mark.parametrize("config", [(3, 1, 1, "hardswish"), (3, 2, 1, "relu")], ids=lambda c: "k{}s{}d{}-{}".format(*c))
+def test_input_beyond_l2(backend, device, config):
+    """72 channels over 2.4 MB of input: the CPU kernels' sliding tiles prefetch the input
+    columns of their next tile (2 to 8 cache lines per pixel, input larger than L2)."""
+    if backend != "cpu":
+        pytest.skip("a path of the CPU kernels (and a minute under the Triton interpreter)")
+    compare((2, 72, 64, 64), config, torch.float32, torch.channels_last, True, device)
+
+
 def test_momentum_none_is_cumulative_average(backend, device):
     compare((2, 4, 6, 6), (3, 1, 1, "relu6"), torch.float32, torch.contiguous_format, True, device, momentum=None)
 
