@@ -1,8 +1,9 @@
 """pytest-benchmark suites (`pytest bench/`). Every benchmark belongs to a group (one shape,
 mode and batch) and names its provider in extra_info; at the end each group's providers are
 printed with their speedup over the group's baseline (eager PyTorch, channels_last),
-measured in the same run (and, on a GPU, the achieved bandwidth against the measured copy
-bandwidth), and the geometric mean of the speedups per suite."""
+measured in the same run (on the CPU also paired: timed in alternation with the baseline; on
+a GPU, the achieved bandwidth against the measured copy bandwidth), and the geometric mean of
+the speedups per suite."""
 
 import datetime
 import json
@@ -35,6 +36,7 @@ def pytest_terminal_summary(terminalreporter, config):
     copy = f"; GPU copy bandwidth {COPY_BANDWIDTH[0] / 1e9:.0f} GB/s" if COPY_BANDWIDTH else ""
     write(f"\nspeedup over {BASELINE} (median times; CPU: {THREADS} threads{copy}):")
     suites: dict[tuple[str, str], list[float]] = defaultdict(list)
+    paired: dict[tuple[str, str], list[float]] = defaultdict(list)
     for group, results in sorted(groups.items()):
         if BASELINE not in results:
             continue
@@ -42,6 +44,9 @@ def pytest_terminal_summary(terminalreporter, config):
         for provider, result in sorted(results.items()):
             speedup = results[BASELINE].seconds / result.seconds
             cell = f"{provider} {result.seconds * 1e3:.3f} ms ({speedup:.2f}x"
+            if result.paired is not None:
+                cell += f", paired {result.paired:.2f}x"
+                paired[(" ".join(group.split(" ")[:2]), provider)].append(result.paired)
             if result.bytes:
                 bandwidth = result.bytes / result.seconds
                 share = f", {bandwidth / COPY_BANDWIDTH[0]:.0%} of copy" if COPY_BANDWIDTH else ""
@@ -53,8 +58,14 @@ def pytest_terminal_summary(terminalreporter, config):
         write_auto_order(groups, os.environ["FASTMB_AUTO_ORDER_OUT"])
     write("\ngeometric-mean speedup per suite and provider:")
     for (suite, provider), speedups in sorted(suites.items()):
-        geomean = math.exp(sum(map(math.log, speedups)) / len(speedups))
-        write(f"  {suite:<32} {provider:<14} {geomean:.2f}x over {len(speedups)} groups")
+        line = f"  {suite:<32} {provider:<14} {geomean(speedups):.2f}x over {len(speedups)} groups"
+        if len(paired[(suite, provider)]) == len(speedups):
+            line += f"; paired {geomean(paired[(suite, provider)]):.2f}x"
+        write(line)
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values))
 
 
 # Benchmark group prefixes of the fused ops (bench/test_ops_gpu.py).

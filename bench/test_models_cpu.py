@@ -49,8 +49,14 @@ def test_model_eval(benchmark, name, batch, provider):
         if provider == "compile":
             model = torch.compile(model)
 
-        def fn():
-            with torch.no_grad(), fastmb.use_backend("cpu"):
-                return model(x)
+        fn = eval_step(model, x)
+    baseline = eval_step(torchvision_model.to(memory_format=torch.channels_last), x)
+    run_benchmark(benchmark, f"model eval-bs{batch} {name}", provider, fn, baseline)
 
-    run_benchmark(benchmark, f"model eval-bs{batch} {name}", provider, fn)
+
+def eval_step(model: torch.nn.Module, x: torch.Tensor):
+    def run():
+        with torch.no_grad(), fastmb.use_backend("cpu"):
+            return model(x)
+
+    return run

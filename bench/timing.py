@@ -1,10 +1,13 @@
 """Running one benchmark and recording it for the summary bench/conftest.py prints.
 
-CPU benchmarks are timed by pytest-benchmark (medians, warm-up excluded); CUDA benchmarks by
+CPU benchmarks are timed by pytest-benchmark (medians, warm-up excluded), and each provider
+also in alternation with its group's baseline (the paired speedup); CUDA benchmarks by
 triton.testing.do_bench (CUDA events, median), with the achieved bandwidth when the minimum
 bytes moved are given."""
 
 import os
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +21,7 @@ class Result:
     provider: str
     seconds: float
     bytes: int | None = None  # minimum bytes moved: x read once, y written once
+    paired: float | None = None  # median of baseline time / this time over alternating runs
 
 
 RESULTS: list[Result] = []
@@ -36,15 +40,41 @@ def measure_copy_bandwidth(bytes_: int = 1 << 30) -> float:
     return COPY_BANDWIDTH[0]
 
 
-def run_benchmark(benchmark, group: str, provider: str, fn: Callable[[], object]) -> None:
-    """Warms `fn` up (compiles, caches), then times it with pytest-benchmark."""
+def paired_speedup(baseline: Callable[[], object], fn: Callable[[], object], seconds: float = 1.0) -> float:
+    """The median over alternating runs of baseline time / fn time (10 to 60 pairs, about
+    `seconds` in all). A CPU whose speed drifts from minute to minute, as shared machines' do,
+    moves this ratio much less than the ratio of two medians taken one after the other. It is
+    also a colder measurement: each fn run follows a baseline run, which has evicted fn's input
+    from the caches (the back-to-back medians read inputs up to L3's size from cache)."""
+
+    def timed(f: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        f()
+        return time.perf_counter() - start
+
+    pairs = [(timed(baseline), timed(fn))]
+    rounds = min(60, max(10, int(seconds / sum(pairs[0]))))
+    pairs += [(timed(baseline), timed(fn)) for _ in range(rounds - 1)]
+    return statistics.median(b / f for b, f in pairs)
+
+
+def run_benchmark(
+    benchmark, group: str, provider: str, fn: Callable[[], object], baseline: Callable[[], object] | None = None
+) -> None:
+    """Warms `fn` up (compiles, caches), then times it with pytest-benchmark; given the group's
+    `baseline` (and unless benchmarks are disabled), also the paired speedup over it."""
     for _ in range(2):
         fn()
     benchmark.group = group
     benchmark.extra_info["provider"] = provider
     benchmark(fn)
     if benchmark.stats is not None and benchmark.stats.stats.rounds:
-        RESULTS.append(Result(group, provider, benchmark.stats.stats.median))
+        paired = None
+        if baseline is not None and provider != BASELINE and not benchmark.disabled:
+            baseline()
+            paired = paired_speedup(baseline, fn)
+            benchmark.extra_info["paired_speedup"] = paired
+        RESULTS.append(Result(group, provider, benchmark.stats.stats.median, paired=paired))
 
 
 def run_cuda_benchmark(group: str, provider: str, fn: Callable[[], object], bytes_moved: int | None = None) -> float:
