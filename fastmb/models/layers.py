@@ -113,6 +113,8 @@ class ConvBNAct(nn.Sequential):
         self._folded: tuple | None = None  # (key, weight, bias)
 
     def _folded_conv(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+        # The tensors straight from the modules' dicts: this runs for every layer on every call,
+        # and nn.Module's attribute lookup costs more than the rest of the key.
         conv_weight, gamma, beta = conv._parameters["weight"], bn._parameters["weight"], bn._parameters["bias"]
         mean, var = bn._buffers["running_mean"], bn._buffers["running_var"]
         key = (conv_weight.data_ptr(), conv_weight._version, gamma.data_ptr(), gamma._version, beta.data_ptr(), beta._version,
