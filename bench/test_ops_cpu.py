@@ -45,8 +45,10 @@ def test_squeeze_excitation(benchmark, block, mode, batch, provider):
 
 def steps(provider: str, eager: torch.nn.Module, fused: torch.nn.Module, x: torch.Tensor, mode: str):
     """The provider's timed step, and the baseline's (eager channels_last, on its own copy of
-    the module and input) to pair it with."""
-    baseline_module, baseline_format = provider_module(BASELINE, copy.deepcopy(eager), fused)
+    the module and input) to pair it with; None for the baseline itself."""
+    baseline = None
+    if provider != BASELINE:
+        baseline_module, baseline_format = provider_module(BASELINE, copy.deepcopy(eager), fused)
+        baseline = step(baseline_module, x.clone().contiguous(memory_format=baseline_format), mode)
     module, memory_format = provider_module(provider, eager, fused)
-    baseline = step(baseline_module, x.clone().contiguous(memory_format=baseline_format), mode)
     return step(module, x.contiguous(memory_format=memory_format), mode), baseline

@@ -160,8 +160,8 @@ class ConvBNAct(nn.Sequential):
         """Whether the folded 1x1 conv runs as one GEMM over the channels_last pixels instead
         of F.conv2d. On the CPU, in whole MobileNetV3-Large runs (fp32, 2 threads), oneDNN's
         1x1 conv was slower than the GEMM at batch 1 (the model 1.2x slower) and at few pixels
-        (up to a 7x7 map at batch 16), where the weight, cold and reordered on every call,
-        outweighs the activations; with more pixels the conv was faster."""
+        (up to a 7x7 map at batch 16; with weights in cache it was not, so the cold weight is
+        the likely cause); with more pixels the conv was faster."""
         return (
             x.device.type == "cpu"
             and conv.kernel_size == (1, 1)
