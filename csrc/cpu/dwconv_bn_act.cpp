@@ -10,7 +10,8 @@
 //   backward          pass 1: sums of dL/du and dL/du * x_hat per channel, z kept in a
 //                     transient buffer; pass 2, per (image, channel block): dL/dz into a task buffer, the
 //                     weight gradient (sums held in registers along each row, per-thread
-//                     partials), then dL/dx as a gather over the taps (no scatter)
+//                     partials), then dL/dx from dL/dz: a conv with the flipped kernel (stride
+//                     1), sub-pixel sliding tiles (stride 2), else a gather over the taps
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -130,7 +131,9 @@ FASTMB_INLINE void conv_sliding_tile(const Store& store, int64_t p0, int count, 
 }
 
 // Prefetches input columns [begin, end) (clamped to the image) of kernel rows [i_lo, i_hi) for
-// output row oh, channels c0..c0+nc.
+// output row oh, channels c0..c0+nc, into L2 (prefetcht2: in-process A/B, fp32 batch 16,
+// 0.67-0.84x the time of prefetcht0 in eval and 0.80-0.96x in training, over 14-51 MB inputs;
+// likely because into L1 they hold the fill buffers the tile's own loads wait for).
 template <typename T>
 FASTMB_INLINE void prefetch_columns(const T* x_img, const Geometry& g, int i_lo, int i_hi, int64_t oh, int64_t begin, int64_t end,
                                     int64_t c0, int64_t nc) {
@@ -140,19 +143,21 @@ FASTMB_INLINE void prefetch_columns(const T* x_img, const Geometry& g, int i_lo,
   for (int i = i_lo; i < i_hi; ++i) {
     const T* row = x_img + (oh * g.sh - g.ph + int64_t(i) * g.dh) * g.w * g.c + c0;
     if (nc == g.c) {  // the columns' channels are one contiguous range
-      for (int64_t k = begin * g.c; k < end * g.c; k += kLine) __builtin_prefetch(row + k);
+      for (int64_t k = begin * g.c; k < end * g.c; k += kLine) __builtin_prefetch(row + k, 0, 1);
     } else {
       for (int64_t q = begin; q < end; ++q)
-        for (int64_t k = 0; k < nc; k += kLine) __builtin_prefetch(row + q * g.c + k);
+        for (int64_t k = 0; k < nc; k += kLine) __builtin_prefetch(row + q * g.c + k, 0, 1);
     }
   }
 }
 
 // Whether the sliding tiles prefetch their next input columns: each channel vector reads one
 // piece of every column, a pattern the hardware prefetchers follow with one cache line per
-// pixel but not always with more. Measured (fp32, batch 16, in-process A/B): inputs of 14 MB
-// and more (56x56 and 112x112 maps, 64 to 144 channels) 1.03-1.24x faster, forward and
-// backward; 4 to 8 MB inputs (28x28 and 14x14 maps, 88 to 960 channels) 0.91-1.02x.
+// pixel but not always with more. Measured (fp32, batch 16, in-process A/B, prefetcht0):
+// inputs of 14 MB and more (56x56 and 112x112 maps, 64 to 144 channels) 1.03-1.24x faster,
+// forward and backward; 4 to 8 MB inputs (28x28 and 14x14 maps, 88 to 960 channels)
+// 0.91-1.02x. With prefetcht2, 6 to 12 MB inputs still took 0.98-1.34x the time with it: they
+// mostly sit in L3.
 template <typename T>
 FASTMB_INLINE bool prefetches_columns(const Geometry& g, int64_t nc) {
   const int64_t pixel_bytes = nc * int64_t(sizeof(T)), input_bytes = g.n * g.h * g.w * g.c * int64_t(sizeof(T));
@@ -582,12 +587,86 @@ FASTMB_INLINE void grad_x_row(T* gx, const Acc* gz, const Acc* w, const Geometry
   }
 }
 
+// Stride 2 along the row (K = 3, 5, 7, dilation 1): dL/dx at P input pixels iw0 + q of one row for
+// one vector of channels from c, sliding along the rows of dL/dz (sub-pixel: even and odd q take
+// alternate taps). iw0 + pw is even, so pixel q reads dL/dz column u (output ow_u + u, where
+// ow_u = (iw0 + pw) / 2 - (K - 1) / 2) through tap j = q - 2u + K - 1, all known at compile
+// time: each dL/dz vector is loaded once for the P pixels and the row's K weight vectors stay in
+// registers, against a load of both per tap in the gather. Columns u < u_lo or >= u_hi are outside
+// dL/dz (Inside: none are); pixels q outside [q_lo, q_hi) are not stored.
+template <int P, int K, bool Inside, typename T, typename Acc>
+FASTMB_INLINE void grad_x_stride2_tile(T* gx, const Acc* gz_u0, const Acc* w, const Geometry& g, const int* ri, const int* ro, int nrows,
+                                       int64_t nc, int u_lo, int u_hi, int q_lo, int q_hi, int64_t c) {
+  using V = Vec<Acc>;
+  constexpr int U = P / 2 + (K - 1) / 2;  // the dL/dz columns the tile reads
+  typename V::type acc[P] = {};
+  for (int a = 0; a < nrows; ++a) {
+    const Acc* wp = w + int64_t(ri[a]) * K * g.c + c;
+    typename V::type wv[K];
+    unroll<K>([&](auto j) __attribute__((always_inline)) {
+      wv[j] = V::load(wp);
+      wp = opaque(wp + g.c);
+    });
+    const Acc* gzp = gz_u0 + int64_t(ro[a]) * g.wo * nc + c;
+    unroll<U>([&](auto u) __attribute__((always_inline)) {
+      const Acc* column = gzp;
+      gzp = opaque(gzp + nc);
+      if (!Inside && (u < u_lo || u >= u_hi)) return;
+      const typename V::type gv = V::load(column);
+      unroll<P>([&](auto q) __attribute__((always_inline)) {
+        constexpr int j = decltype(q)::value - 2 * decltype(u)::value + K - 1;
+        if constexpr (j >= 0 && j < K) acc[q] += gv * wv[j];
+      });
+    });
+  }
+  unroll<P>([&](auto q) __attribute__((always_inline)) {
+    if (q >= q_lo && q < q_hi) Vec<Acc>::store(gx + q * g.c + c, acc[q]);
+  });
+}
+
+// dL/dx of input row ih (gx offset to the row's first pixel and the block's first channel) for
+// stride 2 along the row: sliding tiles of 8 pixels from the first pixel with iw + pw even
+// (the tile before pixel 0 when pw is odd); gz is this task's [Ho][Wo][nc], w offset to the block.
+template <int K, typename T, typename Acc>
+FASTMB_INLINE void grad_x_row_stride2(T* gx, const Acc* gz, const Acc* w, const Geometry& g, const TapSources& rows, int64_t ih,
+                                      int64_t nc) {
+  constexpr int64_t L = Vec<Acc>::kLanes;
+  constexpr int P = 8, U = P / 2 + (K - 1) / 2;
+  const int* ri = rows.tap.data() + ih * g.kh;
+  const int* ro = rows.output.data() + ih * g.kh;
+  const int nrows = rows.count[ih];
+  for (int64_t iw0 = -(g.pw % 2); iw0 < g.w; iw0 += P) {
+    const int64_t ow_u0 = (iw0 + g.pw) / 2 - (K - 1) / 2;
+    const int u_lo = int(std::max<int64_t>(0, -ow_u0)), u_hi = int(std::clamp<int64_t>(g.wo - ow_u0, 0, U));
+    const int q_lo = int(std::max<int64_t>(0, -iw0)), q_hi = int(std::min<int64_t>(P, g.w - iw0));
+    const bool inside = u_lo == 0 && u_hi == U;
+    // Offsets, not pointers: pixel iw0 and column ow_u0 may lie before the row's first.
+    T* gx_tile = gx + iw0 * g.c;
+    const Acc* gz_u0 = gz + ow_u0 * nc;
+    int64_t c = 0;
+    for (; c + L <= nc; c += L) {
+      if (inside) grad_x_stride2_tile<P, K, true>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
+      else grad_x_stride2_tile<P, K, false>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
+    }
+    for (; c < nc; ++c)
+      for (int q = q_lo; q < q_hi; ++q) {
+        Acc sum = 0;
+        for (int a = 0; a < nrows; ++a)
+          for (int u = u_lo; u < u_hi; ++u) {
+            const int j = q - 2 * u + K - 1;
+            if (j >= 0 && j < K) sum += gz_u0[(int64_t(ro[a]) * g.wo + u) * nc + c] * w[(int64_t(ri[a]) * K + j) * g.c + c];
+          }
+        gx_tile[q * g.c + c] = T(sum);
+      }
+  }
+}
+
 // Backward pass 2 for image n, channels [c0, c0 + nc): dL/dz = a * dL/du - b - x_hat * d per
 // channel (a = gamma * invstd; b, d: the batch statistics' terms, zero in eval), row by row into
 // gz (this task's buffer: the whole [Ho][Wo][nc] when dL/dx is wanted, one chunk otherwise), the
 // weight gradient from each row (gw: this thread's [taps][C] partial, or null), then dL/dx as a
 // gather from gz (gx: the NHWC output, or null) — or, given the flipped weight (stride 1),
-// as a conv. x_hat and dL/du are recomputed from x and grad_y: cheaper than keeping them from
+// as a conv, or (K specialised, stride 2 along the row) by sub-pixel sliding tiles. x_hat and dL/du are recomputed from x and grad_y: cheaper than keeping them from
 // pass 1, which writes and reads two more tensors.
 template <int K, typename T, typename Acc>
 FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc>& gz, const T* gy, const T* x, const Acc* w,
@@ -625,6 +704,13 @@ FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc
       conv_row<K>(StoreValues<T, Acc>{gx + ((n * g.h + ih) * g.w) * g.c + c0, g.c}, gz.data(), flipped + c0 * g.kh * g.kw, transposed, ih,
                   0, g.w, 0, nc);
     return;
+  }
+  if constexpr (K != 0) {
+    if (g.sw == 2) {
+      for (int64_t ih = 0; ih < g.h; ++ih)
+        grad_x_row_stride2<K>(gx + ((n * g.h + ih) * g.w) * g.c + c0, gz.data(), w + c0, g, rows, ih, nc);
+      return;
+    }
   }
   for (int64_t ih = 0; ih < g.h; ++ih) grad_x_row(gx + ((n * g.h + ih) * g.w) * g.c + c0, gz.data(), w + c0, g, rows, cols, ih, nc);
 }

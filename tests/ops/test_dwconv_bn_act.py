@@ -62,6 +62,26 @@ def test_wide_rows_and_channel_tails(backend, device, dtype, training, config):
     compare((2, 21, 5, 23), config, dtype, torch.channels_last, training, device)
 
 
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+def test_stride_2_every_padding(backend, device, kernel):
+    """Stride 2 with each padding from 0 to k - 1, so the CPU backward's sub-pixel dL/dx tiles
+    start on either parity and read past both ends of dL/dz's rows; widths odd and even."""
+    for padding in range(kernel):
+        for shape in [(2, 19, 9, 13), (1, 11, 8, 16)]:
+            eager = eager_dwconv_bn_act(shape[1], kernel, 2, activation="hardswish")
+            randomize_batch_norm(eager)
+            fused = DWConvBNAct(shape[1], kernel, 2, activation="hardswish")
+            fused.load_state_dict(eager.state_dict())
+            eager[0].padding = fused[0].padding = (padding, padding)
+            x = torch.randn(shape)
+            grad = torch.randn(eager[0](x).shape)
+            oracle = run(clone_as(eager, torch.float64), x.double(), grad.double())
+            baseline = run(clone_as(eager, torch.float32, torch.channels_last), x.to(memory_format=torch.channels_last), grad)
+            fused = clone_as(fused, torch.float32, torch.channels_last).to(device)
+            actual = run(fused, x.to(device, memory_format=torch.channels_last), grad.to(device))
+            assert_close_to_oracle(actual, baseline, oracle, torch.float32)
+
+
 @pytest.mark.parametrize("batch", [3, 4])
 @pytest.mark.parametrize("config", [(3, 1, 1, "hardswish"), (5, 2, 1, "relu")], ids=lambda c: "k{}s{}d{}-{}".format(*c))
 def test_many_channels_per_image_or_per_block(backend, device, batch, config):
