@@ -131,9 +131,9 @@ FASTMB_INLINE void conv_sliding_tile(const Store& store, int64_t p0, int count, 
 }
 
 // Prefetches input columns [begin, end) (clamped to the image) of kernel rows [i_lo, i_hi) for
-// output row oh, channels c0..c0+nc, into L2 (prefetcht2: in-process A/B, fp32 batch 16,
-// 0.67-0.84x the time of prefetcht0 in eval and 0.80-0.96x in training, over 14-51 MB inputs;
-// likely because into L1 they hold the fill buffers the tile's own loads wait for).
+// output row oh, channels c0..c0+nc, into L2 (prefetcht2: in-process A/B, fp32 batch 16, over
+// 14-51 MB inputs, 0.67-0.87x the time of prefetcht0 in eval (one run at 1.01x) and 0.80-0.96x
+// in training; likely because into L1 they hold the fill buffers the tile's own loads wait for).
 template <typename T>
 FASTMB_INLINE void prefetch_columns(const T* x_img, const Geometry& g, int i_lo, int i_hi, int64_t oh, int64_t begin, int64_t end,
                                     int64_t c0, int64_t nc) {
