@@ -308,26 +308,26 @@ FASTMB_MULTIVERSION void conv_row(const Store& store, const T* x_img, const Acc*
   else conv_row_sliding<K, 2>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
 }
 
-// out[p][c] = act(z[p][c] * scale[c] + shift[c]), the activation's switch hoisted out of the loops.
-template <typename T, typename Acc>
-FASTMB_INLINE void store_activated(T* out, const Acc* z, const Acc* scale, const Acc* shift, Activation act, int64_t count, int64_t c) {
-#define FASTMB_STORE(A)                  \
-  for (int64_t p = 0; p < count; ++p)    \
-    for (int64_t k = 0; k < c; ++k) out[p * c + k] = T(activate<Acc>(A, z[p * c + k] * scale[k] + shift[k]))
+// Calls f(std::integral_constant<Activation, A>) with the activation as a compile-time constant.
+template <typename F>
+FASTMB_INLINE void dispatch_activation(Activation act, F&& f) {
   switch (act) {
-    case Activation::kHardswish: FASTMB_STORE(Activation::kHardswish); break;
-    case Activation::kRelu: FASTMB_STORE(Activation::kRelu); break;
-    case Activation::kRelu6: FASTMB_STORE(Activation::kRelu6); break;
-    default: FASTMB_STORE(Activation::kIdentity);
+    case Activation::kHardswish: f(std::integral_constant<Activation, Activation::kHardswish>{}); break;
+    case Activation::kRelu: f(std::integral_constant<Activation, Activation::kRelu>{}); break;
+    case Activation::kRelu6: f(std::integral_constant<Activation, Activation::kRelu6>{}); break;
+    default: f(std::integral_constant<Activation, Activation::kIdentity>{});
   }
-#undef FASTMB_STORE
 }
 
-// Train pass 2 over `pixels` stored z values (y and z may be the same memory).
+// Train pass 2 over `pixels` stored z values (y and z may be the same memory): y[p][c] =
+// act(z[p][c] * scale[c] + shift[c]), the activation's switch hoisted out of the loops.
 template <typename T, typename Acc>
 FASTMB_MULTIVERSION void normalize_stored(T* y, const Acc* z, const Acc* scale, const Acc* shift, Activation act, int64_t pixels,
                                           int64_t c) {
-  store_activated(y, z, scale, shift, act, pixels, c);
+  dispatch_activation(act, [&](auto activation) {
+    for (int64_t p = 0; p < pixels; ++p)
+      for (int64_t k = 0; k < c; ++k) y[p * c + k] = T(activate<Acc>(decltype(activation)::value, z[p * c + k] * scale[k] + shift[k]));
+  });
 }
 
 // Eval: y = act(conv(x) * scale + shift) over output rows [begin, end), in one pass.
@@ -413,17 +413,6 @@ FASTMB_INLINE void grad_chain(const Acc* z, const T* gy, const GradParams<Acc>& 
   else gu = activation_grad_vector<A, Acc>(load_values<Acc, W>(gy + c), u);
 }
 
-// Calls f(std::integral_constant<Activation, A>) with the activation as a compile-time constant.
-template <typename F>
-FASTMB_INLINE void dispatch_activation(Activation act, F&& f) {
-  switch (act) {
-    case Activation::kHardswish: f(std::integral_constant<Activation, Activation::kHardswish>{}); break;
-    case Activation::kRelu: f(std::integral_constant<Activation, Activation::kRelu>{}); break;
-    case Activation::kRelu6: f(std::integral_constant<Activation, Activation::kRelu6>{}); break;
-    default: f(std::integral_constant<Activation, Activation::kIdentity>{});
-  }
-}
-
 // Backward pass 1's sums over a chunk of `pixels` x `nc` z values (grad_y rows gy_stride apart):
 // sum_gu[c] += sum of gu, sum_gu_xhat[c] += sum of gu * x_hat, up to 4 vectors of channels' sums
 // held in registers over the pixels.
@@ -500,9 +489,9 @@ FASTMB_MULTIVERSION void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, con
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
       const int64_t pixels = std::min(chunk, g.wo - ow0);
       conv_row<K>(StoreValues<Acc, Acc>{z.data(), g.c}, x + n * g.h * g.w * g.c, w, g, oh, ow0, pixels, 0, g.c);
-      dispatch_activation(act, [&](auto a) {
-        add_grad_sums<decltype(a)::value>(partial_gu.data(), partial_gu_xhat.data(), z.data(), gy + (row * g.wo + ow0) * g.c, g.c,
-                                          params, pixels, g.c);
+      dispatch_activation(act, [&](auto activation) {
+        add_grad_sums<decltype(activation)::value>(partial_gu.data(), partial_gu_xhat.data(), z.data(), gy + (row * g.wo + ow0) * g.c,
+                                                   g.c, params, pixels, g.c);
       });
     }
     for (int64_t c = 0; c < g.c; ++c) {
@@ -718,7 +707,7 @@ FASTMB_INLINE void grad_x_row_stride2(T* gx, const Acc* gz, const Acc* w, const 
     const int u_lo = int(std::max<int64_t>(0, -ow_u0)), u_hi = int(std::clamp<int64_t>(g.wo - ow_u0, 0, U));
     const int q_lo = int(std::max<int64_t>(0, -iw0)), q_hi = int(std::min<int64_t>(P, g.w - iw0));
     const bool inside = u_lo == 0 && u_hi == U;
-    // Offsets, not pointers: pixel iw0 and column ow_u0 may lie before the row's first.
+    // Pixel iw0 and column ow_u0 may lie before the row's first: only those inside are accessed.
     T* gx_tile = gx + iw0 * g.c;
     const Acc* gz_u0 = gz + ow_u0 * nc;
     int64_t c = 0;
