@@ -14,15 +14,18 @@ FORMATS = [torch.contiguous_format, torch.channels_last]
 CONFIGS = [(3, 1, 1, "hardswish"), (3, 2, 1, "relu"), (5, 1, 2, "relu6"), (5, 2, 1, "identity"), (7, 1, 1, "hardswish")]
 
 
-def compare(shape, config, dtype, memory_format, training, device, momentum=0.1):
+def compare(shape, config, dtype, memory_format, training, device, momentum=0.1, padding=None):
     """Runs the fused module and the eager stack (in `dtype` and in float64) on one input and
-    checks outputs, gradients and running statistics by DESIGN.md's rule."""
+    checks outputs, gradients and running statistics by DESIGN.md's rule; `padding` replaces
+    the "same" padding of both."""
     kernel, stride, dilation, activation = config
     eager = eager_dwconv_bn_act(shape[1], kernel, stride, dilation, activation, momentum)
     randomize_batch_norm(eager)
     eager.train(training)
     fused = DWConvBNAct(shape[1], kernel, stride, dilation, activation, momentum=momentum).train(training)
     fused.load_state_dict(eager.state_dict())
+    if padding is not None:
+        eager[0].padding = fused[0].padding = (padding, padding)
     x = torch.randn(shape) * 2 + 0.5
     grad = torch.randn(clone_as(eager, torch.float32)(x).shape)
     oracle = run(clone_as(eager, torch.float64), x.double(), grad.double())
@@ -68,18 +71,7 @@ def test_stride_2_every_padding(backend, device, kernel):
     start on either parity and read past both ends of dL/dz's rows; widths odd and even."""
     for padding in range(kernel):
         for shape in [(2, 19, 9, 13), (1, 11, 8, 16)]:
-            eager = eager_dwconv_bn_act(shape[1], kernel, 2, activation="hardswish")
-            randomize_batch_norm(eager)
-            fused = DWConvBNAct(shape[1], kernel, 2, activation="hardswish")
-            fused.load_state_dict(eager.state_dict())
-            eager[0].padding = fused[0].padding = (padding, padding)
-            x = torch.randn(shape)
-            grad = torch.randn(eager[0](x).shape)
-            oracle = run(clone_as(eager, torch.float64), x.double(), grad.double())
-            baseline = run(clone_as(eager, torch.float32, torch.channels_last), x.to(memory_format=torch.channels_last), grad)
-            fused = clone_as(fused, torch.float32, torch.channels_last).to(device)
-            actual = run(fused, x.to(device, memory_format=torch.channels_last), grad.to(device))
-            assert_close_to_oracle(actual, baseline, oracle, torch.float32)
+            compare(shape, (kernel, 2, 1, "hardswish"), torch.float32, torch.channels_last, True, device, padding=padding)
 
 
 @pytest.mark.parametrize("batch", [3, 4])
