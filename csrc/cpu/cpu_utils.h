@@ -30,12 +30,16 @@ template <typename Acc>
 struct Vec {
   typedef Acc type __attribute__((vector_size(32)));
   static constexpr int kLanes = 32 / sizeof(Acc);
+  // Loads and stores go through this type, which may alias only Acc: a memcpy may alias
+  // anything, so after each store the compiler reloaded every pointer and size the loop kept
+  // in memory (a kernel's parameters, a Store's fields).
+  typedef Acc unaligned __attribute__((vector_size(32), aligned(alignof(Acc))));
 
   template <typename T>
   static FASTMB_INLINE type load(const T* p) {
     type v;
     if constexpr (std::is_same_v<T, Acc>) {
-      std::memcpy(&v, p, sizeof v);
+      v = *reinterpret_cast<const unaligned*>(p);
     } else {  // bfloat16 -> float: the 16 bits are the float's top half
       static_assert(std::is_same_v<T, c10::BFloat16> && std::is_same_v<Acc, float>);
       typedef uint16_t half_bits __attribute__((vector_size(16)));
@@ -47,7 +51,7 @@ struct Vec {
     }
     return v;
   }
-  static FASTMB_INLINE void store(Acc* p, type v) { std::memcpy(p, &v, sizeof v); }
+  static FASTMB_INLINE void store(Acc* p, type v) { *reinterpret_cast<unaligned*>(p) = v; }
   template <typename T>
   static FASTMB_INLINE void store(T* p, type v) {  // to bfloat16: rounded as c10 does, lane by lane
     static_assert(std::is_same_v<T, c10::BFloat16> && std::is_same_v<Acc, float>);

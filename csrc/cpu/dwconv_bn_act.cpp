@@ -2,13 +2,13 @@
 //
 // NHWC throughout (other layouts are converted on entry): z is accumulated tap by tap over a
 // chunk of output pixels held in L1, every innermost loop runs over contiguous channels and
-// vectorises; z = conv(x) is never saved for backward (DESIGN.md's plan), but within a forward
-// or a backward it is kept between passes instead of computed twice:
-//   eval forward      one pass: y = act(z * scale + shift), BN folded per channel
+// vectorises; z = conv(x) is never saved for backward (DESIGN.md's plan):
+//   eval forward      one pass, per chunk: z into L1, then y = act(z * scale + shift), BN folded
+//                     per channel
 //   train forward     pass 1: z, stored (in y when it is float), and its per-channel mean and
 //                     M2 (two-pass per chunk, Chan merges); pass 2: y = act(z * scale + shift)
-//   backward          pass 1: sums of dL/du and dL/du * x_hat per channel, z kept in a
-//                     transient buffer; pass 2, per (image, channel block): dL/dz into a task buffer, the
+//   backward          pass 1: z per chunk and the sums of dL/du and dL/du * x_hat per channel;
+//                     pass 2, per (image, channel block): z again, dL/dz into a task buffer, the
 //                     weight gradient (sums held in registers along each row, per-thread
 //                     partials), then dL/dx from dL/dz: a conv with the flipped kernel (stride
 //                     1), sub-pixel sliding tiles (stride 2), else a gather over the taps
@@ -59,36 +59,13 @@ FASTMB_INLINE void valid_outputs(int tap, int stride, int pad, int dil, int64_t 
 }
 
 // Where the conv's results go, pixel p (from the row chunk's first) and channel c (from its
-// first): the values themselves (z, which training and backward keep; dL/dx in T) ...
+// first): z (or, for dL/dx, the values in T).
 template <typename T, typename Acc>
 struct StoreValues {
   T* out;
   int64_t pixel_step;
   FASTMB_INLINE void vector(int64_t p, int64_t c, typename Vec<Acc>::type v) const { Vec<Acc>::store(out + p * pixel_step + c, v); }
   FASTMB_INLINE void scalar(int64_t p, int64_t c, Acc v) const { out[p * pixel_step + c] = T(v); }
-};
-
-// ... or y = act(z * scale + shift), eval's epilogue applied in registers (scale and shift
-// offset to the chunk's first channel; the activation's switch is predicted, one per vector).
-template <typename T, typename Acc>
-struct StoreActivated {
-  T* y;
-  int64_t pixel_step;
-  const Acc* scale;
-  const Acc* shift;
-  Activation act;
-  FASTMB_INLINE void vector(int64_t p, int64_t c, typename Vec<Acc>::type v) const {
-    using V = Vec<Acc>;
-    v = v * V::load(scale + c) + V::load(shift + c);
-    switch (act) {
-      case Activation::kHardswish: v = activate_vector<Activation::kHardswish, Acc>(v); break;
-      case Activation::kRelu: v = activate_vector<Activation::kRelu, Acc>(v); break;
-      case Activation::kRelu6: v = activate_vector<Activation::kRelu6, Acc>(v); break;
-      default: break;
-    }
-    V::store(y + p * pixel_step + c, v);
-  }
-  FASTMB_INLINE void scalar(int64_t p, int64_t c, Acc v) const { y[p * pixel_step + c] = T(activate<Acc>(act, v * scale[c] + shift[c])); }
 };
 
 // Stride 1 or 2 with dilation 1 (every MobileNet depthwise layer): P output pixels of a row for
@@ -319,25 +296,41 @@ FASTMB_INLINE void dispatch_activation(Activation act, F&& f) {
   }
 }
 
-// Train pass 2 over `pixels` stored z values (y and z may be the same memory): y[p][c] =
-// act(z[p][c] * scale[c] + shift[c]), the activation's switch hoisted out of the loops.
+// y[p][k] = act(z[p][k] * scale[k] + shift[k]) over `pixels` x `c` stored z values (train pass
+// 2, where y and z may be the same memory, and eval's epilogue), in vectors of channels.
 template <typename T, typename Acc>
 FASTMB_MULTIVERSION void normalize_stored(T* y, const Acc* z, const Acc* scale, const Acc* shift, Activation act, int64_t pixels,
                                           int64_t c) {
+  using V = Vec<Acc>;
+  constexpr int64_t L = V::kLanes;
   dispatch_activation(act, [&](auto activation) {
-    for (int64_t p = 0; p < pixels; ++p)
-      for (int64_t k = 0; k < c; ++k) y[p * c + k] = T(activate<Acc>(decltype(activation)::value, z[p * c + k] * scale[k] + shift[k]));
+    constexpr Activation A = decltype(activation)::value;
+    for (int64_t p = 0; p < pixels; ++p) {
+      const Acc* zp = z + p * c;
+      T* yp = y + p * c;
+      int64_t k = 0;
+      for (; k + L <= c; k += L) V::store(yp + k, activate_vector<A, Acc>(V::load(zp + k) * V::load(scale + k) + V::load(shift + k)));
+      for (; k < c; ++k) yp[k] = T(activate<Acc>(A, zp[k] * scale[k] + shift[k]));
+    }
   });
 }
 
-// Eval: y = act(conv(x) * scale + shift) over output rows [begin, end), in one pass.
+// Eval: y = act(conv(x) * scale + shift) over output rows [begin, end), chunk by chunk: z into
+// an L1 buffer, then normalize_stored over it, where the activation is a compile-time constant
+// (one conv_row per store type, instead of an epilogue switching per stored vector).
 template <int K, typename T, typename Acc>
 FASTMB_MULTIVERSION void forward_rows(T* y, const T* x, const Acc* w, const Acc* scale, const Acc* shift, Geometry g, Activation act,
                                       int64_t begin, int64_t end) {
+  const int64_t chunk = chunk_pixels(g.c);
+  thread_local std::vector<Acc> z;  // reused from call to call: eval allocates only its output
+  z.resize(chunk * g.c);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / g.ho, oh = row % g.ho;
-    const StoreActivated<T, Acc> store{y + row * g.wo * g.c, g.c, scale, shift, act};
-    conv_row<K>(store, x + n * g.h * g.w * g.c, w, g, oh, 0, g.wo, 0, g.c);
+    for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
+      const int64_t pixels = std::min(chunk, g.wo - ow0);
+      conv_row<K>(StoreValues<Acc, Acc>{z.data(), g.c}, x + n * g.h * g.w * g.c, w, g, oh, ow0, pixels, 0, g.c);
+      normalize_stored(y + (row * g.wo + ow0) * g.c, z.data(), scale, shift, act, pixels, g.c);
+    }
   }
 }
 
