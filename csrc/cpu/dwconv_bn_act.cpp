@@ -128,13 +128,28 @@ FASTMB_INLINE void prefetch_columns(const T* x_img, const Geometry& g, int i_lo,
   }
 }
 
-// Whether the sliding tiles prefetch their next input columns: each channel vector reads one
+// Prefetches, over input columns [begin, end), the input rows that output row oh + 1 reads and
+// row oh does not (those inside the image). A row ahead covers every tile of a short row, where
+// prefetching the row's next tile left out its first. In-process A/B against that, fp32 batch
+// 16, the five 12-51 MB inputs, eval and training, three runs: median 0.96x the time; per shape
+// medians 0.91x (C72-k5-s2, C72 at 56x56), 0.97x (C240-s2 28x28), 1.02x (C64-s2, C16 at
+// 112x112), every run within 0.71-1.08x.
+template <int K, typename T>
+FASTMB_INLINE void prefetch_next_rows(const T* x_img, const Geometry& g, int64_t oh, int64_t begin, int64_t end, int64_t c0, int64_t nc) {
+  for (int i = 0; i < K; ++i) {
+    const int64_t ih = (oh + 1) * g.sh - g.ph + int64_t(i) * g.dh, offset = ih - (oh * g.sh - g.ph);
+    if (ih < 0 || ih >= g.h || (offset % g.dh == 0 && offset / g.dh < K)) continue;
+    prefetch_columns(x_img, g, i, i + 1, oh + 1, begin, end, c0, nc);
+  }
+}
+
+// Whether the sliding tiles prefetch the input rows ahead of them: each channel vector reads one
 // piece of every column, a pattern the hardware prefetchers follow with one cache line per
 // pixel but not always with more. Measured (fp32, batch 16, in-process A/B, prefetcht0):
 // inputs of 14 MB and more (56x56 and 112x112 maps, 64 to 144 channels) 1.03-1.24x faster,
 // forward and backward; 4 to 8 MB inputs (28x28 and 14x14 maps, 88 to 960 channels)
-// 0.91-1.02x. With prefetcht2, 6 to 12 MB inputs still took 0.98-1.34x the time with it: they
-// mostly sit in L3.
+// 0.91-1.02x. With prefetcht2, 6 to 12 MB inputs still took 0.98-1.34x the time with it, and
+// with the row-ahead prefetch 0.81-1.28x (2 to 8 MB inputs, one run): they mostly sit in L3.
 template <typename T>
 FASTMB_INLINE bool prefetches_columns(const Geometry& g, int64_t nc) {
   const int64_t pixel_bytes = nc * int64_t(sizeof(T)), input_bytes = g.n * g.h * g.w * g.c * int64_t(sizeof(T));
@@ -152,8 +167,8 @@ FASTMB_INLINE void conv_row_sliding(const Store& store, const T* x_img, const Ac
   for (int64_t p0 = 0; p0 < count; p0 += P) {
     const int tile = int(std::min<int64_t>(P, count - p0));
     const int64_t iw0 = (ow0 + p0) * S - g.pw;  // input column of pixel p0's tap 0
-    // The next tile's new input columns, requested while this tile computes.
-    if (prefetch) prefetch_columns(x_img, g, i_lo, i_hi, oh, iw0 + (P - 1) * S + K, iw0 + (2 * P - 1) * S + K, c0, nc);
+    // The next row's new input rows under this tile, requested a row ahead.
+    if (prefetch) prefetch_next_rows<K>(x_img, g, oh, iw0, iw0 + (tile - 1) * S + K, c0, nc);
     const T* x_tap0 = x_img + ((oh * g.sh - g.ph) * g.w + iw0) * g.c + c0;
     const int q_lo = int(std::max<int64_t>(0, -iw0)), q_hi = int(std::min<int64_t>((P - 1) * S + K, g.w - iw0));
     const bool whole = tile > P / 2, inside = q_lo == 0 && q_hi == (whole ? P - 1 : P / 2 - 1) * S + K;
