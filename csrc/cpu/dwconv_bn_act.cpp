@@ -107,24 +107,20 @@ FASTMB_INLINE void conv_sliding_tile(const Store& store, int64_t p0, int count, 
   });
 }
 
-// Prefetches input columns [begin, end) (clamped to the image) of kernel rows [i_lo, i_hi) for
-// output row oh, channels c0..c0+nc, into L2 (prefetcht2: in-process A/B, fp32 batch 16, over
-// 14-51 MB inputs, 0.67-0.87x the time of prefetcht0 in eval (one run at 1.01x) and 0.80-0.96x
-// in training; likely because into L1 they hold the fill buffers the tile's own loads wait for).
+// Prefetches input columns [begin, end) (clamped to the image) of input row ih, channels
+// c0..c0+nc, into L2 (prefetcht2: in-process A/B, fp32 batch 16, over 14-51 MB inputs,
+// 0.67-0.87x the time of prefetcht0 in eval (one run at 1.01x) and 0.80-0.96x in training;
+// likely because into L1 they hold the fill buffers the tile's own loads wait for).
 template <typename T>
-FASTMB_INLINE void prefetch_columns(const T* x_img, const Geometry& g, int i_lo, int i_hi, int64_t oh, int64_t begin, int64_t end,
-                                    int64_t c0, int64_t nc) {
+FASTMB_INLINE void prefetch_columns(const T* x_img, const Geometry& g, int64_t ih, int64_t begin, int64_t end, int64_t c0, int64_t nc) {
   begin = std::max<int64_t>(begin, 0), end = std::min(end, g.w);
-  if (begin >= end) return;
   constexpr int64_t kLine = 64 / sizeof(T);
-  for (int i = i_lo; i < i_hi; ++i) {
-    const T* row = x_img + (oh * g.sh - g.ph + int64_t(i) * g.dh) * g.w * g.c + c0;
-    if (nc == g.c) {  // the columns' channels are one contiguous range
-      for (int64_t k = begin * g.c; k < end * g.c; k += kLine) __builtin_prefetch(row + k, 0, 1);
-    } else {
-      for (int64_t q = begin; q < end; ++q)
-        for (int64_t k = 0; k < nc; k += kLine) __builtin_prefetch(row + q * g.c + k, 0, 1);
-    }
+  const T* row = x_img + ih * g.w * g.c + c0;
+  if (nc == g.c) {  // the columns' channels are one contiguous range
+    for (int64_t k = begin * g.c; k < end * g.c; k += kLine) __builtin_prefetch(row + k, 0, 1);
+  } else {
+    for (int64_t q = begin; q < end; ++q)
+      for (int64_t k = 0; k < nc; k += kLine) __builtin_prefetch(row + q * g.c + k, 0, 1);
   }
 }
 
@@ -138,8 +134,7 @@ template <int K, typename T>
 FASTMB_INLINE void prefetch_next_rows(const T* x_img, const Geometry& g, int64_t oh, int64_t begin, int64_t end, int64_t c0, int64_t nc) {
   for (int i = 0; i < K; ++i) {
     const int64_t ih = (oh + 1) * g.sh - g.ph + int64_t(i) * g.dh, offset = ih - (oh * g.sh - g.ph);
-    if (ih < 0 || ih >= g.h || (offset % g.dh == 0 && offset / g.dh < K)) continue;
-    prefetch_columns(x_img, g, i, i + 1, oh + 1, begin, end, c0, nc);
+    if (ih >= 0 && ih < g.h && !(offset % g.dh == 0 && offset / g.dh < K)) prefetch_columns(x_img, g, ih, begin, end, c0, nc);
   }
 }
 
