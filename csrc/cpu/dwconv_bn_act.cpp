@@ -127,9 +127,10 @@ FASTMB_INLINE void prefetch_columns(const T* x_img, const Geometry& g, int64_t i
 // Prefetches, over input columns [begin, end), the input rows that output row oh + 1 reads and
 // row oh does not (those inside the image). A row ahead covers every tile of a short row, where
 // prefetching the row's next tile left out its first. In-process A/B against that, fp32 batch
-// 16, the five 12-51 MB inputs, eval and training, three runs: median 0.96x the time; per shape
-// medians 0.91x (C72-k5-s2, C72 at 56x56), 0.97x (C240-s2 28x28), 1.02x (C64-s2, C16 at
-// 112x112), every run within 0.71-1.08x.
+// 16, eval and training, three runs, the four MobileNetV3 inputs above the gate (13-51 MB):
+// median 0.96x the time; 0.91x on C72 and C72-k5-s2 at 56x56, 1.02x on C64-s2 and C16 at
+// 112x112. C240-s2 (12.0 MB, under the gate, so unchanged) gave 0.88-1.08x in the same runs:
+// the gain is within the noise except on the 56x56 maps.
 template <int K, typename T>
 FASTMB_INLINE void prefetch_next_rows(const T* x_img, const Geometry& g, int64_t oh, int64_t begin, int64_t end, int64_t c0, int64_t nc) {
   for (int i = 0; i < K; ++i) {
