@@ -71,6 +71,22 @@ FASTMB_INLINE VT activate_vector(VT u) {
   else return u;
 }
 
+// activation_grad (../common.h) on a whole vector, with the same comparisons: NaN fails them all.
+template <Activation A, typename Acc, typename VT>
+FASTMB_INLINE VT activation_grad_vector(VT grad, VT u) {
+  const VT zero = {}, three = zero + Acc(3), six = zero + Acc(6);
+  if constexpr (A == Activation::kHardswish) {
+    const VT inner = u <= three ? grad * (u * Acc(1.0 / 3.0) + Acc(0.5)) : grad;
+    return u < -three ? zero : inner;
+  } else if constexpr (A == Activation::kRelu) {
+    return u > zero ? grad : zero;
+  } else if constexpr (A == Activation::kRelu6) {
+    return (u > zero) & (u < six) ? grad : zero;
+  } else {
+    return grad;
+  }
+}
+
 // W values from p (Acc or bfloat16) as Acc: the Vec of them when W is its width, else (W = 1) one.
 template <typename Acc, int W, typename T>
 FASTMB_INLINE auto load_values(const T* p) {

@@ -389,22 +389,6 @@ struct GradParams {
   const Acc *mean, *invstd, *gamma, *beta;
 };
 
-// activation_grad (../common.h) on a whole vector, with the same comparisons: NaN fails them all.
-template <Activation A, typename Acc, typename VT>
-FASTMB_INLINE VT activation_grad_vector(VT grad, VT u) {
-  const VT zero = {}, three = zero + Acc(3), six = zero + Acc(6);
-  if constexpr (A == Activation::kHardswish) {
-    const VT inner = u <= three ? grad * (u * Acc(1.0 / 3.0) + Acc(0.5)) : grad;
-    return u < -three ? zero : inner;
-  } else if constexpr (A == Activation::kRelu) {
-    return u > zero ? grad : zero;
-  } else if constexpr (A == Activation::kRelu6) {
-    return (u > zero) & (u < six) ? grad : zero;
-  } else {
-    return grad;
-  }
-}
-
 // The backward's per-value chain from z and grad_y at W = Vec<Acc>::kLanes channels from c (or,
 // W = 1, channel c alone): x_hat = (z - mean) * invstd, u = x_hat * gamma + beta, gu = act'(u)
 // * grad_y, in registers: stored between separate loops, each would be a pass over the chunk
