@@ -85,8 +85,8 @@ def test_many_channels_per_image_or_per_block(backend, device, batch, config):
 
 @pytest.mark.parametrize("config", [(3, 1, 1, "hardswish"), (3, 2, 1, "relu")], ids=lambda c: "k{}s{}d{}-{}".format(*c))
 def test_large_input(backend, device, config):
-    """72 channels over 13 MB of input: the CPU kernels' sliding tiles prefetch the input
-    columns of their next tile (inputs of 12 MB and more, over one cache line per pixel)."""
+    """72 channels over 13 MB of input: the CPU kernels' sliding tiles prefetch the input rows
+    of the next output row (inputs of 12 MB and more, over one cache line per pixel)."""
     if backend != "cpu":
         pytest.skip("a path of the CPU kernels (minutes under the Triton interpreter)")
     compare((2, 72, 150, 150), config, torch.float32, torch.channels_last, True, device)
