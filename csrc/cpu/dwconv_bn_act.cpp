@@ -682,23 +682,23 @@ FASTMB_INLINE void grad_x_row(T* gx, const Acc* gz, const Acc* w, const Geometry
 }
 
 // Stride 2 along the row (K = 3, 5, 7, dilation 1): dL/dx at P input pixels iw0 + q of one row for
-// one vector of channels from c, sliding along the rows of dL/dz (sub-pixel: even and odd q take
+// NV vectors of channels from c, sliding along the rows of dL/dz (sub-pixel: even and odd q take
 // alternate taps). iw0 + pw is even, so pixel q reads dL/dz column u (output ow_u + u, where
 // ow_u = (iw0 + pw) / 2 - (K - 1) / 2) through tap j = q - 2u + K - 1, all known at compile
 // time: each dL/dz vector is loaded once for the P pixels and the row's K weight vectors stay in
 // registers, against a load of both per tap in the gather. Columns u < u_lo or >= u_hi are outside
 // dL/dz (Inside: none are); pixels q outside [q_lo, q_hi) are not stored.
-template <int P, int K, bool Inside, typename T, typename Acc>
+template <int P, int NV, int K, bool Inside, typename T, typename Acc>
 FASTMB_INLINE void grad_x_stride2_tile(T* gx, const Acc* gz_u0, const Acc* w, const Geometry& g, const int* ri, const int* ro, int nrows,
                                        int64_t nc, int u_lo, int u_hi, int q_lo, int q_hi, int64_t c) {
   using V = Vec<Acc>;
-  constexpr int U = P / 2 + (K - 1) / 2;  // the dL/dz columns the tile reads
-  typename V::type acc[P] = {};
+  constexpr int L = V::kLanes, U = P / 2 + (K - 1) / 2;  // the dL/dz columns the tile reads
+  typename V::type acc[P][NV] = {};
   for (int a = 0; a < nrows; ++a) {
     const Acc* wp = w + int64_t(ri[a]) * K * g.c + c;
-    typename V::type wv[K];
+    typename V::type wv[K][NV];
     unroll<K>([&](auto j) __attribute__((always_inline)) {
-      wv[j] = V::load(wp);
+      unroll<NV>([&](auto v) __attribute__((always_inline)) { wv[j][v] = V::load(wp + v * L); });
       wp = opaque(wp + g.c);
     });
     const Acc* gzp = gz_u0 + int64_t(ro[a]) * g.wo * nc + c;
@@ -706,26 +706,29 @@ FASTMB_INLINE void grad_x_stride2_tile(T* gx, const Acc* gz_u0, const Acc* w, co
       const Acc* column = gzp;
       gzp = opaque(gzp + nc);
       if (!Inside && (u < u_lo || u >= u_hi)) return;
-      const typename V::type gv = V::load(column);
-      unroll<P>([&](auto q) __attribute__((always_inline)) {
-        constexpr int j = decltype(q)::value - 2 * decltype(u)::value + K - 1;
-        if constexpr (j >= 0 && j < K) acc[q] += gv * wv[j];
+      unroll<NV>([&](auto v) __attribute__((always_inline)) {
+        const typename V::type gv = V::load(column + v * L);
+        unroll<P>([&](auto q) __attribute__((always_inline)) {
+          constexpr int j = decltype(q)::value - 2 * decltype(u)::value + K - 1;
+          if constexpr (j >= 0 && j < K) acc[q][v] += gv * wv[j][v];
+        });
       });
     });
   }
   unroll<P>([&](auto q) __attribute__((always_inline)) {
-    if (q >= q_lo && q < q_hi) Vec<Acc>::store(gx + q * g.c + c, acc[q]);
+    if (q >= q_lo && q < q_hi) unroll<NV>([&](auto v) __attribute__((always_inline)) { Vec<Acc>::store(gx + q * g.c + c + v * L, acc[q][v]); });
   });
 }
 
 // dL/dx of input row ih (gx offset to the row's first pixel and the block's first channel) for
-// stride 2 along the row: sliding tiles of 8 pixels from the first pixel with iw + pw even
+// stride 2 along the row: sliding tiles of 8 pixels by kTileVectors<K> channel vectors (the
+// tail overlapping, as in conv_row_sliding), from the first pixel with iw + pw even
 // (the tile before pixel 0 when pw is odd); gz is this task's [Ho][Wo][nc], w offset to the block.
 template <int K, typename T, typename Acc>
 FASTMB_INLINE void grad_x_row_stride2(T* gx, const Acc* gz, const Acc* w, const Geometry& g, const TapSources& rows, int64_t ih,
                                       int64_t nc) {
-  constexpr int64_t L = Vec<Acc>::kLanes;
-  constexpr int P = 8, U = P / 2 + (K - 1) / 2;
+  constexpr int P = 8, U = P / 2 + (K - 1) / 2, NV = kTileVectors<K>;
+  constexpr int64_t block = NV * Vec<Acc>::kLanes;
   const int* ri = rows.tap.data() + ih * g.kh;
   const int* ro = rows.output.data() + ih * g.kh;
   const int nrows = rows.count[ih];
@@ -737,11 +740,13 @@ FASTMB_INLINE void grad_x_row_stride2(T* gx, const Acc* gz, const Acc* w, const 
     // Pixel iw0 and column ow_u0 may lie before the row's first: only those inside are accessed.
     T* gx_tile = gx + iw0 * g.c;
     const Acc* gz_u0 = gz + ow_u0 * nc;
+    const auto tile_at = [&](int64_t c) __attribute__((always_inline)) {
+      if (inside) grad_x_stride2_tile<P, NV, K, true>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
+      else grad_x_stride2_tile<P, NV, K, false>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
+    };
     int64_t c = 0;
-    for (; c + L <= nc; c += L) {
-      if (inside) grad_x_stride2_tile<P, K, true>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
-      else grad_x_stride2_tile<P, K, false>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
-    }
+    for (; c + block <= nc; c += block) tile_at(c);
+    if (c > 0 && c < nc) tile_at(nc - block), c = nc;  // the tail, overlapping as in conv_row_sliding
     for (; c < nc; ++c)
       for (int q = q_lo; q < q_hi; ++q) {
         Acc sum = 0;
