@@ -169,15 +169,30 @@ FASTMB_INLINE bool prefetches_columns(const Geometry& g, int64_t nc) {
 template <int K>
 constexpr int kTileVectors = K == 3 ? 2 : 1;
 
+// Calls tile(c, Int<NV>{}) over channels [0, nc) in blocks of NV vectors, the last block
+// overlapping the one before where nc is not a multiple of it (the tiles store values, so
+// storing some twice is harmless); for nc below NV vectors, tile(c, Int<1>{}) over single
+// vectors alike. Returns the first channel no vector covered: nc, or 0 below one vector.
+template <int NV, typename Acc, typename Tile>
+FASTMB_INLINE int64_t overlapping_channel_tiles(int64_t nc, const Tile& tile) {
+  constexpr int64_t block = NV * Vec<Acc>::kLanes;
+  if (nc >= block) {
+    int64_t c = 0;
+    for (; c + block <= nc; c += block) tile(c, Int<NV>{});
+    if (c < nc) tile(nc - block, Int<NV>{});
+    return nc;
+  }
+  if constexpr (NV > 1) return overlapping_channel_tiles<1, Acc>(nc, tile);
+  return 0;
+}
+
 // Output pixels [ow0, ow0 + count) of row oh, channels c0..c0+nc, by sliding tiles of P pixels
-// (P / 2 for a short tail) and NV vectors of channels. The channels past the last whole block
-// of NV vectors: one more tile over the last NV vectors' worth of channels (overlapping the
-// block before, whose values it stores again), or channel by channel where nc is below that.
+// (P / 2 for a short tail) and NV vectors of channels (overlapping_channel_tiles); channel by
+// channel where nc is below one vector.
 template <int K, int S, typename T, typename Acc, typename Store>
 FASTMB_INLINE void conv_row_sliding(const Store& store, const T* x_img, const Acc* w, const Geometry& g, int i_lo, int i_hi, int64_t oh,
                                     int64_t ow0, int64_t count, int64_t c0, int64_t nc) {
   constexpr int P = kTilePixels, NV = kTileVectors<K>;
-  constexpr int64_t block = NV * Vec<Acc>::kLanes;
   const bool prefetch = prefetches_columns<T>(g, nc);
   for (int64_t p0 = 0; p0 < count; p0 += P) {
     const int tile = int(std::min<int64_t>(P, count - p0));
@@ -187,16 +202,14 @@ FASTMB_INLINE void conv_row_sliding(const Store& store, const T* x_img, const Ac
     const T* x_tap0 = x_img + ((oh * g.sh - g.ph) * g.w + iw0) * g.c + c0;
     const int q_lo = int(std::max<int64_t>(0, -iw0)), q_hi = int(std::min<int64_t>((P - 1) * S + K, g.w - iw0));
     const bool whole = tile > P / 2, inside = q_lo == 0 && q_hi == (whole ? P - 1 : P / 2 - 1) * S + K;
-    const auto tile_at = [&](int64_t c) __attribute__((always_inline)) {
-      if (whole && inside) conv_sliding_tile<P, NV, K, S, true>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
-      else if (whole) conv_sliding_tile<P, NV, K, S, false>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
-      else if (inside) conv_sliding_tile<P / 2, NV, K, S, true>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
-      else conv_sliding_tile<P / 2, NV, K, S, false>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
+    const auto tile_at = [&](int64_t c, auto nv) __attribute__((always_inline)) {
+      constexpr int Vectors = decltype(nv)::value;
+      if (whole && inside) conv_sliding_tile<P, Vectors, K, S, true>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
+      else if (whole) conv_sliding_tile<P, Vectors, K, S, false>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
+      else if (inside) conv_sliding_tile<P / 2, Vectors, K, S, true>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
+      else conv_sliding_tile<P / 2, Vectors, K, S, false>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
     };
-    int64_t c = 0;
-    for (; c + block <= nc; c += block) tile_at(c);
-    if (c > 0 && c < nc) tile_at(nc - block), c = nc;
-    for (; c < nc; ++c)
+    for (int64_t c = overlapping_channel_tiles<NV, Acc>(nc, tile_at); c < nc; ++c)
       for (int p = 0; p < tile; ++p) {
         Acc sum = 0;
         for (int i = i_lo; i < i_hi; ++i)
@@ -721,14 +734,13 @@ FASTMB_INLINE void grad_x_stride2_tile(T* gx, const Acc* gz_u0, const Acc* w, co
 }
 
 // dL/dx of input row ih (gx offset to the row's first pixel and the block's first channel) for
-// stride 2 along the row: sliding tiles of 8 pixels by kTileVectors<K> channel vectors (the
-// tail overlapping, as in conv_row_sliding), from the first pixel with iw + pw even
+// stride 2 along the row: sliding tiles of 8 pixels by kTileVectors<K> channel vectors
+// (overlapping_channel_tiles), from the first pixel with iw + pw even
 // (the tile before pixel 0 when pw is odd); gz is this task's [Ho][Wo][nc], w offset to the block.
 template <int K, typename T, typename Acc>
 FASTMB_INLINE void grad_x_row_stride2(T* gx, const Acc* gz, const Acc* w, const Geometry& g, const TapSources& rows, int64_t ih,
                                       int64_t nc) {
   constexpr int P = 8, U = P / 2 + (K - 1) / 2, NV = kTileVectors<K>;
-  constexpr int64_t block = NV * Vec<Acc>::kLanes;
   const int* ri = rows.tap.data() + ih * g.kh;
   const int* ro = rows.output.data() + ih * g.kh;
   const int nrows = rows.count[ih];
@@ -740,14 +752,12 @@ FASTMB_INLINE void grad_x_row_stride2(T* gx, const Acc* gz, const Acc* w, const 
     // Pixel iw0 and column ow_u0 may lie before the row's first: only those inside are accessed.
     T* gx_tile = gx + iw0 * g.c;
     const Acc* gz_u0 = gz + ow_u0 * nc;
-    const auto tile_at = [&](int64_t c) __attribute__((always_inline)) {
-      if (inside) grad_x_stride2_tile<P, NV, K, true>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
-      else grad_x_stride2_tile<P, NV, K, false>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
+    const auto tile_at = [&](int64_t c, auto nv) __attribute__((always_inline)) {
+      constexpr int Vectors = decltype(nv)::value;
+      if (inside) grad_x_stride2_tile<P, Vectors, K, true>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
+      else grad_x_stride2_tile<P, Vectors, K, false>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
     };
-    int64_t c = 0;
-    for (; c + block <= nc; c += block) tile_at(c);
-    if (c > 0 && c < nc) tile_at(nc - block), c = nc;  // the tail, overlapping as in conv_row_sliding
-    for (; c < nc; ++c)
+    for (int64_t c = overlapping_channel_tiles<NV, Acc>(nc, tile_at); c < nc; ++c)
       for (int q = q_lo; q < q_hi; ++q) {
         Acc sum = 0;
         for (int a = 0; a < nrows; ++a)

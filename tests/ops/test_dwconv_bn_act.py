@@ -59,10 +59,12 @@ def test_odd_shapes(backend, device, shape, training):
                          ids=lambda c: "k{}s{}d{}-{}".format(*c))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_wide_rows_and_channel_tails(backend, device, dtype, training, config):
+@pytest.mark.parametrize("channels", [12, 21])
+def test_wide_rows_and_channel_tails(backend, device, dtype, training, config, channels):
     """Rows long enough for border and interior pixel tiles and a short tail; channels as whole
-    vectors plus a remainder (the CPU kernels' tiles)."""
-    compare((2, 21, 5, 23), config, dtype, torch.channels_last, training, device)
+    tiles of one or two vectors plus a remainder (the CPU kernels' tiles: 12 channels take one
+    8-wide vector and an overlapping one, 21 one 16-wide pair and an overlapping one)."""
+    compare((2, channels, 5, 23), config, dtype, torch.channels_last, training, device)
 
 
 @pytest.mark.parametrize("kernel", [3, 5, 7])
