@@ -23,6 +23,20 @@
 
 namespace fastmb::cpu {
 
+// Whether the hot loops have 32 registers of Vec's width: the x86-64-v4 clones do (AVX-512VL),
+// AVX2 and SSE2 have 16, ARM's 32 NEON registers hold 16 Vecs. Register tiles of more than 16
+// Vecs spill elsewhere, so kernels choose them only where this is true.
+inline bool has_32_vector_registers() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTMB_NO_MULTIVERSION)
+  static const bool value = __builtin_cpu_supports("avx512vl");
+  return value;
+#elif defined(__AVX512VL__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 // A 32-byte vector of Acc (GCC/Clang vector extension): AVX2 registers on x86-64 (AVX-512
 // machines use them too, from the same clone), two NEON registers on ARM. Loops keep
 // accumulators of this type in registers, which the auto-vectoriser does not reliably do.

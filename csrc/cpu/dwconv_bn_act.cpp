@@ -159,15 +159,20 @@ FASTMB_INLINE bool prefetches_columns(const Geometry& g, int64_t nc) {
   return pixel_bytes > 64 && input_bytes >= (int64_t(12) << 20);
 }
 
-// Vectors of channels per sliding tile for kernel size K. Tiles are 7 pixels wide (MobileNet's
-// map widths, 7 to 112, are multiples of 7) and, for K = 3, two vectors wide: 14 accumulators
-// keep both multiply-add pipes busy, where 8 chains of 9 dependent multiply-adds left them
-// waiting. Single-thread microbenchmark (fp32, batch 16, 14x14 maps of 240 to 672 channels,
-// 2-core Zen 4): 1.3-1.6x the multiply-adds per second of the former 8 pixels x 1 vector;
-// 1.1-1.2x for K = 5 at one vector (two need more than AVX2's 16 registers). In the ops at 2
-// threads: eval 0.98x the time (geomean of 16 shapes), backward 0.96x (0.86-0.93x at 14x14).
-template <int K>
-constexpr int kTileVectors = K == 3 ? 2 : 1;
+// Calls f(Int<NV>{}) with the vectors of channels per sliding tile for kernel size K. Tiles
+// are 7 pixels wide (MobileNet's map widths, 7 to 112, are multiples of 7) and, for K = 3 on
+// CPUs with 32 vector registers, two vectors wide: 14 accumulators keep both multiply-add pipes
+// busy, where 8 chains of 9 dependent multiply-adds left them waiting. Measured (fp32, 2-core
+// Zen 4): the module's train step 1.44x -> 1.51x eager's speed (geomean of V3-Large's 12
+// shapes), the ops' eval 0.98x the time. With AVX2's 16 registers the tile spilled (1.2-1.3x
+// the time in an AVX2-only build), and so did K = 5 at two vectors.
+template <int K, typename F>
+FASTMB_INLINE void dispatch_tile_vectors(F&& f) {
+  if constexpr (K == 3) {
+    if (has_32_vector_registers()) return f(Int<2>{});
+  }
+  f(Int<1>{});
+}
 
 // Calls tile(c, Int<NV>{}) over channels [0, nc) in blocks of NV vectors, the last block
 // overlapping the one before where nc is not a multiple of it (the tiles store values, so
@@ -189,10 +194,10 @@ FASTMB_INLINE int64_t overlapping_channel_tiles(int64_t nc, const Tile& tile) {
 // Output pixels [ow0, ow0 + count) of row oh, channels c0..c0+nc, by sliding tiles of P pixels
 // (P / 2 for a short tail) and NV vectors of channels (overlapping_channel_tiles); channel by
 // channel where nc is below one vector.
-template <int K, int S, typename T, typename Acc, typename Store>
+template <int K, int S, int NV, typename T, typename Acc, typename Store>
 FASTMB_INLINE void conv_row_sliding(const Store& store, const T* x_img, const Acc* w, const Geometry& g, int i_lo, int i_hi, int64_t oh,
                                     int64_t ow0, int64_t count, int64_t c0, int64_t nc) {
-  constexpr int P = kTilePixels, NV = kTileVectors<K>;
+  constexpr int P = kTilePixels;
   const bool prefetch = prefetches_columns<T>(g, nc);
   for (int64_t p0 = 0; p0 < count; p0 += P) {
     const int tile = int(std::min<int64_t>(P, count - p0));
@@ -326,8 +331,12 @@ FASTMB_MULTIVERSION void conv_row(const Store& store, const T* x_img, const Acc*
   while (i_lo < kh && oh * g.sh - g.ph + int64_t(i_lo) * g.dh < 0) ++i_lo;
   while (i_hi > i_lo && oh * g.sh - g.ph + int64_t(i_hi - 1) * g.dh >= g.h) --i_hi;
   if constexpr (K == 0) conv_row_general(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
-  else if (g.sw == 1) conv_row_sliding<K, 1>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
-  else conv_row_sliding<K, 2>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
+  else
+    dispatch_tile_vectors<K>([&](auto nv) __attribute__((always_inline)) {
+      constexpr int NV = decltype(nv)::value;
+      if (g.sw == 1) conv_row_sliding<K, 1, NV>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
+      else conv_row_sliding<K, 2, NV>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
+    });
 }
 
 // Calls f(std::integral_constant<Activation, A>) with the activation as a compile-time constant.
@@ -734,13 +743,13 @@ FASTMB_INLINE void grad_x_stride2_tile(T* gx, const Acc* gz_u0, const Acc* w, co
 }
 
 // dL/dx of input row ih (gx offset to the row's first pixel and the block's first channel) for
-// stride 2 along the row: sliding tiles of 8 pixels by kTileVectors<K> channel vectors
-// (overlapping_channel_tiles), from the first pixel with iw + pw even
+// stride 2 along the row: sliding tiles of 8 pixels by NV channel vectors (dispatch_tile_vectors,
+// overlapping_channel_tiles), from the first pixel with iw + pw even
 // (the tile before pixel 0 when pw is odd); gz is this task's [Ho][Wo][nc], w offset to the block.
-template <int K, typename T, typename Acc>
+template <int K, int NV, typename T, typename Acc>
 FASTMB_INLINE void grad_x_row_stride2(T* gx, const Acc* gz, const Acc* w, const Geometry& g, const TapSources& rows, int64_t ih,
                                       int64_t nc) {
-  constexpr int P = 8, U = P / 2 + (K - 1) / 2, NV = kTileVectors<K>;
+  constexpr int P = 8, U = P / 2 + (K - 1) / 2;
   const int* ri = rows.tap.data() + ih * g.kh;
   const int* ro = rows.output.data() + ih * g.kh;
   const int nrows = rows.count[ih];
@@ -817,8 +826,10 @@ FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc
   }
   if constexpr (K != 0) {
     if (g.sw == 2) {
-      for (int64_t ih = 0; ih < g.h; ++ih)
-        grad_x_row_stride2<K>(gx + ((n * g.h + ih) * g.w) * g.c + c0, gz.data(), w + c0, g, rows, ih, nc);
+      dispatch_tile_vectors<K>([&](auto nv) __attribute__((always_inline)) {
+        for (int64_t ih = 0; ih < g.h; ++ih)
+          grad_x_row_stride2<K, decltype(nv)::value>(gx + ((n * g.h + ih) * g.w) * g.c + c0, gz.data(), w + c0, g, rows, ih, nc);
+      });
       return;
     }
   }
