@@ -163,9 +163,10 @@ FASTMB_INLINE bool prefetches_columns(const Geometry& g, int64_t nc) {
 // are 7 pixels wide (MobileNet's map widths, 7 to 112, are multiples of 7) and, for K = 3 on
 // CPUs with 32 vector registers, two vectors wide: 14 accumulators keep both multiply-add pipes
 // busy, where 8 chains of 9 dependent multiply-adds left them waiting. Measured (fp32, 2-core
-// Zen 4): the module's train step 1.44x -> 1.51x eager's speed (geomean of V3-Large's 12
-// shapes), the ops' eval 0.98x the time. With AVX2's 16 registers the tile spilled (1.2-1.3x
-// the time in an AVX2-only build), and so did K = 5 at two vectors.
+// Zen 4, with the weight-gradient tiles of kWeightGradVectors): the module's train step 1.44x
+// -> 1.51x eager's speed (geomean of V3-Large's 12 shapes), the ops' eval 0.98x the time. With
+// AVX2's 16 registers the tile spilled (1.2-1.3x the time in an AVX2-only build), and so did
+// K = 5 at two vectors.
 template <int K, typename F>
 FASTMB_INLINE void dispatch_tile_vectors(F&& f) {
   if constexpr (K == 3) {
