@@ -62,8 +62,9 @@ def test_odd_shapes(backend, device, shape, training):
 @pytest.mark.parametrize("channels", [12, 21])
 def test_wide_rows_and_channel_tails(backend, device, dtype, training, config, channels):
     """Rows long enough for border and interior pixel tiles and a short tail; channels as whole
-    tiles of one or two vectors plus a remainder (the CPU kernels' tiles: 12 channels take one
-    8-wide vector and an overlapping one, 21 one 16-wide pair and an overlapping one)."""
+    CPU tiles plus a remainder covered by one overlapping tile: 12 channels, one 8-wide vector
+    and an overlapping one; 21, whole tiles (16-wide pairs where AVX-512 has the registers,
+    else single vectors) and an overlapping one."""
     compare((2, channels, 5, 23), config, dtype, torch.channels_last, training, device)
 
 
