@@ -3,8 +3,8 @@
 // NHWC throughout (other layouts are converted on entry): z is accumulated tap by tap over a
 // chunk of output pixels held in L1, every innermost loop runs over contiguous channels and
 // vectorises; z = conv(x) is never saved for backward (DESIGN.md's plan):
-//   eval forward      one pass, per chunk: z into L1, then y = act(z * scale + shift), BN folded
-//                     per channel
+//   eval forward      one pass: y = act(z * scale + shift) as the conv's tiles store z (BN folded
+//                     per channel)
 //   train forward     pass 1: z, stored (in y when it is float), and its per-channel mean and
 //                     M2 (two-pass per chunk, Chan merges); pass 2: y = act(z * scale + shift)
 //   backward          pass 1: z per chunk and the sums of dL/du and dL/du * x_hat per channel;
@@ -352,7 +352,7 @@ FASTMB_INLINE void dispatch_activation(Activation act, F&& f) {
 }
 
 // y[p][k] = act(z[p][k] * scale[k] + shift[k]) over `pixels` x `c` stored z values (train pass
-// 2, where y and z may be the same memory, and eval's epilogue), in vectors of channels.
+// 2, where y and z may be the same memory), in vectors of channels.
 template <typename T, typename Acc>
 FASTMB_MULTIVERSION void normalize_stored(T* y, const Acc* z, const Acc* scale, const Acc* shift, Activation act, int64_t pixels,
                                           int64_t c) {
@@ -370,22 +370,53 @@ FASTMB_MULTIVERSION void normalize_stored(T* y, const Acc* z, const Acc* scale, 
   });
 }
 
-// Eval: y = act(conv(x) * scale + shift) over output rows [begin, end), chunk by chunk: z into
-// an L1 buffer, then normalize_stored over it, where the activation is a compile-time constant
-// (one conv_row per store type, instead of an epilogue switching per stored vector).
+// An activation in one branch-free form: act(u) = clamp(u + offset, lo, hi), times u / 6 for
+// hardswish, with the same operations and NaN behaviour as activate() (../common.h). Eval's
+// epilogue takes it as data, where a compile-time activation would need a conv per activation.
+template <typename Acc>
+struct ClampActivation {
+  Acc offset, lo, hi;
+  bool times_input;  // hardswish
+
+  explicit ClampActivation(Activation a)
+      : offset(a == Activation::kHardswish ? 3 : 0),
+        lo(a == Activation::kIdentity ? -INFINITY : 0),
+        hi(a == Activation::kHardswish || a == Activation::kRelu6 ? 6 : INFINITY),
+        times_input(a == Activation::kHardswish) {}
+
+  template <typename VT>
+  FASTMB_INLINE VT operator()(VT u) const {
+    const VT lo_v = VT{} + lo, hi_v = VT{} + hi;  // broadcast (VT is Acc or its Vec)
+    VT h = u + offset;
+    h = h < lo_v ? lo_v : h;  // comparisons with NaN are false: NaN falls through
+    h = h > hi_v ? hi_v : h;
+    return times_input ? u * h * Acc(1.0 / 6.0) : h;
+  }
+};
+
+// Eval's store: y = act(z * scale + shift) as each tile's sums leave the registers, so z never
+// goes through memory. Channel c indexes scale and shift as it does the output row.
+template <typename T, typename Acc>
+struct StoreNormalized {
+  T* out;
+  int64_t pixel_step;
+  const Acc *scale, *shift;
+  ClampActivation<Acc> act;
+  FASTMB_INLINE void vector(int64_t p, int64_t c, typename Vec<Acc>::type z) const {
+    Vec<Acc>::store(out + p * pixel_step + c, act(z * Vec<Acc>::load(scale + c) + Vec<Acc>::load(shift + c)));
+  }
+  FASTMB_INLINE void scalar(int64_t p, int64_t c, Acc z) const { out[p * pixel_step + c] = T(act(z * scale[c] + shift[c])); }
+};
+
+// Eval: y = act(conv(x) * scale + shift) over output rows [begin, end) in one pass.
 template <int K, typename T, typename Acc>
-FASTMB_MULTIVERSION void forward_rows(T* y, const T* x, const Acc* w, const Acc* scale, const Acc* shift, Geometry g, Activation act,
-                                      int64_t begin, int64_t end) {
-  const int64_t chunk = chunk_pixels(g.c);
-  thread_local std::vector<Acc> z;  // reused from call to call: eval allocates only its output
-  z.resize(chunk * g.c);
+void forward_rows(T* y, const T* x, const Acc* w, const Acc* scale, const Acc* shift, const Geometry& g, Activation act, int64_t begin,
+                  int64_t end) {
+  const ClampActivation<Acc> activation(act);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / g.ho, oh = row % g.ho;
-    for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
-      const int64_t pixels = std::min(chunk, g.wo - ow0);
-      conv_row<K>(StoreValues<Acc, Acc>{z.data(), g.c}, x + n * g.h * g.w * g.c, w, g, oh, ow0, pixels, 0, g.c);
-      normalize_stored(y + (row * g.wo + ow0) * g.c, z.data(), scale, shift, act, pixels, g.c);
-    }
+    conv_row<K>(StoreNormalized<T, Acc>{y + row * g.wo * g.c, g.c, scale, shift, activation}, x + n * g.h * g.w * g.c, w, g, oh, 0, g.wo, 0,
+                g.c);
   }
 }
 
