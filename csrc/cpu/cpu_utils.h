@@ -15,9 +15,15 @@
 // each for AVX-512, AVX2+FMA and baseline SSE2 and pick one at load time, so one build runs
 // fast on any x86-64 CPU. Elsewhere (ARM: NEON is baseline) they are compiled once.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTMB_NO_MULTIVERSION)
+#define FASTMB_X86_CLONES 1
 #define FASTMB_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// Loops over 64-byte vectors are compiled for AVX-512 alone (not cloned: the other clones could
+// only split them and spill), and called where has_32_vector_registers().
+#define FASTMB_AVX512 __attribute__((target("arch=x86-64-v4"), noinline))
 #else
+#define FASTMB_X86_CLONES 0
 #define FASTMB_MULTIVERSION
+#define FASTMB_AVX512
 #endif
 #define FASTMB_INLINE inline __attribute__((always_inline))
 
@@ -27,7 +33,7 @@ namespace fastmb::cpu {
 // AVX2 and SSE2 have 16, ARM's 32 NEON registers hold 16 Vecs. Register tiles of more than 16
 // Vecs spill elsewhere, so kernels choose them only where this is true.
 inline bool has_32_vector_registers() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTMB_NO_MULTIVERSION)
+#if FASTMB_X86_CLONES
   static const bool value = __builtin_cpu_supports("avx512vl");
   return value;
 #elif defined(__AVX512VL__)
@@ -37,17 +43,32 @@ inline bool has_32_vector_registers() {
 #endif
 }
 
-// A 32-byte vector of Acc (GCC/Clang vector extension): AVX2 registers on x86-64 (AVX-512
-// machines use them too, from the same clone), two NEON registers on ARM. Loops keep
-// accumulators of this type in registers, which the auto-vectoriser does not reliably do.
-template <typename Acc>
+// Whether the build has the FASTMB_AVX512 loops (multiversioned x86-64, or built for AVX-512).
+#if FASTMB_X86_CLONES || defined(__AVX512VL__)
+inline constexpr bool kAvx512Loops = true;
+#else
+inline constexpr bool kAvx512Loops = false;
+#endif
+
+// A vector of Bytes of E. (GCC drops vector_size from a typedef in a function template when
+// the size depends on a template parameter; in a class it keeps it.)
+template <typename E, int Bytes>
+struct VectorOf {
+  typedef E type __attribute__((vector_size(Bytes)));
+};
+
+// A vector of Acc (GCC/Clang vector extension), 32 bytes unless said: AVX2 registers on x86-64
+// (AVX-512 machines use them too, from the same clone), two NEON registers on ARM; 64 bytes:
+// one AVX-512 register (kAvx512Loops). Loops keep accumulators of this type in registers, which
+// the auto-vectoriser does not reliably do.
+template <typename Acc, int Bytes = 32>
 struct Vec {
-  typedef Acc type __attribute__((vector_size(32)));
-  static constexpr int kLanes = 32 / sizeof(Acc);
+  typedef Acc type __attribute__((vector_size(Bytes)));
+  static constexpr int kLanes = Bytes / sizeof(Acc);
   // Loads and stores go through this type, which may alias only Acc: a memcpy may alias
   // anything, so after each store the compiler reloaded every pointer and size the loop kept
   // in memory (a kernel's parameters, a Store's fields).
-  typedef Acc unaligned __attribute__((vector_size(32), aligned(alignof(Acc))));
+  typedef Acc unaligned __attribute__((vector_size(Bytes), aligned(alignof(Acc))));
 
   template <typename T>
   static FASTMB_INLINE type load(const T* p) {
@@ -56,8 +77,8 @@ struct Vec {
       v = *reinterpret_cast<const unaligned*>(p);
     } else {  // bfloat16 -> float: the 16 bits are the float's top half
       static_assert(std::is_same_v<T, c10::BFloat16> && std::is_same_v<Acc, float>);
-      typedef uint16_t half_bits __attribute__((vector_size(16)));
-      typedef uint32_t bits __attribute__((vector_size(32)));
+      using half_bits = typename VectorOf<uint16_t, Bytes / 2>::type;
+      using bits = typename VectorOf<uint32_t, Bytes>::type;
       half_bits h;
       std::memcpy(&h, p, sizeof h);
       const bits b = __builtin_convertvector(h, bits) << 16;

@@ -35,7 +35,8 @@ constexpr int64_t kChunkValues = 4096;
 template <int V>
 using Int = std::integral_constant<int, V>;
 
-// Output pixels per sliding tile of the conv (conv_row_sliding).
+// Output pixels per sliding tile of the conv (conv_row_sliding): MobileNet's map widths (7 to
+// 112) are multiples of 7, so 7-pixel tiles leave no lanes idle at 14 and 7 wide, where 8 did.
 constexpr int kTilePixels = 7;
 
 // Output pixels per chunk when each holds `channels` accumulators: a multiple of the sliding tile.
@@ -69,30 +70,33 @@ template <typename T, typename Acc>
 struct StoreValues {
   T* out;
   int64_t pixel_step;
-  FASTMB_INLINE void vector(int64_t p, int64_t c, typename Vec<Acc>::type v) const { Vec<Acc>::store(out + p * pixel_step + c, v); }
+  template <typename VT>  // a Vec<Acc, Bytes>::type
+  FASTMB_INLINE void vector(int64_t p, int64_t c, VT v) const {
+    Vec<Acc, sizeof(VT)>::store(out + p * pixel_step + c, v);
+  }
   FASTMB_INLINE void scalar(int64_t p, int64_t c, Acc v) const { out[p * pixel_step + c] = T(v); }
 };
 
 // Stride 1 or 2 with dilation 1 (every MobileNet depthwise layer): P output pixels of a row for
-// NV vectors of channels from c, sliding along the input row. Each input vector is loaded once
-// and feeds every (pixel, tap) pair that reads it, and the row's K x NV weight vectors stay in
-// registers, so loads stay below the multiply-adds. x_tap0 is pixel 0's tap (0, 0) input;
-// input columns q < q_lo or >= q_hi (relative to it) are outside the image and read as zero;
-// Inside: none are. Pixels >= count are computed but not stored.
-template <int P, int NV, int K, int S, bool Inside, typename T, typename Acc, typename Store>
+// one vector (of Bytes) of channels from c, sliding along the input row. Each input vector is
+// loaded once and feeds every (pixel, tap) pair that reads it, and the row's K weight vectors
+// stay in registers, so loads stay below the multiply-adds. x_tap0 is pixel 0's tap (0, 0)
+// input; input columns q < q_lo or >= q_hi (relative to it) are outside the image and read as
+// zero; Inside: none are. Pixels >= count are computed but not stored.
+template <int P, int Bytes, int K, int S, bool Inside, typename T, typename Acc, typename Store>
 FASTMB_INLINE void conv_sliding_tile(const Store& store, int64_t p0, int count, const T* x_tap0, const Acc* w, const Geometry& g,
                                      int i_lo, int i_hi, int q_lo, int q_hi, int64_t c) {
-  using V = Vec<Acc>;
-  constexpr int L = V::kLanes, Q = (P - 1) * S + K;  // input columns the tile reads
+  using V = Vec<Acc, Bytes>;
+  constexpr int Q = (P - 1) * S + K;  // input columns the tile reads
   const int64_t row_step = int64_t(g.dh) * g.w * g.c;
-  typename V::type acc[P][NV] = {};
+  typename V::type acc[P] = {};
   for (int i = i_lo; i < i_hi; ++i) {
     // Pointers stepped column by column: precomputed offsets q * C would each need a register
     // and spill (opaque keeps the compiler from hoisting them).
     const Acc* wp = w + int64_t(i) * K * g.c + c;
-    typename V::type wv[K][NV];
+    typename V::type wv[K];
     unroll<K>([&](auto j) __attribute__((always_inline)) {
-      unroll<NV>([&](auto v) __attribute__((always_inline)) { wv[j][v] = V::load(wp + v * L); });
+      wv[j] = V::load(wp);
       wp = opaque(wp + g.c);
     });
     const T* xp = x_tap0 + i * row_step + c;
@@ -100,17 +104,15 @@ FASTMB_INLINE void conv_sliding_tile(const Store& store, int64_t p0, int count, 
       const T* column = xp;
       xp = opaque(xp + g.c);
       if (!Inside && (q < q_lo || q >= q_hi)) return;
-      unroll<NV>([&](auto v) __attribute__((always_inline)) {
-        const typename V::type xv = V::load(column + v * L);
-        unroll<P>([&](auto p) __attribute__((always_inline)) {
-          constexpr int j = decltype(q)::value - decltype(p)::value * S;
-          if constexpr (j >= 0 && j < K) acc[p][v] += xv * wv[j][v];
-        });
+      const typename V::type xv = V::load(column);
+      unroll<P>([&](auto p) __attribute__((always_inline)) {
+        constexpr int j = decltype(q)::value - decltype(p)::value * S;
+        if constexpr (j >= 0 && j < K) acc[p] += xv * wv[j];
       });
     });
   }
   unroll<P>([&](auto p) __attribute__((always_inline)) {
-    if (p < count) unroll<NV>([&](auto v) __attribute__((always_inline)) { store.vector(p0 + p, c + v * L, acc[p][v]); });
+    if (p < count) store.vector(p0 + p, c, acc[p]);
   });
 }
 
@@ -159,43 +161,29 @@ FASTMB_INLINE bool prefetches_columns(const Geometry& g, int64_t nc) {
   return pixel_bytes > 64 && input_bytes >= (int64_t(12) << 20);
 }
 
-// Calls f(Int<NV>{}) with the vectors of channels per sliding tile for kernel size K. Tiles
-// are 7 pixels wide (MobileNet's map widths, 7 to 112, are multiples of 7) and, for K = 3 on
-// CPUs with 32 vector registers, two vectors wide: 14 accumulators keep both multiply-add pipes
-// busy, where 8 chains of 9 dependent multiply-adds left them waiting. Measured (fp32, 2-core
-// Zen 4, with the weight-gradient tiles of kWeightGradVectors): the module's train step 1.44x
-// -> 1.51x eager's speed (geomean of V3-Large's 12 shapes), the ops' eval 0.98x the time. With
-// AVX2's 16 registers the tile spilled (1.2-1.3x the time in an AVX2-only build), and so did
-// K = 5 at two vectors.
-template <int K, typename F>
-FASTMB_INLINE void dispatch_tile_vectors(F&& f) {
-  if constexpr (K == 3) {
-    if (has_32_vector_registers()) return f(Int<2>{});
-  }
-  f(Int<1>{});
-}
-
-// Calls tile(c, Int<NV>{}) over channels [0, nc) in blocks of NV vectors, the last block
-// overlapping the one before where nc is not a multiple of it (the tiles store values, so
-// storing some twice is harmless); for nc below NV vectors, tile(c, Int<1>{}) over single
-// vectors alike. Returns the first channel no vector covered: nc, or 0 below one vector.
-template <int NV, typename Acc, typename Tile>
+// Calls tile(c, Int<NV>{}, Int<Bytes>{}) over channels [0, nc) in blocks of NV vectors of Bytes,
+// the last block overlapping the one before where nc is not a multiple of it (the tiles store
+// values, so storing some twice is harmless); for nc below one block, over blocks of one
+// vector alike, then of one 32-byte vector. Returns the first channel no vector covered: nc,
+// or 0 below one 32-byte vector.
+template <int NV, int Bytes, typename Acc, typename Tile>
 FASTMB_INLINE int64_t overlapping_channel_tiles(int64_t nc, const Tile& tile) {
-  constexpr int64_t block = NV * Vec<Acc>::kLanes;
+  constexpr int64_t block = NV * Vec<Acc, Bytes>::kLanes;
   if (nc >= block) {
     int64_t c = 0;
-    for (; c + block <= nc; c += block) tile(c, Int<NV>{});
-    if (c < nc) tile(nc - block, Int<NV>{});
+    for (; c + block <= nc; c += block) tile(c, Int<NV>{}, Int<Bytes>{});
+    if (c < nc) tile(nc - block, Int<NV>{}, Int<Bytes>{});
     return nc;
   }
-  if constexpr (NV > 1) return overlapping_channel_tiles<1, Acc>(nc, tile);
+  if constexpr (NV > 1) return overlapping_channel_tiles<1, Bytes, Acc>(nc, tile);
+  else if constexpr (Bytes > 32) return overlapping_channel_tiles<1, 32, Acc>(nc, tile);
   return 0;
 }
 
 // Output pixels [ow0, ow0 + count) of row oh, channels c0..c0+nc, by sliding tiles of P pixels
-// (P / 2 for a short tail) and NV vectors of channels (overlapping_channel_tiles); channel by
-// channel where nc is below one vector.
-template <int K, int S, int NV, typename T, typename Acc, typename Store>
+// (P / 2 for a short tail) and a vector of Bytes (overlapping_channel_tiles); channel by
+// channel where nc is below one 32-byte vector.
+template <int K, int S, int Bytes, typename T, typename Acc, typename Store>
 FASTMB_INLINE void conv_row_sliding(const Store& store, const T* x_img, const Acc* w, const Geometry& g, int i_lo, int i_hi, int64_t oh,
                                     int64_t ow0, int64_t count, int64_t c0, int64_t nc) {
   constexpr int P = kTilePixels;
@@ -208,14 +196,14 @@ FASTMB_INLINE void conv_row_sliding(const Store& store, const T* x_img, const Ac
     const T* x_tap0 = x_img + ((oh * g.sh - g.ph) * g.w + iw0) * g.c + c0;
     const int q_lo = int(std::max<int64_t>(0, -iw0)), q_hi = int(std::min<int64_t>((P - 1) * S + K, g.w - iw0));
     const bool whole = tile > P / 2, inside = q_lo == 0 && q_hi == (whole ? P - 1 : P / 2 - 1) * S + K;
-    const auto tile_at = [&](int64_t c, auto nv) __attribute__((always_inline)) {
-      constexpr int Vectors = decltype(nv)::value;
-      if (whole && inside) conv_sliding_tile<P, Vectors, K, S, true>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
-      else if (whole) conv_sliding_tile<P, Vectors, K, S, false>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
-      else if (inside) conv_sliding_tile<P / 2, Vectors, K, S, true>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
-      else conv_sliding_tile<P / 2, Vectors, K, S, false>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
+    const auto tile_at = [&](int64_t c, auto, auto bytes) __attribute__((always_inline)) {
+      constexpr int B = decltype(bytes)::value;
+      if (whole && inside) conv_sliding_tile<P, B, K, S, true>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
+      else if (whole) conv_sliding_tile<P, B, K, S, false>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
+      else if (inside) conv_sliding_tile<P / 2, B, K, S, true>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
+      else conv_sliding_tile<P / 2, B, K, S, false>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
     };
-    for (int64_t c = overlapping_channel_tiles<NV, Acc>(nc, tile_at); c < nc; ++c)
+    for (int64_t c = overlapping_channel_tiles<1, Bytes, Acc>(nc, tile_at); c < nc; ++c)
       for (int p = 0; p < tile; ++p) {
         Acc sum = 0;
         for (int i = i_lo; i < i_hi; ++i)
@@ -320,10 +308,30 @@ FASTMB_INLINE void conv_row_general(const Store& store, const T* x_img, const Ac
   }
 }
 
+// conv_row_sliding at the geometry's stride (1 or 2).
+template <int K, int Bytes, typename T, typename Acc, typename Store>
+FASTMB_INLINE void conv_row_sliding_strides(const Store& store, const T* x_img, const Acc* w, const Geometry& g, int i_lo, int i_hi,
+                                            int64_t oh, int64_t ow0, int64_t count, int64_t c0, int64_t nc) {
+  if (g.sw == 1) conv_row_sliding<K, 1, Bytes>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
+  else conv_row_sliding<K, 2, Bytes>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
+}
+
+// The sliding tiles in AVX-512 registers, 7 pixels x 16 lanes (for K = 3, 8 pixels x 8 lanes,
+// 8 chains of 9 dependent multiply-adds, had left the multiply-add pipes waiting). Measured on
+// a 2-core Zen 4, fp32, V3-Large's shapes at batch 16 and 1: against one 8-lane vector, eval
+// 0.84x the time (geomean; K = 5 0.82-0.90x); against two for K = 3 and one for K = 5, eval
+// 0.91x, train forward 0.96x, backward 0.94x.
+template <int K, typename T, typename Acc, typename Store>
+FASTMB_AVX512 void conv_row_avx512(const Store& store, const T* x_img, const Acc* w, const Geometry& g, int i_lo, int i_hi, int64_t oh,
+                                   int64_t ow0, int64_t count, int64_t c0, int64_t nc) {
+  conv_row_sliding_strides<K, 64>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
+}
+
 // The depthwise conv at output pixels (oh, ow0 + p), p < count, channels c0..c0+nc of one image
 // (out-of-image taps read zeros), handed to `store`. K = 3, 5, 7 (stride 1 or 2, dilation 1
-// along the row: dispatch_kernel_size sees to it): sliding tiles; K = 0, any geometry: the
-// general path. Out of line: the passes that store z share one copy.
+// along the row: dispatch_kernel_size sees to it): sliding tiles, in AVX-512 registers where
+// the CPU has them; K = 0, any geometry: the general path. Out of line: the passes that store z
+// share one copy.
 template <int K, typename T, typename Acc, typename Store>
 FASTMB_MULTIVERSION void conv_row(const Store& store, const T* x_img, const Acc* w, Geometry g, int64_t oh, int64_t ow0, int64_t count,
                                   int64_t c0, int64_t nc) {
@@ -331,13 +339,18 @@ FASTMB_MULTIVERSION void conv_row(const Store& store, const T* x_img, const Acc*
   int i_lo = 0, i_hi = kh;
   while (i_lo < kh && oh * g.sh - g.ph + int64_t(i_lo) * g.dh < 0) ++i_lo;
   while (i_hi > i_lo && oh * g.sh - g.ph + int64_t(i_hi - 1) * g.dh >= g.h) --i_hi;
-  if constexpr (K == 0) conv_row_general(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
-  else
-    dispatch_tile_vectors<K>([&](auto nv) __attribute__((always_inline)) {
-      constexpr int NV = decltype(nv)::value;
-      if (g.sw == 1) conv_row_sliding<K, 1, NV>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
-      else conv_row_sliding<K, 2, NV>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
-    });
+  if constexpr (K == 0) {
+    conv_row_general(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
+  } else {
+    if constexpr (kAvx512Loops) {
+      // Not at stride 2 with pixels of part vectors: its tiles make ~2 multiply-adds per load,
+      // and every other pixel's 16-lane loads would cross a cache line (C72-k5-s2 took 1.09-1.33x
+      // the time of 8-lane vectors; C240-k3-s2, whole vectors, 0.74x).
+      if (has_32_vector_registers() && !(g.sw == 2 && g.c % 16 != 0))
+        return conv_row_avx512<K>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
+    }
+    conv_row_sliding_strides<K, 32>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
+  }
 }
 
 // Calls f(std::integral_constant<Activation, A>) with the activation as a compile-time constant.
@@ -402,8 +415,10 @@ struct StoreNormalized {
   int64_t pixel_step;
   const Acc *scale, *shift;
   ClampActivation<Acc> act;
-  FASTMB_INLINE void vector(int64_t p, int64_t c, typename Vec<Acc>::type z) const {
-    Vec<Acc>::store(out + p * pixel_step + c, act(z * Vec<Acc>::load(scale + c) + Vec<Acc>::load(shift + c)));
+  template <typename VT>  // a Vec<Acc, Bytes>::type
+  FASTMB_INLINE void vector(int64_t p, int64_t c, VT z) const {
+    using V = Vec<Acc, sizeof(VT)>;
+    V::store(out + p * pixel_step + c, act(z * V::load(scale + c) + V::load(shift + c)));
   }
   FASTMB_INLINE void scalar(int64_t p, int64_t c, Acc z) const { out[p * pixel_step + c] = T(act(z * scale[c] + shift[c])); }
 };
@@ -774,6 +789,17 @@ FASTMB_INLINE void grad_x_stride2_tile(T* gx, const Acc* gz_u0, const Acc* w, co
   });
 }
 
+// Calls f(Int<NV>{}) with the vectors of channels per stride-2 dL/dx tile for kernel size K: two
+// for K = 3 where there are 32 vector registers (with AVX2's 16 they spilled: 1.2-1.3x the time
+// in an AVX2-only build), else one.
+template <int K, typename F>
+FASTMB_INLINE void dispatch_tile_vectors(F&& f) {
+  if constexpr (K == 3) {
+    if (has_32_vector_registers()) return f(Int<2>{});
+  }
+  f(Int<1>{});
+}
+
 // dL/dx of input row ih (gx offset to the row's first pixel and the block's first channel) for
 // stride 2 along the row: sliding tiles of 8 pixels by NV channel vectors (dispatch_tile_vectors,
 // overlapping_channel_tiles), from the first pixel with iw + pw even
@@ -793,12 +819,12 @@ FASTMB_INLINE void grad_x_row_stride2(T* gx, const Acc* gz, const Acc* w, const 
     // Pixel iw0 and column ow_u0 may lie before the row's first: only those inside are accessed.
     T* gx_tile = gx + iw0 * g.c;
     const Acc* gz_u0 = gz + ow_u0 * nc;
-    const auto tile_at = [&](int64_t c, auto nv) __attribute__((always_inline)) {
+    const auto tile_at = [&](int64_t c, auto nv, auto) __attribute__((always_inline)) {
       constexpr int Vectors = decltype(nv)::value;
       if (inside) grad_x_stride2_tile<P, Vectors, K, true>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
       else grad_x_stride2_tile<P, Vectors, K, false>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
     };
-    for (int64_t c = overlapping_channel_tiles<NV, Acc>(nc, tile_at); c < nc; ++c)
+    for (int64_t c = overlapping_channel_tiles<NV, 32, Acc>(nc, tile_at); c < nc; ++c)
       for (int q = q_lo; q < q_hi; ++q) {
         Acc sum = 0;
         for (int a = 0; a < nrows; ++a)

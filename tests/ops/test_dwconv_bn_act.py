@@ -59,12 +59,12 @@ def test_odd_shapes(backend, device, shape, training):
                          ids=lambda c: "k{}s{}d{}-{}".format(*c))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("channels", [12, 21])
+@pytest.mark.parametrize("channels", [12, 21, 32])
 def test_wide_rows_and_channel_tails(backend, device, dtype, training, config, channels):
     """Rows long enough for border and interior pixel tiles and a short tail; channels as whole
-    CPU tiles plus a remainder covered by one overlapping tile: 12 channels, one 8-wide vector
-    and an overlapping one; 21, whole tiles (16-wide pairs where AVX-512 has the registers,
-    else single vectors) and an overlapping one."""
+    CPU tiles plus a remainder covered by one overlapping tile: 12 channels, one 8-lane vector
+    and an overlapping one; 21, a 16-lane vector where AVX-512 has the registers (8-lane ones
+    elsewhere and at stride 2) and an overlapping one; 32, whole 16-lane vectors at both strides."""
     compare((2, channels, 5, 23), config, dtype, torch.channels_last, training, device)
 
 
