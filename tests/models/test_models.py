@@ -45,6 +45,34 @@ def test_torchvision_state_dict_loads_and_eval_outputs_agree(name, kwargs):
         assert relative_error(ours.eval()(x), theirs.eval()(x)) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
+def test_eval_on_sub_batches_matches_the_whole_batch(monkeypatch, name):
+    """With SUB_BATCH_BYTES at 1, every inverted-residual block runs image by image in eval
+    without autograd, and on the whole batch with autograd or a batch norm in training mode;
+    the outputs must not change."""
+    model = getattr(fastmb, name)().eval().to(memory_format=torch.channels_last)
+    randomize_batch_norm(model)
+    x = torch.randn(3, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        whole = model(x)
+    block = next(m for m in model.modules() if type(m).__name__ == "InvertedResidual")
+    calls, outputs = [], []
+    next(block.children()).register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    block.register_forward_hook(lambda module, args, output: outputs.append(output))
+    monkeypatch.setattr(fastmb.models.layers, "SUB_BATCH_BYTES", 1)
+    with torch.no_grad():
+        split = model(x)
+    assert calls == [1, 1, 1]
+    assert outputs[-1].shape[0] == 3 and outputs[-1].is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(split, whole) <= 1e-6
+    model(x)  # with autograd: the whole batch
+    assert calls == [1, 1, 1, 3]
+    next(m for m in block.modules() if isinstance(m, nn.BatchNorm2d)).train()  # batch statistics
+    with torch.no_grad():
+        model(x)
+    assert calls == [1, 1, 1, 3, 3]
+
+
 def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Loss, gradients, updated parameters and buffers after one SGD step."""
     model.train()
