@@ -29,9 +29,8 @@
 
 namespace fastmb::cpu {
 
-// Whether the hot loops have 32 registers of Vec's width: the x86-64-v4 clones do (AVX-512VL),
-// AVX2 and SSE2 have 16, ARM's 32 NEON registers hold 16 Vecs. Register tiles of more than 16
-// Vecs spill elsewhere, so kernels choose them only where this is true.
+// Whether the CPU has AVX-512's 32 vector registers, so that the FASTMB_AVX512 loops can run
+// (AVX2 and SSE2 have 16; ARM's 32 NEON registers hold 16 32-byte Vecs).
 inline bool has_32_vector_registers() {
 #if FASTMB_X86_CLONES
   static const bool value = __builtin_cpu_supports("avx512vl");

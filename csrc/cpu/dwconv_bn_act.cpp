@@ -161,22 +161,20 @@ FASTMB_INLINE bool prefetches_columns(const Geometry& g, int64_t nc) {
   return pixel_bytes > 64 && input_bytes >= (int64_t(12) << 20);
 }
 
-// Calls tile(c, Int<NV>{}, Int<Bytes>{}) over channels [0, nc) in blocks of NV vectors of Bytes,
-// the last block overlapping the one before where nc is not a multiple of it (the tiles store
-// values, so storing some twice is harmless); for nc below one block, over blocks of one
-// vector alike, then of one 32-byte vector. Returns the first channel no vector covered: nc,
-// or 0 below one 32-byte vector.
-template <int NV, int Bytes, typename Acc, typename Tile>
+// Calls tile(c, Int<Bytes>{}) over channels [0, nc) in vectors of Bytes, the last overlapping
+// the one before where nc is not a multiple of the vector (the tiles store values, so storing
+// some twice is harmless); for nc below one vector, in 32-byte vectors alike. Returns the first
+// channel no vector covered: nc, or 0 below one 32-byte vector.
+template <int Bytes, typename Acc, typename Tile>
 FASTMB_INLINE int64_t overlapping_channel_tiles(int64_t nc, const Tile& tile) {
-  constexpr int64_t block = NV * Vec<Acc, Bytes>::kLanes;
-  if (nc >= block) {
+  constexpr int64_t lanes = Vec<Acc, Bytes>::kLanes;
+  if (nc >= lanes) {
     int64_t c = 0;
-    for (; c + block <= nc; c += block) tile(c, Int<NV>{}, Int<Bytes>{});
-    if (c < nc) tile(nc - block, Int<NV>{}, Int<Bytes>{});
+    for (; c + lanes <= nc; c += lanes) tile(c, Int<Bytes>{});
+    if (c < nc) tile(nc - lanes, Int<Bytes>{});
     return nc;
   }
-  if constexpr (NV > 1) return overlapping_channel_tiles<1, Bytes, Acc>(nc, tile);
-  else if constexpr (Bytes > 32) return overlapping_channel_tiles<1, 32, Acc>(nc, tile);
+  if constexpr (Bytes > 32) return overlapping_channel_tiles<32, Acc>(nc, tile);
   return 0;
 }
 
@@ -196,14 +194,14 @@ FASTMB_INLINE void conv_row_sliding(const Store& store, const T* x_img, const Ac
     const T* x_tap0 = x_img + ((oh * g.sh - g.ph) * g.w + iw0) * g.c + c0;
     const int q_lo = int(std::max<int64_t>(0, -iw0)), q_hi = int(std::min<int64_t>((P - 1) * S + K, g.w - iw0));
     const bool whole = tile > P / 2, inside = q_lo == 0 && q_hi == (whole ? P - 1 : P / 2 - 1) * S + K;
-    const auto tile_at = [&](int64_t c, auto, auto bytes) __attribute__((always_inline)) {
+    const auto tile_at = [&](int64_t c, auto bytes) __attribute__((always_inline)) {
       constexpr int B = decltype(bytes)::value;
       if (whole && inside) conv_sliding_tile<P, B, K, S, true>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
       else if (whole) conv_sliding_tile<P, B, K, S, false>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
       else if (inside) conv_sliding_tile<P / 2, B, K, S, true>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
       else conv_sliding_tile<P / 2, B, K, S, false>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
     };
-    for (int64_t c = overlapping_channel_tiles<1, Bytes, Acc>(nc, tile_at); c < nc; ++c)
+    for (int64_t c = overlapping_channel_tiles<Bytes, Acc>(nc, tile_at); c < nc; ++c)
       for (int p = 0; p < tile; ++p) {
         Acc sum = 0;
         for (int i = i_lo; i < i_hi; ++i)
@@ -750,24 +748,25 @@ FASTMB_INLINE void grad_x_row(T* gx, const Acc* gz, const Acc* w, const Geometry
   }
 }
 
-// Stride 2 along the row (K = 3, 5, 7, dilation 1): dL/dx at P input pixels iw0 + q of one row for
-// NV vectors of channels from c, sliding along the rows of dL/dz (sub-pixel: even and odd q take
-// alternate taps). iw0 + pw is even, so pixel q reads dL/dz column u (output ow_u + u, where
-// ow_u = (iw0 + pw) / 2 - (K - 1) / 2) through tap j = q - 2u + K - 1, all known at compile
-// time: each dL/dz vector is loaded once for the P pixels and the row's K weight vectors stay in
-// registers, against a load of both per tap in the gather. Columns u < u_lo or >= u_hi are outside
-// dL/dz (Inside: none are); pixels q outside [q_lo, q_hi) are not stored.
-template <int P, int NV, int K, bool Inside, typename T, typename Acc>
+// Stride 2 along the row (K = 3, 5, 7, dilation 1): dL/dx at P input pixels iw0 + q of one row
+// for one vector (of Bytes) of channels from c, sliding along the rows of dL/dz (sub-pixel: even
+// and odd q take alternate taps). iw0 + pw is even, so pixel q reads dL/dz column u (output
+// ow_u + u, where ow_u = (iw0 + pw) / 2 - (K - 1) / 2) through tap j = q - 2u + K - 1, all
+// known at compile time: each dL/dz vector is loaded once for the P pixels and the row's K
+// weight vectors stay in registers, against a load of both per tap in the gather. Columns
+// u < u_lo or >= u_hi are outside dL/dz (Inside: none are); pixels q outside [q_lo, q_hi) are
+// not stored.
+template <int P, int Bytes, int K, bool Inside, typename T, typename Acc>
 FASTMB_INLINE void grad_x_stride2_tile(T* gx, const Acc* gz_u0, const Acc* w, const Geometry& g, const int* ri, const int* ro, int nrows,
                                        int64_t nc, int u_lo, int u_hi, int q_lo, int q_hi, int64_t c) {
-  using V = Vec<Acc>;
-  constexpr int L = V::kLanes, U = P / 2 + (K - 1) / 2;  // the dL/dz columns the tile reads
-  typename V::type acc[P][NV] = {};
+  using V = Vec<Acc, Bytes>;
+  constexpr int U = P / 2 + (K - 1) / 2;  // the dL/dz columns the tile reads
+  typename V::type acc[P] = {};
   for (int a = 0; a < nrows; ++a) {
     const Acc* wp = w + int64_t(ri[a]) * K * g.c + c;
-    typename V::type wv[K][NV];
+    typename V::type wv[K];
     unroll<K>([&](auto j) __attribute__((always_inline)) {
-      unroll<NV>([&](auto v) __attribute__((always_inline)) { wv[j][v] = V::load(wp + v * L); });
+      wv[j] = V::load(wp);
       wp = opaque(wp + g.c);
     });
     const Acc* gzp = gz_u0 + int64_t(ro[a]) * g.wo * nc + c;
@@ -775,36 +774,23 @@ FASTMB_INLINE void grad_x_stride2_tile(T* gx, const Acc* gz_u0, const Acc* w, co
       const Acc* column = gzp;
       gzp = opaque(gzp + nc);
       if (!Inside && (u < u_lo || u >= u_hi)) return;
-      unroll<NV>([&](auto v) __attribute__((always_inline)) {
-        const typename V::type gv = V::load(column + v * L);
-        unroll<P>([&](auto q) __attribute__((always_inline)) {
-          constexpr int j = decltype(q)::value - 2 * decltype(u)::value + K - 1;
-          if constexpr (j >= 0 && j < K) acc[q][v] += gv * wv[j][v];
-        });
+      const typename V::type gv = V::load(column);
+      unroll<P>([&](auto q) __attribute__((always_inline)) {
+        constexpr int j = decltype(q)::value - 2 * decltype(u)::value + K - 1;
+        if constexpr (j >= 0 && j < K) acc[q] += gv * wv[j];
       });
     });
   }
   unroll<P>([&](auto q) __attribute__((always_inline)) {
-    if (q >= q_lo && q < q_hi) unroll<NV>([&](auto v) __attribute__((always_inline)) { Vec<Acc>::store(gx + q * g.c + c + v * L, acc[q][v]); });
+    if (q >= q_lo && q < q_hi) StoreValues<T, Acc>{gx, g.c}.vector(q, c, acc[q]);
   });
 }
 
-// Calls f(Int<NV>{}) with the vectors of channels per stride-2 dL/dx tile for kernel size K: two
-// for K = 3 where there are 32 vector registers (with AVX2's 16 they spilled: 1.2-1.3x the time
-// in an AVX2-only build), else one.
-template <int K, typename F>
-FASTMB_INLINE void dispatch_tile_vectors(F&& f) {
-  if constexpr (K == 3) {
-    if (has_32_vector_registers()) return f(Int<2>{});
-  }
-  f(Int<1>{});
-}
-
 // dL/dx of input row ih (gx offset to the row's first pixel and the block's first channel) for
-// stride 2 along the row: sliding tiles of 8 pixels by NV channel vectors (dispatch_tile_vectors,
-// overlapping_channel_tiles), from the first pixel with iw + pw even
-// (the tile before pixel 0 when pw is odd); gz is this task's [Ho][Wo][nc], w offset to the block.
-template <int K, int NV, typename T, typename Acc>
+// stride 2 along the row: sliding tiles of 8 pixels by a vector of Bytes (overlapping_channel_tiles),
+// from the first pixel with iw + pw even (the tile before pixel 0 when pw is odd); gz is this
+// task's [Ho][Wo][nc], w offset to the block.
+template <int K, int Bytes, typename T, typename Acc>
 FASTMB_INLINE void grad_x_row_stride2(T* gx, const Acc* gz, const Acc* w, const Geometry& g, const TapSources& rows, int64_t ih,
                                       int64_t nc) {
   constexpr int P = 8, U = P / 2 + (K - 1) / 2;
@@ -819,12 +805,12 @@ FASTMB_INLINE void grad_x_row_stride2(T* gx, const Acc* gz, const Acc* w, const 
     // Pixel iw0 and column ow_u0 may lie before the row's first: only those inside are accessed.
     T* gx_tile = gx + iw0 * g.c;
     const Acc* gz_u0 = gz + ow_u0 * nc;
-    const auto tile_at = [&](int64_t c, auto nv, auto) __attribute__((always_inline)) {
-      constexpr int Vectors = decltype(nv)::value;
-      if (inside) grad_x_stride2_tile<P, Vectors, K, true>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
-      else grad_x_stride2_tile<P, Vectors, K, false>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
+    const auto tile_at = [&](int64_t c, auto bytes) __attribute__((always_inline)) {
+      constexpr int B = decltype(bytes)::value;
+      if (inside) grad_x_stride2_tile<P, B, K, true>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
+      else grad_x_stride2_tile<P, B, K, false>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
     };
-    for (int64_t c = overlapping_channel_tiles<NV, 32, Acc>(nc, tile_at); c < nc; ++c)
+    for (int64_t c = overlapping_channel_tiles<Bytes, Acc>(nc, tile_at); c < nc; ++c)
       for (int q = q_lo; q < q_hi; ++q) {
         Acc sum = 0;
         for (int a = 0; a < nrows; ++a)
@@ -835,6 +821,15 @@ FASTMB_INLINE void grad_x_row_stride2(T* gx, const Acc* gz, const Acc* w, const 
         gx_tile[q * g.c + c] = T(sum);
       }
   }
+}
+
+// grad_x_row_stride2 over the rows of image n in AVX-512 registers, 16 lanes as conv_row_avx512
+// (backward, against two 8-lane vectors for K = 3 and one for K = 5: C240-k3-s2 0.75-0.95x the
+// time, C672-k5-s2 0.85-0.98x, two runs).
+template <int K, typename T, typename Acc>
+FASTMB_AVX512 void grad_x_stride2_avx512(T* gx, const Acc* gz, const Acc* w, const Geometry& g, const TapSources& rows, int64_t n, int64_t c0,
+                                         int64_t nc) {
+  for (int64_t ih = 0; ih < g.h; ++ih) grad_x_row_stride2<K, 64>(gx + ((n * g.h + ih) * g.w) * g.c + c0, gz, w + c0, g, rows, ih, nc);
 }
 
 // Backward pass 2 for image n, channels [c0, c0 + nc): dL/dz = a * dL/du - b - x_hat * d per
@@ -884,10 +879,10 @@ FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc
   }
   if constexpr (K != 0) {
     if (g.sw == 2) {
-      dispatch_tile_vectors<K>([&](auto nv) __attribute__((always_inline)) {
-        for (int64_t ih = 0; ih < g.h; ++ih)
-          grad_x_row_stride2<K, decltype(nv)::value>(gx + ((n * g.h + ih) * g.w) * g.c + c0, gz.data(), w + c0, g, rows, ih, nc);
-      });
+      if constexpr (kAvx512Loops) {  // with whole 16-lane vectors per pixel, as the conv's stride-2 tiles
+        if (has_32_vector_registers() && g.c % 16 == 0) return grad_x_stride2_avx512<K>(gx, gz.data(), w, g, rows, n, c0, nc);
+      }
+      for (int64_t ih = 0; ih < g.h; ++ih) grad_x_row_stride2<K, 32>(gx + ((n * g.h + ih) * g.w) * g.c + c0, gz.data(), w + c0, g, rows, ih, nc);
       return;
     }
   }
