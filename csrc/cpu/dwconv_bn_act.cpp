@@ -314,6 +314,13 @@ FASTMB_INLINE void conv_row_sliding_strides(const Store& store, const T* x_img, 
   else conv_row_sliding<K, 2, Bytes>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
 }
 
+// Whether the AVX-512 tiles (conv_row_avx512, grad_x_stride2_avx512) serve geometry g: where the
+// CPU has the registers, and at stride 2 only with whole 16-lane vectors per pixel. Stride-2
+// tiles make ~2 multiply-adds per load, and with part vectors every other pixel's 64-byte loads
+// would cross a cache line (C72-k5-s2 took 1.09-1.33x the time of 8-lane vectors; C240-k3-s2,
+// whole vectors, 0.74x).
+inline bool avx512_tiles_serve(const Geometry& g) { return has_32_vector_registers() && (g.sw == 1 || g.c % 16 == 0); }
+
 // The sliding tiles in AVX-512 registers, 7 pixels x 16 lanes (for K = 3, 8 pixels x 8 lanes,
 // 8 chains of 9 dependent multiply-adds, had left the multiply-add pipes waiting). Measured on
 // a 2-core Zen 4, fp32, V3-Large's shapes at batch 16 and 1: against one 8-lane vector, eval
@@ -341,11 +348,7 @@ FASTMB_MULTIVERSION void conv_row(const Store& store, const T* x_img, const Acc*
     conv_row_general(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
   } else {
     if constexpr (kAvx512Loops) {
-      // Not at stride 2 with pixels of part vectors: its tiles make ~2 multiply-adds per load,
-      // and every other pixel's 16-lane loads would cross a cache line (C72-k5-s2 took 1.09-1.33x
-      // the time of 8-lane vectors; C240-k3-s2, whole vectors, 0.74x).
-      if (has_32_vector_registers() && !(g.sw == 2 && g.c % 16 != 0))
-        return conv_row_avx512<K>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
+      if (avx512_tiles_serve(g)) return conv_row_avx512<K>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
     }
     conv_row_sliding_strides<K, 32>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
   }
@@ -879,8 +882,8 @@ FASTMB_MULTIVERSION void grad_input_weight_block(T* gx, Acc* gw, std::vector<Acc
   }
   if constexpr (K != 0) {
     if (g.sw == 2) {
-      if constexpr (kAvx512Loops) {  // with whole 16-lane vectors per pixel, as the conv's stride-2 tiles
-        if (has_32_vector_registers() && g.c % 16 == 0) return grad_x_stride2_avx512<K>(gx, gz.data(), w, g, rows, n, c0, nc);
+      if constexpr (kAvx512Loops) {
+        if (avx512_tiles_serve(g)) return grad_x_stride2_avx512<K>(gx, gz.data(), w, g, rows, n, c0, nc);
       }
       for (int64_t ih = 0; ih < g.h; ++ih) grad_x_row_stride2<K, 32>(gx + ((n * g.h + ih) * g.w) * g.c + c0, gz.data(), w + c0, g, rows, ih, nc);
       return;
