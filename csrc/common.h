@@ -1,19 +1,17 @@
-// Shared by the CPU and CUDA kernels: activation names and formulas (host and device), and the
-// ATen-level layout helpers of the operators' entry points.
+// Shared by the CPU and CUDA operators' entry points: argument parsing and the ATen-level layout
+// helpers. The kernels' own headers (activations.h, geometry.h) need no ATen.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/macros/Macros.h>
 
-#include <cmath>
 #include <optional>
 #include <string>
 #include <string_view>
 
-namespace fastmb {
+#include "activations.h"
+#include "geometry.h"
 
-enum class Activation { kHardswish, kRelu, kRelu6, kIdentity };
-enum class Gate { kHardsigmoid, kSigmoid };
+namespace fastmb {
 
 // c10::string_view is std::string_view in recent torch and its own class in older releases:
 // compare through std::string_view built from data() and size(), which works with both.
@@ -31,49 +29,6 @@ inline Gate parse_gate(c10::string_view name_in) {
   if (name == "hardsigmoid") return Gate::kHardsigmoid;
   TORCH_CHECK(name == "sigmoid", "fastmb: unknown gate '", std::string(name), "'");
   return Gate::kSigmoid;
-}
-
-// Activations and their derivatives with PyTorch's conventions at the kinks (the gradient of
-// relu at 0 is 0, of hardswish at -3 is 0 and at +3 is 1.5, of relu6 at 0 and 6 is 0).
-// NaN propagates as in PyTorch: comparisons with NaN are false, so NaN falls through to u.
-template <typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE T clamp_0_6(T v) {
-  v = v < T(0) ? T(0) : v;
-  return v > T(6) ? T(6) : v;
-}
-
-template <typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE T activate(Activation a, T u) {
-  switch (a) {
-    case Activation::kHardswish:  // * (1/6): a division would dominate the CPU kernels' epilogue
-      return u * clamp_0_6(u + T(3)) * T(1.0 / 6.0);
-    case Activation::kRelu:
-      return u < T(0) ? T(0) : u;
-    case Activation::kRelu6:
-      return clamp_0_6(u);
-    default:
-      return u;
-  }
-}
-
-// The SE gate: hardsigmoid (clamp(v + 3, 0, 6) / 6, NaN through) or the logistic sigmoid.
-template <typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE T gate_value(Gate g, T v) {
-  return g == Gate::kHardsigmoid ? clamp_0_6(v + T(3)) / T(6) : T(1) / (T(1) + std::exp(-v));
-}
-
-template <typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE T activation_grad(Activation a, T grad, T u) {
-  switch (a) {
-    case Activation::kHardswish:
-      return u < T(-3) ? T(0) : (u <= T(3) ? grad * (u * T(1.0 / 3.0) + T(0.5)) : grad);  // * (1/3): no division
-    case Activation::kRelu:
-      return u > T(0) ? grad : T(0);
-    case Activation::kRelu6:
-      return (u > T(0) && u < T(6)) ? grad : T(0);
-    default:
-      return grad;
-  }
 }
 
 // The kernels pick their own precisions: ATen calls inside them must not be autocast.
@@ -99,13 +54,7 @@ struct Nhwc4dOutput {
   }
 };
 
-// The shape of a depthwise conv: input (n, c, h, w), output (ho, wo), kernel, stride, padding,
-// dilation; pixels = n * ho * wo, the output pixels.
-struct Geometry {
-  int64_t n, c, h, w, ho, wo, pixels;
-  int kh, kw, sh, sw, ph, pw, dh, dw;
-};
-
+// The geometry of depthwise conv `weight` over x.
 inline Geometry dwconv_geometry(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef dilation) {
   Geometry g{};

@@ -7,13 +7,15 @@
 //   forward   pass 1: pooled = mean_hw(x); excitation; pass 2: y = x * scale
 //   backward  pass 1: dscale = sum_hw(grad_y * x); the excitation's backward;
 //             pass 2: grad_x = grad_y * scale + grad_pooled / HW
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
 
+#include "../common.h"
 #include "../squeeze_excitation_fc.h"
-#include "cpu_utils.h"
+#include "vec.h"
 
 namespace fastmb::cpu {
 namespace {

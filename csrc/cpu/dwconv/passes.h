@@ -1,0 +1,465 @@
+// The depthwise conv + BatchNorm + activation passes over one image's rows, compiled once per
+// instruction set (see tiles.h), and make_kernels, the table of them for one kernel size.
+//
+// z = conv(x) is never saved for backward (DESIGN.md's plan); every pass recomputes it a chunk
+// of output pixels at a time, the chunk's accumulators in L1:
+//   eval forward    eval_rows: y = act(z * scale + shift) as the conv's tiles store z
+//   train forward   statistics_rows: z, stored, and its per-channel mean and M2 (two-pass per
+//                   chunk, Chan merges); normalize: y = act(z * scale + shift)
+//   backward        grad_sums_rows: z per chunk and the sums of dL/du and dL/du * x_hat per
+//                   channel; grad_input_weight_block, per (image, channel block): z again, dL/dz
+//                   into a task buffer, the weight gradient (sums held in registers along each
+//                   row), then dL/dx from dL/dz: a conv with the flipped kernel (stride 1),
+//                   sub-pixel sliding tiles (stride 2), else a gather over the taps
+#pragma once
+
+#include "tiles.h"
+
+namespace fastmb::cpu::dwconv::FASTMB_CPU_ISA {
+
+// Accumulators per row chunk: a chunk of output pixels times the channels, kept in L1.
+constexpr int64_t kChunkValues = 4096;
+
+// Output pixels per chunk when each holds `channels` accumulators: a multiple of the sliding tile.
+FASTMB_INLINE int64_t chunk_pixels(int64_t channels) {
+  return std::max<int64_t>(kTilePixels, kChunkValues / std::max<int64_t>(channels, 1) / kTilePixels * kTilePixels);
+}
+
+// The output positions [lo, hi) whose input position o * stride - pad + tap * dil lies in [0, size).
+FASTMB_INLINE void valid_outputs(int tap, int stride, int pad, int dil, int64_t size, int64_t out_lo, int64_t out_hi, int64_t& lo,
+                                 int64_t& hi) {
+  const int64_t offset = int64_t(tap) * dil - pad;  // input = o * stride + offset
+  lo = std::max<int64_t>(out_lo, offset >= 0 ? 0 : (-offset + stride - 1) / stride);
+  hi = std::min<int64_t>(out_hi, size - 1 - offset < 0 ? 0 : (size - 1 - offset) / stride + 1);
+  if (hi < lo) hi = lo;
+}
+
+template <int K, typename Acc>
+void eval_rows(Acc* y, const Acc* x, const Acc* w, const Acc* scale, const Acc* shift, const Geometry& g, Activation act, int64_t oh0,
+               int64_t oh1) {
+  const ActivationFn<Acc> activation(act);
+  for (int64_t oh = oh0; oh < oh1; ++oh)
+    conv_row<K>(StoreNormalized<Acc>{y + oh * g.wo * g.c, g.c, scale, shift, activation}, x, w, g, oh, 0, g.wo, 0, g.c);
+}
+
+template <int K, typename Acc>
+void statistics_rows(Acc* z_img, Moments& moments, const Acc* x, const Acc* w, const Geometry& g, int64_t oh0, int64_t oh1) {
+  const int64_t chunk = chunk_pixels(g.c);
+  std::vector<Acc> chunk_mean(g.c), chunk_m2(g.c);
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
+      const int64_t pixels = std::min(chunk, g.wo - ow0);
+      Acc* z = z_img + (oh * g.wo + ow0) * g.c;
+      conv_row<K>(StoreValues<Acc>{z, g.c}, x, w, g, oh, ow0, pixels, 0, g.c);
+      std::fill(chunk_mean.begin(), chunk_mean.end(), Acc(0));
+      std::fill(chunk_m2.begin(), chunk_m2.end(), Acc(0));
+      add_column_sums(chunk_mean.data(), pixels, g.c, [&](int64_t p, int64_t c, auto width) __attribute__((always_inline)) {
+        return load_values<Acc, decltype(width)::value>(z + p * g.c + c);
+      });
+      const Acc inv_pixels = Acc(1) / Acc(pixels);
+      for (int64_t c = 0; c < g.c; ++c) chunk_mean[c] *= inv_pixels;
+      add_column_sums(chunk_m2.data(), pixels, g.c, [&](int64_t p, int64_t c, auto width) __attribute__((always_inline)) {
+        constexpr int W = decltype(width)::value;
+        const auto d = load_values<Acc, W>(z + p * g.c + c) - load_values<Acc, W>(chunk_mean.data() + c);
+        return d * d;
+      });
+      // Chan's merge; its weights are the same for every channel (no division per channel).
+      const double na = double(moments.count), nb = double(pixels), total = na + nb;
+      const double weight_b = nb / total, weight_ab = na * nb / total;
+      for (int64_t c = 0; c < g.c; ++c) {
+        const double delta = double(chunk_mean[c]) - moments.mean[c];
+        moments.mean[c] += delta * weight_b;
+        moments.m2[c] += double(chunk_m2[c]) + delta * delta * weight_ab;
+      }
+      moments.count += pixels;
+    }
+  }
+}
+
+template <typename Acc>
+void normalize(Acc* y, const Acc* z, const Acc* scale, const Acc* shift, Activation act, int64_t pixels, int64_t c) {
+  using V = Vec<Acc>;
+  constexpr int64_t L = V::kLanes;
+  const ActivationFn<Acc> activation(act);
+  for (int64_t p = 0; p < pixels; ++p) {
+    const Acc* zp = z + p * c;
+    Acc* yp = y + p * c;
+    int64_t k = 0;
+    for (; k + L <= c; k += L) V::store(yp + k, activation(V::load(zp + k) * V::load(scale + k) + V::load(shift + k)));
+    for (; k < c; ++k) yp[k] = activation(zp[k] * scale[k] + shift[k]);
+  }
+}
+
+// The backward's per-value chain from z and grad_y at W = Vec<Acc>::kLanes channels from c (or,
+// W = 1, channel c alone): x_hat = (z - mean) * invstd, u = x_hat * gamma + beta, gu = act'(u) *
+// grad_y, in registers: stored between separate loops, each would be a pass over the chunk.
+template <Activation A, int W, typename Acc, typename VT = std::conditional_t<W == 1, Acc, typename Vec<Acc>::type>>
+FASTMB_INLINE void grad_chain(const Acc* z, const Acc* gy, const BnParams<Acc>& p, int64_t c, VT& x_hat, VT& gu) {
+  x_hat = (load_values<Acc, W>(z + c) - load_values<Acc, W>(p.mean + c)) * load_values<Acc, W>(p.invstd + c);
+  const VT u = x_hat * load_values<Acc, W>(p.gamma + c) + load_values<Acc, W>(p.beta + c);
+  gu = activation_grad<A, Acc>(load_values<Acc, W>(gy + c), u);
+}
+
+// Backward pass 1's sums over a chunk of `pixels` x `nc` z values (grad_y rows gy_stride apart):
+// sum_gu[c] += sum of gu, sum_gu_xhat[c] += sum of gu * x_hat, up to 4 vectors of channels' sums
+// held in registers over the pixels.
+template <Activation A, typename Acc>
+FASTMB_INLINE void add_grad_sums(Acc* sum_gu, Acc* sum_gu_xhat, const Acc* z, const Acc* gy, int64_t gy_stride, const BnParams<Acc>& bn,
+                                 int64_t pixels, int64_t nc) {
+  using V = Vec<Acc>;
+  constexpr int L = V::kLanes, NV = 4;
+  int64_t k0 = 0;
+  for (; k0 + L <= nc;) {
+    const int64_t nv = std::min<int64_t>(NV, (nc - k0) / L);
+    typename V::type acc_gu[NV] = {}, acc_gu_xhat[NV] = {};
+    for (int64_t p = 0; p < pixels; ++p) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        if (v >= nv) continue;
+        typename V::type x_hat, gu;
+        grad_chain<A, L>(z + p * nc, gy + p * gy_stride, bn, k0 + v * L, x_hat, gu);
+        acc_gu[v] += gu;
+        acc_gu_xhat[v] += gu * x_hat;
+      }
+    }
+    for (int64_t v = 0; v < nv; ++v) {
+      V::store(sum_gu + k0 + v * L, V::load(sum_gu + k0 + v * L) + acc_gu[v]);
+      V::store(sum_gu_xhat + k0 + v * L, V::load(sum_gu_xhat + k0 + v * L) + acc_gu_xhat[v]);
+    }
+    k0 += nv * L;
+  }
+  for (int64_t c = k0; c < nc; ++c)
+    for (int64_t p = 0; p < pixels; ++p) {
+      Acc x_hat, gu;
+      grad_chain<A, 1>(z + p * nc, gy + p * gy_stride, bn, c, x_hat, gu);
+      sum_gu[c] += gu;
+      sum_gu_xhat[c] += gu * x_hat;
+    }
+}
+
+// dL/dz = a * gu - b - x_hat * d (a, b, d per channel, offset like bn) for `pixels` x `nc` z
+// values, into gz.
+template <Activation A, typename Acc>
+FASTMB_INLINE void grad_z(Acc* gz, const Acc* z, const Acc* gy, int64_t gy_stride, const BnParams<Acc>& bn, const Acc* a, const Acc* b,
+                          const Acc* d, int64_t pixels, int64_t nc) {
+  using V = Vec<Acc>;
+  constexpr int L = V::kLanes;
+  for (int64_t p = 0; p < pixels; ++p) {
+    const Acc* zp = z + p * nc;
+    const Acc* gyp = gy + p * gy_stride;
+    int64_t c = 0;
+    for (; c + L <= nc; c += L) {
+      typename V::type x_hat, gu;
+      grad_chain<A, L>(zp, gyp, bn, c, x_hat, gu);
+      V::store(gz + p * nc + c, V::load(a + c) * gu - V::load(b + c) - x_hat * V::load(d + c));
+    }
+    for (; c < nc; ++c) {
+      Acc x_hat, gu;
+      grad_chain<A, 1>(zp, gyp, bn, c, x_hat, gu);
+      gz[p * nc + c] = a[c] * gu - b[c] - x_hat * d[c];
+    }
+  }
+}
+
+template <int K, typename Acc>
+void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, const Acc* gy, const Acc* x, const Acc* w, const BnParams<Acc>& bn,
+                    const Geometry& g, Activation act, int64_t oh0, int64_t oh1) {
+  const int64_t chunk = chunk_pixels(g.c);
+  std::vector<Acc> z(chunk * g.c), partial_gu(g.c), partial_gu_xhat(g.c);
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    std::fill(partial_gu.begin(), partial_gu.end(), Acc(0));
+    std::fill(partial_gu_xhat.begin(), partial_gu_xhat.end(), Acc(0));
+    for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
+      const int64_t pixels = std::min(chunk, g.wo - ow0);
+      conv_row<K>(StoreValues<Acc>{z.data(), g.c}, x, w, g, oh, ow0, pixels, 0, g.c);
+      dispatch_activation(act, [&](auto activation) {
+        add_grad_sums<decltype(activation)::value>(partial_gu.data(), partial_gu_xhat.data(), z.data(), gy + (oh * g.wo + ow0) * g.c, g.c,
+                                                   bn, pixels, g.c);
+      });
+    }
+    for (int64_t c = 0; c < g.c; ++c) {
+      sum_gu[c] += partial_gu[c];
+      sum_gu_xhat[c] += partial_gu_xhat[c];
+    }
+  }
+}
+
+// gw[tap][0:nc] += sum over pixels [lo, hi) of one output row of gz[ow - ow0][c] * x(ih, iw(ow))[c]
+// for one tap (column j): NV vectors of channels from c, their sums held in registers over
+// the row and added to gw once.
+template <int NV, typename Acc>
+FASTMB_INLINE void weight_grad_tile(Acc* gw, const Acc* gz, int64_t nc, const Acc* x_row, const Geometry& g, int j, int64_t ow0, int64_t lo,
+                                    int64_t hi, int64_t c) {
+  using V = Vec<Acc>;
+  typename V::type acc[NV] = {};
+  for (int64_t ow = lo; ow < hi; ++ow) {
+    const Acc* gzp = gz + (ow - ow0) * nc + c;
+    const Acc* xp = x_row + (ow * g.sw - g.pw + int64_t(j) * g.dw) * g.c + c;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[v] += V::load(gzp + v * V::kLanes) * V::load(xp + v * V::kLanes);
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) V::store(gw + c + v * V::kLanes, V::load(gw + c + v * V::kLanes) + acc[v]);
+}
+
+// The weight gradient's share of output row oh, pixels [ow0, ow0 + pixels): gw is [taps][C]
+// (this thread's partial) offset to c0, gz is [pixels][nc], x_img offset to c0. Any geometry.
+template <typename Acc>
+FASTMB_INLINE void weight_grad_row(Acc* gw, const Acc* gz, const Acc* x_img, const Geometry& g, int64_t oh, int64_t ow0, int64_t pixels,
+                                   int64_t nc) {
+  constexpr int64_t L = Vec<Acc>::kLanes;
+  const int kh = g.kh, kw = g.kw;
+  for (int i = 0; i < kh; ++i) {
+    const int64_t ih = oh * g.sh - g.ph + int64_t(i) * g.dh;
+    if (ih < 0 || ih >= g.h) continue;
+    const Acc* x_row = x_img + ih * g.w * g.c;
+    for (int j = 0; j < kw; ++j) {
+      int64_t lo, hi;
+      valid_outputs(j, g.sw, g.pw, g.dw, g.w, ow0, ow0 + pixels, lo, hi);
+      Acc* gw_tap = gw + (int64_t(i) * kw + j) * g.c;
+      int64_t c = 0;
+      for (; c + 4 * L <= nc; c += 4 * L) weight_grad_tile<4>(gw_tap, gz, nc, x_row, g, j, ow0, lo, hi, c);
+      for (; c + L <= nc; c += L) weight_grad_tile<1>(gw_tap, gz, nc, x_row, g, j, ow0, lo, hi, c);
+      for (; c < nc; ++c)
+        for (int64_t ow = lo; ow < hi; ++ow) gw_tap[c] += gz[(ow - ow0) * nc + c] * x_row[(ow * g.sw - g.pw + int64_t(j) * g.dw) * g.c + c];
+    }
+  }
+}
+
+// Channel vectors per weight_grad_row_k step: K x NV independent sums, enough to cover the
+// multiply-add latency (K alone, 3 for K = 3, left both pipes waiting on one chain per tap)
+// within AVX2's 16 registers.
+template <int K>
+constexpr int kWeightGradVectors = K == 3 ? 4 : 2;
+
+// weight_grad_row for K = 3, 5, 7 (dilation 1 along the row): per kernel row and NV channel
+// vectors, the K taps' sums in registers over the row's pixels, each dL/dz vector loaded once
+// for all K; then single vectors, then channel by channel.
+template <int K, typename Acc>
+FASTMB_INLINE void weight_grad_row_k(Acc* gw, const Acc* gz, const Acc* x_img, const Geometry& g, int64_t oh, int64_t ow0, int64_t pixels,
+                                     int64_t nc) {
+  using V = Vec<Acc>;
+  constexpr int64_t L = V::kLanes;
+  const int64_t end = ow0 + pixels;
+  // Pixels [lo, hi) read all K columns inside the row; the others check each tap.
+  const int64_t lo = std::min(end, std::max<int64_t>(ow0, (g.pw + g.sw - 1) / g.sw));
+  const int64_t hi = std::max(lo, std::min<int64_t>(end, g.w - K + g.pw >= 0 ? (g.w - K + g.pw) / g.sw + 1 : 0));
+  for (int i = 0; i < K; ++i) {
+    const int64_t ih = oh * g.sh - g.ph + int64_t(i) * g.dh;
+    if (ih < 0 || ih >= g.h) continue;
+    const Acc* x_row = x_img + ih * g.w * g.c;
+    Acc* gw_row = gw + int64_t(i) * K * g.c;
+    const auto vectors_at = [&](int64_t c, auto nv) __attribute__((always_inline)) {
+      constexpr int NV = decltype(nv)::value;
+      typename V::type acc[NV][K] = {};
+      const auto add_pixel = [&](int64_t ow, bool check) __attribute__((always_inline)) {
+        const int64_t iw0 = ow * g.sw - g.pw;
+        unroll<NV>([&](auto v) __attribute__((always_inline)) {
+          const typename V::type gv = V::load(gz + (ow - ow0) * nc + c + v * L);
+          const Acc* xp = x_row + iw0 * g.c + c + v * L;
+          unroll<K>([&](auto j) __attribute__((always_inline)) {
+            if (!check || (iw0 + j >= 0 && iw0 + j < g.w)) acc[v][j] += gv * V::load(xp + j * g.c);
+          });
+        });
+      };
+      for (int64_t ow = ow0; ow < lo; ++ow) add_pixel(ow, true);
+      for (int64_t ow = lo; ow < hi; ++ow) add_pixel(ow, false);
+      for (int64_t ow = hi; ow < end; ++ow) add_pixel(ow, true);
+      unroll<NV>([&](auto v) __attribute__((always_inline)) {
+        unroll<K>([&](auto j) __attribute__((always_inline)) {
+          Acc* out = gw_row + j * g.c + c + v * L;
+          V::store(out, V::load(out) + acc[v][j]);
+        });
+      });
+    };
+    constexpr int NV = kWeightGradVectors<K>;
+    int64_t c = 0;
+    for (; c + NV * L <= nc; c += NV * L) vectors_at(c, Int<NV>{});
+    for (; c + L <= nc; c += L) vectors_at(c, Int<1>{});
+    for (; c < nc; ++c)
+      for (int64_t ow = ow0; ow < end; ++ow)
+        for (int j = 0; j < K; ++j) {
+          const int64_t iw = ow * g.sw - g.pw + j;
+          if (iw >= 0 && iw < g.w) gw_row[j * g.c + c] += gz[(ow - ow0) * nc + c] * x_row[iw * g.c + c];
+        }
+  }
+}
+
+// dL/dx at one input pixel for NV vectors of channels from c: the gather, over the taps that
+// read the pixel (row pairs ri/ro, column pairs cj/co: tap and output index), of gz ([Ho][Wo][nc])
+// times the weight (w offset to the block's first channel, rows of C).
+template <int NV, typename Acc>
+FASTMB_INLINE void grad_x_tile(Acc* gx, const Acc* gz, const Acc* w, const Geometry& g, const int* ri, const int* ro, int rows, const int* cj,
+                               const int* co, int cols, int64_t nc, int64_t c) {
+  using V = Vec<Acc>;
+  constexpr int L = V::kLanes;
+  typename V::type acc[NV] = {};
+  for (int a = 0; a < rows; ++a)
+    for (int b = 0; b < cols; ++b) {
+      const Acc* gzp = gz + (int64_t(ro[a]) * g.wo + co[b]) * nc + c;
+      const Acc* wp = w + (int64_t(ri[a]) * g.kw + cj[b]) * g.c + c;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[v] += V::load(gzp + v * L) * V::load(wp + v * L);
+    }
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) V::store(gx + c + v * L, acc[v]);
+}
+
+// dL/dx for input row ih of one image and channel block: gx offset to the row's first pixel and
+// the block's first channel (pixels C apart).
+template <typename Acc>
+FASTMB_INLINE void grad_x_row(Acc* gx, const Acc* gz, const Acc* w, const Geometry& g, const TapSources& rows, const TapSources& cols,
+                              int64_t ih, int64_t nc) {
+  constexpr int64_t L = Vec<Acc>::kLanes;
+  const int* ri = rows.tap.data() + ih * g.kh;
+  const int* ro = rows.output.data() + ih * g.kh;
+  for (int64_t iw = 0; iw < g.w; ++iw) {
+    const int* cj = cols.tap.data() + iw * g.kw;
+    const int* co = cols.output.data() + iw * g.kw;
+    const int nr = rows.count[ih], ncols = cols.count[iw];
+    Acc* gxp = gx + iw * g.c;
+    int64_t c = 0;
+    for (; c + 4 * L <= nc; c += 4 * L) grad_x_tile<4>(gxp, gz, w, g, ri, ro, nr, cj, co, ncols, nc, c);
+    for (; c + L <= nc; c += L) grad_x_tile<1>(gxp, gz, w, g, ri, ro, nr, cj, co, ncols, nc, c);
+    for (; c < nc; ++c) {
+      Acc sum = 0;
+      for (int a = 0; a < nr; ++a)
+        for (int b = 0; b < ncols; ++b) sum += gz[(int64_t(ro[a]) * g.wo + co[b]) * nc + c] * w[(int64_t(ri[a]) * g.kw + cj[b]) * g.c + c];
+      gxp[c] = sum;
+    }
+  }
+}
+
+// Stride 2 along the row (K = 3, 5, 7, dilation 1): dL/dx at P input pixels iw0 + q of one row
+// for one vector (of Bytes) of channels from c, sliding along the rows of dL/dz (sub-pixel: even
+// and odd q take alternate taps). iw0 + pw is even, so pixel q reads dL/dz column u (output
+// ow_u + u, where ow_u = (iw0 + pw) / 2 - (K - 1) / 2) through tap j = q - 2u + K - 1, all
+// known at compile time: each dL/dz vector is loaded once for the P pixels and the row's K
+// weight vectors stay in registers, against a load of both per tap in the gather. Columns
+// u < u_lo or >= u_hi are outside dL/dz (Inside: none are); pixels q outside [q_lo, q_hi) are
+// not stored.
+template <int P, int Bytes, int K, bool Inside, typename Acc>
+FASTMB_INLINE void grad_x_stride2_tile(Acc* gx, const Acc* gz_u0, const Acc* w, const Geometry& g, const int* ri, const int* ro, int nrows,
+                                       int64_t nc, int u_lo, int u_hi, int q_lo, int q_hi, int64_t c) {
+  using V = Vec<Acc, Bytes>;
+  constexpr int U = P / 2 + (K - 1) / 2;  // the dL/dz columns the tile reads
+  typename V::type acc[P] = {};
+  for (int a = 0; a < nrows; ++a) {
+    const Acc* wp = w + int64_t(ri[a]) * K * g.c + c;
+    typename V::type wv[K];
+    unroll<K>([&](auto j) __attribute__((always_inline)) {
+      wv[j] = V::load(wp);
+      wp = opaque(wp + g.c);
+    });
+    const Acc* gzp = gz_u0 + int64_t(ro[a]) * g.wo * nc + c;
+    unroll<U>([&](auto u) __attribute__((always_inline)) {
+      const Acc* column = gzp;
+      gzp = opaque(gzp + nc);
+      if (!Inside && (u < u_lo || u >= u_hi)) return;
+      const typename V::type gv = V::load(column);
+      unroll<P>([&](auto q) __attribute__((always_inline)) {
+        constexpr int j = decltype(q)::value - 2 * decltype(u)::value + K - 1;
+        if constexpr (j >= 0 && j < K) acc[q] += gv * wv[j];
+      });
+    });
+  }
+  unroll<P>([&](auto q) __attribute__((always_inline)) {
+    if (q >= q_lo && q < q_hi) StoreValues<Acc>{gx, g.c}.vector(q, c, acc[q]);
+  });
+}
+
+// dL/dx of input row ih (gx offset to the row's first pixel and the block's first channel) for
+// stride 2 along the row: sliding tiles of 8 pixels by a vector of kConvBytes
+// (overlapping_channel_tiles), from the first pixel with iw + pw even (the tile before pixel 0
+// when pw is odd); gz is this task's [Ho][Wo][nc], w offset to the block.
+template <int K, typename Acc>
+FASTMB_INLINE void grad_x_row_stride2(Acc* gx, const Acc* gz, const Acc* w, const Geometry& g, const TapSources& rows, int64_t ih,
+                                      int64_t nc) {
+  constexpr int P = 8, U = P / 2 + (K - 1) / 2;
+  const int* ri = rows.tap.data() + ih * g.kh;
+  const int* ro = rows.output.data() + ih * g.kh;
+  const int nrows = rows.count[ih];
+  for (int64_t iw0 = -(g.pw % 2); iw0 < g.w; iw0 += P) {
+    const int64_t ow_u0 = (iw0 + g.pw) / 2 - (K - 1) / 2;
+    const int u_lo = int(std::max<int64_t>(0, -ow_u0)), u_hi = int(std::clamp<int64_t>(g.wo - ow_u0, 0, U));
+    const int q_lo = int(std::max<int64_t>(0, -iw0)), q_hi = int(std::min<int64_t>(P, g.w - iw0));
+    const bool inside = u_lo == 0 && u_hi == U;
+    // Pixel iw0 and column ow_u0 may lie before the row's first: only those inside are accessed.
+    Acc* gx_tile = gx + iw0 * g.c;
+    const Acc* gz_u0 = gz + ow_u0 * nc;
+    const auto tile_at = [&](int64_t c, auto bytes) __attribute__((always_inline)) {
+      constexpr int B = decltype(bytes)::value;
+      if (inside) grad_x_stride2_tile<P, B, K, true>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
+      else grad_x_stride2_tile<P, B, K, false>(gx_tile, gz_u0, w, g, ri, ro, nrows, nc, u_lo, u_hi, q_lo, q_hi, c);
+    };
+    for (int64_t c = overlapping_channel_tiles<kConvBytes, Acc>(nc, tile_at); c < nc; ++c)
+      for (int q = q_lo; q < q_hi; ++q) {
+        Acc sum = 0;
+        for (int a = 0; a < nrows; ++a)
+          for (int u = u_lo; u < u_hi; ++u) {
+            const int j = q - 2 * u + K - 1;
+            if (j >= 0 && j < K) sum += gz_u0[(int64_t(ro[a]) * g.wo + u) * nc + c] * w[(int64_t(ri[a]) * K + j) * g.c + c];
+          }
+        gx_tile[q * g.c + c] = sum;
+      }
+  }
+}
+
+// x_hat and dL/du are recomputed from x and grad_y: cheaper than keeping them from pass 1, which
+// would write and read two more tensors. gz holds the whole [Ho][Wo][nc] dL/dz when dL/dx is
+// wanted, one chunk otherwise.
+template <int K, typename Acc>
+void grad_input_weight_block(const BlockArgs<Acc>& args, std::vector<Acc>& gz, int64_t c0, int64_t nc) {
+  const Geometry& g = args.g;
+  const int64_t chunk = chunk_pixels(nc);
+  const BnParams<Acc> bn{args.bn.mean + c0, args.bn.invstd + c0, args.bn.gamma + c0, args.bn.beta + c0};
+  std::vector<Acc> z(chunk * nc);
+  gz.resize(args.gx != nullptr ? g.ho * g.wo * nc : chunk * nc);
+  for (int64_t oh = 0; oh < g.ho; ++oh) {
+    for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
+      const int64_t pixels = std::min(chunk, g.wo - ow0);
+      Acc* gz_chunk = args.gx != nullptr ? gz.data() + (oh * g.wo + ow0) * nc : gz.data();
+      conv_row<K>(StoreValues<Acc>{z.data(), nc}, args.x, args.w, g, oh, ow0, pixels, c0, nc);
+      dispatch_activation(args.act, [&](auto activation) {
+        grad_z<decltype(activation)::value>(gz_chunk, z.data(), args.gy + (oh * g.wo + ow0) * g.c + c0, g.c, bn, args.a + c0, args.b + c0,
+                                            args.d + c0, pixels, nc);
+      });
+      if (args.gw == nullptr) continue;
+      if constexpr (K != 0) weight_grad_row_k<K>(args.gw + c0, gz_chunk, args.x + c0, g, oh, ow0, pixels, nc);
+      else weight_grad_row(args.gw + c0, gz_chunk, args.x + c0, g, oh, ow0, pixels, nc);
+    }
+  }
+  if (args.gx == nullptr) return;
+  if (args.flipped != nullptr) {  // the conv of dL/dz with the flipped kernel (backward.cpp's flipped_blocks)
+    Geometry transposed = g;
+    transposed.n = 1, transposed.c = nc, transposed.h = g.ho, transposed.w = g.wo, transposed.ho = g.h, transposed.wo = g.w;
+    transposed.ph = (g.kh - 1) * g.dh - g.ph, transposed.pw = g.kw - 1 - g.pw;
+    for (int64_t ih = 0; ih < g.h; ++ih)
+      conv_row<K>(StoreValues<Acc>{args.gx + ih * g.w * g.c + c0, g.c}, gz.data(), args.flipped + c0 * g.kh * g.kw, transposed, ih, 0, g.w, 0,
+                  nc);
+    return;
+  }
+  for (int64_t ih = 0; ih < g.h; ++ih) {
+    Acc* gx_row = args.gx + ih * g.w * g.c + c0;
+    if constexpr (K != 0) {
+      if (g.sw == 2) {
+        grad_x_row_stride2<K>(gx_row, gz.data(), args.w + c0, g, *args.rows, ih, nc);
+        continue;
+      }
+    }
+    grad_x_row(gx_row, gz.data(), args.w + c0, g, *args.rows, *args.cols, ih, nc);
+  }
+}
+
+inline void from_bfloat16(const c10::BFloat16* src, float* dst, int64_t n) { convert(src, dst, n); }
+inline void to_bfloat16(const float* src, c10::BFloat16* dst, int64_t n) { convert(src, dst, n); }
+
+template <int K, typename Acc>
+Kernels<Acc> make_kernels() {
+  Kernels<Acc> kernels{&eval_rows<K, Acc>, &statistics_rows<K, Acc>, &normalize<Acc>, &grad_sums_rows<K, Acc>,
+                       &grad_input_weight_block<K, Acc>};
+  if constexpr (std::is_same_v<Acc, float>) kernels.from_bfloat16 = &from_bfloat16, kernels.to_bfloat16 = &to_bfloat16;
+  return kernels;
+}
+
+}  // namespace fastmb::cpu::dwconv::FASTMB_CPU_ISA
