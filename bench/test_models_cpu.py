@@ -1,12 +1,16 @@
-"""Whole-model CPU benchmarks, eval, fp32, channels_last: torchvision eager, torchvision under
-torch.compile, ONNX Runtime on the exported torchvision model (when onnxruntime is
-installed), and the fastmb model with the same weights (cpu backend)."""
+"""Whole-model CPU benchmarks, fp32, channels_last. Eval: torchvision eager, torchvision under
+torch.compile, ONNX Runtime on the exported torchvision model (when onnxruntime is installed),
+the fastmb builder's model with the same weights, and the torchvision model after
+fastmb.convert (cpu backend). Training step (SGD, batch 16) of MobileNetV3-Large: torchvision
+eager, the fastmb builder's model and the converted one."""
 
+import copy
 import io
 
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 import fastmb
 from fastmb.models.calibration import calibrate_batch_norm
@@ -14,7 +18,8 @@ from timing import THREADS, run_benchmark
 
 MODELS = ["mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v2"]
 BATCHES = [1, 16]
-PROVIDERS = ["eager_cl", "compile", "onnxruntime", "fastmb"]
+PROVIDERS = ["eager_cl", "compile", "onnxruntime", "fastmb", "convert"]
+TRAIN_PROVIDERS = ["eager_cl", "fastmb", "convert"]
 
 pytestmark = pytest.mark.skipif(fastmb.backends()["cpu"] != "available", reason=fastmb.backends()["cpu"])
 
@@ -31,6 +36,19 @@ def onnxruntime_runner(model: torch.nn.Module, x: torch.Tensor):
     return lambda: session.run(None, inputs)
 
 
+def model_for(provider: str, name: str, torchvision_model: nn.Module) -> nn.Module:
+    """The model `provider` runs, with torchvision_model's weights, channels_last."""
+    if provider == "fastmb":
+        model = getattr(fastmb, name)()
+        model.load_state_dict(torchvision_model.state_dict())
+    elif provider == "convert":
+        model = fastmb.convert(copy.deepcopy(torchvision_model))
+    else:
+        model = torchvision_model
+    model = model.train(torchvision_model.training).to(memory_format=torch.channels_last)
+    return torch.compile(model) if provider == "compile" else model
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"bs{b}")
 @pytest.mark.parametrize("name", MODELS)
@@ -40,23 +58,40 @@ def test_model_eval(benchmark, name, batch, provider):
     if provider == "onnxruntime":
         fn = onnxruntime_runner(torchvision_model, x)
     else:
-        if provider == "fastmb":
-            model = getattr(fastmb, name)().eval()
-            model.load_state_dict(torchvision_model.state_dict())
-        else:
-            model = torchvision_model
-        model = model.to(memory_format=torch.channels_last)
-        if provider == "compile":
-            model = torch.compile(model)
-
-        fn = eval_step(model, x)
+        fn = eval_step(model_for(provider, name, torchvision_model), x)
     baseline = eval_step(torchvision_model.to(memory_format=torch.channels_last), x)
     run_benchmark(benchmark, f"model eval-bs{batch} {name}", provider, fn, baseline)
 
 
-def eval_step(model: torch.nn.Module, x: torch.Tensor):
+@pytest.mark.parametrize("provider", TRAIN_PROVIDERS)
+def test_model_train(benchmark, provider):
+    torchvision_model = torchvision.models.mobilenet_v3_large()
+    x = torch.randn(16, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 1000, (16,))
+    fn = train_step(model_for(provider, "mobilenet_v3_large", torchvision_model), x, target)
+    baseline = train_step(copy.deepcopy(torchvision_model).to(memory_format=torch.channels_last), x, target)
+    run_benchmark(benchmark, "model train-bs16 mobilenet_v3_large", provider, fn, baseline)
+
+
+def eval_step(model: nn.Module, x: torch.Tensor):
+    model.eval()
+
     def run():
         with torch.no_grad(), fastmb.use_backend("cpu"):
             return model(x)
+
+    return run
+
+
+def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
+    """Forward, backward and an SGD update (a learning rate of 0: the weights stay as they are)."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def run():
+        with fastmb.use_backend("cpu"):
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), target).backward()
+            optimizer.step()
 
     return run

@@ -1,72 +1,114 @@
-"""fastmb.convert: swap a model's depthwise conv+BN+activation stages and SE blocks for the
-fused modules, in place."""
+"""fastmb.convert: swap, in place, what fastmb fuses in a model for its fused modules: depthwise
+conv + BatchNorm + activation stages, other conv + BatchNorm (+ activation) layers, and SE
+blocks. Parameters and buffers are shared, so every state_dict key stays as it was."""
 
 import logging
+from collections import Counter
 
 from torch import nn
 
-from fastmb.nn import DWConvBNAct, SqueezeExcitation
+from fastmb.nn import ConvBNAct, DWConvBNAct, SqueezeExcitation
+from fastmb.ops.activations import activation_name, gate_name
 
 logger = logging.getLogger("fastmb")
 
-_ACTIVATIONS = {nn.Hardswish: "hardswish", nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Identity: "identity"}
-_GATES = {nn.Hardsigmoid: "hardsigmoid", nn.Sigmoid: "sigmoid"}
 
-
-def _as_dwconv_bn_act(module: nn.Module) -> DWConvBNAct | None:
-    """The fused equivalent of a Sequential(depthwise Conv2d, BatchNorm2d[, activation]) —
-    torchvision's Conv2dNormActivation — sharing its conv and BN modules, else None."""
-    if not isinstance(module, nn.Sequential) or isinstance(module, DWConvBNAct) or len(module) not in (2, 3):
+def _conv_bn_parts(module: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.Module | None] | None:
+    """(conv, bn, activation or None) of a Sequential(Conv2d, BatchNorm2d[, activation]), the
+    layout of torchvision's Conv2dNormActivation, else None."""
+    if type(module) not in (nn.Sequential, _torchvision_conv_norm_activation()) or len(module) not in (2, 3):
         return None
     conv, bn = module[0], module[1]
-    activation = _ACTIVATIONS.get(type(module[2])) if len(module) == 3 else "identity"
-    depthwise = (
-        type(conv) is nn.Conv2d
-        and conv.groups == conv.in_channels == conv.out_channels
-        and conv.bias is None
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-    )
-    if not depthwise or type(bn) is not nn.BatchNorm2d or bn.num_features != conv.out_channels or activation is None:
+    if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or bn.num_features != conv.out_channels:
         return None
-    return DWConvBNAct.from_modules(conv, bn, activation)
+    return conv, bn, module[2] if len(module) == 3 else None
 
 
-def _as_squeeze_excitation(module: nn.Module, torchvision_se: type | None) -> SqueezeExcitation | None:
-    """The fused equivalent of a torchvision.ops.SqueezeExcitation, sharing its fc layers."""
-    if torchvision_se is None or type(module) is not torchvision_se:
+def _as_dwconv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: nn.Module | None) -> DWConvBNAct | str:
+    """The fused depthwise stage sharing `conv` and `bn`, or why it cannot be."""
+    if not conv.groups == conv.in_channels == conv.out_channels:
+        return "not depthwise"
+    name = activation_name(activation)
+    reasons = [
+        (conv.bias is not None, "the conv has a bias"),
+        (conv.padding_mode != "zeros", f"padding_mode={conv.padding_mode!r}"),
+        (isinstance(conv.padding, str), f"padding={conv.padding!r}"),
+        (not bn.affine, "the batch norm has no affine parameters"),
+        (name is None, f"activation {type(activation).__name__} is not one fastmb fuses"),
+    ]
+    for failed, reason in reasons:
+        if failed:
+            return reason
+    return DWConvBNAct.from_modules(conv, bn, name)
+
+
+def _as_squeeze_excitation(module: nn.Module) -> SqueezeExcitation | str | None:
+    """The fused equivalent of a torchvision.ops.SqueezeExcitation, sharing its fc layers, or why
+    it cannot be; None for any other module."""
+    try:
+        from torchvision.ops import SqueezeExcitation as TorchvisionSqueezeExcitation
+    except ImportError:  # no torchvision, so no torchvision SE blocks to swap
         return None
-    names = _ACTIVATIONS.get(type(module.activation)), _GATES.get(type(module.scale_activation))
-    fc1, fc2 = module.fc1, module.fc2
-    if None in names or fc1.bias is None or fc2.bias is None:
+    if type(module) is not TorchvisionSqueezeExcitation:
         return None
-    return SqueezeExcitation.from_modules(fc1, fc2, *names)
+    names = activation_name(module.activation), gate_name(module.scale_activation)
+    if None in names:
+        return f"activation {type(module.activation).__name__} or gate {type(module.scale_activation).__name__} is not one fastmb fuses"
+    if module.fc1.bias is None or module.fc2.bias is None:
+        return "an fc layer has no bias"
+    return SqueezeExcitation.from_modules(module.fc1, module.fc2, *names)
+
+
+def _torchvision_conv_norm_activation() -> type | None:
+    try:
+        from torchvision.ops import Conv2dNormActivation
+    except ImportError:
+        return None
+    return Conv2dNormActivation
 
 
 def convert(model: nn.Module) -> nn.Module:
     """Swaps, in place, every depthwise conv + BatchNorm2d + activation Sequential (torchvision's
-    Conv2dNormActivation) and every torchvision SqueezeExcitation in `model` for fastmb's fused
-    modules. Parameters and buffers are carried over (the same tensors); nothing else changes.
-    Returns `model`."""
-    try:
-        from torchvision.ops import SqueezeExcitation as torchvision_se
-    except ImportError:  # no torchvision, so no torchvision SE blocks to swap
-        torchvision_se = None
-    counts = {"depthwise": 0, "se": 0}
+    Conv2dNormActivation) for a DWConvBNAct, every other conv + BatchNorm2d (+ activation)
+    Sequential for a ConvBNAct, and every torchvision SqueezeExcitation for fastmb's. The fused
+    modules share the model's parameters and buffers and keep their training mode. Logs (logger
+    "fastmb") what it swapped, and what it left and why; returns `model`."""
+    swapped: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
+
+    def fused_equivalent(module: nn.Module) -> nn.Module | None:
+        se = _as_squeeze_excitation(module)
+        if isinstance(se, str):
+            skipped[f"SE block: {se}"] += 1
+        if se is not None:
+            return se if not isinstance(se, str) else None
+        parts = _conv_bn_parts(module)
+        if parts is None:
+            return None
+        fused = _as_dwconv_bn_act(*parts)
+        if not isinstance(fused, str):
+            return fused
+        if fused != "not depthwise":
+            skipped[f"depthwise stage: {fused}"] += 1
+        return ConvBNAct.from_modules(*parts)
 
     def visit(parent: nn.Module) -> None:
         for name, child in parent.named_children():
-            fused = _as_dwconv_bn_act(child)
-            kind = "depthwise"
-            if fused is None:
-                fused, kind = _as_squeeze_excitation(child, torchvision_se), "se"
+            if isinstance(child, (DWConvBNAct, ConvBNAct, SqueezeExcitation)):
+                continue
+            fused = fused_equivalent(child)
             if fused is None:
                 visit(child)
                 continue
             fused.train(child.training)
             setattr(parent, name, fused)
-            counts[kind] += 1
+            swapped[type(fused).__name__] += 1
 
     visit(model)
-    logger.info("fastmb.convert: swapped %d depthwise stages and %d SE blocks", counts["depthwise"], counts["se"])
+    logger.info(
+        "fastmb.convert: swapped %d DWConvBNAct, %d ConvBNAct, %d SqueezeExcitation",
+        swapped["DWConvBNAct"], swapped["ConvBNAct"], swapped["SqueezeExcitation"],
+    )
+    for reason, count in skipped.items():
+        logger.info("fastmb.convert: left %d %s", count, reason)
     return model

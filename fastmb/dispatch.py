@@ -1,14 +1,13 @@
 """Backend registry and selection.
 
 A backend is a set of kernels for the fused ops: "reference" (PyTorch ops, the correctness
-oracle, runs anywhere), "cpu" and "cuda" (fastmb._C), "triton" (fastmb.kernels). Each fused op
-asks `select` for the forward operator to call; the operator's registered autograd formula
-calls the same backend's backward operator.
+oracle, runs anywhere), "cpu" and "cuda" (fastmb._C), "triton" (fastmb.kernels). Each fused op's
+module (fastmb/ops/<op>.py) registers its operators here, and asks `select` for the forward
+operator to call; the operator's registered autograd formula calls the same backend's backward.
 """
 
 import contextlib
 import functools
-import importlib
 import json
 import os
 import threading
@@ -33,10 +32,12 @@ AUTO_ORDER_FILE = os.path.join(os.path.dirname(__file__), "auto_order.json")
 
 @dataclass(frozen=True)
 class Kernel:
-    """One backend's implementation of one fused op."""
+    """One backend's implementation of one fused op: a pair of operators with the op's schemas
+    (fastmb/ops/schemas.py)."""
 
-    forward: Callable  # the forward operator, called with the op's schema arguments
-    supports: Callable[..., bool]  # same arguments; False sends the call to the reference
+    forward: Callable  # called with the op's schema arguments
+    backward: Callable
+    supports: Callable[..., bool]  # the forward's arguments; False sends the call to the reference
 
 
 _KERNELS: dict[tuple[str, str], Kernel] = {}
@@ -50,43 +51,18 @@ def _always(*args: object) -> bool:
 
 
 def register_kernel(
-    backend: str, op: str, forward: Callable, supports: Callable[..., bool] = _always
+    backend: str, op: str, forward: Callable, backward: Callable, supports: Callable[..., bool] = _always
 ) -> None:
-    """Makes `forward` the implementation of fused op `op` (e.g. "dwconv_bn_act") in `backend`."""
+    """Makes the operator pair (forward, backward) fused op `op`'s kernels in `backend`."""
     if backend not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
-    _KERNELS[(backend, op)] = Kernel(forward, supports)
+    _KERNELS[(backend, op)] = Kernel(forward, backward, supports)
     _unavailable_reason.cache_clear()
 
 
-def _cpu_supports(x: torch.Tensor, *args: object) -> bool:
-    # Any kernel size, stride and dilation; float16 runs on the reference.
-    return x.dtype in (torch.float32, torch.float64, torch.bfloat16)
-
-
-def register_compiled_backends(op: str, register_operators: Callable, cuda_supports: Callable[..., bool]) -> None:
-    """Registers fused op `op`'s native operators (fastmb::<op>, kernels in fastmb._C for the
-    CPU and CUDA dispatch keys; `cuda_supports` says which inputs the CUDA kernels take) and its
-    Triton operators (fastmb.kernels.<op>), where they exist. `register_operators(forward,
-    backward, fake=...)` attaches the op's fake implementations and autograd formula."""
-    if _extension.C is not None:
-        forward = getattr(torch.ops.fastmb, op).default
-        register_operators(forward, getattr(torch.ops.fastmb, f"{op}_backward").default)
-        if _extension.has_kernel(op, "CPU"):
-            register_kernel("cpu", op, forward, supports=_cpu_supports)
-        if _extension.has_kernel(op, "CUDA"):
-            register_kernel("cuda", op, forward, supports=cuda_supports)
-    try:
-        kernels = importlib.import_module(f"fastmb.kernels.{op}")
-    except ImportError:  # no triton: fastmb.backends() says so
-        return
-    register_operators(kernels.forward, kernels.backward, fake=False)  # triton_op brings its fake
-    register_kernel("triton", op, kernels.forward, supports=kernels.supports)
-
-
-def forward_operators(op: str) -> list[Callable]:
-    """The forward operators of fused op `op` in every backend that registered one."""
-    return [kernel.forward for (_, name), kernel in _KERNELS.items() if name == op]
+def kernels(op: str) -> dict[str, Kernel]:
+    """Fused op `op`'s kernels, by backend, in every backend that registered one."""
+    return {backend: kernel for (backend, name), kernel in _KERNELS.items() if name == op}
 
 
 def _has_kernels(backend: str) -> bool:

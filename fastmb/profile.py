@@ -57,8 +57,8 @@ def _fastmb_packets() -> dict:
     """Each fastmb forward operator (any backend) -> its (flop formula, element-wise count)."""
     packets = {}
     for op, formulas in _FASTMB_OPS.items():
-        for forward in dispatch.forward_operators(op):
-            overload = getattr(forward, "_opoverload", forward)
+        for kernel in dispatch.kernels(op).values():
+            overload = getattr(kernel.forward, "_opoverload", kernel.forward)
             if isinstance(overload, torch._ops.OpOverload):
                 packets[overload._overloadpacket] = formulas
     return packets

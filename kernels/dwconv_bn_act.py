@@ -17,9 +17,9 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from fastmb.ops import schemas
+from fastmb.ops.activations import ACTIVATIONS
 from fastmb.ops.common import autocast_off, bn_affine, dwconv_output_shape, memory_format, new_output
 from fastmb.kernels.common import (
-    ACTIVATION_CODES,
     accumulation_dtype,
     activate,
     activation_grad,
@@ -242,7 +242,7 @@ def _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, p
         scale = gamma * torch.rsqrt(var + eps)
         shift = beta - mean * scale
         grid = lambda meta: (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
-        wrap_triton(_forward_kernel)[grid](xs, w, scale, shift, y, p, **g, ACT=ACTIVATION_CODES[activation], ACC=_acc_triton(acc))
+        wrap_triton(_forward_kernel)[grid](xs, w, scale, shift, y, p, **g, ACT=ACTIVATIONS[activation].code, ACC=_acc_triton(acc))
     return _from_nhwc(y, x), mean, var
 
 
@@ -281,7 +281,7 @@ def _backward(grad_y, x, weight, bn_weight, bn_bias, mean, var, stride, padding,
     b, d = torch.zeros_like(mean), torch.zeros_like(mean)
     grad_gamma, grad_beta = mean.new_zeros(c), mean.new_zeros(c)
     tiles = triton.cdiv(p, STATS_BLOCK_P)
-    launch = dict(P=p, **g, ACT=ACTIVATION_CODES[activation], ACC=_acc_triton(acc), BLOCK_P=STATS_BLOCK_P, BLOCK_C=BLOCK_C)
+    launch = dict(P=p, **g, ACT=ACTIVATIONS[activation].code, ACC=_acc_triton(acc), BLOCK_P=STATS_BLOCK_P, BLOCK_C=BLOCK_C)
     grid = (tiles, triton.cdiv(c, BLOCK_C))
     if p > 0 and (training or output_mask[2]):
         sums_gu = x.new_empty((tiles, c), dtype=acc)

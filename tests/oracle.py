@@ -9,8 +9,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-ACTIVATION_MODULES = {"hardswish": nn.Hardswish, "relu": nn.ReLU, "relu6": nn.ReLU6, "identity": nn.Identity}
-GATE_MODULES = {"hardsigmoid": nn.Hardsigmoid, "sigmoid": nn.Sigmoid}
+from fastmb.ops.activations import ACTIVATIONS, GATES
+
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
@@ -23,7 +23,7 @@ def eager_dwconv_bn_act(
     return nn.Sequential(
         nn.Conv2d(channels, channels, kernel_size, stride, padding, dilation, groups=channels, bias=False),
         nn.BatchNorm2d(channels, momentum=momentum),
-        ACTIVATION_MODULES[activation](),
+        ACTIVATIONS[activation].module(),
     )
 
 
@@ -34,8 +34,8 @@ class EagerSqueezeExcitation(nn.Module):
         super().__init__()
         self.fc1 = nn.Conv2d(channels, squeeze, 1)
         self.fc2 = nn.Conv2d(squeeze, channels, 1)
-        self.activation = ACTIVATION_MODULES[activation]()
-        self.gate = GATE_MODULES[gate]()
+        self.activation = ACTIVATIONS[activation].module()
+        self.gate = GATES[gate].module()
 
     def forward(self, x: Tensor) -> Tensor:
         scale = self.gate(self.fc2(self.activation(self.fc1(x.mean((2, 3), keepdim=True)))))

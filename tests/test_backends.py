@@ -83,7 +83,9 @@ def test_unsupported_input_falls_back_to_the_reference(monkeypatch):
         return reference_dwconv.forward_op(*args)
 
     monkeypatch.setattr(registry, "_KERNELS", dict(registry._KERNELS))
-    registry.register_kernel("cpu", "dwconv_bn_act", fake_cpu_kernel, supports=lambda x, weight, *rest: weight.shape[-1] != 7)
+    registry.register_kernel(
+        "cpu", "dwconv_bn_act", fake_cpu_kernel, reference_dwconv.backward_op, supports=lambda x, weight, *rest: weight.shape[-1] != 7
+    )
     monkeypatch.setattr(registry, "_unavailable_reason", lambda name: None)
     x = torch.randn(1, 2, 8, 8)
     stats = torch.zeros(2), torch.ones(2)
@@ -96,7 +98,7 @@ def test_unsupported_input_falls_back_to_the_reference(monkeypatch):
 
 def test_register_kernel_rejects_unknown_backends():
     with pytest.raises(ValueError, match="backend must be one of"):
-        registry.register_kernel("opencl", "dwconv_bn_act", reference_dwconv.forward_op)
+        registry.register_kernel("opencl", "dwconv_bn_act", reference_dwconv.forward_op, reference_dwconv.backward_op)
 
 
 def test_auto_order_for_cuda_comes_from_the_measured_table(tmp_path, monkeypatch):

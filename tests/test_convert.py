@@ -1,8 +1,10 @@
-"""fastmb.convert on torchvision models: what it swaps, and that nothing else changes."""
+"""fastmb.convert on torchvision models: what it swaps, that nothing else changes, and that a
+converted model has the same fused modules as fastmb's own builder."""
 
 import copy
 import logging
 
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -10,6 +12,8 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 import fastmb
 from fastmb.models.calibration import calibrate_batch_norm
+
+FUSED = (fastmb.nn.DWConvBNAct, fastmb.nn.ConvBNAct, fastmb.nn.SqueezeExcitation)
 
 
 def converted(name: str, caplog) -> tuple[nn.Module, nn.Module]:
@@ -21,11 +25,13 @@ def converted(name: str, caplog) -> tuple[nn.Module, nn.Module]:
     return original.eval(), model.eval()
 
 
+def fused_modules(model: nn.Module) -> dict[str, type]:
+    return {name: type(m) for name, m in model.named_modules() if isinstance(m, FUSED)}
+
+
 def test_mobilenet_v3_large(caplog):
     original, model = converted("mobilenet_v3_large", caplog)
-    assert sum(isinstance(m, fastmb.nn.DWConvBNAct) for m in model.modules()) == 15
-    assert sum(isinstance(m, fastmb.nn.SqueezeExcitation) for m in model.modules()) == 8
-    assert "swapped 15 depthwise stages and 8 SE blocks" in caplog.text
+    assert "swapped 15 DWConvBNAct, 31 ConvBNAct, 8 SqueezeExcitation" in caplog.text
     assert list(model.state_dict()) == list(original.state_dict())
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -35,24 +41,43 @@ def test_mobilenet_v3_large(caplog):
 
 def test_mobilenet_v2(caplog):
     original, model = converted("mobilenet_v2", caplog)
-    assert sum(isinstance(m, fastmb.nn.DWConvBNAct) for m in model.modules()) == 17
-    assert "swapped 17 depthwise stages and 0 SE blocks" in caplog.text
+    assert "swapped 17 DWConvBNAct, 18 ConvBNAct, 0 SqueezeExcitation" in caplog.text
     x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
         expected = original(x)
         assert ((model(x) - expected).abs().max() / expected.abs().max()).item() <= 1e-5
 
 
-def test_shares_parameters_keeps_training_mode_and_leaves_the_rest():
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small"])
+def test_converted_model_has_the_builders_fused_modules(name, caplog):
+    """The builders describe torchvision's architecture with fastmb's modules, so a converted
+    torchvision model runs the same fused modules in the same places."""
+    _, model = converted(name, caplog)
+    assert fused_modules(model) == fused_modules(getattr(fastmb, name)())
+
+
+def test_shares_parameters_keeps_training_mode_and_reports_what_it_left(caplog):
     dense = Conv2dNormActivation(8, 16, 3)
     depthwise = Conv2dNormActivation(16, 16, 5, stride=2, groups=16, activation_layer=nn.Hardswish)
     with_bias = Conv2dNormActivation(16, 16, 3, groups=16, bias=True)
     gelu = Conv2dNormActivation(16, 16, 3, groups=16, activation_layer=nn.GELU, inplace=None)
-    model = nn.Sequential(dense, nn.Sequential(depthwise, with_bias, gelu)).train()
+    model = nn.Sequential(dense, nn.Sequential(depthwise, with_bias, gelu), nn.Sequential(nn.Conv2d(16, 4, 1), nn.ReLU())).train()
+    original = copy.deepcopy(model)
     conv_weight = depthwise[0].weight
-    fastmb.convert(model)
+    with caplog.at_level(logging.INFO, logger="fastmb"):
+        fastmb.convert(model)
     fused = model[1][0]
     assert isinstance(fused, fastmb.nn.DWConvBNAct) and fused.training
     assert fused[0].weight is conv_weight and fused.activation == "hardswish" and fused[0].stride == (2, 2)
-    assert model[0] is dense and model[1][1] is with_bias and model[1][2] is gelu
-    assert model(torch.randn(2, 8, 12, 12)).shape == (2, 16, 6, 6)
+    # The rest keep their modules: only the pointwise-layer wrapper around them changes.
+    assert isinstance(model[0], fastmb.nn.ConvBNAct) and model[0][0] is dense[0] and model[0][2] is dense[2]
+    assert isinstance(model[1][1], fastmb.nn.ConvBNAct) and model[1][1][0] is with_bias[0]
+    assert isinstance(model[1][2], fastmb.nn.ConvBNAct) and model[1][2][2] is gelu[2]
+    assert type(model[2]) is nn.Sequential  # no batch norm: nothing to fuse
+    assert "left 1 depthwise stage: the conv has a bias" in caplog.text
+    assert "left 1 depthwise stage: activation GELU is not one fastmb fuses" in caplog.text
+    assert list(model.state_dict()) == list(original.state_dict())
+    x = torch.randn(2, 8, 12, 12)
+    for training in (True, False):
+        with torch.no_grad():
+            torch.testing.assert_close(model.train(training)(x), original.train(training)(x))

@@ -43,3 +43,19 @@ def test_cuda_backend_is_registered_for_every_fused_op():
     if _extension.C is None or _extension.C.cuda_build != "built":
         pytest.skip("fastmb._C was built without its CUDA part")
     assert {op for backend, op in dispatch._KERNELS if backend == "cuda"} == {"dwconv_bn_act", "squeeze_excitation"}
+
+
+def test_activation_and_gate_codes_match_the_kernels():
+    """fastmb.ops.activations' codes are the enumerators of csrc/activations.h, and its names are
+    the ones the operators parse (csrc/common.h)."""
+    from pathlib import Path
+
+    from fastmb.ops.activations import ACTIVATIONS, GATES
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    if not csrc.exists():
+        pytest.skip("needs the source tree")
+    enums, parsing = (csrc / "activations.h").read_text(), (csrc / "common.h").read_text()
+    for entry in (*ACTIVATIONS.values(), *GATES.values()):
+        assert f"k{entry.name.capitalize()} = {entry.code}" in enums, entry.name
+        assert f'"{entry.name}"' in parsing, entry.name

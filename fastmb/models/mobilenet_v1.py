@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastmb.models.layers import ConvBNAct, depthwise_stage, init_weights, make_divisible
+from fastmb.models.layers import depthwise_stage, init_weights, make_divisible
+from fastmb.nn import ConvBNAct
 
 # Table 1 as (stride of the depthwise conv, output channels of the pointwise conv).
 DEPTHWISE_SEPARABLE_SETTING = [

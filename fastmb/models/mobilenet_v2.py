@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastmb.models.layers import ConvBNAct, build_with_weights, depthwise_stage, init_weights, make_divisible, run_in_sub_batches
+from fastmb.models.layers import build_with_weights, depthwise_stage, init_weights, make_divisible
+from fastmb.nn import ConvBNAct
 
 # Table 2: expansion factor t, output channels c, repeats n, first stride s.
 INVERTED_RESIDUAL_SETTING = [
@@ -46,11 +47,9 @@ class InvertedResidual(nn.Module):
         self.conv = nn.Sequential(*layers)
         self.out_channels = oup
         self._is_cn = stride > 1
-        self._hidden_dim = hidden_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        y = run_in_sub_batches(self.conv, x, self._hidden_dim)
-        return x + y if self.use_res_connect else y
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
 class MobileNetV2(nn.Module):

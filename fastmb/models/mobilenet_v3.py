@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastmb.models.layers import ConvBNAct, build_with_weights, depthwise_stage, init_weights, make_divisible, run_in_sub_batches
-from fastmb.nn import SqueezeExcitation
+from fastmb.models.layers import build_with_weights, depthwise_stage, init_weights, make_divisible
+from fastmb.nn import ConvBNAct, SqueezeExcitation
 
 
 class InvertedResidualConfig:
@@ -66,10 +66,9 @@ class InvertedResidual(nn.Module):
         self.block = nn.Sequential(*layers)
         self.out_channels = cnf.out_channels
         self._is_cn = cnf.stride > 1
-        self._expanded_channels = cnf.expanded_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        result = run_in_sub_batches(self.block, x, self._expanded_channels)
+        result = self.block(x)
         if self.use_res_connect:
             result += x
         return result

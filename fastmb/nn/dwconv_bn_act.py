@@ -2,6 +2,7 @@
 
 from torch import Tensor, nn
 
+from fastmb.nn.batch_norm import batch_norm_step
 from fastmb.ops.activations import ACTIVATIONS
 from fastmb.ops.common import check_choice, check_tensor
 from fastmb.ops.dwconv_bn_act import run_dwconv_bn_act
@@ -49,29 +50,23 @@ class DWConvBNAct(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         conv, bn = self._modules["0"], self._modules["1"]  # self[i] costs microseconds, a small layer's time
-        # nn.BatchNorm2d.forward's rules for the averaging factor and which statistics to use.
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if self.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        use_batch_stats = self.training or (bn.running_mean is None and bn.running_var is None)
-        keep_running = not self.training or bn.track_running_stats
         # The parameters were checked when built; only x is new.
         check_tensor("x", x, 4)
         if x.shape[1] != conv.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels but this DWConvBNAct has {conv.in_channels}")
+        step = batch_norm_step(bn)
         return run_dwconv_bn_act(
             x,
             conv.weight,
             bn.weight,
             bn.bias,
-            bn.running_mean if keep_running else None,
-            bn.running_var if keep_running else None,
+            step.running_mean,
+            step.running_var,
             list(conv.stride),
             list(conv.padding),
             list(conv.dilation),
             bn.eps,
-            factor,
-            use_batch_stats,
+            step.momentum,
+            step.use_batch_stats,
             self.activation,
         )

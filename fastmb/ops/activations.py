@@ -1,42 +1,104 @@
-"""Activation and gate functions by name, with the exact derivatives PyTorch uses (the
-reference backend differentiates through these, so its gradients match eager bit for bit in
-the boundary cases: relu at 0, hardswish at +-3, relu6 at 0 and 6)."""
+"""The one registry of activation and gate names: for each, the torch.nn module it stands for,
+the code the compiled and Triton kernels know it by (csrc/activations.h, kernels/common.py),
+and its formulas with the exact derivatives PyTorch uses (the reference backend differentiates
+through these, so its gradients match eager bit for bit at the kinks: relu at 0, hardswish at
++-3, relu6 at 0 and 6). Modules, convert, the kernels, the CLI and the tests all read it."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-ACTIVATIONS = ("hardswish", "relu", "relu6", "identity")
-GATES = ("hardsigmoid", "sigmoid")
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise activation act(u)."""
+
+    name: str
+    module: type[nn.Module]  # the torch.nn module it replaces
+    code: int  # fastmb::Activation in csrc/activations.h; the Triton kernels' ACT
+    forward: Callable[[Tensor], Tensor]
+    backward: Callable[[Tensor, Tensor], Tensor]  # (grad, u) -> d act(u)/du * grad
+    # act applied in place to a tensor the caller owns, or None when the module has no inplace form
+    in_place: Callable[[Tensor], Tensor] | None = None
+    # whether backward needs u (eager's module then saves its input for backward)
+    saves_input: bool = True
+
+    def make_module(self) -> nn.Module:
+        """The torch.nn module (in place where it can be, as torchvision builds them)."""
+        return self.module(inplace=True) if self.in_place is not None else self.module()
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The squeeze-and-excitation gate on the excitation's logits."""
+
+    name: str
+    module: type[nn.Module]
+    code: int  # fastmb::Gate in csrc/activations.h
+    forward: Callable[[Tensor], Tensor]
+    backward: Callable[[Tensor, Tensor], Tensor]  # (grad, a) -> d gate(a)/da * grad
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    a.name: a
+    for a in (
+        Activation(
+            "hardswish", nn.Hardswish, 0, F.hardswish, torch.ops.aten.hardswish_backward, lambda y: F.hardswish(y, inplace=True)
+        ),
+        Activation(
+            "relu", nn.ReLU, 1, F.relu, lambda grad, u: torch.ops.aten.threshold_backward(grad, u, 0), lambda y: F.relu(y, inplace=True),
+            # relu's gradient is read off its output (eager saves that), so it keeps nothing extra
+            saves_input=False,
+        ),
+        Activation(
+            "relu6",
+            nn.ReLU6,
+            2,
+            F.relu6,
+            lambda grad, u: torch.ops.aten.hardtanh_backward(grad, u, 0.0, 6.0),
+            lambda y: F.relu6(y, inplace=True),
+        ),
+        Activation("identity", nn.Identity, 3, lambda u: u, lambda grad, u: grad, saves_input=False),
+    )
+}
+
+GATES: dict[str, Gate] = {
+    g.name: g
+    for g in (
+        Gate("hardsigmoid", nn.Hardsigmoid, 0, F.hardsigmoid, torch.ops.aten.hardsigmoid_backward),
+        Gate("sigmoid", nn.Sigmoid, 1, torch.sigmoid, lambda grad, a: torch.ops.aten.sigmoid_backward(grad, torch.sigmoid(a))),
+    )
+}
+
+_ACTIVATION_BY_MODULE = {a.module: a.name for a in ACTIVATIONS.values()}
+_GATE_BY_MODULE = {g.module: g.name for g in GATES.values()}
+
+
+def activation_name(module: nn.Module | None) -> str | None:
+    """The registry's name for activation module `module` (None: "identity"), or None if it has none."""
+    return "identity" if module is None else _ACTIVATION_BY_MODULE.get(type(module))
+
+
+def gate_name(module: nn.Module) -> str | None:
+    return _GATE_BY_MODULE.get(type(module))
 
 
 def activation_forward(name: str, u: Tensor) -> Tensor:
-    if name == "hardswish":
-        return F.hardswish(u)
-    if name == "relu":
-        return F.relu(u)
-    if name == "relu6":
-        return F.relu6(u)
-    return u
+    return ACTIVATIONS[name].forward(u)
 
 
 def activation_backward(name: str, grad: Tensor, u: Tensor) -> Tensor:
     """d act(u)/du * grad, with u the activation's input."""
-    if name == "hardswish":
-        return torch.ops.aten.hardswish_backward(grad, u)
-    if name == "relu":
-        return torch.ops.aten.threshold_backward(grad, u, 0)
-    if name == "relu6":
-        return torch.ops.aten.hardtanh_backward(grad, u, 0.0, 6.0)
-    return grad
+    return ACTIVATIONS[name].backward(grad, u)
 
 
 def gate_forward(name: str, a: Tensor) -> Tensor:
-    return F.hardsigmoid(a) if name == "hardsigmoid" else torch.sigmoid(a)
+    return GATES[name].forward(a)
 
 
 def gate_backward(name: str, grad: Tensor, a: Tensor) -> Tensor:
     """d gate(a)/da * grad, with a the gate's input."""
-    if name == "hardsigmoid":
-        return torch.ops.aten.hardsigmoid_backward(grad, a)
-    return torch.ops.aten.sigmoid_backward(grad, torch.sigmoid(a))
+    return GATES[name].backward(grad, a)

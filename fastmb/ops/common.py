@@ -94,6 +94,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def cpu_kernels_support(x: Tensor, *args: object) -> bool:
+    """What fastmb._C's CPU kernels take: float32, float64 and bfloat16 (float16 runs on the
+    reference); any kernel size, stride and dilation."""
+    return x.dtype in (torch.float32, torch.float64, torch.bfloat16)
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast casts conv inputs to on `device_type`, or None when it is off."""
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):

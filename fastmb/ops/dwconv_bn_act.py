@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fastmb import dispatch
+from fastmb import _extension, dispatch
 from fastmb.ops import reference
 from fastmb.ops.activations import ACTIVATIONS
 from fastmb.ops.common import (
@@ -16,6 +16,7 @@ from fastmb.ops.common import (
     check_same_device,
     check_tensor,
     compute_dtype,
+    cpu_kernels_support,
     dwconv_output_shape,
     new_output,
     pair,
@@ -190,6 +191,24 @@ def register_operators(forward_op, backward_op, fake: bool = True) -> None:
     torch.library.register_autograd(forward_op, backward, setup_context=_setup_context)
 
 
+# Each backend's operator pair: the reference always; fastmb._C's native operators (CPU and CUDA
+# kernels) where it was built; the Triton operators where triton imports.
 register_operators(reference.dwconv_bn_act.forward_op, reference.dwconv_bn_act.backward_op)
-dispatch.register_kernel("reference", OP, reference.dwconv_bn_act.forward_op)
-dispatch.register_compiled_backends(OP, register_operators, _cuda_supports)
+dispatch.register_kernel("reference", OP, reference.dwconv_bn_act.forward_op, reference.dwconv_bn_act.backward_op)
+
+if _extension.C is not None:
+    _native = (torch.ops.fastmb.dwconv_bn_act.default, torch.ops.fastmb.dwconv_bn_act_backward.default)
+    register_operators(*_native)
+    if _extension.has_kernel(OP, "CPU"):
+        dispatch.register_kernel("cpu", OP, *_native, supports=cpu_kernels_support)
+    if _extension.has_kernel(OP, "CUDA"):
+        dispatch.register_kernel("cuda", OP, *_native, supports=_cuda_supports)
+
+try:
+    from fastmb.kernels import dwconv_bn_act as triton_kernels
+except ModuleNotFoundError as error:  # no triton (fastmb.backends() says so), or a bare source tree
+    if error.name not in ("triton", "fastmb.kernels"):
+        raise
+else:
+    register_operators(triton_kernels.forward, triton_kernels.backward, fake=False)  # triton_op brings its fake
+    dispatch.register_kernel("triton", OP, triton_kernels.forward, triton_kernels.backward, supports=triton_kernels.supports)

@@ -10,20 +10,20 @@ from torchvision.ops import SqueezeExcitation as TorchvisionSE
 from torchvision.ops.misc import Conv2dNormActivation
 
 import fastmb
+from fastmb.ops.activations import ACTIVATIONS
 from oracle import assert_close_to_oracle, clone_as, randomize_batch_norm, run
 
-ACTIVATION_LAYERS = {"hardswish": nn.Hardswish, "relu": nn.ReLU, "relu6": nn.ReLU6, "identity": None}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def torchvision_dwconv(channels, kernel, stride, activation, momentum=0.1):
     return Conv2dNormActivation(
         channels, channels, kernel, stride, groups=channels,
-        norm_layer=lambda c: nn.BatchNorm2d(c, momentum=momentum), activation_layer=ACTIVATION_LAYERS[activation],
+        norm_layer=lambda c: nn.BatchNorm2d(c, momentum=momentum), activation_layer=None if activation == "identity" else ACTIVATIONS[activation].module,
     )
 
 
-@pytest.mark.parametrize("activation", list(ACTIVATION_LAYERS))
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
 def test_dwconv_state_dict_round_trip(activation):
     theirs = torchvision_dwconv(16, 5, 2, activation)
     randomize_batch_norm(theirs)

@@ -5,7 +5,7 @@ import torch
 
 import fastmb
 from fastmb.nn import DWConvBNAct
-from fastmb.ops.reference import dwconv_bn_act as reference_op
+from fastmb import dispatch
 from oracle import assert_close_to_oracle, clone_as, eager_dwconv_bn_act, randomize_batch_norm, run
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -173,24 +173,29 @@ def test_gradcheck(backend, device, training, activation):
         mean, var = (t.clone() for t in running)
         return fastmb.ops.dwconv_bn_act(x, weight, bn_weight, bn_bias, mean, var, stride=2, training=training, activation=activation)
 
-    assert torch.autograd.gradcheck(fn, (x, weight, bn_weight, bn_bias))
+    # Fast mode (one random projection of the Jacobian) where each call is interpreted Triton.
+    assert torch.autograd.gradcheck(fn, (x, weight, bn_weight, bn_bias), fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_opcheck_reference(device, training):
+def test_opcheck(backend, device, training, opcheck_utils):
+    """torch.library.opcheck on the backend's registered operators (schema, fake tensor,
+    autograd registration, AOT dispatch): the native fastmb::dwconv_bn_act, the Triton and the
+    reference ones."""
+    kernel = dispatch.kernels("dwconv_bn_act")[backend]
     x = torch.randn(2, 4, 7, 6, device=device, requires_grad=True)
     weight = torch.randn(4, 1, 3, 3, device=device, requires_grad=True)
     affine = [torch.randn(4, device=device, requires_grad=True) for _ in range(2)]
     running = [torch.randn(4, device=device), torch.rand(4, device=device) + 0.5]
     conv = ([2, 2], [1, 1], [1, 1])
     args = (x, weight, *affine, *running, *conv, 1e-5, training, "hardswish")
-    torch.library.opcheck(reference_op.forward_op, args)
-    y, mean, var = reference_op.forward_op(*args)
+    torch.library.opcheck(kernel.forward, args, test_utils=opcheck_utils)
+    y, mean, var = kernel.forward(*args)
     # The backward operator has no autograd formula of its own (no double backward).
     tensors = [t.detach() for t in (torch.randn_like(y), x, weight, *affine, mean, var)]
     backward_args = (*tensors, *conv, 1e-5, training, "hardswish")
-    torch.library.opcheck(reference_op.backward_op, (*backward_args, [True, True, True]))
-    torch.library.opcheck(reference_op.backward_op, (*backward_args, [True, False, False]))
+    torch.library.opcheck(kernel.backward, (*backward_args, [True, True, True]), test_utils=opcheck_utils)
+    torch.library.opcheck(kernel.backward, (*backward_args, [True, False, False]), test_utils=opcheck_utils)
 
 
 def valid_arguments(device="cpu"):

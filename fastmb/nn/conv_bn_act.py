@@ -1,0 +1,149 @@
+"""ConvBNAct: a drop-in for torchvision's Conv2dNormActivation (pointwise and full convs) that
+folds the batch norm into the conv in eval and keeps less for backward in training."""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastmb.nn.batch_norm import batch_norm_step
+from fastmb.ops.activations import ACTIVATIONS, activation_name
+from fastmb.ops.common import bn_affine, check_choice
+
+# Pixels (batch x height x width) up to which a folded 1x1 conv on the CPU runs as a GEMM.
+_MATMUL_MAX_PIXELS = 1024
+
+
+class _BatchNormActivation(torch.autograd.Function):
+    """act(batch_norm(z)) in training with batch statistics, saving only z and the per-channel
+    statistics for backward: u = batch_norm(z) is recomputed there instead of being kept, as
+    eager's activation keeps it. Running statistics are updated as F.batch_norm does."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, running_mean, running_var, momentum, eps, activation):
+        u, mean, invstd = torch.native_batch_norm(z, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(z, weight, bias, mean, invstd)
+        ctx.eps, ctx.activation = eps, activation
+        return ACTIVATIONS[activation].forward(u)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        z, weight, bias, mean, invstd = ctx.saved_tensors
+        gamma, beta = bn_affine(weight, bias, invstd)
+        scale = invstd * gamma
+        shape = (1, -1, 1, 1)
+        u = z * scale.reshape(shape).to(z.dtype) + (beta - mean * scale).reshape(shape).to(z.dtype)
+        grad_u = ACTIVATIONS[ctx.activation].backward(grad_y, u)
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+        grad_z, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_u, z, weight, None, None, mean, invstd, True, ctx.eps, mask
+        )
+        return grad_z, grad_weight, grad_bias, None, None, None, None, None
+
+
+class ConvBNAct(nn.Sequential):
+    """Conv2d (no bias) + norm + optional activation: children "0", "1" and (unless the
+    activation is "identity") "2", the layout of torchvision's Conv2dNormActivation, so
+    state_dicts match key for key.
+
+    With a BatchNorm2d norm: in eval mode without autograd, the batch norm is folded into the
+    convolution's weight and bias (recomputed only when a parameter or statistic changes), which
+    removes its pass over the output; on the CPU a folded 1x1 conv over channels_last inputs at
+    batch 1, or up to 1024 pixels, runs as one GEMM. In training, batch norm + hardswish/relu6
+    keep only the conv output for backward (eager also keeps the batch norm's output).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        dilation: int = 1,
+        activation: str = "identity",
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+    ) -> None:
+        check_choice("activation", activation, ACTIVATIONS)
+        padding = (kernel_size - 1) // 2 * dilation
+        layers = [
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False),
+            norm_layer(out_channels),
+        ]
+        if activation != "identity":
+            layers.append(ACTIVATIONS[activation].make_module())
+        super().__init__(*layers)
+        self._setup()
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, norm: nn.Module, activation: nn.Module | None = None) -> "ConvBNAct":
+        """The module around existing `conv`, `norm` and (optional) `activation` modules, which
+        it shares (fastmb.convert uses this)."""
+        module = cls.__new__(cls)
+        nn.Sequential.__init__(module, *(m for m in (conv, norm, activation) if m is not None))
+        module._setup()
+        return module
+
+    def _setup(self) -> None:
+        self.out_channels = self._modules["0"].out_channels
+        self._folded: tuple | None = None  # (key, weight, bias)
+
+    def _folded_conv(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+        # The tensors straight from the modules' dicts: this runs for every layer on every call,
+        # and nn.Module's attribute lookup costs more than the rest of the key.
+        conv_weight, gamma, beta = conv._parameters["weight"], bn._parameters["weight"], bn._parameters["bias"]
+        mean, var = bn._buffers["running_mean"], bn._buffers["running_var"]
+        key = (conv_weight.data_ptr(), conv_weight._version, gamma.data_ptr(), gamma._version, beta.data_ptr(), beta._version,
+               mean.data_ptr(), mean._version, var.data_ptr(), var._version, bn.eps)  # fmt: skip
+        if self._folded is None or self._folded[0] != key:
+            scale = gamma * torch.rsqrt(var + bn.eps)
+            weight = conv_weight * scale.reshape(-1, 1, 1, 1).to(conv_weight.dtype)
+            bias = (beta - mean * scale).to(conv_weight.dtype)
+            self._folded = (key, weight, bias)
+        return self._folded[1], self._folded[2]
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Children through _modules: Sequential's self[i] costs microseconds, and at batch 1 this
+        # runs for every pointwise layer of the model. The activation is read off the child on
+        # every call, so a swapped child is honoured.
+        conv, bn, activation = self._modules["0"], self._modules["1"], self._modules.get("2")
+        if type(bn) is not nn.BatchNorm2d or conv.bias is not None or torch.compiler.is_compiling():
+            return super().forward(x)  # compile plans its own memory and folds on its own
+        if bn.training:
+            name = activation_name(activation)
+            if name is None or not ACTIVATIONS[name].saves_input or not torch.is_grad_enabled():
+                return super().forward(x)
+            step = batch_norm_step(bn)
+            return _BatchNormActivation.apply(conv(x), bn.weight, bn.bias, step.running_mean, step.running_var, step.momentum, bn.eps, name)
+        if torch.is_grad_enabled() or not bn.affine or bn.running_var is None:
+            return super().forward(x)
+        weight, bias = self._folded_conv(conv, bn)
+        if self._pointwise_as_matmul(conv, x):
+            n, c, h, w = x.shape
+            y = torch.addmm(bias, x.permute(0, 2, 3, 1).reshape(-1, c), weight.view(-1, c).t())
+            y = y.view(n, h, w, -1).permute(0, 3, 1, 2)  # channels_last, as the conv returns it
+        else:
+            y = conv._conv_forward(x, weight, bias)  # honours padding_mode
+        if activation is None:
+            return y
+        name = activation_name(activation)
+        in_place = ACTIVATIONS[name].in_place if name is not None else None
+        return in_place(y) if in_place is not None else activation(y)
+
+    @staticmethod
+    def _pointwise_as_matmul(conv: nn.Conv2d, x: Tensor) -> bool:
+        """Whether the folded 1x1 conv runs as one GEMM over the channels_last pixels instead
+        of F.conv2d: on the CPU, in whole MobileNetV3-Large runs, oneDNN's 1x1 conv was slower
+        than the GEMM at batch 1 and at few pixels, faster with more (bench/results/)."""
+        return (
+            x.device.type == "cpu"
+            and conv.kernel_size == (1, 1)
+            and conv.stride == (1, 1)
+            and conv.padding == (0, 0)
+            and conv.groups == 1
+            and conv.padding_mode == "zeros"
+            and x.dim() == 4
+            and (x.shape[0] == 1 or x.shape[0] * x.shape[2] * x.shape[3] <= _MATMUL_MAX_PIXELS)
+            and x.is_contiguous(memory_format=torch.channels_last)
+        )
