@@ -20,13 +20,40 @@ sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]  # bench/shapes.py, tes
 
 from timing import BASELINE, COPY_BANDWIDTH, RESULTS, THREADS, Result  # noqa: E402
 
+from fastmb import _extension  # noqa: E402
+
+_executed: list[str] = []  # benchmarks that ran
+_nothing_ran: list[bool] = []  # set when every collected benchmark was skipped
+
 
 def pytest_configure(config):
+    problem = _extension.unbuilt_source_tree()
+    if problem:  # every benchmark would skip
+        pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
     torch.set_num_threads(THREADS)
 
 
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.passed:
+        _executed.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A benchmark run that timed nothing (every benchmark skipped) fails."""
+    if exitstatus == pytest.ExitCode.OK and session.testscollected and not _executed:
+        _nothing_ran.append(True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.hookimpl(trylast=True)
-def pytest_terminal_summary(terminalreporter, config):
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _nothing_ran:
+        terminalreporter.write_line("no benchmark ran: every one was skipped (the summary says why)", red=True)
+    write_speedups(terminalreporter)
+
+
+def write_speedups(terminalreporter) -> None:
+    """Each group's providers with their speedup over the baseline, and the geometric means."""
     if not RESULTS:
         return
     groups: dict[str, dict[str, Result]] = defaultdict(dict)

@@ -12,11 +12,14 @@ from fastmb import _extension
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/oracle.py, also used by bench/
 
-if _extension.unbuilt_source_tree():  # the tests would skip every compiled backend
-    pytest.exit(_extension.unbuilt_source_tree(), returncode=4)
-
 DEVICE = os.environ.get("FASTMB_TEST_DEVICE", "cpu")
 BACKENDS_FOR_DEVICE = {"cpu": ("reference", "cpu", "triton"), "cuda": ("reference", "cuda", "triton")}
+
+
+def pytest_configure(config):
+    problem = _extension.unbuilt_source_tree()
+    if problem:  # the tests would skip every compiled backend
+        pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def available_backends() -> list[str]:
