@@ -98,14 +98,16 @@ inline int specialised_kernel_size(const Geometry& g) {
   return specialised ? g.kh : 0;
 }
 
-// Each translation unit's table; k = 0, 3, 5 or 7. Only kernels_baseline.cpp is compiled off
-// x86-64, where it holds every kernel size.
+// Each translation unit's table; k = 0, 3, 5 or 7. Without FASTMB_X86_KERNELS only
+// kernels_baseline.cpp is compiled, and it holds every kernel size.
 Kernels<float> avx512_kernels(int k);
 Kernels<float> avx2_kernels(int k);
 Kernels<float> baseline_kernels(int k);
 Kernels<double> baseline_double_kernels();
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTMB_NO_MULTIVERSION)
+// The per-ISA units use GCC's `#pragma GCC target`; other compilers (and -DFASTMB_NO_MULTIVERSION
+// builds for one -march) compile the baseline table alone, with every kernel size.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTMB_NO_MULTIVERSION)
 #define FASTMB_X86_KERNELS 1
 #else
 #define FASTMB_X86_KERNELS 0

@@ -1,7 +1,7 @@
 // The depthwise passes for the build's baseline instruction set: float64 (the generic conv), and
 // float on x86-64 CPUs without AVX2 (the generic conv too: the specialised tiles would spill in
-// SSE2's 16-byte registers). Off x86-64 (ARM: NEON is baseline) this is the only table, and it
-// holds every kernel size.
+// SSE2's 16-byte registers). Without the per-ISA units (off x86-64, e.g. ARM, where NEON is
+// baseline; or not GCC) this is the only table, and it holds every kernel size.
 #include "kernels.h"
 
 #define FASTMB_CPU_ISA baseline
