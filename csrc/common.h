@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 #include <string_view>
 
 #include "activations.h"
@@ -39,15 +40,18 @@ struct NoAutocast {
 // x in NHWC order: channels_last memory, dense.
 inline at::Tensor as_nhwc(const at::Tensor& x) { return x.contiguous(at::MemoryFormat::ChannelsLast); }
 
-// An output of `shape` laid out in `format`, and (for 4-D shapes) the NHWC buffer the kernels
-// write: the output itself when it is channels_last, else a temporary copied over by finish().
+// An output tensor, and (for 4-D ones) the NHWC buffer the kernels write: the output itself when
+// its memory is in NHWC order, else a temporary copied over by finish().
 struct Nhwc4dOutput {
   at::Tensor output, nhwc;
-  Nhwc4dOutput(at::IntArrayRef shape, const at::TensorOptions& options, at::MemoryFormat format)
-      : output(at::empty(shape, options.memory_format(format))),
-        nhwc(format == at::MemoryFormat::ChannelsLast || shape.size() != 4
+  explicit Nhwc4dOutput(at::Tensor out)
+      : output(std::move(out)),
+        nhwc(output.dim() != 4 || output.is_contiguous(at::MemoryFormat::ChannelsLast)
                  ? output
-                 : at::empty(shape, options.memory_format(at::MemoryFormat::ChannelsLast))) {}
+                 : at::empty(output.sizes(), output.options().memory_format(at::MemoryFormat::ChannelsLast))) {}
+  // An output of `shape` laid out in `format`.
+  Nhwc4dOutput(at::IntArrayRef shape, const at::TensorOptions& options, at::MemoryFormat format)
+      : Nhwc4dOutput(at::empty(shape, options.memory_format(format))) {}
   at::Tensor finish() {
     if (!nhwc.is_same(output)) output.copy_(nhwc);
     return output;

@@ -158,8 +158,7 @@ std::tuple<Tensor, Tensor> squeeze_excitation_forward(const Tensor& x_in, const 
   const NoAutocast no_autocast;
   const int64_t n = x_in.size(0), c = x_in.size(1), pixels = x_in.size(2) * x_in.size(3);
   const Tensor x = as_nhwc(x_in);
-  Tensor y = at::empty_like(x_in);
-  Tensor y_nhwc = y.is_contiguous(at::MemoryFormat::ChannelsLast) ? y : at::empty_like(x);
+  Nhwc4dOutput y(at::empty_like(x_in));  // laid out like x, as eager's elementwise ops and the fake do
   const Activation act = parse_activation(activation);
   const Gate gate_kind = parse_gate(gate);
   Tensor pooled;
@@ -170,10 +169,9 @@ std::tuple<Tensor, Tensor> squeeze_excitation_forward(const Tensor& x_in, const 
     std::vector<Acc> hidden(n * fc1_weight.size(0)), scale(n * c);
     fully_connected(hidden.data(), pooled.const_data_ptr<Acc>(), fc1_weight, fc1_bias, n, [&](Acc v) { return activate(act, v); });
     fully_connected(scale.data(), hidden.data(), fc2_weight, fc2_bias, n, [&](Acc v) { return gate_value(gate_kind, v); });
-    apply_scale<scalar_t, Acc>(y_nhwc, x, scale.data(), nullptr, n, c, pixels);
+    apply_scale<scalar_t, Acc>(y.nhwc, x, scale.data(), nullptr, n, c, pixels);
   });
-  if (!y_nhwc.is_same(y)) y.copy_(y_nhwc);
-  return {y, pooled};
+  return {y.finish(), pooled};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> squeeze_excitation_backward(
@@ -185,8 +183,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> squeeze_excitation_backward(
   const Activation act = parse_activation(activation);
   const Gate gate = parse_gate(gate_name);
   const Tensor x = as_nhwc(x_in), grad_y = as_nhwc(grad_y_in);
-  Tensor grad_x = at::empty_like(x_in);
-  Tensor grad_x_nhwc = grad_x.is_contiguous(at::MemoryFormat::ChannelsLast) ? grad_x : at::empty_like(x);
+  Nhwc4dOutput grad_x(at::empty_like(x_in));
   ExcitationGrads grads;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastmb_se_backward", [&] {
     using Acc = at::opmath_type<scalar_t>;
@@ -194,11 +191,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> squeeze_excitation_backward(
     const Tensor grad_scale = image_channel_sums<scalar_t, Acc>(grad_y, &x, n, c, pixels, Acc(1), pooled);
     grads = excitation_backward(grad_scale, pooled, fc, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate);
     const Tensor grad_pooled = grads.pooled.div_(double(std::max<int64_t>(pixels, 1)));
-    apply_scale<scalar_t, Acc>(grad_x_nhwc, grad_y, fc.scale.const_data_ptr<Acc>(), grad_pooled.const_data_ptr<Acc>(), n, c, pixels);
+    apply_scale<scalar_t, Acc>(grad_x.nhwc, grad_y, fc.scale.const_data_ptr<Acc>(), grad_pooled.const_data_ptr<Acc>(), n, c, pixels);
   });
-  if (!grad_x_nhwc.is_same(grad_x)) grad_x.copy_(grad_x_nhwc);
   const auto& p = grads.parameters;
-  return {grad_x, p[0], p[1], p[2], p[3]};
+  return {grad_x.finish(), p[0], p[1], p[2], p[3]};
 }
 
 }  // namespace

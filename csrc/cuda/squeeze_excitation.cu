@@ -120,14 +120,11 @@ std::tuple<Tensor, Tensor> squeeze_excitation_forward(const Tensor& x_in, const 
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const NoAutocast no_autocast;
   const Tensor x = as_nhwc(x_in);
-  // Laid out like x (empty_like), as eager's elementwise ops and the fake implementation do.
-  Tensor y = at::empty_like(x_in);
-  Tensor y_nhwc = y.is_contiguous(at::MemoryFormat::ChannelsLast) ? y : at::empty_like(x);
+  Nhwc4dOutput y(at::empty_like(x_in));  // laid out like x, as eager's elementwise ops and the fake do
   const Tensor pooled = image_channel_sums(x, nullptr, s, 1.f / float(s.pixels));
   const Excitation fc = excitation(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, parse_activation(activation), parse_gate(gate));
-  apply_scale(y_nhwc, x, fc.scale, nullptr, s);
-  if (!y_nhwc.is_same(y)) y.copy_(y_nhwc);
-  return {y, pooled};
+  apply_scale(y.nhwc, x, fc.scale, nullptr, s);
+  return {y.finish(), pooled};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> squeeze_excitation_backward(
@@ -139,16 +136,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> squeeze_excitation_backward(
   const Activation act = parse_activation(activation);
   const Gate gate = parse_gate(gate_name);
   const Tensor x = as_nhwc(x_in), grad_y = as_nhwc(grad_y_in);
-  Tensor grad_x = at::empty_like(x_in);
-  Tensor grad_x_nhwc = grad_x.is_contiguous(at::MemoryFormat::ChannelsLast) ? grad_x : at::empty_like(x);
+  Nhwc4dOutput grad_x(at::empty_like(x_in));
   const Excitation fc = excitation(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate);
   const Tensor grad_scale = image_channel_sums(grad_y, &x, s, 1.f);
   ExcitationGrads grads = excitation_backward(grad_scale, pooled, fc, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate);
   const Tensor grad_pooled = grads.pooled.div_(double(std::max<int64_t>(s.pixels, 1)));
-  apply_scale(grad_x_nhwc, grad_y, fc.scale, &grad_pooled, s);
-  if (!grad_x_nhwc.is_same(grad_x)) grad_x.copy_(grad_x_nhwc);
+  apply_scale(grad_x.nhwc, grad_y, fc.scale, &grad_pooled, s);
   const auto& p = grads.parameters;
-  return {grad_x, p[0], p[1], p[2], p[3]};
+  return {grad_x.finish(), p[0], p[1], p[2], p[3]};
 }
 
 }  // namespace
