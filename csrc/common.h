@@ -4,10 +4,11 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <optional>
 #include <string>
-#include <utility>
 #include <string_view>
+#include <utility>
 
 #include "activations.h"
 #include "geometry.h"
@@ -58,18 +59,64 @@ struct Nhwc4dOutput {
   }
 };
 
-// The geometry of depthwise conv `weight` over x.
-inline Geometry dwconv_geometry(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-                                at::IntArrayRef dilation) {
+// The operators are public through torch.ops.fastmb, so each entry point checks every shape, size
+// and range its kernels rely on; `op` names the operator in the message.
+inline void check_vector(const char* op, const char* name, const std::optional<at::Tensor>& v, int64_t length, const at::Tensor& x) {
+  if (!v.has_value()) return;
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == length, "fastmb::", op, ": ", name, " must be a vector of ", length,
+              " elements, got shape ", v->sizes());
+  TORCH_CHECK(v->is_floating_point(), "fastmb::", op, ": ", name, " must be floating point, got ", v->scalar_type());
+  TORCH_CHECK(v->device() == x.device(), "fastmb::", op, ": ", name, " is on ", v->device(), " but x is on ", x.device());
+}
+
+// x (N, C, H, W) and depthwise weight (C, 1, kH, kW) of one dtype and device, and the optional
+// per-channel vectors; returns the geometry, every size computed in 64 bits without overflow.
+inline Geometry dwconv_geometry(const char* op, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation,
+                                std::initializer_list<std::pair<const char*, const std::optional<at::Tensor>*>> vectors = {}) {
+  TORCH_CHECK(x.dim() == 4, "fastmb::", op, ": x must be (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1 && weight.size(2) >= 1 && weight.size(3) >= 1,
+              "fastmb::", op, ": weight must be (C, 1, kH, kW) with C = ", x.size(1), " and a kernel of at least 1x1, got shape ",
+              weight.sizes());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "fastmb::", op, ": x and weight dtypes differ (", x.scalar_type(), ", ",
+              weight.scalar_type(), ")");
+  TORCH_CHECK(weight.device() == x.device(), "fastmb::", op, ": weight is on ", weight.device(), " but x is on ", x.device());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "fastmb::", op,
+              ": stride, padding and dilation must have two values each");
+  for (const auto& [name, vector] : vectors) check_vector(op, name, *vector, x.size(1), x);
   Geometry g{};
   g.n = x.size(0), g.c = x.size(1), g.h = x.size(2), g.w = x.size(3);
-  g.kh = int(weight.size(2)), g.kw = int(weight.size(3));
-  g.sh = int(stride[0]), g.sw = int(stride[1]), g.ph = int(padding[0]), g.pw = int(padding[1]);
-  g.dh = int(dilation[0]), g.dw = int(dilation[1]);
-  g.ho = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
-  g.wo = (g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
-  g.pixels = g.n * g.ho * g.wo;
+  g.kh = weight.size(2), g.kw = weight.size(3);
+  g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
+  TORCH_CHECK(g.sh >= 1 && g.sw >= 1, "fastmb::", op, ": stride must be at least 1, got ", stride);
+  TORCH_CHECK(g.ph >= 0 && g.pw >= 0, "fastmb::", op, ": padding must be at least 0, got ", padding);
+  TORCH_CHECK(g.dh >= 1 && g.dw >= 1, "fastmb::", op, ": dilation must be at least 1, got ", dilation);
+  const auto output_size = [&](int64_t size, int64_t kernel, int64_t s, int64_t p, int64_t d) {
+    int64_t twice_p, padded, span;  // size + 2p, and the kernel's extent (k - 1) * d + 1
+    const bool overflow = __builtin_mul_overflow(p, int64_t(2), &twice_p) || __builtin_add_overflow(size, twice_p, &padded) ||
+                          __builtin_mul_overflow(kernel - 1, d, &span);
+    TORCH_CHECK(!overflow, "fastmb::", op, ": padding ", padding, " or dilation ", dilation, " overflow 64-bit sizes");
+    TORCH_CHECK(padded > span, "fastmb::", op, ": the output would be empty: input ", x.sizes(), ", kernel ",
+                weight.sizes().slice(2), ", stride ", stride, ", padding ", padding, ", dilation ", dilation);
+    return (padded - span - 1) / s + 1;
+  };
+  g.ho = output_size(g.h, g.kh, g.sh, g.ph, g.dh);
+  g.wo = output_size(g.w, g.kw, g.sw, g.pw, g.dw);
+  int64_t rows;
+  TORCH_CHECK(!__builtin_mul_overflow(g.n, g.ho, &rows) && !__builtin_mul_overflow(rows, g.wo, &g.pixels), "fastmb::", op,
+              ": the output's size overflows 64 bits");
   return g;
+}
+
+// The backward's grad_y (the forward's output shape) and saved statistics (a value per channel).
+template <typename G>  // a Geometry or the CUDA kernels' BasicGeometry<int>
+void check_dwconv_backward(const at::Tensor& grad_y, const at::Tensor& x, const G& g, const at::Tensor& mean, const at::Tensor& var) {
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({g.n, g.c, g.ho, g.wo}), "fastmb::dwconv_bn_act_backward: grad_y must have the ",
+              "output's shape (", g.n, ", ", g.c, ", ", g.ho, ", ", g.wo, "), got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
+              "fastmb::dwconv_bn_act_backward: grad_y must have x's dtype and device");
+  check_vector("dwconv_bn_act_backward", "mean", mean, g.c, x);
+  check_vector("dwconv_bn_act_backward", "var", var, g.c, x);
 }
 
 // A depthwise weight (C, 1, kH, kW) as [kH * kW][C] in dtype `acc`: a vector of channels per tap.

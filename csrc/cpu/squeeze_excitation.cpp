@@ -146,15 +146,17 @@ void apply_scale(Tensor& out, const Tensor& a, const Acc* scale, const Acc* shif
   });
 }
 
-void check_input(const Tensor& x) {
-  TORCH_CHECK(x.dim() == 4, "fastmb::squeeze_excitation: x must be (N, C, H, W)");
-  TORCH_CHECK(x.scalar_type() != at::kHalf, "fastmb::squeeze_excitation: the CPU kernels have no float16 path; use the reference backend");
+void check_cpu_input(const char* op, const Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "fastmb::", op, ": the CPU kernels take CPU tensors, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16, "fastmb::", op,
+              ": the CPU kernels take float32, float64 and bfloat16, got ", x.scalar_type(), " (the reference backend takes the rest)");
 }
 
 std::tuple<Tensor, Tensor> squeeze_excitation_forward(const Tensor& x_in, const Tensor& fc1_weight, const std::optional<Tensor>& fc1_bias,
                                                       const Tensor& fc2_weight, const std::optional<Tensor>& fc2_bias,
                                                       c10::string_view activation, c10::string_view gate) {
-  check_input(x_in);
+  check_squeeze_excitation("squeeze_excitation", x_in, fc1_weight, fc1_bias, fc2_weight, fc2_bias);
+  check_cpu_input("squeeze_excitation", x_in);
   const NoAutocast no_autocast;
   const int64_t n = x_in.size(0), c = x_in.size(1), pixels = x_in.size(2) * x_in.size(3);
   const Tensor x = as_nhwc(x_in);
@@ -177,7 +179,8 @@ std::tuple<Tensor, Tensor> squeeze_excitation_forward(const Tensor& x_in, const 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> squeeze_excitation_backward(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& pooled, const Tensor& fc1_weight, const std::optional<Tensor>& fc1_bias,
     const Tensor& fc2_weight, const std::optional<Tensor>& fc2_bias, c10::string_view activation, c10::string_view gate_name) {
-  check_input(x_in);
+  check_squeeze_excitation("squeeze_excitation_backward", x_in, fc1_weight, fc1_bias, fc2_weight, fc2_bias, &grad_y_in, &pooled);
+  check_cpu_input("squeeze_excitation_backward", x_in);
   const NoAutocast no_autocast;
   const int64_t n = x_in.size(0), c = x_in.size(1), pixels = x_in.size(2) * x_in.size(3);
   const Activation act = parse_activation(activation);

@@ -10,20 +10,32 @@
 
 namespace fastmb::cuda {
 
-inline void check_inputs(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+// The geometry the kernels index with, in int: dwconv_geometry's checks, then what the CUDA
+// kernels take (_cuda_supports in fastmb/ops/dwconv_bn_act.py sends the rest to the reference):
+// CUDA tensors, square 3, 5 or 7 kernels, padded inputs and outputs of fewer than 2^31 pixels,
+// fewer than 2^21 channels.
+using CudaGeometry = BasicGeometry<int>;
+
+inline CudaGeometry cuda_geometry(const char* op, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation, const std::optional<at::Tensor>& bn_weight,
+                                  const std::optional<at::Tensor>& bn_bias) {
+  const Geometry g = dwconv_geometry(op, x, weight, stride, padding, dilation, {{"bn_weight", &bn_weight}, {"bn_bias", &bn_bias}});
   TORCH_CHECK(x.is_cuda(), "fastmb::", op, ": x must be a CUDA tensor for the CUDA kernels");
-  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1, "fastmb::", op,
-              ": x must be (N, C, H, W) and weight (C, 1, kH, kW)");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "fastmb::", op, ": x and weight dtypes differ");
-  const int64_t k = weight.size(2);
-  TORCH_CHECK(k == weight.size(3) && (k == 3 || k == 5 || k == 7), "fastmb::", op,
+  TORCH_CHECK(g.kh == g.kw && (g.kh == 3 || g.kh == 5 || g.kh == 7), "fastmb::", op,
               ": the CUDA kernels take square 3x3, 5x5 or 7x7 kernels (others run on the reference backend)");
+  constexpr double kLimit = 2147483647.0;  // in double: the products below cannot overflow
+  const double padded_pixels = double(g.n) * (double(g.h) + 2.0 * double(g.ph)) * (double(g.w) + 2.0 * double(g.pw));
+  const bool fits = padded_pixels < kLimit && double(g.pixels) < kLimit && g.c < (int64_t(1) << 21) &&
+                    double(g.kh - 1) * double(g.dh) < kLimit && double(g.kw - 1) * double(g.dw) < kLimit && g.sh < kLimit && g.sw < kLimit;
+  TORCH_CHECK(fits, "fastmb::", op, ": the CUDA kernels take padded inputs and outputs of fewer than 2^31 pixels and fewer than ",
+              "2^21 channels (larger ones run on the reference backend)");
+  return {g.n, g.c, g.h, g.w, g.ho, g.wo, g.pixels, int(g.kh), int(g.kw), int(g.sh), int(g.sw), int(g.ph), int(g.pw), int(g.dh), int(g.dw)};
 }
 
 template <int K>
 using KernelSize = std::integral_constant<int, K>;
 
-// Calls f(KernelSize<K>{}) for the kernel size (3, 5 or 7: check_inputs made sure).
+// Calls f(KernelSize<K>{}) for the kernel size (3, 5 or 7: cuda_geometry made sure).
 template <typename F>
 void dispatch_kernel_size(int k, F&& f) {
   if (k == 3) f(KernelSize<3>{});
@@ -34,7 +46,7 @@ void dispatch_kernel_size(int k, F&& f) {
 // Calls f(tap, x_tap) for each tap (i * K + j) of the kernel at output pixel o whose input lies
 // inside the image (zero padding: the others add nothing); x_tap points at channel c there.
 template <int K, typename T, typename F>
-__device__ __forceinline__ void for_each_tap(const T* __restrict__ x, const Geometry& g, PixelCoords o, int64_t c, F&& f) {
+__device__ __forceinline__ void for_each_tap(const T* __restrict__ x, const CudaGeometry& g, PixelCoords o, int64_t c, F&& f) {
   const T* x_img = x + o.n * g.h * g.w * g.c + c;
   const int64_t ih0 = o.h * g.sh - g.ph, iw0 = o.w * g.sw - g.pw;
 #pragma unroll
@@ -52,7 +64,7 @@ __device__ __forceinline__ void for_each_tap(const T* __restrict__ x, const Geom
 
 // z[0:V] = the depthwise conv at output pixel o, channels c..c+V-1. w is [K * K][C] in float.
 template <int K, int V, typename T>
-__device__ __forceinline__ void conv_at(float (&z)[V], const T* __restrict__ x, const float* __restrict__ w, const Geometry& g,
+__device__ __forceinline__ void conv_at(float (&z)[V], const T* __restrict__ x, const float* __restrict__ w, const CudaGeometry& g,
                                         PixelCoords o, int64_t c) {
 #pragma unroll
   for (int l = 0; l < V; ++l) z[l] = 0.f;

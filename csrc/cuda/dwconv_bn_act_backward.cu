@@ -21,7 +21,7 @@ template <typename T, int K, int V>
 __global__ void __launch_bounds__(kThreads)
     grad_sums_kernel(float* __restrict__ partial_gu, float* __restrict__ partial_gu_xhat, const T* __restrict__ gy,
                      const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ var,
-                     const float* __restrict__ gamma, const float* __restrict__ beta, float eps, Geometry g, Activation act) {
+                     const float* __restrict__ gamma, const float* __restrict__ beta, float eps, CudaGeometry g, Activation act) {
   __shared__ float shared[kThreads * V];
   const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
   const bool active = c < g.c;  // inactive threads still take part in the block sums
@@ -78,7 +78,7 @@ template <typename T, int K, int V>
 __global__ void __launch_bounds__(kThreads)
     grad_z_kernel(float* __restrict__ gz, float* __restrict__ partial_gw, const T* __restrict__ gy, const T* __restrict__ x,
                   const float* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ var,
-                  const float* __restrict__ gamma, const float* __restrict__ beta, const float* __restrict__ coef, float eps, Geometry g,
+                  const float* __restrict__ gamma, const float* __restrict__ beta, const float* __restrict__ coef, float eps, CudaGeometry g,
                   Activation act) {
   __shared__ float shared[kThreads * V];
   const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(kThreads)
 // whose taps read it.
 template <typename T, int K, int V>
 __global__ void __launch_bounds__(kThreads)
-    grad_x_kernel(T* __restrict__ gx, const float* __restrict__ gz, const float* __restrict__ w, Geometry g) {
+    grad_x_kernel(T* __restrict__ gx, const float* __restrict__ gz, const float* __restrict__ w, CudaGeometry g) {
   const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
   const int64_t q = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= g.c || q >= g.n * g.h * g.w) return;
@@ -154,11 +154,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
     const std::optional<Tensor>& bn_bias, const Tensor& mean_in, const Tensor& var_in, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, double eps, bool training, c10::string_view activation,
     std::array<bool, 3> output_mask) {
-  check_inputs(x_in, weight, "dwconv_bn_act_backward");
+  const CudaGeometry g = cuda_geometry("dwconv_bn_act_backward", x_in, weight, stride, padding, dilation, bn_weight, bn_bias);
+  check_dwconv_backward(grad_y_in, x_in, g, mean_in, var_in);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const NoAutocast no_autocast;
   const Activation act = parse_activation(activation);
-  const Geometry g = dwconv_geometry(x_in, weight, stride, padding, dilation);
   const auto float_options = x_in.options().dtype(at::kFloat);
   const at::ScalarType affine_type = bn_weight.has_value() ? bn_weight->scalar_type() : at::kFloat;
   const bool want_x = output_mask[0], want_weight = output_mask[1], want_affine = output_mask[2];

@@ -17,7 +17,7 @@ template <typename T, int K, int V>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(T* __restrict__ y, const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ mean,
                    const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, float eps,
-                   float* __restrict__ mean_out, float* __restrict__ var_out, Geometry g, Activation act) {
+                   float* __restrict__ mean_out, float* __restrict__ var_out, CudaGeometry g, Activation act) {
   const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
   const int64_t p = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= g.c || p >= g.pixels) return;
@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, int K, int V>
 __global__ void __launch_bounds__(kThreads)
     statistics_kernel(float* __restrict__ partial_mean, float* __restrict__ partial_m2, float* __restrict__ partial_count,
-                      const T* __restrict__ x, const float* __restrict__ w, Geometry g) {
+                      const T* __restrict__ x, const float* __restrict__ w, CudaGeometry g) {
   __shared__ float s_mean[kThreads * V], s_m2[kThreads * V], s_count[kThreads];
   const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
   const bool active = c < g.c;  // inactive threads still take part in the merge
@@ -114,11 +114,12 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
     const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bn_weight, const std::optional<Tensor>& bn_bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, double eps, bool training, c10::string_view activation) {
-  check_inputs(x_in, weight, "dwconv_bn_act");
+  const CudaGeometry g = cuda_geometry("dwconv_bn_act", x_in, weight, stride, padding, dilation, bn_weight, bn_bias);
+  check_vector("dwconv_bn_act", "running_mean", running_mean, g.c, x_in);
+  check_vector("dwconv_bn_act", "running_var", running_var, g.c, x_in);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const NoAutocast no_autocast;
   const Activation act = parse_activation(activation);
-  const Geometry g = dwconv_geometry(x_in, weight, stride, padding, dilation);
   const auto float_options = x_in.options().dtype(at::kFloat);
   TORCH_CHECK(training || (running_mean.has_value() && running_var.has_value()),
               "fastmb::dwconv_bn_act: eval needs running statistics");

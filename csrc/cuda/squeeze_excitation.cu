@@ -108,15 +108,20 @@ void apply_scale(Tensor& out, const Tensor& a, const Tensor& scale, const Tensor
   });
 }
 
-Shape check_input(const Tensor& x, const char* op) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 4, "fastmb::", op, ": x must be a 4-D CUDA tensor (N, C, H, W)");
-  return {x.size(0), x.size(1), x.size(2) * x.size(3)};
+// The SE checks, then what the CUDA kernels take (_cuda_supports sends the rest to the reference).
+Shape cuda_shape(const char* op, const Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), "fastmb::", op, ": x must be a CUDA tensor for the CUDA kernels");
+  const Shape s{x.size(0), x.size(1), x.size(2) * x.size(3)};
+  TORCH_CHECK(double(s.n) * double(s.pixels) < 2147483647.0 && s.c < (int64_t(1) << 21), "fastmb::", op,
+              ": the CUDA kernels take fewer than 2^31 pixels and 2^21 channels (larger inputs run on the reference backend)");
+  return s;
 }
 
 std::tuple<Tensor, Tensor> squeeze_excitation_forward(const Tensor& x_in, const Tensor& fc1_weight, const std::optional<Tensor>& fc1_bias,
                                                       const Tensor& fc2_weight, const std::optional<Tensor>& fc2_bias,
                                                       c10::string_view activation, c10::string_view gate) {
-  const Shape s = check_input(x_in, "squeeze_excitation");
+  check_squeeze_excitation("squeeze_excitation", x_in, fc1_weight, fc1_bias, fc2_weight, fc2_bias);
+  const Shape s = cuda_shape("squeeze_excitation", x_in);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const NoAutocast no_autocast;
   const Tensor x = as_nhwc(x_in);
@@ -130,7 +135,8 @@ std::tuple<Tensor, Tensor> squeeze_excitation_forward(const Tensor& x_in, const 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> squeeze_excitation_backward(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& pooled, const Tensor& fc1_weight, const std::optional<Tensor>& fc1_bias,
     const Tensor& fc2_weight, const std::optional<Tensor>& fc2_bias, c10::string_view activation, c10::string_view gate_name) {
-  const Shape s = check_input(x_in, "squeeze_excitation_backward");
+  check_squeeze_excitation("squeeze_excitation_backward", x_in, fc1_weight, fc1_bias, fc2_weight, fc2_bias, &grad_y_in, &pooled);
+  const Shape s = cuda_shape("squeeze_excitation_backward", x_in);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const NoAutocast no_autocast;
   const Activation act = parse_activation(activation);

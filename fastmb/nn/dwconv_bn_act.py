@@ -4,7 +4,7 @@ from torch import Tensor, nn
 
 from fastmb.nn.batch_norm import batch_norm_step
 from fastmb.ops.activations import ACTIVATIONS
-from fastmb.ops.common import check_choice, check_tensor
+from fastmb.ops.common import check_choice, check_tensor, integer, pair, real
 from fastmb.ops.dwconv_bn_act import run_dwconv_bn_act
 
 
@@ -27,18 +27,33 @@ class DWConvBNAct(nn.Sequential):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
     ) -> None:
+        channels = integer("channels", channels, 1)
+        kernel_size = integer("kernel_size", kernel_size, 1)
+        stride, dilation = integer("stride", stride, 1), integer("dilation", dilation, 1)
+        if momentum is not None:
+            real("momentum", momentum)
         padding = (kernel_size - 1) // 2 * dilation
         super().__init__(
             nn.Conv2d(channels, channels, kernel_size, stride, padding, dilation, groups=channels, bias=False),
-            nn.BatchNorm2d(channels, eps=eps, momentum=momentum),
+            nn.BatchNorm2d(channels, eps=real("eps", eps, 0.0), momentum=momentum),
         )
         self.activation = check_choice("activation", activation, ACTIVATIONS)
         self.out_channels = channels
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str = "identity") -> "DWConvBNAct":
-        """The fused module around existing depthwise `conv` (no bias) and `bn` modules, which
-        it shares, with their stride, padding and dilation (fastmb.convert uses this)."""
+        """The fused module around existing depthwise `conv` (no bias, zero padding) and `bn`
+        modules, which it shares, with their stride, padding and dilation (fastmb.convert uses
+        this). Anything the fused op would compute differently is an error naming it."""
+        if not isinstance(conv, nn.Conv2d) or not conv.groups == conv.in_channels == conv.out_channels:
+            raise ValueError(f"conv must be a depthwise nn.Conv2d (groups == in_channels == out_channels), got {conv!r}")
+        if conv.bias is not None:
+            raise ValueError("conv must have no bias: the batch norm that follows makes it redundant, and the fused op has none")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"conv must have numeric zero padding, got padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+        pair("conv.stride", conv.stride, 1), pair("conv.padding", conv.padding, 0), pair("conv.dilation", conv.dilation, 1)
+        if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
+            raise ValueError(f"bn must be an nn.BatchNorm2d over the conv's {conv.out_channels} channels, got {bn!r}")
         module = cls.__new__(cls)
         nn.Sequential.__init__(module, conv, bn)
         module.activation = check_choice("activation", activation, ACTIVATIONS)

@@ -3,7 +3,7 @@
 from torch import Tensor, nn
 
 from fastmb.ops.activations import ACTIVATIONS, GATES
-from fastmb.ops.common import check_choice, check_tensor
+from fastmb.ops.common import check_choice, check_tensor, integer
 from fastmb.ops.squeeze_excitation import run_squeeze_excitation
 
 
@@ -19,6 +19,8 @@ class SqueezeExcitation(nn.Module):
         self, input_channels: int, squeeze_channels: int, activation: str = "relu", gate: str = "hardsigmoid"
     ) -> None:
         super().__init__()
+        input_channels = integer("input_channels", input_channels, 1)
+        squeeze_channels = integer("squeeze_channels", squeeze_channels, 1)
         self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
         self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
         self.activation = check_choice("activation", activation, ACTIVATIONS)
@@ -29,6 +31,12 @@ class SqueezeExcitation(nn.Module):
         cls, fc1: nn.Conv2d, fc2: nn.Conv2d, activation: str = "relu", gate: str = "hardsigmoid"
     ) -> "SqueezeExcitation":
         """The fused module around existing 1x1 conv layers `fc1` and `fc2`, which it shares."""
+        for name, fc in (("fc1", fc1), ("fc2", fc2)):
+            plain = isinstance(fc, nn.Conv2d) and fc.kernel_size == (1, 1) and fc.stride == (1, 1) and fc.padding == (0, 0)
+            if not plain or fc.groups != 1:
+                raise ValueError(f"{name} must be a 1x1 nn.Conv2d with stride 1, no padding and one group, got {fc!r}")
+        if (fc2.in_channels, fc2.out_channels) != (fc1.out_channels, fc1.in_channels):
+            raise ValueError(f"fc2 must map fc1's {fc1.out_channels} outputs back to its {fc1.in_channels} inputs, got {fc2!r}")
         module = cls(fc1.in_channels, fc1.out_channels, activation, gate)
         module.fc1, module.fc2 = fc1, fc2
         return module

@@ -1,6 +1,9 @@
 """Argument checks and shape/layout rules shared by the fused ops and all their backends."""
 
 import contextlib
+import math
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -43,14 +46,41 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     return value
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def integer(name: str, value: object, minimum: int) -> int:
+    """An integer (any type with __index__: int, numpy's, a 0-d integer tensor; not bool) from
+    `minimum` up to int64's limit, as conv sizes are."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    value = operator.index(value)
+    if not minimum <= value <= _INT64_MAX:
+        raise ValueError(f"{name} must be at least {minimum} (and fit in 64 bits), got {value}")
+    return value
+
+
 def pair(name: str, value: int | Sequence[int], minimum: int) -> list[int]:
-    """An int or a pair of ints, each at least `minimum`, as [h, w]."""
-    values = [value, value] if isinstance(value, int) else list(value)
-    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(values) < minimum:
+    """An integer or a pair of them, each at least `minimum`, as [h, w]."""
+    values = list(value) if isinstance(value, (tuple, list)) else [value, value]
+    if len(values) != 2:
+        raise TypeError(f"{name} must be an integer or a pair of integers, got {value!r}")
+    return [integer(name, v, minimum) for v in values]
+
+
+def real(name: str, value: object, minimum: float = -math.inf) -> float:
+    """A finite real number (not bool) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
-    return values
+    return float(value)
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

@@ -1,6 +1,7 @@
 """Fused depthwise conv + BatchNorm + activation: the public function, its argument checks,
 and the fake implementation and autograd formula shared by every backend's operator."""
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -11,6 +12,7 @@ from fastmb.ops import reference
 from fastmb.ops.activations import ACTIVATIONS
 from fastmb.ops.common import (
     autocast_dtype,
+    check_bool,
     check_choice,
     check_optional_vector,
     check_same_device,
@@ -20,6 +22,7 @@ from fastmb.ops.common import (
     dwconv_output_shape,
     new_output,
     pair,
+    real,
 )
 
 OP = "dwconv_bn_act"
@@ -54,23 +57,23 @@ def dwconv_bn_act(
     check_tensor("x", x, 4)
     check_tensor("weight", weight, 4)
     channels = x.shape[1]
-    if weight.shape[0] != channels or weight.shape[1] != 1:
+    if weight.shape[0] != channels or weight.shape[1] != 1 or min(weight.shape[2:]) < 1:
         raise ValueError(
-            f"weight must be depthwise, of shape (C, 1, kH, kW) with C = x.shape[1] = {channels}; "
+            f"weight must be depthwise, of shape (C, 1, kH, kW) with C = x.shape[1] = {channels} and kH, kW >= 1; "
             f"got {tuple(weight.shape)}"
         )
     what = f"one per channel of x, which has {channels}"
     for name, vector in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean), ("running_var", running_var)):
         check_optional_vector(name, vector, channels, what)
     check_same_device(x, weight=weight, bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean, running_var=running_var)
+    training = check_bool("training", training)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
     check_choice("activation", activation, ACTIVATIONS)
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    if training and not isinstance(momentum, (int, float)):
+    eps = real("eps", eps, 0.0)
+    if training and (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)):
         raise TypeError(
             f"momentum must be a number, got {momentum!r} (for a cumulative average pass "
             "1 / num_batches_tracked, as nn.BatchNorm2d does)"

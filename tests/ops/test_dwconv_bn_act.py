@@ -226,7 +226,7 @@ def valid_arguments(device="cpu"):
         ({"running_mean": torch.zeros(4, device="meta")}, ValueError, "running_mean is on meta"),
         ({"weight": torch.randn(4, 1, 3, 3, device="meta")}, ValueError, "weight is on meta"),
         ({"stride": 0}, ValueError, "stride must be at least 1"),
-        ({"stride": (1, 2, 3)}, TypeError, "stride must be an int or a pair"),
+        ({"stride": (1, 2, 3)}, TypeError, "stride must be an integer or a pair"),
         ({"dilation": -1}, ValueError, "dilation must be at least 1"),
         ({"padding": -1}, ValueError, "padding must be at least 0"),
         ({"activation": "swish"}, ValueError, "activation must be one of"),

@@ -39,10 +39,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(const Tensor& 
                                                                   const Tensor& var_in, at::IntArrayRef stride, at::IntArrayRef padding,
                                                                   at::IntArrayRef dilation, double eps, bool training,
                                                                   c10::string_view activation, std::array<bool, 3> output_mask) {
-  check_inputs(x_in, weight);
+  const Geometry g = checked_geometry("dwconv_bn_act_backward", x_in, weight, stride, padding, dilation, bn_weight, bn_bias);
+  check_dwconv_backward(grad_y_in, x_in, g, mean_in, var_in);
   const NoAutocast no_autocast;
   const Activation act = parse_activation(activation);
-  const Geometry g = dwconv_geometry(x_in, weight, stride, padding, dilation);
   const at::ScalarType acc_type = at::toOpMathType(x_in.scalar_type());
   const auto acc_options = x_in.options().dtype(acc_type);
   const at::ScalarType affine_type = bn_weight.has_value() ? bn_weight->scalar_type() : acc_type;

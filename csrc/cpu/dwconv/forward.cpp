@@ -37,10 +37,11 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(const Tensor& x_in, con
                                                          const std::optional<Tensor>& running_var, at::IntArrayRef stride,
                                                          at::IntArrayRef padding, at::IntArrayRef dilation, double eps, bool training,
                                                          c10::string_view activation) {
-  check_inputs(x_in, weight);
+  const Geometry g = checked_geometry("dwconv_bn_act", x_in, weight, stride, padding, dilation, bn_weight, bn_bias);
+  check_vector("dwconv_bn_act", "running_mean", running_mean, g.c, x_in);
+  check_vector("dwconv_bn_act", "running_var", running_var, g.c, x_in);
   const NoAutocast no_autocast;
   const Activation act = parse_activation(activation);
-  const Geometry g = dwconv_geometry(x_in, weight, stride, padding, dilation);
   const at::ScalarType acc_type = at::toOpMathType(x_in.scalar_type());
   const auto stats_options = x_in.options().dtype(acc_type);
   Nhwc4dOutput out({g.n, g.c, g.ho, g.wo}, x_in.options(), x_in.suggest_memory_format());

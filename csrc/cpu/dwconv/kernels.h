@@ -40,16 +40,17 @@ struct BnParams {
 // The output pixels whose taps read input column (or row) `in`: for each, the tap and output
 // index. Built once per backward call so the gather does no divisions.
 struct TapSources {
-  std::vector<int> count;        // [size]
-  std::vector<int> tap, output;  // [size][kernel]
-  TapSources(int64_t size, int kernel, int stride, int pad, int dil, int64_t out_size)
+  std::vector<int> count;         // [size]
+  std::vector<int> tap;           // [size][kernel]
+  std::vector<int64_t> output;    // [size][kernel]
+  TapSources(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dil, int64_t out_size)
       : count(size, 0), tap(size * kernel), output(size * kernel) {
     for (int64_t in = 0; in < size; ++in)
       for (int t = 0; t < kernel; ++t) {
-        const int64_t shifted = in + pad - int64_t(t) * dil;  // = out * stride
+        const int64_t shifted = in + pad - t * dil;  // = out * stride
         if (shifted < 0 || shifted % stride != 0 || shifted / stride >= out_size) continue;
         tap[in * kernel + count[in]] = t;
-        output[in * kernel + count[in]++] = int(shifted / stride);
+        output[in * kernel + count[in]++] = shifted / stride;
       }
   }
 };

@@ -16,11 +16,16 @@
 
 namespace fastmb::cpu::dwconv {
 
-inline void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1,
-              "fastmb::dwconv_bn_act: x must be (N, C, H, W) and weight (C, 1, kH, kW)");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "fastmb::dwconv_bn_act: x and weight dtypes differ");
-  TORCH_CHECK(x.scalar_type() != at::kHalf, "fastmb::dwconv_bn_act: the CPU kernels have no float16 path; use the reference backend");
+// dwconv_geometry's checks, and a dtype the CPU kernels have.
+inline Geometry checked_geometry(const char* op, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, const std::optional<at::Tensor>& bn_weight,
+                                 const std::optional<at::Tensor>& bn_bias) {
+  const Geometry g = dwconv_geometry(op, x, weight, stride, padding, dilation, {{"bn_weight", &bn_weight}, {"bn_bias", &bn_bias}});
+  TORCH_CHECK(x.device().is_cpu(), "fastmb::", op, ": the CPU kernels take CPU tensors, got ", x.device());
+  TORCH_CHECK(g.kh <= INT32_MAX && g.kw <= INT32_MAX, "fastmb::", op, ": the CPU kernels take kernels of up to 2^31 - 1 taps a side");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16, "fastmb::", op,
+              ": the CPU kernels take float32, float64 and bfloat16, got ", x.scalar_type(), " (the reference backend takes the rest)");
+  return g;
 }
 
 // weight (C, 1, kH, kW) as [kH * kW][C] in Acc, in a buffer the calling thread reuses from call
@@ -38,7 +43,10 @@ const Acc* taps_major_scratch(const at::Tensor& weight) {
 }
 
 // Output rows (n * Ho + oh) per parallel task: about 64K multiply-adds.
-inline int64_t row_grain(const Geometry& g) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, g.wo * g.c * g.kh * g.kw)); }
+inline int64_t row_grain(const Geometry& g) {
+  const double row_work = double(g.wo) * double(g.c) * double(g.kh) * double(g.kw);  // in double: no overflow
+  return row_work >= 65536.0 ? 1 : int64_t(65536.0 / std::max(row_work, 1.0));
+}
 
 // Calls band(n, oh0, oh1) for each image's share of output rows [begin, end) (row = n * Ho + oh).
 template <typename Band>

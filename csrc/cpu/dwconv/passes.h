@@ -26,9 +26,9 @@ FASTMB_INLINE int64_t chunk_pixels(int64_t channels) {
 }
 
 // The output positions [lo, hi) whose input position o * stride - pad + tap * dil lies in [0, size).
-FASTMB_INLINE void valid_outputs(int tap, int stride, int pad, int dil, int64_t size, int64_t out_lo, int64_t out_hi, int64_t& lo,
-                                 int64_t& hi) {
-  const int64_t offset = int64_t(tap) * dil - pad;  // input = o * stride + offset
+FASTMB_INLINE void valid_outputs(int64_t tap, int64_t stride, int64_t pad, int64_t dil, int64_t size, int64_t out_lo, int64_t out_hi,
+                                 int64_t& lo, int64_t& hi) {
+  const int64_t offset = tap * dil - pad;  // input = o * stride + offset
   lo = std::max<int64_t>(out_lo, offset >= 0 ? 0 : (-offset + stride - 1) / stride);
   hi = std::min<int64_t>(out_hi, size - 1 - offset < 0 ? 0 : (size - 1 - offset) / stride + 1);
   if (hi < lo) hi = lo;
@@ -289,8 +289,8 @@ FASTMB_INLINE void weight_grad_row_k(Acc* gw, const Acc* gz, const Acc* x_img, c
 // read the pixel (row pairs ri/ro, column pairs cj/co: tap and output index), of gz ([Ho][Wo][nc])
 // times the weight (w offset to the block's first channel, rows of C).
 template <int NV, typename Acc>
-FASTMB_INLINE void grad_x_tile(Acc* gx, const Acc* gz, const Acc* w, const Geometry& g, const int* ri, const int* ro, int rows, const int* cj,
-                               const int* co, int cols, int64_t nc, int64_t c) {
+FASTMB_INLINE void grad_x_tile(Acc* gx, const Acc* gz, const Acc* w, const Geometry& g, const int* ri, const int64_t* ro, int rows, const int* cj,
+                               const int64_t* co, int cols, int64_t nc, int64_t c) {
   using V = Vec<Acc>;
   constexpr int L = V::kLanes;
   typename V::type acc[NV] = {};
@@ -312,10 +312,10 @@ FASTMB_INLINE void grad_x_row(Acc* gx, const Acc* gz, const Acc* w, const Geomet
                               int64_t ih, int64_t nc) {
   constexpr int64_t L = Vec<Acc>::kLanes;
   const int* ri = rows.tap.data() + ih * g.kh;
-  const int* ro = rows.output.data() + ih * g.kh;
+  const int64_t* ro = rows.output.data() + ih * g.kh;
   for (int64_t iw = 0; iw < g.w; ++iw) {
     const int* cj = cols.tap.data() + iw * g.kw;
-    const int* co = cols.output.data() + iw * g.kw;
+    const int64_t* co = cols.output.data() + iw * g.kw;
     const int nr = rows.count[ih], ncols = cols.count[iw];
     Acc* gxp = gx + iw * g.c;
     int64_t c = 0;
@@ -339,7 +339,7 @@ FASTMB_INLINE void grad_x_row(Acc* gx, const Acc* gz, const Acc* w, const Geomet
 // u < u_lo or >= u_hi are outside dL/dz (Inside: none are); pixels q outside [q_lo, q_hi) are
 // not stored.
 template <int P, int Bytes, int K, bool Inside, typename Acc>
-FASTMB_INLINE void grad_x_stride2_tile(Acc* gx, const Acc* gz_u0, const Acc* w, const Geometry& g, const int* ri, const int* ro, int nrows,
+FASTMB_INLINE void grad_x_stride2_tile(Acc* gx, const Acc* gz_u0, const Acc* w, const Geometry& g, const int* ri, const int64_t* ro, int nrows,
                                        int64_t nc, int u_lo, int u_hi, int q_lo, int q_hi, int64_t c) {
   using V = Vec<Acc, Bytes>;
   constexpr int U = P / 2 + (K - 1) / 2;  // the dL/dz columns the tile reads
@@ -377,11 +377,11 @@ FASTMB_INLINE void grad_x_row_stride2(Acc* gx, const Acc* gz, const Acc* w, cons
                                       int64_t nc) {
   constexpr int P = 8, U = P / 2 + (K - 1) / 2;
   const int* ri = rows.tap.data() + ih * g.kh;
-  const int* ro = rows.output.data() + ih * g.kh;
+  const int64_t* ro = rows.output.data() + ih * g.kh;
   const int nrows = rows.count[ih];
   for (int64_t iw0 = -(g.pw % 2); iw0 < g.w; iw0 += P) {
     const int64_t ow_u0 = (iw0 + g.pw) / 2 - (K - 1) / 2;
-    const int u_lo = int(std::max<int64_t>(0, -ow_u0)), u_hi = int(std::clamp<int64_t>(g.wo - ow_u0, 0, U));
+    const int u_lo = int(std::clamp<int64_t>(-ow_u0, 0, U)), u_hi = int(std::clamp<int64_t>(g.wo - ow_u0, 0, U));
     const int q_lo = int(std::max<int64_t>(0, -iw0)), q_hi = int(std::min<int64_t>(P, g.w - iw0));
     const bool inside = u_lo == 0 && u_hi == U;
     // Pixel iw0 and column ow_u0 may lie before the row's first: only those inside are accessed.

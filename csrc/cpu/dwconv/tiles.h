@@ -110,6 +110,7 @@ FASTMB_INLINE void prefetch_columns(const Acc* x_img, const Geometry& g, int64_t
 // prefetching the row's next tile left out its first.
 template <int K, typename Acc>
 FASTMB_INLINE void prefetch_next_rows(const Acc* x_img, const Geometry& g, int64_t oh, int64_t begin, int64_t end, int64_t c0, int64_t nc) {
+  if (oh + 1 >= g.ho) return;  // the image's last row (and (oh + 1) * stride stays within the padded input)
   for (int i = 0; i < K; ++i) {
     const int64_t ih = (oh + 1) * g.sh - g.ph + int64_t(i) * g.dh, offset = ih - (oh * g.sh - g.ph);
     if (ih >= 0 && ih < g.h && !(offset % g.dh == 0 && offset / g.dh < K)) prefetch_columns(x_img, g, ih, begin, end, c0, nc);
@@ -157,7 +158,8 @@ FASTMB_INLINE void conv_row_sliding(const Store& store, const Acc* x_img, const 
     // The next row's new input rows under this tile, requested a row ahead.
     if (prefetch) prefetch_next_rows<K>(x_img, g, oh, iw0, iw0 + (tile - 1) * S + K, c0, nc);
     const Acc* x_tap0 = x_img + ((oh * g.sh - g.ph) * g.w + iw0) * g.c + c0;
-    const int q_lo = int(std::max<int64_t>(0, -iw0)), q_hi = int(std::min<int64_t>((P - 1) * S + K, g.w - iw0));
+    constexpr int64_t Q = (P - 1) * S + K;  // input columns a whole tile reads
+    const int q_lo = int(std::clamp<int64_t>(-iw0, 0, Q)), q_hi = int(std::clamp<int64_t>(g.w - iw0, 0, Q));
     const bool whole = tile > P / 2, inside = q_lo == 0 && q_hi == (whole ? P - 1 : P / 2 - 1) * S + K;
     const auto tile_at = [&](int64_t c, auto bytes) __attribute__((always_inline)) {
       constexpr int B = decltype(bytes)::value;

@@ -1,0 +1,184 @@
+"""Hostile inputs to everything public: the functional ops, the modules' constructors and
+from_modules, and the registered operators torch.ops.fastmb.* themselves (native CPU kernels).
+Each case runs in a child process, so a crash (a signal) is observed and reported as that
+case's failure instead of taking the test run down. A case expects either a clear error (its
+type and a pattern naming the argument) or a result equal to eager PyTorch's."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import fastmb
+
+PRELUDE = """
+import torch, numpy as np
+import torch.nn.functional as F
+import fastmb
+from torch import nn
+ops = torch.ops.fastmb
+torch.manual_seed(0)
+x = torch.randn(2, 8, 9, 9)
+w = torch.randn(8, 1, 3, 3)
+stats = [torch.zeros(8), torch.ones(8)]
+conv = ([1, 1], [1, 1], [1, 1])
+
+def native(x=x, w=w, bn_weight=None, bn_bias=None, stats=stats, conv=conv, training=False):
+    return ops.dwconv_bn_act(x, w, bn_weight, bn_bias, *stats, *conv, 1e-5, training, "identity")
+
+def eager(x, w, stride, padding, dilation):
+    return F.batch_norm(F.conv2d(x, w, None, stride, padding, dilation, x.shape[1]), torch.zeros(x.shape[1]), torch.ones(x.shape[1]))
+
+def same_as_eager(stride, padding, dilation, shape=(1, 4, 9, 9)):
+    xs, ws = torch.randn(shape), torch.randn(shape[1], 1, 3, 3)
+    y = ops.dwconv_bn_act(xs, ws, None, None, torch.zeros(shape[1]), torch.ones(shape[1]), stride, padding, dilation, 1e-5, False,
+                          "identity")[0]
+    expected = eager(xs, ws, stride, padding, dilation)
+    assert y.shape == expected.shape, (y.shape, expected.shape)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+def se_native(x=x, fc1=torch.randn(4, 8), b1=torch.randn(4), fc2=torch.randn(8, 4), b2=torch.randn(8)):
+    return ops.squeeze_excitation(x, fc1, b1, fc2, b2, "relu", "hardsigmoid")
+"""
+
+OK = None  # the case must run and pass its own assertions
+# name: (statements, expected error type and message pattern, or OK)
+CASES: dict[str, tuple[str, tuple[str, str] | None]] = {
+    # registered operators: every size, shape and range they rely on
+    "native stride 0": ("native(conv=([0, 0], [1, 1], [1, 1]))", ("RuntimeError", "stride must be at least 1")),
+    "native negative padding": ("native(conv=([1, 1], [-1, 0], [1, 1]))", ("RuntimeError", "padding must be at least 0")),
+    "native dilation 0": ("native(conv=([1, 1], [1, 1], [0, 1]))", ("RuntimeError", "dilation must be at least 1")),
+    "native stride 2**32": ("same_as_eager([2**32, 2**32], [1, 1], [1, 1])", OK),
+    "native stride 2**32 + 2": ("same_as_eager([2**32 + 2, 2**32 + 2], [1, 1], [1, 1])", OK),
+    "native padding = dilation = 2**31, 1x1 input": ("same_as_eager([1, 1], [2**31, 2**31], [2**31, 2**31], (1, 2, 1, 1))", OK),
+    "native padding 2**62 overflows": ("native(conv=([1, 1], [2**62, 2**62], [1, 1]))", ("RuntimeError", "overflow|output")),
+    "native empty output": ("native(x=torch.randn(1, 8, 2, 2), conv=([1, 1], [0, 0], [1, 1]))", ("RuntimeError", "output would be empty")),
+    "native short running_mean": ("native(stats=[torch.zeros(1), torch.ones(8)])", ("RuntimeError", "running_mean must be a vector of 8")),
+    "native short bn_weight": ("native(bn_weight=torch.ones(3))", ("RuntimeError", "bn_weight must be a vector of 8")),
+    "native 2-D bn_bias": ("native(bn_bias=torch.ones(8, 1))", ("RuntimeError", "bn_bias must be a vector of 8")),
+    "native empty kernel": ("native(w=torch.randn(8, 1, 0, 0))", ("RuntimeError", "kernel of at least 1x1")),
+    "native weight for other channels": ("native(w=torch.randn(9, 1, 3, 3))", ("RuntimeError", "weight must be \\(C, 1, kH, kW\\)")),
+    "native 3-D x": ("native(x=torch.randn(8, 9, 9))", ("RuntimeError", "x must be \\(N, C, H, W\\)")),
+    "native float16 on the CPU": ("native(x=x.half(), w=w.half())", ("RuntimeError", "float32, float64 and bfloat16")),
+    "native dtypes differ": ("native(w=w.double())", ("RuntimeError", "dtypes differ")),
+    "native eval without statistics": (
+        "ops.dwconv_bn_act(x, w, None, None, None, None, *conv, 1e-5, False, 'identity')", ("RuntimeError", "running statistics")),
+    "native unknown activation": (
+        "ops.dwconv_bn_act(x, w, None, None, *stats, *conv, 1e-5, False, 'swish')", ("RuntimeError", "unknown activation")),
+    "native backward, grad_y of another shape": (
+        "ops.dwconv_bn_act_backward(torch.randn(2, 8, 4, 4), x, w, None, None, *stats, *conv, 1e-5, True, 'relu', [True] * 3)",
+        ("RuntimeError", "grad_y must have the output's shape")),
+    "native backward, short mean": (
+        "ops.dwconv_bn_act_backward(torch.randn(2, 8, 9, 9), x, w, None, None, torch.zeros(2), torch.ones(8), *conv, 1e-5, True,"
+        " 'relu', [True] * 3)", ("RuntimeError", "mean must be a vector of 8")),
+    "native SE, fc1 for other channels": ("se_native(fc1=torch.randn(4, 7))", ("RuntimeError", "fc1_weight must be \\(S, 8\\)")),
+    "native SE, fc2 of another shape": ("se_native(fc2=torch.randn(8, 5))", ("RuntimeError", "fc2_weight must be \\(8, 4\\)")),
+    "native SE, short fc2_bias": ("se_native(b2=torch.randn(3))", ("RuntimeError", "fc2_bias must be a vector of 8")),
+    "native SE, 3-D x": ("se_native(x=torch.randn(8, 9, 9))", ("RuntimeError", "x must be \\(N, C, H, W\\)")),
+    "native SE backward, short pooled": (
+        "ops.squeeze_excitation_backward(x, x, torch.randn(2, 3), torch.randn(4, 8), None, torch.randn(8, 4), None, 'relu',"
+        " 'sigmoid')", ("RuntimeError", "pooled must be \\(2, 8\\)")),
+    "native SE backward, grad_y of another shape": (
+        "ops.squeeze_excitation_backward(x[:1], x, torch.randn(2, 8), torch.randn(4, 8), None, torch.randn(8, 4), None, 'relu',"
+        " 'sigmoid')", ("RuntimeError", "grad_y must have x's shape")),
+    # the functional op's edge
+    "stride as numpy integers": ("fastmb.ops.dwconv_bn_act(x, w, None, None, *stats, stride=(np.int64(2), np.int32(1)))", OK),
+    "stride as a float": ("fastmb.ops.dwconv_bn_act(x, w, None, None, *stats, stride=2.0)", ("TypeError", "stride must be an integer")),
+    "stride as a numpy float": (
+        "fastmb.ops.dwconv_bn_act(x, w, None, None, *stats, stride=np.float32(2))", ("TypeError", "stride must be an integer")),
+    "stride True": ("fastmb.ops.dwconv_bn_act(x, w, None, None, *stats, stride=True)", ("TypeError", "stride must be an integer")),
+    "stride 2**64": ("fastmb.ops.dwconv_bn_act(x, w, None, None, *stats, stride=2**64)", ("ValueError", "stride must be at least 1")),
+    "training as a string": (
+        "fastmb.ops.dwconv_bn_act(x, w, None, None, *stats, training='yes')", ("TypeError", "training must be True or False")),
+    "eps NaN": ("fastmb.ops.dwconv_bn_act(x, w, None, None, *stats, eps=float('nan'))", ("TypeError", "eps must be a finite number")),
+    "empty kernel": ("fastmb.ops.dwconv_bn_act(x, torch.randn(8, 1, 0, 3), None, None, *stats)", ("ValueError", "kH, kW >= 1")),
+    # module constructors and from_modules
+    "DWConvBNAct dilation -1": ("fastmb.nn.DWConvBNAct(16, 7, dilation=-1)", ("ValueError", "dilation must be at least 1")),
+    "DWConvBNAct dilation 0": ("fastmb.nn.DWConvBNAct(16, 7, dilation=0)", ("ValueError", "dilation must be at least 1")),
+    "DWConvBNAct kernel_size 0": ("fastmb.nn.DWConvBNAct(16, 0)", ("ValueError", "kernel_size must be at least 1")),
+    "DWConvBNAct stride 0": ("fastmb.nn.DWConvBNAct(16, 3, stride=0)", ("ValueError", "stride must be at least 1")),
+    "DWConvBNAct no channels": ("fastmb.nn.DWConvBNAct(0, 3)", ("ValueError", "channels must be at least 1")),
+    "DWConvBNAct eps -1": ("fastmb.nn.DWConvBNAct(4, 3, eps=-1.0)", ("ValueError", "eps must be at least 0")),
+    "from_modules, conv with bias": (
+        "fastmb.nn.DWConvBNAct.from_modules(nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4))", ("ValueError", "no bias")),
+    "from_modules, reflect padding": (
+        "fastmb.nn.DWConvBNAct.from_modules(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False, padding_mode='reflect'),"
+        " nn.BatchNorm2d(4))", ("ValueError", "zero padding")),
+    "from_modules, not depthwise": (
+        "fastmb.nn.DWConvBNAct.from_modules(nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4))", ("ValueError", "depthwise")),
+    "from_modules, stride 0 set after construction": (
+        "c = nn.Conv2d(4, 4, 3, groups=4, bias=False); c.stride = (0, 1)\n"
+        "fastmb.nn.DWConvBNAct.from_modules(c, nn.BatchNorm2d(4))", ("ValueError", "conv.stride must be at least 1")),
+    "from_modules, batch norm of other channels": (
+        "fastmb.nn.DWConvBNAct.from_modules(nn.Conv2d(4, 4, 3, groups=4, bias=False), nn.BatchNorm2d(5))",
+        ("ValueError", "bn must be an nn.BatchNorm2d over")),
+    "SqueezeExcitation no squeeze channels": ("fastmb.nn.SqueezeExcitation(8, 0)", ("ValueError", "squeeze_channels must be at least 1")),
+    "SqueezeExcitation.from_modules, 3x3 fc": (
+        "fastmb.nn.SqueezeExcitation.from_modules(nn.Conv2d(8, 4, 3), nn.Conv2d(4, 8, 1))", ("ValueError", "fc1 must be a 1x1")),
+}
+
+CHILD = PRELUDE + """
+import json, sys
+for name, (code, _) in json.loads(sys.argv[1]).items():
+    print(json.dumps({"start": name}), flush=True)
+    try:
+        exec(code)
+        outcome = None
+    except Exception as error:
+        outcome = [type(error).__name__, str(error).splitlines()[0] if str(error) else ""]
+    print(json.dumps({"name": name, "outcome": outcome}), flush=True)
+"""
+
+
+def run_cases(cases: dict) -> dict[str, list | str | None]:
+    """Each case's outcome: None (ran), [error type, message], or "crashed: ..." when the child
+    process died in it (the remaining cases then run in a fresh child)."""
+    outcomes: dict = {}
+    pending = dict(cases)
+    while pending:
+        child = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps(pending)], capture_output=True, text=True, timeout=600,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        started = None
+        for line in child.stdout.splitlines():
+            record = json.loads(line)
+            if "start" in record:
+                started = record["start"]
+            else:
+                outcomes[record["name"]] = record["outcome"]
+                pending.pop(record["name"])
+        if child.returncode != 0:
+            if started is None or started in outcomes:
+                raise RuntimeError(f"the child process failed outside the cases:\n{child.stderr[-3000:]}")
+            outcomes[started] = f"crashed: exit status {child.returncode}, {child.stderr.strip().splitlines()[-1:]}"
+            pending.pop(started)
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def outcomes():
+    if fastmb.backends()["cpu"] != "available":
+        pytest.skip(f"the native operators: {fastmb.backends()['cpu']}")
+    return run_cases(CASES)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(outcomes, name):
+    outcome, expected = outcomes[name], CASES[name][1]
+    assert not isinstance(outcome, str), f"{name}: {outcome}"
+    if expected is OK:
+        assert outcome is None, f"{name} raised {outcome}"
+    else:
+        assert outcome is not None, f"{name} ran without an error; expected {expected[0]} matching {expected[1]!r}"
+        assert outcome[0] == expected[0] and re.search(expected[1], outcome[1]), f"{name}: {outcome}"
+
+
+def test_a_crash_is_reported_as_the_cases_failure():
+    """The harness itself: a case that kills its process is that case's failure, and the cases
+    after it still run."""
+    outcomes = run_cases({"crash": ("import os; os.abort()", None), "after": ("1 + 1", None)})
+    assert outcomes["crash"].startswith("crashed") and outcomes["after"] is None
