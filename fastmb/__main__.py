@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import fastmb
+from fastmb import dispatch
 from fastmb.models.calibration import calibrate_batch_norm
 from fastmb.ops.activations import ACTIVATIONS
 
@@ -22,8 +23,14 @@ BACKENDS_BY_DEVICE = {"cpu": ("reference", "cpu", "triton"), "cuda": ("cuda", "t
 PARITY_TOLERANCE = 1e-4  # max |fastmb - baseline| / max |baseline|, fp32
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line and exit status 2, without argparse's usage block."""
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m fastmb",
         description="Check a fastmb MobileNet against torchvision's (same weights), then time both: "
         "latency, throughput and speedup for torchvision eager and each available fastmb backend.",
@@ -44,7 +51,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size and min(args.batch_size) < 1:
         parser.error("--batch-size must be positive")
+    if args.resolution < 1:
+        parser.error(f"--resolution must be positive, got {args.resolution}")
+    if not args.seconds > 0:
+        parser.error(f"--seconds must be positive, got {args.seconds}")
+    args.device = resolve_device(parser, args.device)
     return args
+
+
+def resolve_device(parser: argparse.ArgumentParser, spec: str | None) -> torch.device:
+    """The device to run on: `spec`, checked, or cuda when there is one, else cpu."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        parser.error(f"--device {spec!r} is not a device: cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {spec}: no CUDA device here (torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        parser.error(f"--device {spec}: fastmb runs on cpu and cuda devices")
+    return device
 
 
 def progress(message: str) -> None:
@@ -69,7 +99,10 @@ def build_pair(name: str) -> tuple[nn.Module, nn.Module, str]:
     if name == "mobilenet_v1":
         baseline, label = eager_copy(ours), "eager PyTorch"
     else:
-        import torchvision
+        try:
+            import torchvision
+        except ImportError:
+            sys.exit(f"python -m fastmb: error: the {name} baseline is torchvision's: pip install torchvision")
 
         baseline, label = getattr(torchvision.models, name)(), "torchvision"
     calibrate_batch_norm(baseline, resolution=96)
@@ -158,7 +191,7 @@ def measure(fn: Callable[[], object], device: torch.device, seconds: float) -> f
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device
     dtype = DTYPES[args.dtype]
     batch_sizes = args.batch_size or [1, 256 if device.type == "cuda" else 16]
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -188,15 +221,18 @@ def main(argv: list[str] | None = None) -> int:
         for name, model, backend in providers:
             progress(f"timing {name}, batch {batch}, {args.mode}")
             model = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=memory_format)
-            with fastmb.use_backend(backend or "auto"):
+            with fastmb.use_backend(backend or "auto"), dispatch.record_backends() as ran:
                 ms = measure(step_function(model, x, args.mode), device, args.seconds)
+            if backend is not None and ran != {backend}:  # inputs its kernels do not take ran elsewhere
+                name = f"{name} (ran: {', '.join(sorted(ran))})"
             reference_ms = reference_ms or ms
             rows.append((batch, name, ms, batch / ms * 1e3, reference_ms / ms))
 
     title = f"{args.model}, {args.mode}, {device}, {args.dtype}{', channels_last' if args.channels_last else ''}"
-    print(f"\n{title}\n{'batch':>5}  {'provider':<18}{'latency ms':>12}{'images/s':>12}{'speedup':>9}")
+    width = max(18, *(len(row[1]) + 2 for row in rows))
+    print(f"\n{title}\n{'batch':>5}  {'provider':<{width}}{'latency ms':>12}{'images/s':>12}{'speedup':>9}")
     for batch, name, ms, throughput, speedup in rows:
-        print(f"{batch:>5}  {name:<18}{ms:>12.2f}{throughput:>12.1f}{speedup:>8.2f}x")
+        print(f"{batch:>5}  {name:<{width}}{ms:>12.2f}{throughput:>12.1f}{speedup:>8.2f}x")
     return 0
 
 

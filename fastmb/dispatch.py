@@ -170,18 +170,28 @@ def auto_order(op: str, device_type: str) -> tuple[str, ...]:
 def select(op: str, device_type: str, args: tuple) -> Callable:
     """The forward operator that runs fused op `op` on `args` (the op's schema arguments)."""
     backend = current_backend()
+    chosen = "reference"  # unsupported-but-valid input (a kernel size, a dtype, a device) runs it
     if backend == "auto":
-        for candidate in auto_order(op, device_type):
-            kernel = _usable(candidate, op, device_type, args)
-            if kernel is not None:
-                return kernel.forward
-        _warn_reference_once(device_type)
-    elif backend != "reference":
-        kernel = _usable(backend, op, device_type, args)
-        if kernel is not None:
-            return kernel.forward
-    # Unsupported-but-valid input (a kernel size, a dtype, a device) runs the reference.
-    return _KERNELS[("reference", op)].forward
+        chosen = next((c for c in auto_order(op, device_type) if _usable(c, op, device_type, args) is not None), None)
+        if chosen is None:
+            _warn_reference_once(device_type)
+            chosen = "reference"
+    elif backend != "reference" and _usable(backend, op, device_type, args) is not None:
+        chosen = backend
+    ran = getattr(_thread_state, "ran", None)
+    if ran is not None:
+        ran.add(chosen)
+    return _KERNELS[(chosen, op)].forward
+
+
+@contextlib.contextmanager
+def record_backends() -> Iterator[set[str]]:
+    """Collects, in this thread, the backends that fused ops' calls ran on within the block."""
+    previous, _thread_state.ran = getattr(_thread_state, "ran", None), set()
+    try:
+        yield _thread_state.ran
+    finally:
+        _thread_state.ran = previous
 
 
 def call(forward: Callable, args: tuple):

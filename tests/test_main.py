@@ -53,3 +53,31 @@ def test_unavailable_backend_and_bad_arguments(capsys):
         cli.main(["--batch-size", "0"])
     with pytest.raises(SystemExit):
         cli.main(["--model", "resnet50"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "foo"], "is not a device"),
+        (["--device", "cuda:99"], "cuda"),
+        (["--device", "meta"], "runs on cpu and cuda"),
+        (["--resolution", "0"], "--resolution must be positive"),
+        (["--resolution", "-3"], "--resolution must be positive"),
+        (["--seconds", "0"], "--seconds must be positive"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--model", "resnet50"], "invalid choice"),
+    ],
+)
+def test_bad_flags_are_one_line_and_a_nonzero_exit(flags, message):
+    result = subprocess.run([sys.executable, "-m", "fastmb", *flags], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_rows_say_which_kernels_ran(capsys):
+    """float16 on the CPU: the cpu backend's kernels do not take it, so the row says it ran on
+    the reference."""
+    args = ["--model", "mobilenet_v3_small", "--dtype", "float16", "--backend", "cpu", "--batch-size", "1", "--resolution", "64"]
+    assert cli.main([*args, "--seconds", "0.01"]) == 0
+    assert "fastmb cpu (ran: reference)" in capsys.readouterr().out
