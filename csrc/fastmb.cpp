@@ -33,6 +33,11 @@ TORCH_LIBRARY(fastmb, m) {
       "squeeze_excitation_backward(Tensor grad_y, Tensor x, Tensor pooled, Tensor fc1_weight, "
       "Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, str activation, str gate) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // An eval-mode batch norm folded into the conv before it: (weight * scale, beta - mean * scale)
+  // per output channel, scale = bn_weight / sqrt(running_var + eps). CPU only.
+  m.def(
+      "fold_conv_bn(Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, Tensor running_var, float eps) "
+      "-> (Tensor, Tensor)");
 }
 
 // Importing fastmb._C runs the static registrations above; the module itself only carries

@@ -4,6 +4,7 @@ and squeeze-and-excitation kernels (reference, CPU, CUDA and Triton backends).""
 from fastmb import nn, ops
 from fastmb.convert import convert
 from fastmb.dispatch import backends, set_backend, use_backend
+from fastmb.freeze import freeze
 from fastmb.models import (
     MobileNetV1,
     MobileNetV2,
@@ -24,6 +25,7 @@ __all__ = [
     "Profile",
     "backends",
     "convert",
+    "freeze",
     "mobilenet_v1",
     "mobilenet_v2",
     "mobilenet_v3_large",
