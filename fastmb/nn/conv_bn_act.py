@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from fastmb import _extension
 from fastmb.nn.batch_norm import batch_norm_step
 from fastmb.ops.activations import ACTIVATIONS, activation_name
-from fastmb.ops.common import bn_affine, check_choice
+from fastmb.ops.common import bn_affine, check_choice, differentiable_grads, runs_composite
 
 _NATIVE_FOLD = _extension.has_kernel("fold_conv_bn", "CPU")
 # Pixels (batch x height x width) up to which a folded 1x1 conv on the CPU runs as a GEMM.
@@ -32,6 +32,12 @@ class _BatchNormActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         z, weight, bias, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate the batch statistics too
+            act = ACTIVATIONS[ctx.activation].forward
+            grads = differentiable_grads(
+                lambda z, w, b: act(F.batch_norm(z, None, None, w, b, True, 0.0, ctx.eps)), (z, weight, bias), ctx.needs_input_grad[:3], grad_y
+            )
+            return (*grads, None, None, None, None, None)
         gamma, beta = bn_affine(weight, bias, invstd)
         scale = invstd * gamma
         shape = (1, -1, 1, 1)
@@ -130,8 +136,8 @@ class ConvBNAct(nn.Sequential):
         # runs for every pointwise layer of the model. The activation is read off the child on
         # every call, so a swapped child is honoured.
         conv, bn, activation = self._modules["0"], self._modules["1"], self._modules.get("2")
-        if type(bn) is not nn.BatchNorm2d or conv.bias is not None or torch.compiler.is_compiling():
-            return super().forward(x)  # compile plans its own memory and folds on its own
+        if type(bn) is not nn.BatchNorm2d or conv.bias is not None or torch.compiler.is_compiling() or runs_composite(x):
+            return super().forward(x)  # compile and ONNX export fold on their own; torch.func needs plain ops
         if bn.training:
             name = activation_name(activation)
             if name is None or not ACTIVATIONS[name].saves_input or not torch.is_grad_enabled():

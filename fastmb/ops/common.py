@@ -4,9 +4,10 @@ import contextlib
 import math
 import numbers
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
@@ -122,6 +123,47 @@ def bn_affine(bn_weight: Tensor | None, bn_bias: Tensor | None, like: Tensor) ->
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels accumulate in and keep statistics in: fp32 for fp16/bf16."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _onnx_export_flag() -> Callable[[], bool]:
+    """torch.onnx.is_in_onnx_export, without the two imports it makes on every call (a
+    microsecond, on every fused op call) where this torch has the flags it reads."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+        return lambda: _flags._is_onnx_exporting or GLOBALS.in_onnx_export
+    except ImportError:
+        return torch.onnx.is_in_onnx_export
+
+
+_in_onnx_export = _onnx_export_flag()
+
+
+def runs_composite(*tensors: Tensor | None) -> bool:
+    """Whether a fused op runs as its composite of differentiable PyTorch ops (no custom op):
+    during ONNX export (the graph then holds standard ONNX ops), under torch.func transforms and
+    with forward-mode AD tangents (the custom ops have no rules for those)."""
+    # Dynamo traces torch.onnx.is_in_onnx_export, not the flags it reads.
+    exporting = torch.onnx.is_in_onnx_export() if torch.compiler.is_compiling() else _in_onnx_export()
+    if exporting or torch._C._are_functorch_transforms_active():
+        return True
+    return forward_ad._current_level >= 0 and any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def differentiable_grads(
+    function: Callable[..., Tensor], inputs: tuple[Tensor | None, ...], needs: Sequence[bool], grad_output: Tensor
+) -> list[Tensor | None]:
+    """The gradients of function(*inputs) for the inputs marked in `needs`, with a graph of their
+    own (create_graph): the double backward of the fused ops, through their composites."""
+    wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if need and t is not None]
+    with torch.enable_grad():
+        output = function(*inputs)
+    grads = torch.autograd.grad(output, [inputs[i] for i in wanted], grad_output, create_graph=True, allow_unused=True)
+    result: list[Tensor | None] = [None] * len(inputs)
+    for i, grad in zip(wanted, grads):
+        result[i] = grad if grad is not None else torch.zeros_like(inputs[i])
+    return result
 
 
 def cpu_kernels_support(x: Tensor, *args: object) -> bool:

@@ -19,10 +19,12 @@ from fastmb.ops.common import (
     check_tensor,
     compute_dtype,
     cpu_kernels_support,
+    differentiable_grads,
     dwconv_output_shape,
     new_output,
     pair,
     real,
+    runs_composite,
 )
 
 OP = "dwconv_bn_act"
@@ -120,6 +122,10 @@ def run_dwconv_bn_act(
     if training and values_per_channel == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
 
+    if runs_composite(x, weight, bn_weight, bn_bias):
+        return reference.dwconv_bn_act.composite(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, momentum, training, activation
+        )
     args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, float(eps), bool(training), activation)
     y, mean, var = dispatch.call(dispatch.select(OP, x.device.type, args), args)
     if training and running_mean is not None and values_per_channel > 0:
@@ -179,6 +185,14 @@ def register_operators(forward_op, backward_op, fake: bool = True) -> None:
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         x, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
+            stride, padding, dilation, eps, training, activation = ctx.arguments
+            running = (None, None) if training else (mean, var)  # training: the batch statistics, from x
+            grads = differentiable_grads(
+                lambda *inputs: reference.dwconv_bn_act.composite(*inputs, *running, stride, padding, dilation, eps, 0.0, training, activation),
+                (x, weight, bn_weight, bn_bias), needs[:4], grad_y,
+            )
+            return (*grads, *([None] * 8))
         mask = [needs[0], needs[1], needs[2] or needs[3]]
         grad_x, grad_weight, grad_bn_weight, grad_bn_bias = backward_op(
             grad_y, x, weight, bn_weight, bn_bias, mean, var, *ctx.arguments, mask

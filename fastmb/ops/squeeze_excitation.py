@@ -14,6 +14,8 @@ from fastmb.ops.common import (
     check_tensor,
     compute_dtype,
     cpu_kernels_support,
+    differentiable_grads,
+    runs_composite,
 )
 
 OP = "squeeze_excitation"
@@ -64,6 +66,8 @@ def run_squeeze_excitation(
     x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None, activation: str, gate: str
 ) -> Tensor:
     """squeeze_excitation after its argument checks, fc weights as (out, in) matrices."""
+    if runs_composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+        return reference.squeeze_excitation.composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)
     args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)
     return dispatch.call(dispatch.select(OP, x.device.type, args), args)[0]
 
@@ -109,6 +113,12 @@ def register_operators(forward_op, backward_op, fake: bool = True) -> None:
 
     def backward(ctx, grad_y, _grad_pooled):
         x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
+            grads = differentiable_grads(
+                lambda *inputs: reference.squeeze_excitation.composite(*inputs, *ctx.arguments),
+                (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias), ctx.needs_input_grad[:5], grad_y,
+            )
+            return (*grads, None, None)
         grads = backward_op(grad_y, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *ctx.arguments)
         return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None)
 

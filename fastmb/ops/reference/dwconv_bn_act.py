@@ -100,6 +100,28 @@ def backward(
     return tuple(outputs)
 
 
+def composite(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    eps: float,
+    momentum: float,
+    training: bool,
+    activation: str,
+) -> Tensor:
+    """The op as the eager modules compute it, in differentiable PyTorch ops and no custom op:
+    what ONNX export, torch.func transforms, forward-mode AD and double backward run. Updates
+    the running statistics (when given, in training) as F.batch_norm does."""
+    z = _conv(x, weight, stride, padding, dilation)
+    return activation_forward(activation, F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
+
+
 forward_op = torch.library.custom_op(
     "fastmb::dwconv_bn_act_reference", forward, mutates_args=(), schema=schemas.DWCONV_BN_ACT
 )

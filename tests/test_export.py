@@ -1,0 +1,70 @@
+"""Deployment paths of fastmb models: ONNX export (the new dynamo-based exporter and the legacy
+one: the fused ops are exported as their composites of standard ONNX ops, and ONNX Runtime
+gives torchvision's outputs), and torch.export / AOTInductor (which keep the fused ops)."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torchvision
+
+import fastmb
+from fastmb.models.calibration import calibrate_batch_norm
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+def onnx_outputs(model: torch.nn.Module, x: torch.Tensor, dynamo: bool) -> tuple[torch.Tensor, set[str]]:
+    """ONNX Runtime's outputs for `model` exported on x, and the graph's op types."""
+    if dynamo:
+        pytest.importorskip("onnxscript")
+        data = torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto.SerializeToString()
+    else:
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["x"])
+        data = buffer.getvalue()
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    return torch.from_numpy(outputs), {node.op_type for node in onnx.load_from_string(data).graph.node}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def torchvision_model() -> torch.nn.Module:
+    return calibrate_batch_norm(torchvision.models.mobilenet_v3_large(), resolution=96).eval()
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+@pytest.mark.parametrize("kind", ["builder", "converted"])
+def test_onnx_export_runs_in_onnx_runtime(torchvision_model, kind, dynamo):
+    if kind == "builder":
+        model = fastmb.mobilenet_v3_large().eval()
+        model.load_state_dict(torchvision_model.state_dict())
+    else:
+        model = fastmb.convert(copy.deepcopy(torchvision_model))
+    x = torch.randn(2, 3, 224, 224)
+    outputs, op_types = onnx_outputs(model, x, dynamo)
+    assert not any(op.startswith("fastmb") or "dwconv" in op for op in op_types), op_types
+    with torch.no_grad():
+        assert relative_error(outputs, torchvision_model(x)) <= 1e-5
+
+
+def test_torch_export_and_aot_inductor_keep_the_fused_ops(tmp_path):
+    model = torch.nn.Sequential(fastmb.nn.DWConvBNAct(8, 3), fastmb.nn.SqueezeExcitation(8, 4)).eval()
+    x = torch.randn(2, 8, 12, 12)
+    exported = torch.export.export(model, (x,))
+    targets = {str(node.target) for node in exported.graph.nodes}
+    assert {"fastmb.dwconv_bn_act.default", "fastmb.squeeze_excitation.default"} <= targets
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(exported.module()(x), expected)
+    if fastmb.backends()["cpu"] != "available":
+        return  # AOTInductor runs the operators fastmb._C registers
+    package = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "model.pt2"))
+    with torch.no_grad():
+        torch.testing.assert_close(torch._inductor.aoti_load_package(package)(x), expected)
