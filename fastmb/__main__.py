@@ -1,5 +1,7 @@
 """python -m fastmb: build a MobileNet, load a torchvision (or eager) model's weights into the
 fastmb one, check that both compute the same thing, then time both on each available backend.
+`python -m fastmb check [--device D]` checks every available fused backend against the
+reference on this machine (fastmb/check.py).
 """
 
 import argparse
@@ -189,7 +191,23 @@ def measure(fn: Callable[[], object], device: torch.device, seconds: float) -> f
     return statistics.median(times)
 
 
+def check_main(argv: list[str]) -> int:
+    parser = _Parser(
+        prog="python -m fastmb check",
+        description="Check every available fastmb backend on this machine against the reference (float64): outputs, "
+        "gradients and running statistics of both fused ops, under DESIGN.md's error rule. Exits 1 on any mismatch.",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    device = resolve_device(parser, parser.parse_args(argv).device)
+    from fastmb import check
+
+    return check.main(device)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        return check_main(argv[1:])
     args = parse_args(argv)
     device = args.device
     dtype = DTYPES[args.dtype]

@@ -141,7 +141,8 @@ def current_backend() -> str:
     return getattr(_thread_state, "backend", None) or _default_backend
 
 
-def _serves(backend: str, device_type: str) -> bool:
+def serves(backend: str, device_type: str) -> bool:
+    """Whether `backend` runs tensors of `device_type` (the Triton interpreter runs CPU tensors)."""
     if backend == "triton":
         return device_type == "cuda" or (
             device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
@@ -151,7 +152,7 @@ def _serves(backend: str, device_type: str) -> bool:
 
 def _usable(backend: str, op: str, device_type: str, args: tuple) -> Kernel | None:
     kernel = _KERNELS.get((backend, op))
-    if kernel is None or _unavailable_reason(backend) or not _serves(backend, device_type):
+    if kernel is None or _unavailable_reason(backend) or not serves(backend, device_type):
         return None
     return kernel if kernel.supports(*args) else None
 
@@ -178,6 +179,8 @@ def select(op: str, device_type: str, args: tuple) -> Callable:
             chosen = "reference"
     elif backend != "reference" and _usable(backend, op, device_type, args) is not None:
         chosen = backend
+    if device_type == "cuda" and chosen != "reference" and not torch.compiler.is_compiling():
+        _warn_unvalidated_gpu(torch.cuda.current_device())
     ran = getattr(_thread_state, "ran", None)
     if ran is not None:
         ran.add(chosen)
@@ -204,6 +207,27 @@ def call(forward: Callable, args: tuple):
         return forward(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return forward(*args)
+
+
+@functools.cache
+def _warn_unvalidated_gpu(device: int) -> None:
+    """Once per process and GPU: no fastmb GPU kernel had run on a GPU when this version was
+    released, so until `python -m fastmb check` passes on this GPU model (or a committed
+    bench/gpu_check.sh run measured auto_order.json on it), "auto" says so."""
+    from fastmb.check import validated_devices
+
+    name = torch.cuda.get_device_name(device)
+    with open(AUTO_ORDER_FILE) as file:
+        measured_on = json.load(file).get("measured") or ""
+    if name in validated_devices() or name in measured_on:
+        return
+    warnings.warn(
+        f"fastmb: its CUDA and Triton kernels are not validated on {name} yet; run "
+        "`python -m fastmb check --device cuda` (about a minute) to check them against the reference "
+        "here (a pass is remembered), or use fastmb.set_backend(\"reference\") meanwhile.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _warn_reference_once(device_type: str) -> None:

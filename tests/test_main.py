@@ -2,10 +2,12 @@
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
+import fastmb
 from fastmb import __main__ as cli
 
 
@@ -88,3 +90,38 @@ def test_rows_say_which_kernels_ran(capsys):
     args = ["--model", "mobilenet_v3_small", "--dtype", "float16", "--backend", "cpu", "--batch-size", "1", "--resolution", "64"]
     assert cli.main([*args, "--seconds", "0.01"]) == 0
     assert "fastmb cpu (ran: reference)" in capsys.readouterr().out
+
+
+def test_check_passes_here_and_fails_on_a_broken_kernel(monkeypatch, capsys):
+    assert cli.main(["check", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "checks passed" in out and "MISMATCH" not in out
+    if fastmb.backends()["cpu"] != "available":
+        return
+    from fastmb import dispatch
+
+    native = dispatch.kernels("dwconv_bn_act")["cpu"]
+
+    def off_by_a_bit(*args):
+        y, mean, var = native.forward(*args)
+        return y * 1.01, mean, var
+
+    monkeypatch.setattr(dispatch, "_KERNELS", dict(dispatch._KERNELS))
+    dispatch.register_kernel("cpu", "dwconv_bn_act", off_by_a_bit, native.backward, native.supports)
+    assert cli.main(["check", "--device", "cpu"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_unvalidated_gpu_warns_until_a_check_passes(monkeypatch, tmp_path):
+    """No GPU here: the GPU's name is faked, and the warning function called as select() would."""
+    from fastmb import check, dispatch
+
+    monkeypatch.setenv("FASTMB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 9000")
+    warn = dispatch._warn_unvalidated_gpu.__wrapped__
+    with pytest.warns(RuntimeWarning, match="not validated on Fake GPU 9000.*python -m fastmb check --device cuda"):
+        warn(0)
+    check.record_validated(torch.device("cuda", 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn(0)
