@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -133,6 +134,12 @@ for name, (code, _) in json.loads(sys.argv[1]).items():
 """
 
 
+# The child imports the fastmb this process tests (installed, or an in-place build), whatever
+# its working directory would have put first on sys.path.
+_PATH = [os.path.dirname(os.path.dirname(fastmb.__file__))] + [p or os.getcwd() for p in sys.path]
+CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(_PATH)}
+
+
 def run_cases(cases: dict) -> dict[str, list | str | None]:
     """Each case's outcome: None (ran), [error type, message], or "crashed: ..." when the child
     process died in it (the remaining cases then run in a fresh child)."""
@@ -140,8 +147,7 @@ def run_cases(cases: dict) -> dict[str, list | str | None]:
     pending = dict(cases)
     while pending:
         child = subprocess.run(
-            [sys.executable, "-c", CHILD, json.dumps(pending)], capture_output=True, text=True, timeout=600,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            [sys.executable, "-c", CHILD, json.dumps(pending)], capture_output=True, text=True, timeout=600, env=CHILD_ENV, cwd=tempfile.gettempdir()
         )
         started = None
         for line in child.stdout.splitlines():
