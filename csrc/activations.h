@@ -45,15 +45,16 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE Acc activate(Activation a, Acc u) {
 
 // d act(u)/du * grad for a compile-time activation, V a scalar or a GCC vector of Acc. PyTorch's
 // values at the kinks: relu' (0) = 0; hardswish' is 0 below -3, u / 3 + 1/2 up to 3 included, 1
-// above; relu6' is 0 at 0 and 6. NaN fails every comparison.
+// above; relu6' is 0 at 0 and 6. At u = NaN, as PyTorch's vectorised CPU kernels: relu passes
+// grad through, relu6 gives 0, hardswish NaN (comparisons with NaN are false).
 template <Activation A, typename Acc, typename V>
 C10_HOST_DEVICE C10_ALWAYS_INLINE V activation_grad(V grad, V u) {
   const V zero = {}, three = zero + Acc(3), six = zero + Acc(6);
   if constexpr (A == Activation::kHardswish) {
-    const V inner = u <= three ? grad * (u * Acc(1.0 / 3.0) + Acc(0.5)) : grad;  // * (1/3): no division
+    const V inner = u > three ? grad : grad * (u * Acc(1.0 / 3.0) + Acc(0.5));  // * (1/3): no division
     return u < -three ? zero : inner;
   } else if constexpr (A == Activation::kRelu) {
-    return u > zero ? grad : zero;
+    return u <= zero ? zero : grad;
   } else if constexpr (A == Activation::kRelu6) {
     return (u > zero) & (u < six) ? grad : zero;
   } else {

@@ -30,11 +30,12 @@ def activate(u, ACT: tl.constexpr):
 
 @triton.jit
 def activation_grad(g, u, ACT: tl.constexpr):
-    # PyTorch's kinks: relu'(0) = 0, hardswish' = 0 below -3, u/3 + 1/2 up to 3, 1 above.
+    # PyTorch's kinks: relu'(0) = 0, hardswish' = 0 below -3, u/3 + 1/2 up to 3, 1 above; at
+    # u = NaN, as PyTorch's vectorised kernels: relu passes g, relu6 gives 0, hardswish NaN.
     if ACT == 0:
-        return tl.where(u < -3.0, 0.0, tl.where(u <= 3.0, g * (u / 3.0 + 0.5), g))
+        return tl.where(u < -3.0, 0.0, tl.where(u > 3.0, g, g * (u / 3.0 + 0.5)))
     elif ACT == 1:
-        return tl.where(u > 0.0, g, 0.0)
+        return tl.where(u <= 0.0, 0.0, g)
     elif ACT == 2:
         return tl.where((u > 0.0) & (u < 6.0), g, 0.0)
     else:

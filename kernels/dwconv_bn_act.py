@@ -135,7 +135,8 @@ def _grad_z_kernel(x_ptr, w_ptr, gy_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_p
     b = tl.load(b_ptr + c, mask=c_mask, other=0.0)
     d = tl.load(d_ptr + c, mask=c_mask, other=0.0)
     mask = p_mask[:, None] & c_mask[None, :]
-    gz = tl.where(mask, a[None, :] * gu - b[None, :] - x_hat * d[None, :], 0.0)
+    # The x_hat term left out where d is 0 (eval): a NaN in z must not reach dL/dz through it.
+    gz = tl.where(mask, a[None, :] * gu - b[None, :] - tl.where(d[None, :] == 0.0, 0.0, x_hat * d[None, :]), 0.0)
     tl.store(gz_ptr + p[:, None] * C + c[None, :], gz, mask=mask)
     if WEIGHT_GRAD:
         for kh in tl.static_range(K):

@@ -96,7 +96,8 @@ __global__ void __launch_bounds__(kThreads)
       load_floats<V>(gyv, gy + p * g.c + c);
       bn.grad_u(gzv, x_hat, z, gyv, act);
 #pragma unroll
-      for (int l = 0; l < V; ++l) gzv[l] = a[l] * gzv[l] - b[l] - x_hat[l] * d[l];
+      // The x_hat term left out where d is 0 (eval): a NaN in z must not reach dL/dz through it.
+      for (int l = 0; l < V; ++l) gzv[l] = a[l] * gzv[l] - b[l] - (d[l] == 0.f ? 0.f : x_hat[l] * d[l]);
       if (gz != nullptr) store_floats<V>(gz + p * g.c + c, gzv);
       if (partial_gw == nullptr) continue;
       // The taps' inputs were just read by conv_at: these loads hit L1.

@@ -141,6 +141,28 @@ def test_nan_and_inf_propagate_like_eager(backend, device):
     torch.testing.assert_close(actual[finite], expected[finite], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["hardswish", "relu", "relu6", "identity"])
+def test_nan_in_eval_reaches_gradients_as_in_eager(backend, device, activation):
+    """Eval: a NaN (and an inf) in x reaches the outputs and gradients eager's do and no
+    others: grad_x stays finite where eager's is (the batch statistics' terms are absent in
+    eval), and the activations' derivatives pass grad_y through at u = NaN, as PyTorch's do."""
+    eager = eager_dwconv_bn_act(3, 3, activation=activation).eval()
+    randomize_batch_norm(eager)
+    fused = DWConvBNAct(3, 3, activation=activation).eval()
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(1, 3, 6, 6)
+    x[0, 0, 2, 2] = float("nan")
+    x[0, 1, 4, 4] = float("inf")
+    grad = torch.randn(1, 3, 6, 6)
+    expected = run(eager, x, grad)
+    actual = run(fused.to(device), x.to(device), grad.to(device))
+    for key, value in expected.items():
+        got = actual[key].cpu()
+        torch.testing.assert_close(got.isnan(), value.isnan(), msg=key)
+        finite = value.isfinite()
+        torch.testing.assert_close(got[finite], value[finite], atol=1e-5, rtol=1e-5, msg=key)
+
+
 def test_functional_arguments(backend, device):
     """Tuple stride/padding/dilation, explicit padding, no BN affine, no running statistics."""
     x = torch.randn(2, 4, 9, 8, device=device)

@@ -138,7 +138,8 @@ FASTMB_INLINE void add_grad_sums(Acc* sum_gu, Acc* sum_gu_xhat, const Acc* z, co
 }
 
 // dL/dz = a * gu - b - x_hat * d (a, b, d per channel, offset like bn) for `pixels` x `nc` z
-// values, into gz.
+// values, into gz. The x_hat term is left out where d is 0 (eval), as eager's backward has no
+// such term: a NaN in z must not reach dL/dz through it.
 template <Activation A, typename Acc>
 FASTMB_INLINE void grad_z(Acc* gz, const Acc* z, const Acc* gy, int64_t gy_stride, const BnParams<Acc>& bn, const Acc* a, const Acc* b,
                           const Acc* d, int64_t pixels, int64_t nc) {
@@ -151,12 +152,13 @@ FASTMB_INLINE void grad_z(Acc* gz, const Acc* z, const Acc* gy, int64_t gy_strid
     for (; c + L <= nc; c += L) {
       typename V::type x_hat, gu;
       grad_chain<A, L>(zp, gyp, bn, c, x_hat, gu);
-      V::store(gz + p * nc + c, V::load(a + c) * gu - V::load(b + c) - x_hat * V::load(d + c));
+      const typename V::type dv = V::load(d + c), zero = {};
+      V::store(gz + p * nc + c, V::load(a + c) * gu - V::load(b + c) - (dv == zero ? zero : x_hat * dv));
     }
     for (; c < nc; ++c) {
       Acc x_hat, gu;
       grad_chain<A, 1>(zp, gyp, bn, c, x_hat, gu);
-      gz[p * nc + c] = a[c] * gu - b[c] - x_hat * d[c];
+      gz[p * nc + c] = a[c] * gu - b[c] - (d[c] == Acc(0) ? Acc(0) : x_hat * d[c]);
     }
   }
 }
