@@ -14,12 +14,12 @@ logger = logging.getLogger("fastmb")
 
 
 def _conv_bn_parts(module: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.Module | None] | None:
-    """(conv, bn, activation or None) of a Sequential(Conv2d, BatchNorm2d[, activation]), the
-    layout of torchvision's Conv2dNormActivation, else None."""
+    """(conv, bn, activation or None) of a Sequential(Conv2d, BatchNorm2d or SyncBatchNorm
+    [, activation]), the layout of torchvision's Conv2dNormActivation, else None."""
     if type(module) not in (nn.Sequential, _torchvision_conv_norm_activation()) or len(module) not in (2, 3):
         return None
     conv, bn = module[0], module[1]
-    if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or bn.num_features != conv.out_channels:
+    if type(conv) is not nn.Conv2d or type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm) or bn.num_features != conv.out_channels:
         return None
     return conv, bn, module[2] if len(module) == 3 else None
 

@@ -115,7 +115,7 @@ CASES: dict[str, tuple[str, tuple[str, str] | None]] = {
         "fastmb.nn.DWConvBNAct.from_modules(c, nn.BatchNorm2d(4))", ("ValueError", "conv.stride must be at least 1")),
     "from_modules, batch norm of other channels": (
         "fastmb.nn.DWConvBNAct.from_modules(nn.Conv2d(4, 4, 3, groups=4, bias=False), nn.BatchNorm2d(5))",
-        ("ValueError", "bn must be an nn.BatchNorm2d over")),
+        ("ValueError", "bn must be an nn.BatchNorm2d .*over the conv.s 4 channels")),
     "SqueezeExcitation no squeeze channels": ("fastmb.nn.SqueezeExcitation(8, 0)", ("ValueError", "squeeze_channels must be at least 1")),
     "SqueezeExcitation.from_modules, 3x3 fc": (
         "fastmb.nn.SqueezeExcitation.from_modules(nn.Conv2d(8, 4, 3), nn.Conv2d(4, 8, 1))", ("ValueError", "fc1 must be a 1x1")),

@@ -1,7 +1,10 @@
-"""nn.BatchNorm2d's running-statistics bookkeeping, for the fused modules that replace it."""
+"""nn.BatchNorm2d's running-statistics bookkeeping, and nn.SyncBatchNorm's synchronised batch
+statistics, for the fused modules that replace them."""
 
 from typing import NamedTuple
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 
@@ -26,3 +29,55 @@ def batch_norm_step(bn: nn.BatchNorm2d) -> BatchNormStep:
     return BatchNormStep(
         bn.running_mean if keep_running else None, bn.running_var if keep_running else None, use_batch_stats, momentum
     )
+
+
+def synchronised(bn: nn.Module) -> bool:
+    """Whether `bn` is an nn.SyncBatchNorm whose batch statistics span several processes now."""
+    if not isinstance(bn, nn.SyncBatchNorm) or not (bn.training and dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size(bn.process_group or dist.group.WORLD) > 1
+
+
+class _AllGather(torch.autograd.Function):
+    """Each process's tensor, stacked in rank order; the backward sums the gathered gradient over
+    the processes (every one's loss depends on every rank's input) and keeps this rank's row."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        ctx.group = group
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, tensor.contiguous(), group=group)
+        return torch.stack(gathered)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+def synced_batch_norm(z: Tensor, bn: nn.SyncBatchNorm, step: BatchNormStep) -> Tensor:
+    """batch_norm(z) in training with the statistics of the whole batch across `bn`'s process
+    group, as nn.SyncBatchNorm computes them but on any device and backend (gloo on the CPU
+    included): each process's count, mean and biased variance, gathered and merged with Chan's
+    formula (no sum of squares), differentiably, so the backward's sums are synchronised too.
+    Updates the running statistics with the global mean and unbiased variance."""
+    group = bn.process_group or dist.group.WORLD
+    channels = z.shape[1]
+    var, mean = torch.var_mean(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z, dim=(0, 2, 3), correction=0)
+    count = mean.new_full((1,), z.numel() // max(channels, 1))
+    gathered = _AllGather.apply(torch.cat([mean, var, count]), group)  # [processes][2C + 1]
+    counts, means, variances = gathered[:, -1:], gathered[:, :channels], gathered[:, channels : 2 * channels]
+    total = counts.sum()
+    global_mean = (counts * means).sum(0) / total
+    global_var = (counts * (variances + (means - global_mean) ** 2)).sum(0) / total
+    if step.running_mean is not None:
+        with torch.no_grad():
+            step.running_mean.mul_(1 - step.momentum).add_(global_mean.to(step.running_mean.dtype), alpha=step.momentum)
+            unbiased = global_var * (total / (total - 1))
+            step.running_var.mul_(1 - step.momentum).add_(unbiased.to(step.running_var.dtype), alpha=step.momentum)
+    scale = torch.rsqrt(global_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -global_mean * scale + (bn.bias if bn.bias is not None else 0)
+    return z * scale[:, None, None].to(z.dtype) + shift[:, None, None].to(z.dtype)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmb import _extension
-from fastmb.nn.batch_norm import batch_norm_step
+from fastmb.nn.batch_norm import batch_norm_step, synced_batch_norm, synchronised
 from fastmb.ops.activations import ACTIVATIONS, activation_name
 from fastmb.ops.common import bn_affine, check_choice, differentiable_grads, runs_composite
 
@@ -136,6 +136,9 @@ class ConvBNAct(nn.Sequential):
         # runs for every pointwise layer of the model. The activation is read off the child on
         # every call, so a swapped child is honoured.
         conv, bn, activation = self._modules["0"], self._modules["1"], self._modules.get("2")
+        if synchronised(bn):  # nn.SyncBatchNorm itself synchronises only CUDA tensors
+            u = synced_batch_norm(conv(x), bn, batch_norm_step(bn))
+            return activation(u) if activation is not None else u
         if type(bn) is not nn.BatchNorm2d or conv.bias is not None or torch.compiler.is_compiling() or runs_composite(x):
             return super().forward(x)  # compile and ONNX export fold on their own; torch.func needs plain ops
         if bn.training:

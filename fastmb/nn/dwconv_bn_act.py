@@ -2,7 +2,7 @@
 
 from torch import Tensor, nn
 
-from fastmb.nn.batch_norm import batch_norm_step
+from fastmb.nn.batch_norm import batch_norm_step, synced_batch_norm, synchronised
 from fastmb.ops.activations import ACTIVATIONS
 from fastmb.ops.common import check_choice, check_tensor, integer, pair, real
 from fastmb.ops.dwconv_bn_act import run_dwconv_bn_act
@@ -15,6 +15,9 @@ class DWConvBNAct(nn.Sequential):
     torchvision's ``Conv2dNormActivation``, so its state_dict loads unchanged; the activation
     ("hardswish", "relu", "relu6" or "identity") has no parameters and no child. Training and
     eval follow ``nn.BatchNorm2d`` exactly, ``momentum=None`` and ``num_batches_tracked`` included.
+    Child "1" may be an ``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm``): in
+    training across processes the batch statistics and their gradients are then synchronised
+    over its process group, on any device (the CPU with gloo too), through plain PyTorch ops.
     """
 
     def __init__(
@@ -52,8 +55,8 @@ class DWConvBNAct(nn.Sequential):
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"conv must have numeric zero padding, got padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
         pair("conv.stride", conv.stride, 1), pair("conv.padding", conv.padding, 0), pair("conv.dilation", conv.dilation, 1)
-        if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
-            raise ValueError(f"bn must be an nn.BatchNorm2d over the conv's {conv.out_channels} channels, got {bn!r}")
+        if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or bn.num_features != conv.out_channels:
+            raise ValueError(f"bn must be an nn.BatchNorm2d (or SyncBatchNorm) over the conv's {conv.out_channels} channels, got {bn!r}")
         module = cls.__new__(cls)
         nn.Sequential.__init__(module, conv, bn)
         module.activation = check_choice("activation", activation, ACTIVATIONS)
@@ -70,6 +73,9 @@ class DWConvBNAct(nn.Sequential):
         if x.shape[1] != conv.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels but this DWConvBNAct has {conv.in_channels}")
         step = batch_norm_step(bn)
+        if synchronised(bn):  # statistics over the process group's whole batch
+            z = nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+            return ACTIVATIONS[self.activation].forward(synced_batch_norm(z, bn, step))
         return run_dwconv_bn_act(
             x,
             conv.weight,
