@@ -38,6 +38,11 @@ TORCH_LIBRARY(fastmb, m) {
   m.def(
       "fold_conv_bn(Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, Tensor running_var, float eps) "
       "-> (Tensor, Tensor)");
+  // act(batch_norm(conv1x1(x))) in eval for channels_last x: one GEMM, then the batch norm and
+  // the activation applied per output channel as each row of the output is in cache. CPU only.
+  m.def(
+      "conv1x1_bn_act(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, Tensor running_var, "
+      "float eps, str activation) -> Tensor");
 }
 
 // Importing fastmb._C runs the static registrations above; the module itself only carries

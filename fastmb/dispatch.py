@@ -171,20 +171,24 @@ def auto_order(op: str, device_type: str) -> tuple[str, ...]:
 def select(op: str, device_type: str, args: tuple) -> Callable:
     """The forward operator that runs fused op `op` on `args` (the op's schema arguments)."""
     backend = current_backend()
-    chosen = "reference"  # unsupported-but-valid input (a kernel size, a dtype, a device) runs it
+    chosen, kernel = backend, None
     if backend == "auto":
-        chosen = next((c for c in auto_order(op, device_type) if _usable(c, op, device_type, args) is not None), None)
-        if chosen is None:
+        for chosen in auto_order(op, device_type):
+            kernel = _usable(chosen, op, device_type, args)
+            if kernel is not None:
+                break
+        else:
             _warn_reference_once(device_type)
-            chosen = "reference"
-    elif backend != "reference" and _usable(backend, op, device_type, args) is not None:
-        chosen = backend
-    if device_type == "cuda" and chosen != "reference" and not torch.compiler.is_compiling():
+    elif backend != "reference":
+        kernel = _usable(backend, op, device_type, args)
+    if kernel is None:  # unsupported-but-valid input (a kernel size, a dtype, a device) runs the reference
+        chosen, kernel = "reference", _KERNELS[("reference", op)]
+    elif device_type == "cuda" and not torch.compiler.is_compiling():
         _warn_unvalidated_gpu(torch.cuda.current_device())
     ran = getattr(_thread_state, "ran", None)
     if ran is not None:
         ran.add(chosen)
-    return _KERNELS[(chosen, op)].forward
+    return kernel.forward
 
 
 @contextlib.contextmanager

@@ -20,15 +20,17 @@ class BatchNormStep(NamedTuple):
 def batch_norm_step(bn: nn.BatchNorm2d) -> BatchNormStep:
     """nn.BatchNorm2d.forward's rules for one call of `bn`, counting the batch in
     num_batches_tracked as it does (momentum=None: a cumulative average)."""
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    keep_running = not bn.training or bn.track_running_stats
-    return BatchNormStep(
-        bn.running_mean if keep_running else None, bn.running_var if keep_running else None, use_batch_stats, momentum
-    )
+    # Buffers straight from the module's dict: nn.Module's attribute lookup would cost more than
+    # the rest of this, on every call of every fused layer.
+    buffers, training, momentum = bn._buffers, bn.training, bn.momentum
+    factor = 0.0 if momentum is None else momentum
+    tracked = buffers.get("num_batches_tracked")
+    if training and bn.track_running_stats and tracked is not None:
+        tracked.add_(1)
+        factor = 1.0 / float(tracked) if momentum is None else momentum
+    mean, var = buffers.get("running_mean"), buffers.get("running_var")
+    keep_running = not training or bn.track_running_stats
+    return BatchNormStep(mean if keep_running else None, var if keep_running else None, training or (mean is None and var is None), factor)
 
 
 def synchronised(bn: nn.Module) -> bool:

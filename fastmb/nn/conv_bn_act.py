@@ -13,6 +13,7 @@ from fastmb.ops.activations import ACTIVATIONS, activation_name
 from fastmb.ops.common import bn_affine, check_choice, differentiable_grads, runs_composite
 
 _NATIVE_FOLD = _extension.has_kernel("fold_conv_bn", "CPU")
+_NATIVE_CONV1X1 = _extension.has_kernel("conv1x1_bn_act", "CPU")
 # Pixels (batch x height x width) up to which a folded 1x1 conv on the CPU runs as a GEMM.
 _MATMUL_MAX_PIXELS = 1024
 
@@ -65,6 +66,11 @@ if _NATIVE_FOLD:
     @torch.library.register_fake("fastmb::fold_conv_bn")
     def _fold_conv_bn_fake(weight, gamma, beta, mean, var, eps):
         return torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+    @torch.library.register_fake("fastmb::conv1x1_bn_act")
+    def _conv1x1_bn_act_fake(x, weight, gamma, beta, mean, var, eps, activation):
+        n, _, h, w = x.shape
+        return x.new_empty(n, weight.shape[0], h, w).contiguous(memory_format=torch.channels_last)
 
 
 class ConvBNAct(nn.Sequential):
@@ -149,16 +155,20 @@ class ConvBNAct(nn.Sequential):
             return _BatchNormActivation.apply(conv(x), bn.weight, bn.bias, step.running_mean, step.running_var, step.momentum, bn.eps, name)
         if torch.is_grad_enabled() or not bn.affine or bn.running_var is None:
             return super().forward(x)
-        weight, bias = self._folded_conv(conv, bn)
+        name = activation_name(activation)
         if self._pointwise_as_matmul(conv, x):
+            if _NATIVE_CONV1X1 and x.dtype in (torch.float32, torch.float64) and name is not None:
+                # the batch norm applied to the GEMM's output as its rows are in cache: no fold
+                return torch.ops.fastmb.conv1x1_bn_act(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, name)
+            weight, bias = self._folded_conv(conv, bn)
             n, c, h, w = x.shape
             y = torch.addmm(bias, x.permute(0, 2, 3, 1).reshape(-1, c), weight.view(-1, c).t())
             y = y.view(n, h, w, -1).permute(0, 3, 1, 2)  # channels_last, as the conv returns it
         else:
+            weight, bias = self._folded_conv(conv, bn)
             y = conv._conv_forward(x, weight, bias)  # honours padding_mode
         if activation is None:
             return y
-        name = activation_name(activation)
         in_place = ACTIVATIONS[name].in_place if name is not None else None
         return in_place(y) if in_place is not None else activation(y)
 

@@ -308,7 +308,10 @@ def test_eval_sees_weights_changed_by_any_route_unless_frozen(memory_format):
         fastmb.freeze(fused)
         assert agrees()
         weight.data.mul_(2.0)
-        assert not agrees()  # frozen: a .data edit is not seen, as documented
+        # Frozen, the conv path keeps its fold and does not see a .data edit, as documented; the
+        # GEMM path (batch 1, channels_last 1x1) applies the batch norm to its output, folds
+        # nothing, and sees it anyway.
+        assert agrees() == (memory_format == torch.channels_last)
         fastmb.freeze(fused)  # frozen again: folded afresh
         assert agrees()
         weight.copy_(weight * 0.5)  # frozen, a change the version counter sees
@@ -316,3 +319,24 @@ def test_eval_sees_weights_changed_by_any_route_unless_frozen(memory_format):
         fastmb.freeze(fused, frozen=False)
         weight.data.mul_(0.5)
         assert agrees()
+
+
+@pytest.mark.parametrize("activation", ["hardswish", "relu", "relu6", "identity"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_conv1x1_bn_act_matches_the_modules(activation, dtype):
+    """fastmb::conv1x1_bn_act (the CPU's batch-1 pointwise path) against conv, batch norm and
+    activation modules, and opcheck."""
+    if fastmb.backends()["cpu"] != "available":
+        pytest.skip(fastmb.backends()["cpu"])
+    from fastmb.ops.activations import ACTIVATIONS
+
+    conv, bn = nn.Conv2d(12, 20, 1, bias=False).to(dtype), nn.BatchNorm2d(20).to(dtype).eval()
+    randomize_batch_norm(bn)
+    x = torch.randn(2, 12, 5, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    args = (x, conv.weight.detach(), bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var, bn.eps, activation)
+    y = torch.ops.fastmb.conv1x1_bn_act(*args)
+    with torch.no_grad():
+        expected = ACTIVATIONS[activation].forward(bn(conv(x)))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, expected, **({"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {}))
+    torch.library.opcheck(torch.ops.fastmb.conv1x1_bn_act.default, args)
