@@ -45,7 +45,7 @@ void eval_rows(Acc* y, const Acc* x, const Acc* w, const Acc* scale, const Acc* 
 template <int K, typename Acc>
 void statistics_rows(Acc* z_img, Moments& moments, const Acc* x, const Acc* w, const Geometry& g, int64_t oh0, int64_t oh1) {
   const int64_t chunk = chunk_pixels(g.c);
-  std::vector<Acc> chunk_mean(g.c), chunk_m2(g.c);
+  std::vector<Acc> chunk_mean(g.c), chunk_m2(g.c), chunk_residual(g.c);
   for (int64_t oh = oh0; oh < oh1; ++oh) {
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
       const int64_t pixels = std::min(chunk, g.wo - ow0);
@@ -53,11 +53,19 @@ void statistics_rows(Acc* z_img, Moments& moments, const Acc* x, const Acc* w, c
       conv_row<K>(StoreValues<Acc>{z, g.c}, x, w, g, oh, ow0, pixels, 0, g.c);
       std::fill(chunk_mean.begin(), chunk_mean.end(), Acc(0));
       std::fill(chunk_m2.begin(), chunk_m2.end(), Acc(0));
+      std::fill(chunk_residual.begin(), chunk_residual.end(), Acc(0));
       add_column_sums(chunk_mean.data(), pixels, g.c, [&](int64_t p, int64_t c, auto width) __attribute__((always_inline)) {
         return load_values<Acc, decltype(width)::value>(z + p * g.c + c);
       });
       const Acc inv_pixels = Acc(1) / Acc(pixels);
       for (int64_t c = 0; c < g.c; ++c) chunk_mean[c] *= inv_pixels;
+      // The corrected two-pass algorithm: the deviations' own sum (small, so summed accurately)
+      // corrects the mean's rounding, which the batch norm's backward would otherwise see as
+      // a bias in x_hat (gradients of 1x1 convs, whose sums cancel, lost digits to it).
+      add_column_sums(chunk_residual.data(), pixels, g.c, [&](int64_t p, int64_t c, auto width) __attribute__((always_inline)) {
+        constexpr int W = decltype(width)::value;
+        return load_values<Acc, W>(z + p * g.c + c) - load_values<Acc, W>(chunk_mean.data() + c);
+      });
       add_column_sums(chunk_m2.data(), pixels, g.c, [&](int64_t p, int64_t c, auto width) __attribute__((always_inline)) {
         constexpr int W = decltype(width)::value;
         const auto d = load_values<Acc, W>(z + p * g.c + c) - load_values<Acc, W>(chunk_mean.data() + c);
@@ -67,9 +75,10 @@ void statistics_rows(Acc* z_img, Moments& moments, const Acc* x, const Acc* w, c
       const double na = double(moments.count), nb = double(pixels), total = na + nb;
       const double weight_b = nb / total, weight_ab = na * nb / total;
       for (int64_t c = 0; c < g.c; ++c) {
-        const double delta = double(chunk_mean[c]) - moments.mean[c];
+        const double residual = double(chunk_residual[c]);
+        const double delta = double(chunk_mean[c]) + residual / nb - moments.mean[c];
         moments.mean[c] += delta * weight_b;
-        moments.m2[c] += double(chunk_m2[c]) + delta * delta * weight_ab;
+        moments.m2[c] += double(chunk_m2[c]) - residual * residual / nb + delta * delta * weight_ab;
       }
       moments.count += pixels;
     }
