@@ -108,7 +108,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(const Tensor& 
     }
     if (!output_mask[0] && !output_mask[1]) return;
 
-    Tensor gw_partials = output_mask[1] ? at::zeros({at::get_num_threads(), taps * g.c}, acc_options) : Tensor();
+    Tensor gw_partials = output_mask[1] ? at::zeros({at::get_num_threads(), taps * g.c}, acc_options.dtype(at::kDouble)) : Tensor();
     const TapSources rows(g.h, g.kh, g.sh, g.ph, g.dh, g.ho), cols(g.w, g.kw, g.sw, g.pw, g.dw, g.wo);
     // Whole images (every channel: grad_y and x rows read contiguously) when they share out
     // evenly between the threads, else channel blocks of each image.
@@ -121,7 +121,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(const Tensor& 
       thread_local std::vector<Acc> gz, x_rows, gy_rows, gx_rows;
       BlockArgs<Acc> args{nullptr, nullptr, nullptr, nullptr, w, flipped.empty() ? nullptr : flipped.data(), bn,
                           a.data(), b.data(), d.data(), &rows, &cols, g, act};
-      args.gw = output_mask[1] ? gw_partials.mutable_data_ptr<Acc>() + at::get_thread_num() * taps * g.c : nullptr;
+      args.gw = output_mask[1] ? gw_partials.mutable_data_ptr<double>() + at::get_thread_num() * taps * g.c : nullptr;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / blocks, c0 = (task % blocks) * block, nc = std::min(block, g.c - c0);
         args.x = rows_as_acc(kernels, x_data + n * g.h * in_row, 0, g.h, in_row, g.c, c0, nc, x_rows);

@@ -57,11 +57,12 @@ struct TapSources {
 
 // Backward pass 2's inputs for one image (pointers at its first pixel): dL/dz = a * dL/du - b -
 // x_hat * d per channel (b, d: the batch statistics' terms, zero in eval), then the weight
-// gradient into gw (this thread's [taps][C] partial, or null) and dL/dx into gx (or null).
+// gradient into gw (this thread's [taps][C] partial, in double, or null) and dL/dx into gx (or
+// null).
 template <typename Acc>
 struct BlockArgs {
   Acc* gx;
-  Acc* gw;
+  double* gw;
   const Acc *gy, *x, *w;
   const Acc* flipped;  // the flipped weight per channel block (stride 1, K specialised), or null
   BnParams<Acc> bn;

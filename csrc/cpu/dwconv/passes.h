@@ -195,11 +195,19 @@ void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, const Acc* gy, const Ac
   }
 }
 
+// dst[0:lanes] += v's lanes, in double: the weight gradient's per-thread partials sum a row's
+// sums over many rows, and in float their rounding outgrew eager's where those sums cancel.
+template <typename VT>
+FASTMB_INLINE void add_lanes(double* dst, const VT& v) {
+  constexpr int kLanes = sizeof(VT) / sizeof(v[0]);
+  for (int k = 0; k < kLanes; ++k) dst[k] += double(v[k]);
+}
+
 // gw[tap][0:nc] += sum over pixels [lo, hi) of one output row of gz[ow - ow0][c] * x(ih, iw(ow))[c]
 // for one tap (column j): NV vectors of channels from c, their sums held in registers over
 // the row and added to gw once.
 template <int NV, typename Acc>
-FASTMB_INLINE void weight_grad_tile(Acc* gw, const Acc* gz, int64_t nc, const Acc* x_row, const Geometry& g, int j, int64_t ow0, int64_t lo,
+FASTMB_INLINE void weight_grad_tile(double* gw, const Acc* gz, int64_t nc, const Acc* x_row, const Geometry& g, int j, int64_t ow0, int64_t lo,
                                     int64_t hi, int64_t c) {
   using V = Vec<Acc>;
   typename V::type acc[NV] = {};
@@ -210,13 +218,13 @@ FASTMB_INLINE void weight_grad_tile(Acc* gw, const Acc* gz, int64_t nc, const Ac
     for (int v = 0; v < NV; ++v) acc[v] += V::load(gzp + v * V::kLanes) * V::load(xp + v * V::kLanes);
   }
 #pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) V::store(gw + c + v * V::kLanes, V::load(gw + c + v * V::kLanes) + acc[v]);
+  for (int v = 0; v < NV; ++v) add_lanes(gw + c + v * V::kLanes, acc[v]);
 }
 
 // The weight gradient's share of output row oh, pixels [ow0, ow0 + pixels): gw is [taps][C]
 // (this thread's partial) offset to c0, gz is [pixels][nc], x_img offset to c0. Any geometry.
 template <typename Acc>
-FASTMB_INLINE void weight_grad_row(Acc* gw, const Acc* gz, const Acc* x_img, const Geometry& g, int64_t oh, int64_t ow0, int64_t pixels,
+FASTMB_INLINE void weight_grad_row(double* gw, const Acc* gz, const Acc* x_img, const Geometry& g, int64_t oh, int64_t ow0, int64_t pixels,
                                    int64_t nc) {
   constexpr int64_t L = Vec<Acc>::kLanes;
   const int kh = g.kh, kw = g.kw;
@@ -227,12 +235,12 @@ FASTMB_INLINE void weight_grad_row(Acc* gw, const Acc* gz, const Acc* x_img, con
     for (int j = 0; j < kw; ++j) {
       int64_t lo, hi;
       valid_outputs(j, g.sw, g.pw, g.dw, g.w, ow0, ow0 + pixels, lo, hi);
-      Acc* gw_tap = gw + (int64_t(i) * kw + j) * g.c;
+      double* gw_tap = gw + (int64_t(i) * kw + j) * g.c;
       int64_t c = 0;
       for (; c + 4 * L <= nc; c += 4 * L) weight_grad_tile<4>(gw_tap, gz, nc, x_row, g, j, ow0, lo, hi, c);
       for (; c + L <= nc; c += L) weight_grad_tile<1>(gw_tap, gz, nc, x_row, g, j, ow0, lo, hi, c);
       for (; c < nc; ++c)
-        for (int64_t ow = lo; ow < hi; ++ow) gw_tap[c] += gz[(ow - ow0) * nc + c] * x_row[(ow * g.sw - g.pw + int64_t(j) * g.dw) * g.c + c];
+        for (int64_t ow = lo; ow < hi; ++ow) gw_tap[c] += double(gz[(ow - ow0) * nc + c] * x_row[(ow * g.sw - g.pw + int64_t(j) * g.dw) * g.c + c]);
     }
   }
 }
@@ -247,7 +255,7 @@ constexpr int kWeightGradVectors = K == 3 ? 4 : 2;
 // vectors, the K taps' sums in registers over the row's pixels, each dL/dz vector loaded once
 // for all K; then single vectors, then channel by channel.
 template <int K, typename Acc>
-FASTMB_INLINE void weight_grad_row_k(Acc* gw, const Acc* gz, const Acc* x_img, const Geometry& g, int64_t oh, int64_t ow0, int64_t pixels,
+FASTMB_INLINE void weight_grad_row_k(double* gw, const Acc* gz, const Acc* x_img, const Geometry& g, int64_t oh, int64_t ow0, int64_t pixels,
                                      int64_t nc) {
   using V = Vec<Acc>;
   constexpr int64_t L = V::kLanes;
@@ -259,7 +267,7 @@ FASTMB_INLINE void weight_grad_row_k(Acc* gw, const Acc* gz, const Acc* x_img, c
     const int64_t ih = oh * g.sh - g.ph + int64_t(i) * g.dh;
     if (ih < 0 || ih >= g.h) continue;
     const Acc* x_row = x_img + ih * g.w * g.c;
-    Acc* gw_row = gw + int64_t(i) * K * g.c;
+    double* gw_row = gw + int64_t(i) * K * g.c;
     const auto vectors_at = [&](int64_t c, auto nv) __attribute__((always_inline)) {
       constexpr int NV = decltype(nv)::value;
       typename V::type acc[NV][K] = {};
@@ -278,8 +286,7 @@ FASTMB_INLINE void weight_grad_row_k(Acc* gw, const Acc* gz, const Acc* x_img, c
       for (int64_t ow = hi; ow < end; ++ow) add_pixel(ow, true);
       unroll<NV>([&](auto v) __attribute__((always_inline)) {
         unroll<K>([&](auto j) __attribute__((always_inline)) {
-          Acc* out = gw_row + j * g.c + c + v * L;
-          V::store(out, V::load(out) + acc[v][j]);
+          add_lanes(gw_row + j * g.c + c + v * L, acc[v][j]);
         });
       });
     };
@@ -291,7 +298,7 @@ FASTMB_INLINE void weight_grad_row_k(Acc* gw, const Acc* gz, const Acc* x_img, c
       for (int64_t ow = ow0; ow < end; ++ow)
         for (int j = 0; j < K; ++j) {
           const int64_t iw = ow * g.sw - g.pw + j;
-          if (iw >= 0 && iw < g.w) gw_row[j * g.c + c] += gz[(ow - ow0) * nc + c] * x_row[iw * g.c + c];
+          if (iw >= 0 && iw < g.w) gw_row[j * g.c + c] += double(gz[(ow - ow0) * nc + c] * x_row[iw * g.c + c]);
         }
   }
 }
