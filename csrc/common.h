@@ -108,9 +108,17 @@ inline Geometry dwconv_geometry(const char* op, const at::Tensor& x, const at::T
   return g;
 }
 
-// The backward's grad_y (the forward's output shape) and saved statistics (a value per channel).
+// The backward's grad_y (the forward's output shape), saved statistics (a value per channel) and
+// optional process-group sums.
 template <typename G>  // a Geometry or the CUDA kernels' BasicGeometry<int>
-void check_dwconv_backward(const at::Tensor& grad_y, const at::Tensor& x, const G& g, const at::Tensor& mean, const at::Tensor& var) {
+void check_dwconv_backward(const at::Tensor& grad_y, const at::Tensor& x, const G& g, const at::Tensor& mean, const at::Tensor& var,
+                           const std::optional<at::Tensor>& batch_sums, int64_t batch_count) {
+  if (batch_sums.has_value()) {
+    TORCH_CHECK(batch_sums->dim() == 2 && batch_sums->size(0) == 2 && batch_sums->size(1) == g.c && batch_sums->is_floating_point() &&
+                    batch_sums->device() == x.device(),
+                "fastmb::dwconv_bn_act_backward: batch_sums must be (2, ", g.c, ") on x's device, got shape ", batch_sums->sizes());
+    TORCH_CHECK(batch_count >= 1, "fastmb::dwconv_bn_act_backward: batch_count must be at least 1 with batch_sums, got ", batch_count);
+  }
   TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({g.n, g.c, g.ho, g.wo}), "fastmb::dwconv_bn_act_backward: grad_y must have the ",
               "output's shape (", g.n, ", ", g.c, ", ", g.ho, ", ", g.wo, "), got ", grad_y.sizes());
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),

@@ -17,11 +17,14 @@ TORCH_LIBRARY(fastmb, m) {
       "Tensor? running_mean, Tensor? running_var, int[2] stride, int[2] padding, "
       "int[2] dilation, float eps, bool training, str activation) -> (Tensor, Tensor, Tensor)");
   // Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias); an entry whose output_mask
-  // flag (x, weight, bn affine) is false is an empty tensor.
+  // flag (x, weight, bn affine) is false is an empty tensor. In training, batch_sums (2, C), the
+  // sums of dL/du and dL/du * x_hat over batch_count values, replaces the batch's own (a
+  // synchronised batch norm's, over its process group).
   m.def(
       "dwconv_bn_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? bn_weight, "
       "Tensor? bn_bias, Tensor mean, Tensor var, int[2] stride, int[2] padding, "
-      "int[2] dilation, float eps, bool training, str activation, bool[3] output_mask) "
+      "int[2] dilation, float eps, bool training, str activation, bool[3] output_mask, Tensor? batch_sums=None, "
+      "int batch_count=0) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // y = gate(fc2(act(fc1(mean_hw(x))))) * x, fc weights as (out, in) matrices.
   // Returns (y, pooled): pooled = mean_hw(x) in the compute dtype, kept for backward.

@@ -170,6 +170,11 @@ def auto_order(op: str, device_type: str) -> tuple[str, ...]:
 
 def select(op: str, device_type: str, args: tuple) -> Callable:
     """The forward operator that runs fused op `op` on `args` (the op's schema arguments)."""
+    return select_kernel(op, device_type, args).forward
+
+
+def select_kernel(op: str, device_type: str, args: tuple) -> Kernel:
+    """The backend's kernels (forward and backward operators) that run fused op `op` on `args`."""
     backend = current_backend()
     chosen, kernel = backend, None
     if backend == "auto":
@@ -188,7 +193,7 @@ def select(op: str, device_type: str, args: tuple) -> Callable:
     ran = getattr(_thread_state, "ran", None)
     if ran is not None:
         ran.add(chosen)
-    return kernel.forward
+    return kernel
 
 
 @contextlib.contextmanager

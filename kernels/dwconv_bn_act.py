@@ -263,13 +263,16 @@ def backward(
     training: bool,
     activation: str,
     output_mask: list[bool],
+    batch_sums: Tensor | None = None,
+    batch_count: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with autocast_off(x.device.type):
         return _backward(grad_y, x, weight, bn_weight, bn_bias, mean, var, stride, padding, dilation, eps, training, activation,
-                         output_mask)
+                         output_mask, batch_sums, batch_count)
 
 
-def _backward(grad_y, x, weight, bn_weight, bn_bias, mean, var, stride, padding, dilation, eps, training, activation, output_mask):
+def _backward(grad_y, x, weight, bn_weight, bn_bias, mean, var, stride, padding, dilation, eps, training, activation, output_mask,
+              batch_sums, batch_count):
     acc = mean.dtype
     g = _geometry(x, weight, stride, padding, dilation)
     n, c = x.shape[:2]
@@ -284,13 +287,14 @@ def _backward(grad_y, x, weight, bn_weight, bn_bias, mean, var, stride, padding,
     tiles = triton.cdiv(p, STATS_BLOCK_P)
     launch = dict(P=p, **g, ACT=ACTIVATIONS[activation].code, ACC=_acc_triton(acc), BLOCK_P=STATS_BLOCK_P, BLOCK_C=BLOCK_C)
     grid = (tiles, triton.cdiv(c, BLOCK_C))
-    if p > 0 and (training or output_mask[2]):
+    if p > 0 and ((training and batch_sums is None) or output_mask[2]):
         sums_gu = x.new_empty((tiles, c), dtype=acc)
         sums_gu_xhat = torch.empty_like(sums_gu)
         wrap_triton(_grad_sums_kernel)[grid](xs, w, gys, mean, invstd, gamma, beta, sums_gu, sums_gu_xhat, **launch)
         grad_beta, grad_gamma = sums_gu.sum(0), sums_gu_xhat.sum(0)
-        if training:  # the batch statistics' share of dL/dz
-            b, d = a * grad_beta / p, a * grad_gamma / p
+    if p > 0 and training:  # the batch statistics' share of dL/dz, from the whole batch's sums if given
+        sum_gu, sum_gu_xhat, count = (grad_beta, grad_gamma, p) if batch_sums is None else (*batch_sums.to(acc), batch_count)
+        b, d = a * sum_gu / count, a * sum_gu_xhat / count
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     grad_weight = weight.new_zeros(weight.shape) if output_mask[1] else weight.new_empty(0)
     if p > 0 and (output_mask[0] or output_mask[1]):

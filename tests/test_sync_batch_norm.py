@@ -54,7 +54,9 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         assert isinstance(model[0][1], nn.SyncBatchNorm) and isinstance(model[0], fastmb.nn.DWConvBNAct)
         x, grad = inputs()
         start = sum(SPLIT[:rank])
-        results = step(model, x[start : start + SPLIT[rank]], grad[start : start + SPLIT[rank]])
+        with fastmb.dispatch.record_backends() as ran:
+            results = step(model, x[start : start + SPLIT[rank]], grad[start : start + SPLIT[rank]])
+        assert ran == {"cpu"} or fastmb.backends()["cpu"] != "available", ran  # the fused CPU operators ran
         for key, value in results.items():
             if key.startswith("grad ") and value is not None:
                 dist.all_reduce(value)
@@ -76,3 +78,4 @@ def test_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path):
             actual = ranks[0][key]
             torch.testing.assert_close(ranks[1][key], actual, rtol=0, atol=0, msg=lambda message: f"{key}, between the processes: {message}")
         torch.testing.assert_close(actual, value, rtol=1e-9, atol=1e-10, msg=lambda message: f"{key}: {message}")
+

@@ -154,9 +154,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bn_weight,
     const std::optional<Tensor>& bn_bias, const Tensor& mean_in, const Tensor& var_in, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, double eps, bool training, c10::string_view activation,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, const std::optional<Tensor>& batch_sums, int64_t batch_count) {
   const CudaGeometry g = cuda_geometry("dwconv_bn_act_backward", x_in, weight, stride, padding, dilation, bn_weight, bn_bias);
-  check_dwconv_backward(grad_y_in, x_in, g, mean_in, var_in);
+  check_dwconv_backward(grad_y_in, x_in, g, mean_in, var_in, batch_sums, batch_count);
+  const bool group_sums = training && batch_sums.has_value();  // the process group's, instead of this batch's
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const NoAutocast no_autocast;
   const Activation act = parse_activation(activation);
@@ -187,7 +188,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
       constexpr int K = decltype(kernel_size)::value;
       // Passes 1 and 3 use full 16-byte vectors where they can.
       Tensor partial_gu, partial_gu_xhat;
-      if (training || want_affine) {
+      if ((training && !group_sums) || want_affine) {
         dispatch_width<T>(width, [&](auto vector) {
           constexpr int V = decltype(vector)::value;
           const dim3 block = block_shape(g.c / V);
@@ -207,8 +208,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
           want_affine ? grad_beta.mutable_data_ptr<float>() : nullptr,
           partial_gu.defined() ? partial_gu.const_data_ptr<float>() : nullptr,
           partial_gu_xhat.defined() ? partial_gu_xhat.const_data_ptr<float>() : nullptr, partial_gu.defined() ? partial_gu.size(0) : 0,
-          var.const_data_ptr<float>(), gamma.const_data_ptr<float>(), float(eps), g.c, double(g.pixels), training);
+          var.const_data_ptr<float>(), gamma.const_data_ptr<float>(), float(eps), g.c, double(g.pixels), training && !group_sums);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (group_sums) {  // b and d from the process group's sums
+        const Tensor sums = batch_sums->to(at::kDouble), a = coef[0].to(at::kDouble);
+        coef[1].copy_(a * sums[0] / double(batch_count));
+        coef[2].copy_(a * sums[1] / double(batch_count));
+      }
       if (!want_x && !want_weight) return;
 
       // Pass 2 keeps K*K*V weight-gradient sums per thread: V = 4 channels for 3x3, 2 for 5x5 and 7x7.

@@ -58,6 +58,21 @@ class _AllGather(torch.autograd.Function):
         return grad[dist.get_rank(ctx.group)], None
 
 
+def merge_group_statistics(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, int]:
+    """The process group's batch mean and biased variance, and its total count, from every
+    process's (count, mean, biased variance): Chan's merge, in double (no sum of squares)."""
+    local = torch.cat([mean.double(), var.double(), mean.new_full((1,), count, dtype=torch.float64)])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    stacked = torch.stack(gathered)
+    channels = mean.shape[0]
+    counts, means, variances = stacked[:, -1:], stacked[:, :channels], stacked[:, channels : 2 * channels]
+    total = counts.sum()
+    global_mean = (counts * means).sum(0) / total
+    global_var = (counts * (variances + (means - global_mean) ** 2)).sum(0) / total
+    return global_mean.to(mean.dtype), global_var.to(var.dtype), int(total.item())
+
+
 def synced_batch_norm(z: Tensor, bn: nn.SyncBatchNorm, step: BatchNormStep) -> Tensor:
     """batch_norm(z) in training with the statistics of the whole batch across `bn`'s process
     group, as nn.SyncBatchNorm computes them but on any device and backend (gloo on the CPU

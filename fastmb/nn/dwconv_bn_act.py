@@ -1,11 +1,12 @@
 """DWConvBNAct: a drop-in for torchvision's depthwise Conv2dNormActivation."""
 
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from fastmb.nn.batch_norm import batch_norm_step, synced_batch_norm, synchronised
+from fastmb.nn.batch_norm import batch_norm_step, synchronised
 from fastmb.ops.activations import ACTIVATIONS
 from fastmb.ops.common import check_choice, check_tensor, integer, pair, real
-from fastmb.ops.dwconv_bn_act import run_dwconv_bn_act
+from fastmb.ops.dwconv_bn_act import run_dwconv_bn_act, run_synced_dwconv_bn_act
 
 
 class DWConvBNAct(nn.Sequential):
@@ -16,8 +17,8 @@ class DWConvBNAct(nn.Sequential):
     ("hardswish", "relu", "relu6" or "identity") has no parameters and no child. Training and
     eval follow ``nn.BatchNorm2d`` exactly, ``momentum=None`` and ``num_batches_tracked`` included.
     Child "1" may be an ``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm``): in
-    training across processes the batch statistics and their gradients are then synchronised
-    over its process group, on any device (the CPU with gloo too), through plain PyTorch ops.
+    training across processes the batch statistics and the backward's sums are then synchronised
+    over its process group, inside the fused ops, on any device (the CPU with gloo too).
     """
 
     def __init__(
@@ -74,8 +75,11 @@ class DWConvBNAct(nn.Sequential):
             raise ValueError(f"x has {x.shape[1]} channels but this DWConvBNAct has {conv.in_channels}")
         step = batch_norm_step(bn)
         if synchronised(bn):  # statistics over the process group's whole batch
-            z = nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-            return ACTIVATIONS[self.activation].forward(synced_batch_norm(z, bn, step))
+            return run_synced_dwconv_bn_act(
+                x, conv.weight, bn.weight, bn.bias, step.running_mean, step.running_var,
+                (list(conv.stride), list(conv.padding), list(conv.dilation)), bn.eps, step.momentum, self.activation,
+                bn.process_group or dist.group.WORLD,
+            )  # fmt: skip
         return run_dwconv_bn_act(
             x,
             conv.weight,

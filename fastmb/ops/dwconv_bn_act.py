@@ -5,6 +5,7 @@ import numbers
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from fastmb import _extension, dispatch
@@ -135,6 +136,59 @@ def run_dwconv_bn_act(
     return y
 
 
+class _SyncedDWConvBNAct(torch.autograd.Function):
+    """dwconv_bn_act in training with a batch norm synchronised over a process group, on the
+    backend's fused operators: a statistics pass (the training forward, its output unused), the
+    group's statistics (Chan's merge of every process's), a normalise pass (the forward with those
+    statistics); backward: the sums of dL/du and dL/du * x_hat (the eval backward's BN grads),
+    all-reduced, then dL/dx and dL/dw from the group's sums (batch_sums). The BN affine grads are
+    this process's own, as DDP expects."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, kernel, conv, eps, activation, group):
+        from fastmb.nn.batch_norm import merge_group_statistics
+
+        _, mean, var = kernel.forward(x, weight, bn_weight, bn_bias, None, None, *conv, eps, True, activation)
+        shape = dwconv_output_shape(x, weight, *conv)
+        mean, var, total = merge_group_statistics(mean, var, shape[0] * shape[2] * shape[3], group)
+        y = kernel.forward(x, weight, bn_weight, bn_bias, mean, var, *conv, eps, False, activation)[0]
+        ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var)
+        ctx.kernel, ctx.arguments, ctx.group, ctx.total = kernel, (*conv, eps), group, total
+        ctx.activation = activation
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var, total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_total):
+        x, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+        args = (x, weight, bn_weight, bn_bias, mean, var, *ctx.arguments)
+        _, _, sum_gu_xhat, sum_gu = ctx.kernel.backward(grad_y, *args, False, ctx.activation, [False, False, True])
+        sums = torch.stack([sum_gu, sum_gu_xhat]).double()
+        dist.all_reduce(sums, group=ctx.group)
+        needs = ctx.needs_input_grad
+        grad_x, grad_weight, _, _ = ctx.kernel.backward(grad_y, *args, True, ctx.activation, [needs[0], needs[1], False], sums, ctx.total)
+        return (grad_x if needs[0] else None, grad_weight if needs[1] else None, sum_gu_xhat if needs[2] else None,
+                sum_gu if needs[3] else None, None, None, None, None, None)  # fmt: skip
+
+
+def run_synced_dwconv_bn_act(
+    x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, conv: tuple[list[int], list[int], list[int]], eps: float, momentum: float, activation: str, group,
+) -> Tensor:  # fmt: skip
+    """dwconv_bn_act in training with the batch statistics of `group`'s whole batch (an
+    nn.SyncBatchNorm's), on the fused operators of the backend the inputs select; updates the
+    running statistics with the group's mean and unbiased variance."""
+    args = (x, weight, bn_weight, bn_bias, None, None, *conv, float(eps), True, activation)
+    kernel = dispatch.select_kernel(OP, x.device.type, args)
+    y, mean, var, total = _SyncedDWConvBNAct.apply(x, weight, bn_weight, bn_bias, kernel, conv, float(eps), activation, group)
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_((var * (total / (total - 1))).to(running_var.dtype), alpha=momentum)
+    return y
+
+
 def _cuda_supports(x: Tensor, weight: Tensor, bn_weight, bn_bias, running_mean, running_var, stride, padding, *args) -> bool:
     """What fastmb._C's CUDA kernels take: square 3/5/7 kernels, float32/16 and bfloat16, and
     pixel counts (input and padded) that index in 32 bits (offsets are 64-bit)."""
@@ -155,7 +209,10 @@ def _fake_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stri
     return new_output(dwconv_output_shape(x, weight, stride, padding, dilation), x), stats, torch.empty_like(stats)
 
 
-def _fake_backward(grad_y, x, weight, bn_weight, bn_bias, mean, var, stride, padding, dilation, eps, training, activation, output_mask):
+def _fake_backward(
+    grad_y, x, weight, bn_weight, bn_bias, mean, var, stride, padding, dilation, eps, training, activation, output_mask, batch_sums=None,
+    batch_count=0,
+):
     affine_dtype = bn_weight.dtype if bn_weight is not None else mean.dtype
     affine = mean.new_empty(x.shape[1] if output_mask[2] else 0, dtype=affine_dtype)
     return (

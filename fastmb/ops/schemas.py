@@ -10,7 +10,7 @@ DWCONV_BN_ACT = (
 DWCONV_BN_ACT_BACKWARD = (
     "(Tensor grad_y, Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor mean, "
     "Tensor var, int[2] stride, int[2] padding, int[2] dilation, float eps, bool training, "
-    "str activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
+    "str activation, bool[3] output_mask, Tensor? batch_sums=None, int batch_count=0) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 SQUEEZE_EXCITATION = (
     "(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "

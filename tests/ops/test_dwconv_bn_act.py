@@ -218,6 +218,9 @@ def test_opcheck(backend, device, training, opcheck_utils):
     backward_args = (*tensors, *conv, 1e-5, training, "hardswish")
     torch.library.opcheck(kernel.backward, (*backward_args, [True, True, True]), test_utils=opcheck_utils)
     torch.library.opcheck(kernel.backward, (*backward_args, [True, False, False]), test_utils=opcheck_utils)
+    if training:  # with a process group's sums (a synchronised batch norm)
+        sums = torch.randn(2, 4, dtype=torch.float64, device=device)
+        torch.library.opcheck(kernel.backward, (*backward_args, [True, True, False], sums, 100), test_utils=opcheck_utils)
 
 
 def valid_arguments(device="cpu"):
@@ -346,3 +349,21 @@ def test_weight_gradient_where_its_sums_cancel(backend, device):
         oracle = run(clone_as(eager, torch.float64), x.double(), grad.double())
         baseline = run(eager.to(device), x.to(device), grad.to(device))
         assert_close_to_oracle(run(fused.to(device), x.to(device), grad.to(device)), baseline, oracle, torch.float32)
+
+
+def test_backward_with_batch_sums_equals_the_batchs_own(backend, device):
+    """The backward operator's batch_sums (a process group's sums of dL/du and dL/du * x_hat):
+    given this batch's own, every backend's training backward is unchanged."""
+    kernel = dispatch.kernels("dwconv_bn_act")[backend]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, 7, generator=generator).to(device)
+    weight, gamma, beta = torch.randn(5, 1, 3, 3).to(device), torch.rand(5).add(0.5).to(device), torch.randn(5).to(device)
+    conv = ([2, 2], [1, 1], [1, 1])
+    _, mean, var = kernel.forward(x, weight, gamma, beta, None, None, *conv, 1e-5, True, "hardswish")
+    grad_y = torch.randn(2, 5, 4, 4, generator=generator).to(device)
+    args = (grad_y, x, weight, gamma, beta, mean, var, *conv, 1e-5)
+    _, _, sum_gu_xhat, sum_gu = kernel.backward(*args, False, "hardswish", [False, False, True])
+    expected = kernel.backward(*args, True, "hardswish", [True, True, False])
+    actual = kernel.backward(*args, True, "hardswish", [True, True, False], torch.stack([sum_gu, sum_gu_xhat]).double(), 2 * 4 * 4)
+    for got, want in zip(actual[:2], expected[:2]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

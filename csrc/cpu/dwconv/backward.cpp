@@ -38,9 +38,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(const Tensor& 
                                                                   const std::optional<Tensor>& bn_bias, const Tensor& mean_in,
                                                                   const Tensor& var_in, at::IntArrayRef stride, at::IntArrayRef padding,
                                                                   at::IntArrayRef dilation, double eps, bool training,
-                                                                  c10::string_view activation, std::array<bool, 3> output_mask) {
+                                                                  c10::string_view activation, std::array<bool, 3> output_mask,
+                                                                  const std::optional<Tensor>& batch_sums, int64_t batch_count) {
   const Geometry g = checked_geometry("dwconv_bn_act_backward", x_in, weight, stride, padding, dilation, bn_weight, bn_bias);
-  check_dwconv_backward(grad_y_in, x_in, g, mean_in, var_in);
+  check_dwconv_backward(grad_y_in, x_in, g, mean_in, var_in, batch_sums, batch_count);
   const NoAutocast no_autocast;
   const Activation act = parse_activation(activation);
   const at::ScalarType acc_type = at::toOpMathType(x_in.scalar_type());
@@ -76,7 +77,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(const Tensor& 
     }
     const BnParams<Acc> bn{pm, invstd.data(), pg, beta.const_data_ptr<Acc>()};
 
-    if (training || output_mask[2]) {
+    // The batch statistics' share of dL/dz, from the sums of dL/du and dL/du * x_hat over the
+    // batch (this call's own, or the process group's in batch_sums).
+    const auto batch_terms = [&](int64_t c, double sum_gu, double sum_gu_xhat, double count) {
+      b[c] = a[c] * Acc(sum_gu / count);
+      d[c] = a[c] * Acc(sum_gu_xhat / count);
+    };
+    if ((training && !batch_sums.has_value()) || output_mask[2]) {
       const int threads = at::get_num_threads();
       std::vector<double> sums(2 * threads * g.c, 0.0);
       at::parallel_for(0, g.n * g.ho, row_grain(g), [&](int64_t begin, int64_t end) {
@@ -100,11 +107,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(const Tensor& 
           grad_beta_values[c] = Acc(sum_gu);
           grad_gamma_values[c] = Acc(sum_gu_xhat);
         }
-        if (training) {  // the batch statistics' share of dL/dz
-          b[c] = a[c] * Acc(sum_gu / double(values));
-          d[c] = a[c] * Acc(sum_gu_xhat / double(values));
-        }
+        if (training && !batch_sums.has_value()) batch_terms(c, sum_gu, sum_gu_xhat, double(values));
       }
+    }
+    if (training && batch_sums.has_value()) {
+      const Tensor group_sums = batch_sums->to(at::kDouble).contiguous();
+      for (int64_t c = 0; c < g.c; ++c)
+        batch_terms(c, group_sums.const_data_ptr<double>()[c], group_sums.const_data_ptr<double>()[g.c + c], double(batch_count));
     }
     if (!output_mask[0] && !output_mask[1]) return;
 

@@ -64,6 +64,8 @@ def backward(
     training: bool,
     activation: str,
     output_mask: list[bool],
+    batch_sums: Tensor | None = None,
+    batch_count: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dtype = mean.dtype
     with autocast_off(x.device.type):
@@ -76,11 +78,13 @@ def backward(
         grad_beta = grad_u.sum(dim=(0, 2, 3))
         grad_gamma = (grad_u * x_hat).sum(dim=(0, 2, 3))
         grad_z = grad_u
-        count = z.numel() // max(z.shape[1], 1)
+        sum_gu, sum_gu_xhat, count = grad_beta, grad_gamma, z.numel() // max(z.shape[1], 1)
+        if batch_sums is not None:  # the whole batch's, across processes
+            sum_gu, sum_gu_xhat, count = batch_sums[0].to(dtype), batch_sums[1].to(dtype), batch_count
         if training and count > 0:
             # BN's batch statistics depend on z: remove the mean of grad_u and its
             # projection on x_hat.
-            grad_z = grad_u - _per_channel(grad_beta / count) - x_hat * _per_channel(grad_gamma / count)
+            grad_z = grad_u - _per_channel(sum_gu / count) - x_hat * _per_channel(sum_gu_xhat / count)
         grad_z = grad_z * _per_channel(gamma * invstd)
         grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
             grad_z, x_, weight_, None, stride, padding, dilation, False, [0, 0], x.shape[1],
