@@ -116,6 +116,11 @@ CASES: dict[str, tuple[str, tuple[str, str] | None]] = {
     "from_modules, batch norm of other channels": (
         "fastmb.nn.DWConvBNAct.from_modules(nn.Conv2d(4, 4, 3, groups=4, bias=False), nn.BatchNorm2d(5))",
         ("ValueError", "bn must be an nn.BatchNorm2d .*over the conv.s 4 channels")),
+    "ConvBNAct kernel_size 0": ("fastmb.nn.ConvBNAct(8, 16, kernel_size=0)", ("ValueError", "kernel_size must be at least 1")),
+    "ConvBNAct stride 0": ("fastmb.nn.ConvBNAct(8, 16, stride=0)", ("ValueError", "stride must be at least 1")),
+    "ConvBNAct dilation -1": ("fastmb.nn.ConvBNAct(8, 16, dilation=-1)", ("ValueError", "dilation must be at least 1")),
+    "ConvBNAct no input channels": ("fastmb.nn.ConvBNAct(0, 16)", ("ValueError", "in_channels must be at least 1")),
+    "ConvBNAct.from_modules, not a conv": ("fastmb.nn.ConvBNAct.from_modules(nn.Linear(2, 2), nn.BatchNorm2d(2))", ("ValueError", "conv must be an nn.Conv2d")),
     "SqueezeExcitation no squeeze channels": ("fastmb.nn.SqueezeExcitation(8, 0)", ("ValueError", "squeeze_channels must be at least 1")),
     "SqueezeExcitation.from_modules, 3x3 fc": (
         "fastmb.nn.SqueezeExcitation.from_modules(nn.Conv2d(8, 4, 3), nn.Conv2d(4, 8, 1))", ("ValueError", "fc1 must be a 1x1")),

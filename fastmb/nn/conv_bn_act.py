@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from fastmb import _extension
 from fastmb.nn.batch_norm import batch_norm_step, synced_batch_norm, synchronised
 from fastmb.ops.activations import ACTIVATIONS, activation_name
-from fastmb.ops.common import bn_affine, check_choice, differentiable_grads, runs_composite
+from fastmb.ops.common import bn_affine, check_choice, differentiable_grads, integer, runs_composite
 
 _NATIVE_FOLD = _extension.has_kernel("fold_conv_bn", "CPU")
 _NATIVE_CONV1X1 = _extension.has_kernel("conv1x1_bn_act", "CPU")
@@ -97,6 +97,9 @@ class ConvBNAct(nn.Sequential):
         norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
     ) -> None:
         check_choice("activation", activation, ACTIVATIONS)
+        in_channels, out_channels = integer("in_channels", in_channels, 1), integer("out_channels", out_channels, 1)
+        kernel_size, stride = integer("kernel_size", kernel_size, 1), integer("stride", stride, 1)
+        groups, dilation = integer("groups", groups, 1), integer("dilation", dilation, 1)
         padding = (kernel_size - 1) // 2 * dilation
         layers = [
             nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False),
@@ -111,6 +114,10 @@ class ConvBNAct(nn.Sequential):
     def from_modules(cls, conv: nn.Conv2d, norm: nn.Module, activation: nn.Module | None = None) -> "ConvBNAct":
         """The module around existing `conv`, `norm` and (optional) `activation` modules, which
         it shares (fastmb.convert uses this)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"conv must be an nn.Conv2d, got {conv!r}")
+        if not isinstance(norm, nn.Module) or (activation is not None and not isinstance(activation, nn.Module)):
+            raise ValueError("norm and activation must be nn.Modules")
         module = cls.__new__(cls)
         nn.Sequential.__init__(module, *(m for m in (conv, norm, activation) if m is not None))
         module._setup()
