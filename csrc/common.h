@@ -22,6 +22,9 @@ inline Activation parse_activation(c10::string_view name_in) {
   if (name == "hardswish") return Activation::kHardswish;
   if (name == "relu") return Activation::kRelu;
   if (name == "relu6") return Activation::kRelu6;
+  if (name == "silu") return Activation::kSilu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
   TORCH_CHECK(name == "identity", "fastmb: unknown activation '", std::string(name), "'");
   return Activation::kIdentity;
 }
@@ -81,27 +84,30 @@ inline Geometry dwconv_geometry(const char* op, const at::Tensor& x, const at::T
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "fastmb::", op, ": x and weight dtypes differ (", x.scalar_type(), ", ",
               weight.scalar_type(), ")");
   TORCH_CHECK(weight.device() == x.device(), "fastmb::", op, ": weight is on ", weight.device(), " but x is on ", x.device());
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "fastmb::", op,
-              ": stride, padding and dilation must have two values each");
+  TORCH_CHECK(stride.size() == 2 && (padding.size() == 2 || padding.size() == 4) && dilation.size() == 2, "fastmb::", op,
+              ": stride and dilation must have two values each, padding two (h, w) or four (top, bottom, left, right)");
   for (const auto& [name, vector] : vectors) check_vector(op, name, *vector, x.size(1), x);
   Geometry g{};
   g.n = x.size(0), g.c = x.size(1), g.h = x.size(2), g.w = x.size(3);
   g.kh = weight.size(2), g.kw = weight.size(3);
-  g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
+  // The kernels read the top and left padding; the bottom and right only set the output size.
+  const bool sides = padding.size() == 4;
+  const int64_t bottom = sides ? padding[1] : padding[0], right = sides ? padding[3] : padding[1];
+  g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[sides ? 2 : 1], g.dh = dilation[0], g.dw = dilation[1];
   TORCH_CHECK(g.sh >= 1 && g.sw >= 1, "fastmb::", op, ": stride must be at least 1, got ", stride);
-  TORCH_CHECK(g.ph >= 0 && g.pw >= 0, "fastmb::", op, ": padding must be at least 0, got ", padding);
+  TORCH_CHECK(g.ph >= 0 && g.pw >= 0 && bottom >= 0 && right >= 0, "fastmb::", op, ": padding must be at least 0, got ", padding);
   TORCH_CHECK(g.dh >= 1 && g.dw >= 1, "fastmb::", op, ": dilation must be at least 1, got ", dilation);
-  const auto output_size = [&](int64_t size, int64_t kernel, int64_t s, int64_t p, int64_t d) {
-    int64_t twice_p, padded, span;  // size + 2p, and the kernel's extent (k - 1) * d + 1
-    const bool overflow = __builtin_mul_overflow(p, int64_t(2), &twice_p) || __builtin_add_overflow(size, twice_p, &padded) ||
+  const auto output_size = [&](int64_t size, int64_t kernel, int64_t s, int64_t p_begin, int64_t p_end, int64_t d) {
+    int64_t p, padded, span;  // both sides' padding, size + p, and the kernel's extent (k - 1) * d + 1
+    const bool overflow = __builtin_add_overflow(p_begin, p_end, &p) || __builtin_add_overflow(size, p, &padded) ||
                           __builtin_mul_overflow(kernel - 1, d, &span);
     TORCH_CHECK(!overflow, "fastmb::", op, ": padding ", padding, " or dilation ", dilation, " overflow 64-bit sizes");
     TORCH_CHECK(padded > span, "fastmb::", op, ": the output would be empty: input ", x.sizes(), ", kernel ",
                 weight.sizes().slice(2), ", stride ", stride, ", padding ", padding, ", dilation ", dilation);
     return (padded - span - 1) / s + 1;
   };
-  g.ho = output_size(g.h, g.kh, g.sh, g.ph, g.dh);
-  g.wo = output_size(g.w, g.kw, g.sw, g.pw, g.dw);
+  g.ho = output_size(g.h, g.kh, g.sh, g.ph, bottom, g.dh);
+  g.wo = output_size(g.w, g.kw, g.sw, g.pw, right, g.dw);
   int64_t rows;
   TORCH_CHECK(!__builtin_mul_overflow(g.n, g.ho, &rows) && !__builtin_mul_overflow(rows, g.wo, &g.pixels), "fastmb::", op,
               ": the output's size overflows 64 bits");

@@ -14,7 +14,7 @@ TORCH_LIBRARY(fastmb, m) {
   // statistics in training (var biased), the running statistics in eval; kept for backward.
   m.def(
       "dwconv_bn_act(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, "
-      "Tensor? running_mean, Tensor? running_var, int[2] stride, int[2] padding, "
+      "Tensor? running_mean, Tensor? running_var, int[2] stride, int[] padding, "
       "int[2] dilation, float eps, bool training, str activation) -> (Tensor, Tensor, Tensor)");
   // Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias); an entry whose output_mask
   // flag (x, weight, bn affine) is false is an empty tensor. In training, batch_sums (2, C), the
@@ -22,7 +22,7 @@ TORCH_LIBRARY(fastmb, m) {
   // synchronised batch norm's, over its process group).
   m.def(
       "dwconv_bn_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? bn_weight, "
-      "Tensor? bn_bias, Tensor mean, Tensor var, int[2] stride, int[2] padding, "
+      "Tensor? bn_bias, Tensor mean, Tensor var, int[2] stride, int[] padding, "
       "int[2] dilation, float eps, bool training, str activation, bool[3] output_mask, Tensor? batch_sums=None, "
       "int batch_count=0) "
       "-> (Tensor, Tensor, Tensor, Tensor)");

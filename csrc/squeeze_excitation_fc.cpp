@@ -16,6 +16,9 @@ Tensor activation_forward(Activation act, const Tensor& v) {
     case Activation::kHardswish: return at::hardswish(v);
     case Activation::kRelu: return at::relu(v);
     case Activation::kRelu6: return at::hardtanh(v, 0.0, 6.0);
+    case Activation::kSilu: return at::silu(v);
+    case Activation::kGelu: return at::gelu(v);
+    case Activation::kGeluTanh: return at::gelu(v, "tanh");
     default: return v;
   }
 }
@@ -25,6 +28,9 @@ Tensor activation_backward(Activation act, const Tensor& grad, const Tensor& pre
     case Activation::kHardswish: return at::hardswish_backward(grad, pre_activation);
     case Activation::kRelu: return at::threshold_backward(grad, pre_activation, 0.0);
     case Activation::kRelu6: return at::hardtanh_backward(grad, pre_activation, 0.0, 6.0);
+    case Activation::kSilu: return at::silu_backward(grad, pre_activation);
+    case Activation::kGelu: return at::gelu_backward(grad, pre_activation);
+    case Activation::kGeluTanh: return at::gelu_backward(grad, pre_activation, "tanh");
     default: return grad;
   }
 }

@@ -24,6 +24,13 @@ def activate(u, ACT: tl.constexpr):
     elif ACT == 2:
         v = tl.where(u < 0.0, 0.0, u)
         return tl.where(v > 6.0, 6.0, v)
+    elif ACT == 4:
+        return u * tl.sigmoid(u)
+    elif ACT == 5:
+        return 0.5 * u * (1.0 + tl.erf(u * 0.7071067811865476))
+    elif ACT == 6:
+        # 0.5 u (1 + tanh(k)) as the identity u * sigmoid(2k): no tanh, no cancellation for u << 0
+        return u * tl.sigmoid(u * (1.5957691216057308 + 0.07135481627260025 * u * u))
     else:
         return u
 
@@ -38,6 +45,16 @@ def activation_grad(g, u, ACT: tl.constexpr):
         return tl.where(u <= 0.0, 0.0, g)
     elif ACT == 2:
         return tl.where((u > 0.0) & (u < 6.0), g, 0.0)
+    elif ACT == 4:
+        # 1 - s as sigmoid(-u): accurate where s is near 1 and u large
+        return g * (tl.sigmoid(u) * (1.0 + u * tl.sigmoid(-u)))
+    elif ACT == 5:
+        cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
+        return g * (cdf + u * 0.3989422804014327 * tl.exp(-0.5 * u * u))
+    elif ACT == 6:
+        k = u * (1.5957691216057308 + 0.07135481627260025 * u * u)
+        s = tl.sigmoid(k)
+        return g * (s + u * s * tl.sigmoid(-k) * (1.5957691216057308 + 0.21406444881780076 * u * u))
     else:
         return g
 

@@ -23,7 +23,7 @@ def eager_dwconv_bn_act(
     return nn.Sequential(
         nn.Conv2d(channels, channels, kernel_size, stride, padding, dilation, groups=channels, bias=False),
         nn.BatchNorm2d(channels, momentum=momentum),
-        ACTIVATIONS[activation].module(),
+        ACTIVATIONS[activation].make_module(inplace=False),
     )
 
 
@@ -34,7 +34,7 @@ class EagerSqueezeExcitation(nn.Module):
         super().__init__()
         self.fc1 = nn.Conv2d(channels, squeeze, 1)
         self.fc2 = nn.Conv2d(squeeze, channels, 1)
-        self.activation = ACTIVATIONS[activation].module()
+        self.activation = ACTIVATIONS[activation].make_module(inplace=False)
         self.gate = GATES[gate].module()
 
     def forward(self, x: Tensor) -> Tensor:

@@ -60,8 +60,8 @@ def test_shares_parameters_keeps_training_mode_and_reports_what_it_left(caplog):
     dense = Conv2dNormActivation(8, 16, 3)
     depthwise = Conv2dNormActivation(16, 16, 5, stride=2, groups=16, activation_layer=nn.Hardswish)
     with_bias = Conv2dNormActivation(16, 16, 3, groups=16, bias=True)
-    gelu = Conv2dNormActivation(16, 16, 3, groups=16, activation_layer=nn.GELU, inplace=None)
-    model = nn.Sequential(dense, nn.Sequential(depthwise, with_bias, gelu), nn.Sequential(nn.Conv2d(16, 4, 1), nn.ReLU())).train()
+    mish = Conv2dNormActivation(16, 16, 3, groups=16, activation_layer=nn.Mish)
+    model = nn.Sequential(dense, nn.Sequential(depthwise, with_bias, mish), nn.Sequential(nn.Conv2d(16, 4, 1), nn.ReLU())).train()
     original = copy.deepcopy(model)
     conv_weight = depthwise[0].weight
     with caplog.at_level(logging.INFO, logger="fastmb"):
@@ -72,10 +72,10 @@ def test_shares_parameters_keeps_training_mode_and_reports_what_it_left(caplog):
     # The rest keep their modules: only the pointwise-layer wrapper around them changes.
     assert isinstance(model[0], fastmb.nn.ConvBNAct) and model[0][0] is dense[0] and model[0][2] is dense[2]
     assert isinstance(model[1][1], fastmb.nn.ConvBNAct) and model[1][1][0] is with_bias[0]
-    assert isinstance(model[1][2], fastmb.nn.ConvBNAct) and model[1][2][2] is gelu[2]
+    assert isinstance(model[1][2], fastmb.nn.ConvBNAct) and model[1][2][2] is mish[2]
     assert type(model[2]) is nn.Sequential  # no batch norm: nothing to fuse
     assert "left 1 depthwise stage: the conv has a bias" in caplog.text
-    assert "left 1 depthwise stage: activation GELU is not one fastmb fuses" in caplog.text
+    assert "left 1 depthwise stage: activation Mish is not one fastmb fuses" in caplog.text
     assert list(model.state_dict()) == list(original.state_dict())
     x = torch.randn(2, 8, 12, 12)
     for training in (True, False):

@@ -57,5 +57,6 @@ def test_activation_and_gate_codes_match_the_kernels():
         pytest.skip("needs the source tree")
     enums, parsing = (csrc / "activations.h").read_text(), (csrc / "common.h").read_text()
     for entry in (*ACTIVATIONS.values(), *GATES.values()):
-        assert f"k{entry.name.capitalize()} = {entry.code}" in enums, entry.name
+        enumerator = "k" + "".join(part.capitalize() for part in entry.name.split("_"))  # gelu_tanh: kGeluTanh
+        assert f"{enumerator} = {entry.code}" in enums, entry.name
         assert f'"{entry.name}"' in parsing, entry.name

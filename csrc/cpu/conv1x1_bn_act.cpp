@@ -10,6 +10,7 @@
 
 #include "../common.h"
 #include "vec.h"
+#include "vec_math.h"
 
 namespace fastmb::cpu {
 namespace {
@@ -18,13 +19,19 @@ using at::Tensor;
 
 // y[p][k] = act(y[p][k] * scale[k] + shift[k]) for pixels [p0, p1) of rows of c values.
 template <typename T>
-FASTMB_MULTIVERSION void scale_shift_activate(T* y, const T* scale, const T* shift, ActivationFn<T> act, int64_t c, int64_t p0, int64_t p1) {
+FASTMB_MULTIVERSION void scale_shift_activate(T* y, const T* scale, const T* shift, Activation activation, int64_t c, int64_t p0,
+                                              int64_t p1) {
   using V = Vec<T>;
+  const ActivationFn<T> act(activation);
+  const bool smooth = is_smooth(activation);
   for (int64_t p = p0; p < p1; ++p) {
     T* row = y + p * c;
     int64_t k = 0;
-    for (; k + V::kLanes <= c; k += V::kLanes) V::store(row + k, act(V::load(row + k) * V::load(scale + k) + V::load(shift + k)));
-    for (; k < c; ++k) row[k] = act(row[k] * scale[k] + shift[k]);
+    for (; k + V::kLanes <= c; k += V::kLanes) {
+      const typename V::type u = V::load(row + k) * V::load(scale + k) + V::load(shift + k);
+      V::store(row + k, smooth ? smooth_activation<VecMath, T>(activation, u) : act(u));
+    }
+    for (; k < c; ++k) row[k] = smooth ? smooth_activation<VecMath, T>(activation, row[k] * scale[k] + shift[k]) : act(row[k] * scale[k] + shift[k]);
   }
 }
 
@@ -57,7 +64,7 @@ Tensor conv1x1_bn_act(const Tensor& x, const Tensor& weight, const Tensor& gamma
     }
     scalar_t* data = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, pixels, std::max<int64_t>(1, 16384 / out_channels), [&](int64_t p0, int64_t p1) {
-      scale_shift_activate<scalar_t>(data, scale.data(), shift.data(), ActivationFn<scalar_t>(act), out_channels, p0, p1);
+      scale_shift_activate<scalar_t>(data, scale.data(), shift.data(), act, out_channels, p0, p1);
     });
   });
   return y.view({n, h, w, out_channels}).permute({0, 3, 1, 2});  // channels_last, as the conv returns it

@@ -24,7 +24,9 @@ inline CudaGeometry cuda_geometry(const char* op, const at::Tensor& x, const at:
   TORCH_CHECK(g.kh == g.kw && (g.kh == 3 || g.kh == 5 || g.kh == 7), "fastmb::", op,
               ": the CUDA kernels take square 3x3, 5x5 or 7x7 kernels (others run on the reference backend)");
   constexpr double kLimit = 2147483647.0;  // in double: the products below cannot overflow
-  const double padded_pixels = double(g.n) * (double(g.h) + 2.0 * double(g.ph)) * (double(g.w) + 2.0 * double(g.pw));
+  // the padded extent the taps read: (o - 1) * s + (k - 1) * d + 1 rows and columns
+  const double padded_pixels = double(g.n) * (double(g.ho - 1) * g.sh + double(g.kh - 1) * g.dh + 1) *
+                               (double(g.wo - 1) * g.sw + double(g.kw - 1) * g.dw + 1);
   const bool fits = padded_pixels < kLimit && double(g.pixels) < kLimit && g.c < (int64_t(1) << 21) &&
                     double(g.kh - 1) * double(g.dh) < kLimit && double(g.kw - 1) * double(g.dw) < kLimit && g.sh < kLimit && g.sw < kLimit;
   TORCH_CHECK(fits, "fastmb::", op, ": the CUDA kernels take padded inputs and outputs of fewer than 2^31 pixels and fewer than ",

@@ -26,9 +26,11 @@ class Activation:
     # whether backward needs u (eager's module then saves its input for backward)
     saves_input: bool = True
 
-    def make_module(self) -> nn.Module:
-        """The torch.nn module (in place where it can be, as torchvision builds them)."""
-        return self.module(inplace=True) if self.in_place is not None else self.module()
+    def make_module(self, inplace: bool = True) -> nn.Module:
+        """The torch.nn module, in place where it can be (as torchvision builds them) unless told not."""
+        if self.name == "gelu_tanh":
+            return nn.GELU(approximate="tanh")
+        return self.module(inplace=True) if inplace and self.in_place is not None else self.module()
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,15 @@ ACTIVATIONS: dict[str, Activation] = {
             lambda y: F.relu6(y, inplace=True),
         ),
         Activation("identity", nn.Identity, 3, lambda u: u, lambda grad, u: grad, saves_input=False),
+        Activation("silu", nn.SiLU, 4, F.silu, torch.ops.aten.silu_backward, lambda y: F.silu(y, inplace=True)),
+        Activation("gelu", nn.GELU, 5, F.gelu, torch.ops.aten.gelu_backward),
+        Activation(
+            "gelu_tanh",
+            nn.GELU,
+            6,
+            lambda u: F.gelu(u, approximate="tanh"),
+            lambda grad, u: torch.ops.aten.gelu_backward(grad, u, approximate="tanh"),
+        ),
     )
 }
 
@@ -73,17 +84,40 @@ GATES: dict[str, Gate] = {
     )
 }
 
-_ACTIVATION_BY_MODULE = {a.module: a.name for a in ACTIVATIONS.values()}
+_ACTIVATION_BY_MODULE = {a.module: a.name for a in ACTIVATIONS.values() if a.module is not nn.GELU}
 _GATE_BY_MODULE = {g.module: g.name for g in GATES.values()}
+
+
+def _gelu_name(module: nn.Module) -> str | None:
+    return {"none": "gelu", "tanh": "gelu_tanh"}.get(getattr(module, "approximate", "none"))
+
+
+# timm's own activation and gate classes (timm.layers.activations*), by class name, whose
+# forward computes the named activation.
+_TIMM_ACTIVATIONS = {
+    "Swish": "silu", "SwishMe": "silu", "HardSwish": "hardswish", "HardSwishMe": "hardswish", "GELU": "gelu", "GELUTanh": "gelu_tanh",
+}
+_TIMM_GATES = {"Sigmoid": "sigmoid", "HardSigmoid": "hardsigmoid", "HardSigmoidMe": "hardsigmoid"}
+
+
+def _timm_name(module: nn.Module, table: dict[str, str]) -> str | None:
+    cls = type(module)
+    if not cls.__module__.startswith("timm.layers.activations"):
+        return None
+    return table.get(cls.__name__)
 
 
 def activation_name(module: nn.Module | None) -> str | None:
     """The registry's name for activation module `module` (None: "identity"), or None if it has none."""
-    return "identity" if module is None else _ACTIVATION_BY_MODULE.get(type(module))
+    if module is None:
+        return "identity"
+    if type(module) is nn.GELU:
+        return _gelu_name(module)
+    return _ACTIVATION_BY_MODULE.get(type(module)) or _timm_name(module, _TIMM_ACTIVATIONS)
 
 
 def gate_name(module: nn.Module) -> str | None:
-    return _GATE_BY_MODULE.get(type(module))
+    return _GATE_BY_MODULE.get(type(module)) or _timm_name(module, _TIMM_GATES)
 
 
 def activation_forward(name: str, u: Tensor) -> Tensor:

@@ -69,6 +69,21 @@ def pair(name: str, value: int | Sequence[int], minimum: int) -> list[int]:
     return [integer(name, v, minimum) for v in values]
 
 
+def conv_padding(name: str, value: int | Sequence[int]) -> list[int]:
+    """A conv padding as the ops take it: an integer or [h, w] pair padding both sides alike, or
+    [top, bottom, left, right] (asymmetric, as timm's "same" padding needs at stride 2)."""
+    if isinstance(value, (tuple, list)) and len(value) == 4:
+        return [integer(name, v, 0) for v in value]
+    if isinstance(value, (tuple, list)) and len(value) != 2:
+        raise TypeError(f"{name} must be an integer, an [h, w] pair or [top, bottom, left, right], got {value!r}")
+    return pair(name, value, 0)
+
+
+def padding_sides(padding: Sequence[int]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of a padding conv_padding returned."""
+    return tuple(padding) if len(padding) == 4 else (padding[0], padding[0], padding[1], padding[1])
+
+
 def real(name: str, value: object, minimum: float = -math.inf) -> float:
     """A finite real number (not bool) of at least `minimum`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -84,19 +99,20 @@ def check_bool(name: str, value: object) -> bool:
     return value
 
 
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+def conv_output_size(size: int, kernel: int, stride: int, padding_total: int, dilation: int) -> int:
+    return (size + padding_total - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def dwconv_output_shape(
     x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
 ) -> tuple[int, int, int, int]:
     n, c, h, w = x.shape
+    top, bottom, left, right = padding_sides(padding)
     return (
         n,
         c,
-        conv_output_size(h, weight.shape[2], stride[0], padding[0], dilation[0]),
-        conv_output_size(w, weight.shape[3], stride[1], padding[1], dilation[1]),
+        conv_output_size(h, weight.shape[2], stride[0], top + bottom, dilation[0]),
+        conv_output_size(w, weight.shape[3], stride[1], left + right, dilation[1]),
     )
 
 

@@ -19,10 +19,12 @@ from fastmb.ops.common import (
     check_same_device,
     check_tensor,
     compute_dtype,
+    conv_padding,
     cpu_kernels_support,
     differentiable_grads,
     dwconv_output_shape,
     new_output,
+    padding_sides,
     pair,
     real,
     runs_composite,
@@ -53,7 +55,8 @@ def dwconv_bn_act(
     followed by ``F.batch_norm(..., training, momentum, eps)`` and the activation:
     ``training=True`` normalises with the batch statistics and updates ``running_mean`` and
     ``running_var`` in place (if given) with factor ``momentum``; ``training=False`` uses the
-    running statistics. ``padding=None`` means "same" padding, ``(k - 1) // 2 * dilation``.
+    running statistics. ``padding=None`` means "same" padding, ``(k - 1) // 2 * dilation``;
+    ``padding=(top, bottom, left, right)`` pads the sides unequally (timm's ``Conv2dSame``).
     Under autocast, x and weight are cast like ``conv2d``'s inputs; the output keeps x's
     memory format.
     """
@@ -85,7 +88,7 @@ def dwconv_bn_act(
     dilation = pair("dilation", dilation, 1)
     if padding is None:
         padding = [(k - 1) // 2 * d for k, d in zip(weight.shape[2:], dilation)]
-    padding = pair("padding", padding, 0)
+    padding = conv_padding("padding", padding)
     return run_dwconv_bn_act(
         x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, momentum, training, activation
     )
@@ -194,7 +197,8 @@ def _cuda_supports(x: Tensor, weight: Tensor, bn_weight, bn_bias, running_mean, 
     pixel counts (input and padded) that index in 32 bits (offsets are 64-bit)."""
     k = weight.shape[2]
     n, c, h, w = x.shape
-    padded_pixels = n * (h + 2 * padding[0]) * (w + 2 * padding[1])
+    top, bottom, left, right = padding_sides(padding)
+    padded_pixels = n * (h + top + bottom) * (w + left + right)
     return (
         x.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and k == weight.shape[3]

@@ -4,12 +4,12 @@ tests/ops/test_schemas.py keeps the two in step."""
 
 DWCONV_BN_ACT = (
     "(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, "
-    "Tensor? running_var, int[2] stride, int[2] padding, int[2] dilation, float eps, "
+    "Tensor? running_var, int[2] stride, int[] padding, int[2] dilation, float eps, "
     "bool training, str activation) -> (Tensor, Tensor, Tensor)"
 )
 DWCONV_BN_ACT_BACKWARD = (
     "(Tensor grad_y, Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor mean, "
-    "Tensor var, int[2] stride, int[2] padding, int[2] dilation, float eps, bool training, "
+    "Tensor var, int[2] stride, int[] padding, int[2] dilation, float eps, bool training, "
     "str activation, bool[3] output_mask, Tensor? batch_sums=None, int batch_count=0) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 SQUEEZE_EXCITATION = (

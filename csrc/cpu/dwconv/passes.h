@@ -34,12 +34,31 @@ FASTMB_INLINE void valid_outputs(int64_t tap, int64_t stride, int64_t pad, int64
   if (hi < lo) hi = lo;
 }
 
+// y[0:n] = act(y[0:n]) for a smooth activation (see ActivationFn): a second loop over values
+// still in L1, which keeps the exp-based forms out of the conv tiles' registers.
+template <typename Acc>
+void apply_smooth_activation(Acc* y, int64_t n, Activation act) {
+  using V = Vec<Acc>;
+  constexpr int64_t L = V::kLanes;
+  dispatch_activation(act, [&](auto a) {
+    constexpr Activation A = decltype(a)::value;
+    if constexpr (is_smooth(A)) {
+      int64_t k = 0;
+      for (; k + L <= n; k += L) V::store(y + k, smooth_activation<VecMath, Acc>(A, V::load(y + k)));
+      for (; k < n; ++k) y[k] = smooth_activation<VecMath, Acc>(A, y[k]);
+    }
+  });
+}
+
 template <int K, typename Acc>
 void eval_rows(Acc* y, const Acc* x, const Acc* w, const Acc* scale, const Acc* shift, const Geometry& g, Activation act, int64_t oh0,
                int64_t oh1) {
   const ActivationFn<Acc> activation(act);
-  for (int64_t oh = oh0; oh < oh1; ++oh)
-    conv_row<K>(StoreNormalized<Acc>{y + oh * g.wo * g.c, g.c, scale, shift, activation}, x, w, g, oh, 0, g.wo, 0, g.c);
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    Acc* row = y + oh * g.wo * g.c;
+    conv_row<K>(StoreNormalized<Acc>{row, g.c, scale, shift, activation}, x, w, g, oh, 0, g.wo, 0, g.c);
+    if (is_smooth(act)) apply_smooth_activation(row, g.wo * g.c, act);
+  }
 }
 
 template <int K, typename Acc>
@@ -96,6 +115,7 @@ void normalize(Acc* y, const Acc* z, const Acc* scale, const Acc* shift, Activat
     int64_t k = 0;
     for (; k + L <= c; k += L) V::store(yp + k, activation(V::load(zp + k) * V::load(scale + k) + V::load(shift + k)));
     for (; k < c; ++k) yp[k] = activation(zp[k] * scale[k] + shift[k]);
+    if (is_smooth(act)) apply_smooth_activation(yp, c, act);
   }
 }
 
@@ -106,7 +126,7 @@ template <Activation A, int W, typename Acc, typename VT = std::conditional_t<W 
 FASTMB_INLINE void grad_chain(const Acc* z, const Acc* gy, const BnParams<Acc>& p, int64_t c, VT& x_hat, VT& gu) {
   x_hat = (load_values<Acc, W>(z + c) - load_values<Acc, W>(p.mean + c)) * load_values<Acc, W>(p.invstd + c);
   const VT u = x_hat * load_values<Acc, W>(p.gamma + c) + load_values<Acc, W>(p.beta + c);
-  gu = activation_grad<A, Acc>(load_values<Acc, W>(gy + c), u);
+  gu = activation_grad<A, Acc, VecMath>(load_values<Acc, W>(gy + c), u);
 }
 
 // Backward pass 1's sums over a chunk of `pixels` x `nc` z values (grad_y rows gy_stride apart):

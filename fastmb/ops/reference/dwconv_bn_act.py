@@ -13,7 +13,17 @@ def _per_channel(v: Tensor) -> Tensor:
     return v[:, None, None]
 
 
+def _padded(x: Tensor, padding: list[int]) -> tuple[Tensor, list[int]]:
+    """x and the conv's padding: [top, bottom, left, right], which conv2d does not take, as an
+    explicit zero pad of x."""
+    if len(padding) == 2:
+        return x, padding
+    top, bottom, left, right = padding
+    return F.pad(x, (left, right, top, bottom)), [0, 0]
+
+
 def _conv(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    x, padding = _padded(x, padding)
     return F.conv2d(x, weight, None, stride, padding, dilation, groups=x.shape[1])
 
 
@@ -86,10 +96,13 @@ def backward(
             # projection on x_hat.
             grad_z = grad_u - _per_channel(sum_gu / count) - x_hat * _per_channel(sum_gu_xhat / count)
         grad_z = grad_z * _per_channel(gamma * invstd)
+        x_padded, conv_padding = _padded(x_, padding)
         grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad_z, x_, weight_, None, stride, padding, dilation, False, [0, 0], x.shape[1],
+            grad_z, x_padded, weight_, None, stride, conv_padding, dilation, False, [0, 0], x.shape[1],
             [output_mask[0], output_mask[1], False],
         )
+        if output_mask[0] and len(padding) == 4:
+            grad_x = grad_x[:, :, padding[0] : padding[0] + x.shape[2], padding[2] : padding[2] + x.shape[3]]
 
     affine_dtype = bn_weight.dtype if bn_weight is not None else dtype
     outputs = [x.new_empty(0), weight.new_empty(0), mean.new_empty(0, dtype=affine_dtype), mean.new_empty(0, dtype=affine_dtype)]
