@@ -35,12 +35,12 @@ class SEBlock:
 def mobilenet_v3_large_blocks(resolution: int = 224) -> tuple[list[DepthwiseStage], list[SEBlock]]:
     """The distinct depthwise stages and SE blocks of MobileNetV3-Large, in network order."""
     setting, _ = _mobilenet_v3_conf("mobilenet_v3_large")
-    size = conv_output_size(resolution, 3, 2, 1, 1)  # after the stride-2 stem
+    size = conv_output_size(resolution, 3, 2, 2, 1)  # after the stride-2 stem (padding 1 a side)
     stages, blocks = [], []
     for cnf in setting:
         stride = 1 if cnf.dilation > 1 else cnf.stride
         stage = DepthwiseStage(cnf.expanded_channels, cnf.kernel, stride, size, "hardswish" if cnf.use_hs else "relu")
-        size = conv_output_size(size, cnf.kernel, stride, (cnf.kernel - 1) // 2, 1)
+        size = conv_output_size(size, cnf.kernel, stride, cnf.kernel // 2 * 2, 1)
         if stage not in stages:
             stages.append(stage)
         block = SEBlock(cnf.expanded_channels, make_divisible(cnf.expanded_channels // 4, 8), size)

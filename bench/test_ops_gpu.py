@@ -51,7 +51,7 @@ def test_dwconv_bn_act_gpu(stage, dtype, mode, provider):
     eager = eager_dwconv_bn_act(stage.channels, stage.kernel, stage.stride, activation=stage.activation)
     fused = fastmb.nn.DWConvBNAct(stage.channels, stage.kernel, stage.stride, activation=stage.activation)
     fused.load_state_dict(eager.state_dict())
-    out = conv_output_size(stage.size, stage.kernel, stage.stride, (stage.kernel - 1) // 2, 1)
+    out = conv_output_size(stage.size, stage.kernel, stage.stride, stage.kernel // 2 * 2, 1)
     group = f"dwconv {mode}-bs{BATCH}-{str(dtype)[6:]} {stage.name}"
     time_provider(group, provider, eager, fused, (BATCH, stage.channels, stage.size, stage.size), dtype, mode,
                   BATCH * stage.channels * out * out)

@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Check a fastmb MobileNet against torchvision's (same weights), then time both: "
         "latency, throughput and speedup for torchvision eager and each available fastmb backend.",
     )
-    parser.add_argument("--model", choices=MODELS, default="mobilenet_v3_large")
+    parser.add_argument("--model", default="mobilenet_v3_large",
+                        help=f"one of {', '.join(MODELS)}, or timm:<name> for a timm model (fastmb.convert'ed)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=None, metavar="N",
                         help="one or more batch sizes (default: 1 and 16 on CPU, 1 and 256 on CUDA)")
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="also print per-layer params, MACs and bytes moved")
     parser.add_argument("--seconds", type=float, default=1.0, help="time budget per measurement")
     args = parser.parse_args(argv)
+    check_model(parser, args.model)
     if args.batch_size and min(args.batch_size) < 1:
         parser.error("--batch-size must be positive")
     if args.resolution < 1:
@@ -59,6 +61,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--seconds must be positive, got {args.seconds}")
     args.device = resolve_device(parser, args.device)
     return args
+
+
+def check_model(parser: argparse.ArgumentParser, name: str) -> None:
+    if name in MODELS:
+        return
+    if not name.startswith("timm:"):
+        parser.error(f"--model {name!r}: one of {', '.join(MODELS)}, or timm:<name>")
+    try:
+        import timm
+    except ImportError:
+        parser.error(f"--model {name}: timm is not installed (pip install timm)")
+    if name[5:] not in timm.list_models():
+        parser.error(f"--model {name}: timm has no model {name[5:]!r} (timm.list_models() lists them)")
 
 
 def resolve_device(parser: argparse.ArgumentParser, spec: str | None) -> torch.device:
@@ -97,6 +112,12 @@ def eager_copy(model: nn.Module) -> nn.Module:
 
 def build_pair(name: str) -> tuple[nn.Module, nn.Module, str]:
     """(baseline, fastmb model with the baseline's state_dict, baseline's name)."""
+    if name.startswith("timm:"):
+        import timm
+
+        baseline = timm.create_model(name[5:], pretrained=False)  # random weights: nothing downloads
+        calibrate_batch_norm(baseline, resolution=96)
+        return baseline, fastmb.convert(copy.deepcopy(baseline)), "timm"
     ours = getattr(fastmb, name)()
     if name == "mobilenet_v1":
         baseline, label = eager_copy(ours), "eager PyTorch"

@@ -2,8 +2,10 @@
 conv + BatchNorm + activation stages, other conv + BatchNorm (+ activation) layers, and SE
 blocks. Parameters and buffers are shared, so every state_dict key stays as it was."""
 
+import importlib.util
 import logging
 from collections import Counter
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -17,6 +19,8 @@ def _conv_bn_parts(module: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.Mod
     """(conv, bn, activation or None) of a Sequential(Conv2d, BatchNorm2d or SyncBatchNorm
     [, activation]), the layout of torchvision's Conv2dNormActivation, else None."""
     if type(module) not in (nn.Sequential, _torchvision_conv_norm_activation()) or len(module) not in (2, 3):
+        return None
+    if list(module._modules) != [str(i) for i in range(len(module))]:  # named children: the fused module would rename them
         return None
     conv, bn = module[0], module[1]
     if type(conv) is not nn.Conv2d or type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm) or bn.num_features != conv.out_channels:
@@ -67,14 +71,41 @@ def _torchvision_conv_norm_activation() -> type | None:
     return Conv2dNormActivation
 
 
-def convert(model: nn.Module) -> nn.Module:
-    """Swaps, in place, every depthwise conv + BatchNorm2d + activation Sequential (torchvision's
-    Conv2dNormActivation) for a DWConvBNAct, every other conv + BatchNorm2d (+ activation)
-    Sequential for a ConvBNAct, and every torchvision SqueezeExcitation for fastmb's. The fused
-    modules share the model's parameters and buffers and keep their training mode. Logs (logger
-    "fastmb") what it swapped, and what it left and why; returns `model`."""
+@dataclass
+class ConvertReport:
+    """What fastmb.convert swapped (fused module or stage kind: count) and what it left (reason: count)."""
+
+    swapped: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"swapped {count} {kind}" for kind, count in self.swapped.items()]
+        lines += [f"left {count} {reason}" for reason, count in self.skipped.items()]
+        return "\n".join(lines) or "nothing to swap"
+
+
+def _timm_converter():
+    """fastmb.convert_timm's convert_block, or None without timm."""
+    if importlib.util.find_spec("timm") is None:
+        return None
+    from fastmb.convert_timm import convert_block
+
+    return convert_block
+
+
+def convert(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.Module, ConvertReport]:
+    """Swaps, in place, what fastmb fuses. torchvision: every depthwise conv + BatchNorm2d +
+    activation Sequential (Conv2dNormActivation) for a DWConvBNAct, every other conv +
+    BatchNorm2d (+ activation) Sequential for a ConvBNAct, every SqueezeExcitation for fastmb's.
+    timm: its MobileNet-family blocks (InvertedResidual, DepthwiseSeparableConv, EdgeResidual,
+    ConvBnAct, ConvNormAct, SqueezeExcite, SEModule) keep their children and take a forward that
+    runs each conv + BatchNormAct2d pair and SE block fused (fastmb/convert_timm.py). Parameters
+    and buffers are shared, so every state_dict key stays; training modes are kept. Logs (logger
+    "fastmb") what it swapped, and what it left and why; returns `model`, or with report=True
+    `(model, ConvertReport)`."""
     swapped: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
+    convert_timm_block = _timm_converter() if any(type(m).__module__.startswith("timm.") for m in model.modules()) else None
 
     def fused_equivalent(module: nn.Module) -> nn.Module | None:
         se = _as_squeeze_excitation(module)
@@ -96,6 +127,9 @@ def convert(model: nn.Module) -> nn.Module:
         for name, child in parent.named_children():
             if isinstance(child, (DWConvBNAct, ConvBNAct, SqueezeExcitation)):
                 continue
+            if convert_timm_block is not None and convert_timm_block(child, swapped, skipped):
+                visit(child)  # an SE block or ConvNormActs inside
+                continue
             fused = fused_equivalent(child)
             if fused is None:
                 visit(child)
@@ -105,10 +139,7 @@ def convert(model: nn.Module) -> nn.Module:
             swapped[type(fused).__name__] += 1
 
     visit(model)
-    logger.info(
-        "fastmb.convert: swapped %d DWConvBNAct, %d ConvBNAct, %d SqueezeExcitation",
-        swapped["DWConvBNAct"], swapped["ConvBNAct"], swapped["SqueezeExcitation"],
-    )
-    for reason, count in skipped.items():
-        logger.info("fastmb.convert: left %d %s", count, reason)
-    return model
+    summary = ConvertReport(dict(swapped), dict(skipped))
+    for line in str(summary).splitlines():
+        logger.info("fastmb.convert: %s", line)
+    return (model, summary) if report else model

@@ -31,7 +31,8 @@ def fused_modules(model: nn.Module) -> dict[str, type]:
 
 def test_mobilenet_v3_large(caplog):
     original, model = converted("mobilenet_v3_large", caplog)
-    assert "swapped 15 DWConvBNAct, 31 ConvBNAct, 8 SqueezeExcitation" in caplog.text
+    for line in ("swapped 15 DWConvBNAct", "swapped 31 ConvBNAct", "swapped 8 SqueezeExcitation"):
+        assert line in caplog.text
     assert list(model.state_dict()) == list(original.state_dict())
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -41,7 +42,8 @@ def test_mobilenet_v3_large(caplog):
 
 def test_mobilenet_v2(caplog):
     original, model = converted("mobilenet_v2", caplog)
-    assert "swapped 17 DWConvBNAct, 18 ConvBNAct, 0 SqueezeExcitation" in caplog.text
+    assert "swapped 17 DWConvBNAct" in caplog.text and "swapped 18 ConvBNAct" in caplog.text
+    assert "SqueezeExcitation" not in caplog.text
     x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
         expected = original(x)

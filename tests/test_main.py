@@ -26,6 +26,14 @@ def test_v1_training_step(capsys):
     assert "parity (train, fastmb reference)" in out and "mobilenet_v1, train" in out and "eager PyTorch" in out
 
 
+def test_timm_model(capsys):
+    """A timm model, converted, against timm's own."""
+    pytest.importorskip("timm")
+    assert cli.main(["--model", "timm:lcnet_050", "--batch-size", "1", "--resolution", "64", "--seconds", "0.05", "--backend", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "parity (eval, fastmb cpu)" in out and "timm:lcnet_050, eval" in out
+
+
 def test_profile_and_channels_last(capsys):
     assert cli.main(["--model", "mobilenet_v3_small", "--profile", "--channels-last", "--batch-size", "1", "--seconds", "0.05"]) == 0
     out = capsys.readouterr().out
@@ -67,7 +75,8 @@ def test_unavailable_backend_and_bad_arguments(capsys):
         (["--resolution", "-3"], "--resolution must be positive"),
         (["--seconds", "0"], "--seconds must be positive"),
         (["--batch-size", "0"], "--batch-size must be positive"),
-        (["--model", "resnet50"], "invalid choice"),
+        (["--model", "resnet50"], "or timm:<name>"),
+        (["--model", "timm:not_a_model"], "timm has no model 'not_a_model'"),
     ],
 )
 def test_bad_flags_are_one_line_and_a_nonzero_exit(flags, message, capsys):

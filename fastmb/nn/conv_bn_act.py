@@ -154,44 +154,66 @@ class ConvBNAct(nn.Sequential):
             return activation(u) if activation is not None else u
         if type(bn) is not nn.BatchNorm2d or conv.bias is not None or torch.compiler.is_compiling() or runs_composite(x):
             return super().forward(x)  # compile and ONNX export fold on their own; torch.func needs plain ops
-        if bn.training:
-            name = activation_name(activation)
-            if name is None or not ACTIVATIONS[name].saves_input or not torch.is_grad_enabled():
-                return super().forward(x)
-            step = batch_norm_step(bn)
-            return _BatchNormActivation.apply(conv(x), bn.weight, bn.bias, step.running_mean, step.running_var, step.momentum, bn.eps, name)
-        if torch.is_grad_enabled() or not bn.affine or bn.running_var is None:
-            return super().forward(x)
-        name = activation_name(activation)
-        if self._pointwise_as_matmul(conv, x):
-            if _NATIVE_CONV1X1 and x.dtype in (torch.float32, torch.float64) and name is not None:
-                # the batch norm applied to the GEMM's output as its rows are in cache: no fold
-                return torch.ops.fastmb.conv1x1_bn_act(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, name)
-            weight, bias = self._folded_conv(conv, bn)
-            n, c, h, w = x.shape
-            y = torch.addmm(bias, x.permute(0, 2, 3, 1).reshape(-1, c), weight.view(-1, c).t())
-            y = y.view(n, h, w, -1).permute(0, 3, 1, 2)  # channels_last, as the conv returns it
-        else:
-            weight, bias = self._folded_conv(conv, bn)
-            y = conv._conv_forward(x, weight, bias)  # honours padding_mode
-        if activation is None:
-            return y
-        in_place = ACTIVATIONS[name].in_place if name is not None else None
-        return in_place(y) if in_place is not None else activation(y)
+        y = run_conv_bn_act_modules(x, conv, bn, activation, self._folded_conv)
+        return y if y is not None else super().forward(x)
 
-    @staticmethod
-    def _pointwise_as_matmul(conv: nn.Conv2d, x: Tensor) -> bool:
-        """Whether the folded 1x1 conv runs as one GEMM over the channels_last pixels instead
-        of F.conv2d: on the CPU, in whole MobileNetV3-Large runs, oneDNN's 1x1 conv was slower
-        than the GEMM at batch 1 and at few pixels, faster with more (bench/results/)."""
-        return (
-            x.device.type == "cpu"
-            and conv.kernel_size == (1, 1)
-            and conv.stride == (1, 1)
-            and conv.padding == (0, 0)
-            and conv.groups == 1
-            and conv.padding_mode == "zeros"
-            and x.dim() == 4
-            and (x.shape[0] == 1 or x.shape[0] * x.shape[2] * x.shape[3] <= _MATMUL_MAX_PIXELS)
-            and x.is_contiguous(memory_format=torch.channels_last)
-        )
+
+def run_conv_bn_act_modules(
+    x: Tensor,
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d,
+    activation: nn.Module | None,
+    folded_conv: Callable[[nn.Conv2d, nn.BatchNorm2d], tuple[Tensor, Tensor]] | None = None,
+) -> Tensor | None:
+    """activation(bn(conv(x))) for a conv without bias and a batch norm whose forward is
+    F.batch_norm's (not synchronised), on the fused paths: in eval without autograd the batch
+    norm folded into the conv (`folded_conv` returns the folded weight and bias; default: fold
+    now); in training, the memory-saving batch norm + activation. None where neither applies:
+    the caller runs its modules."""
+    if bn.training:
+        name = activation_name(activation)
+        if name is None or not ACTIVATIONS[name].saves_input or not torch.is_grad_enabled():
+            return None
+        step = batch_norm_step(bn)
+        return _BatchNormActivation.apply(conv(x), bn.weight, bn.bias, step.running_mean, step.running_var, step.momentum, bn.eps, name)
+    if torch.is_grad_enabled() or not bn.affine or bn.running_var is None:
+        return None
+    name = activation_name(activation)
+    if folded_conv is None:
+        folded_conv = _fold_now
+    if _pointwise_as_matmul(conv, x):
+        if _NATIVE_CONV1X1 and x.dtype in (torch.float32, torch.float64) and name is not None:
+            # the batch norm applied to the GEMM's output as its rows are in cache: no fold
+            return torch.ops.fastmb.conv1x1_bn_act(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, name)
+        weight, bias = folded_conv(conv, bn)
+        n, c, h, w = x.shape
+        y = torch.addmm(bias, x.permute(0, 2, 3, 1).reshape(-1, c), weight.view(-1, c).t())
+        y = y.view(n, h, w, -1).permute(0, 3, 1, 2)  # channels_last, as the conv returns it
+    else:
+        weight, bias = folded_conv(conv, bn)
+        y = conv._conv_forward(x, weight, bias)  # honours padding_mode
+    if activation is None:
+        return y
+    in_place = ACTIVATIONS[name].in_place if name is not None else None
+    return in_place(y) if in_place is not None else activation(y)
+
+
+def _fold_now(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    return fold_conv_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+
+
+def _pointwise_as_matmul(conv: nn.Conv2d, x: Tensor) -> bool:
+    """Whether the folded 1x1 conv runs as one GEMM over the channels_last pixels instead
+    of F.conv2d: on the CPU, in whole MobileNetV3-Large runs, oneDNN's 1x1 conv was slower
+    than the GEMM at batch 1 and at few pixels, faster with more (bench/results/)."""
+    return (
+        x.device.type == "cpu"
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and x.dim() == 4
+        and (x.shape[0] == 1 or x.shape[0] * x.shape[2] * x.shape[3] <= _MATMUL_MAX_PIXELS)
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )

@@ -73,25 +73,23 @@ class DWConvBNAct(nn.Sequential):
         check_tensor("x", x, 4)
         if x.shape[1] != conv.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels but this DWConvBNAct has {conv.in_channels}")
-        step = batch_norm_step(bn)
-        if synchronised(bn):  # statistics over the process group's whole batch
-            return run_synced_dwconv_bn_act(
-                x, conv.weight, bn.weight, bn.bias, step.running_mean, step.running_var,
-                (list(conv.stride), list(conv.padding), list(conv.dilation)), bn.eps, step.momentum, self.activation,
-                bn.process_group or dist.group.WORLD,
-            )  # fmt: skip
-        return run_dwconv_bn_act(
-            x,
-            conv.weight,
-            bn.weight,
-            bn.bias,
-            step.running_mean,
-            step.running_var,
-            list(conv.stride),
-            list(conv.padding),
-            list(conv.dilation),
-            bn.eps,
-            step.momentum,
-            step.use_batch_stats,
-            self.activation,
-        )
+        return run_dwconv_bn_act_modules(x, conv, bn, self.activation)
+
+
+def run_dwconv_bn_act_modules(
+    x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str, padding: list[int] | None = None
+) -> Tensor:
+    """act(bn(conv(x))) as the fused op, for a depthwise `conv` (no bias) and batch norm `bn`
+    known good, in bn's mode, a SyncBatchNorm synchronised; `padding` (four sides: timm's
+    Conv2dSame) replaces the conv's."""
+    step = batch_norm_step(bn)
+    geometry = (list(conv.stride), list(conv.padding) if padding is None else padding, list(conv.dilation))
+    if synchronised(bn):  # statistics over the process group's whole batch
+        return run_synced_dwconv_bn_act(
+            x, conv.weight, bn.weight, bn.bias, step.running_mean, step.running_var, geometry, bn.eps, step.momentum, activation,
+            bn.process_group or dist.group.WORLD,
+        )  # fmt: skip
+    return run_dwconv_bn_act(
+        x, conv.weight, bn.weight, bn.bias, step.running_mean, step.running_var, *geometry, bn.eps, step.momentum,
+        step.use_batch_stats, activation,
+    )  # fmt: skip

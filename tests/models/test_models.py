@@ -10,6 +10,7 @@ from torch import nn
 import fastmb
 from fastmb.models.mobilenet_v1 import from_timm_state_dict
 from fastmb.models.calibration import calibrate_batch_norm
+from fastmb.nn.conv_bn_act import _pointwise_as_matmul
 from oracle import randomize_batch_norm
 
 TORCHVISION_CASES = [
@@ -243,7 +244,7 @@ def test_conv_bn_act_eval_matches_eager(activation, kernel_size, stride, memory_
     eager = nn.Sequential(*fused.children())  # the same parameters and buffers
     x = torch.randn(shape).contiguous(memory_format=memory_format)
     few_pixels = shape[0] == 1 or shape[0] * shape[2] * shape[3] <= _MATMUL_MAX_PIXELS
-    assert fused._pointwise_as_matmul(fused[0], x) == (kernel_size == 1 and memory_format == torch.channels_last and few_pixels)
+    assert _pointwise_as_matmul(fused[0], x) == (kernel_size == 1 and memory_format == torch.channels_last and few_pixels)
     x[-1, :, 4, 5] = float("nan")
     with torch.no_grad():
         for step in range(3):

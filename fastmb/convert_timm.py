@@ -1,0 +1,196 @@
+"""fastmb.convert's timm recogniser: timm's MobileNet-family blocks (EfficientNet, MobileNetV3/V4,
+MNASNet, FBNet, LCNet, TinyNet) run their depthwise stages, pointwise and full conv layers and
+SE blocks on fastmb's fused paths.
+
+A recognised block keeps its children, so every state_dict key, hook point and feature_info stays;
+only its class changes, to a subclass of timm's whose forward is the same sequence with each conv +
+BatchNormAct2d pair fused. Which pairs fuse is decided once, at conversion, into the block's
+`_fastmb_plan`. Imported by fastmb.convert only when a model holds timm modules."""
+
+import math
+
+import torch
+from timm.layers import BatchNormAct2d, Conv2dSame, ConvNormAct
+from timm.layers.squeeze_excite import SEModule
+from timm.models import _efficientnet_blocks as blocks
+from torch import Tensor, nn
+
+from fastmb.nn.batch_norm import synchronised
+from fastmb.nn.conv_bn_act import run_conv_bn_act_modules
+from fastmb.nn.dwconv_bn_act import run_dwconv_bn_act_modules
+from fastmb.ops.activations import activation_name, gate_name
+from fastmb.ops.common import runs_composite
+from fastmb.ops.squeeze_excitation import run_squeeze_excitation
+
+# A plan entry: (kind, activation name); kind "depthwise" (the fused op), "conv" (ConvBNAct's
+# paths: folded in eval, the memory-saving batch norm in training) or "modules" (timm's own).
+Plan = tuple[str, str | None]
+
+
+def stage_plan(conv: nn.Module, bn: nn.Module) -> tuple[Plan, str | None]:
+    """How the pair conv -> bn runs, and why not fused when it is not."""
+    if not isinstance(bn, BatchNormAct2d):
+        return ("modules", None), f"norm {type(bn).__name__} is not a BatchNormAct2d"
+    if type(conv) not in (nn.Conv2d, Conv2dSame):
+        return ("modules", None), f"conv {type(conv).__name__} is not an nn.Conv2d"
+    act = activation_name(bn.act)
+    reasons = [
+        (conv.bias is not None, "the conv has a bias"),
+        (conv.padding_mode != "zeros" or isinstance(conv.padding, str), "the conv's padding is not numeric zeros"),
+        (not isinstance(bn.drop, nn.Identity), f"the norm's drop is {type(bn.drop).__name__}"),
+        (not bn.affine or not bn.track_running_stats, "the batch norm has no affine parameters or running statistics"),
+        (act is None, f"activation {type(bn.act).__name__} is not one fastmb fuses"),
+    ]
+    for failed, reason in reasons:
+        if failed:
+            return ("modules", None), reason
+    if conv.groups == conv.in_channels == conv.out_channels:
+        return ("depthwise", act), None
+    if type(conv) is Conv2dSame:
+        return ("modules", None), "a Conv2dSame that is not depthwise"
+    return ("conv", act), None
+
+
+def same_padding(conv: nn.Conv2d, x: Tensor) -> list[int]:
+    """[top, bottom, left, right]: the padding timm's Conv2dSame adds to x (TensorFlow's SAME,
+    the extra row and column at the bottom and right)."""
+    sides = []
+    for size, k, s, d in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.dilation):
+        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        sides += [total // 2, total - total // 2]
+    return sides
+
+
+def run_stage(block: nn.Module, conv_name: str, bn_name: str, x: Tensor) -> Tensor:
+    conv, bn = block._modules[conv_name], block._modules[bn_name]
+    kind, act = block._fastmb_plan[conv_name]
+    if kind == "depthwise":
+        padding = same_padding(conv, x) if type(conv) is Conv2dSame else None
+        return run_dwconv_bn_act_modules(x, conv, bn, act, padding)
+    if kind == "conv" and not synchronised(bn) and not torch.compiler.is_compiling() and not runs_composite(x):
+        y = run_conv_bn_act_modules(x, conv, bn, bn.act)
+        if y is not None:
+            return y
+    return bn(conv(x))
+
+
+class FusedDepthwiseSeparableConv(blocks.DepthwiseSeparableConv):
+    STAGES = (("conv_dw", "bn1"), ("conv_pw", "bn2"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        if getattr(self, "conv_s2d", None) is not None:
+            x = self.bn_s2d(self.conv_s2d(x))
+        x = self.aa(run_stage(self, "conv_dw", "bn1", x))
+        x = run_stage(self, "conv_pw", "bn2", self.se(x))
+        return self.drop_path(x) + shortcut if self.has_skip else x
+
+
+class FusedInvertedResidual(blocks.InvertedResidual):
+    STAGES = (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        if getattr(self, "conv_s2d", None) is not None:
+            x = self.bn_s2d(self.conv_s2d(x))
+        x = run_stage(self, "conv_pw", "bn1", x)
+        x = self.aa(run_stage(self, "conv_dw", "bn2", x))
+        x = run_stage(self, "conv_pwl", "bn3", self.se(x))
+        return self.drop_path(x) + shortcut if self.has_skip else x
+
+
+class FusedEdgeResidual(blocks.EdgeResidual):
+    STAGES = (("conv_exp", "bn1"), ("conv_pwl", "bn2"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        x = self.aa(run_stage(self, "conv_exp", "bn1", x))
+        x = run_stage(self, "conv_pwl", "bn2", self.se(x))
+        return self.drop_path(x) + shortcut if self.has_skip else x
+
+
+class FusedConvBnAct(blocks.ConvBnAct):
+    STAGES = (("conv", "bn1"),)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        x = self.aa(run_stage(self, "conv", "bn1", x))
+        return self.drop_path(x) + shortcut if self.has_skip else x
+
+
+class FusedConvNormAct(ConvNormAct):
+    STAGES = (("conv", "bn"),)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = run_stage(self, "conv", "bn", x)
+        aa = getattr(self, "aa", None)
+        return aa(x) if aa is not None else x
+
+
+def _squeeze_excitation(module: nn.Module, x: Tensor, fc1: nn.Conv2d, fc2: nn.Conv2d) -> Tensor:
+    activation, gate = module._fastmb_plan
+    return run_squeeze_excitation(x, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias, activation, gate)
+
+
+class FusedSqueezeExcite(blocks.SqueezeExcite):
+    def forward(self, x: Tensor) -> Tensor:
+        return _squeeze_excitation(self, x, self.conv_reduce, self.conv_expand)
+
+
+class FusedSEModule(SEModule):
+    def forward(self, x: Tensor) -> Tensor:
+        return _squeeze_excitation(self, x, self.fc1, self.fc2)
+
+
+_FUSED_BLOCKS = {
+    blocks.DepthwiseSeparableConv: FusedDepthwiseSeparableConv,
+    blocks.InvertedResidual: FusedInvertedResidual,
+    blocks.EdgeResidual: FusedEdgeResidual,
+    blocks.ConvBnAct: FusedConvBnAct,
+    ConvNormAct: FusedConvNormAct,
+}
+FUSED_CLASSES = (*_FUSED_BLOCKS.values(), FusedSqueezeExcite, FusedSEModule)
+
+
+def _se_plan(module: nn.Module) -> tuple[tuple[str, str] | None, str | None]:
+    """(activation, gate) for a timm SE block, or why it does not fuse."""
+    if type(module) is blocks.SqueezeExcite:
+        fc1, act, fc2, gate = module.conv_reduce, module.act1, module.conv_expand, module.gate
+    else:
+        if not isinstance(module.bn, nn.Identity) or module.add_maxpool:
+            return None, "an SEModule with a norm or max-pool"
+        fc1, act, fc2, gate = module.fc1, module.act, module.fc2, module.gate
+    names = activation_name(act), gate_name(gate)
+    if None in names:
+        return None, f"activation {type(act).__name__} or gate {type(gate).__name__} is not one fastmb fuses"
+    if fc1.bias is None or fc2.bias is None or type(fc1) is not nn.Conv2d or type(fc2) is not nn.Conv2d:
+        return None, "an fc layer is not a 1x1 nn.Conv2d with a bias"
+    return names, None
+
+
+def convert_block(module: nn.Module, swapped, skipped) -> bool:
+    """Swaps a timm block's class for its fused subclass (counting in `swapped` the stages and SE
+    blocks fused, in `skipped` the reasons for the rest); False if `module` is no timm block."""
+    if type(module) in (blocks.SqueezeExcite, SEModule):
+        names, reason = _se_plan(module)
+        if reason is not None:
+            skipped[f"SE block: {reason}"] += 1
+            return True
+        module._fastmb_plan = names
+        module.__class__ = FusedSqueezeExcite if type(module) is blocks.SqueezeExcite else FusedSEModule
+        swapped["SE blocks"] += 1
+        return True
+    fused_class = _FUSED_BLOCKS.get(type(module))
+    if fused_class is None:
+        return False
+    plan = {}
+    for conv_name, bn_name in fused_class.STAGES:
+        plan[conv_name], reason = stage_plan(module._modules[conv_name], module._modules[bn_name])
+        kind = plan[conv_name][0]
+        if reason is not None:
+            skipped[f"{type(module).__name__}.{conv_name}: {reason}"] += 1
+        else:
+            swapped["depthwise stages" if kind == "depthwise" else "conv layers"] += 1
+    module._fastmb_plan = plan
+    module.__class__ = fused_class
+    return True

@@ -1,0 +1,99 @@
+"""fastmb.convert on timm's MobileNet family: random weights and batch-norm statistics (nothing is
+downloaded), state_dicts unchanged, eval outputs within 1e-5 of timm's, one training step's
+gradients and running statistics under DESIGN.md's rule, every depthwise stage and SE block fused."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastmb
+from oracle import clone_as, run
+
+timm = pytest.importorskip("timm")
+
+MODELS = [
+    "mobilenetv3_large_100", "mobilenetv3_small_100", "mobilenetv2_100", "mobilenetv1_100", "efficientnet_b0",
+    "efficientnet_b2", "tf_efficientnet_b0", "mnasnet_100", "fbnetc_100", "lcnet_100", "tinynet_a",
+    "mobilenetv4_conv_small", "mobilenetv4_hybrid_medium",
+]  # fmt: skip
+
+
+def timm_model(name: str) -> nn.Module:
+    """The model with random weights, its batch norms' statistics from two random batches."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, 3, 64, 64))
+    return model
+
+
+def flat(results: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+    return torch.cat([results[k].double().flatten() for k in keys])
+
+
+def depthwise_and_se_counts(model: nn.Module) -> tuple[int, int]:
+    """Depthwise convs (but the MobileNetV4 hybrids' attention's strided key/value convs, in
+    Sequentials with a plain norm, not conv + BatchNormAct2d pairs) and SE blocks."""
+    attention = [name for name, m in model.named_modules() if type(m).__name__ == "MultiQueryAttention2d"]
+    depthwise = sum(
+        1
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1 and not any(name.startswith(a + ".") for a in attention)
+    )
+    se = sum(1 for m in model.modules() if type(m).__name__ in ("SqueezeExcite", "SEModule"))
+    return depthwise, se
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_converted_timm_model(name):
+    timm_eager = timm_model(name)
+    depthwise, se = depthwise_and_se_counts(timm_eager)
+    converted, report = fastmb.convert(copy.deepcopy(timm_eager), report=True)
+    assert report.skipped == {}
+    assert report.swapped.get("depthwise stages", 0) == depthwise > 0
+    assert report.swapped.get("SE blocks", 0) == se
+    theirs, ours = timm_eager.state_dict(), converted.state_dict()
+    assert list(ours) == list(theirs) and all(ours[k].shape == theirs[k].shape for k in theirs)
+    converted.load_state_dict(theirs, strict=True)
+
+    x = torch.randn(4, 3, 96, 96).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, actual = timm_eager.eval()(x), converted.eval()(x)
+    assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+    # One training step: output, input and parameter gradients, running statistics. In float64
+    # the fused kernels compute what timm does, tensor by tensor (the semantic check). In
+    # float32, the relative L2 error of all gradients and of all outputs and state together is
+    # a guard against gross error only, 4x eager's + 0.5%: DESIGN.md's 2x rule is held per op
+    # (tests/ops); these random-init train-mode BN stacks amplify rounding chaotically (eager's
+    # own fp32 gradient error of mobilenetv2_100 ran 0.05-1.6% from seed to seed, the fused/
+    # eager ratio 0.002-4.7: bench/results/2026-11-30-timm.md).
+    timm_eager.train(), converted.train()
+    grad = torch.randn(4, 10)
+    oracle = run(clone_as(timm_eager, torch.float64), x.double(), grad.double())
+    exact = run(clone_as(converted, torch.float64), x.double(), grad.double())
+    for key, expected in oracle.items():
+        assert (exact[key] - expected).abs().max() <= 1e-7 * expected.abs().max() + 1e-9, key  # 1e-9: cancelled sums
+    eager32 = run(clone_as(timm_eager, torch.float32, torch.channels_last), x, grad)
+    fused32 = run(clone_as(converted, torch.float32, torch.channels_last), x, grad)
+    for keys in ([k for k in oracle if k.startswith("grad_")], [k for k in oracle if not k.startswith("grad_")]):
+        expected = flat(oracle, keys)
+        eager_error = (flat(eager32, keys) - expected).norm() / expected.norm()
+        assert (flat(fused32, keys) - expected).norm() / expected.norm() <= 4 * eager_error + 5e-3
+
+
+def test_unfusable_parts_are_reported_and_left():
+    """A drop in the norm and a MixedConv2d (several kernel sizes) are left as timm's, with why."""
+    model = timm_model("mixnet_s")
+    block = next(m for m in model.modules() if type(m).__name__ == "InvertedResidual" and type(m.conv_pw) is nn.Conv2d)
+    block.bn1.drop = nn.Dropout(0.1)
+    reference = copy.deepcopy(model).eval()
+    converted, report = fastmb.convert(model, report=True)
+    assert any("MixedConv2d" in reason for reason in report.skipped), report
+    assert any("drop is Dropout" in reason for reason in report.skipped), report
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted.eval()(x), reference(x), rtol=1e-5, atol=1e-5)
