@@ -47,3 +47,12 @@ def test_rows_table_and_dict():
     assert "features.1.block.0" in table and table.splitlines()[-1].startswith("total")
     as_dict = result.to_dict()
     assert as_dict["macs"] == result.macs and len(as_dict["rows"]) == len(result.rows)
+
+
+def test_converted_timm_model():
+    """The fused timm blocks count the same MACs and parameters, and fewer bytes."""
+    timm = pytest.importorskip("timm")
+    theirs = fastmb.profile(timm.create_model("efficientnet_b0", pretrained=False), (1, 3, 96, 96))
+    ours = fastmb.profile(fastmb.convert(timm.create_model("efficientnet_b0", pretrained=False)), (1, 3, 96, 96))
+    assert ours.macs == theirs.macs > 0 and ours.params == theirs.params == 5_288_548
+    assert ours.bytes < theirs.bytes

@@ -11,6 +11,7 @@ import fastmb
 from fastmb.models.mobilenet_v1 import from_timm_state_dict
 from fastmb.models.calibration import calibrate_batch_norm
 from fastmb.nn.conv_bn_act import _pointwise_as_matmul
+from fastmb.ops.activations import ACTIVATIONS
 from oracle import randomize_batch_norm
 
 TORCHVISION_CASES = [
@@ -227,7 +228,7 @@ def test_conv_bn_act_training_matches_eager(activation, momentum):
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("activation", ["hardswish", "relu", "relu6", "identity"])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("kernel_size, stride", [(1, 1), (3, 2)])
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "contiguous"])
 @pytest.mark.parametrize("shape", [(1, 6, 9, 11), (3, 6, 9, 11), (3, 6, 19, 21)], ids=["batch1", "few_pixels", "many_pixels"])

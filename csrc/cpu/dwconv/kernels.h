@@ -21,6 +21,7 @@
 
 #include "../../activations.h"
 #include "../../geometry.h"
+#include "../vec_math.h"
 
 namespace fastmb::cpu::dwconv {
 

@@ -11,7 +11,6 @@
 #endif
 
 #include "../vec.h"  // after the translation unit's target pragma: its loops inline the ISA's lambdas
-#include "../vec_math.h"
 #include "kernels.h"
 
 namespace fastmb::cpu::dwconv::FASTMB_CPU_ISA {
