@@ -112,8 +112,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(const Tensor& 
     }
     if (training && batch_sums.has_value()) {
       const Tensor group_sums = batch_sums->to(at::kDouble).contiguous();
-      for (int64_t c = 0; c < g.c; ++c)
-        batch_terms(c, group_sums.const_data_ptr<double>()[c], group_sums.const_data_ptr<double>()[g.c + c], double(batch_count));
+      const double* sums = group_sums.const_data_ptr<double>();
+      for (int64_t c = 0; c < g.c; ++c) batch_terms(c, sums[c], sums[g.c + c], double(batch_count));
     }
     if (!output_mask[0] && !output_mask[1]) return;
 
