@@ -98,8 +98,9 @@ def convert(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.M
     activation Sequential (Conv2dNormActivation) for a DWConvBNAct, every other conv +
     BatchNorm2d (+ activation) Sequential for a ConvBNAct, every SqueezeExcitation for fastmb's.
     timm: its MobileNet-family blocks (InvertedResidual, DepthwiseSeparableConv, EdgeResidual,
-    ConvBnAct, ConvNormAct, SqueezeExcite, SEModule) keep their children and take a forward that
-    runs each conv + BatchNormAct2d pair and SE block fused (fastmb/convert_timm.py). Parameters
+    ConvBnAct, ConvNormAct, SqueezeExcite, SEModule) and models (EfficientNet, MobileNetV3: stem
+    and head) keep their children and take a forward that runs each conv + BatchNormAct2d pair
+    and SE block fused (fastmb/convert_timm.py). Parameters
     and buffers are shared, so every state_dict key stays; training modes are kept. Logs (logger
     "fastmb") what it swapped, and what it left and why; returns `model`, or with report=True
     `(model, ConvertReport)`."""
@@ -138,6 +139,8 @@ def convert(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.M
             setattr(parent, name, fused)
             swapped[type(fused).__name__] += 1
 
+    if convert_timm_block is not None:
+        convert_timm_block(model, swapped, skipped)  # a timm model's own stem and head
     visit(model)
     summary = ConvertReport(dict(swapped), dict(skipped))
     for line in str(summary).splitlines():

@@ -10,9 +10,12 @@ BatchNormAct2d pair fused. Which pairs fuse is decided once, at conversion, into
 import math
 
 import torch
+import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, Conv2dSame, ConvNormAct
 from timm.layers.squeeze_excite import SEModule
 from timm.models import _efficientnet_blocks as blocks
+from timm.models.efficientnet import EfficientNet
+from timm.models.mobilenetv3 import MobileNetV3
 from torch import Tensor, nn
 
 from fastmb.nn.batch_norm import synchronised
@@ -28,7 +31,10 @@ Plan = tuple[str, str | None]
 
 
 def stage_plan(conv: nn.Module, bn: nn.Module) -> tuple[Plan, str | None]:
-    """How the pair conv -> bn runs, and why not fused when it is not."""
+    """How the pair conv -> bn runs, and why not fused when it is not (None too when there is
+    no pair: a model without a head conv)."""
+    if isinstance(conv, nn.Identity) and isinstance(bn, nn.Identity):
+        return ("modules", None), None
     if not isinstance(bn, BatchNormAct2d):
         return ("modules", None), f"norm {type(bn).__name__} is not a BatchNormAct2d"
     if type(conv) not in (nn.Conv2d, Conv2dSame):
@@ -46,8 +52,6 @@ def stage_plan(conv: nn.Module, bn: nn.Module) -> tuple[Plan, str | None]:
             return ("modules", None), reason
     if conv.groups == conv.in_channels == conv.out_channels:
         return ("depthwise", act), None
-    if type(conv) is Conv2dSame:
-        return ("modules", None), "a Conv2dSame that is not depthwise"
     return ("conv", act), None
 
 
@@ -68,7 +72,11 @@ def run_stage(block: nn.Module, conv_name: str, bn_name: str, x: Tensor) -> Tens
         padding = same_padding(conv, x) if type(conv) is Conv2dSame else None
         return run_dwconv_bn_act_modules(x, conv, bn, act, padding)
     if kind == "conv" and not synchronised(bn) and not torch.compiler.is_compiling() and not runs_composite(x):
-        y = run_conv_bn_act_modules(x, conv, bn, bn.act)
+        padded = x
+        if type(conv) is Conv2dSame and not bn.training:  # eval convolves with the folded weight, not through the module
+            top, bottom, left, right = same_padding(conv, x)
+            padded = F.pad(x, [left, right, top, bottom])
+        y = run_conv_bn_act_modules(padded, conv, bn, bn.act)
         if y is not None:
             return y
     return bn(conv(x))
@@ -127,6 +135,28 @@ class FusedConvNormAct(ConvNormAct):
         return aa(x) if aa is not None else x
 
 
+class FusedEfficientNet(EfficientNet):
+    """The stem (3x3 conv + BN + activation) and the head (1x1 conv + BN + activation) fused."""
+
+    STAGES = (("conv_stem", "bn1"), ("conv_head", "bn2"))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        if self.grad_checkpointing:
+            return super().forward_features(x)
+        return run_stage(self, "conv_head", "bn2", self.blocks(run_stage(self, "conv_stem", "bn1", x)))
+
+
+class FusedMobileNetV3(MobileNetV3):
+    """The stem fused (the head runs after the pooling, on one pixel)."""
+
+    STAGES = (("conv_stem", "bn1"),)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        if self.grad_checkpointing:
+            return super().forward_features(x)
+        return self.blocks(run_stage(self, "conv_stem", "bn1", x))
+
+
 def _squeeze_excitation(module: nn.Module, x: Tensor, fc1: nn.Conv2d, fc2: nn.Conv2d) -> Tensor:
     activation, gate = module._fastmb_plan
     return run_squeeze_excitation(x, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias, activation, gate)
@@ -148,6 +178,8 @@ _FUSED_BLOCKS = {
     blocks.EdgeResidual: FusedEdgeResidual,
     blocks.ConvBnAct: FusedConvBnAct,
     ConvNormAct: FusedConvNormAct,
+    EfficientNet: FusedEfficientNet,
+    MobileNetV3: FusedMobileNetV3,
 }
 FUSED_CLASSES = (*_FUSED_BLOCKS.values(), FusedSqueezeExcite, FusedSEModule)
 
@@ -189,7 +221,7 @@ def convert_block(module: nn.Module, swapped, skipped) -> bool:
         kind = plan[conv_name][0]
         if reason is not None:
             skipped[f"{type(module).__name__}.{conv_name}: {reason}"] += 1
-        else:
+        elif kind != "modules":
             swapped["depthwise stages" if kind == "depthwise" else "conv layers"] += 1
     module._fastmb_plan = plan
     module.__class__ = fused_class

@@ -12,7 +12,7 @@ from math import prod
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from fastmb import dispatch
 
@@ -53,9 +53,20 @@ _FASTMB_OPS = {
 }
 
 
+def _onednn_conv_flops(x_shape, w_shape, *args, out_shape, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
+def _onednn_conv_elementwise(args, out) -> int:
+    return out.numel() if args[7] != "none" else 0  # the fused activation
+
+
 def _fastmb_packets() -> dict:
-    """Each fastmb forward operator (any backend) -> its (flop formula, element-wise count)."""
+    """Each fastmb forward operator (any backend), and oneDNN's fused conv (ConvBNAct's eval
+    path) -> its (flop formula, element-wise count)."""
     packets = {}
+    if hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        packets[torch.ops.mkldnn._convolution_pointwise] = (_onednn_conv_flops, _onednn_conv_elementwise)
     for op, formulas in _FASTMB_OPS.items():
         for kernel in dispatch.kernels(op).values():
             overload = getattr(kernel.forward, "_opoverload", kernel.forward)
