@@ -28,7 +28,8 @@ class _BatchNormActivation(torch.autograd.Function):
         u, mean, invstd = torch.native_batch_norm(z, weight, bias, running_mean, running_var, True, momentum, eps)
         ctx.save_for_backward(z, weight, bias, mean, invstd)
         ctx.eps, ctx.activation = eps, activation
-        return ACTIVATIONS[activation].forward(u)
+        in_place = ACTIVATIONS[activation].in_place  # u is this function's own: no second activation-sized tensor
+        return in_place(u) if in_place is not None else ACTIVATIONS[activation].forward(u)
 
     @staticmethod
     def backward(ctx, grad_y):
