@@ -2,7 +2,7 @@
 and squeeze-and-excitation kernels (reference, CPU, CUDA and Triton backends)."""
 
 from fastmb import nn, ops
-from fastmb.convert import convert
+from fastmb.convert import ConvertReport, convert
 from fastmb.dispatch import backends, set_backend, use_backend
 from fastmb.freeze import freeze
 from fastmb.models import (
@@ -19,6 +19,7 @@ from fastmb.profile import Profile, profile
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConvertReport",
     "MobileNetV1",
     "MobileNetV2",
     "MobileNetV3",
