@@ -7,7 +7,6 @@ the forward pass dispatches is one entry, attributed to the innermost module run
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from math import prod
 
 import torch
 from torch import Tensor, nn
