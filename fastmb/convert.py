@@ -32,18 +32,20 @@ def _as_dwconv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: nn.Module
     """The fused depthwise stage sharing `conv` and `bn`, or why it cannot be."""
     if not conv.groups == conv.in_channels == conv.out_channels:
         return "not depthwise"
-    name = activation_name(activation)
+    reason = fusion_blocker(conv, bn, activation)
+    return reason if reason is not None else DWConvBNAct.from_modules(conv, bn, activation_name(activation))
+
+
+def fusion_blocker(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: nn.Module | None) -> str | None:
+    """Why conv -> bn -> activation cannot run as a fused stage (the first reason), or None."""
     reasons = [
         (conv.bias is not None, "the conv has a bias"),
         (conv.padding_mode != "zeros", f"padding_mode={conv.padding_mode!r}"),
         (isinstance(conv.padding, str), f"padding={conv.padding!r}"),
         (not bn.affine, "the batch norm has no affine parameters"),
-        (name is None, f"activation {type(activation).__name__} is not one fastmb fuses"),
+        (activation_name(activation) is None, f"activation {type(activation).__name__} is not one fastmb fuses"),
     ]
-    for failed, reason in reasons:
-        if failed:
-            return reason
-    return DWConvBNAct.from_modules(conv, bn, name)
+    return next((reason for failed, reason in reasons if failed), None)
 
 
 def _as_squeeze_excitation(module: nn.Module) -> SqueezeExcitation | str | None:

@@ -18,6 +18,7 @@ from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 from torch import Tensor, nn
 
+from fastmb.convert import fusion_blocker
 from fastmb.nn.batch_norm import synchronised
 from fastmb.nn.conv_bn_act import run_conv_bn_act_modules
 from fastmb.nn.dwconv_bn_act import run_dwconv_bn_act_modules
@@ -39,17 +40,14 @@ def stage_plan(conv: nn.Module, bn: nn.Module) -> tuple[Plan, str | None]:
         return ("modules", None), f"norm {type(bn).__name__} is not a BatchNormAct2d"
     if type(conv) not in (nn.Conv2d, Conv2dSame):
         return ("modules", None), f"conv {type(conv).__name__} is not an nn.Conv2d"
+    if not isinstance(bn.drop, nn.Identity):
+        return ("modules", None), f"the norm's drop is {type(bn.drop).__name__}"
+    if not bn.track_running_stats:
+        return ("modules", None), "the batch norm keeps no running statistics"
+    reason = fusion_blocker(conv, bn, bn.act)
+    if reason is not None:
+        return ("modules", None), reason
     act = activation_name(bn.act)
-    reasons = [
-        (conv.bias is not None, "the conv has a bias"),
-        (conv.padding_mode != "zeros" or isinstance(conv.padding, str), "the conv's padding is not numeric zeros"),
-        (not isinstance(bn.drop, nn.Identity), f"the norm's drop is {type(bn.drop).__name__}"),
-        (not bn.affine or not bn.track_running_stats, "the batch norm has no affine parameters or running statistics"),
-        (act is None, f"activation {type(bn.act).__name__} is not one fastmb fuses"),
-    ]
-    for failed, reason in reasons:
-        if failed:
-            return ("modules", None), reason
     if conv.groups == conv.in_channels == conv.out_channels:
         return ("depthwise", act), None
     return ("conv", act), None

@@ -18,14 +18,7 @@ namespace fastmb::cpu {
 // dwconv/kernels.h) and always inlined, so each caller compiles it for its own: an out-of-line
 // copy, shared by name between the per-ISA units and target clones, was called with another
 // instruction set's vector ABI (it crashed the AVX-512 clone of a caller).
-#define FASTMB_VEC_MATH inline __attribute__((always_inline))
-
 struct VecMath {
-  template <int Bytes>
-  struct Int32Vector {  // a class member: GCC keeps vector_size there (see vec.h's VectorOf)
-    typedef int32_t type __attribute__((vector_size(Bytes)));
-  };
-
   template <typename V>
   static auto lane_of() {
     if constexpr (std::is_floating_point_v<V>) return V{};
@@ -35,7 +28,7 @@ struct VecMath {
   using Lane = decltype(lane_of<V>());  // V's element type; V itself for a scalar
 
   template <typename V, typename F>
-  static FASTMB_VEC_MATH V per_lane(V v, F f) {
+  static C10_ALWAYS_INLINE V per_lane(V v, F f) {
     constexpr int lanes = sizeof(V) / sizeof(v[0]);
     for (int i = 0; i < lanes; ++i) v[i] = f(v[i]);
     return v;
@@ -45,13 +38,13 @@ struct VecMath {
   // exact), exp(r) by its Taylor series to r^7 (error below 1e-8 relative), times 2^n built in
   // the exponent bits, for x where 2^n is a normal float; NaN stays NaN.
   template <typename V>
-  static FASTMB_VEC_MATH V exp(V x) {
+  static C10_ALWAYS_INLINE V exp(V x) {
     if constexpr (std::is_floating_point_v<V>) {
       return std::exp(x);
     } else if constexpr (!std::is_same_v<Lane<V>, float>) {
       return per_lane(x, [](auto v) { return std::exp(v); });
     } else {
-      using Bits = typename Int32Vector<sizeof(V)>::type;
+      using Bits = decltype(x < x);  // GCC's lane mask type: int32 lanes for float
       const V lo = V{} - 87.0f, hi = V{} + 88.5f, input = x;
       x = x < lo ? lo : x;
       x = x > hi ? hi : x;
@@ -85,7 +78,7 @@ struct VecMath {
   // w = 1 / (1 + t / 2) on [0.5, 10] (relative error 5e-9). Phi keeps its relative accuracy for
   // v << 0, where 1 + erf would cancel.
   template <typename V>
-  static FASTMB_VEC_MATH V normal_cdf(V v) {
+  static C10_ALWAYS_INLINE V normal_cdf(V v) {
     if constexpr (std::is_floating_point_v<V>) {
       return ScalarMath::normal_cdf(v);
     } else if constexpr (!std::is_same_v<Lane<V>, float>) {
@@ -120,7 +113,7 @@ struct VecMath {
   }
 
   template <typename V>
-  static FASTMB_VEC_MATH V normal_pdf(V v) {
+  static C10_ALWAYS_INLINE V normal_pdf(V v) {
     using E = Lane<V>;
     return E(0.39894228040143267794) * exp(E(-0.5) * v * v);
   }

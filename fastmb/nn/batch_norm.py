@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fastmb.ops.common import update_running_stats
+
 
 class BatchNormStep(NamedTuple):
     """What nn.BatchNorm2d.forward hands F.batch_norm for one call."""
@@ -58,18 +60,22 @@ class _AllGather(torch.autograd.Function):
         return grad[dist.get_rank(ctx.group)], None
 
 
+def _merged_moments(gathered: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan's merge (no sum of squares) of per-process rows [mean (C), biased variance (C),
+    count]: the group's mean, biased variance and total count."""
+    counts, means, variances = gathered[:, -1:], gathered[:, :channels], gathered[:, channels : 2 * channels]
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    return mean, (counts * (variances + (means - mean) ** 2)).sum(0) / total, total
+
+
 def merge_group_statistics(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, int]:
     """The process group's batch mean and biased variance, and its total count, from every
-    process's (count, mean, biased variance): Chan's merge, in double (no sum of squares)."""
+    process's (count, mean, biased variance), merged in double."""
     local = torch.cat([mean.double(), var.double(), mean.new_full((1,), count, dtype=torch.float64)])
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
-    stacked = torch.stack(gathered)
-    channels = mean.shape[0]
-    counts, means, variances = stacked[:, -1:], stacked[:, :channels], stacked[:, channels : 2 * channels]
-    total = counts.sum()
-    global_mean = (counts * means).sum(0) / total
-    global_var = (counts * (variances + (means - global_mean) ** 2)).sum(0) / total
+    global_mean, global_var, total = _merged_moments(torch.stack(gathered), mean.shape[0])
     return global_mean.to(mean.dtype), global_var.to(var.dtype), int(total.item())
 
 
@@ -84,15 +90,9 @@ def synced_batch_norm(z: Tensor, bn: nn.SyncBatchNorm, step: BatchNormStep) -> T
     var, mean = torch.var_mean(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z, dim=(0, 2, 3), correction=0)
     count = mean.new_full((1,), z.numel() // max(channels, 1))
     gathered = _AllGather.apply(torch.cat([mean, var, count]), group)  # [processes][2C + 1]
-    counts, means, variances = gathered[:, -1:], gathered[:, :channels], gathered[:, channels : 2 * channels]
-    total = counts.sum()
-    global_mean = (counts * means).sum(0) / total
-    global_var = (counts * (variances + (means - global_mean) ** 2)).sum(0) / total
+    global_mean, global_var, total = _merged_moments(gathered, channels)
     if step.running_mean is not None:
-        with torch.no_grad():
-            step.running_mean.mul_(1 - step.momentum).add_(global_mean.to(step.running_mean.dtype), alpha=step.momentum)
-            unbiased = global_var * (total / (total - 1))
-            step.running_var.mul_(1 - step.momentum).add_(unbiased.to(step.running_var.dtype), alpha=step.momentum)
+        update_running_stats(step.running_mean, step.running_var, global_mean, global_var, total, step.momentum)
     scale = torch.rsqrt(global_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight

@@ -5,7 +5,7 @@ through these, so its gradients match eager bit for bit at the kinks: relu at 0,
 +-3, relu6 at 0 and 6). Modules, convert, the kernels, the CLI and the tests all read it."""
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +25,18 @@ class Activation:
     in_place: Callable[[Tensor], Tensor] | None = None
     # whether backward needs u (eager's module then saves its input for backward)
     saves_input: bool = True
+    # the module's attributes that tell this activation from others of its class (GELU's approximate)
+    module_kwargs: dict[str, object] = field(default_factory=dict, hash=False)
 
     def make_module(self, inplace: bool = True) -> nn.Module:
         """The torch.nn module, in place where it can be (as torchvision builds them) unless told not."""
-        if self.name == "gelu_tanh":
-            return nn.GELU(approximate="tanh")
-        return self.module(inplace=True) if inplace and self.in_place is not None else self.module()
+        if inplace and self.in_place is not None:
+            return self.module(inplace=True, **self.module_kwargs)
+        return self.module(**self.module_kwargs)
+
+    def matches(self, module: nn.Module) -> bool:
+        """Whether `module` (of this activation's class) computes this activation."""
+        return all(getattr(module, key) == value for key, value in self.module_kwargs.items())
 
 
 @dataclass(frozen=True)
@@ -65,13 +71,14 @@ ACTIVATIONS: dict[str, Activation] = {
         ),
         Activation("identity", nn.Identity, 3, lambda u: u, lambda grad, u: grad, saves_input=False),
         Activation("silu", nn.SiLU, 4, F.silu, torch.ops.aten.silu_backward, lambda y: F.silu(y, inplace=True)),
-        Activation("gelu", nn.GELU, 5, F.gelu, torch.ops.aten.gelu_backward),
+        Activation("gelu", nn.GELU, 5, F.gelu, torch.ops.aten.gelu_backward, module_kwargs={"approximate": "none"}),
         Activation(
             "gelu_tanh",
             nn.GELU,
             6,
             lambda u: F.gelu(u, approximate="tanh"),
             lambda grad, u: torch.ops.aten.gelu_backward(grad, u, approximate="tanh"),
+            module_kwargs={"approximate": "tanh"},
         ),
     )
 }
@@ -84,12 +91,10 @@ GATES: dict[str, Gate] = {
     )
 }
 
-_ACTIVATION_BY_MODULE = {a.module: a.name for a in ACTIVATIONS.values() if a.module is not nn.GELU}
+_ACTIVATIONS_BY_MODULE: dict[type[nn.Module], list[Activation]] = {}
+for _activation in ACTIVATIONS.values():
+    _ACTIVATIONS_BY_MODULE.setdefault(_activation.module, []).append(_activation)
 _GATE_BY_MODULE = {g.module: g.name for g in GATES.values()}
-
-
-def _gelu_name(module: nn.Module) -> str | None:
-    return {"none": "gelu", "tanh": "gelu_tanh"}.get(getattr(module, "approximate", "none"))
 
 
 # timm's own activation and gate classes (timm.layers.activations*), by class name, whose
@@ -111,9 +116,10 @@ def activation_name(module: nn.Module | None) -> str | None:
     """The registry's name for activation module `module` (None: "identity"), or None if it has none."""
     if module is None:
         return "identity"
-    if type(module) is nn.GELU:
-        return _gelu_name(module)
-    return _ACTIVATION_BY_MODULE.get(type(module)) or _timm_name(module, _TIMM_ACTIVATIONS)
+    for candidate in _ACTIVATIONS_BY_MODULE.get(type(module), ()):
+        if candidate.matches(module):
+            return candidate.name
+    return _timm_name(module, _TIMM_ACTIVATIONS)
 
 
 def gate_name(module: nn.Module) -> str | None:

@@ -93,6 +93,16 @@ def real(name: str, value: object, minimum: float = -math.inf) -> float:
     return float(value)
 
 
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, biased_var: Tensor, count: float | Tensor, momentum: float
+) -> None:
+    """nn.BatchNorm2d's running-statistics update from a batch's mean and biased variance over
+    `count` values per channel: the running variance takes the unbiased one."""
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_((biased_var * (count / (count - 1))).to(running_var.dtype), alpha=momentum)
+
+
 def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")

@@ -28,6 +28,7 @@ from fastmb.ops.common import (
     pair,
     real,
     runs_composite,
+    update_running_stats,
 )
 
 OP = "dwconv_bn_act"
@@ -133,9 +134,7 @@ def run_dwconv_bn_act(
     args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, float(eps), bool(training), activation)
     y, mean, var = dispatch.call(dispatch.select(OP, x.device.type, args), args)
     if training and running_mean is not None and values_per_channel > 0:
-        unbiased_var = var * (values_per_channel / (values_per_channel - 1))
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
+        update_running_stats(running_mean, running_var, mean, var, values_per_channel, momentum)
     return y
 
 
@@ -186,9 +185,7 @@ def run_synced_dwconv_bn_act(
     kernel = dispatch.select_kernel(OP, x.device.type, args)
     y, mean, var, total = _SyncedDWConvBNAct.apply(x, weight, bn_weight, bn_bias, kernel, conv, float(eps), activation, group)
     if running_mean is not None:
-        with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_((var * (total / (total - 1))).to(running_var.dtype), alpha=momentum)
+        update_running_stats(running_mean, running_var, mean, var, total, momentum)
     return y
 
 

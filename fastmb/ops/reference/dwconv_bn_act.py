@@ -80,7 +80,8 @@ def backward(
     dtype = mean.dtype
     with autocast_off(x.device.type):
         x_, weight_ = x.to(dtype), weight.to(dtype)
-        z = _conv(x_, weight_, stride, padding, dilation)
+        x_padded, conv_padding = _padded(x_, padding)  # once, for the conv and its backward
+        z = _conv(x_padded, weight_, stride, conv_padding, dilation)
         gamma, beta = bn_affine(bn_weight, bn_bias, mean)
         invstd = torch.rsqrt(var + eps)
         x_hat = (z - _per_channel(mean)) * _per_channel(invstd)
@@ -96,7 +97,6 @@ def backward(
             # projection on x_hat.
             grad_z = grad_u - _per_channel(sum_gu / count) - x_hat * _per_channel(sum_gu_xhat / count)
         grad_z = grad_z * _per_channel(gamma * invstd)
-        x_padded, conv_padding = _padded(x_, padding)
         grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
             grad_z, x_padded, weight_, None, stride, conv_padding, dilation, False, [0, 0], x.shape[1],
             [output_mask[0], output_mask[1], False],
