@@ -72,8 +72,41 @@ inline void check_vector(const char* op, const char* name, const std::optional<a
   TORCH_CHECK(v->device() == x.device(), "fastmb::", op, ": ", name, " is on ", v->device(), " but x is on ", x.device());
 }
 
+// The geometry of a depthwise conv over an input of x_sizes (N, C, H, W) with a kernel (kH, kW),
+// every size computed in 64 bits without overflow.
+inline Geometry dwconv_geometry_of(const char* op, at::IntArrayRef x_sizes, at::IntArrayRef kernel, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(stride.size() == 2 && (padding.size() == 2 || padding.size() == 4) && dilation.size() == 2, "fastmb::", op,
+              ": stride and dilation must have two values each, padding two (h, w) or four (top, bottom, left, right)");
+  Geometry g{};
+  g.n = x_sizes[0], g.c = x_sizes[1], g.h = x_sizes[2], g.w = x_sizes[3];
+  g.kh = kernel[0], g.kw = kernel[1];
+  // The kernels read the top and left padding; the bottom and right only set the output size.
+  const bool sides = padding.size() == 4;
+  const int64_t bottom = sides ? padding[1] : padding[0], right = sides ? padding[3] : padding[1];
+  g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[sides ? 2 : 1], g.dh = dilation[0], g.dw = dilation[1];
+  TORCH_CHECK(g.sh >= 1 && g.sw >= 1, "fastmb::", op, ": stride must be at least 1, got ", stride);
+  TORCH_CHECK(g.ph >= 0 && g.pw >= 0 && bottom >= 0 && right >= 0, "fastmb::", op, ": padding must be at least 0, got ", padding);
+  TORCH_CHECK(g.dh >= 1 && g.dw >= 1, "fastmb::", op, ": dilation must be at least 1, got ", dilation);
+  const auto output_size = [&](int64_t size, int64_t k, int64_t s, int64_t p_begin, int64_t p_end, int64_t d) {
+    int64_t p, padded, span;  // both sides' padding, size + p, and the kernel's extent (k - 1) * d + 1
+    const bool overflow = __builtin_add_overflow(p_begin, p_end, &p) || __builtin_add_overflow(size, p, &padded) ||
+                          __builtin_mul_overflow(k - 1, d, &span);
+    TORCH_CHECK(!overflow, "fastmb::", op, ": padding ", padding, " or dilation ", dilation, " overflow 64-bit sizes");
+    TORCH_CHECK(padded > span, "fastmb::", op, ": the output would be empty: input ", x_sizes, ", kernel ", kernel, ", stride ",
+                stride, ", padding ", padding, ", dilation ", dilation);
+    return (padded - span - 1) / s + 1;
+  };
+  g.ho = output_size(g.h, g.kh, g.sh, g.ph, bottom, g.dh);
+  g.wo = output_size(g.w, g.kw, g.sw, g.pw, right, g.dw);
+  int64_t rows;
+  TORCH_CHECK(!__builtin_mul_overflow(g.n, g.ho, &rows) && !__builtin_mul_overflow(rows, g.wo, &g.pixels), "fastmb::", op,
+              ": the output's size overflows 64 bits");
+  return g;
+}
+
 // x (N, C, H, W) and depthwise weight (C, 1, kH, kW) of one dtype and device, and the optional
-// per-channel vectors; returns the geometry, every size computed in 64 bits without overflow.
+// per-channel vectors; returns the geometry.
 inline Geometry dwconv_geometry(const char* op, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation,
                                 std::initializer_list<std::pair<const char*, const std::optional<at::Tensor>*>> vectors = {}) {
@@ -84,34 +117,8 @@ inline Geometry dwconv_geometry(const char* op, const at::Tensor& x, const at::T
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "fastmb::", op, ": x and weight dtypes differ (", x.scalar_type(), ", ",
               weight.scalar_type(), ")");
   TORCH_CHECK(weight.device() == x.device(), "fastmb::", op, ": weight is on ", weight.device(), " but x is on ", x.device());
-  TORCH_CHECK(stride.size() == 2 && (padding.size() == 2 || padding.size() == 4) && dilation.size() == 2, "fastmb::", op,
-              ": stride and dilation must have two values each, padding two (h, w) or four (top, bottom, left, right)");
   for (const auto& [name, vector] : vectors) check_vector(op, name, *vector, x.size(1), x);
-  Geometry g{};
-  g.n = x.size(0), g.c = x.size(1), g.h = x.size(2), g.w = x.size(3);
-  g.kh = weight.size(2), g.kw = weight.size(3);
-  // The kernels read the top and left padding; the bottom and right only set the output size.
-  const bool sides = padding.size() == 4;
-  const int64_t bottom = sides ? padding[1] : padding[0], right = sides ? padding[3] : padding[1];
-  g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[sides ? 2 : 1], g.dh = dilation[0], g.dw = dilation[1];
-  TORCH_CHECK(g.sh >= 1 && g.sw >= 1, "fastmb::", op, ": stride must be at least 1, got ", stride);
-  TORCH_CHECK(g.ph >= 0 && g.pw >= 0 && bottom >= 0 && right >= 0, "fastmb::", op, ": padding must be at least 0, got ", padding);
-  TORCH_CHECK(g.dh >= 1 && g.dw >= 1, "fastmb::", op, ": dilation must be at least 1, got ", dilation);
-  const auto output_size = [&](int64_t size, int64_t kernel, int64_t s, int64_t p_begin, int64_t p_end, int64_t d) {
-    int64_t p, padded, span;  // both sides' padding, size + p, and the kernel's extent (k - 1) * d + 1
-    const bool overflow = __builtin_add_overflow(p_begin, p_end, &p) || __builtin_add_overflow(size, p, &padded) ||
-                          __builtin_mul_overflow(kernel - 1, d, &span);
-    TORCH_CHECK(!overflow, "fastmb::", op, ": padding ", padding, " or dilation ", dilation, " overflow 64-bit sizes");
-    TORCH_CHECK(padded > span, "fastmb::", op, ": the output would be empty: input ", x.sizes(), ", kernel ",
-                weight.sizes().slice(2), ", stride ", stride, ", padding ", padding, ", dilation ", dilation);
-    return (padded - span - 1) / s + 1;
-  };
-  g.ho = output_size(g.h, g.kh, g.sh, g.ph, bottom, g.dh);
-  g.wo = output_size(g.w, g.kw, g.sw, g.pw, right, g.dw);
-  int64_t rows;
-  TORCH_CHECK(!__builtin_mul_overflow(g.n, g.ho, &rows) && !__builtin_mul_overflow(rows, g.wo, &g.pixels), "fastmb::", op,
-              ": the output's size overflows 64 bits");
-  return g;
+  return dwconv_geometry_of(op, x.sizes(), weight.sizes().slice(2), stride, padding, dilation);
 }
 
 // The backward's grad_y (the forward's output shape), saved statistics (a value per channel) and

@@ -46,6 +46,16 @@ TORCH_LIBRARY(fastmb, m) {
   m.def(
       "conv1x1_bn_act(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, Tensor running_var, "
       "float eps, str activation) -> Tensor");
+  // A MobileNet V2/V3 inverted-residual block in eval, float32 channels_last, CPU only:
+  // y = project(se(dw(expand(x)))) [+ x]. The 1x1 convs' weights (out, in) have their batch
+  // norms folded; the depthwise conv's batch norm is a per-channel scale and shift; the depthwise
+  // weight (C, 1, kH, kW) is read in place when stored taps-major (a view of a (kH * kW, C) tensor).
+  // No expansion: expand_weight and expand_bias absent; no SE: the four fc tensors absent.
+  m.def(
+      "inverted_residual(Tensor x, Tensor? expand_weight, Tensor? expand_bias, str expand_activation, Tensor dw_weight, "
+      "Tensor dw_scale, Tensor dw_shift, int[2] stride, int[] padding, int[2] dilation, str dw_activation, "
+      "Tensor? fc1_weight, Tensor? fc1_bias, Tensor? fc2_weight, Tensor? fc2_bias, str se_activation, str se_gate, "
+      "Tensor project_weight, Tensor project_bias, bool residual) -> Tensor");
 }
 
 // Importing fastmb._C runs the static registrations above; the module itself only carries

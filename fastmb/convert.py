@@ -65,6 +65,15 @@ def _as_squeeze_excitation(module: nn.Module) -> SqueezeExcitation | str | None:
     return SqueezeExcitation.from_modules(module.fc1, module.fc2, *names)
 
 
+def _torchvision_block_fuser():
+    """fastmb.convert_torchvision's fuse_block, or None without torchvision."""
+    if importlib.util.find_spec("torchvision") is None:
+        return None
+    from fastmb.convert_torchvision import fuse_block
+
+    return fuse_block
+
+
 def _torchvision_conv_norm_activation() -> type | None:
     try:
         from torchvision.ops import Conv2dNormActivation
@@ -98,7 +107,10 @@ def _timm_converter():
 def convert(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.Module, ConvertReport]:
     """Swaps, in place, what fastmb fuses. torchvision: every depthwise conv + BatchNorm2d +
     activation Sequential (Conv2dNormActivation) for a DWConvBNAct, every other conv +
-    BatchNorm2d (+ activation) Sequential for a ConvBNAct, every SqueezeExcitation for fastmb's.
+    BatchNorm2d (+ activation) Sequential for a ConvBNAct, every SqueezeExcitation for fastmb's;
+    then each MobileNetV2/V3 InvertedResidual so fused takes a forward that runs the whole block
+    as one native call in eval on the CPU (fastmb/convert_torchvision.py; its output is then
+    channels_last).
     timm: its MobileNet-family blocks (InvertedResidual, DepthwiseSeparableConv, EdgeResidual,
     ConvBnAct, ConvNormAct, SqueezeExcite, SEModule) and models (EfficientNet, MobileNetV3: stem
     and head) keep their children and take a forward that runs each conv + BatchNormAct2d pair
@@ -109,6 +121,7 @@ def convert(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.M
     swapped: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
     convert_timm_block = _timm_converter() if any(type(m).__module__.startswith("timm.") for m in model.modules()) else None
+    fuse_torchvision_block = _torchvision_block_fuser()
 
     def fused_equivalent(module: nn.Module) -> nn.Module | None:
         se = _as_squeeze_excitation(module)
@@ -136,6 +149,12 @@ def convert(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.M
             fused = fused_equivalent(child)
             if fused is None:
                 visit(child)
+                block_class = type(child)
+                reason = fuse_torchvision_block(child) if fuse_torchvision_block is not None else None
+                if reason is not None:
+                    skipped[f"inverted-residual block: {reason}"] += 1
+                elif type(child) is not block_class:
+                    swapped[f"{block_class.__name__} (one native call in eval)"] += 1
                 continue
             fused.train(child.training)
             setattr(parent, name, fused)

@@ -190,10 +190,15 @@ def select_kernel(op: str, device_type: str, args: tuple) -> Kernel:
         chosen, kernel = "reference", _KERNELS[("reference", op)]
     elif device_type == "cuda" and not torch.compiler.is_compiling():
         _warn_unvalidated_gpu(torch.cuda.current_device())
+    note_backend(chosen)
+    return kernel
+
+
+def note_backend(backend: str) -> None:
+    """Records, for record_backends, that a fused op's call ran on `backend`."""
     ran = getattr(_thread_state, "ran", None)
     if ran is not None:
-        ran.add(chosen)
-    return kernel
+        ran.add(backend)
 
 
 @contextlib.contextmanager

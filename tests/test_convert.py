@@ -31,7 +31,8 @@ def fused_modules(model: nn.Module) -> dict[str, type]:
 
 def test_mobilenet_v3_large(caplog):
     original, model = converted("mobilenet_v3_large", caplog)
-    for line in ("swapped 15 DWConvBNAct", "swapped 31 ConvBNAct", "swapped 8 SqueezeExcitation"):
+    lines = ("swapped 15 DWConvBNAct", "swapped 31 ConvBNAct", "swapped 8 SqueezeExcitation", "swapped 15 InvertedResidual (one")
+    for line in lines:
         assert line in caplog.text
     assert list(model.state_dict()) == list(original.state_dict())
     x = torch.randn(2, 3, 224, 224)
@@ -43,6 +44,7 @@ def test_mobilenet_v3_large(caplog):
 def test_mobilenet_v2(caplog):
     original, model = converted("mobilenet_v2", caplog)
     assert "swapped 17 DWConvBNAct" in caplog.text and "swapped 18 ConvBNAct" in caplog.text
+    assert "swapped 17 InvertedResidual (one native call in eval)" in caplog.text
     assert "SqueezeExcitation" not in caplog.text
     x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
@@ -83,3 +85,32 @@ def test_shares_parameters_keeps_training_mode_and_reports_what_it_left(caplog):
     for training in (True, False):
         with torch.no_grad():
             torch.testing.assert_close(model.train(training)(x), original.train(training)(x))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
+def test_converted_blocks_run_one_op_each_and_survive_a_round_trip(name, caplog, monkeypatch):
+    """Each torchvision InvertedResidual becomes fastmb's fused subclass (still an instance of
+    torchvision's class), runs the whole block as one op in eval, and the model pickles."""
+    import io
+
+    from torchvision.models import mobilenetv2, mobilenetv3
+
+    from fastmb.ops.inverted_residual import FusedBlock
+
+    original, model = converted(name, caplog)
+    blocks = [m for m in model.modules() if isinstance(m, (mobilenetv2.InvertedResidual, mobilenetv3.InvertedResidual))]
+    assert blocks and all(type(m).__module__ == "fastmb.convert_torchvision" for m in blocks)
+    ran = []
+    original_call = FusedBlock.__call__
+    monkeypatch.setattr(FusedBlock, "__call__", lambda self, x: ran.append(1) or original_call(self, x))
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        expected, y = original(x), model(x)
+    assert len(ran) == len(blocks)
+    # whole-model float32 against torchvision's eager (the blocks' own test applies DESIGN's rule)
+    assert ((y - expected).abs().max() / expected.abs().max()).item() <= 3e-5
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), y)

@@ -74,25 +74,6 @@ Tensor image_channel_sums(const Tensor& a, const Tensor* b, int64_t n, int64_t c
   return sums;
 }
 
-// dot(w, v) over k values with vector accumulators: a plain loop does not vectorise, as the
-// compiler may not reorder a floating-point sum.
-template <typename Acc>
-FASTMB_INLINE Acc dot(const Acc* w, const Acc* v, int64_t k) {
-  using V = Vec<Acc>;
-  typename V::type s0 = {}, s1 = {};
-  int64_t i = 0;
-  for (; i + 2 * V::kLanes <= k; i += 2 * V::kLanes) {
-    s0 += V::load(w + i) * V::load(v + i);
-    s1 += V::load(w + i + V::kLanes) * V::load(v + i + V::kLanes);
-  }
-  for (; i + V::kLanes <= k; i += V::kLanes) s0 += V::load(w + i) * V::load(v + i);
-  s0 += s1;
-  Acc sum = 0;
-  for (int l = 0; l < V::kLanes; ++l) sum += s0[l];
-  for (; i < k; ++i) sum += w[i] * v[i];
-  return sum;
-}
-
 // out[i][r] = bias[r] + dot(weight[r], in[i]) for the n images and output rows [r0, r1): each
 // weight row is read once for all images. weight is (out_features, in_features), row-major.
 template <typename Acc>

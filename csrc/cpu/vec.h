@@ -113,6 +113,25 @@ FASTMB_INLINE void add_column_sums(Acc* sums, int64_t pixels, int64_t nc, const 
   }
 }
 
+// dot(w, v) over k values with vector accumulators: a plain loop does not vectorise, as the
+// compiler may not reorder a floating-point sum.
+template <typename Acc>
+FASTMB_INLINE Acc dot(const Acc* w, const Acc* v, int64_t k) {
+  using V = Vec<Acc>;
+  typename V::type s0 = {}, s1 = {};
+  int64_t i = 0;
+  for (; i + 2 * V::kLanes <= k; i += 2 * V::kLanes) {
+    s0 += V::load(w + i) * V::load(v + i);
+    s1 += V::load(w + i + V::kLanes) * V::load(v + i + V::kLanes);
+  }
+  for (; i + V::kLanes <= k; i += V::kLanes) s0 += V::load(w + i) * V::load(v + i);
+  s0 += s1;
+  Acc sum = 0;
+  for (int l = 0; l < V::kLanes; ++l) sum += s0[l];
+  for (; i < k; ++i) sum += w[i] * v[i];
+  return sum;
+}
+
 // dst[k] = src[k] for n values, bfloat16 <-> float, a vector at a time: bfloat16 rounded to
 // nearest even with NaN kept quiet, as c10::BFloat16 converts.
 FASTMB_INLINE void convert(const c10::BFloat16* src, float* dst, int64_t n) {

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from fastmb.models.layers import build_with_weights, depthwise_stage, init_weights, make_divisible
 from fastmb.nn import ConvBNAct
+from fastmb.ops.inverted_residual import run_fused_block
 
 # Table 2: expansion factor t, output channels c, repeats n, first stride s.
 INVERTED_RESIDUAL_SETTING = [
@@ -49,6 +50,9 @@ class InvertedResidual(nn.Module):
         self._is_cn = stride > 1
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = run_fused_block(self, self.conv, self.use_res_connect, x)  # eval on the CPU: one native call
+        if fused is not None:
+            return fused
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 

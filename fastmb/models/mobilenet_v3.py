@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from fastmb.models.layers import build_with_weights, depthwise_stage, init_weights, make_divisible
 from fastmb.nn import ConvBNAct, SqueezeExcitation
+from fastmb.ops.inverted_residual import run_fused_block
 
 
 class InvertedResidualConfig:
@@ -68,6 +69,9 @@ class InvertedResidual(nn.Module):
         self._is_cn = cnf.stride > 1
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = run_fused_block(self, self.block, self.use_res_connect, x)  # eval on the CPU: one native call
+        if fused is not None:
+            return fused
         result = self.block(x)
         if self.use_res_connect:
             result += x

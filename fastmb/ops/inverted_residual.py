@@ -1,0 +1,236 @@
+"""A whole inverted-residual block as one native call (fastmb::inverted_residual): eval on the
+CPU, float32, channels_last. The block's layers are kept as they are (their modules, keys and
+training path unchanged); `FusedBlock` packs their weights for the op (batch norms folded, the
+depthwise weight taps-major) and packs again whenever any parameter or buffer changes, so the
+op never runs with stale weights. Anything the op does not cover returns None and the caller
+runs its layers."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fastmb import _extension, dispatch
+from fastmb.ops.activations import activation_name
+from fastmb.ops.common import runs_composite
+
+NATIVE = _extension.has_kernel("inverted_residual", "CPU")
+
+
+@dataclass(frozen=True)
+class ConvBN:
+    """A conv and the batch norm after it, with the activation's name ("identity" for none)."""
+
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
+    activation: str
+
+
+@dataclass(frozen=True)
+class BlockLayers:
+    """An inverted-residual block: [expand] -> depthwise -> [SE] -> project [+ x]."""
+
+    expand: ConvBN | None
+    depthwise: ConvBN
+    se: nn.Module | None  # fastmb.nn.SqueezeExcitation
+    project: ConvBN
+    residual: bool
+
+
+def _plain_bn(bn: nn.Module, channels: int) -> bool:
+    """An eval-capable batch norm over `channels` with affine parameters and running statistics."""
+    return (
+        type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm)
+        and bn.num_features == channels
+        and bn.affine
+        and bn.track_running_stats
+        and bn.running_var is not None
+    )
+
+
+def _pointwise(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is None
+    )
+
+
+def conv_bn(module: nn.Module) -> ConvBN | None:
+    """The (conv, bn, activation) of a fastmb ConvBNAct or DWConvBNAct with a plain batch norm."""
+    from fastmb.nn import ConvBNAct, DWConvBNAct
+
+    if isinstance(module, DWConvBNAct):
+        conv, bn = module._modules["0"], module._modules["1"]
+        return ConvBN(conv, bn, module.activation) if _plain_bn(bn, conv.out_channels) else None
+    if isinstance(module, ConvBNAct) and len(module) in (2, 3):
+        conv, bn = module._modules["0"], module._modules["1"]
+        act = activation_name(module._modules.get("2"))
+        if act is None or type(conv) is not nn.Conv2d or conv.bias is not None or not _plain_bn(bn, conv.out_channels):
+            return None
+        return ConvBN(conv, bn, act)
+    return None
+
+
+def block_layers(layers: list[nn.Module], residual: bool) -> BlockLayers | None:
+    """The block that `layers` (the children of a V2/V3 block's Sequential) make, or None when
+    they are not one the op runs: a 1x1 expansion (ConvBNAct), a depthwise stage (DWConvBNAct,
+    zero padding), an optional fastmb SqueezeExcitation with biases, a linear 1x1 projection
+    (ConvBNAct without activation, or Conv2d and BatchNorm2d)."""
+    from fastmb.nn import DWConvBNAct, SqueezeExcitation
+
+    layers = list(layers)
+    if len(layers) >= 2 and type(layers[-2]) is nn.Conv2d and _plain_bn(layers[-1], layers[-2].out_channels):
+        project = ConvBN(layers[-2], layers[-1], "identity")
+        layers = layers[:-2]
+    elif layers:
+        project = conv_bn(layers.pop())
+    else:
+        return None
+    se = layers.pop() if layers and isinstance(layers[-1], SqueezeExcitation) else None
+    depthwise = conv_bn(layers.pop()) if layers and isinstance(layers[-1], DWConvBNAct) else None
+    expand = conv_bn(layers.pop()) if layers else None
+    if layers or project is None or project.activation != "identity" or not _pointwise(project.conv) or depthwise is None:
+        return None
+    if expand is not None and not _pointwise(expand.conv):
+        return None
+    dw = depthwise.conv
+    if dw.padding_mode != "zeros" or isinstance(dw.padding, str) or dw.out_channels != project.conv.in_channels:
+        return None
+    if expand is not None and expand.conv.out_channels != dw.in_channels:
+        return None
+    if se is not None and (se.fc1.bias is None or se.fc2.bias is None or se.fc1.in_channels != dw.out_channels):
+        return None
+    return BlockLayers(expand, depthwise, se, project, residual)
+
+
+def _fold(layer: ConvBN) -> tuple[Tensor, Tensor]:
+    """The 1x1 conv's (out, in) weight and bias with its batch norm folded in (in float64)."""
+    bn = layer.bn
+    scale = bn.weight.double() * torch.rsqrt(bn.running_var.double() + bn.eps)
+    weight = layer.conv.weight.double().flatten(1) * scale[:, None]
+    bias = bn.bias.double() - bn.running_mean.double() * scale
+    return weight.float().contiguous(), bias.float().contiguous()
+
+
+def _scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    scale = bn.weight.double() * torch.rsqrt(bn.running_var.double() + bn.eps)
+    return scale.float().contiguous(), (bn.bias.double() - bn.running_mean.double() * scale).float().contiguous()
+
+
+class FusedBlock:
+    """The op's arguments for one block, packed from its layers' current parameters."""
+
+    def __init__(self, layers: BlockLayers) -> None:
+        self.layers = layers
+        self._parts = [part for part in (layers.expand, layers.depthwise, layers.project) if part is not None]
+        self._modules = [part.bn for part in self._parts]
+        self._in_channels = (layers.expand or layers.depthwise).conv.in_channels
+        self._key: tuple | None = None
+        self._args: tuple = ()
+
+    def _current_key(self) -> tuple | None:
+        """What the packed arguments were made from; None when a layer is not in eval."""
+        if any(bn.training for bn in self._modules):
+            return None
+        tensors = self._tensors()
+        return (
+            *(t.data_ptr() for t in tensors),
+            *(t._version for t in tensors),
+            *(bn.eps for bn in self._modules),
+            self.layers.depthwise.conv.stride, self.layers.depthwise.conv.padding, self.layers.depthwise.conv.dilation,
+        )  # fmt: skip
+
+    def _tensors(self) -> list[Tensor]:
+        """Every parameter and buffer the op reads, as the modules hold them now (a parameter
+        may have been replaced since the last call)."""
+        tensors = []
+        for part in self._parts:
+            conv, bn = part.conv, part.bn
+            tensors += [conv._parameters["weight"], bn._parameters["weight"], bn._parameters["bias"], bn._buffers["running_mean"],
+                        bn._buffers["running_var"]]  # fmt: skip
+        se = self.layers.se
+        if se is not None:
+            fc1, fc2 = se.fc1, se.fc2
+            tensors += [fc1._parameters["weight"], fc1._parameters["bias"], fc2._parameters["weight"], fc2._parameters["bias"]]
+        return tensors
+
+    def _pack(self) -> tuple:
+        layers = self.layers
+        expand = _fold(layers.expand) if layers.expand is not None else (None, None)
+        dw = layers.depthwise.conv
+        channels, kh, kw = dw.out_channels, *dw.kernel_size
+        # taps-major storage, seen as (C, 1, kH, kW): the op reads it in place
+        taps = dw.weight.detach().float().reshape(channels, kh * kw).t().contiguous()
+        dw_weight = taps.t().view(channels, 1, kh, kw)
+        se = layers.se
+        if se is not None:
+            se_args = (se.fc1.weight.detach().float().flatten(1).contiguous(), se.fc1.bias.detach().float().contiguous(),
+                       se.fc2.weight.detach().float().flatten(1).contiguous(), se.fc2.bias.detach().float().contiguous(),
+                       se.activation, se.gate)  # fmt: skip
+        else:
+            se_args = (None, None, None, None, "relu", "hardsigmoid")
+        with torch.no_grad():
+            project = _fold(layers.project)
+            expand_args = (*expand, layers.expand.activation if layers.expand is not None else "identity")
+            dw_args = (dw_weight, *_scale_shift(layers.depthwise.bn), list(dw.stride), list(dw.padding), list(dw.dilation))
+        return (*expand_args, *dw_args, layers.depthwise.activation, *se_args, *project, layers.residual)
+
+    def __call__(self, x: Tensor) -> Tensor | None:
+        """The block's output (channels_last) through the op, or None where the op does not
+        apply (training, autograd, not a float32 CPU tensor, another backend chosen)."""
+        if (
+            not NATIVE
+            or torch.is_grad_enabled()
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or x.dim() != 4
+            or x.shape[1] != self._in_channels
+            or dispatch.current_backend() not in ("auto", "cpu")
+            or torch.compiler.is_compiling()
+            or runs_composite(x)
+        ):
+            return None
+        key = self._current_key()
+        if key is None:
+            return None
+        if key != self._key:
+            if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in self._tensors()):
+                return None
+            self._args, self._key = self._pack(), key
+        dispatch.note_backend("cpu")
+        # channels_last in and out: an NCHW input is converted once, and the blocks after take
+        # this one's output as it is
+        return torch.ops.fastmb.inverted_residual(x.contiguous(memory_format=torch.channels_last), *self._args)
+
+
+def run_fused_block(module: nn.Module, layers: nn.Sequential, residual: bool, x: Tensor) -> Tensor | None:
+    """`module`'s block (the children of `layers`, plus x when `residual`) as one op call, or
+    None where it does not apply. The plan is kept on `module` and rebuilt when its children
+    change."""
+    if not NATIVE or torch.is_grad_enabled() or module.training or torch.compiler.is_compiling():
+        return None
+    children = tuple(layers._modules.values())
+    plan = module.__dict__.get("_fastmb_fused")
+    if plan is None or plan[0] != children or plan[1] != residual:
+        parsed = block_layers(list(children), residual)
+        plan = (children, residual, FusedBlock(parsed) if parsed is not None else None)
+        module.__dict__["_fastmb_fused"] = plan
+    return plan[2](x) if plan[2] is not None else None
+
+
+if NATIVE:
+
+    @torch.library.register_fake("fastmb::inverted_residual")
+    def _fake(x, expand_weight, expand_bias, expand_activation, dw_weight, dw_scale, dw_shift, stride, padding, dilation,
+              dw_activation, fc1_weight, fc1_bias, fc2_weight, fc2_bias, se_activation, se_gate, project_weight, project_bias,
+              residual):  # fmt: skip
+        top, bottom, left, right = padding if len(padding) == 4 else (padding[0], padding[0], padding[1], padding[1])
+        kh, kw = dw_weight.shape[2:]
+        ho = (x.shape[2] + top + bottom - (kh - 1) * dilation[0] - 1) // stride[0] + 1
+        wo = (x.shape[3] + left + right - (kw - 1) * dilation[1] - 1) // stride[1] + 1
+        return x.new_empty(x.shape[0], project_weight.shape[0], ho, wo).contiguous(memory_format=torch.channels_last)
