@@ -81,6 +81,7 @@ def write_speedups(terminalreporter) -> None:
             cells.append(cell + ")")
             suites[(" ".join(group.split(" ")[:2]), provider)].append(speedup)
         write(f"  {group:<52} " + "  ".join(cells))
+    write_runtime_ratios(write, groups)
     if os.environ.get("FASTMB_AUTO_ORDER_OUT"):
         write_auto_order(groups, os.environ["FASTMB_AUTO_ORDER_OUT"])
     write("\ngeometric-mean speedup per suite and provider:")
@@ -89,6 +90,38 @@ def write_speedups(terminalreporter) -> None:
         if len(paired[(suite, provider)]) == len(speedups):
             line += f"; paired {geomean(paired[(suite, provider)]):.2f}x"
         write(line)
+
+
+# The inference runtimes a user would pick instead of PyTorch (fastmb/runtimes.py), and the
+# providers compared with the faster of them.
+RUNTIMES = ("onnxruntime", "openvino")
+AGAINST_RUNTIMES = ("fastmb", "convert")
+
+
+def write_runtime_ratios(write, groups: dict[str, dict[str, Result]]) -> None:
+    """Per group with a runtime: fastmb's (and convert's) speed over the fastest runtime's, from
+    the medians and from the paired speedups (each alternated with the same baseline)."""
+    lines = []
+    for group, results in sorted(groups.items()):
+        timed = [results[r] for r in RUNTIMES if r in results]
+        if not timed:
+            continue
+        fastest = min(timed, key=lambda r: r.seconds)
+        cells = []
+        for provider in AGAINST_RUNTIMES:
+            if provider not in results:
+                continue
+            ours = results[provider]
+            cell = f"{provider} {fastest.seconds / ours.seconds:.2f}x"
+            if ours.paired is not None and fastest.paired is not None:
+                cell += f" (paired {ours.paired / fastest.paired:.2f}x)"
+            cells.append(cell)
+        if cells:
+            lines.append(f"  {group:<52} vs {fastest.provider} {fastest.seconds * 1e3:.3f} ms: " + "  ".join(cells))
+    if lines:
+        write("\nspeed relative to the fastest of ONNX Runtime and OpenVINO (>1: faster than it):")
+        for line in lines:
+            write(line)
 
 
 def geomean(values: list[float]) -> float:

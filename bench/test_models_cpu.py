@@ -1,11 +1,12 @@
 """Whole-model CPU benchmarks, fp32, channels_last. Eval: torchvision eager, torchvision under
-torch.compile, ONNX Runtime on the exported torchvision model (when onnxruntime is installed),
-the fastmb builder's model with the same weights, and the torchvision model after
-fastmb.convert (cpu backend). Training step (SGD, batch 16) of MobileNetV3-Large: torchvision
-eager, the fastmb builder's model and the converted one."""
+torch.compile, ONNX Runtime and OpenVINO on the exported torchvision model (each when installed:
+`pip install ".[bench]"`), the fastmb builder's model with the same weights, and the torchvision
+model after fastmb.convert (cpu backend). The summary also gives fastmb's speed relative to the
+faster of ONNX Runtime and OpenVINO. Training step (SGD, batch 16) of MobileNetV3-Large:
+torchvision eager, the fastmb builder's model and the converted one."""
 
 import copy
-import io
+import functools
 
 import pytest
 import torch
@@ -13,27 +14,24 @@ import torchvision
 from torch import nn
 
 import fastmb
+from fastmb import runtimes
 from fastmb.models.calibration import calibrate_batch_norm
 from timing import THREADS, run_benchmark
 
 MODELS = ["mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v2"]
 BATCHES = [1, 16]
-PROVIDERS = ["eager_cl", "compile", "onnxruntime", "fastmb", "convert"]
+PROVIDERS = ["eager_cl", "compile", *runtimes.RUNTIMES, "fastmb", "convert"]
 TRAIN_PROVIDERS = ["eager_cl", "fastmb", "convert"]
 
 pytestmark = pytest.mark.skipif(fastmb.backends()["cpu"] != "available", reason=fastmb.backends()["cpu"])
 
 
-def onnxruntime_runner(model: torch.nn.Module, x: torch.Tensor):
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    exported = io.BytesIO()
-    torch.onnx.export(model, (x,), exported, dynamo=False, input_names=["x"])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    session = ort.InferenceSession(exported.getvalue(), options, providers=["CPUExecutionProvider"])
-    inputs = {"x": x.contiguous().numpy()}
-    return lambda: session.run(None, inputs)
+@functools.cache
+def onnx_export(name: str, batch: int) -> tuple[bytes, torch.nn.Module, torch.Tensor]:
+    """The calibrated torchvision model, its ONNX export and the input, shared by both runtimes."""
+    model = calibrate_batch_norm(getattr(torchvision.models, name)(), resolution=96).eval()
+    x = torch.randn(batch, 3, 224, 224)
+    return runtimes.export_onnx(model, x), model, x
 
 
 def model_for(provider: str, name: str, torchvision_model: nn.Module) -> nn.Module:
@@ -53,12 +51,16 @@ def model_for(provider: str, name: str, torchvision_model: nn.Module) -> nn.Modu
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"bs{b}")
 @pytest.mark.parametrize("name", MODELS)
 def test_model_eval(benchmark, name, batch, provider):
-    torchvision_model = calibrate_batch_norm(getattr(torchvision.models, name)(), resolution=96)
-    x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-    if provider == "onnxruntime":
-        fn = onnxruntime_runner(torchvision_model, x)
+    if provider in runtimes.RUNTIMES:
+        if not runtimes.installed(provider):
+            pytest.skip(f"{provider} (and onnx) not installed")
+        onnx_model, torchvision_model, x = onnx_export(name, batch)
+        fn = runtimes.runner(provider, onnx_model, x, THREADS)
     else:
+        torchvision_model = calibrate_batch_norm(getattr(torchvision.models, name)(), resolution=96)
+        x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
         fn = eval_step(model_for(provider, name, torchvision_model), x)
+    x = x.contiguous(memory_format=torch.channels_last)
     baseline = eval_step(torchvision_model.to(memory_format=torch.channels_last), x)
     run_benchmark(benchmark, f"model eval-bs{batch} {name}", provider, fn, baseline)
 

@@ -44,16 +44,19 @@ def paired_speedup(baseline: Callable[[], object], fn: Callable[[], object], sec
     """The median over alternating runs of baseline time / fn time (10 to 60 pairs, about
     `seconds` in all). A CPU whose speed drifts from minute to minute, as shared machines' do,
     moves this ratio much less than the ratio of two medians taken one after the other. It is
-    also a colder measurement: each fn run follows a baseline run, which has evicted fn's input
-    from the caches (the back-to-back medians read inputs up to L3's size from cache)."""
+    also a colder measurement: each fn run follows baseline runs, which have evicted fn's input
+    from the caches (the back-to-back medians read inputs up to L3's size from cache). Each
+    timed run follows an untimed one of the same provider: ONNX Runtime's threads spin for a
+    while after a run, and timed right after it eager PyTorch ran up to 2x slower."""
 
     def timed(f: Callable[[], object]) -> float:
+        f()  # untimed: lets the other provider's worker threads, which may still spin, go idle
         start = time.perf_counter()
         f()
         return time.perf_counter() - start
 
     pairs = [(timed(baseline), timed(fn))]
-    rounds = min(60, max(10, int(seconds / sum(pairs[0]))))
+    rounds = min(60, max(10, int(seconds / (2 * sum(pairs[0])))))  # each pair runs both twice
     pairs += [(timed(baseline), timed(fn)) for _ in range(rounds - 1)]
     return statistics.median(b / f for b, f in pairs)
 

@@ -1,5 +1,7 @@
 """python -m fastmb: build a MobileNet, load a torchvision (or eager) model's weights into the
-fastmb one, check that both compute the same thing, then time both on each available backend.
+fastmb one, check that both compute the same thing, then time both on each available backend,
+and (CPU, fp32 eval) ONNX Runtime and OpenVINO on the baseline's ONNX export when installed,
+in alternating rounds.
 `python -m fastmb check [--device D]` checks every available fused backend against the
 reference on this machine (fastmb/check.py).
 """
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 
 import fastmb
-from fastmb import dispatch
+from fastmb import dispatch, runtimes
 from fastmb.models.calibration import calibrate_batch_norm
 from fastmb.ops.activations import ACTIVATIONS
 
@@ -45,12 +47,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=("eval", "train"), default="eval",
                         help="eval: a forward pass without grad; train: a full SGD step (forward, backward, update)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the timed runs")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC (channels_last) models and inputs")
+    parser.add_argument("--nchw", action="store_true",
+                        help="NCHW (contiguous) models and inputs; the default is channels_last, the fast layout on both devices")
+    parser.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)  # the default now; still accepted
     parser.add_argument("--backend", choices=("all", *fastmb.backends()), default="all",
                         help="fastmb backend(s) to time (default: every available one)")
     parser.add_argument("--resolution", type=int, default=224, help="input height and width")
     parser.add_argument("--profile", action="store_true", help="also print per-layer params, MACs and bytes moved")
-    parser.add_argument("--seconds", type=float, default=1.0, help="time budget per measurement")
+    parser.add_argument("--seconds", type=float, default=1.0, help="time budget per provider and batch size")
+    parser.add_argument("--no-runtimes", action="store_true",
+                        help="leave out ONNX Runtime and OpenVINO (timed by default on the CPU in fp32 eval when installed)")
     args = parser.parse_args(argv)
     check_model(parser, args.model)
     if args.batch_size and min(args.batch_size) < 1:
@@ -59,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--resolution must be positive, got {args.resolution}")
     if not args.seconds > 0:
         parser.error(f"--seconds must be positive, got {args.seconds}")
+    if args.nchw and args.channels_last:
+        parser.error("--nchw and --channels-last contradict each other")
     args.device = resolve_device(parser, args.device)
     return args
 
@@ -190,26 +198,63 @@ def step_function(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], 
     return run
 
 
-def measure(fn: Callable[[], object], device: torch.device, seconds: float) -> float:
-    """Median milliseconds per call: two warm-up calls, then at least 5 timed ones, more while
-    the budget lasts. CUDA timings use events with synchronisation."""
-    for _ in range(2):
+def measure(fns: list[Callable[[], object]], device: torch.device, seconds: float, rounds: int = 3) -> list[float]:
+    """Median milliseconds per call of each function, timed in `rounds` alternating rounds (the
+    machine's speed drifts; each round's first call is an untimed warm-up, which also lets the
+    previous provider's threads go idle): about `seconds` per function in all. CUDA timings use
+    events with synchronisation."""
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
+        fn()  # compile, allocate
+    for _ in range(rounds):
+        for fn, samples in zip(fns, times):
+            fn()
+            round_times: list[float] = []
+            started = time.perf_counter()
+            while len(round_times) < 3 or (time.perf_counter() - started < seconds / rounds and len(round_times) < 100):
+                round_times.append(time_call(fn, device))
+            samples += round_times
+    return [statistics.median(samples) for samples in times]
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         fn()
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - started < seconds and len(times) < 200):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+    begin_s = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin_s) * 1e3
+
+
+def with_backend(fn: Callable[[], object], backend: str | None, ran: set[str]) -> Callable[[], object]:
+    """fn under fastmb backend `backend` ("auto" for None), adding the backends that ran to `ran`."""
+
+    def run():
+        with fastmb.use_backend(backend or "auto"), dispatch.record_backends() as used:
             fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            begin_s = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin_s) * 1e3)
-    return statistics.median(times)
+        ran.update(used)
+
+    return run
+
+
+def runtime_providers(args: argparse.Namespace, baseline: nn.Module, x: torch.Tensor) -> list[tuple[str, Callable[[], object]]]:
+    """ONNX Runtime and OpenVINO on the baseline's ONNX export, where they apply and are installed."""
+    if args.no_runtimes or args.device.type != "cpu" or args.mode != "eval" or args.dtype != "float32":
+        return []
+    installed = [r for r in runtimes.RUNTIMES if runtimes.installed(r)]
+    if not installed:
+        return []
+    progress(f"exporting the baseline to ONNX for {', '.join(installed)}, batch {x.shape[0]}")
+    try:
+        onnx_model = runtimes.export_onnx(copy.deepcopy(baseline).eval(), x)
+        return [(r, runtimes.runner(r, onnx_model, x, torch.get_num_threads())) for r in installed]
+    except Exception as error:  # an export or runtime failure leaves the PyTorch comparison standing
+        progress(f"ONNX Runtime / OpenVINO left out: {type(error).__name__}: {error}")
+        return []
 
 
 def check_main(argv: list[str]) -> int:
@@ -233,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     dtype = DTYPES[args.dtype]
     batch_sizes = args.batch_size or [1, 256 if device.type == "cuda" else 16]
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    memory_format = torch.contiguous_format if args.nchw else torch.channels_last
     backends = fastmb_backends(device, args.backend)
     torch.manual_seed(0)
 
@@ -256,22 +301,38 @@ def main(argv: list[str] | None = None) -> int:
     for batch in batch_sizes:
         x = torch.randn(batch, 3, args.resolution, args.resolution, device=device, dtype=dtype)
         x = x.contiguous(memory_format=memory_format)
-        reference_ms = None
+        names, fns, used = [], [], []
         for name, model, backend in providers:
-            progress(f"timing {name}, batch {batch}, {args.mode}")
+            progress(f"preparing {name}, batch {batch}, {args.mode}")
             model = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=memory_format)
-            with fastmb.use_backend(backend or "auto"), dispatch.record_backends() as ran:
-                ms = measure(step_function(model, x, args.mode), device, args.seconds)
-            if backend is not None and ran != {backend}:  # inputs its kernels do not take ran elsewhere
-                name = f"{name} (ran: {', '.join(sorted(ran))})"
-            reference_ms = reference_ms or ms
-            rows.append((batch, name, ms, batch / ms * 1e3, reference_ms / ms))
+            used.append(set())
+            names.append(name)
+            fns.append(with_backend(step_function(model, x, args.mode), backend, used[-1]))
+        for name, fn in runtime_providers(args, baseline, x):
+            names.append(name)
+            fns.append(fn)
+        progress(f"timing {len(fns)} providers in alternating rounds, batch {batch}")
+        times = measure(fns, device, args.seconds)
+        for index, (name, ms) in enumerate(zip(names, times)):
+            backend = providers[index][2] if index < len(providers) else None
+            if backend is not None and used[index] != {backend}:  # inputs its kernels do not take ran elsewhere
+                name = f"{name} (ran: {', '.join(sorted(used[index]))})"
+            rows.append((batch, name, ms, batch / ms * 1e3, times[0] / ms))
+        runtime_times = {n: ms for n, ms in zip(names, times) if n in runtimes.RUNTIMES}
+        if runtime_times and "fastmb cpu" in names:
+            fastest = min(runtime_times, key=runtime_times.get)
+            ratio = runtime_times[fastest] / times[names.index("fastmb cpu")]
+            rows.append((batch, f"fastmb cpu vs {fastest}: {ratio:.2f}x", None, None, None))
 
-    title = f"{args.model}, {args.mode}, {device}, {args.dtype}{', channels_last' if args.channels_last else ''}"
-    width = max(18, *(len(row[1]) + 2 for row in rows))
+    layout = "NCHW" if args.nchw else "channels_last"
+    title = f"{args.model}, {args.mode}, {device}, {args.dtype}, {layout}"
+    width = max(18, *(len(row[1]) + 2 for row in rows if row[2] is not None))
     print(f"\n{title}\n{'batch':>5}  {'provider':<{width}}{'latency ms':>12}{'images/s':>12}{'speedup':>9}")
     for batch, name, ms, throughput, speedup in rows:
-        print(f"{batch:>5}  {name:<{width}}{ms:>12.2f}{throughput:>12.1f}{speedup:>8.2f}x")
+        if ms is None:
+            print(f"{batch:>5}  {name}")
+        else:
+            print(f"{batch:>5}  {name:<{width}}{ms:>12.2f}{throughput:>12.1f}{speedup:>8.2f}x")
     return 0
 
 

@@ -34,10 +34,28 @@ def test_timm_model(capsys):
     assert "parity (eval, fastmb cpu)" in out and "timm:lcnet_050, eval" in out
 
 
-def test_profile_and_channels_last(capsys):
-    assert cli.main(["--model", "mobilenet_v3_small", "--profile", "--channels-last", "--batch-size", "1", "--seconds", "0.05"]) == 0
+def test_profile_and_nchw(capsys):
+    args = ["--model", "mobilenet_v3_small", "--profile", "--nchw", "--batch-size", "1", "--seconds", "0.05", "--no-runtimes"]
+    assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert "56,510,400" in out and "bytes moved" in out and "channels_last" in out
+    assert "56,510,400" in out and "bytes moved" in out and "float32, NCHW" in out and "onnxruntime" not in out
+
+
+def test_runtimes_are_timed_beside_fastmb_in_channels_last_by_default(capsys):
+    """ONNX Runtime and OpenVINO on the torchvision model's export, where installed, and the
+    ratio of fastmb's time to the faster of them."""
+    installed = [r for r in ("onnxruntime", "openvino") if fastmb.runtimes.installed(r)]
+    if not installed:
+        pytest.skip("neither onnxruntime nor openvino is installed")
+    assert cli.main(["--model", "mobilenet_v3_small", "--batch-size", "1", "--resolution", "64", "--seconds", "0.05", "--backend", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "float32, channels_last" in out
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("    1  ")}
+    assert set(installed) <= set(rows) and "fastmb cpu vs" in out
+    # the same table as the PyTorch providers: latency, throughput and speedup over torchvision
+    for runtime in installed:
+        latency, throughput = map(float, rows[runtime].split()[2:4])
+        assert latency > 0 and throughput == pytest.approx(1e3 / latency, rel=0.01)
 
 
 def test_refuses_to_report_speed_when_outputs_disagree(monkeypatch, capsys):
