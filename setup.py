@@ -63,7 +63,7 @@ def extension():
     # -Wno-psabi: GCC notes that vector arguments change ABI between instruction sets; the CPU
     # kernels' vector-typed helpers are all inlined.
     cxx_flags = [*cxx_optimize, *openmp, "-Wno-psabi", f"-DFASTMB_CUDA_STATUS={status}"]
-    cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp") + sources("csrc/cpu/dwconv/*.cpp")
+    cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp") + sources("csrc/cpu/dwconv/*.cpp") + sources("csrc/cpu/pointwise/*.cpp")
 
     if status != CUDA_BUILT:
         print(f"fastmb: CUDA kernels {_CUDA_REASONS[status]}", file=sys.stderr)

@@ -47,9 +47,10 @@ TORCH_LIBRARY(fastmb, m) {
       "conv1x1_bn_act(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, Tensor running_var, "
       "float eps, str activation) -> Tensor");
   // A MobileNet V2/V3 inverted-residual block in eval, float32 channels_last, CPU only:
-  // y = project(se(dw(expand(x)))) [+ x]. The 1x1 convs' weights (out, in) have their batch
-  // norms folded; the depthwise conv's batch norm is a per-channel scale and shift; the depthwise
-  // weight (C, 1, kH, kW) is read in place when stored taps-major (a view of a (kH * kW, C) tensor).
+  // y = project(se(dw(expand(x)))) [+ x]. The 1x1 convs' weights have their batch norms folded
+  // and are packed in panels of 16 output channels, (ceil(out / 16), in, 16), zero-padded; the
+  // depthwise conv's batch norm is a per-channel scale and shift; the depthwise weight
+  // (C, 1, kH, kW) is read in place when stored taps-major (a view of a (kH * kW, C) tensor).
   // No expansion: expand_weight and expand_bias absent; no SE: the four fc tensors absent.
   m.def(
       "inverted_residual(Tensor x, Tensor? expand_weight, Tensor? expand_bias, str expand_activation, Tensor dw_weight, "

@@ -2,88 +2,29 @@
 // channels_last, in one call:
 //   expand 1x1 conv (BN folded) + act -> depthwise conv + BN + act -> [SE] -> project 1x1 conv
 //   (BN folded) [+ x]
-// Work goes image by image (or, with fewer images than threads, in row parts of an image) and
-// in bands of output rows: each band's expanded rows are computed just before the depthwise conv
-// reads them, and, without SE, its depthwise output is projected at once, so the expanded
-// activation stays in L2 instead of making four round trips to memory. With SE the depthwise
-// output is kept once per image (its channel sums are taken band by band), the gate is folded
-// into the projection weights per image, and the image is projected. The 1x1 convs are GEMMs
-// through the BLAS PyTorch links (MKL's sgemm on x86: faster on these shapes than a micro-
-// kernel of ours would be, bench/results/), with each epilogue applied to rows still in cache.
+// Work goes image by image (or, with fewer images than threads, in row parts of an image, or
+// stage by stage for small images) and in bands of output rows: each band's expanded rows are
+// computed just before the depthwise conv reads them, and, without SE, its depthwise output is
+// projected at once, so the expanded activation stays in L2 instead of making four round trips
+// to memory. With SE the depthwise output is kept once per image (its channel sums are taken
+// band by band), the gate is folded into the projection weights per image, and the image is
+// projected. The 1x1 convs run on our register-tiled GEMM (pointwise/) over weights packed once
+// by the caller, with bias, activation and residual applied as the tiles leave the registers.
 // Buffers are per-thread and reused: a call allocates only its output.
 #include <ATen/Parallel.h>
-#include <dlfcn.h>
 #include <torch/library.h>
 
 #include <vector>
 
 #include "../common.h"
 #include "dwconv/operator.h"
+#include "pointwise/kernels.h"
 #include "vec.h"
 
 namespace fastmb::cpu {
 namespace {
 
 using at::Tensor;
-
-// Fortran BLAS sgemm, looked up at load time in what PyTorch linked (MKL or OpenBLAS); null in a
-// build without a BLAS, where the GEMMs go through at::mm_out instead.
-using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-                         const float*, const int*, const float*, float*, const int*);
-SgemmFn blas_sgemm() {
-  static const SgemmFn fn = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
-  return fn;
-}
-
-// c (m, n) = a (m, k) * b (n, k)^T, row-major, a and b dense, c's rows ldc apart. In BLAS's
-// column-major terms that is c^T = b * a^T.
-void gemm_abt(int64_t m, int64_t n, int64_t k, const float* a, const float* b, float* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (const SgemmFn sgemm = blas_sgemm(); sgemm != nullptr && std::max({m, n, k, ldc}) <= INT32_MAX) {
-    const int mi = int(m), ni = int(n), ki = int(k), ldci = int(ldc);
-    const float one = 1.0f, zero = 0.0f;
-    sgemm("T", "N", &ni, &mi, &ki, &one, b, &ki, a, &ki, &zero, c, &ldci);
-    return;
-  }
-  const auto options = at::TensorOptions().dtype(at::kFloat);
-  Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, options);
-  at::mm_out(out, at::from_blob(const_cast<float*>(a), {m, k}, options), at::from_blob(const_cast<float*>(b), {n, k}, options).t());
-}
-void gemm_abt(int64_t m, int64_t n, int64_t k, const float* a, const float* b, float* c) { gemm_abt(m, n, k, a, b, c, n); }
-
-// gemm_abt on every thread, each computing a block of c's columns (whole vectors of 16): each
-// reads only its share of b, the weights, which at batch 1 are most of the bytes moved. The
-// BLAS's own threading splits such small products less well (1.5x on two threads at m = 49).
-void gemm_abt_by_columns(int64_t m, int64_t n, int64_t k, const float* a, const float* b, float* c) {
-  const int64_t blocks = (n + 15) / 16;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t n0 = b0 * 16, n1 = std::min(n, b1 * 16);
-    gemm_abt(m, n1 - n0, k, a, b + n0 * k, c + n0, n);
-  });
-}
-
-// y[p][k] = act(y[p][k] + bias[k]) (+ residual[p][k]) for `pixels` rows of c values.
-FASTMB_MULTIVERSION void bias_activate(float* y, const float* bias, const float* residual, Activation activation, int64_t c,
-                                       int64_t pixels) {
-  using V = Vec<float>;
-  const ActivationFn<float> act(activation);
-  const bool smooth = is_smooth(activation);
-  for (int64_t p = 0; p < pixels; ++p) {
-    float* row = y + p * c;
-    const float* res = residual == nullptr ? nullptr : residual + p * c;
-    int64_t k = 0;
-    for (; k + V::kLanes <= c; k += V::kLanes) {
-      const V::type u = V::load(row + k) + V::load(bias + k);
-      V::type v = smooth ? smooth_activation<VecMath, float>(activation, u) : act(u);
-      if (res != nullptr) v += V::load(res + k);
-      V::store(row + k, v);
-    }
-    for (; k < c; ++k) {
-      const float u = row[k] + bias[k];
-      row[k] = (smooth ? smooth_activation<VecMath, float>(activation, u) : act(u)) + (res != nullptr ? res[k] : 0.0f);
-    }
-  }
-}
 
 // sums[k] += the sum of `pixels` rows of c values.
 FASTMB_MULTIVERSION void add_channel_sums(float* sums, const float* rows, int64_t pixels, int64_t c) {
@@ -92,11 +33,17 @@ FASTMB_MULTIVERSION void add_channel_sums(float* sums, const float* rows, int64_
   });
 }
 
-// dst[o][k] = w[o][k] * gate[k]: the SE gate folded into the (out, c) projection weights.
-FASTMB_MULTIVERSION void scale_columns(float* dst, const float* w, const float* gate, int64_t out, int64_t c) {
-  for (int64_t o = 0; o < out; ++o)
-    for (int64_t k = 0; k < c; ++k) dst[o * c + k] = w[o * c + k] * gate[k];
+// The SE gate folded into packed projection weights: row k of every panel times gate[k].
+FASTMB_MULTIVERSION void gate_packed_rows(float* dst, const float* w, const float* gate, int64_t panels, int64_t c) {
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t k = 0; k < c; ++k)
+      for (int l = 0; l < pointwise::kPanel; ++l) {
+        const int64_t at = (p * c + k) * pointwise::kPanel + l;
+        dst[at] = w[at] * gate[k];
+      }
 }
+
+int64_t panels_of(int64_t channels) { return (channels + pointwise::kPanel - 1) / pointwise::kPanel; }
 
 // Everything one call reads, as raw pointers: the arguments checked and made dense.
 struct Block {
@@ -107,12 +54,28 @@ struct Block {
   Gate gate;
   bool residual;
   dwconv::Kernels<float> dw;
+  pointwise::GemmPanels gemm;
   float* y;
 
   bool expands() const { return expand_w != nullptr; }
   bool has_se() const { return fc1_w != nullptr; }
   const float* image(int64_t n) const { return x + n * g.h * g.w * cin; }
+  // The expansion of `pixels` input pixels from `in` into `out`.
+  pointwise::Gemm expand(const float* in, float* out, int64_t pixels) const {
+    return {in, cin, expand_w, expand_b, nullptr, 0, out, g.c, pixels, g.c, cin, expand_act};
+  }
+  // The projection of `pixels` depthwise-output pixels into y rows, with the residual rows.
+  pointwise::Gemm project(const float* in, const float* weights, const float* residual_rows, float* out, int64_t pixels) const {
+    return {in, g.c, weights, project_b, residual ? residual_rows : nullptr, cin, out, cout, pixels, cout, g.c, Activation::kIdentity};
+  }
 };
+
+// A GEMM's panels split between the threads: at batch 1 each thread reads only its share of the
+// weights, most of the bytes moved.
+void gemm_on_threads(const Block& b, const pointwise::Gemm& gemm) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(gemm.m * gemm.k, 1));
+  at::parallel_for(0, panels_of(gemm.n), grain, [&](int64_t p0, int64_t p1) { b.gemm(gemm, p0, p1); });
+}
 
 // A thread's reusable buffers (grown, never shrunk).
 struct Workspace {
@@ -134,13 +97,11 @@ int64_t band_rows(const Block& b) {
   return std::clamp<int64_t>(pixels / std::max<int64_t>(b.g.wo, 1), 1, b.g.ho);
 }
 
-// y rows (pixels [p0, p1) of image n) = d * w^T + bias (+ x): the projection and its epilogue.
+// y rows (pixels [p0, p1) of image n) = d * w + bias (+ x), on this thread.
 void project(const Block& b, int64_t n, const float* d, const float* w, int64_t p0, int64_t p1) {
   const int64_t pixels_out = b.g.ho * b.g.wo;
-  float* y = b.y + (n * pixels_out + p0) * b.cout;
-  gemm_abt(p1 - p0, b.cout, b.g.c, d + p0 * b.g.c, w, y);
-  const float* residual = b.residual ? b.image(n) + p0 * b.cin : nullptr;
-  bias_activate(y, b.project_b, residual, Activation::kIdentity, b.cout, p1 - p0);
+  const pointwise::Gemm gemm = b.project(d + p0 * b.g.c, w, b.image(n) + p0 * b.cin, b.y + (n * pixels_out + p0) * b.cout, p1 - p0);
+  b.gemm(gemm, 0, panels_of(b.cout));
 }
 
 // Output rows [oh0, oh1) of image n through the expansion and the depthwise conv, band by band.
@@ -166,9 +127,7 @@ void expand_depthwise_rows(const Block& b, int64_t n, int64_t oh0, int64_t oh1, 
     const auto [need_lo, need_hi] = dwconv::input_rows(g, ob, ob1);
     if (b.expands() && need_hi > next) {
       const int64_t r0 = std::max(next, need_lo);
-      float* e = expanded_rows + r0 * in_row;
-      gemm_abt((need_hi - r0) * g.w, g.c, b.cin, b.image(n) + r0 * g.w * b.cin, b.expand_w, e);
-      bias_activate(e, b.expand_b, nullptr, b.expand_act, g.c, (need_hi - r0) * g.w);
+      b.gemm(b.expand(b.image(n) + r0 * g.w * b.cin, expanded_rows + r0 * in_row, (need_hi - r0) * g.w), 0, panels_of(g.c));
       next = need_hi;
     }
     float* out = b.has_se() ? depthwise : band_out - ob * out_row;
@@ -192,7 +151,7 @@ FASTMB_MULTIVERSION void fc_rows(float* out, const float* in, const float* w, co
 }
 
 // The SE gate of one image from its depthwise output's channel sums, folded into the projection
-// weights: weights (cout, c) = project_w * gate. Split between the threads when `threaded`.
+// weights (packed like project_w). Split between the threads when `threaded`.
 void fold_gate(const Block& b, const float* sums, float* weights, bool threaded) {
   const int64_t c = b.g.c, s = b.squeeze;
   std::vector<float> mean(c), hidden(s), gate(c);
@@ -206,7 +165,9 @@ void fold_gate(const Block& b, const float* sums, float* weights, bool threaded)
   const Gate gate_kind = b.gate;
   rows(s, [&](int64_t r0, int64_t r1) { fc_rows(hidden.data(), mean.data(), b.fc1_w, b.fc1_b, c, r0, r1, [act](float v) { return activate(act, v); }); });
   rows(c, [&](int64_t r0, int64_t r1) { fc_rows(gate.data(), hidden.data(), b.fc2_w, b.fc2_b, s, r0, r1, [gate_kind](float v) { return gate_value(gate_kind, v); }); });
-  rows(b.cout, [&](int64_t o0, int64_t o1) { scale_columns(weights + o0 * c, b.project_w + o0 * c, gate.data(), o1 - o0, c); });
+  rows(panels_of(b.cout), [&](int64_t p0, int64_t p1) {
+    gate_packed_rows(weights + p0 * c * pointwise::kPanel, b.project_w + p0 * c * pointwise::kPanel, gate.data(), p1 - p0, c);
+  });
 }
 
 // Image n stage by stage, each stage on every thread: the expansion and the projection as GEMMs
@@ -221,10 +182,7 @@ void run_image_staged(const Block& b, int64_t n) {
   const float* expanded = b.image(n);
   if (b.expands()) {
     float* e = sized(ws.expanded, pixels_in * g.c);
-    gemm_abt_by_columns(pixels_in, g.c, b.cin, b.image(n), b.expand_w, e);
-    at::parallel_for(0, pixels_in, grain, [&](int64_t p0, int64_t p1) {
-      bias_activate(e + p0 * g.c, b.expand_b, nullptr, b.expand_act, g.c, p1 - p0);
-    });
+    gemm_on_threads(b, b.expand(b.image(n), e, pixels_in));
     expanded = e;
   }
   float* depthwise = sized(ws.depthwise, pixels_out * g.c);
@@ -240,16 +198,11 @@ void run_image_staged(const Block& b, int64_t n) {
       add_channel_sums(partial, depthwise + p0 * g.c, std::min<int64_t>(256, pixels_out - p0), g.c);
       for (int64_t k = 0; k < g.c; ++k) sums[k] += partial[k];
     }
-    float* gated = sized(ws.weights, b.cout * g.c);
+    float* gated = sized(ws.weights, panels_of(b.cout) * pointwise::kPanel * g.c);
     fold_gate(b, sums.data(), gated, true);
     weights = gated;
   }
-  float* y = b.y + n * pixels_out * b.cout;
-  gemm_abt_by_columns(pixels_out, b.cout, g.c, depthwise, weights, y);
-  at::parallel_for(0, pixels_out, grain, [&](int64_t p0, int64_t p1) {
-    const float* residual = b.residual ? b.image(n) + p0 * b.cin : nullptr;
-    bias_activate(y + p0 * b.cout, b.project_b, residual, Activation::kIdentity, b.cout, p1 - p0);
-  });
+  gemm_on_threads(b, b.project(depthwise, weights, b.image(n), b.y + n * pixels_out * b.cout, pixels_out));
 }
 
 // Output rows per part below which an image is run stage by stage instead of in row parts.
@@ -273,7 +226,7 @@ void run_block(const Block& b) {
   std::vector<float> shared_weights;
   if (b.has_se() && parts > 1) {
     sized(shared_depthwise, g.n * image_values);
-    shared_weights.resize(g.n * b.cout * g.c);
+    shared_weights.resize(g.n * panels_of(b.cout) * pointwise::kPanel * g.c);
   }
   at::parallel_for(0, g.n * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -288,7 +241,7 @@ void run_block(const Block& b) {
         Workspace& ws = thread_workspace();
         float* depthwise = sized(ws.depthwise, image_values);
         expand_depthwise_rows(b, n, 0, g.ho, depthwise, sum);
-        float* weights = sized(ws.weights, b.cout * g.c);
+        float* weights = sized(ws.weights, panels_of(b.cout) * pointwise::kPanel * g.c);
         fold_gate(b, sum, weights, false);
         project(b, n, depthwise, weights, 0, pixels_out);
       }
@@ -299,14 +252,15 @@ void run_block(const Block& b) {
     float* total = sums.data() + n * parts * g.c;
     for (int64_t part = 1; part < parts; ++part)
       for (int64_t k = 0; k < g.c; ++k) total[k] += total[part * g.c + k];
-    fold_gate(b, total, shared_weights.data() + n * b.cout * g.c, false);
+    fold_gate(b, total, shared_weights.data() + n * panels_of(b.cout) * pointwise::kPanel * g.c, false);
   }
   const int64_t chunk = (pixels_out + parts - 1) / parts;
   at::parallel_for(0, g.n * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / parts, p0 = (task % parts) * chunk, p1 = std::min(pixels_out, p0 + chunk);
       if (p0 < p1)
-        project(b, n, shared_depthwise.data() + n * image_values, shared_weights.data() + n * b.cout * g.c, p0, p1);
+        project(b, n, shared_depthwise.data() + n * image_values, shared_weights.data() + n * panels_of(b.cout) * pointwise::kPanel * g.c,
+                p0, p1);
     }
   });
 }
@@ -334,15 +288,15 @@ Tensor inverted_residual(const Tensor& x, const std::optional<Tensor>& expand_we
   const NoAutocast no_autocast;
   Block b{};
   b.cin = x.size(1);
-  const int64_t c = expand_weight.has_value() ? expand_weight->size(0) : b.cin;
+  const int64_t c = expand_bias.has_value() && expand_bias->dim() == 1 ? expand_bias->size(0) : b.cin;
   TORCH_CHECK(dw_weight.dim() == 4 && dw_weight.size(0) == c && dw_weight.size(1) == 1 && dw_weight.size(2) >= 1 && dw_weight.size(3) >= 1,
               "fastmb::inverted_residual: dw_weight must be (", c, ", 1, kH, kW), got shape ", dw_weight.sizes());
   // The depthwise conv's geometry over the expanded channels, with dwconv_bn_act's checks.
   b.g = dwconv_geometry_of("inverted_residual", {x.size(0), c, x.size(2), x.size(3)}, dw_weight.sizes().slice(2), stride, padding, dilation);
-  b.cout = project_weight.size(0);
+  b.cout = project_bias.dim() == 1 ? project_bias.size(0) : 0;
   b.x = x.const_data_ptr<float>();
   if (expand_weight.has_value()) {
-    b.expand_w = checked("expand_weight", *expand_weight, {c, b.cin});
+    b.expand_w = checked("expand_weight", *expand_weight, {panels_of(c), b.cin, pointwise::kPanel});
     b.expand_b = checked("expand_bias", *expand_bias, {c});
   }
   b.expand_act = parse_activation(expand_activation);
@@ -362,7 +316,7 @@ Tensor inverted_residual(const Tensor& x, const std::optional<Tensor>& expand_we
   }
   b.se_act = parse_activation(se_activation);
   b.gate = parse_gate(se_gate);
-  b.project_w = checked("project_weight", project_weight, {b.cout, c});
+  b.project_w = checked("project_weight", project_weight, {panels_of(b.cout), c, pointwise::kPanel});
   b.project_b = checked("project_bias", project_bias, {b.cout});
   b.residual = residual;
   TORCH_CHECK(!residual || (b.cout == b.cin && b.g.ho == b.g.h && b.g.wo == b.g.w), "fastmb::inverted_residual: residual needs the ",
@@ -371,6 +325,7 @@ Tensor inverted_residual(const Tensor& x, const std::optional<Tensor>& expand_we
   if (y.numel() == 0) return y;
   b.y = y.mutable_data_ptr<float>();
   b.dw = dwconv::select_kernels<float>(b.g);
+  b.gemm = pointwise::select_gemm();
   run_block(b);
   return y;
 }

@@ -108,13 +108,21 @@ def block_layers(layers: list[nn.Module], residual: bool) -> BlockLayers | None:
     return BlockLayers(expand, depthwise, se, project, residual)
 
 
-def _fold(layer: ConvBN) -> tuple[Tensor, Tensor]:
-    """The 1x1 conv's (out, in) weight and bias with its batch norm folded in (in float64)."""
+PANEL = 16  # output channels per packed weight panel (csrc/cpu/pointwise/kernels.h)
+
+
+def _fold_and_pack(layer: ConvBN) -> tuple[Tensor, Tensor]:
+    """The 1x1 conv's weight with its batch norm folded in (in float64), packed as the op's GEMM
+    reads it: (ceil(out / 16), in, 16), panels of 16 output channels, zero-padded; and the bias."""
     bn = layer.bn
     scale = bn.weight.double() * torch.rsqrt(bn.running_var.double() + bn.eps)
     weight = layer.conv.weight.double().flatten(1) * scale[:, None]
     bias = bn.bias.double() - bn.running_mean.double() * scale
-    return weight.float().contiguous(), bias.float().contiguous()
+    out_channels, in_channels = weight.shape
+    padded = weight.new_zeros(-(-out_channels // PANEL) * PANEL, in_channels)
+    padded[:out_channels] = weight
+    packed = padded.view(-1, PANEL, in_channels).transpose(1, 2).float().contiguous()
+    return packed, bias.float().contiguous()
 
 
 def _scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -161,7 +169,7 @@ class FusedBlock:
 
     def _pack(self) -> tuple:
         layers = self.layers
-        expand = _fold(layers.expand) if layers.expand is not None else (None, None)
+        expand = _fold_and_pack(layers.expand) if layers.expand is not None else (None, None)
         dw = layers.depthwise.conv
         channels, kh, kw = dw.out_channels, *dw.kernel_size
         # taps-major storage, seen as (C, 1, kH, kW): the op reads it in place
@@ -175,7 +183,7 @@ class FusedBlock:
         else:
             se_args = (None, None, None, None, "relu", "hardsigmoid")
         with torch.no_grad():
-            project = _fold(layers.project)
+            project = _fold_and_pack(layers.project)
             expand_args = (*expand, layers.expand.activation if layers.expand is not None else "identity")
             dw_args = (dw_weight, *_scale_shift(layers.depthwise.bn), list(dw.stride), list(dw.padding), list(dw.dilation))
         return (*expand_args, *dw_args, layers.depthwise.activation, *se_args, *project, layers.residual)
@@ -233,4 +241,4 @@ if NATIVE:
         kh, kw = dw_weight.shape[2:]
         ho = (x.shape[2] + top + bottom - (kh - 1) * dilation[0] - 1) // stride[0] + 1
         wo = (x.shape[3] + left + right - (kw - 1) * dilation[1] - 1) // stride[1] + 1
-        return x.new_empty(x.shape[0], project_weight.shape[0], ho, wo).contiguous(memory_format=torch.channels_last)
+        return x.new_empty(x.shape[0], project_bias.shape[0], ho, wo).contiguous(memory_format=torch.channels_last)

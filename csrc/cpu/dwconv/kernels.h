@@ -21,6 +21,7 @@
 
 #include "../../activations.h"
 #include "../../geometry.h"
+#include "../isa.h"
 #include "../vec_math.h"
 
 namespace fastmb::cpu::dwconv {
@@ -116,7 +117,7 @@ Kernels<double> baseline_double_kernels();
 #define FASTMB_X86_KERNELS 0
 #endif
 
-// The fastest passes this CPU runs for geometry g. The AVX-512 tiles are 16 lanes wide: at
+// The fastest passes this CPU runs (or FASTMB_ISA allows) for geometry g. The AVX-512 tiles are 16 lanes wide: at
 // stride 2 they serve only whole vectors per pixel (else every other pixel's 64-byte loads
 // would split a cache line), and the generic conv gains nothing from them.
 template <typename Acc>
@@ -126,9 +127,9 @@ Kernels<Acc> select_kernels(const Geometry& g) {
   } else {
     const int k = specialised_kernel_size(g);
 #if FASTMB_X86_KERNELS
-    static const bool avx512 = __builtin_cpu_supports("x86-64-v4"), avx2 = __builtin_cpu_supports("x86-64-v3");
-    if (avx512 && k != 0 && (g.sw == 1 || g.c % 16 == 0)) return avx512_kernels(k);
-    if (avx2) return avx2_kernels(k);
+    const Isa isa = cpu_isa();
+    if (isa == Isa::kAvx512 && k != 0 && (g.sw == 1 || g.c % 16 == 0)) return avx512_kernels(k);
+    if (isa >= Isa::kAvx2) return avx2_kernels(k);
 #endif
     return baseline_kernels(k);
   }

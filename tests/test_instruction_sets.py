@@ -1,0 +1,28 @@
+"""The CPU kernels' lower instruction-set tables (AVX2, baseline), which a CPU with AVX-512
+never picks on its own: FASTMB_ISA caps the choice, and the depthwise and inverted-residual
+tests run again under each cap in a fresh process (the choice is made once per process)."""
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastmb
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the per-ISA tables are x86-64's")
+@pytest.mark.skipif(fastmb.backends()["cpu"] != "available", reason="no CPU kernels")
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_lower_instruction_set_kernels_pass_the_same_tests(isa):
+    tests = [str(HERE / "ops" / "test_dwconv_bn_act.py"), str(HERE / "nn" / "test_inverted_residual.py")]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests, "-k", "cpu or matches_its_layers"],
+        env={**os.environ, "FASTMB_ISA": isa}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
