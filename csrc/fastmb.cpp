@@ -57,6 +57,12 @@ TORCH_LIBRARY(fastmb, m) {
       "Tensor dw_scale, Tensor dw_shift, int[2] stride, int[] padding, int[2] dilation, str dw_activation, "
       "Tensor? fc1_weight, Tensor? fc1_bias, Tensor? fc2_weight, Tensor? fc2_bias, str se_activation, str se_gate, "
       "Tensor project_weight, Tensor project_bias, bool residual) -> Tensor");
+  // A MobileNet's head in eval, float32 channels_last, CPU only: the last 1x1 conv (BN folded,
+  // weight packed as inverted_residual's) + activation, global average pooling, then each linear
+  // layer (weight (out, in)) + its activation. Returns (N, classes).
+  m.def(
+      "classifier_head(Tensor x, Tensor conv_weight, Tensor conv_bias, str conv_activation, Tensor[] fc_weights, "
+      "Tensor[] fc_biases, str[] fc_activations) -> Tensor");
 }
 
 // Importing fastmb._C runs the static registrations above; the module itself only carries

@@ -65,13 +65,13 @@ def _as_squeeze_excitation(module: nn.Module) -> SqueezeExcitation | str | None:
     return SqueezeExcitation.from_modules(module.fc1, module.fc2, *names)
 
 
-def _torchvision_block_fuser():
-    """fastmb.convert_torchvision's fuse_block, or None without torchvision."""
+def _torchvision_fuser():
+    """fastmb.convert_torchvision's fuse, or None without torchvision."""
     if importlib.util.find_spec("torchvision") is None:
         return None
-    from fastmb.convert_torchvision import fuse_block
+    from fastmb.convert_torchvision import fuse
 
-    return fuse_block
+    return fuse
 
 
 def _torchvision_conv_norm_activation() -> type | None:
@@ -108,8 +108,9 @@ def convert(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.M
     """Swaps, in place, what fastmb fuses. torchvision: every depthwise conv + BatchNorm2d +
     activation Sequential (Conv2dNormActivation) for a DWConvBNAct, every other conv +
     BatchNorm2d (+ activation) Sequential for a ConvBNAct, every SqueezeExcitation for fastmb's;
-    then each MobileNetV2/V3 InvertedResidual so fused takes a forward that runs the whole block
-    as one native call in eval on the CPU (fastmb/convert_torchvision.py; its output is then
+    then each MobileNetV2/V3 InvertedResidual so fused, and the MobileNetV2/V3 model itself, take
+    a forward that runs the whole block, and the head (last conv, pooling, classifier), as one
+    native call in eval on the CPU (fastmb/convert_torchvision.py; a block's output is then
     channels_last).
     timm: its MobileNet-family blocks (InvertedResidual, DepthwiseSeparableConv, EdgeResidual,
     ConvBnAct, ConvNormAct, SqueezeExcite, SEModule) and models (EfficientNet, MobileNetV3: stem
@@ -121,7 +122,17 @@ def convert(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.M
     swapped: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
     convert_timm_block = _timm_converter() if any(type(m).__module__.startswith("timm.") for m in model.modules()) else None
-    fuse_torchvision_block = _torchvision_block_fuser()
+    torchvision_fuser = _torchvision_fuser()
+
+    def fuse_torchvision(module: nn.Module) -> None:
+        """A torchvision block or model whose layers are fused: its class swapped (one native
+        call per block, and for the head, in eval)."""
+        original = type(module)
+        reason = torchvision_fuser(module) if torchvision_fuser is not None else None
+        if reason is not None:
+            skipped[f"{original.__name__}: {reason}"] += 1
+        elif type(module) is not original:
+            swapped[f"{original.__name__} (one native call in eval)"] += 1
 
     def fused_equivalent(module: nn.Module) -> nn.Module | None:
         se = _as_squeeze_excitation(module)
@@ -149,12 +160,7 @@ def convert(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.M
             fused = fused_equivalent(child)
             if fused is None:
                 visit(child)
-                block_class = type(child)
-                reason = fuse_torchvision_block(child) if fuse_torchvision_block is not None else None
-                if reason is not None:
-                    skipped[f"inverted-residual block: {reason}"] += 1
-                elif type(child) is not block_class:
-                    swapped[f"{block_class.__name__} (one native call in eval)"] += 1
+                fuse_torchvision(child)
                 continue
             fused.train(child.training)
             setattr(parent, name, fused)
@@ -163,6 +169,7 @@ def convert(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.M
     if convert_timm_block is not None:
         convert_timm_block(model, swapped, skipped)  # a timm model's own stem and head
     visit(model)
+    fuse_torchvision(model)
     summary = ConvertReport(dict(swapped), dict(skipped))
     for line in str(summary).splitlines():
         logger.info("fastmb.convert: %s", line)

@@ -1,11 +1,13 @@
-"""torchvision's inverted-residual blocks (MobileNetV2, MobileNetV3) after fastmb.convert has
-fused their layers: only the class changes, to a subclass whose forward runs the whole block as
-one native call in eval on the CPU (fastmb/ops/inverted_residual.py) and torchvision's forward
-otherwise. Imported by fastmb.convert only when torchvision is installed."""
+"""torchvision's MobileNetV2 and MobileNetV3 after fastmb.convert has fused their layers: only
+classes change, to subclasses whose forward runs each inverted-residual block as one native
+call (fastmb/ops/inverted_residual.py), and the model's last conv, pooling and classifier as
+another (fastmb/ops/classifier_head.py), in eval on the CPU; torchvision's forward otherwise.
+Imported by fastmb.convert only when torchvision is installed."""
 
 from torch import Tensor, nn
 from torchvision.models import mobilenetv2, mobilenetv3
 
+from fastmb.ops.classifier_head import forward_with_fused_head
 from fastmb.ops.inverted_residual import block_layers, run_fused_block
 
 
@@ -21,13 +23,28 @@ class FusedInvertedResidualV3(mobilenetv3.InvertedResidual):
         return fused if fused is not None else super().forward(x)
 
 
-_FUSED = {mobilenetv2.InvertedResidual: (FusedInvertedResidualV2, "conv"), mobilenetv3.InvertedResidual: (FusedInvertedResidualV3, "block")}
+class FusedMobileNetV2(mobilenetv2.MobileNetV2):
+    def forward(self, x: Tensor) -> Tensor:
+        return forward_with_fused_head(self, x, self.features, None, self.classifier)
 
 
-def fuse_block(module: nn.Module) -> str | None:
-    """Swaps the class of a torchvision InvertedResidual whose layers fastmb.convert fused for its
-    fused subclass: None when swapped or not such a block, else why it cannot be."""
-    fused = _FUSED.get(type(module))
+class FusedMobileNetV3(mobilenetv3.MobileNetV3):
+    def forward(self, x: Tensor) -> Tensor:
+        return forward_with_fused_head(self, x, self.features, self.avgpool, self.classifier)
+
+
+_BLOCKS = {mobilenetv2.InvertedResidual: (FusedInvertedResidualV2, "conv"), mobilenetv3.InvertedResidual: (FusedInvertedResidualV3, "block")}
+_MODELS = {mobilenetv2.MobileNetV2: FusedMobileNetV2, mobilenetv3.MobileNetV3: FusedMobileNetV3}
+
+
+def fuse(module: nn.Module) -> str | None:
+    """Swaps the class of a torchvision InvertedResidual whose layers fastmb.convert fused, or of
+    a MobileNetV2/V3, for its fused subclass: None when swapped or not such a module, else why
+    it cannot be."""
+    if type(module) in _MODELS:
+        module.__class__ = _MODELS[type(module)]  # the head is checked on each call
+        return None
+    fused = _BLOCKS.get(type(module))
     if fused is None:
         return None
     fused_class, layers_name = fused

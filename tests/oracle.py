@@ -4,7 +4,9 @@ The oracle is the eager computation in float64 on the CPU; a backend passes when
 against the oracle is at most 2x the error of eager PyTorch in the same dtype, plus a small
 absolute floor (flash-attention's rule)."""
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -86,3 +88,15 @@ def assert_close_to_oracle(
 
 def clone_as(module: nn.Module, dtype: torch.dtype, memory_format: torch.memory_format = torch.contiguous_format) -> nn.Module:
     return copy.deepcopy(module).to(dtype=dtype, memory_format=memory_format)
+
+
+@contextlib.contextmanager
+def threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` for the block (the CPU ops' schedules
+    depend on it)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -90,23 +90,26 @@ def test_shares_parameters_keeps_training_mode_and_reports_what_it_left(caplog):
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
 def test_converted_blocks_run_one_op_each_and_survive_a_round_trip(name, caplog, monkeypatch):
     """Each torchvision InvertedResidual becomes fastmb's fused subclass (still an instance of
-    torchvision's class), runs the whole block as one op in eval, and the model pickles."""
+    torchvision's class) and runs the whole block as one op in eval, the model's head another;
+    the model pickles."""
     import io
 
     from torchvision.models import mobilenetv2, mobilenetv3
 
+    from fastmb.ops.classifier_head import FusedHead
     from fastmb.ops.inverted_residual import FusedBlock
 
     original, model = converted(name, caplog)
     blocks = [m for m in model.modules() if isinstance(m, (mobilenetv2.InvertedResidual, mobilenetv3.InvertedResidual))]
     assert blocks and all(type(m).__module__ == "fastmb.convert_torchvision" for m in blocks)
+    assert type(model).__module__ == "fastmb.convert_torchvision"  # the model too: its head fused
     ran = []
-    original_call = FusedBlock.__call__
-    monkeypatch.setattr(FusedBlock, "__call__", lambda self, x: ran.append(1) or original_call(self, x))
+    for fused in (FusedBlock, FusedHead):
+        monkeypatch.setattr(fused, "__call__", lambda self, x, call=fused.__call__: ran.append(type(self)) or call(self, x))
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         expected, y = original(x), model(x)
-    assert len(ran) == len(blocks)
+    assert ran == [FusedBlock] * len(blocks) + [FusedHead]
     # whole-model float32 against torchvision's eager (the blocks' own test applies DESIGN's rule)
     assert ((y - expected).abs().max() / expected.abs().max()).item() <= 3e-5
     buffer = io.BytesIO()

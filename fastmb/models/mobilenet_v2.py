@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from fastmb.models.layers import build_with_weights, depthwise_stage, init_weights, make_divisible
 from fastmb.nn import ConvBNAct
+from fastmb.ops.classifier_head import forward_with_fused_head
 from fastmb.ops.inverted_residual import run_fused_block
 
 # Table 2: expansion factor t, output channels c, repeats n, first stride s.
@@ -90,8 +91,8 @@ class MobileNetV2(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1))
-        return self.classifier(torch.flatten(x, 1))
+        # eval on the CPU: the last conv, the pooling and the classifier as one native call
+        return forward_with_fused_head(self, x, self.features, None, self.classifier)
 
 
 def mobilenet_v2(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> MobileNetV2:

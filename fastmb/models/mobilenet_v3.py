@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from fastmb.models.layers import build_with_weights, depthwise_stage, init_weights, make_divisible
 from fastmb.nn import ConvBNAct, SqueezeExcitation
+from fastmb.ops.classifier_head import forward_with_fused_head
 from fastmb.ops.inverted_residual import run_fused_block
 
 
@@ -118,8 +119,8 @@ class MobileNetV3(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.avgpool(self.features(x))
-        return self.classifier(torch.flatten(x, 1))
+        # eval on the CPU: the last conv, the pooling and the classifier as one native call
+        return forward_with_fused_head(self, x, self.features, self.avgpool, self.classifier)
 
 
 def _mobilenet_v3_conf(

@@ -12,7 +12,15 @@ from torch import Tensor, nn
 
 from fastmb import _extension, dispatch
 from fastmb.ops.activations import activation_name
-from fastmb.ops.common import runs_composite
+from fastmb.ops.packing import (
+    PackedArguments,
+    bn_scale_shift,
+    conv_bn_tensors,
+    eval_op_applies,
+    fold_and_pack,
+    plain_batch_norm,
+    pointwise_conv,
+)
 
 NATIVE = _extension.has_kernel("inverted_residual", "CPU")
 
@@ -37,40 +45,17 @@ class BlockLayers:
     residual: bool
 
 
-def _plain_bn(bn: nn.Module, channels: int) -> bool:
-    """An eval-capable batch norm over `channels` with affine parameters and running statistics."""
-    return (
-        type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm)
-        and bn.num_features == channels
-        and bn.affine
-        and bn.track_running_stats
-        and bn.running_var is not None
-    )
-
-
-def _pointwise(conv: nn.Module) -> bool:
-    return (
-        type(conv) is nn.Conv2d
-        and conv.kernel_size == (1, 1)
-        and conv.stride == (1, 1)
-        and conv.padding == (0, 0)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and conv.bias is None
-    )
-
-
 def conv_bn(module: nn.Module) -> ConvBN | None:
     """The (conv, bn, activation) of a fastmb ConvBNAct or DWConvBNAct with a plain batch norm."""
     from fastmb.nn import ConvBNAct, DWConvBNAct
 
     if isinstance(module, DWConvBNAct):
         conv, bn = module._modules["0"], module._modules["1"]
-        return ConvBN(conv, bn, module.activation) if _plain_bn(bn, conv.out_channels) else None
+        return ConvBN(conv, bn, module.activation) if plain_batch_norm(bn, conv.out_channels) else None
     if isinstance(module, ConvBNAct) and len(module) in (2, 3):
         conv, bn = module._modules["0"], module._modules["1"]
         act = activation_name(module._modules.get("2"))
-        if act is None or type(conv) is not nn.Conv2d or conv.bias is not None or not _plain_bn(bn, conv.out_channels):
+        if act is None or type(conv) is not nn.Conv2d or conv.bias is not None or not plain_batch_norm(bn, conv.out_channels):
             return None
         return ConvBN(conv, bn, act)
     return None
@@ -84,7 +69,7 @@ def block_layers(layers: list[nn.Module], residual: bool) -> BlockLayers | None:
     from fastmb.nn import DWConvBNAct, SqueezeExcitation
 
     layers = list(layers)
-    if len(layers) >= 2 and type(layers[-2]) is nn.Conv2d and _plain_bn(layers[-1], layers[-2].out_channels):
+    if len(layers) >= 2 and type(layers[-2]) is nn.Conv2d and plain_batch_norm(layers[-1], layers[-2].out_channels):
         project = ConvBN(layers[-2], layers[-1], "identity")
         layers = layers[:-2]
     elif layers:
@@ -94,9 +79,9 @@ def block_layers(layers: list[nn.Module], residual: bool) -> BlockLayers | None:
     se = layers.pop() if layers and isinstance(layers[-1], SqueezeExcitation) else None
     depthwise = conv_bn(layers.pop()) if layers and isinstance(layers[-1], DWConvBNAct) else None
     expand = conv_bn(layers.pop()) if layers else None
-    if layers or project is None or project.activation != "identity" or not _pointwise(project.conv) or depthwise is None:
+    if layers or project is None or project.activation != "identity" or not pointwise_conv(project.conv) or depthwise is None:
         return None
-    if expand is not None and not _pointwise(expand.conv):
+    if expand is not None and not pointwise_conv(expand.conv):
         return None
     dw = depthwise.conv
     if dw.padding_mode != "zeros" or isinstance(dw.padding, str) or dw.out_channels != project.conv.in_channels:
@@ -108,112 +93,59 @@ def block_layers(layers: list[nn.Module], residual: bool) -> BlockLayers | None:
     return BlockLayers(expand, depthwise, se, project, residual)
 
 
-PANEL = 16  # output channels per packed weight panel (csrc/cpu/pointwise/kernels.h)
-
-
-def _fold_and_pack(layer: ConvBN) -> tuple[Tensor, Tensor]:
-    """The 1x1 conv's weight with its batch norm folded in (in float64), packed as the op's GEMM
-    reads it: (ceil(out / 16), in, 16), panels of 16 output channels, zero-padded; and the bias."""
-    bn = layer.bn
-    scale = bn.weight.double() * torch.rsqrt(bn.running_var.double() + bn.eps)
-    weight = layer.conv.weight.double().flatten(1) * scale[:, None]
-    bias = bn.bias.double() - bn.running_mean.double() * scale
-    out_channels, in_channels = weight.shape
-    padded = weight.new_zeros(-(-out_channels // PANEL) * PANEL, in_channels)
-    padded[:out_channels] = weight
-    packed = padded.view(-1, PANEL, in_channels).transpose(1, 2).float().contiguous()
-    return packed, bias.float().contiguous()
-
-
-def _scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    scale = bn.weight.double() * torch.rsqrt(bn.running_var.double() + bn.eps)
-    return scale.float().contiguous(), (bn.bias.double() - bn.running_mean.double() * scale).float().contiguous()
-
-
-class FusedBlock:
+class FusedBlock(PackedArguments):
     """The op's arguments for one block, packed from its layers' current parameters."""
 
     def __init__(self, layers: BlockLayers) -> None:
+        super().__init__()
         self.layers = layers
         self._parts = [part for part in (layers.expand, layers.depthwise, layers.project) if part is not None]
-        self._modules = [part.bn for part in self._parts]
+        self._norms = [part.bn for part in self._parts]
         self._in_channels = (layers.expand or layers.depthwise).conv.in_channels
-        self._key: tuple | None = None
-        self._args: tuple = ()
 
-    def _current_key(self) -> tuple | None:
-        """What the packed arguments were made from; None when a layer is not in eval."""
-        if any(bn.training for bn in self._modules):
-            return None
-        tensors = self._tensors()
-        return (
-            *(t.data_ptr() for t in tensors),
-            *(t._version for t in tensors),
-            *(bn.eps for bn in self._modules),
-            self.layers.depthwise.conv.stride, self.layers.depthwise.conv.padding, self.layers.depthwise.conv.dilation,
-        )  # fmt: skip
-
-    def _tensors(self) -> list[Tensor]:
-        """Every parameter and buffer the op reads, as the modules hold them now (a parameter
-        may have been replaced since the last call)."""
-        tensors = []
-        for part in self._parts:
-            conv, bn = part.conv, part.bn
-            tensors += [conv._parameters["weight"], bn._parameters["weight"], bn._parameters["bias"], bn._buffers["running_mean"],
-                        bn._buffers["running_var"]]  # fmt: skip
+    def tensors(self) -> list[Tensor]:
+        tensors = [t for part in self._parts for t in conv_bn_tensors(part.conv, part.bn)]
         se = self.layers.se
         if se is not None:
             fc1, fc2 = se.fc1, se.fc2
             tensors += [fc1._parameters["weight"], fc1._parameters["bias"], fc2._parameters["weight"], fc2._parameters["bias"]]
         return tensors
 
-    def _pack(self) -> tuple:
+    def settings(self) -> tuple:
+        dw = self.layers.depthwise.conv
+        return (*(bn.eps for bn in self._norms), dw.stride, dw.padding, dw.dilation, self.layers.depthwise.activation)
+
+    def pack(self) -> tuple:
         layers = self.layers
-        expand = _fold_and_pack(layers.expand) if layers.expand is not None else (None, None)
+        expand = fold_and_pack(layers.expand.conv, layers.expand.bn) if layers.expand is not None else (None, None)
+        expand_activation = layers.expand.activation if layers.expand is not None else "identity"
         dw = layers.depthwise.conv
         channels, kh, kw = dw.out_channels, *dw.kernel_size
         # taps-major storage, seen as (C, 1, kH, kW): the op reads it in place
-        taps = dw.weight.detach().float().reshape(channels, kh * kw).t().contiguous()
-        dw_weight = taps.t().view(channels, 1, kh, kw)
+        taps = dw.weight.float().reshape(channels, kh * kw).t().contiguous()
+        scale, shift = bn_scale_shift(layers.depthwise.bn)
+        dw_args = (taps.t().view(channels, 1, kh, kw), scale.float(), shift.float(), list(dw.stride), list(dw.padding), list(dw.dilation))
         se = layers.se
         if se is not None:
-            se_args = (se.fc1.weight.detach().float().flatten(1).contiguous(), se.fc1.bias.detach().float().contiguous(),
-                       se.fc2.weight.detach().float().flatten(1).contiguous(), se.fc2.bias.detach().float().contiguous(),
-                       se.activation, se.gate)  # fmt: skip
+            se_args = (se.fc1.weight.float().flatten(1).contiguous(), se.fc1.bias.float().contiguous(),
+                       se.fc2.weight.float().flatten(1).contiguous(), se.fc2.bias.float().contiguous(), se.activation, se.gate)  # fmt: skip
         else:
             se_args = (None, None, None, None, "relu", "hardsigmoid")
-        with torch.no_grad():
-            project = _fold_and_pack(layers.project)
-            expand_args = (*expand, layers.expand.activation if layers.expand is not None else "identity")
-            dw_args = (dw_weight, *_scale_shift(layers.depthwise.bn), list(dw.stride), list(dw.padding), list(dw.dilation))
-        return (*expand_args, *dw_args, layers.depthwise.activation, *se_args, *project, layers.residual)
+        project = fold_and_pack(layers.project.conv, layers.project.bn)
+        return (*expand, expand_activation, *dw_args, layers.depthwise.activation, *se_args, *project, layers.residual)
 
     def __call__(self, x: Tensor) -> Tensor | None:
         """The block's output (channels_last) through the op, or None where the op does not
         apply (training, autograd, not a float32 CPU tensor, another backend chosen)."""
-        if (
-            not NATIVE
-            or torch.is_grad_enabled()
-            or x.device.type != "cpu"
-            or x.dtype != torch.float32
-            or x.dim() != 4
-            or x.shape[1] != self._in_channels
-            or dispatch.current_backend() not in ("auto", "cpu")
-            or torch.compiler.is_compiling()
-            or runs_composite(x)
-        ):
+        if not NATIVE or not eval_op_applies(x, self._in_channels) or any(bn.training for bn in self._norms):
             return None
-        key = self._current_key()
-        if key is None:
+        arguments = self.arguments()
+        if arguments is None:
             return None
-        if key != self._key:
-            if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in self._tensors()):
-                return None
-            self._args, self._key = self._pack(), key
         dispatch.note_backend("cpu")
         # channels_last in and out: an NCHW input is converted once, and the blocks after take
         # this one's output as it is
-        return torch.ops.fastmb.inverted_residual(x.contiguous(memory_format=torch.channels_last), *self._args)
+        return torch.ops.fastmb.inverted_residual(x.contiguous(memory_format=torch.channels_last), *arguments)
 
 
 def run_fused_block(module: nn.Module, layers: nn.Sequential, residual: bool, x: Tensor) -> Tensor | None:

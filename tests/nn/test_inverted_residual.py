@@ -16,7 +16,7 @@ from fastmb.models.mobilenet_v2 import InvertedResidual as V2Block
 from fastmb.models.mobilenet_v3 import InvertedResidual as V3Block
 from fastmb.models.mobilenet_v3 import InvertedResidualConfig
 from fastmb.ops.inverted_residual import NATIVE, FusedBlock, run_fused_block
-from oracle import FLOOR, randomize_batch_norm
+from oracle import FLOOR, randomize_batch_norm, threads
 
 pytestmark = pytest.mark.skipif(not NATIVE, reason="fastmb._C has no CPU inverted_residual kernel")
 
@@ -35,16 +35,6 @@ V3_CASES = [
 ]
 V2_CASES = [(32, 16, 1, 1), (16, 24, 2, 6), (24, 24, 1, 6), (64, 96, 1, 6)]  # (in, out, stride, expand ratio)
 SIZES = [(1, 17, 13), (3, 9, 11), (1, 40, 36)]  # one image small and large (row parts), several
-
-
-@contextlib.contextmanager
-def threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def v3_block(case, seed: int = 0) -> V3Block:
@@ -219,7 +209,7 @@ def test_fake_tensor_shape_matches():
     x = torch.randn(2, 24, 13, 11).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         real = run_fused_block(block, block.block, False, x)
-        args = block.__dict__["_fastmb_fused"][2]._args
+        args = block.__dict__["_fastmb_fused"][2].arguments()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
@@ -232,7 +222,7 @@ def test_op_rejects_bad_arguments_by_name():
     x = torch.randn(1, 24, 13, 11).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         run_fused_block(block, block.block, False, x)
-    args = list(block.__dict__["_fastmb_fused"][2]._args)
+    args = list(block.__dict__["_fastmb_fused"][2].arguments())
     op = torch.ops.fastmb.inverted_residual
     with pytest.raises(RuntimeError, match="expand_weight"):
         op(x, args[0][:, :5].contiguous(), *args[1:])

@@ -1,7 +1,7 @@
 // The pointwise (1x1) conv GEMM of the fused inverted-residual op: c = epilogue(a * w), where a
 // is (m, k) rows of pixels (NHWC), w the (k, n) weight pre-packed in panels of 16 output
 // channels ([ceil(n / 16)][k][16], zero-padded), and the epilogue (bias, activation, residual)
-// is applied while the tile is in registers. Register tiles of up to 12 pixels x 32 channels
+// is applied while the tile is in registers. Register tiles of up to 6 pixels x 64 channels
 // on AVX-512: at batch 1 MobileNet's GEMMs are small (7x7 to 14x14 pixels, 16 to 960 channels),
 // where the BLAS's per-call packing and blocking cost more than the products themselves.
 //

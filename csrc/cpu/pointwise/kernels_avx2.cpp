@@ -7,7 +7,7 @@
 #pragma GCC target("arch=x86-64-v3")
 #define FASTMB_CPU_ISA avx2
 #define FASTMB_GEMM_BYTES 32
-#define FASTMB_GEMM_ROWS 6
+#define FASTMB_GEMM_ACCUMULATORS 12
 #define FASTMB_GEMM_PANELS 1
 #include "tiles.h"
 

@@ -4,7 +4,7 @@
 
 #define FASTMB_CPU_ISA baseline
 #define FASTMB_GEMM_BYTES 16
-#define FASTMB_GEMM_ROWS 3
+#define FASTMB_GEMM_ACCUMULATORS 12
 #define FASTMB_GEMM_PANELS 1
 #include "tiles.h"
 

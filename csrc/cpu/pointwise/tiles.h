@@ -1,12 +1,19 @@
 // The pointwise GEMM's register tiles, compiled once per instruction set: included by a
 // translation unit that defines FASTMB_CPU_ISA (its namespace), FASTMB_GEMM_BYTES (the vector
-// width), FASTMB_GEMM_ROWS and FASTMB_GEMM_PANELS (the tile: rows x panels of 16 channels, so
-// that its accumulators, the weight vectors and a broadcast fit the ISA's registers).
+// width), FASTMB_GEMM_ACCUMULATORS and FASTMB_GEMM_PANELS (a tile's accumulator registers, and its
+// widest group of panels of 16 channels: accumulators, weight vectors and a broadcast must fit
+// the ISA's registers).
 #pragma once
 
 #ifndef FASTMB_CPU_ISA
 #error "tiles.h is compiled per instruction set: see kernels_*.cpp"
 #endif
+
+#if FASTMB_GEMM_BYTES == 64
+#include <immintrin.h>
+#endif
+
+#include <utility>
 
 #include "../vec.h"  // after the translation unit's target pragma: its loops inline the ISA's lambdas
 #include "kernels.h"
@@ -17,7 +24,34 @@ using V = Vec<float, FASTMB_GEMM_BYTES>;
 using VT = V::type;
 constexpr int kLanes = V::kLanes;
 constexpr int kPanelVectors = kPanel / kLanes;
-constexpr int kRows = FASTMB_GEMM_ROWS, kPanels = FASTMB_GEMM_PANELS;
+constexpr int kAccumulators = FASTMB_GEMM_ACCUMULATORS, kPanels = FASTMB_GEMM_PANELS;
+
+// s in every lane: one broadcast load (VT{} + s would add 0 to s first, to keep -0.0 right).
+template <size_t... I>
+FASTMB_INLINE VT broadcast(const float* s, std::index_sequence<I...>) {
+  const float v = *s;
+  return VT{(static_cast<void>(I), v)...};
+}
+FASTMB_INLINE VT broadcast(const float* s) { return broadcast(s, std::make_index_sequence<kLanes>{}); }
+
+// The first `count` (< kLanes) lanes at p: loaded (the rest zero) and stored, masked where the
+// instruction set has masks.
+FASTMB_INLINE VT load_first(const float* p, int64_t count) {
+#if FASTMB_GEMM_BYTES == 64
+  return VT(_mm512_maskz_loadu_ps(__mmask16((1u << count) - 1), p));
+#else
+  VT v = {};
+  for (int64_t l = 0; l < count; ++l) v[l] = p[l];
+  return v;
+#endif
+}
+FASTMB_INLINE void store_first(float* p, VT v, int64_t count) {
+#if FASTMB_GEMM_BYTES == 64
+  _mm512_mask_storeu_ps(p, __mmask16((1u << count) - 1), __m512(v));
+#else
+  for (int64_t l = 0; l < count; ++l) p[l] = v[l];
+#endif
+}
 
 // Rows [i0, i0 + R) x panels [p0, p0 + P) of c: the k-loop with R * P * kPanelVectors
 // accumulators in registers, then bias, activation and residual on the way out. Columns past n
@@ -36,7 +70,7 @@ FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0) {
     for (int v = 0; v < NV; ++v) wv[v] = V::load(w + (v / kPanelVectors) * k * kPanel + kk * kPanel + (v % kPanelVectors) * kLanes);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const VT x = VT{} + a[r * lda + kk];
+      const VT x = broadcast(a + r * lda + kk);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] += x * wv[v];
     }
@@ -58,19 +92,24 @@ FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0) {
         V::store(g.c + (i0 + r) * g.ldc + col, y);
       }
     } else {  // the last, partial vector of columns
-      for (int r = 0; r < R; ++r)
-        for (int64_t j = col; j < g.n; ++j) {
-          float y = acc[r][v][j - col] + g.bias[j];
-          y = smooth ? smooth_activation<ScalarMath, float>(g.act, y) : act(y);
-          if (g.residual != nullptr) y += g.residual[(i0 + r) * g.ldr + j];
-          g.c[(i0 + r) * g.ldc + j] = y;
-        }
+      const int64_t count = g.n - col;
+      const VT bias = load_first(g.bias + col, count);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        VT y = acc[r][v] + bias;
+        y = smooth ? smooth_activation<VecMath, float>(g.act, y) : act(y);
+        if (g.residual != nullptr) y += load_first(g.residual + (i0 + r) * g.ldr + col, count);
+        store_first(g.c + (i0 + r) * g.ldc + col, y, count);
+      }
     }
   }
 }
 
-// The last rows' tile: `left` (< kRows) rows from i0.
-template <int P, int R = kRows - 1>
+// Rows per tile of P panels: about kAccumulators accumulator registers, at most 14 rows.
+constexpr int rows_for(int panels) { return std::min(14, kAccumulators / (panels * kPanelVectors)); }
+
+// The last rows' tile: `left` (< R) rows from i0.
+template <int P, int R>
 FASTMB_INLINE void tail_tile(const Gemm& g, int64_t i0, int64_t p0, int64_t left) {
   if constexpr (R >= 1) {
     if (left == R) return tile<R, P>(g, i0, p0);
@@ -78,21 +117,23 @@ FASTMB_INLINE void tail_tile(const Gemm& g, int64_t i0, int64_t p0, int64_t left
   }
 }
 
-// Rows [0, m) in tiles of kRows, the last tile as many rows as are left.
+// Rows [0, m) in tiles of rows_for(P), the last tile as many rows as are left.
 template <int P>
 FASTMB_INLINE void tile_rows(const Gemm& g, int64_t p0) {
+  constexpr int R = rows_for(P);
   int64_t i0 = 0;
-  for (; i0 + kRows <= g.m; i0 += kRows) tile<kRows, P>(g, i0, p0);
-  tail_tile<P>(g, i0, p0, g.m - i0);
+  for (; i0 + R <= g.m; i0 += R) tile<R, P>(g, i0, p0);
+  tail_tile<P, R - 1>(g, i0, p0, g.m - i0);
 }
 
-// Panel by panel group (a group's weights, k x 16 x kPanels floats, stay in L1/L2 while every
-// row tile passes over them).
-void gemm_panels(const Gemm& g, int64_t panel0, int64_t panel1) {
-  int64_t p = panel0;
-  if constexpr (kPanels > 1)
-    for (; p + kPanels <= panel1; p += kPanels) tile_rows<kPanels>(g, p);
-  for (; p < panel1; ++p) tile_rows<1>(g, p);
+// Panels [p, panel1) in groups of P, then of fewer (a group's weights, k x 16 x P floats, stay in
+// L1/L2 while every row tile passes over them).
+template <int P>
+FASTMB_INLINE void panel_groups(const Gemm& g, int64_t p, int64_t panel1) {
+  for (; p + P <= panel1; p += P) tile_rows<P>(g, p);
+  if constexpr (P > 1) panel_groups<P - 1>(g, p, panel1);
 }
+
+void gemm_panels(const Gemm& g, int64_t panel0, int64_t panel1) { panel_groups<kPanels>(g, panel0, panel1); }
 
 }  // namespace fastmb::cpu::pointwise::FASTMB_CPU_ISA

@@ -1,0 +1,107 @@
+"""What the whole-block CPU ops (fastmb::inverted_residual, fastmb::classifier_head) share: when
+they may run, and their arguments packed once from the modules' current tensors and packed
+again whenever any of them changes, so an op never runs with stale weights."""
+
+import torch
+from torch import Tensor, nn
+
+from fastmb import dispatch
+from fastmb.ops.common import runs_composite
+
+PANEL = 16  # output channels per packed 1x1 weight panel (csrc/cpu/pointwise/kernels.h)
+
+
+def eval_op_applies(x: Tensor, in_channels: int) -> bool:
+    """Whether a whole-block eval op may take x: no autograd, a float32 (N, in_channels, H, W)
+    CPU tensor, the auto or cpu backend chosen, not traced (compile, export, torch.func)."""
+    return (
+        not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and x.shape[1] == in_channels
+        and dispatch.current_backend() in ("auto", "cpu")
+        and not torch.compiler.is_compiling()
+        and not runs_composite(x)
+    )
+
+
+def plain_batch_norm(bn: nn.Module, channels: int) -> bool:
+    """An eval-capable batch norm over `channels` with affine parameters and running statistics."""
+    return (
+        type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm)
+        and bn.num_features == channels
+        and bn.affine
+        and bn.track_running_stats
+        and bn.running_var is not None
+    )
+
+
+def pointwise_conv(conv: nn.Module) -> bool:
+    """A 1x1 nn.Conv2d without bias, stride, padding, dilation or groups."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is None
+    )
+
+
+def conv_bn_tensors(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> list[Tensor]:
+    """The conv's weight and the batch norm's parameters and statistics, as the modules hold them
+    now (one may have been replaced since the last call)."""
+    return [conv._parameters["weight"], bn._parameters["weight"], bn._parameters["bias"], bn._buffers["running_mean"],
+            bn._buffers["running_var"]]  # fmt: skip
+
+
+def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """The eval batch norm as a per-channel scale and shift, computed in float64."""
+    scale = bn.weight.double() * torch.rsqrt(bn.running_var.double() + bn.eps)
+    return scale, bn.bias.double() - bn.running_mean.double() * scale
+
+
+def fold_and_pack(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """A 1x1 conv's weight with its batch norm folded in (in float64), packed as the ops' GEMM
+    reads it: (ceil(out / 16), in, 16), panels of 16 output channels, zero-padded; and the bias."""
+    scale, shift = bn_scale_shift(bn)
+    weight = conv.weight.double().flatten(1) * scale[:, None]
+    out_channels, in_channels = weight.shape
+    padded = weight.new_zeros(-(-out_channels // PANEL) * PANEL, in_channels)
+    padded[:out_channels] = weight
+    packed = padded.view(-1, PANEL, in_channels).transpose(1, 2).float().contiguous()
+    return packed, shift.float().contiguous()
+
+
+class PackedArguments:
+    """An op's arguments packed from modules' tensors: subclasses say which tensors and settings
+    they are made from, and how they are packed."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._arguments: tuple = ()
+
+    def tensors(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def settings(self) -> tuple:
+        """Anything else the packed arguments depend on (eps, strides): compared, not hashed."""
+        return ()
+
+    def pack(self) -> tuple:
+        raise NotImplementedError
+
+    def arguments(self) -> tuple | None:
+        """The packed arguments, packed again if any tensor was replaced or changed (its pointer
+        or version counter) or a setting changed; None when a tensor is not float32 on the CPU."""
+        tensors = self.tensors()
+        key = (*(t.data_ptr() for t in tensors), *(t._version for t in tensors), *self.settings())
+        if key != self._key:
+            if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+                return None
+            with torch.no_grad():
+                self._arguments = self.pack()
+            self._key = key
+        return self._arguments
