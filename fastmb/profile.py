@@ -46,6 +46,46 @@ def _squeeze_excitation_elementwise(args, out) -> int:
     return 2 * x.numel() + x.shape[0] * sum(fc1_weight.shape)  # pool, scale; activation, gate
 
 
+def _inverted_residual_flops(x_shape, expand_weight, expand_bias, expand_act, dw_weight, *args, out_shape, **kwargs) -> int:
+    n, in_channels, h, w = x_shape
+    channels, _, kh, kw = dw_weight
+    fc1_weight, out_channels, ho, wo = args[6], out_shape[1], out_shape[2], out_shape[3]
+    macs = n * h * w * in_channels * channels if expand_bias is not None else 0
+    macs += n * ho * wo * channels * (kh * kw + out_channels)  # depthwise, projection
+    macs += 2 * n * fc1_weight[0] * channels if fc1_weight is not None else 0  # SE fc1 and fc2
+    return 2 * macs
+
+
+def _inverted_residual_elementwise(args, out) -> int:
+    x, expand_bias, expand_act, dw_weight, fc1_weight, residual = args[0], args[2], args[3], args[4], args[11], args[19]
+    expanded = x.shape[0] * x.shape[2] * x.shape[3] * dw_weight.shape[0]
+    depthwise = out.shape[0] * out.shape[2] * out.shape[3] * dw_weight.shape[0]
+    count = expanded * (1 if expand_act == "identity" else 2) if expand_bias is not None else 0  # batch norm, activation
+    count += 2 * depthwise + out.numel() * (2 if residual else 1)  # batch norm and activation; batch norm, residual
+    if fc1_weight is not None:
+        count += 2 * depthwise + out.shape[0] * sum(fc1_weight.shape)  # pool, scale; activation, gate
+    return count
+
+
+def _classifier_head_flops(x_shape, conv_weight, conv_bias, conv_act, fc_weights, *args, out_shape, **kwargs) -> int:
+    n, in_channels, h, w = x_shape
+    macs = n * h * w * in_channels * conv_bias[0] + sum(n * out_features * in_features for out_features, in_features in fc_weights)
+    return 2 * macs
+
+
+def _classifier_head_elementwise(args, out) -> int:
+    x, conv_bias, conv_act, fc_weights, fc_acts = args[0], args[2], args[3], args[4], args[6]
+    conv = x.shape[0] * x.shape[2] * x.shape[3] * conv_bias.shape[0]
+    count = conv * (2 if conv_act == "identity" else 3)  # batch norm, activation, pool
+    return count + sum(x.shape[0] * w.shape[0] for w, act in zip(fc_weights, fc_acts) if act != "identity")
+
+
+# The whole-block CPU ops (native only, no backend table).
+_NATIVE_BLOCK_OPS = {
+    "inverted_residual": (_inverted_residual_flops, _inverted_residual_elementwise),
+    "classifier_head": (_classifier_head_flops, _classifier_head_elementwise),
+}
+
 _FASTMB_OPS = {
     "dwconv_bn_act": (_dwconv_bn_act_flops, _dwconv_bn_act_elementwise),
     "squeeze_excitation": (_squeeze_excitation_flops, _squeeze_excitation_elementwise),
@@ -61,11 +101,14 @@ def _onednn_conv_elementwise(args, out) -> int:
 
 
 def _fastmb_packets() -> dict:
-    """Each fastmb forward operator (any backend), and oneDNN's fused conv (ConvBNAct's eval
-    path) -> its (flop formula, element-wise count)."""
+    """Each fastmb forward operator (any backend, and the whole-block CPU ops), and oneDNN's fused
+    conv (ConvBNAct's eval path) -> its (flop formula, element-wise count)."""
     packets = {}
     if hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
         packets[torch.ops.mkldnn._convolution_pointwise] = (_onednn_conv_flops, _onednn_conv_elementwise)
+    for op, formulas in _NATIVE_BLOCK_OPS.items():
+        if hasattr(torch.ops.fastmb, op):
+            packets[getattr(torch.ops.fastmb, op)] = formulas
     for op, formulas in _FASTMB_OPS.items():
         for kernel in dispatch.kernels(op).values():
             overload = getattr(kernel.forward, "_opoverload", kernel.forward)
@@ -183,8 +226,10 @@ def profile(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224)) -> P
     was_training = model.training
     counter = _LayerCounter(model.eval())
     try:
-        with torch.no_grad(), counter:
-            model(x)
+        with torch.no_grad():
+            model(x)  # warm-up: the whole-block ops pack their weights once, which is not the forward's work
+            with counter:
+                model(x)
     finally:
         model.train(was_training)
     rows = counter.rows

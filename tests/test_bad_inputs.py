@@ -43,6 +43,41 @@ def same_as_eager(stride, padding, dilation, shape=(1, 4, 9, 9)):
 
 def se_native(x=x, fc1=torch.randn(4, 8), b1=torch.randn(4), fc2=torch.randn(8, 4), b2=torch.randn(8)):
     return ops.squeeze_excitation(x, fc1, b1, fc2, b2, "relu", "hardsigmoid")
+
+# The whole-block ops' arguments, as packed from a real block (8 -> 16 -> 8, SE, residual) and a
+# head (8 -> 16, classifier 16 -> 12 -> 10), changed one at a time.
+from fastmb.models.mobilenet_v3 import InvertedResidual, InvertedResidualConfig
+from fastmb.ops.inverted_residual import FusedBlock, block_layers
+from fastmb.ops.classifier_head import FusedHead, classifier_layers, conv_bn
+block = InvertedResidual(InvertedResidualConfig(8, 3, 16, 8, True, "HS", 1, 1, 1.0), nn.BatchNorm2d).eval()
+BLOCK = list(FusedBlock(block_layers(list(block.block.children()), True)).arguments())
+BLOCK_ARG = {name: i for i, name in enumerate(["expand_weight", "expand_bias", "expand_activation", "dw_weight", "dw_scale",
+    "dw_shift", "stride", "padding", "dilation", "dw_activation", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias",
+    "se_activation", "se_gate", "project_weight", "project_bias", "residual"])}
+xb = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+
+def ir(x=xb, **changes):
+    args = list(BLOCK)
+    for name, value in changes.items():
+        args[BLOCK_ARG[name]] = value
+    return ops.inverted_residual(x, *args)
+
+def ir_same_as_layers(shape):
+    xs = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = ir(xs)
+        with fastmb.use_backend("reference"):
+            expected = block(xs)
+    assert y.shape == expected.shape, (y.shape, expected.shape)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+
+head_conv = fastmb.nn.ConvBNAct(8, 16, 1, activation="hardswish").eval()
+HEAD = list(FusedHead(conv_bn(head_conv), classifier_layers(nn.Sequential(nn.Linear(16, 12), nn.Hardswish(), nn.Linear(12, 10))),
+                      []).arguments())
+
+def head(x=xb, **changes):
+    args = dict(zip(["conv_weight", "conv_bias", "conv_activation", "fc_weights", "fc_biases", "fc_activations"], HEAD), **changes)
+    return ops.classifier_head(x, *args.values())
 """
 
 OK = None  # the case must run and pass its own assertions
@@ -57,6 +92,28 @@ CASES: dict[str, tuple[str, tuple[str, str] | None]] = {
     "native padding = dilation = 2**31, 1x1 input": ("same_as_eager([1, 1], [2**31, 2**31], [2**31, 2**31], (1, 2, 1, 1))", OK),
     "native padding 2**62 overflows": ("native(conv=([1, 1], [2**62, 2**62], [1, 1]))", ("RuntimeError", "overflow|output")),
     "native three padding values": ("native(conv=([1, 1], [1, 1, 1], [1, 1]))", ("RuntimeError", "padding two")),
+    # the whole-block CPU ops
+    "block NCHW x": ("ir(x=xb.contiguous())", ("RuntimeError", "x must be a channels_last float32")),
+    "block float64 x": ("ir(x=xb.double())", ("RuntimeError", "x must be a channels_last float32")),
+    "block x with other channels": ("ir(x=torch.randn(1, 5, 9, 9).contiguous(memory_format=torch.channels_last))", ("RuntimeError", "expand_weight")),
+    "block unknown activation": ("ir(expand_activation='tanh')", ("RuntimeError", "unknown activation 'tanh'")),
+    "block unknown gate": ("ir(se_gate='softmax')", ("RuntimeError", "gate")),
+    "block dw weight of other channels": ("ir(dw_weight=torch.randn(4, 1, 3, 3))", ("RuntimeError", "dw_weight must be")),
+    "block stride 0": ("ir(stride=[0, 0])", ("RuntimeError", "stride must be at least 1")),
+    "block padding 2**62 overflows": ("ir(padding=[2**62, 2**62])", ("RuntimeError", "overflow|output")),
+    "block residual at stride 2": ("ir(stride=[2, 2])", ("RuntimeError", "residual")),
+    "block transposed projection weight": ("ir(project_weight=BLOCK[16].transpose(0, 1))", ("RuntimeError", "project_weight")),
+    "block float64 bias": ("ir(project_bias=BLOCK[17].double())", ("RuntimeError", "project_bias")),
+    "block three SE tensors": ("ir(fc2_bias=None)", ("RuntimeError", "four SE tensors")),
+    "block empty batch": ("assert ir(x=torch.randn(0, 8, 9, 9).contiguous(memory_format=torch.channels_last)).shape == (0, 8, 9, 9)", OK),
+    "block 1x1 image": ("ir_same_as_layers((3, 8, 1, 1))", OK),
+    "block 1x37 image": ("ir_same_as_layers((1, 8, 1, 37))", OK),
+    "head NCHW x": ("head(x=xb.contiguous())", ("RuntimeError", "x must be a channels_last float32")),
+    "head fc of other width": ("head(fc_weights=[torch.randn(12, 15), HEAD[3][1]])", ("RuntimeError", r"fc_weights\[i\]")),
+    "head no fc": ("head(fc_weights=[], fc_biases=[], fc_activations=[])", ("RuntimeError", "at least one")),
+    "head unknown activation": ("head(fc_activations=['hardswish', 'softmax'])", ("RuntimeError", "unknown activation")),
+    "head image without pixels": ("head(x=torch.randn(2, 8, 0, 9).contiguous(memory_format=torch.channels_last))", ("RuntimeError", "no pixels")),
+    "head empty batch": ("assert head(x=torch.randn(0, 8, 9, 9).contiguous(memory_format=torch.channels_last)).shape == (0, 10)", OK),
     "native negative bottom padding": ("native(conv=([1, 1], [1, -1, 1, 1], [1, 1]))", ("RuntimeError", "padding must be at least 0")),
     "native right padding 2**62 overflows": ("native(conv=([1, 1], [0, 0, 0, 2**62], [1, 1]))", ("RuntimeError", "overflow")),
     "native empty output": ("native(x=torch.randn(1, 8, 2, 2), conv=([1, 1], [0, 0], [1, 1]))", ("RuntimeError", "output would be empty")),

@@ -55,7 +55,7 @@ def test_runtimes_are_timed_beside_fastmb_in_channels_last_by_default(capsys):
     # the same table as the PyTorch providers: latency, throughput and speedup over torchvision
     for runtime in installed:
         latency, throughput = map(float, rows[runtime].split()[2:4])
-        assert latency > 0 and throughput == pytest.approx(1e3 / latency, rel=0.01)
+        assert latency > 0 and throughput == pytest.approx(1e3 / latency, rel=0.006 / latency + 0.001)  # printed to 0.01 ms
 
 
 def test_refuses_to_report_speed_when_outputs_disagree(monkeypatch, capsys):

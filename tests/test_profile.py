@@ -36,15 +36,22 @@ def test_rows_table_and_dict():
     result = fastmb.profile(model, (2, 3, 96, 96))
     assert model.training  # restored
     rows = {row.name: row for row in result.rows}
-    depthwise = rows["features.1.block.0"]
+    # on the CPU each block is one op: depthwise 3x3 (16 channels), SE (16 -> 8 -> 16), projection
+    block = rows["features.1"]
+    assert block.op == "fastmb.inverted_residual" and block.output_shape == (2, 16, 24, 24)
+    assert block.macs == 2 * 24 * 24 * 16 * 9 + 2 * 2 * 16 * 8 + 2 * 24 * 24 * 16 * 16
+    assert block.params == (16 * 9 + 2 * 16) + (16 * 8 + 8 + 8 * 16 + 16) + (16 * 16 + 2 * 16)
+    with fastmb.use_backend("reference"):  # layer by layer
+        layers = {row.name: row for row in fastmb.profile(model, (2, 3, 96, 96)).rows}
+    depthwise = layers["features.1.block.0"]
     assert depthwise.op.startswith("fastmb.dwconv_bn_act")
     assert depthwise.output_shape == (2, 16, 24, 24)
     assert depthwise.macs == 2 * 16 * 24 * 24 * 9
     assert depthwise.params == 16 * 9 + 2 * 16
-    se = rows["features.1.block.1"]
+    se = layers["features.1.block.1"]
     assert se.op.startswith("fastmb.squeeze_excitation") and se.macs == 2 * 2 * 16 * 8
     table = str(result)
-    assert "features.1.block.0" in table and table.splitlines()[-1].startswith("total")
+    assert "features.1" in table and table.splitlines()[-1].startswith("total")
     as_dict = result.to_dict()
     assert as_dict["macs"] == result.macs and len(as_dict["rows"]) == len(result.rows)
 
