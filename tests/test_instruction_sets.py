@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,13 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_lower_instruction_set_kernels_pass_the_same_tests(isa):
     tests = [str(HERE / "ops" / "test_dwconv_bn_act.py"), str(HERE / "nn" / "test_inverted_residual.py")]
+    # The child imports the fastmb this process tests (installed, or an in-place build), from a
+    # working directory that does not put a checkout first.
+    path = os.pathsep.join([str(Path(fastmb.__file__).resolve().parents[1]), *filter(None, sys.path)])
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests, "-k", "cpu or matches_its_layers"],
-        env={**os.environ, "FASTMB_ISA": isa}, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "FASTMB_ISA": isa, "PYTHONPATH": path}, cwd=tempfile.gettempdir(), capture_output=True, text=True,
+        timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
