@@ -8,6 +8,7 @@ BatchNormAct2d pair fused. Which pairs fuse is decided once, at conversion, into
 `_fastmb_plan`. Imported by fastmb.convert only when a model holds timm modules."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ from fastmb.nn.conv_bn_act import run_conv_bn_act_modules
 from fastmb.nn.dwconv_bn_act import run_dwconv_bn_act_modules
 from fastmb.ops.activations import activation_name, gate_name
 from fastmb.ops.common import runs_composite
+from fastmb.ops.inverted_residual import NATIVE, BlockLayers, ConvBN, FusedBlock, structure_key
+from fastmb.ops.packing import pointwise_conv
 from fastmb.ops.squeeze_excitation import run_squeeze_excitation
 
 # A plan entry: (kind, activation name); kind "depthwise" (the fused op), "conv" (ConvBNAct's
@@ -80,10 +83,70 @@ def run_stage(block: nn.Module, conv_name: str, bn_name: str, x: Tensor) -> Tens
     return bn(conv(x))
 
 
+@dataclass(frozen=True)
+class _SEParts:
+    """A timm SE block's layers as the fused block op reads them (fastmb.nn.SqueezeExcitation's names)."""
+
+    fc1: nn.Conv2d
+    fc2: nn.Conv2d
+    activation: str
+    gate: str
+
+
+def _se_parts(se: nn.Module) -> _SEParts | None | bool:
+    """The fused SE's layers, None for no SE, False for an SE the op cannot run."""
+    if isinstance(se, nn.Identity):
+        return None
+    if type(se) is FusedSqueezeExcite:
+        return _SEParts(se.conv_reduce, se.conv_expand, *se._fastmb_plan)
+    if type(se) is FusedSEModule:
+        return _SEParts(se.fc1, se.fc2, *se._fastmb_plan)
+    return False
+
+
+def _block_layers(block: nn.Module, expand: tuple[str, str] | None, depthwise: tuple[str, str], project: tuple[str, str]):
+    """The block as fastmb::inverted_residual runs it (BlockLayers), or None: its stages fused
+    as 1x1 conv -> depthwise (zero padding, not Conv2dSame) -> SE -> linear 1x1 conv, no
+    space-to-depth, no anti-aliasing."""
+    plan = block._fastmb_plan
+    kinds = [plan[expand[0]] if expand else ("conv", None), plan[depthwise[0]], plan[project[0]]]
+    if [kind for kind, _ in kinds] != ["conv", "depthwise", "conv"] or kinds[2][1] != "identity":
+        return None
+    if getattr(block, "conv_s2d", None) is not None or not isinstance(getattr(block, "aa", nn.Identity()), nn.Identity):
+        return None
+    stages = [ConvBN(block._modules[c], block._modules[b], kind[1]) if c else None for (c, b), kind in
+              zip([expand or (None, None), depthwise, project], kinds)]  # fmt: skip
+    if type(stages[1].conv) is not nn.Conv2d or not pointwise_conv(stages[2].conv):
+        return None
+    if stages[0] is not None and not pointwise_conv(stages[0].conv):
+        return None
+    se = _se_parts(block.se)
+    if se is False:
+        return None
+    return BlockLayers(stages[0], stages[1], se, stages[2], block.has_skip)
+
+
+def _run_fused_block(block: nn.Module, x: Tensor, expand: tuple[str, str] | None, depthwise: tuple[str, str],
+                     project: tuple[str, str]) -> Tensor | None:  # fmt: skip
+    """The whole block as one native call in eval on the CPU, or None (the caller runs its
+    stages). The packed plan is kept on the block while its children stay the same."""
+    if not NATIVE or block.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    key = structure_key(block._modules.values())
+    cached = block.__dict__.get("_fastmb_fused")
+    if cached is None or cached[0] != key:
+        layers = _block_layers(block, expand, depthwise, project)
+        cached = block.__dict__["_fastmb_fused"] = (key, FusedBlock(layers) if layers is not None else None)
+    return cached[1](x) if cached[1] is not None else None
+
+
 class FusedDepthwiseSeparableConv(blocks.DepthwiseSeparableConv):
     STAGES = (("conv_dw", "bn1"), ("conv_pw", "bn2"))
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = _run_fused_block(self, x, None, ("conv_dw", "bn1"), ("conv_pw", "bn2"))  # eval on the CPU
+        if fused is not None:
+            return fused
         shortcut = x
         if getattr(self, "conv_s2d", None) is not None:
             x = self.bn_s2d(self.conv_s2d(x))
@@ -96,6 +159,9 @@ class FusedInvertedResidual(blocks.InvertedResidual):
     STAGES = (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = _run_fused_block(self, x, ("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))  # eval on the CPU
+        if fused is not None:
+            return fused
         shortcut = x
         if getattr(self, "conv_s2d", None) is not None:
             x = self.bn_s2d(self.conv_s2d(x))

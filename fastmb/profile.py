@@ -80,8 +80,18 @@ def _classifier_head_elementwise(args, out) -> int:
     return count + sum(x.shape[0] * w.shape[0] for w, act in zip(fc_weights, fc_acts) if act != "identity")
 
 
-# The whole-block CPU ops (native only, no backend table).
-_NATIVE_BLOCK_OPS = {
+def _conv1x1_bn_act_flops(x_shape, weight_shape, *args, out_shape, **kwargs) -> int:
+    n, in_channels, h, w = x_shape
+    return 2 * n * h * w * in_channels * weight_shape[0]
+
+
+def _conv1x1_bn_act_elementwise(args, out) -> int:
+    return out.numel() * (1 if args[-1] == "identity" else 2)  # batch norm, activation
+
+
+# The CPU-only native ops (no backend table): ConvBNAct's 1x1 GEMM path and the whole-block ops.
+_NATIVE_CPU_OPS = {
+    "conv1x1_bn_act": (_conv1x1_bn_act_flops, _conv1x1_bn_act_elementwise),
     "inverted_residual": (_inverted_residual_flops, _inverted_residual_elementwise),
     "classifier_head": (_classifier_head_flops, _classifier_head_elementwise),
 }
@@ -101,12 +111,12 @@ def _onednn_conv_elementwise(args, out) -> int:
 
 
 def _fastmb_packets() -> dict:
-    """Each fastmb forward operator (any backend, and the whole-block CPU ops), and oneDNN's fused
+    """Each fastmb forward operator (any backend, and the CPU-only native ops), and oneDNN's fused
     conv (ConvBNAct's eval path) -> its (flop formula, element-wise count)."""
     packets = {}
     if hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
         packets[torch.ops.mkldnn._convolution_pointwise] = (_onednn_conv_flops, _onednn_conv_elementwise)
-    for op, formulas in _NATIVE_BLOCK_OPS.items():
+    for op, formulas in _NATIVE_CPU_OPS.items():
         if hasattr(torch.ops.fastmb, op):
             packets[getattr(torch.ops.fastmb, op)] = formulas
     for op, formulas in _FASTMB_OPS.items():

@@ -1,6 +1,7 @@
 """fastmb.convert on timm's MobileNet family: random weights and batch-norm statistics (nothing is
 downloaded), state_dicts unchanged, eval outputs within 1e-5 of timm's, one training step's
-gradients and running statistics under DESIGN.md's rule, every depthwise stage and SE block fused."""
+gradients and running statistics under DESIGN.md's rule, every depthwise stage and SE block fused, and
+every inverted-residual block the whole-block op takes run by it in eval."""
 
 import copy
 
@@ -63,6 +64,12 @@ def test_converted_timm_model(name):
     with torch.no_grad():
         expected, actual = timm_eager.eval()(x), converted.eval()(x)
     assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
+    # Every InvertedResidual and DepthwiseSeparableConv whose depthwise conv has static padding
+    # (tf_ models' stride-2 convs are Conv2dSame) ran as one native call.
+    fusable = [m for m in converted.modules() if type(m).__name__ in ("FusedInvertedResidual", "FusedDepthwiseSeparableConv")
+               and type(m.conv_dw) is nn.Conv2d and m._fastmb_plan[m.STAGES[-1][0]][1] == "identity"]  # fmt: skip
+    assert all(m.__dict__.get("_fastmb_fused", (None, None))[1] is not None for m in fusable), name
+    assert fusable or name not in ("mobilenetv3_large_100", "mobilenetv2_100", "efficientnet_b0", "mnasnet_100", "tinynet_a")
 
     # One training step: output, input and parameter gradients, running statistics. In float64
     # the fused kernels compute what timm does, tensor by tensor (the semantic check). In

@@ -5,6 +5,7 @@ depthwise weight taps-major) and packs again whenever any parameter or buffer ch
 op never runs with stale weights. Anything the op does not cover returns None and the caller
 runs its layers."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -148,19 +149,30 @@ class FusedBlock(PackedArguments):
         return torch.ops.fastmb.inverted_residual(x.contiguous(memory_format=torch.channels_last), *arguments)
 
 
+def structure_key(modules: Iterable[nn.Module]) -> tuple:
+    """What a block's plan was built from besides its tensors: the modules, their children (an
+    activation module, a batch norm's act) and their activation settings, so that a swapped
+    layer or a changed activation builds a new plan."""
+    key: list = []
+    for module in modules:
+        attributes = module.__dict__
+        key += [module, *module._modules.values(), attributes.get("activation"), attributes.get("gate")]
+    return tuple(key)
+
+
 def run_fused_block(module: nn.Module, layers: nn.Sequential, residual: bool, x: Tensor) -> Tensor | None:
     """`module`'s block (the children of `layers`, plus x when `residual`) as one op call, or
-    None where it does not apply. The plan is kept on `module` and rebuilt when its children
-    change."""
+    None where it does not apply. The plan is kept on `module` and rebuilt when its layers
+    change (structure_key)."""
     if not NATIVE or torch.is_grad_enabled() or module.training or torch.compiler.is_compiling():
         return None
-    children = tuple(layers._modules.values())
+    children = layers._modules.values()
+    key = (structure_key(children), residual)
     plan = module.__dict__.get("_fastmb_fused")
-    if plan is None or plan[0] != children or plan[1] != residual:
+    if plan is None or plan[0] != key:
         parsed = block_layers(list(children), residual)
-        plan = (children, residual, FusedBlock(parsed) if parsed is not None else None)
-        module.__dict__["_fastmb_fused"] = plan
-    return plan[2](x) if plan[2] is not None else None
+        plan = module.__dict__["_fastmb_fused"] = (key, FusedBlock(parsed) if parsed is not None else None)
+    return plan[1](x) if plan[1] is not None else None
 
 
 if NATIVE:

@@ -122,13 +122,27 @@ def change_eps(block: V3Block) -> None:
     block.block[1][1].eps = 0.5
 
 
+def change_depthwise_activation(block: V3Block) -> None:
+    block.block[1].activation = "relu"
+
+
+def change_expansion_activation_module(block: V3Block) -> None:
+    block.block[0][2] = nn.ReLU6()
+
+
+def change_se_gate(block: V3Block) -> None:
+    block.block[2].gate = "sigmoid"
+
+
 def change_state_dict(block: V3Block) -> None:
     other = v3_block(V3_CASES[4], seed=1)
     block.load_state_dict(other.state_dict())
 
 
 @pytest.mark.parametrize(
-    "change", [change_in_place, change_by_data, change_se, change_projection_parameter, change_eps, change_state_dict]
+    "change",
+    [change_in_place, change_by_data, change_se, change_projection_parameter, change_eps, change_depthwise_activation,
+     change_expansion_activation_module, change_se_gate, change_state_dict],
 )
 def test_weight_changes_between_calls_are_picked_up(change):
     block = v3_block(V3_CASES[4])
@@ -209,7 +223,7 @@ def test_fake_tensor_shape_matches():
     x = torch.randn(2, 24, 13, 11).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         real = run_fused_block(block, block.block, False, x)
-        args = block.__dict__["_fastmb_fused"][2].arguments()
+        args = block.__dict__["_fastmb_fused"][1].arguments()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
@@ -222,7 +236,7 @@ def test_op_rejects_bad_arguments_by_name():
     x = torch.randn(1, 24, 13, 11).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         run_fused_block(block, block.block, False, x)
-    args = list(block.__dict__["_fastmb_fused"][2].arguments())
+    args = list(block.__dict__["_fastmb_fused"][1].arguments())
     op = torch.ops.fastmb.inverted_residual
     with pytest.raises(RuntimeError, match="expand_weight"):
         op(x, args[0][:, :5].contiguous(), *args[1:])
