@@ -75,11 +75,11 @@ struct Block {
 // rows (80 output channels, 5 panels, split 3:2 left a thread idle a fifth of the time).
 void gemm_on_threads(const Block& b, const pointwise::Gemm& gemm) {
   const int64_t panels = panels_of(gemm.n);
-  if (panels >= 4 * at::get_num_threads()) {
+  const int threads = at::get_num_threads();
+  if (panels >= 4 * threads) {
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) { b.gemm(gemm, p0, p1); });
     return;
   }
-  const int threads = at::get_num_threads();
   const int64_t chunk = (gemm.m + 6 * threads - 1) / (6 * threads) * 6;  // one per thread, whole tiles of 6 rows
   at::parallel_for(0, (gemm.m + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
     pointwise::Gemm rows = gemm;
@@ -177,17 +177,21 @@ void fold_gate(const Block& b, const float* sums, float* weights, bool threaded)
   };
   const Activation act = b.se_act;
   const Gate gate_kind = b.gate;
-  rows(s, [&](int64_t r0, int64_t r1) { fc_rows(hidden.data(), mean.data(), b.fc1_w, b.fc1_b, c, r0, r1, [act](float v) { return activate(act, v); }); });
-  rows(c, [&](int64_t r0, int64_t r1) { fc_rows(gate.data(), hidden.data(), b.fc2_w, b.fc2_b, s, r0, r1, [gate_kind](float v) { return gate_value(gate_kind, v); }); });
+  rows(s, [&](int64_t r0, int64_t r1) {
+    fc_rows(hidden.data(), mean.data(), b.fc1_w, b.fc1_b, c, r0, r1, [act](float v) { return activate(act, v); });
+  });
+  rows(c, [&](int64_t r0, int64_t r1) {
+    fc_rows(gate.data(), hidden.data(), b.fc2_w, b.fc2_b, s, r0, r1, [gate_kind](float v) { return gate_value(gate_kind, v); });
+  });
   rows(panels_of(b.cout), [&](int64_t p0, int64_t p1) {
     gate_packed_rows(weights + p0 * c * pointwise::kPanel, b.project_w + p0 * c * pointwise::kPanel, gate.data(), p1 - p0, c);
   });
 }
 
 // Image n stage by stage, each stage on every thread: the expansion and the projection as GEMMs
-// that the BLAS splits between its threads, the depthwise conv in row ranges. For images too
-// small to split into row parts (each part would recompute its neighbours' halo rows of the
-// expansion: a third more work at 14x14 with 5x5 kernels).
+// split between the threads (gemm_on_threads), the depthwise conv in row ranges, the SE FCs by
+// rows. For images too small to split into row parts (each part would recompute its
+// neighbours' halo rows of the expansion: a third more work at 14x14 with 5x5 kernels).
 void run_image_staged(const Block& b, int64_t n) {
   const Geometry& g = b.g;
   Workspace& ws = thread_workspace();
