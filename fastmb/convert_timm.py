@@ -126,16 +126,36 @@ def _block_layers(block: nn.Module, expand: tuple[str, str] | None, depthwise: t
     return BlockLayers(stages[0], stages[1], se, stages[2], block.has_skip)
 
 
-def _run_fused_block(block: nn.Module, x: Tensor, expand: tuple[str, str] | None, depthwise: tuple[str, str],
-                     project: tuple[str, str]) -> Tensor | None:  # fmt: skip
+def _universal_block_layers(block: nn.Module):
+    """A MobileNetV4 UniversalInvertedResidual of the inverted-bottleneck kind (a middle depthwise
+    conv only, no layer scale) as BlockLayers, from its fused ConvNormActs; else None."""
+    if not all(isinstance(block._modules[name], nn.Identity) for name in ("dw_start", "dw_end", "layer_scale")):
+        return None
+    stages = []
+    for name in ("pw_exp", "dw_mid", "pw_proj"):
+        layer = block._modules[name]
+        if type(layer) is not FusedConvNormAct or not isinstance(getattr(layer, "aa", None) or nn.Identity(), nn.Identity):
+            return None
+        stages.append((layer.conv, layer.bn, *layer._fastmb_plan["conv"]))
+    if [kind for _, _, kind, _ in stages] != ["conv", "depthwise", "conv"] or stages[2][3] != "identity":
+        return None
+    expand, depthwise, project = (ConvBN(conv, bn, act) for conv, bn, _, act in stages)
+    if type(depthwise.conv) is not nn.Conv2d or not pointwise_conv(expand.conv) or not pointwise_conv(project.conv):
+        return None
+    se = _se_parts(block.se)
+    return None if se is False else BlockLayers(expand, depthwise, se, project, block.has_skip)
+
+
+def _run_fused_block(block: nn.Module, x: Tensor, layers_of) -> Tensor | None:
     """The whole block as one native call in eval on the CPU, or None (the caller runs its
-    stages). The packed plan is kept on the block while its children stay the same."""
+    stages). layers_of(block) says what the op runs (BlockLayers) or None; the packed plan is
+    kept on the block while its layers stay the same (structure_key)."""
     if not NATIVE or block.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
     key = structure_key(block._modules.values())
     cached = block.__dict__.get("_fastmb_fused")
     if cached is None or cached[0] != key:
-        layers = _block_layers(block, expand, depthwise, project)
+        layers = layers_of(block)
         cached = block.__dict__["_fastmb_fused"] = (key, FusedBlock(layers) if layers is not None else None)
     return cached[1](x) if cached[1] is not None else None
 
@@ -143,8 +163,12 @@ def _run_fused_block(block: nn.Module, x: Tensor, expand: tuple[str, str] | None
 class FusedDepthwiseSeparableConv(blocks.DepthwiseSeparableConv):
     STAGES = (("conv_dw", "bn1"), ("conv_pw", "bn2"))
 
+    @staticmethod
+    def _layers(block: nn.Module):
+        return _block_layers(block, None, ("conv_dw", "bn1"), ("conv_pw", "bn2"))
+
     def forward(self, x: Tensor) -> Tensor:
-        fused = _run_fused_block(self, x, None, ("conv_dw", "bn1"), ("conv_pw", "bn2"))  # eval on the CPU
+        fused = _run_fused_block(self, x, self._layers)  # eval on the CPU
         if fused is not None:
             return fused
         shortcut = x
@@ -158,8 +182,12 @@ class FusedDepthwiseSeparableConv(blocks.DepthwiseSeparableConv):
 class FusedInvertedResidual(blocks.InvertedResidual):
     STAGES = (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))
 
+    @staticmethod
+    def _layers(block: nn.Module):
+        return _block_layers(block, ("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))
+
     def forward(self, x: Tensor) -> Tensor:
-        fused = _run_fused_block(self, x, ("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))  # eval on the CPU
+        fused = _run_fused_block(self, x, self._layers)  # eval on the CPU
         if fused is not None:
             return fused
         shortcut = x
@@ -188,6 +216,20 @@ class FusedConvBnAct(blocks.ConvBnAct):
         shortcut = x
         x = self.aa(run_stage(self, "conv", "bn1", x))
         return self.drop_path(x) + shortcut if self.has_skip else x
+
+
+_UNIVERSAL = getattr(blocks, "UniversalInvertedResidual", None)  # MobileNetV4's, timm >= 1.0
+
+if _UNIVERSAL is not None:
+
+    class FusedUniversalInvertedResidual(_UNIVERSAL):
+        """Its ConvNormActs are fused on their own; the inverted-bottleneck kind also runs whole."""
+
+        STAGES = ()
+
+        def forward(self, x: Tensor) -> Tensor:
+            fused = _run_fused_block(self, x, _universal_block_layers)  # eval on the CPU
+            return fused if fused is not None else super().forward(x)
 
 
 class FusedConvNormAct(ConvNormAct):
@@ -245,6 +287,8 @@ _FUSED_BLOCKS = {
     EfficientNet: FusedEfficientNet,
     MobileNetV3: FusedMobileNetV3,
 }
+if _UNIVERSAL is not None:
+    _FUSED_BLOCKS[_UNIVERSAL] = FusedUniversalInvertedResidual
 FUSED_CLASSES = (*_FUSED_BLOCKS.values(), FusedSqueezeExcite, FusedSEModule)
 
 

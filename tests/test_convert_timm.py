@@ -68,8 +68,14 @@ def test_converted_timm_model(name):
     # (tf_ models' stride-2 convs are Conv2dSame) ran as one native call.
     fusable = [m for m in converted.modules() if type(m).__name__ in ("FusedInvertedResidual", "FusedDepthwiseSeparableConv")
                and type(m.conv_dw) is nn.Conv2d and m._fastmb_plan[m.STAGES[-1][0]][1] == "identity"]  # fmt: skip
+    # So did MobileNetV4's UniversalInvertedResiduals of the inverted-bottleneck kind (a middle
+    # depthwise conv only, no layer scale).
+    fusable += [m for m in converted.modules() if type(m).__name__ == "FusedUniversalInvertedResidual"
+                and not isinstance(m.dw_mid, nn.Identity) and isinstance(m.layer_scale, nn.Identity)
+                and all(isinstance(getattr(m, side), nn.Identity) for side in ("dw_start", "dw_end"))]  # fmt: skip
     assert all(m.__dict__.get("_fastmb_fused", (None, None))[1] is not None for m in fusable), name
-    assert fusable or name not in ("mobilenetv3_large_100", "mobilenetv2_100", "efficientnet_b0", "mnasnet_100", "tinynet_a")
+    always = ("mobilenetv3_large_100", "mobilenetv2_100", "efficientnet_b0", "mnasnet_100", "tinynet_a", "mobilenetv4_conv_small")
+    assert fusable or name not in always
 
     # One training step: output, input and parameter gradients, running statistics. In float64
     # the fused kernels compute what timm does, tensor by tensor (the semantic check). In
