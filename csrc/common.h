@@ -105,6 +105,15 @@ inline Geometry dwconv_geometry_of(const char* op, at::IntArrayRef x_sizes, at::
   return g;
 }
 
+// The data of a dense float32 CPU tensor of the given shape, or an error naming it (the
+// whole-block CPU ops take their packed arguments this way).
+inline const float* checked_dense_float(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape) {
+  TORCH_CHECK(t.sizes() == shape, "fastmb::", op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous(), "fastmb::", op, ": ", name,
+              " must be a contiguous float32 CPU tensor");
+  return t.const_data_ptr<float>();
+}
+
 // x (N, C, H, W) and depthwise weight (C, 1, kH, kW) of one dtype and device, and the optional
 // per-channel vectors; returns the geometry.
 inline Geometry dwconv_geometry(const char* op, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,

@@ -104,29 +104,30 @@ def _se_parts(se: nn.Module) -> _SEParts | None | bool:
     return False
 
 
-def _block_layers(block: nn.Module, expand: tuple[str, str] | None, depthwise: tuple[str, str], project: tuple[str, str]):
-    """The block as fastmb::inverted_residual runs it (BlockLayers), or None: its stages fused
-    as 1x1 conv -> depthwise (zero padding, not Conv2dSame) -> SE -> linear 1x1 conv, no
-    space-to-depth, no anti-aliasing."""
-    plan = block._fastmb_plan
-    kinds = [plan[expand[0]] if expand else ("conv", None), plan[depthwise[0]], plan[project[0]]]
-    if [kind for kind, _ in kinds] != ["conv", "depthwise", "conv"] or kinds[2][1] != "identity":
+def _as_block_layers(expand, depthwise, project, se: nn.Module, residual: bool) -> BlockLayers | None:
+    """BlockLayers from (conv, bn, plan entry) stages, expand None for no expansion: 1x1 conv ->
+    depthwise (zero padding, not Conv2dSame) -> SE -> linear 1x1 conv; else None."""
+    stages = [stage for stage in (expand, depthwise, project) if stage is not None]
+    kinds = ["conv"] * (expand is not None) + ["depthwise", "conv"]
+    if [plan[0] for _, _, plan in stages] != kinds or project[2][1] != "identity":
         return None
+    expand, depthwise, project = (None if stage is None else ConvBN(stage[0], stage[1], stage[2][1]) for stage in (expand, depthwise, project))
+    if type(depthwise.conv) is not nn.Conv2d or not all(pointwise_conv(s.conv) for s in (expand, project) if s is not None):
+        return None
+    se_parts = _se_parts(se)
+    return None if se_parts is False else BlockLayers(expand, depthwise, se_parts, project, residual)
+
+
+def _block_layers(block: nn.Module) -> BlockLayers | None:
+    """An InvertedResidual or DepthwiseSeparableConv (its STAGES: expansion first when there are
+    three) as BlockLayers, without space-to-depth or anti-aliasing; else None."""
     if getattr(block, "conv_s2d", None) is not None or not isinstance(getattr(block, "aa", nn.Identity()), nn.Identity):
         return None
-    stages = [ConvBN(block._modules[c], block._modules[b], kind[1]) if c else None for (c, b), kind in
-              zip([expand or (None, None), depthwise, project], kinds)]  # fmt: skip
-    if type(stages[1].conv) is not nn.Conv2d or not pointwise_conv(stages[2].conv):
-        return None
-    if stages[0] is not None and not pointwise_conv(stages[0].conv):
-        return None
-    se = _se_parts(block.se)
-    if se is False:
-        return None
-    return BlockLayers(stages[0], stages[1], se, stages[2], block.has_skip)
+    stages = [(block._modules[conv], block._modules[bn], block._fastmb_plan[conv]) for conv, bn in block.STAGES]
+    return _as_block_layers(*([None] * (3 - len(stages)) + stages), block.se, block.has_skip)
 
 
-def _universal_block_layers(block: nn.Module):
+def _universal_block_layers(block: nn.Module) -> BlockLayers | None:
     """A MobileNetV4 UniversalInvertedResidual of the inverted-bottleneck kind (a middle depthwise
     conv only, no layer scale) as BlockLayers, from its fused ConvNormActs; else None."""
     if not all(isinstance(block._modules[name], nn.Identity) for name in ("dw_start", "dw_end", "layer_scale")):
@@ -136,14 +137,8 @@ def _universal_block_layers(block: nn.Module):
         layer = block._modules[name]
         if type(layer) is not FusedConvNormAct or not isinstance(getattr(layer, "aa", None) or nn.Identity(), nn.Identity):
             return None
-        stages.append((layer.conv, layer.bn, *layer._fastmb_plan["conv"]))
-    if [kind for _, _, kind, _ in stages] != ["conv", "depthwise", "conv"] or stages[2][3] != "identity":
-        return None
-    expand, depthwise, project = (ConvBN(conv, bn, act) for conv, bn, _, act in stages)
-    if type(depthwise.conv) is not nn.Conv2d or not pointwise_conv(expand.conv) or not pointwise_conv(project.conv):
-        return None
-    se = _se_parts(block.se)
-    return None if se is False else BlockLayers(expand, depthwise, se, project, block.has_skip)
+        stages.append((layer.conv, layer.bn, layer._fastmb_plan["conv"]))
+    return _as_block_layers(*stages, block.se, block.has_skip)
 
 
 def _run_fused_block(block: nn.Module, x: Tensor, layers_of) -> Tensor | None:
@@ -163,12 +158,8 @@ def _run_fused_block(block: nn.Module, x: Tensor, layers_of) -> Tensor | None:
 class FusedDepthwiseSeparableConv(blocks.DepthwiseSeparableConv):
     STAGES = (("conv_dw", "bn1"), ("conv_pw", "bn2"))
 
-    @staticmethod
-    def _layers(block: nn.Module):
-        return _block_layers(block, None, ("conv_dw", "bn1"), ("conv_pw", "bn2"))
-
     def forward(self, x: Tensor) -> Tensor:
-        fused = _run_fused_block(self, x, self._layers)  # eval on the CPU
+        fused = _run_fused_block(self, x, _block_layers)  # eval on the CPU
         if fused is not None:
             return fused
         shortcut = x
@@ -182,12 +173,8 @@ class FusedDepthwiseSeparableConv(blocks.DepthwiseSeparableConv):
 class FusedInvertedResidual(blocks.InvertedResidual):
     STAGES = (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))
 
-    @staticmethod
-    def _layers(block: nn.Module):
-        return _block_layers(block, ("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))
-
     def forward(self, x: Tensor) -> Tensor:
-        fused = _run_fused_block(self, x, self._layers)  # eval on the CPU
+        fused = _run_fused_block(self, x, _block_layers)  # eval on the CPU
         if fused is not None:
             return fused
         shortcut = x

@@ -90,13 +90,6 @@ void conv_pool(const Tensor& x, const float* w, const float* bias, Activation ac
   });
 }
 
-const float* checked(const char* name, const Tensor& t, at::IntArrayRef shape) {
-  TORCH_CHECK(t.sizes() == shape, "fastmb::classifier_head: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous(), "fastmb::classifier_head: ", name,
-              " must be a contiguous float32 CPU tensor");
-  return t.const_data_ptr<float>();
-}
-
 Tensor classifier_head(const Tensor& x, const Tensor& conv_weight, const Tensor& conv_bias, c10::string_view conv_activation,
                        at::TensorList fc_weights, at::TensorList fc_biases, std::vector<c10::string_view> fc_activations) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous(at::MemoryFormat::ChannelsLast),
@@ -108,14 +101,14 @@ Tensor classifier_head(const Tensor& x, const Tensor& conv_weight, const Tensor&
   const int64_t n = x.size(0), cin = x.size(1);
   TORCH_CHECK(conv_bias.dim() == 1, "fastmb::classifier_head: conv_bias must be a vector");
   const int64_t c = conv_bias.size(0);
-  const float* w = checked("conv_weight", conv_weight, {(c + pointwise::kPanel - 1) / pointwise::kPanel, cin, pointwise::kPanel});
-  const float* bias = checked("conv_bias", conv_bias, {c});
+  const float* w = checked_dense_float("classifier_head", "conv_weight", conv_weight, {(c + pointwise::kPanel - 1) / pointwise::kPanel, cin, pointwise::kPanel});
+  const float* bias = checked_dense_float("classifier_head", "conv_bias", conv_bias, {c});
   int64_t features = c;
   for (size_t i = 0; i < fc_weights.size(); ++i) {
     TORCH_CHECK(fc_weights[i].dim() == 2, "fastmb::classifier_head: fc_weights[", i, "] must be a matrix");
-    checked("fc_weights[i]", fc_weights[i], {fc_weights[i].size(0), features});
+    checked_dense_float("classifier_head", "fc_weights[i]", fc_weights[i], {fc_weights[i].size(0), features});
     features = fc_weights[i].size(0);
-    checked("fc_biases[i]", fc_biases[i], {features});
+    checked_dense_float("classifier_head", "fc_biases[i]", fc_biases[i], {features});
     parse_activation(fc_activations[i]);
   }
   const Activation act = parse_activation(conv_activation);

@@ -60,6 +60,8 @@ struct Block {
   bool expands() const { return expand_w != nullptr; }
   bool has_se() const { return fc1_w != nullptr; }
   const float* image(int64_t n) const { return x + n * g.h * g.w * cin; }
+  // Floats in the packed projection weights (one image's gated copy).
+  int64_t project_values() const { return (cout + pointwise::kPanel - 1) / pointwise::kPanel * pointwise::kPanel * g.c; }
   // The expansion of `pixels` input pixels from `in` into `out`.
   pointwise::Gemm expand(const float* in, float* out, int64_t pixels) const {
     return {in, cin, expand_w, expand_b, nullptr, 0, out, g.c, pixels, g.c, cin, expand_act};
@@ -94,6 +96,8 @@ void gemm_on_threads(const Block& b, const pointwise::Gemm& gemm) {
 // A thread's reusable buffers (grown, never shrunk).
 struct Workspace {
   std::vector<float> expanded, depthwise, partial, weights;
+  std::vector<float> excitation;  // fold_gate's mean, hidden and gate values
+  std::vector<float> sums, shared_weights;  // run_block's, on the calling thread
 };
 Workspace& thread_workspace() {
   thread_local Workspace workspace;
@@ -168,7 +172,8 @@ FASTMB_MULTIVERSION void fc_rows(float* out, const float* in, const float* w, co
 // weights (packed like project_w). Split between the threads when `threaded`.
 void fold_gate(const Block& b, const float* sums, float* weights, bool threaded) {
   const int64_t c = b.g.c, s = b.squeeze;
-  std::vector<float> mean(c), hidden(s), gate(c);
+  float* const mean = sized(thread_workspace().excitation, 2 * c + s);
+  float *const hidden = mean + c, *const gate = hidden + s;
   const float inv = 1.0f / float(b.g.ho * b.g.wo);
   for (int64_t k = 0; k < c; ++k) mean[k] = sums[k] * inv;
   const auto rows = [&](int64_t count, const auto& body) {
@@ -178,13 +183,13 @@ void fold_gate(const Block& b, const float* sums, float* weights, bool threaded)
   const Activation act = b.se_act;
   const Gate gate_kind = b.gate;
   rows(s, [&](int64_t r0, int64_t r1) {
-    fc_rows(hidden.data(), mean.data(), b.fc1_w, b.fc1_b, c, r0, r1, [act](float v) { return activate(act, v); });
+    fc_rows(hidden, mean, b.fc1_w, b.fc1_b, c, r0, r1, [act](float v) { return activate(act, v); });
   });
   rows(c, [&](int64_t r0, int64_t r1) {
-    fc_rows(gate.data(), hidden.data(), b.fc2_w, b.fc2_b, s, r0, r1, [gate_kind](float v) { return gate_value(gate_kind, v); });
+    fc_rows(gate, hidden, b.fc2_w, b.fc2_b, s, r0, r1, [gate_kind](float v) { return gate_value(gate_kind, v); });
   });
   rows(panels_of(b.cout), [&](int64_t p0, int64_t p1) {
-    gate_packed_rows(weights + p0 * c * pointwise::kPanel, b.project_w + p0 * c * pointwise::kPanel, gate.data(), p1 - p0, c);
+    gate_packed_rows(weights + p0 * c * pointwise::kPanel, b.project_w + p0 * c * pointwise::kPanel, gate, p1 - p0, c);
   });
 }
 
@@ -209,15 +214,16 @@ void run_image_staged(const Block& b, int64_t n) {
   });
   const float* weights = b.project_w;
   if (b.has_se()) {
-    std::vector<float> sums(g.c, 0.0f);
+    float* sums = sized(ws.sums, g.c);
+    std::fill(sums, sums + g.c, 0.0f);
     for (int64_t p0 = 0; p0 < pixels_out; p0 += 256) {  // partial sums of 256 pixels, as the banded path
       float* partial = sized(ws.partial, g.c);
       std::fill(partial, partial + g.c, 0.0f);
       add_channel_sums(partial, depthwise + p0 * g.c, std::min<int64_t>(256, pixels_out - p0), g.c);
       for (int64_t k = 0; k < g.c; ++k) sums[k] += partial[k];
     }
-    float* gated = sized(ws.weights, panels_of(b.cout) * pointwise::kPanel * g.c);
-    fold_gate(b, sums.data(), gated, true);
+    float* gated = sized(ws.weights, b.project_values());
+    fold_gate(b, sums, gated, true);
     weights = gated;
   }
   gemm_on_threads(b, b.project(depthwise, weights, b.image(n), b.y + n * pixels_out * b.cout, pixels_out));
@@ -238,28 +244,29 @@ void run_block(const Block& b) {
     return;
   }
   const int64_t part_rows = (g.ho + parts - 1) / parts;
-  std::vector<float> sums(b.has_se() ? g.n * parts * g.c : 0, 0.0f);
+  Workspace& ws = thread_workspace();
+  float* sums = b.has_se() ? sized(ws.sums, g.n * parts * g.c) : nullptr;
+  if (sums != nullptr) std::fill(sums, sums + g.n * parts * g.c, 0.0f);
   // SE with parts: the images' depthwise outputs and gated weights outlive the parallel region.
-  std::vector<float>& shared_depthwise = thread_workspace().depthwise;
-  std::vector<float> shared_weights;
+  float *shared_depthwise = nullptr, *shared_weights = nullptr;
   if (b.has_se() && parts > 1) {
-    sized(shared_depthwise, g.n * image_values);
-    shared_weights.resize(g.n * panels_of(b.cout) * pointwise::kPanel * g.c);
+    shared_depthwise = sized(ws.depthwise, g.n * image_values);
+    shared_weights = sized(ws.shared_weights, g.n * b.project_values());
   }
   at::parallel_for(0, g.n * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / parts, oh0 = (task % parts) * part_rows, oh1 = std::min(g.ho, oh0 + part_rows);
       if (oh0 >= oh1) continue;
-      float* sum = b.has_se() ? sums.data() + task * g.c : nullptr;
+      float* sum = b.has_se() ? sums + task * g.c : nullptr;
       if (!b.has_se()) {
         expand_depthwise_rows(b, n, oh0, oh1, nullptr, nullptr);
       } else if (parts > 1) {
-        expand_depthwise_rows(b, n, oh0, oh1, shared_depthwise.data() + n * image_values, sum);
+        expand_depthwise_rows(b, n, oh0, oh1, shared_depthwise + n * image_values, sum);
       } else {  // the whole image on this thread: SE and the projection follow at once
         Workspace& ws = thread_workspace();
         float* depthwise = sized(ws.depthwise, image_values);
         expand_depthwise_rows(b, n, 0, g.ho, depthwise, sum);
-        float* weights = sized(ws.weights, panels_of(b.cout) * pointwise::kPanel * g.c);
+        float* weights = sized(ws.weights, b.project_values());
         fold_gate(b, sum, weights, false);
         project(b, n, depthwise, weights, 0, pixels_out);
       }
@@ -267,28 +274,20 @@ void run_block(const Block& b) {
   });
   if (!b.has_se() || parts == 1) return;
   for (int64_t n = 0; n < g.n; ++n) {
-    float* total = sums.data() + n * parts * g.c;
+    float* total = sums + n * parts * g.c;
     for (int64_t part = 1; part < parts; ++part)
       for (int64_t k = 0; k < g.c; ++k) total[k] += total[part * g.c + k];
-    fold_gate(b, total, shared_weights.data() + n * panels_of(b.cout) * pointwise::kPanel * g.c, false);
+    fold_gate(b, total, shared_weights + n * b.project_values(), false);
   }
   const int64_t chunk = (pixels_out + parts - 1) / parts;
   at::parallel_for(0, g.n * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / parts, p0 = (task % parts) * chunk, p1 = std::min(pixels_out, p0 + chunk);
       if (p0 < p1)
-        project(b, n, shared_depthwise.data() + n * image_values, shared_weights.data() + n * panels_of(b.cout) * pointwise::kPanel * g.c,
+        project(b, n, shared_depthwise + n * image_values, shared_weights + n * b.project_values(),
                 p0, p1);
     }
   });
-}
-
-// A dense float32 CPU matrix or vector of the given shape, or an error naming it.
-const float* checked(const char* name, const Tensor& t, at::IntArrayRef shape) {
-  TORCH_CHECK(t.sizes() == shape, "fastmb::inverted_residual: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous(), "fastmb::inverted_residual: ", name,
-              " must be a contiguous float32 CPU tensor");
-  return t.const_data_ptr<float>();
 }
 
 Tensor inverted_residual(const Tensor& x, const std::optional<Tensor>& expand_weight, const std::optional<Tensor>& expand_bias,
@@ -314,28 +313,28 @@ Tensor inverted_residual(const Tensor& x, const std::optional<Tensor>& expand_we
   b.cout = project_bias.dim() == 1 ? project_bias.size(0) : 0;
   b.x = x.const_data_ptr<float>();
   if (expand_weight.has_value()) {
-    b.expand_w = checked("expand_weight", *expand_weight, {panels_of(c), b.cin, pointwise::kPanel});
-    b.expand_b = checked("expand_bias", *expand_bias, {c});
+    b.expand_w = checked_dense_float("inverted_residual", "expand_weight", *expand_weight, {panels_of(c), b.cin, pointwise::kPanel});
+    b.expand_b = checked_dense_float("inverted_residual", "expand_bias", *expand_bias, {c});
   }
   b.expand_act = parse_activation(expand_activation);
   // The depthwise weight taps-major, [kH * kW][C], as the kernels read it: in place when its
   // strides are already those (a view of a packed (kH * kW, C) tensor), else repacked here.
   const Tensor taps = dw_weight.reshape({c, -1}).t().contiguous();
-  b.dw_taps = checked("dw_weight", taps, {b.g.kh * b.g.kw, c});
-  b.dw_scale = checked("dw_scale", dw_scale, {c});
-  b.dw_shift = checked("dw_shift", dw_shift, {c});
+  b.dw_taps = checked_dense_float("inverted_residual", "dw_weight", taps, {b.g.kh * b.g.kw, c});
+  b.dw_scale = checked_dense_float("inverted_residual", "dw_scale", dw_scale, {c});
+  b.dw_shift = checked_dense_float("inverted_residual", "dw_shift", dw_shift, {c});
   b.dw_act = parse_activation(dw_activation);
   if (fc1_weight.has_value()) {
     b.squeeze = fc1_weight->size(0);
-    b.fc1_w = checked("fc1_weight", *fc1_weight, {b.squeeze, c});
-    b.fc1_b = checked("fc1_bias", *fc1_bias, {b.squeeze});
-    b.fc2_w = checked("fc2_weight", *fc2_weight, {c, b.squeeze});
-    b.fc2_b = checked("fc2_bias", *fc2_bias, {c});
+    b.fc1_w = checked_dense_float("inverted_residual", "fc1_weight", *fc1_weight, {b.squeeze, c});
+    b.fc1_b = checked_dense_float("inverted_residual", "fc1_bias", *fc1_bias, {b.squeeze});
+    b.fc2_w = checked_dense_float("inverted_residual", "fc2_weight", *fc2_weight, {c, b.squeeze});
+    b.fc2_b = checked_dense_float("inverted_residual", "fc2_bias", *fc2_bias, {c});
   }
   b.se_act = parse_activation(se_activation);
   b.gate = parse_gate(se_gate);
-  b.project_w = checked("project_weight", project_weight, {panels_of(b.cout), c, pointwise::kPanel});
-  b.project_b = checked("project_bias", project_bias, {b.cout});
+  b.project_w = checked_dense_float("inverted_residual", "project_weight", project_weight, {panels_of(b.cout), c, pointwise::kPanel});
+  b.project_b = checked_dense_float("inverted_residual", "project_bias", project_bias, {b.cout});
   b.residual = residual;
   TORCH_CHECK(!residual || (b.cout == b.cin && b.g.ho == b.g.h && b.g.wo == b.g.w), "fastmb::inverted_residual: residual needs the ",
               "output's shape to be x's, got ", b.cout, " channels of ", b.g.ho, "x", b.g.wo, " from x ", x.sizes());

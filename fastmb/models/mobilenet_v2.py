@@ -4,7 +4,6 @@ every depthwise stage a fused DWConvBNAct."""
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from fastmb.models.layers import build_with_weights, depthwise_stage, init_weights, make_divisible

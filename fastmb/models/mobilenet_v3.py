@@ -5,7 +5,6 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from fastmb.models.layers import build_with_weights, depthwise_stage, init_weights, make_divisible

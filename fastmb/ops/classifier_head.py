@@ -6,7 +6,7 @@ whenever one changes. Anything the op does not cover runs the modules."""
 import torch
 from torch import Tensor, nn
 
-from fastmb import _extension, dispatch
+from fastmb import _extension
 from fastmb.ops.activations import activation_name
 from fastmb.ops.inverted_residual import ConvBN, conv_bn
 from fastmb.ops.packing import PackedArguments, conv_bn_tensors, eval_op_applies, fold_and_pack, pointwise_conv
@@ -59,11 +59,7 @@ class FusedHead(PackedArguments):
         """The logits through the op, or None where it does not apply."""
         if not NATIVE or not eval_op_applies(x, self.conv.conv.in_channels) or any(m.training for m in self._modes):
             return None
-        arguments = self.arguments()
-        if arguments is None:
-            return None
-        dispatch.note_backend("cpu")
-        return torch.ops.fastmb.classifier_head(x.contiguous(memory_format=torch.channels_last), *arguments)
+        return self.run(torch.ops.fastmb.classifier_head, x)
 
 
 def _head_plan(model: nn.Module, features: nn.Sequential, avgpool: nn.Module | None, classifier: nn.Module) -> FusedHead | None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastmb import _extension, dispatch
+from fastmb import _extension
 from fastmb.ops.activations import activation_name
 from fastmb.ops.packing import (
     PackedArguments,
@@ -41,7 +41,7 @@ class BlockLayers:
 
     expand: ConvBN | None
     depthwise: ConvBN
-    se: nn.Module | None  # fastmb.nn.SqueezeExcitation
+    se: nn.Module | None  # fastmb.nn.SqueezeExcitation, or anything with its fc1, fc2, activation, gate
     project: ConvBN
     residual: bool
 
@@ -114,7 +114,7 @@ class FusedBlock(PackedArguments):
 
     def settings(self) -> tuple:
         dw = self.layers.depthwise.conv
-        return (*(bn.eps for bn in self._norms), dw.stride, dw.padding, dw.dilation, self.layers.depthwise.activation)
+        return (*(bn.eps for bn in self._norms), dw.stride, dw.padding, dw.dilation)  # activations: structure_key
 
     def pack(self) -> tuple:
         layers = self.layers
@@ -140,13 +140,7 @@ class FusedBlock(PackedArguments):
         apply (training, autograd, not a float32 CPU tensor, another backend chosen)."""
         if not NATIVE or not eval_op_applies(x, self._in_channels) or any(bn.training for bn in self._norms):
             return None
-        arguments = self.arguments()
-        if arguments is None:
-            return None
-        dispatch.note_backend("cpu")
-        # channels_last in and out: an NCHW input is converted once, and the blocks after take
-        # this one's output as it is
-        return torch.ops.fastmb.inverted_residual(x.contiguous(memory_format=torch.channels_last), *arguments)
+        return self.run(torch.ops.fastmb.inverted_residual, x)
 
 
 def structure_key(modules: Iterable[nn.Module]) -> tuple:

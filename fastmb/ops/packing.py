@@ -105,3 +105,13 @@ class PackedArguments:
                 self._arguments = self.pack()
             self._key = key
         return self._arguments
+
+    def run(self, op, x: Tensor) -> Tensor | None:
+        """op(x, *arguments) on the cpu backend, x channels_last (converted once where it is not:
+        the ops' outputs are channels_last, so the next block takes them as they are); None
+        where the arguments cannot be packed."""
+        arguments = self.arguments()
+        if arguments is None:
+            return None
+        dispatch.note_backend("cpu")
+        return op(x.contiguous(memory_format=torch.channels_last), *arguments)
