@@ -36,6 +36,15 @@ TORCH_LIBRARY(fastmb, m) {
       "squeeze_excitation_backward(Tensor grad_y, Tensor x, Tensor pooled, Tensor fc1_weight, "
       "Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, str activation, str gate) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // y = act(batch_norm(z)) in training (the batch's statistics) for z (N, C, H, W): the batch
+  // norm of a pointwise or full conv. Returns (y, mean, var), var biased; kept for backward.
+  // CPU only.
+  m.def("batch_norm_act(Tensor z, Tensor? weight, Tensor? bias, float eps, str activation) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_z, grad_weight, grad_bias); an entry whose output_mask flag (z, affine) is
+  // false is an empty tensor.
+  m.def(
+      "batch_norm_act_backward(Tensor grad_y, Tensor z, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, float eps, "
+      "str activation, bool[2] output_mask) -> (Tensor, Tensor, Tensor)");
   // An eval-mode batch norm folded into the conv before it: (weight * scale, beta - mean * scale)
   // per output channel, scale = bn_weight / sqrt(running_var + eps). CPU only.
   m.def(

@@ -92,6 +92,20 @@ CASES: dict[str, tuple[str, tuple[str, str] | None]] = {
     "native padding = dilation = 2**31, 1x1 input": ("same_as_eager([1, 1], [2**31, 2**31], [2**31, 2**31], (1, 2, 1, 1))", OK),
     "native padding 2**62 overflows": ("native(conv=([1, 1], [2**62, 2**62], [1, 1]))", ("RuntimeError", "overflow|output")),
     "native three padding values": ("native(conv=([1, 1], [1, 1, 1], [1, 1]))", ("RuntimeError", "padding two")),
+    # the training batch norm + activation op
+    "batch_norm_act 3-D z": ("ops.batch_norm_act(torch.randn(2, 8, 9), None, None, 1e-5, 'relu')", ("RuntimeError", "z must be \\(N, C, H, W\\)")),
+    "batch_norm_act int z": ("ops.batch_norm_act(torch.ones(2, 8, 3, 3, dtype=torch.int32), None, None, 1e-5, 'relu')", ("RuntimeError", "float32 and float64")),
+    "batch_norm_act bfloat16 z": ("ops.batch_norm_act(x.bfloat16(), None, None, 1e-5, 'relu')", ("RuntimeError", "float32 and float64")),
+    "batch_norm_act short weight": ("ops.batch_norm_act(x, torch.ones(7), None, 1e-5, 'relu')", ("RuntimeError", "weight must be a vector of 8")),
+    "batch_norm_act unknown activation": ("ops.batch_norm_act(x, None, None, 1e-5, 'tanh')", ("RuntimeError", "unknown activation 'tanh'")),
+    "batch_norm_act empty batch": ("y, m, v = ops.batch_norm_act(x[:0], None, None, 1e-5, 'relu'); assert y.shape == (0, 8, 9, 9)", OK),
+    "batch_norm_act_backward grad_y of another shape": (
+        "ops.batch_norm_act_backward(x[:1], x, None, None, *stats, 1e-5, 'relu', [True, True])", ("RuntimeError", "grad_y must have z's shape")),
+    "batch_norm_act_backward short mean": (
+        "ops.batch_norm_act_backward(x, x, None, None, torch.zeros(3), torch.ones(8), 1e-5, 'relu', [True, True])",
+        ("RuntimeError", "mean must be a vector of 8")),
+    "batch_norm_act_backward float64 grad_y": (
+        "ops.batch_norm_act_backward(x.double(), x, None, None, *stats, 1e-5, 'relu', [True, True])", ("RuntimeError", "grad_y must have z's dtype")),
     # the whole-block CPU ops
     "block NCHW x": ("ir(x=xb.contiguous())", ("RuntimeError", "x must be a channels_last float32")),
     "block float64 x": ("ir(x=xb.double())", ("RuntimeError", "x must be a channels_last float32")),

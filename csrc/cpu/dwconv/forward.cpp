@@ -12,26 +12,6 @@ namespace {
 
 using at::Tensor;
 
-// The batch mean and biased variance from the threads' moments (Chan's merge, in double).
-template <typename Acc>
-void merge_moments(Acc* mean, Acc* var, const std::vector<double>& means, const std::vector<double>& m2s,
-                   const std::vector<int64_t>& counts, int64_t c) {
-  const int threads = int(counts.size());
-  for (int64_t k = 0; k < c; ++k) {
-    double m = 0.0, m2 = 0.0, n = 0.0;
-    for (int t = 0; t < threads; ++t) {
-      const double nb = double(counts[t]);
-      if (nb == 0.0) continue;
-      const double delta = means[t * c + k] - m, total = n + nb;
-      m += delta * nb / total;
-      m2 += m2s[t * c + k] + delta * delta * n * nb / total;
-      n = total;
-    }
-    mean[k] = Acc(m);
-    var[k] = Acc(m2 / n);
-  }
-}
-
 std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bn_weight,
                                                          const std::optional<Tensor>& bn_bias, const std::optional<Tensor>& running_mean,
                                                          const std::optional<Tensor>& running_var, at::IntArrayRef stride,

@@ -90,6 +90,14 @@ struct Kernels {
                          const Geometry& g, Activation act, int64_t oh0, int64_t oh1);
   // Backward pass 2 for channels [c0, c0 + nc) of one image; gz is the calling thread's buffer.
   void (*grad_input_weight_block)(const BlockArgs<Acc>& args, std::vector<Acc>& gz, int64_t c0, int64_t nc);
+  // fastmb::batch_norm_act's passes over `pixels` x c values z of an NHWC tensor, no conv: its
+  // statistics merged into `moments`; the backward's two sums (as grad_sums_rows); and
+  // dL/dz = a * dL/du - b - x_hat * d into gz.
+  void (*batch_norm_moments)(Moments& moments, const Acc* z, int64_t pixels, int64_t c);
+  void (*batch_norm_grad_sums)(double* sum_gu, double* sum_gu_xhat, const Acc* z, const Acc* gy, const BnParams<Acc>& bn, Activation act,
+                               int64_t pixels, int64_t c);
+  void (*batch_norm_grad_values)(Acc* gz, const Acc* z, const Acc* gy, const BnParams<Acc>& bn, const Acc* a, const Acc* b, const Acc* d,
+                                 Activation act, int64_t pixels, int64_t c);
   // n values bfloat16 -> Acc and back (float only; the operators convert bfloat16 with these).
   void (*from_bfloat16)(const c10::BFloat16* src, Acc* dst, int64_t n);
   void (*to_bfloat16)(const Acc* src, c10::BFloat16* dst, int64_t n);
@@ -132,6 +140,22 @@ Kernels<Acc> select_kernels(const Geometry& g) {
     if (isa >= Isa::kAvx2) return avx2_kernels(k);
 #endif
     return baseline_kernels(k);
+  }
+}
+
+// The fastest table for the passes that do not convolve (normalize and the batch_norm_* ones):
+// the AVX-512 tiles' table is taken for kernel size 3, which holds them at 16 lanes.
+template <typename Acc>
+Kernels<Acc> select_elementwise_kernels() {
+  if constexpr (std::is_same_v<Acc, double>) {
+    return baseline_double_kernels();
+  } else {
+#if FASTMB_X86_KERNELS
+    const Isa isa = cpu_isa();
+    if (isa == Isa::kAvx512) return avx512_kernels(3);
+    if (isa >= Isa::kAvx2) return avx2_kernels(0);
+#endif
+    return baseline_kernels(0);
   }
 }
 

@@ -61,45 +61,53 @@ void eval_rows(Acc* y, const Acc* x, const Acc* w, const Acc* scale, const Acc* 
   }
 }
 
+// Merges the statistics of `pixels` x c values z (in L1) into `moments`; chunk_mean, chunk_m2 and
+// chunk_residual are c-value scratch buffers.
+template <typename Acc>
+FASTMB_INLINE void merge_chunk_moments(Moments& moments, const Acc* z, int64_t pixels, int64_t c, Acc* chunk_mean, Acc* chunk_m2,
+                                       Acc* chunk_residual) {
+  std::fill(chunk_mean, chunk_mean + c, Acc(0));
+  std::fill(chunk_m2, chunk_m2 + c, Acc(0));
+  std::fill(chunk_residual, chunk_residual + c, Acc(0));
+  add_column_sums(chunk_mean, pixels, c, [&](int64_t p, int64_t k, auto width) __attribute__((always_inline)) {
+    return load_values<Acc, decltype(width)::value>(z + p * c + k);
+  });
+  const Acc inv_pixels = Acc(1) / Acc(pixels);
+  for (int64_t k = 0; k < c; ++k) chunk_mean[k] *= inv_pixels;
+  // The corrected two-pass algorithm: the deviations' own sum (small, so summed accurately)
+  // corrects the mean's rounding, which the batch norm's backward would otherwise see as
+  // a bias in x_hat (gradients of 1x1 convs, whose sums cancel, lost digits to it).
+  add_column_sums(chunk_residual, pixels, c, [&](int64_t p, int64_t k, auto width) __attribute__((always_inline)) {
+    constexpr int W = decltype(width)::value;
+    return load_values<Acc, W>(z + p * c + k) - load_values<Acc, W>(chunk_mean + k);
+  });
+  add_column_sums(chunk_m2, pixels, c, [&](int64_t p, int64_t k, auto width) __attribute__((always_inline)) {
+    constexpr int W = decltype(width)::value;
+    const auto d = load_values<Acc, W>(z + p * c + k) - load_values<Acc, W>(chunk_mean + k);
+    return d * d;
+  });
+  // Chan's merge; its weights are the same for every channel (no division per channel).
+  const double na = double(moments.count), nb = double(pixels), total = na + nb;
+  const double weight_b = nb / total, weight_ab = na * nb / total;
+  for (int64_t k = 0; k < c; ++k) {
+    const double residual = double(chunk_residual[k]);
+    const double delta = double(chunk_mean[k]) + residual / nb - moments.mean[k];
+    moments.mean[k] += delta * weight_b;
+    moments.m2[k] += double(chunk_m2[k]) - residual * residual / nb + delta * delta * weight_ab;
+  }
+  moments.count += pixels;
+}
+
 template <int K, typename Acc>
 void statistics_rows(Acc* z_img, Moments& moments, const Acc* x, const Acc* w, const Geometry& g, int64_t oh0, int64_t oh1) {
   const int64_t chunk = chunk_pixels(g.c);
-  std::vector<Acc> chunk_mean(g.c), chunk_m2(g.c), chunk_residual(g.c);
+  std::vector<Acc> scratch(3 * g.c);
   for (int64_t oh = oh0; oh < oh1; ++oh) {
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
       const int64_t pixels = std::min(chunk, g.wo - ow0);
       Acc* z = z_img + (oh * g.wo + ow0) * g.c;
       conv_row<K>(StoreValues<Acc>{z, g.c}, x, w, g, oh, ow0, pixels, 0, g.c);
-      std::fill(chunk_mean.begin(), chunk_mean.end(), Acc(0));
-      std::fill(chunk_m2.begin(), chunk_m2.end(), Acc(0));
-      std::fill(chunk_residual.begin(), chunk_residual.end(), Acc(0));
-      add_column_sums(chunk_mean.data(), pixels, g.c, [&](int64_t p, int64_t c, auto width) __attribute__((always_inline)) {
-        return load_values<Acc, decltype(width)::value>(z + p * g.c + c);
-      });
-      const Acc inv_pixels = Acc(1) / Acc(pixels);
-      for (int64_t c = 0; c < g.c; ++c) chunk_mean[c] *= inv_pixels;
-      // The corrected two-pass algorithm: the deviations' own sum (small, so summed accurately)
-      // corrects the mean's rounding, which the batch norm's backward would otherwise see as
-      // a bias in x_hat (gradients of 1x1 convs, whose sums cancel, lost digits to it).
-      add_column_sums(chunk_residual.data(), pixels, g.c, [&](int64_t p, int64_t c, auto width) __attribute__((always_inline)) {
-        constexpr int W = decltype(width)::value;
-        return load_values<Acc, W>(z + p * g.c + c) - load_values<Acc, W>(chunk_mean.data() + c);
-      });
-      add_column_sums(chunk_m2.data(), pixels, g.c, [&](int64_t p, int64_t c, auto width) __attribute__((always_inline)) {
-        constexpr int W = decltype(width)::value;
-        const auto d = load_values<Acc, W>(z + p * g.c + c) - load_values<Acc, W>(chunk_mean.data() + c);
-        return d * d;
-      });
-      // Chan's merge; its weights are the same for every channel (no division per channel).
-      const double na = double(moments.count), nb = double(pixels), total = na + nb;
-      const double weight_b = nb / total, weight_ab = na * nb / total;
-      for (int64_t c = 0; c < g.c; ++c) {
-        const double residual = double(chunk_residual[c]);
-        const double delta = double(chunk_mean[c]) + residual / nb - moments.mean[c];
-        moments.mean[c] += delta * weight_b;
-        moments.m2[c] += double(chunk_m2[c]) - residual * residual / nb + delta * delta * weight_ab;
-      }
-      moments.count += pixels;
+      merge_chunk_moments(moments, z, pixels, g.c, scratch.data(), scratch.data() + g.c, scratch.data() + 2 * g.c);
     }
   }
 }
@@ -489,13 +497,48 @@ void grad_input_weight_block(const BlockArgs<Acc>& args, std::vector<Acc>& gz, i
   }
 }
 
+// The batch norm + activation passes over `pixels` x c values of an NHWC tensor z (no conv):
+// fastmb::batch_norm_act's training forward and backward (csrc/cpu/batch_norm_act.cpp).
+template <typename Acc>
+void batch_norm_moments(Moments& moments, const Acc* z, int64_t pixels, int64_t c) {
+  const int64_t chunk = chunk_pixels(c);
+  std::vector<Acc> scratch(3 * c);
+  for (int64_t p = 0; p < pixels; p += chunk)
+    merge_chunk_moments(moments, z + p * c, std::min(chunk, pixels - p), c, scratch.data(), scratch.data() + c, scratch.data() + 2 * c);
+}
+
+template <typename Acc>
+void batch_norm_grad_sums(double* sum_gu, double* sum_gu_xhat, const Acc* z, const Acc* gy, const BnParams<Acc>& bn, Activation act,
+                          int64_t pixels, int64_t c) {
+  const int64_t chunk = chunk_pixels(c);
+  std::vector<Acc> partial(2 * c);
+  for (int64_t p = 0; p < pixels; p += chunk) {  // float partials over a chunk, summed in double
+    std::fill(partial.begin(), partial.end(), Acc(0));
+    dispatch_activation(act, [&](auto activation) {
+      add_grad_sums<decltype(activation)::value>(partial.data(), partial.data() + c, z + p * c, gy + p * c, c, bn,
+                                                 std::min(chunk, pixels - p), c);
+    });
+    for (int64_t k = 0; k < c; ++k) {
+      sum_gu[k] += partial[k];
+      sum_gu_xhat[k] += partial[c + k];
+    }
+  }
+}
+
+template <typename Acc>
+void batch_norm_grad_values(Acc* gz, const Acc* z, const Acc* gy, const BnParams<Acc>& bn, const Acc* a, const Acc* b, const Acc* d,
+                            Activation act, int64_t pixels, int64_t c) {
+  dispatch_activation(act, [&](auto activation) { grad_z<decltype(activation)::value>(gz, z, gy, c, bn, a, b, d, pixels, c); });
+}
+
 inline void from_bfloat16(const c10::BFloat16* src, float* dst, int64_t n) { convert(src, dst, n); }
 inline void to_bfloat16(const float* src, c10::BFloat16* dst, int64_t n) { convert(src, dst, n); }
 
 template <int K, typename Acc>
 Kernels<Acc> make_kernels() {
   Kernels<Acc> kernels{&eval_rows<K, Acc>, &statistics_rows<K, Acc>, &normalize<Acc>, &grad_sums_rows<K, Acc>,
-                       &grad_input_weight_block<K, Acc>};
+                       &grad_input_weight_block<K, Acc>, &batch_norm_moments<Acc>, &batch_norm_grad_sums<Acc>,
+                       &batch_norm_grad_values<Acc>};
   if constexpr (std::is_same_v<Acc, float>) kernels.from_bfloat16 = &from_bfloat16, kernels.to_bfloat16 = &to_bfloat16;
   return kernels;
 }
