@@ -106,16 +106,21 @@ def _se_parts(se: nn.Module) -> _SEParts | None | bool:
 
 def _as_block_layers(expand, depthwise, project, se: nn.Module, residual: bool) -> BlockLayers | None:
     """BlockLayers from (conv, bn, plan entry) stages, expand None for no expansion: 1x1 conv ->
-    depthwise (zero padding, not Conv2dSame) -> SE -> linear 1x1 conv; else None."""
+    depthwise (zero padding, or Conv2dSame's, computed per input) -> SE -> linear 1x1 conv;
+    else None."""
     stages = [stage for stage in (expand, depthwise, project) if stage is not None]
     kinds = ["conv"] * (expand is not None) + ["depthwise", "conv"]
     if [plan[0] for _, _, plan in stages] != kinds or project[2][1] != "identity":
         return None
     expand, depthwise, project = (None if stage is None else ConvBN(stage[0], stage[1], stage[2][1]) for stage in (expand, depthwise, project))
-    if type(depthwise.conv) is not nn.Conv2d or not all(pointwise_conv(s.conv) for s in (expand, project) if s is not None):
+    dw = depthwise.conv
+    if type(dw) not in (nn.Conv2d, Conv2dSame) or not all(pointwise_conv(s.conv) for s in (expand, project) if s is not None):
         return None
     se_parts = _se_parts(se)
-    return None if se_parts is False else BlockLayers(expand, depthwise, se_parts, project, residual)
+    if se_parts is False:
+        return None
+    padding_of = (lambda x: same_padding(dw, x)) if type(dw) is Conv2dSame else None
+    return BlockLayers(expand, depthwise, se_parts, project, residual, padding_of)
 
 
 def _block_layers(block: nn.Module) -> BlockLayers | None:

@@ -64,10 +64,10 @@ def test_converted_timm_model(name):
     with torch.no_grad():
         expected, actual = timm_eager.eval()(x), converted.eval()(x)
     assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
-    # Every InvertedResidual and DepthwiseSeparableConv whose depthwise conv has static padding
-    # (tf_ models' stride-2 convs are Conv2dSame) ran as one native call.
+    # Every InvertedResidual and DepthwiseSeparableConv with a linear projection ran as one
+    # native call (tf_ models' stride-2 Conv2dSame depthwise convs too, with their padding).
     fusable = [m for m in converted.modules() if type(m).__name__ in ("FusedInvertedResidual", "FusedDepthwiseSeparableConv")
-               and type(m.conv_dw) is nn.Conv2d and m._fastmb_plan[m.STAGES[-1][0]][1] == "identity"]  # fmt: skip
+               and m._fastmb_plan[m.STAGES[-1][0]][1] == "identity"]  # fmt: skip
     # So did MobileNetV4's UniversalInvertedResiduals of the inverted-bottleneck kind (a middle
     # depthwise conv only, no layer scale).
     fusable += [m for m in converted.modules() if type(m).__name__ == "FusedUniversalInvertedResidual"

@@ -5,7 +5,7 @@ depthwise weight taps-major) and packs again whenever any parameter or buffer ch
 op never runs with stale weights. Anything the op does not cover returns None and the caller
 runs its layers."""
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +44,9 @@ class BlockLayers:
     se: nn.Module | None  # fastmb.nn.SqueezeExcitation, or anything with its fc1, fc2, activation, gate
     project: ConvBN
     residual: bool
+    # The depthwise padding [top, bottom, left, right] for an input x, where it depends on x's size
+    # (TensorFlow's SAME: timm's Conv2dSame); None: the conv's own.
+    padding_of: Callable[[Tensor], list[int]] | None = None
 
 
 def conv_bn(module: nn.Module) -> ConvBN | None:
@@ -94,6 +97,10 @@ def block_layers(layers: list[nn.Module], residual: bool) -> BlockLayers | None:
     return BlockLayers(expand, depthwise, se, project, residual)
 
 
+# Where the depthwise padding sits in FusedBlock's packed arguments (after x).
+_PADDING = 7
+
+
 class FusedBlock(PackedArguments):
     """The op's arguments for one block, packed from its layers' current parameters."""
 
@@ -140,7 +147,15 @@ class FusedBlock(PackedArguments):
         apply (training, autograd, not a float32 CPU tensor, another backend chosen)."""
         if not NATIVE or not eval_op_applies(x, self._in_channels) or any(bn.training for bn in self._norms):
             return None
-        return self.run(torch.ops.fastmb.inverted_residual, x)
+        padding_of = self.layers.padding_of
+        if padding_of is None:
+            return self.run(torch.ops.fastmb.inverted_residual, x)
+        padding = padding_of(x)
+
+        def with_padding(x: Tensor, *arguments) -> Tensor:
+            return torch.ops.fastmb.inverted_residual(x, *arguments[:_PADDING], padding, *arguments[_PADDING + 1 :])
+
+        return self.run(with_padding, x)
 
 
 def structure_key(modules: Iterable[nn.Module]) -> tuple:
