@@ -16,6 +16,10 @@
 
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "../common.h"
 #include "dwconv/operator.h"
 #include "pointwise/kernels.h"
@@ -26,10 +30,10 @@ namespace {
 
 using at::Tensor;
 
-// sums[k] += the sum of `pixels` rows of c values.
-FASTMB_MULTIVERSION void add_channel_sums(float* sums, const float* rows, int64_t pixels, int64_t c) {
-  add_column_sums(sums, pixels, c, [&](int64_t p, int64_t k, auto width) __attribute__((always_inline)) {
-    return load_values<float, decltype(width)::value>(rows + p * c + k);
+// sums[k] += the sum over `pixels` rows (`stride` values apart) of their first nc values.
+FASTMB_MULTIVERSION void add_channel_sums(float* sums, const float* rows, int64_t pixels, int64_t nc, int64_t stride) {
+  add_column_sums(sums, pixels, nc, [&](int64_t p, int64_t k, auto width) __attribute__((always_inline)) {
+    return load_values<float, decltype(width)::value>(rows + p * stride + k);
   });
 }
 
@@ -72,31 +76,11 @@ struct Block {
   }
 };
 
-// A GEMM split between the threads: by panels where there are enough to share out evenly (each
-// thread then reads only its share of the weights, at batch 1 most of the bytes moved), else by
-// rows (80 output channels, 5 panels, split 3:2 left a thread idle a fifth of the time).
-void gemm_on_threads(const Block& b, const pointwise::Gemm& gemm) {
-  const int64_t panels = panels_of(gemm.n);
-  const int threads = at::get_num_threads();
-  if (panels >= 4 * threads) {
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) { b.gemm(gemm, p0, p1); });
-    return;
-  }
-  const int64_t chunk = (gemm.m + 6 * threads - 1) / (6 * threads) * 6;  // one per thread, whole tiles of 6 rows
-  at::parallel_for(0, (gemm.m + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
-    pointwise::Gemm rows = gemm;
-    rows.m = std::min(gemm.m, c1 * chunk) - c0 * chunk;
-    rows.a += c0 * chunk * gemm.lda;
-    rows.c += c0 * chunk * gemm.ldc;
-    if (rows.residual != nullptr) rows.residual += c0 * chunk * gemm.ldr;
-    b.gemm(rows, 0, panels);
-  });
-}
-
 // A thread's reusable buffers (grown, never shrunk).
 struct Workspace {
   std::vector<float> expanded, depthwise, partial, weights;
   std::vector<float> excitation;  // fold_gate's mean, hidden and gate values
+  std::vector<float> excitation_sums;  // run_image_split's channel sums, each thread's total
   std::vector<float> sums, shared_weights;  // run_block's, on the calling thread
 };
 Workspace& thread_workspace() {
@@ -149,10 +133,10 @@ void expand_depthwise_rows(const Block& b, int64_t n, int64_t oh0, int64_t oh1, 
       next = need_hi;
     }
     float* out = b.has_se() ? depthwise : band_out - ob * out_row;
-    b.dw.eval_rows(out, expanded, b.dw_taps, b.dw_scale, b.dw_shift, g, b.dw_act, ob, ob1);
+    b.dw.eval_rows(out, expanded, b.dw_taps, b.dw_scale, b.dw_shift, g, b.dw_act, ob, ob1, 0, g.c);
     if (b.has_se()) {
       std::fill(partial, partial + g.c, 0.0f);  // per band, then into sums: closer to eager's fp32 mean
-      add_channel_sums(partial, out + ob * out_row, (ob1 - ob) * g.wo, g.c);
+      add_channel_sums(partial, out + ob * out_row, (ob1 - ob) * g.wo, g.c, g.c);
       for (int64_t k = 0; k < g.c; ++k) sums[k] += partial[k];
     } else {
       project(b, n, out, b.project_w, ob * g.wo, ob1 * g.wo);
@@ -160,76 +144,99 @@ void expand_depthwise_rows(const Block& b, int64_t n, int64_t oh0, int64_t oh1, 
   }
 }
 
-// out[r] = finish(bias[r] + dot(w[r], in)) for rows [r0, r1) of the (rows, k) matrix w: one SE
-// FC layer of one image, its weights read once (at batch 1 they come from beyond L2).
+// out[r] = finish(bias[r] + dot(w[r], in)) for the rows of the (rows, k) matrix w: one SE FC
+// layer of one image, its weights read once (at batch 1 they come from beyond L2).
 template <typename Finish>
-FASTMB_MULTIVERSION void fc_rows(float* out, const float* in, const float* w, const float* bias, int64_t k, int64_t r0, int64_t r1,
-                                 Finish finish) {
-  for (int64_t r = r0; r < r1; ++r) out[r] = finish(bias[r] + dot(w + r * k, in, k));
+FASTMB_MULTIVERSION void fc_rows(float* out, const float* in, const float* w, const float* bias, int64_t k, int64_t rows, Finish finish) {
+  for (int64_t r = 0; r < rows; ++r) out[r] = finish(bias[r] + dot(w + r * k, in, k));
 }
 
 // The SE gate of one image from its depthwise output's channel sums, folded into the projection
-// weights (packed like project_w). Split between the threads when `threaded`.
-void fold_gate(const Block& b, const float* sums, float* weights, bool threaded) {
+// weights (packed like project_w), on this thread.
+void fold_gate(const Block& b, const float* sums, float* weights) {
   const int64_t c = b.g.c, s = b.squeeze;
   float* const mean = sized(thread_workspace().excitation, 2 * c + s);
   float *const hidden = mean + c, *const gate = hidden + s;
   const float inv = 1.0f / float(b.g.ho * b.g.wo);
   for (int64_t k = 0; k < c; ++k) mean[k] = sums[k] * inv;
-  const auto rows = [&](int64_t count, const auto& body) {
-    if (threaded) at::parallel_for(0, count, 16, body);
-    else body(0, count);
-  };
   const Activation act = b.se_act;
   const Gate gate_kind = b.gate;
-  rows(s, [&](int64_t r0, int64_t r1) {
-    fc_rows(hidden, mean, b.fc1_w, b.fc1_b, c, r0, r1, [act](float v) { return activate(act, v); });
-  });
-  rows(c, [&](int64_t r0, int64_t r1) {
-    fc_rows(gate, hidden, b.fc2_w, b.fc2_b, s, r0, r1, [gate_kind](float v) { return gate_value(gate_kind, v); });
-  });
-  rows(panels_of(b.cout), [&](int64_t p0, int64_t p1) {
-    gate_packed_rows(weights + p0 * c * pointwise::kPanel, b.project_w + p0 * c * pointwise::kPanel, gate, p1 - p0, c);
-  });
+  fc_rows(hidden, mean, b.fc1_w, b.fc1_b, c, s, [act](float v) { return activate(act, v); });
+  fc_rows(gate, hidden, b.fc2_w, b.fc2_b, s, c, [gate_kind](float v) { return gate_value(gate_kind, v); });
+  gate_packed_rows(weights, b.project_w, gate, panels_of(b.cout), c);
 }
 
-// Image n stage by stage, each stage on every thread: the expansion and the projection as GEMMs
-// split between the threads (gemm_on_threads), the depthwise conv in row ranges, the SE FCs by
-// rows. For images too small to split into row parts (each part would recompute its
-// neighbours' halo rows of the expansion: a third more work at 14x14 with 5x5 kernels).
-void run_image_staged(const Block& b, int64_t n) {
+// Image n on every thread in one parallel region, for images too small to split into row parts
+// (each part would recompute its neighbours' halo rows of the expansion: a third more work at
+// 14x14 with 5x5 kernels). Three phases, a barrier between each: the expansion, the depthwise
+// conv with the SE channel sums, the SE gate and the projection. The first two are split by
+// channels (whole panels of 16: each thread reads only its share of the expansion weights, at
+// batch 1 most of the bytes moved) where the channels fill whole cache lines and share out, else
+// by pixels and rows (other channel counts put both threads' values in one line: false sharing
+// cost 45% at 72 channels). Each thread computes the whole SE gate (two small GEMVs cost less
+// than another barrier) and projects its share of the pixels. Against six parallel regions
+// stage by stage, the barriers are two: their cost was most of these blocks' time at batch 1,
+// and doubled when the host's cores were contended.
+void run_image_split(const Block& b, int64_t n) {
   const Geometry& g = b.g;
-  Workspace& ws = thread_workspace();
-  const int64_t pixels_in = g.h * g.w, pixels_out = g.ho * g.wo;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(g.c, 1));
-  const float* expanded = b.image(n);
-  if (b.expands()) {
-    float* e = sized(ws.expanded, pixels_in * g.c);
-    gemm_on_threads(b, b.expand(b.image(n), e, pixels_in));
-    expanded = e;
-  }
+  const int64_t pixels_in = g.h * g.w, pixels_out = g.ho * g.wo, panels = panels_of(g.c);
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const bool by_channels = g.c % pointwise::kPanel == 0 && panels >= 4 * threads;
+  Workspace& ws = thread_workspace();  // the calling thread's buffers hold what the threads share
+  float* expanded = b.expands() ? sized(ws.expanded, pixels_in * g.c) : nullptr;
   float* depthwise = sized(ws.depthwise, pixels_out * g.c);
-  at::parallel_for(0, g.ho, std::max<int64_t>(1, grain / g.wo), [&](int64_t oh0, int64_t oh1) {
-    b.dw.eval_rows(depthwise, expanded, b.dw_taps, b.dw_scale, b.dw_shift, g, b.dw_act, oh0, oh1);
-  });
-  const float* weights = b.project_w;
-  if (b.has_se()) {
-    float* sums = sized(ws.sums, g.c);
-    std::fill(sums, sums + g.c, 0.0f);
-    for (int64_t p0 = 0; p0 < pixels_out; p0 += 256) {  // partial sums of 256 pixels, as the banded path
-      float* partial = sized(ws.partial, g.c);
-      std::fill(partial, partial + g.c, 0.0f);
-      add_channel_sums(partial, depthwise + p0 * g.c, std::min<int64_t>(256, pixels_out - p0), g.c);
-      for (int64_t k = 0; k < g.c; ++k) sums[k] += partial[k];
+  float* sums = b.has_se() ? sized(ws.sums, threads * g.c) : nullptr;  // [thread][channel]
+  if (sums != nullptr) std::fill(sums, sums + threads * g.c, 0.0f);
+  const float* in = b.expands() ? expanded : b.image(n);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    int thread = 0, team = 1;
+#ifdef _OPENMP
+    thread = omp_get_thread_num(), team = omp_get_num_threads();
+#endif
+    // This thread's share of `count` items, in whole units of `unit`.
+    const auto share = [&](int64_t count, int64_t unit) {
+      const int64_t units = (count + unit - 1) / unit;
+      return std::pair<int64_t, int64_t>{std::min(count, units * thread / team * unit), std::min(count, units * (thread + 1) / team * unit)};
+    };
+    const auto [c0, c1] = by_channels ? share(g.c, pointwise::kPanel) : std::pair<int64_t, int64_t>{0, g.c};
+    if (b.expands()) {
+      const auto [q0, q1] = by_channels ? std::pair<int64_t, int64_t>{0, pixels_in} : share(pixels_in, 6);
+      if (c0 < c1 && q0 < q1)
+        b.gemm(b.expand(b.image(n) + q0 * b.cin, expanded + q0 * g.c, q1 - q0), c0 / pointwise::kPanel, panels_of(c1));
     }
-    float* gated = sized(ws.weights, b.project_values());
-    fold_gate(b, sums, gated, true);
-    weights = gated;
+#pragma omp barrier
+    const auto [oh0, oh1] = by_channels ? std::pair<int64_t, int64_t>{0, g.ho} : share(g.ho, 1);
+    if (c0 < c1 && oh0 < oh1) {
+      b.dw.eval_rows(depthwise, in, b.dw_taps, b.dw_scale, b.dw_shift, g, b.dw_act, oh0, oh1, c0, c1 - c0);
+      if (b.has_se()) {
+        float* partial = sized(thread_workspace().partial, g.c);
+        const int64_t p1 = oh1 * g.wo;
+        for (int64_t p = oh0 * g.wo; p < p1; p += 256) {  // partial sums of 256 pixels, as the banded path
+          std::fill(partial, partial + c1 - c0, 0.0f);
+          add_channel_sums(partial, depthwise + p * g.c + c0, std::min<int64_t>(256, p1 - p), c1 - c0, g.c);
+          float* total = sums + thread * g.c + c0;
+          for (int64_t k = 0; k < c1 - c0; ++k) total[k] += partial[k];
+        }
+      }
+    }
+#pragma omp barrier
+    const float* weights = b.project_w;
+    if (b.has_se()) {
+      float* total = sized(thread_workspace().excitation_sums, g.c);
+      std::copy(sums, sums + g.c, total);
+      for (int t = 1; t < team; ++t)
+        for (int64_t k = 0; k < g.c; ++k) total[k] += sums[t * g.c + k];
+      float* gated = sized(thread_workspace().weights, b.project_values());
+      fold_gate(b, total, gated);
+      weights = gated;
+    }
+    const auto [r0, r1] = share(pixels_out, 6);  // whole tiles of 6 rows
+    if (r0 < r1) project(b, n, depthwise, weights, r0, r1);
   }
-  gemm_on_threads(b, b.project(depthwise, weights, b.image(n), b.y + n * pixels_out * b.cout, pixels_out));
 }
 
-// Output rows per part below which an image is run stage by stage instead of in row parts.
+// Output rows per part below which an image is run by run_image_split instead of in row parts.
 constexpr int64_t kMinPartRows = 16;
 
 void run_block(const Block& b) {
@@ -240,7 +247,7 @@ void run_block(const Block& b) {
   // stage by stage when it is too small for that.
   const int64_t parts = g.n >= threads ? 1 : std::min<int64_t>(g.ho, (threads + g.n - 1) / g.n);
   if (parts > 1 && g.ho / parts < kMinPartRows) {
-    for (int64_t n = 0; n < g.n; ++n) run_image_staged(b, n);
+    for (int64_t n = 0; n < g.n; ++n) run_image_split(b, n);
     return;
   }
   const int64_t part_rows = (g.ho + parts - 1) / parts;
@@ -267,7 +274,7 @@ void run_block(const Block& b) {
         float* depthwise = sized(ws.depthwise, image_values);
         expand_depthwise_rows(b, n, 0, g.ho, depthwise, sum);
         float* weights = sized(ws.weights, b.project_values());
-        fold_gate(b, sum, weights, false);
+        fold_gate(b, sum, weights);
         project(b, n, depthwise, weights, 0, pixels_out);
       }
     }
@@ -277,7 +284,7 @@ void run_block(const Block& b) {
     float* total = sums + n * parts * g.c;
     for (int64_t part = 1; part < parts; ++part)
       for (int64_t k = 0; k < g.c; ++k) total[k] += total[part * g.c + k];
-    fold_gate(b, total, shared_weights + n * b.project_values(), false);
+    fold_gate(b, total, shared_weights + n * b.project_values());
   }
   const int64_t chunk = (pixels_out + parts - 1) / parts;
   at::parallel_for(0, g.n * parts, 1, [&](int64_t begin, int64_t end) {

@@ -90,7 +90,7 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(const Tensor& x_in, con
       for_image_bands(g, begin, end, [&](int64_t n, int64_t oh0, int64_t oh1) {
         scalar_t* y_img = y_data + n * g.ho * out_row;
         Acc* y = output_rows(y_img, oh0, oh1, out_row, y_rows);
-        kernels.eval_rows(y, input_for(n, oh0, oh1, x_rows), w, scale.data(), shift.data(), g, act, oh0, oh1);
+        kernels.eval_rows(y, input_for(n, oh0, oh1, x_rows), w, scale.data(), shift.data(), g, act, oh0, oh1, 0, g.c);
         store_rows(kernels, y_img, y, oh0, oh1, out_row, g.c, 0, g.c);
       });
     });

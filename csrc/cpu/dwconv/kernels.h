@@ -78,9 +78,9 @@ struct BlockArgs {
 // taps-major ([kH * kW][C]); rows [oh0, oh1) are output rows of the image.
 template <typename Acc>
 struct Kernels {
-  // Eval: y = act(conv(x) * scale + shift) in one pass.
+  // Eval: y = act(conv(x) * scale + shift) in one pass, for channels [c0, c0 + nc).
   void (*eval_rows)(Acc* y, const Acc* x, const Acc* w, const Acc* scale, const Acc* shift, const Geometry& g, Activation act,
-                    int64_t oh0, int64_t oh1);
+                    int64_t oh0, int64_t oh1, int64_t c0, int64_t nc);
   // Training pass 1: z = conv(x) into z, and its statistics merged into `moments`.
   void (*statistics_rows)(Acc* z, Moments& moments, const Acc* x, const Acc* w, const Geometry& g, int64_t oh0, int64_t oh1);
   // Training pass 2: y = act(z * scale + shift) over `pixels` pixels of c channels (y may be z).

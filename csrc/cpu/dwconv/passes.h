@@ -52,12 +52,15 @@ void apply_smooth_activation(Acc* y, int64_t n, Activation act) {
 
 template <int K, typename Acc>
 void eval_rows(Acc* y, const Acc* x, const Acc* w, const Acc* scale, const Acc* shift, const Geometry& g, Activation act, int64_t oh0,
-               int64_t oh1) {
+               int64_t oh1, int64_t c0, int64_t nc) {
   const ActivationFn<Acc> activation(act);
   for (int64_t oh = oh0; oh < oh1; ++oh) {
     Acc* row = y + oh * g.wo * g.c;
-    conv_row<K>(StoreNormalized<Acc>{row, g.c, scale, shift, activation}, x, w, g, oh, 0, g.wo, 0, g.c);
-    if (is_smooth(act)) apply_smooth_activation(row, g.wo * g.c, act);
+    conv_row<K>(StoreNormalized<Acc>{row + c0, g.c, scale + c0, shift + c0, activation}, x, w, g, oh, 0, g.wo, c0, nc);
+    if (!is_smooth(act)) continue;
+    if (nc == g.c) apply_smooth_activation(row, g.wo * g.c, act);
+    else
+      for (int64_t p = 0; p < g.wo; ++p) apply_smooth_activation(row + p * g.c + c0, nc, act);
   }
 }
 
