@@ -80,7 +80,6 @@ struct Block {
 struct Workspace {
   std::vector<float> expanded, depthwise, partial, weights;
   std::vector<float> excitation;  // fold_gate's mean, hidden and gate values
-  std::vector<float> excitation_sums;  // run_image_split's channel sums, each thread's total
   std::vector<float> sums, shared_weights;  // run_block's, on the calling thread
 };
 Workspace& thread_workspace() {
@@ -144,11 +143,23 @@ void expand_depthwise_rows(const Block& b, int64_t n, int64_t oh0, int64_t oh1, 
   }
 }
 
-// out[r] = finish(bias[r] + dot(w[r], in)) for the rows of the (rows, k) matrix w: one SE FC
-// layer of one image, its weights read once (at batch 1 they come from beyond L2).
+// out[r] = finish(bias[r] + dot(w[r], in)) for rows [r0, r1) of the (rows, k) matrix w: one SE
+// FC layer of one image, its weights read once (at batch 1 they come from beyond L2).
 template <typename Finish>
-FASTMB_MULTIVERSION void fc_rows(float* out, const float* in, const float* w, const float* bias, int64_t k, int64_t rows, Finish finish) {
-  for (int64_t r = 0; r < rows; ++r) out[r] = finish(bias[r] + dot(w + r * k, in, k));
+FASTMB_MULTIVERSION void fc_rows(float* out, const float* in, const float* w, const float* bias, int64_t k, int64_t r0, int64_t r1,
+                                 Finish finish) {
+  for (int64_t r = r0; r < r1; ++r) out[r] = finish(bias[r] + dot(w + r * k, in, k));
+}
+
+// The SE's hidden values [r0, r1) from the channel means, and its gate for channels [r0, r1)
+// from the hidden values.
+void excite_hidden(const Block& b, const float* mean, float* hidden, int64_t r0, int64_t r1) {
+  const Activation act = b.se_act;
+  fc_rows(hidden, mean, b.fc1_w, b.fc1_b, b.g.c, r0, r1, [act](float v) { return activate(act, v); });
+}
+void excite_gate(const Block& b, const float* hidden, float* gate, int64_t r0, int64_t r1) {
+  const Gate kind = b.gate;
+  fc_rows(gate, hidden, b.fc2_w, b.fc2_b, b.squeeze, r0, r1, [kind](float v) { return gate_value(kind, v); });
 }
 
 // The SE gate of one image from its depthwise output's channel sums, folded into the projection
@@ -159,24 +170,29 @@ void fold_gate(const Block& b, const float* sums, float* weights) {
   float *const hidden = mean + c, *const gate = hidden + s;
   const float inv = 1.0f / float(b.g.ho * b.g.wo);
   for (int64_t k = 0; k < c; ++k) mean[k] = sums[k] * inv;
-  const Activation act = b.se_act;
-  const Gate gate_kind = b.gate;
-  fc_rows(hidden, mean, b.fc1_w, b.fc1_b, c, s, [act](float v) { return activate(act, v); });
-  fc_rows(gate, hidden, b.fc2_w, b.fc2_b, s, c, [gate_kind](float v) { return gate_value(gate_kind, v); });
+  excite_hidden(b, mean, hidden, 0, s);
+  excite_gate(b, hidden, gate, 0, c);
   gate_packed_rows(weights, b.project_w, gate, panels_of(b.cout), c);
+}
+
+// rows[p][k] *= gate[k] for `pixels` rows of c values.
+FASTMB_MULTIVERSION void scale_rows(float* rows, const float* gate, int64_t pixels, int64_t c) {
+  for (int64_t p = 0; p < pixels; ++p)
+    for (int64_t k = 0; k < c; ++k) rows[p * c + k] *= gate[k];
 }
 
 // Image n on every thread in one parallel region, for images too small to split into row parts
 // (each part would recompute its neighbours' halo rows of the expansion: a third more work at
-// 14x14 with 5x5 kernels). Three phases, a barrier between each: the expansion, the depthwise
-// conv with the SE channel sums, the SE gate and the projection. The first two are split by
-// channels (whole panels of 16: each thread reads only its share of the expansion weights, at
-// batch 1 most of the bytes moved) where the channels fill whole cache lines and share out, else
-// by pixels and rows (other channel counts put both threads' values in one line: false sharing
-// cost 45% at 72 channels). Each thread computes the whole SE gate (two small GEMVs cost less
-// than another barrier) and projects its share of the pixels. Against six parallel regions
-// stage by stage, the barriers are two: their cost was most of these blocks' time at batch 1,
-// and doubled when the host's cores were contended.
+// 14x14 with 5x5 kernels), phase by phase with a barrier between: the expansion; the depthwise
+// conv with the SE channel sums; the SE's two FCs, split by rows; the projection, split by
+// pixels, each thread scaling its rows by the gate first (a per-image gated copy of the
+// projection weights would be written and read by each thread, and at 7x7 it outweighs the
+// rows). The first two are split by channels (whole panels of 16: each thread reads only its
+// share of the expansion weights, at batch 1 most of the bytes moved) where the channels fill
+// whole cache lines and share out, else by pixels and rows (other channel counts put both
+// threads' values in one line: false sharing cost 45% at 72 channels). Against six parallel
+// regions stage by stage, the fork and join are one: their cost was most of these blocks' time
+// at batch 1, and doubled when the host's cores were contended.
 void run_image_split(const Block& b, int64_t n) {
   const Geometry& g = b.g;
   const int64_t pixels_in = g.h * g.w, pixels_out = g.ho * g.wo, panels = panels_of(g.c);
@@ -185,8 +201,13 @@ void run_image_split(const Block& b, int64_t n) {
   Workspace& ws = thread_workspace();  // the calling thread's buffers hold what the threads share
   float* expanded = b.expands() ? sized(ws.expanded, pixels_in * g.c) : nullptr;
   float* depthwise = sized(ws.depthwise, pixels_out * g.c);
-  float* sums = b.has_se() ? sized(ws.sums, threads * g.c) : nullptr;  // [thread][channel]
-  if (sums != nullptr) std::fill(sums, sums + threads * g.c, 0.0f);
+  // The SE's shared values: each thread's channel sums [thread][channel], the hidden values, the gate.
+  float* sums = b.has_se() ? sized(ws.sums, threads * g.c + b.squeeze + g.c) : nullptr;
+  float *hidden = nullptr, *gate = nullptr;
+  if (sums != nullptr) {
+    std::fill(sums, sums + threads * g.c, 0.0f);
+    hidden = sums + threads * g.c, gate = hidden + b.squeeze;
+  }
   const float* in = b.expands() ? expanded : b.image(n);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
@@ -221,18 +242,24 @@ void run_image_split(const Block& b, int64_t n) {
       }
     }
 #pragma omp barrier
-    const float* weights = b.project_w;
-    if (b.has_se()) {
-      float* total = sized(thread_workspace().excitation_sums, g.c);
-      std::copy(sums, sums + g.c, total);
-      for (int t = 1; t < team; ++t)
-        for (int64_t k = 0; k < g.c; ++k) total[k] += sums[t * g.c + k];
-      float* gated = sized(thread_workspace().weights, b.project_values());
-      fold_gate(b, total, gated);
-      weights = gated;
-    }
     const auto [r0, r1] = share(pixels_out, 6);  // whole tiles of 6 rows
-    if (r0 < r1) project(b, n, depthwise, weights, r0, r1);
+    if (b.has_se()) {  // the two FCs split by rows, a barrier after each; the gate scales the rows
+      float* mean = sized(thread_workspace().excitation, g.c);
+      const float inv = 1.0f / float(pixels_out);
+      for (int64_t k = 0; k < g.c; ++k) {
+        float total = sums[k];
+        for (int t = 1; t < team; ++t) total += sums[t * g.c + k];
+        mean[k] = total * inv;
+      }
+      const auto [s0, s1] = share(b.squeeze, 1);
+      excite_hidden(b, mean, hidden, s0, s1);
+#pragma omp barrier
+      const auto [k0, k1] = share(g.c, 1);
+      excite_gate(b, hidden, gate, k0, k1);
+#pragma omp barrier
+      if (r0 < r1) scale_rows(depthwise + r0 * g.c, gate, r1 - r0, g.c);
+    }
+    if (r0 < r1) project(b, n, depthwise, b.project_w, r0, r1);
   }
 }
 
