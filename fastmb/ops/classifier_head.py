@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from fastmb import _extension
 from fastmb.ops.activations import activation_name
 from fastmb.ops.inverted_residual import ConvBN, conv_bn
-from fastmb.ops.packing import PackedArguments, conv_bn_tensors, eval_op_applies, fold_and_pack, pointwise_conv
+from fastmb.ops.packing import PackedArguments, conv_bn_slots, eval_op_applies, fold_and_pack, pointwise_conv
 
 NATIVE = _extension.has_kernel("classifier_head", "CPU")
 
@@ -40,11 +40,9 @@ class FusedHead(PackedArguments):
         super().__init__()
         self.conv, self.linears, self._modes = conv, linears, [conv.bn, *(linear for linear, _ in linears), *dropouts]
 
-    def tensors(self) -> list[Tensor]:
-        tensors = conv_bn_tensors(self.conv.conv, self.conv.bn)
-        for linear, _ in self.linears:
-            tensors += [linear._parameters["weight"], linear._parameters["bias"]]
-        return tensors
+    def tensor_slots(self) -> list[tuple[dict, str]]:
+        slots = conv_bn_slots(self.conv.conv, self.conv.bn)
+        return slots + [(linear._parameters, name) for linear, _ in self.linears for name in ("weight", "bias")]
 
     def settings(self) -> tuple:
         return (self.conv.bn.eps,)

@@ -16,7 +16,7 @@ from fastmb.ops.activations import activation_name
 from fastmb.ops.packing import (
     PackedArguments,
     bn_scale_shift,
-    conv_bn_tensors,
+    conv_bn_slots,
     eval_op_applies,
     fold_and_pack,
     plain_batch_norm,
@@ -111,13 +111,12 @@ class FusedBlock(PackedArguments):
         self._norms = [part.bn for part in self._parts]
         self._in_channels = (layers.expand or layers.depthwise).conv.in_channels
 
-    def tensors(self) -> list[Tensor]:
-        tensors = [t for part in self._parts for t in conv_bn_tensors(part.conv, part.bn)]
+    def tensor_slots(self) -> list[tuple[dict, str]]:
+        slots = [slot for part in self._parts for slot in conv_bn_slots(part.conv, part.bn)]
         se = self.layers.se
         if se is not None:
-            fc1, fc2 = se.fc1, se.fc2
-            tensors += [fc1._parameters["weight"], fc1._parameters["bias"], fc2._parameters["weight"], fc2._parameters["bias"]]
-        return tensors
+            slots += [(fc._parameters, name) for fc in (se.fc1, se.fc2) for name in ("weight", "bias")]
+        return slots
 
     def settings(self) -> tuple:
         dw = self.layers.depthwise.conv

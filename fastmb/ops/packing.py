@@ -2,6 +2,8 @@
 they may run, and their arguments packed once from the modules' current tensors and packed
 again whenever any of them changes, so an op never runs with stale weights."""
 
+import operator
+
 import torch
 from torch import Tensor, nn
 
@@ -50,11 +52,11 @@ def pointwise_conv(conv: nn.Module) -> bool:
     )
 
 
-def conv_bn_tensors(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> list[Tensor]:
-    """The conv's weight and the batch norm's parameters and statistics, as the modules hold them
-    now (one may have been replaced since the last call)."""
-    return [conv._parameters["weight"], bn._parameters["weight"], bn._parameters["bias"], bn._buffers["running_mean"],
-            bn._buffers["running_var"]]  # fmt: skip
+def conv_bn_slots(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> list[tuple[dict, str]]:
+    """Where the conv's weight and the batch norm's parameters and statistics are held: the
+    modules' own dicts and keys, so a tensor replaced since (a new nn.Parameter) is read there."""
+    return [(conv._parameters, "weight"), (bn._parameters, "weight"), (bn._parameters, "bias"), (bn._buffers, "running_mean"),
+            (bn._buffers, "running_var")]  # fmt: skip
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -75,6 +77,9 @@ def fold_and_pack(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return packed, shift.float().contiguous()
 
 
+_VERSION = operator.attrgetter("_version")
+
+
 class PackedArguments:
     """An op's arguments packed from modules' tensors: subclasses say which tensors and settings
     they are made from, and how they are packed."""
@@ -82,8 +87,11 @@ class PackedArguments:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._arguments: tuple = ()
+        self._slots: list[tuple[dict, str]] | None = None
 
-    def tensors(self) -> list[Tensor]:
+    def tensor_slots(self) -> list[tuple[dict, str]]:
+        """Where each tensor the arguments are packed from is held: (a module's _parameters or
+        _buffers, key)."""
         raise NotImplementedError
 
     def settings(self) -> tuple:
@@ -96,8 +104,11 @@ class PackedArguments:
     def arguments(self) -> tuple | None:
         """The packed arguments, packed again if any tensor was replaced or changed (its pointer
         or version counter) or a setting changed; None when a tensor is not float32 on the CPU."""
-        tensors = self.tensors()
-        key = (*(t.data_ptr() for t in tensors), *(t._version for t in tensors), *self.settings())
+        if self._slots is None:
+            self._slots = self.tensor_slots()
+        tensors = [holder[name] for holder, name in self._slots]
+        # map over the tensors: at batch 1 this check runs for every block on every call
+        key = (*map(Tensor.data_ptr, tensors), *map(_VERSION, tensors), *self.settings())
         if key != self._key:
             if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
                 return None
