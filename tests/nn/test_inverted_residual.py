@@ -95,6 +95,21 @@ def test_block_matches_its_layers(block_case, size, thread_count):
         check_against_layers(build(case), x)
 
 
+@pytest.mark.parametrize("thread_count", [1, 2])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("case", [V3_CASES[6], V3_CASES[5]], ids=["channels_split", "pixels_split"])
+def test_smooth_activations_in_every_schedule(case, size, thread_count):
+    """SiLU (timm's EfficientNets) after the expansion and the depthwise conv, in each schedule:
+    the smooth activations' second loop runs per channel range when a small image's block is
+    split between threads by channels (672 expanded channels), per row range otherwise (184)."""
+    block = v3_block(case)
+    block.block[0][2] = nn.SiLU()
+    block.block[1].activation = "silu"
+    x = torch.randn(size[0], case[0], *size[1:]).contiguous(memory_format=torch.channels_last)
+    with threads(thread_count):
+        check_against_layers(block, x)
+
+
 def test_nchw_input_gives_a_channels_last_output():
     block = v3_block(V3_CASES[4])
     check_against_layers(block, torch.randn(2, 40, 15, 15))
