@@ -8,7 +8,7 @@ BatchNormAct2d pair fused. Which pairs fuse is decided once, at conversion, into
 `_fastmb_plan`. Imported by fastmb.convert only when a model holds timm modules."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -133,9 +133,16 @@ def _block_layers(block: nn.Module) -> BlockLayers | None:
 
 
 def _universal_block_layers(block: nn.Module) -> BlockLayers | None:
-    """A MobileNetV4 UniversalInvertedResidual of the inverted-bottleneck kind (a middle depthwise
-    conv only, no layer scale) as BlockLayers, from its fused ConvNormActs; else None."""
-    if not all(isinstance(block._modules[name], nn.Identity) for name in ("dw_start", "dw_end", "layer_scale")):
+    """A MobileNetV4 UniversalInvertedResidual with a middle depthwise conv and no layer scale or
+    end depthwise conv, as BlockLayers from its fused ConvNormActs: the inverted-bottleneck kind,
+    and the ExtraDW kind without a skip (its start depthwise conv runs first, as a prologue; the
+    op's residual would add that conv's output, not the block's input); else None."""
+    if not all(isinstance(block._modules[name], nn.Identity) for name in ("dw_end", "layer_scale")):
+        return None
+    prologue = block._modules["dw_start"]
+    if isinstance(prologue, nn.Identity):
+        prologue = None
+    elif block.has_skip or type(prologue) is not FusedConvNormAct or prologue._fastmb_plan["conv"][0] != "depthwise":
         return None
     stages = []
     for name in ("pw_exp", "dw_mid", "pw_proj"):
@@ -143,7 +150,8 @@ def _universal_block_layers(block: nn.Module) -> BlockLayers | None:
         if type(layer) is not FusedConvNormAct or not isinstance(getattr(layer, "aa", None) or nn.Identity(), nn.Identity):
             return None
         stages.append((layer.conv, layer.bn, layer._fastmb_plan["conv"]))
-    return _as_block_layers(*stages, block.se, block.has_skip)
+    layers = _as_block_layers(*stages, block.se, block.has_skip)
+    return replace(layers, prologue=prologue) if layers is not None else None
 
 
 def _run_fused_block(block: nn.Module, x: Tensor, layers_of) -> Tensor | None:

@@ -47,6 +47,9 @@ class BlockLayers:
     # The depthwise padding [top, bottom, left, right] for an input x, where it depends on x's size
     # (TensorFlow's SAME: timm's Conv2dSame); None: the conv's own.
     padding_of: Callable[[Tensor], list[int]] | None = None
+    # A layer run on x before the op, keeping its shape (MobileNetV4's ExtraDW blocks open with a
+    # depthwise conv); None: the op takes x.
+    prologue: nn.Module | None = None
 
 
 def conv_bn(module: nn.Module) -> ConvBN | None:
@@ -146,6 +149,8 @@ class FusedBlock(PackedArguments):
         apply (training, autograd, not a float32 CPU tensor, another backend chosen)."""
         if not NATIVE or not eval_op_applies(x, self._in_channels) or any(bn.training for bn in self._norms):
             return None
+        if self.layers.prologue is not None:
+            x = self.layers.prologue(x)
         padding_of = self.layers.padding_of
         if padding_of is None:
             return self.run(torch.ops.fastmb.inverted_residual, x)
