@@ -135,14 +135,14 @@ def _block_layers(block: nn.Module) -> BlockLayers | None:
 def _universal_block_layers(block: nn.Module) -> BlockLayers | None:
     """A MobileNetV4 UniversalInvertedResidual with a middle depthwise conv and no layer scale or
     end depthwise conv, as BlockLayers from its fused ConvNormActs: the inverted-bottleneck kind,
-    and the ExtraDW kind without a skip (its start depthwise conv runs first, as a prologue; the
-    op's residual would add that conv's output, not the block's input); else None."""
+    and the ExtraDW kind (its start depthwise conv runs first, as the plan's prologue); else
+    None."""
     if not all(isinstance(block._modules[name], nn.Identity) for name in ("dw_end", "layer_scale")):
         return None
     prologue = block._modules["dw_start"]
     if isinstance(prologue, nn.Identity):
         prologue = None
-    elif block.has_skip or type(prologue) is not FusedConvNormAct or prologue._fastmb_plan["conv"][0] != "depthwise":
+    elif type(prologue) is not FusedConvNormAct or prologue._fastmb_plan["conv"][0] != "depthwise":
         return None
     stages = []
     for name in ("pw_exp", "dw_mid", "pw_proj"):

@@ -69,10 +69,10 @@ def test_converted_timm_model(name):
     fusable = [m for m in converted.modules() if type(m).__name__ in ("FusedInvertedResidual", "FusedDepthwiseSeparableConv")
                and m._fastmb_plan[m.STAGES[-1][0]][1] == "identity"]  # fmt: skip
     # So did MobileNetV4's UniversalInvertedResiduals with a middle depthwise conv and no layer
-    # scale or end conv: the inverted-bottleneck kind, and the ExtraDW kind without a skip.
+    # scale or end conv: the inverted-bottleneck and ExtraDW kinds.
     fusable += [m for m in converted.modules() if type(m).__name__ == "FusedUniversalInvertedResidual"
                 and not isinstance(m.dw_mid, nn.Identity) and isinstance(m.layer_scale, nn.Identity)
-                and isinstance(m.dw_end, nn.Identity) and (isinstance(m.dw_start, nn.Identity) or not m.has_skip)]  # fmt: skip
+                and isinstance(m.dw_end, nn.Identity)]  # fmt: skip
     assert all(m.__dict__.get("_fastmb_fused", (None, None))[1] is not None for m in fusable), name
     always = ("mobilenetv3_large_100", "mobilenetv2_100", "efficientnet_b0", "mnasnet_100", "tinynet_a", "mobilenetv4_conv_small")
     assert fusable or name not in always

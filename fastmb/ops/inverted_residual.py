@@ -48,7 +48,8 @@ class BlockLayers:
     # (TensorFlow's SAME: timm's Conv2dSame); None: the conv's own.
     padding_of: Callable[[Tensor], list[int]] | None = None
     # A layer run on x before the op, keeping its shape (MobileNetV4's ExtraDW blocks open with a
-    # depthwise conv); None: the op takes x.
+    # depthwise conv); None: the op takes x. With a prologue the residual (x, not the prologue's
+    # output) is added after the op.
     prologue: nn.Module | None = None
 
 
@@ -142,15 +143,21 @@ class FusedBlock(PackedArguments):
         else:
             se_args = (None, None, None, None, "relu", "hardsigmoid")
         project = fold_and_pack(layers.project.conv, layers.project.bn)
-        return (*expand, expand_activation, *dw_args, layers.depthwise.activation, *se_args, *project, layers.residual)
+        residual = layers.residual and layers.prologue is None  # with a prologue, __call__ adds x
+        return (*expand, expand_activation, *dw_args, layers.depthwise.activation, *se_args, *project, residual)
 
     def __call__(self, x: Tensor) -> Tensor | None:
         """The block's output (channels_last) through the op, or None where the op does not
         apply (training, autograd, not a float32 CPU tensor, another backend chosen)."""
         if not NATIVE or not eval_op_applies(x, self._in_channels) or any(bn.training for bn in self._norms):
             return None
-        if self.layers.prologue is not None:
-            x = self.layers.prologue(x)
+        prologue = self.layers.prologue
+        if prologue is None:
+            return self._run(x)
+        y = self._run(prologue(x))
+        return y.add_(x) if y is not None and self.layers.residual else y
+
+    def _run(self, x: Tensor) -> Tensor | None:
         padding_of = self.layers.padding_of
         if padding_of is None:
             return self.run(torch.ops.fastmb.inverted_residual, x)
