@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from timm import layers as timm_layers
 from timm.layers import BatchNormAct2d, Conv2dSame, ConvNormAct
 from timm.layers.squeeze_excite import SEModule
 from timm.models import _efficientnet_blocks as blocks
@@ -28,6 +29,8 @@ from fastmb.ops.common import runs_composite
 from fastmb.ops.inverted_residual import NATIVE, BlockLayers, ConvBN, FusedBlock, structure_key
 from fastmb.ops.packing import pointwise_conv
 from fastmb.ops.squeeze_excitation import run_squeeze_excitation
+
+_LAYER_SCALE = getattr(timm_layers, "LayerScale2d", None)  # MobileNetV4 hybrids' layer scale
 
 # A plan entry: (kind, activation name); kind "depthwise" (the fused op), "conv" (ConvBNAct's
 # paths: folded in eval, the memory-saving batch norm in training) or "modules" (timm's own).
@@ -105,16 +108,18 @@ def _se_parts(se: nn.Module) -> _SEParts | None | bool:
 
 
 def _as_block_layers(expand, depthwise, project, se: nn.Module, residual: bool) -> BlockLayers | None:
-    """BlockLayers from (conv, bn, plan entry) stages, expand None for no expansion: 1x1 conv ->
-    depthwise (zero padding, or Conv2dSame's, computed per input) -> SE -> linear 1x1 conv;
-    else None."""
+    """BlockLayers from (conv, bn, plan entry) stages, expand or depthwise None where the block has
+    none (not both): 1x1 conv -> depthwise (zero padding, or Conv2dSame's, computed per input) ->
+    SE -> linear 1x1 conv; else None."""
     stages = [stage for stage in (expand, depthwise, project) if stage is not None]
-    kinds = ["conv"] * (expand is not None) + ["depthwise", "conv"]
-    if [plan[0] for _, _, plan in stages] != kinds or project[2][1] != "identity":
+    kinds = ["conv"] * (expand is not None) + ["depthwise"] * (depthwise is not None) + ["conv"]
+    if len(stages) < 2 or [plan[0] for _, _, plan in stages] != kinds or project[2][1] != "identity":
         return None
     expand, depthwise, project = (None if stage is None else ConvBN(stage[0], stage[1], stage[2][1]) for stage in (expand, depthwise, project))
-    dw = depthwise.conv
-    if type(dw) not in (nn.Conv2d, Conv2dSame) or not all(pointwise_conv(s.conv) for s in (expand, project) if s is not None):
+    dw = depthwise.conv if depthwise is not None else None
+    if dw is not None and type(dw) not in (nn.Conv2d, Conv2dSame):
+        return None
+    if not all(pointwise_conv(s.conv) for s in (expand, project) if s is not None):
         return None
     se_parts = _se_parts(se)
     if se_parts is False:
@@ -133,11 +138,16 @@ def _block_layers(block: nn.Module) -> BlockLayers | None:
 
 
 def _universal_block_layers(block: nn.Module) -> BlockLayers | None:
-    """A MobileNetV4 UniversalInvertedResidual with a middle depthwise conv and no layer scale or
-    end depthwise conv, as BlockLayers from its fused ConvNormActs: the inverted-bottleneck kind,
-    and the ExtraDW kind (its start depthwise conv runs first, as the plan's prologue); else
-    None."""
-    if not all(isinstance(block._modules[name], nn.Identity) for name in ("dw_end", "layer_scale")):
+    """A MobileNetV4 UniversalInvertedResidual without an end depthwise conv as BlockLayers from
+    its fused ConvNormActs: the inverted-bottleneck, ExtraDW, ConvNext and FFN kinds (a start
+    depthwise conv runs first, as the plan's prologue; without a middle one the op gets an
+    identity), a layer scale folded into the projection; else None."""
+    layer_scale = block._modules["layer_scale"]
+    if isinstance(layer_scale, nn.Identity):
+        layer_scale = None
+    elif _LAYER_SCALE is None or type(layer_scale) is not _LAYER_SCALE:
+        return None
+    if not isinstance(block._modules["dw_end"], nn.Identity):
         return None
     prologue = block._modules["dw_start"]
     if isinstance(prologue, nn.Identity):
@@ -147,11 +157,16 @@ def _universal_block_layers(block: nn.Module) -> BlockLayers | None:
     stages = []
     for name in ("pw_exp", "dw_mid", "pw_proj"):
         layer = block._modules[name]
+        if name == "dw_mid" and isinstance(layer, nn.Identity):
+            stages.append(None)
+            continue
         if type(layer) is not FusedConvNormAct or not isinstance(getattr(layer, "aa", None) or nn.Identity(), nn.Identity):
             return None
         stages.append((layer.conv, layer.bn, layer._fastmb_plan["conv"]))
+    if stages[0] is None:
+        return None
     layers = _as_block_layers(*stages, block.se, block.has_skip)
-    return replace(layers, prologue=prologue) if layers is not None else None
+    return replace(layers, prologue=prologue, layer_scale=layer_scale) if layers is not None else None
 
 
 def _run_fused_block(block: nn.Module, x: Tensor, layers_of) -> Tensor | None:

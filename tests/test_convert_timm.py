@@ -1,5 +1,5 @@
 """fastmb.convert on timm's MobileNet family: random weights and batch-norm statistics (nothing is
-downloaded), state_dicts unchanged, eval outputs within 1e-5 of timm's, one training step's
+downloaded), state_dicts unchanged, eval outputs by DESIGN.md's rule, one training step's
 gradients and running statistics under DESIGN.md's rule, every depthwise stage and SE block fused, and
 every inverted-residual block the whole-block op takes run by it in eval."""
 
@@ -22,10 +22,15 @@ MODELS = [
 
 
 def timm_model(name: str) -> nn.Module:
-    """The model with random weights, its batch norms' statistics from two random batches."""
+    """The model with random weights (layer scales too: at their 1e-5 start the blocks they
+    scale would add almost nothing, and a mistake in them would go unseen), its batch norms'
+    statistics from two random batches."""
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10).train()
     with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "LayerScale2d":
+                module.gamma.uniform_(0.5, 1.5)
         for _ in range(2):
             model(torch.randn(4, 3, 64, 64))
     return model
@@ -60,18 +65,22 @@ def test_converted_timm_model(name):
     assert list(ours) == list(theirs) and all(ours[k].shape == theirs[k].shape for k in theirs)
     converted.load_state_dict(theirs, strict=True)
 
+    # Eval outputs by DESIGN.md's rule against timm's model in float64, with a floor of 1e-5 of
+    # the outputs' scale (mobilenetv4_hybrid_medium with its layer scales drawn: eager's own
+    # float32 error is 2.8e-4, the fused model's 2.2e-4).
     x = torch.randn(4, 3, 96, 96).to(memory_format=torch.channels_last)
     with torch.no_grad():
         expected, actual = timm_eager.eval()(x), converted.eval()(x)
-    assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
+        oracle = clone_as(timm_eager, torch.float64)(x.double())
+    scale = oracle.abs().max()
+    assert (actual.double() - oracle).abs().max() <= 2 * (expected.double() - oracle).abs().max() + 1e-5 * scale
     # Every InvertedResidual and DepthwiseSeparableConv with a linear projection ran as one
     # native call (tf_ models' stride-2 Conv2dSame depthwise convs too, with their padding).
     fusable = [m for m in converted.modules() if type(m).__name__ in ("FusedInvertedResidual", "FusedDepthwiseSeparableConv")
                and m._fastmb_plan[m.STAGES[-1][0]][1] == "identity"]  # fmt: skip
-    # So did MobileNetV4's UniversalInvertedResiduals with a middle depthwise conv and no layer
-    # scale or end conv: the inverted-bottleneck and ExtraDW kinds.
+    # So did MobileNetV4's UniversalInvertedResiduals without an end depthwise conv: the
+    # inverted-bottleneck, ExtraDW, ConvNext and FFN kinds, with or without layer scale.
     fusable += [m for m in converted.modules() if type(m).__name__ == "FusedUniversalInvertedResidual"
-                and not isinstance(m.dw_mid, nn.Identity) and isinstance(m.layer_scale, nn.Identity)
                 and isinstance(m.dw_end, nn.Identity)]  # fmt: skip
     assert all(m.__dict__.get("_fastmb_fused", (None, None))[1] is not None for m in fusable), name
     always = ("mobilenetv3_large_100", "mobilenetv2_100", "efficientnet_b0", "mnasnet_100", "tinynet_a", "mobilenetv4_conv_small")

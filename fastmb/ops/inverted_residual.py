@@ -37,10 +37,10 @@ class ConvBN:
 
 @dataclass(frozen=True)
 class BlockLayers:
-    """An inverted-residual block: [expand] -> depthwise -> [SE] -> project [+ x]."""
+    """An inverted-residual block: [expand] -> [depthwise] -> [SE] -> project [* scale] [+ x]."""
 
     expand: ConvBN | None
-    depthwise: ConvBN
+    depthwise: ConvBN | None  # None (MobileNetV4's ConvNext and FFN blocks): the op gets an identity
     se: nn.Module | None  # fastmb.nn.SqueezeExcitation, or anything with its fc1, fc2, activation, gate
     project: ConvBN
     residual: bool
@@ -51,6 +51,9 @@ class BlockLayers:
     # depthwise conv); None: the op takes x. With a prologue the residual (x, not the prologue's
     # output) is added after the op.
     prologue: nn.Module | None = None
+    # A per-channel scale of the projection's output (timm's LayerScale2d, its `gamma`), folded
+    # into the projection's weights.
+    layer_scale: nn.Module | None = None
 
 
 def conv_bn(module: nn.Module) -> ConvBN | None:
@@ -113,38 +116,47 @@ class FusedBlock(PackedArguments):
         self.layers = layers
         self._parts = [part for part in (layers.expand, layers.depthwise, layers.project) if part is not None]
         self._norms = [part.bn for part in self._parts]
-        self._in_channels = (layers.expand or layers.depthwise).conv.in_channels
+        self._in_channels = (layers.expand or layers.depthwise or layers.project).conv.in_channels
 
     def tensor_slots(self) -> list[tuple[dict, str]]:
         slots = [slot for part in self._parts for slot in conv_bn_slots(part.conv, part.bn)]
         se = self.layers.se
         if se is not None:
             slots += [(fc._parameters, name) for fc in (se.fc1, se.fc2) for name in ("weight", "bias")]
+        if self.layers.layer_scale is not None:
+            slots.append((self.layers.layer_scale._parameters, "gamma"))
         return slots
 
     def settings(self) -> tuple:
-        dw = self.layers.depthwise.conv
-        return (*(bn.eps for bn in self._norms), dw.stride, dw.padding, dw.dilation)  # activations: structure_key
+        depthwise = self.layers.depthwise
+        geometry = (depthwise.conv.stride, depthwise.conv.padding, depthwise.conv.dilation) if depthwise is not None else ()
+        return (*(bn.eps for bn in self._norms), *geometry)  # activations: structure_key
 
     def pack(self) -> tuple:
         layers = self.layers
         expand = fold_and_pack(layers.expand.conv, layers.expand.bn) if layers.expand is not None else (None, None)
         expand_activation = layers.expand.activation if layers.expand is not None else "identity"
-        dw = layers.depthwise.conv
-        channels, kh, kw = dw.out_channels, *dw.kernel_size
-        # taps-major storage, seen as (C, 1, kH, kW): the op reads it in place
-        taps = dw.weight.float().reshape(channels, kh * kw).t().contiguous()
-        scale, shift = bn_scale_shift(layers.depthwise.bn)
-        dw_args = (taps.t().view(channels, 1, kh, kw), scale.float(), shift.float(), list(dw.stride), list(dw.padding), list(dw.dilation))
+        if layers.depthwise is not None:
+            dw = layers.depthwise.conv
+            channels, kh, kw = dw.out_channels, *dw.kernel_size
+            # taps-major storage, seen as (C, 1, kH, kW): the op reads it in place
+            taps = dw.weight.float().reshape(channels, kh * kw).t().contiguous()
+            scale, shift = bn_scale_shift(layers.depthwise.bn)
+            dw_args = (taps.t().view(channels, 1, kh, kw), scale.float(), shift.float(), list(dw.stride), list(dw.padding), list(dw.dilation))
+            dw_activation = layers.depthwise.activation
+        else:  # an identity: a 1x1 depthwise conv of weight 1, one pass over the expanded rows in cache
+            ones = torch.ones(layers.project.conv.in_channels)
+            dw_args, dw_activation = (ones.view(-1, 1, 1, 1), ones, torch.zeros_like(ones), [1, 1], [0, 0], [1, 1]), "identity"
         se = layers.se
         if se is not None:
             se_args = (se.fc1.weight.float().flatten(1).contiguous(), se.fc1.bias.float().contiguous(),
                        se.fc2.weight.float().flatten(1).contiguous(), se.fc2.bias.float().contiguous(), se.activation, se.gate)  # fmt: skip
         else:
             se_args = (None, None, None, None, "relu", "hardsigmoid")
-        project = fold_and_pack(layers.project.conv, layers.project.bn)
+        layer_scale = layers.layer_scale.gamma if layers.layer_scale is not None else None
+        project = fold_and_pack(layers.project.conv, layers.project.bn, layer_scale)
         residual = layers.residual and layers.prologue is None  # with a prologue, __call__ adds x
-        return (*expand, expand_activation, *dw_args, layers.depthwise.activation, *se_args, *project, residual)
+        return (*expand, expand_activation, *dw_args, dw_activation, *se_args, *project, residual)
 
     def __call__(self, x: Tensor) -> Tensor | None:
         """The block's output (channels_last) through the op, or None where the op does not
