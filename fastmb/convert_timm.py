@@ -163,8 +163,6 @@ def _universal_block_layers(block: nn.Module) -> BlockLayers | None:
         if type(layer) is not FusedConvNormAct or not isinstance(getattr(layer, "aa", None) or nn.Identity(), nn.Identity):
             return None
         stages.append((layer.conv, layer.bn, layer._fastmb_plan["conv"]))
-    if stages[0] is None:
-        return None
     layers = _as_block_layers(*stages, block.se, block.has_skip)
     return replace(layers, prologue=prologue, layer_scale=layer_scale) if layers is not None else None
 

@@ -11,9 +11,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-RUNTIMES = ("onnxruntime", "openvino")
-
-
 def installed(runtime: str) -> bool:
     """Whether `runtime` (and the onnx package the export needs) can be imported."""
     return importlib.util.find_spec(runtime) is not None and importlib.util.find_spec("onnx") is not None
@@ -53,6 +50,7 @@ def openvino_runner(onnx_model: bytes, x: torch.Tensor, threads: int) -> Callabl
 
 
 RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
+RUNTIMES = tuple(RUNNERS)
 
 
 def runner(runtime: str, onnx_model: bytes, x: torch.Tensor, threads: int) -> Callable[[], object]:

@@ -270,8 +270,8 @@ void run_block(const Block& b) {
   const Geometry& g = b.g;
   const int threads = at::get_num_threads();
   const int64_t image_values = g.ho * g.wo * g.c, pixels_out = g.ho * g.wo;
-  // With fewer images than threads each image is split into row parts, one per thread, or run
-  // stage by stage when it is too small for that.
+  // With fewer images than threads each image is split into row parts, one per thread, or,
+  // when it is too small for that, run by run_image_split.
   const int64_t parts = g.n >= threads ? 1 : std::min<int64_t>(g.ho, (threads + g.n - 1) / g.n);
   if (parts > 1 && g.ho / parts < kMinPartRows) {
     for (int64_t n = 0; n < g.n; ++n) run_image_split(b, n);

@@ -6,6 +6,15 @@
 #include <cstdlib>
 #include <cstring>
 
+// Whether the per-ISA translation units (dwconv/kernels_*.cpp, pointwise/kernels_*.cpp) are
+// compiled: they use GCC's `#pragma GCC target`; other compilers (and -DFASTMB_NO_MULTIVERSION
+// builds for one -march) compile each baseline table alone.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTMB_NO_MULTIVERSION)
+#define FASTMB_X86_TABLES 1
+#else
+#define FASTMB_X86_TABLES 0
+#endif
+
 namespace fastmb::cpu {
 
 enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };

@@ -116,6 +116,9 @@ class FusedBlock(PackedArguments):
         self.layers = layers
         self._parts = [part for part in (layers.expand, layers.depthwise, layers.project) if part is not None]
         self._norms = [part.bn for part in self._parts]
+        # Run only when all of these are in eval: a prologue in training would update its
+        # statistics, and again on the stage path wherever the op then steps aside.
+        self._modes = self._norms + ([layers.prologue] if layers.prologue is not None else [])
         self._in_channels = (layers.expand or layers.depthwise or layers.project).conv.in_channels
 
     def tensor_slots(self) -> list[tuple[dict, str]]:
@@ -161,7 +164,7 @@ class FusedBlock(PackedArguments):
     def __call__(self, x: Tensor) -> Tensor | None:
         """The block's output (channels_last) through the op, or None where the op does not
         apply (training, autograd, not a float32 CPU tensor, another backend chosen)."""
-        if not NATIVE or not eval_op_applies(x, self._in_channels) or any(bn.training for bn in self._norms):
+        if not NATIVE or not eval_op_applies(x, self._in_channels) or any(module.training for module in self._modes):
             return None
         prologue = self.layers.prologue
         if prologue is None:

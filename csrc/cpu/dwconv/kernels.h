@@ -110,20 +110,12 @@ inline int specialised_kernel_size(const Geometry& g) {
   return specialised ? g.kh : 0;
 }
 
-// Each translation unit's table; k = 0, 3, 5 or 7. Without FASTMB_X86_KERNELS only
+// Each translation unit's table; k = 0, 3, 5 or 7. Without FASTMB_X86_TABLES (isa.h) only
 // kernels_baseline.cpp is compiled, and it holds every kernel size.
 Kernels<float> avx512_kernels(int k);
 Kernels<float> avx2_kernels(int k);
 Kernels<float> baseline_kernels(int k);
 Kernels<double> baseline_double_kernels();
-
-// The per-ISA units use GCC's `#pragma GCC target`; other compilers (and -DFASTMB_NO_MULTIVERSION
-// builds for one -march) compile the baseline table alone, with every kernel size.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTMB_NO_MULTIVERSION)
-#define FASTMB_X86_KERNELS 1
-#else
-#define FASTMB_X86_KERNELS 0
-#endif
 
 // The fastest passes this CPU runs (or FASTMB_ISA allows) for geometry g. The AVX-512 tiles are 16 lanes wide: at
 // stride 2 they serve only whole vectors per pixel (else every other pixel's 64-byte loads
@@ -134,7 +126,7 @@ Kernels<Acc> select_kernels(const Geometry& g) {
     return baseline_double_kernels();
   } else {
     const int k = specialised_kernel_size(g);
-#if FASTMB_X86_KERNELS
+#if FASTMB_X86_TABLES
     const Isa isa = cpu_isa();
     if (isa == Isa::kAvx512 && k != 0 && (g.sw == 1 || g.c % 16 == 0)) return avx512_kernels(k);
     if (isa >= Isa::kAvx2) return avx2_kernels(k);
@@ -150,7 +142,7 @@ Kernels<Acc> select_elementwise_kernels() {
   if constexpr (std::is_same_v<Acc, double>) {
     return baseline_double_kernels();
   } else {
-#if FASTMB_X86_KERNELS
+#if FASTMB_X86_TABLES
     const Isa isa = cpu_isa();
     if (isa == Isa::kAvx512) return avx512_kernels(3);
     if (isa >= Isa::kAvx2) return avx2_kernels(0);

@@ -1,7 +1,7 @@
 // The depthwise passes for AVX2 + FMA CPUs (x86-64-v3): every kernel size, tiles of 8 float lanes.
 #include "kernels.h"
 
-#if FASTMB_X86_KERNELS
+#if FASTMB_X86_TABLES
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 #define FASTMB_CPU_ISA avx2

@@ -2,7 +2,7 @@
 // specialised kernel sizes only (the generic conv runs the AVX2 table's).
 #include "kernels.h"
 
-#if FASTMB_X86_KERNELS
+#if FASTMB_X86_TABLES
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 #define FASTMB_CPU_ISA avx512

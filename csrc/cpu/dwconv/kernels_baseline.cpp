@@ -11,7 +11,7 @@
 namespace fastmb::cpu::dwconv {
 
 Kernels<float> baseline_kernels(int k) {
-#if !FASTMB_X86_KERNELS
+#if !FASTMB_X86_TABLES
   switch (k) {
     case 3: return baseline::make_kernels<3, float>();
     case 5: return baseline::make_kernels<5, float>();

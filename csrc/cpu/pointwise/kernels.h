@@ -41,15 +41,9 @@ GemmPanels avx512_gemm();
 GemmPanels avx2_gemm();
 GemmPanels baseline_gemm();
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTMB_NO_MULTIVERSION)
-#define FASTMB_X86_POINTWISE 1
-#else
-#define FASTMB_X86_POINTWISE 0
-#endif
-
 // The fastest kernel this CPU runs (or FASTMB_ISA allows).
 inline GemmPanels select_gemm() {
-#if FASTMB_X86_POINTWISE
+#if FASTMB_X86_TABLES
   if (cpu_isa() == Isa::kAvx512) return avx512_gemm();
   if (cpu_isa() == Isa::kAvx2) return avx2_gemm();
 #endif

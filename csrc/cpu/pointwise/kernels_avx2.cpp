@@ -2,7 +2,7 @@
 // 16 ymm registers accumulate).
 #include "kernels.h"
 
-#if FASTMB_X86_POINTWISE
+#if FASTMB_X86_TABLES
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 #define FASTMB_CPU_ISA avx2

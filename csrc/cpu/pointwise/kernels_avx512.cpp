@@ -2,7 +2,7 @@
 // 32 zmm registers accumulate; of the shapes tried, 12 x 32 and 8 x 48 were slower on Zen 4).
 #include "kernels.h"
 
-#if FASTMB_X86_POINTWISE
+#if FASTMB_X86_TABLES
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 #define FASTMB_CPU_ISA avx512
