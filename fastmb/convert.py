@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from fastmb.models.layers import use_channels_last
 from fastmb.nn import ConvBNAct, DWConvBNAct, SqueezeExcitation
 from fastmb.ops.activations import activation_name, gate_name
 
@@ -88,10 +89,13 @@ class ConvertReport:
 
     swapped: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    channels_last: bool = False  # whether convert put the model's conv weights in channels_last
 
     def __str__(self) -> str:
         lines = [f"swapped {count} {kind}" for kind, count in self.swapped.items()]
         lines += [f"left {count} {reason}" for reason, count in self.skipped.items()]
+        if self.channels_last:
+            lines.append("put the conv weights in channels_last (channels_last=False keeps the model's layout)")
         return "\n".join(lines) or "nothing to swap"
 
 
@@ -104,7 +108,7 @@ def _timm_converter():
     return convert_block
 
 
-def convert(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.Module, ConvertReport]:
+def convert(model: nn.Module, *, report: bool = False, channels_last: bool = True) -> nn.Module | tuple[nn.Module, ConvertReport]:
     """Swaps, in place, what fastmb fuses. torchvision: every depthwise conv + BatchNorm2d +
     activation Sequential (Conv2dNormActivation) for a DWConvBNAct, every other conv +
     BatchNorm2d (+ activation) Sequential for a ConvBNAct, every SqueezeExcitation for fastmb's;
@@ -116,9 +120,12 @@ def convert(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.M
     ConvBnAct, ConvNormAct, SqueezeExcite, SEModule) and models (EfficientNet, MobileNetV3: stem
     and head) keep their children and take a forward that runs each conv + BatchNormAct2d pair
     and SE block fused (fastmb/convert_timm.py). Parameters
-    and buffers are shared, so every state_dict key stays; training modes are kept. Logs (logger
-    "fastmb") what it swapped, and what it left and why; returns `model`, or with report=True
-    `(model, ConvertReport)`."""
+    and buffers are shared, so every state_dict key stays; training modes are kept.
+    Where it swapped anything and `channels_last` holds, it then puts the model's 4-D
+    parameters in channels_last (fastmb.models.layers.use_channels_last): an NCHW input then
+    runs in the fast layout from the first conv on, and 4-D outputs come out channels_last.
+    Logs (logger "fastmb") what it swapped, and what it left and why; returns `model`, or with
+    report=True `(model, ConvertReport)`."""
     swapped: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
     convert_timm_block = _timm_converter() if any(type(m).__module__.startswith("timm.") for m in model.modules()) else None
@@ -170,7 +177,9 @@ def convert(model: nn.Module, *, report: bool = False) -> nn.Module | tuple[nn.M
         convert_timm_block(model, swapped, skipped)  # a timm model's own stem and head
     visit(model)
     fuse_torchvision(model)
-    summary = ConvertReport(dict(swapped), dict(skipped))
+    if channels_last and swapped:
+        use_channels_last(model)
+    summary = ConvertReport(dict(swapped), dict(skipped), channels_last=channels_last and bool(swapped))
     for line in str(summary).splitlines():
         logger.info("fastmb.convert: %s", line)
     return (model, summary) if report else model

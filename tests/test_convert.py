@@ -87,6 +87,32 @@ def test_shares_parameters_keeps_training_mode_and_reports_what_it_left(caplog):
             torch.testing.assert_close(model.train(training)(x), original.train(training)(x))
 
 
+def test_weights_go_channels_last_so_a_contiguous_input_runs_in_it(caplog):
+    """After convert (and in the builders' models) the conv weights are channels_last, so a
+    contiguous input's activations are channels_last from the first conv on, in training too;
+    values are those of the contiguous model. channels_last=False keeps the layout."""
+    original = calibrate_batch_norm(torchvision.models.mobilenet_v3_small(), resolution=64)
+    kept = fastmb.convert(copy.deepcopy(original), channels_last=False)
+    assert all(p.is_contiguous() for p in kept.parameters())
+    model, report = fastmb.convert(copy.deepcopy(original), report=True)
+    assert report.channels_last and "channels_last" in str(report)
+    built = fastmb.mobilenet_v3_small()
+    for m in (model, built):
+        weights = [p for p in m.parameters() if p.dim() == 4]
+        assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    layouts = []
+    model.features[0].register_forward_hook(lambda module, args, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(2, 3, 64, 64)
+    for training in (False, True):
+        torch.manual_seed(0)
+        expected = kept.train(training)(x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(model.train(training)(x), expected, rtol=1e-4, atol=1e-5)
+    assert layouts == [True, True]
+    _, untouched = fastmb.convert(nn.Sequential(nn.Conv2d(3, 4, 3)), report=True)
+    assert not untouched.channels_last  # nothing fastmb fuses: the model is left as it was
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
 def test_converted_blocks_run_one_op_each_and_survive_a_round_trip(name, caplog, monkeypatch):
     """Each torchvision InvertedResidual becomes fastmb's fused subclass (still an instance of

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from fastmb.models.layers import build_with_weights, depthwise_stage, init_weights, make_divisible
+from fastmb.models.layers import build_with_weights, depthwise_stage, init_weights, make_divisible, use_channels_last
 from fastmb.nn import ConvBNAct, SqueezeExcitation
 from fastmb.ops.classifier_head import forward_with_fused_head
 from fastmb.ops.inverted_residual import run_fused_block
@@ -116,6 +116,7 @@ class MobileNetV3(nn.Module):
             nn.Linear(last_channel, num_classes),
         )
         init_weights(self)
+        use_channels_last(self)
 
     def forward(self, x: Tensor) -> Tensor:
         # eval on the CPU: the last conv, the pooling and the classifier as one native call
