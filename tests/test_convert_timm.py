@@ -61,6 +61,8 @@ def test_converted_timm_model(name):
     assert report.skipped == {}
     assert report.swapped.get("depthwise stages", 0) == depthwise > 0
     assert report.swapped.get("SE blocks", 0) == se
+    head_convs = 1 if name.startswith(("mobilenetv3", "mobilenetv4", "lcnet")) else 0  # timm's MobileNetV3 class
+    assert report.swapped.get("head convs on the pooled pixel, as a GEMM", 0) == head_convs
     theirs, ours = timm_eager.state_dict(), converted.state_dict()
     assert list(ours) == list(theirs) and all(ours[k].shape == theirs[k].shape for k in theirs)
     converted.load_state_dict(theirs, strict=True)
