@@ -61,15 +61,16 @@ def write_speedups(terminalreporter) -> None:
         groups[result.group][result.provider] = result
     write = terminalreporter.write_line
     copy = f"; GPU copy bandwidth {COPY_BANDWIDTH[0] / 1e9:.0f} GB/s" if COPY_BANDWIDTH else ""
-    write(f"\nspeedup over {BASELINE} (median times; CPU: {THREADS} threads{copy}):")
+    write(f"\nspeedup over {BASELINE}, or eager NCHW in groups without it (median times; CPU: {THREADS} threads{copy}):")
     suites: dict[tuple[str, str], list[float]] = defaultdict(list)
     paired: dict[tuple[str, str], list[float]] = defaultdict(list)
     for group, results in sorted(groups.items()):
-        if BASELINE not in results:
+        baseline = next((name for name in (BASELINE, "eager") if name in results), None)
+        if baseline is None:
             continue
         cells = []
         for provider, result in sorted(results.items()):
-            speedup = results[BASELINE].seconds / result.seconds
+            speedup = results[baseline].seconds / result.seconds
             cell = f"{provider} {result.seconds * 1e3:.3f} ms ({speedup:.2f}x"
             if result.paired is not None:
                 cell += f", paired {result.paired:.2f}x"

@@ -3,7 +3,9 @@ torch.compile, ONNX Runtime and OpenVINO on the exported torchvision model (each
 `pip install ".[bench]"`), the fastmb builder's model with the same weights, and the torchvision
 model after fastmb.convert (cpu backend). The summary also gives fastmb's speed relative to the
 faster of ONNX Runtime and OpenVINO. Training step (SGD, batch 16) of MobileNetV3-Large:
-torchvision eager, the fastmb builder's model and the converted one."""
+torchvision eager, the fastmb builder's model and the converted one; and the same step on NCHW
+inputs, as a user who never asks for channels_last runs it, against torchvision eager in NCHW
+(fastmb's models keep their channels_last weights)."""
 
 import copy
 import functools
@@ -73,6 +75,22 @@ def test_model_train(benchmark, provider):
     fn = train_step(model_for(provider, "mobilenet_v3_large", torchvision_model), x, target)
     baseline = train_step(copy.deepcopy(torchvision_model).to(memory_format=torch.channels_last), x, target)
     run_benchmark(benchmark, "model train-bs16 mobilenet_v3_large", provider, fn, baseline)
+
+
+@pytest.mark.parametrize("provider", ["eager", "fastmb", "convert"])
+def test_model_train_nchw_input(benchmark, provider):
+    torchvision_model = torchvision.models.mobilenet_v3_large()
+    x = torch.randn(16, 3, 224, 224)
+    target = torch.randint(0, 1000, (16,))
+    if provider == "fastmb":
+        model = fastmb.mobilenet_v3_large()
+        model.load_state_dict(torchvision_model.state_dict())
+    else:
+        model = fastmb.convert(copy.deepcopy(torchvision_model)) if provider == "convert" else torchvision_model
+    fn = train_step(model, x, target)
+    # this group's baseline is eager in NCHW ("eager"; bench/conftest.py's summary knows it)
+    baseline = None if provider == "eager" else train_step(copy.deepcopy(torchvision_model), x, target)
+    run_benchmark(benchmark, "model train-bs16-nchw-input mobilenet_v3_large", provider, fn, baseline)
 
 
 def eval_step(model: nn.Module, x: torch.Tensor):
