@@ -26,11 +26,15 @@ from fastmb.nn.conv_bn_act import run_conv_bn_act_modules
 from fastmb.nn.dwconv_bn_act import run_dwconv_bn_act_modules
 from fastmb.ops.activations import activation_name, gate_name
 from fastmb.ops.common import runs_composite
+from fastmb.ops.classifier_head import NATIVE as HEAD_NATIVE
+from fastmb.ops.classifier_head import FusedHead, HeadLinear
 from fastmb.ops.inverted_residual import NATIVE, BlockLayers, ConvBN, FusedBlock, structure_key
 from fastmb.ops.packing import pointwise_conv
 from fastmb.ops.squeeze_excitation import run_squeeze_excitation
 
 _LAYER_SCALE = getattr(timm_layers, "LayerScale2d", None)  # MobileNetV4 hybrids' layer scale
+# Classifiers: nn.Linear, and timm's subclass (the same product; it casts the bias for TorchScript).
+_LINEARS = (nn.Linear, *((timm_layers.Linear,) if hasattr(timm_layers, "Linear") else ()))
 
 # A plan entry: (kind, activation name); kind "depthwise" (the fused op), "conv" (ConvBNAct's
 # paths: folded in eval, the memory-saving batch norm in training) or "modules" (timm's own).
@@ -290,7 +294,8 @@ def _runs_as_gemm_on_a_pixel(conv: nn.Module) -> bool:
 
 class FusedMobileNetV3(MobileNetV3):
     """The stem fused; the head runs after the pooling, on one pixel: its conv as a GEMM
-    (PooledConv2d)."""
+    (PooledConv2d). In eval on the CPU the last block's 1x1 conv, the pooling, the head conv
+    (with its norm folded) and the classifier are one native call (fastmb::classifier_head)."""
 
     STAGES = (("conv_stem", "bn1"),)
 
@@ -298,6 +303,65 @@ class FusedMobileNetV3(MobileNetV3):
         if self.grad_checkpointing:
             return super().forward_features(x)
         return self.blocks(run_stage(self, "conv_stem", "bn1", x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        head = None
+        if HEAD_NATIVE and not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            head = _head_plan(self)
+        if head is None:
+            return super().forward(x)
+        layers = _blocks_in_order(self.blocks)
+        x = run_stage(self, "conv_stem", "bn1", x)
+        for layer in layers[:-1]:
+            x = layer(x)
+        logits = head(x)
+        return logits if logits is not None else self.forward_head(layers[-1](x))
+
+
+def _blocks_in_order(blocks: nn.Module) -> list[nn.Module]:
+    """The blocks a timm model's `blocks` (a Sequential of stage Sequentials) runs, in order."""
+    return [block for stage in blocks._modules.values() for block in (stage._modules.values() if type(stage) is nn.Sequential else (stage,))]
+
+
+def _head_plan(model: FusedMobileNetV3) -> FusedHead | None:
+    """The FusedHead for a timm MobileNetV3-class model, kept on it while its head modules stay
+    the same: its last block a 1x1 ConvBnAct without skip, average pooling to one pixel, the head
+    conv (PooledConv2d) with a BatchNormAct2d or nothing after it, the activation, then an
+    nn.Linear classifier (or none); else None."""
+    last = _blocks_in_order(model.blocks)[-1] if len(model.blocks) else None
+    norm_head = model._modules.get("norm_head", nn.Identity())
+    modules = (last, model.global_pool, model.conv_head, norm_head, model.act2, model.flatten, model.classifier)
+    key = structure_key([m for m in modules if m is not None])
+    cached = model.__dict__.get("_fastmb_head")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    model.__dict__["_fastmb_head"] = (key, _timm_head(last, *modules[1:]))
+    return model.__dict__["_fastmb_head"][1]
+
+
+def _timm_head(last, global_pool, conv_head, norm_head, act2, flatten, classifier) -> FusedHead | None:
+    if type(last) is not FusedConvBnAct or last.has_skip or not isinstance(getattr(last, "aa", nn.Identity()), nn.Identity):
+        return None
+    kind, activation = last._fastmb_plan["conv"]
+    pool = getattr(global_pool, "pool", None)
+    pooled = getattr(global_pool, "pool_type", None) == "avg" and type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1))
+    if kind != "conv" or not pointwise_conv(last.conv) or not pooled or type(conv_head) is not PooledConv2d or type(flatten) is not nn.Flatten:
+        return None
+    norm, head_activation = None, activation_name(act2)
+    if type(norm_head) is BatchNormAct2d:
+        norm_activation = activation_name(norm_head.act)
+        plain = norm_head.affine and norm_head.running_var is not None and isinstance(norm_head.drop, nn.Identity)
+        if not plain or norm_activation is None or head_activation != "identity" or norm_head.num_features != conv_head.out_channels:
+            return None
+        norm, head_activation = norm_head, norm_activation
+    elif not isinstance(norm_head, nn.Identity) or head_activation is None:
+        return None
+    linears = [HeadLinear(conv_head, norm, head_activation)]
+    if type(classifier) in _LINEARS and classifier.bias is not None:
+        linears.append(HeadLinear(classifier, None, "identity"))
+    elif not isinstance(classifier, nn.Identity):
+        return None
+    return FusedHead(ConvBN(last.conv, last.bn1, activation), linears, [])
 
 
 def _squeeze_excitation(module: nn.Module, x: Tensor, fc1: nn.Conv2d, fc2: nn.Conv2d) -> Tensor:

@@ -3,55 +3,85 @@ global average pooling and the classifier's linear layers, eval on the CPU, floa
 stay as they are; `FusedHead` packs their weights (the batch norm folded) and packs again
 whenever one changes. Anything the op does not cover runs the modules."""
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from fastmb import _extension
 from fastmb.ops.activations import activation_name
 from fastmb.ops.inverted_residual import ConvBN, conv_bn
-from fastmb.ops.packing import PackedArguments, conv_bn_slots, eval_op_applies, fold_and_pack, pointwise_conv
+from fastmb.ops.packing import PackedArguments, bn_scale_shift, conv_bn_slots, eval_op_applies, fold_and_pack, pointwise_conv
 
 NATIVE = _extension.has_kernel("classifier_head", "CPU")
 
 
-def classifier_layers(classifier: nn.Module) -> list[tuple[nn.Linear, str]] | None:
-    """(linear, activation name) per linear layer of a classifier Sequential of nn.Linear (with
-    bias), activations fastmb has and nn.Dropout (nothing in eval), or None."""
+@dataclass(frozen=True)
+class HeadLinear:
+    """One linear layer of a head after the pooling: an nn.Linear, or a 1x1 conv run on the
+    pooled pixel (timm's conv_head), with its bias or none, an eval batch norm to fold into it
+    (or None), and the activation after them."""
+
+    layer: nn.Module
+    norm: nn.BatchNorm2d | None
+    activation: str
+
+    def slots(self) -> list[tuple[dict, str]]:
+        if self.norm is not None:
+            slots = conv_bn_slots(self.layer, self.norm)
+        else:
+            slots = [(self.layer._parameters, "weight")]
+        return slots + ([(self.layer._parameters, "bias")] if self.layer.bias is not None else [])
+
+    def pack(self) -> tuple[Tensor, Tensor]:
+        """The (out, in) weight and the bias, with the batch norm folded in (in float64)."""
+        weight, bias = self.layer.weight.flatten(1), self.layer.bias
+        if self.norm is None:
+            bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
+            return weight.float().contiguous(), bias.float().contiguous()
+        scale, shift = bn_scale_shift(self.norm)
+        bias = shift if bias is None else shift + bias.double() * scale
+        return (weight.double() * scale[:, None]).float().contiguous(), bias.float().contiguous()
+
+
+def classifier_layers(classifier: nn.Module) -> list[HeadLinear] | None:
+    """A HeadLinear per linear layer of a classifier Sequential of nn.Linear (with bias),
+    activations fastmb has and nn.Dropout (nothing in eval), or None."""
     if type(classifier) is not nn.Sequential:
         return None
-    layers: list[tuple[nn.Linear, str]] = []
+    layers: list[HeadLinear] = []
     for module in classifier._modules.values():
         name = activation_name(module)
         if type(module) is nn.Linear and module.bias is not None:
-            layers.append((module, "identity"))
+            layers.append(HeadLinear(module, None, "identity"))
         elif type(module) is nn.Dropout or name == "identity":
             continue
-        elif layers and layers[-1][1] == "identity" and name is not None:
-            layers[-1] = (layers[-1][0], name)
+        elif layers and layers[-1].activation == "identity" and name is not None:
+            layers[-1] = HeadLinear(layers[-1].layer, None, name)
         else:
             return None
     return layers or None
 
 
 class FusedHead(PackedArguments):
-    """The op's arguments for a head, packed from its modules' current parameters."""
+    """The op's arguments for a head, packed from its modules' current parameters. Runs while
+    every module in `modes` (the head's batch norms, dropouts, ...) is in eval."""
 
-    def __init__(self, conv: ConvBN, linears: list[tuple[nn.Linear, str]], dropouts: list[nn.Module]) -> None:
+    def __init__(self, conv: ConvBN, linears: list[HeadLinear], modes: list[nn.Module]) -> None:
         super().__init__()
-        self.conv, self.linears, self._modes = conv, linears, [conv.bn, *(linear for linear, _ in linears), *dropouts]
+        self.conv, self.linears = conv, linears
+        self._modes = [conv.bn, *(linear.layer for linear in linears), *(linear.norm for linear in linears if linear.norm), *modes]
 
     def tensor_slots(self) -> list[tuple[dict, str]]:
-        slots = conv_bn_slots(self.conv.conv, self.conv.bn)
-        return slots + [(linear._parameters, name) for linear, _ in self.linears for name in ("weight", "bias")]
+        return conv_bn_slots(self.conv.conv, self.conv.bn) + [slot for linear in self.linears for slot in linear.slots()]
 
     def settings(self) -> tuple:
-        return (self.conv.bn.eps,)
+        return (self.conv.bn.eps, *(linear.norm.eps for linear in self.linears if linear.norm is not None))
 
     def pack(self) -> tuple:
         weight, bias = fold_and_pack(self.conv.conv, self.conv.bn)
-        fc_weights = [linear.weight.float().contiguous() for linear, _ in self.linears]
-        fc_biases = [linear.bias.float().contiguous() for linear, _ in self.linears]
-        return weight, bias, self.conv.activation, fc_weights, fc_biases, [act for _, act in self.linears]
+        fc_weights, fc_biases = zip(*(linear.pack() for linear in self.linears))
+        return weight, bias, self.conv.activation, list(fc_weights), list(fc_biases), [linear.activation for linear in self.linears]
 
     def __call__(self, x: Tensor) -> Tensor | None:
         """The logits through the op, or None where it does not apply."""
