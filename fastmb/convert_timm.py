@@ -258,17 +258,6 @@ class FusedConvNormAct(ConvNormAct):
         return aa(x) if aa is not None else x
 
 
-class FusedEfficientNet(EfficientNet):
-    """The stem (3x3 conv + BN + activation) and the head (1x1 conv + BN + activation) fused."""
-
-    STAGES = (("conv_stem", "bn1"), ("conv_head", "bn2"))
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        if self.grad_checkpointing:
-            return super().forward_features(x)
-        return run_stage(self, "conv_head", "bn2", self.blocks(run_stage(self, "conv_stem", "bn1", x)))
-
-
 class PooledConv2d(nn.Conv2d):
     """A 1x1 conv that runs on the pooled features, one pixel per image (timm MobileNetV3/V4's
     conv_head): there one GEMM. oneDNN's conv took 0.5 ms forward, and 5.3 forward and backward,
@@ -292,6 +281,27 @@ def _runs_as_gemm_on_a_pixel(conv: nn.Module) -> bool:
     )
 
 
+class FusedEfficientNet(EfficientNet):
+    """The stem (3x3 conv + BN + activation) and the head (1x1 conv + BN + activation) fused; in
+    eval on the CPU the head conv, the pooling and the classifier are one native call
+    (fastmb::classifier_head)."""
+
+    STAGES = (("conv_stem", "bn1"), ("conv_head", "bn2"))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        if self.grad_checkpointing:
+            return super().forward_features(x)
+        return run_stage(self, "conv_head", "bn2", self.blocks(run_stage(self, "conv_stem", "bn1", x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        head = _head_plan(self, _efficientnet_head)
+        if head is None:
+            return super().forward(x)
+        x = self.blocks(run_stage(self, "conv_stem", "bn1", x))
+        logits = head(x)
+        return logits if logits is not None else self.forward_head(run_stage(self, "conv_head", "bn2", x))
+
+
 class FusedMobileNetV3(MobileNetV3):
     """The stem fused; the head runs after the pooling, on one pixel: its conv as a GEMM
     (PooledConv2d). In eval on the CPU the last block's 1x1 conv, the pooling, the head conv
@@ -305,9 +315,7 @@ class FusedMobileNetV3(MobileNetV3):
         return self.blocks(run_stage(self, "conv_stem", "bn1", x))
 
     def forward(self, x: Tensor) -> Tensor:
-        head = None
-        if HEAD_NATIVE and not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            head = _head_plan(self)
+        head = _head_plan(self, _mobilenetv3_head)
         if head is None:
             return super().forward(x)
         layers = _blocks_in_order(self.blocks)
@@ -323,45 +331,77 @@ def _blocks_in_order(blocks: nn.Module) -> list[nn.Module]:
     return [block for stage in blocks._modules.values() for block in (stage._modules.values() if type(stage) is nn.Sequential else (stage,))]
 
 
-def _head_plan(model: FusedMobileNetV3) -> FusedHead | None:
-    """The FusedHead for a timm MobileNetV3-class model, kept on it while its head modules stay
-    the same: its last block a 1x1 ConvBnAct without skip, average pooling to one pixel, the head
-    conv (PooledConv2d) with a BatchNormAct2d or nothing after it, the activation, then an
-    nn.Linear classifier (or none); else None."""
+def _head_plan(model: nn.Module, plan_head) -> FusedHead | None:
+    """The FusedHead of a converted timm model in eval on the CPU without autograd, or None:
+    plan_head(model) -> (the modules it is built from, a function building it, or None), kept
+    on the model while those modules stay the same."""
+    if not HEAD_NATIVE or model.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    modules, build = plan_head(model)
+    key = structure_key([m for m in modules if m is not None])
+    cached = model.__dict__.get("_fastmb_head")
+    if cached is None or cached[0] != key:
+        cached = model.__dict__["_fastmb_head"] = (key, build() if build is not None else None)
+    return cached[1]
+
+
+def _average_pooling(global_pool: nn.Module) -> bool:
+    """A SelectAdaptivePool2d averaging each channel to one value."""
+    pool = getattr(global_pool, "pool", None)
+    return getattr(global_pool, "pool_type", None) == "avg" and type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1))
+
+
+def _classifier(classifier: nn.Module) -> list[HeadLinear] | None:
+    """The classifier as the op's linear layers: [] for none (nn.Identity), else None."""
+    if type(classifier) in _LINEARS and classifier.bias is not None:
+        return [HeadLinear(classifier, None, "identity")]
+    return [] if isinstance(classifier, nn.Identity) else None
+
+
+def _efficientnet_head(model: FusedEfficientNet):
+    """conv_head + bn2 (a fused 1x1 conv), the pooling and a linear classifier."""
+    modules = (model.conv_head, model.bn2, model.global_pool, model.classifier)
+
+    def build() -> FusedHead | None:
+        kind, activation = model._fastmb_plan["conv_head"]
+        linears = _classifier(model.classifier)
+        if kind != "conv" or not pointwise_conv(model.conv_head) or not _average_pooling(model.global_pool) or not linears:
+            return None
+        return FusedHead(ConvBN(model.conv_head, model.bn2, activation), linears, [])
+
+    return modules, build
+
+
+def _mobilenetv3_head(model: FusedMobileNetV3):
+    """The last block (a 1x1 ConvBnAct without skip), the pooling, the head conv (PooledConv2d)
+    with a BatchNormAct2d or nothing after it, the activation, then the classifier."""
     last = _blocks_in_order(model.blocks)[-1] if len(model.blocks) else None
     norm_head = model._modules.get("norm_head", nn.Identity())
     modules = (last, model.global_pool, model.conv_head, norm_head, model.act2, model.flatten, model.classifier)
-    key = structure_key([m for m in modules if m is not None])
-    cached = model.__dict__.get("_fastmb_head")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    model.__dict__["_fastmb_head"] = (key, _timm_head(last, *modules[1:]))
-    return model.__dict__["_fastmb_head"][1]
 
-
-def _timm_head(last, global_pool, conv_head, norm_head, act2, flatten, classifier) -> FusedHead | None:
-    if type(last) is not FusedConvBnAct or last.has_skip or not isinstance(getattr(last, "aa", nn.Identity()), nn.Identity):
-        return None
-    kind, activation = last._fastmb_plan["conv"]
-    pool = getattr(global_pool, "pool", None)
-    pooled = getattr(global_pool, "pool_type", None) == "avg" and type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1))
-    if kind != "conv" or not pointwise_conv(last.conv) or not pooled or type(conv_head) is not PooledConv2d or type(flatten) is not nn.Flatten:
-        return None
-    norm, head_activation = None, activation_name(act2)
-    if type(norm_head) is BatchNormAct2d:
-        norm_activation = activation_name(norm_head.act)
-        plain = norm_head.affine and norm_head.running_var is not None and isinstance(norm_head.drop, nn.Identity)
-        if not plain or norm_activation is None or head_activation != "identity" or norm_head.num_features != conv_head.out_channels:
+    def build() -> FusedHead | None:
+        if type(last) is not FusedConvBnAct or last.has_skip or not isinstance(getattr(last, "aa", nn.Identity()), nn.Identity):
             return None
-        norm, head_activation = norm_head, norm_activation
-    elif not isinstance(norm_head, nn.Identity) or head_activation is None:
-        return None
-    linears = [HeadLinear(conv_head, norm, head_activation)]
-    if type(classifier) in _LINEARS and classifier.bias is not None:
-        linears.append(HeadLinear(classifier, None, "identity"))
-    elif not isinstance(classifier, nn.Identity):
-        return None
-    return FusedHead(ConvBN(last.conv, last.bn1, activation), linears, [])
+        kind, activation = last._fastmb_plan["conv"]
+        if kind != "conv" or not pointwise_conv(last.conv) or not _average_pooling(model.global_pool):
+            return None
+        if type(model.conv_head) is not PooledConv2d or type(model.flatten) is not nn.Flatten:
+            return None
+        norm, head_activation = None, activation_name(model.act2)
+        if type(norm_head) is BatchNormAct2d:
+            norm_activation = activation_name(norm_head.act)
+            plain = norm_head.affine and norm_head.running_var is not None and isinstance(norm_head.drop, nn.Identity)
+            if not plain or norm_activation is None or head_activation != "identity" or norm_head.num_features != model.conv_head.out_channels:
+                return None
+            norm, head_activation = norm_head, norm_activation
+        elif not isinstance(norm_head, nn.Identity) or head_activation is None:
+            return None
+        classifier = _classifier(model.classifier)
+        if classifier is None:
+            return None
+        return FusedHead(ConvBN(last.conv, last.bn1, activation), [HeadLinear(model.conv_head, norm, head_activation), *classifier], [])
+
+    return modules, build
 
 
 def _squeeze_excitation(module: nn.Module, x: Tensor, fc1: nn.Conv2d, fc2: nn.Conv2d) -> Tensor:

@@ -87,10 +87,11 @@ def test_converted_timm_model(name):
     assert all(m.__dict__.get("_fastmb_fused", (None, None))[1] is not None for m in fusable), name
     always = ("mobilenetv3_large_100", "mobilenetv2_100", "efficientnet_b0", "mnasnet_100", "tinynet_a", "mobilenetv4_conv_small")
     assert fusable or name not in always
-    # So did the head of timm's MobileNetV3 class (last 1x1 conv, pooling, head conv and its norm,
-    # classifier) where it ends in a 1x1 ConvBnAct: all but lcnet's.
+    # So did the head (the last 1x1 conv, the pooling, the head conv with its norm in the
+    # MobileNetV3 class, the classifier), but lcnet_100's (it ends in a depthwise-separable block)
+    # and mobilenetv1_100's (no head conv).
     head_fused = converted.__dict__.get("_fastmb_head", (None, None))[1] is not None
-    assert head_fused == (head_convs == 1 and name != "lcnet_100"), name
+    assert head_fused == (name not in ("lcnet_100", "mobilenetv1_100")), name
 
     # One training step: output, input and parameter gradients, running statistics. In float64
     # the fused kernels compute what timm does, tensor by tensor (the semantic check). In
@@ -116,14 +117,16 @@ def test_converted_timm_model(name):
         assert (flat(fused32, keys) - expected).norm() / expected.norm() <= 4 * eager_error + 5e-3
 
 
-def test_fused_head_follows_weight_changes():
-    """The head op's packed weights (the head norm folded into the head conv) are packed again
-    after in-place changes to the norm's statistics, the head conv and the classifier."""
-    timm_eager = timm_model("mobilenetv4_conv_small").eval()
+@pytest.mark.parametrize("name", ["mobilenetv4_conv_small", "efficientnet_b0"])
+def test_fused_head_follows_weight_changes(name):
+    """The head op's packed weights (the norms folded into the convs before them) are packed
+    again after in-place changes to the norms' statistics, the head conv and the classifier."""
+    timm_eager = timm_model(name).eval()
     converted = fastmb.convert(copy.deepcopy(timm_eager)).eval()
     x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
-    for change in (None, lambda m: m.norm_head.running_var.mul_(3), lambda m: m.conv_head.weight.add_(0.1),
-                   lambda m: m.classifier.bias.sub_(1), lambda m: m.norm_head.weight.mul_(-1)):  # fmt: skip
+    norm = "norm_head" if name.startswith("mobilenetv4") else "bn2"
+    for change in (None, lambda m: getattr(m, norm).running_var.mul_(3), lambda m: m.conv_head.weight.add_(0.1),
+                   lambda m: m.classifier.bias.sub_(1), lambda m: getattr(m, norm).weight.mul_(-1)):  # fmt: skip
         with torch.no_grad():
             if change is not None:
                 change(timm_eager), change(converted)
