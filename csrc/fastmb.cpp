@@ -56,7 +56,8 @@ TORCH_LIBRARY(fastmb, m) {
       "conv1x1_bn_act(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, Tensor running_var, "
       "float eps, str activation) -> Tensor");
   // A MobileNet V2/V3 inverted-residual block in eval, float32 channels_last, CPU only:
-  // y = project(se(dw(expand(x)))) [+ x]. The 1x1 convs' weights have their batch norms folded
+  // y = act(project(se(dw(expand(x))))) [+ x] (the projection's activation: identity in V2/V3,
+  // the pointwise conv's in a depthwise-separable block). The 1x1 convs' weights have their batch norms folded
   // and are packed in panels of 16 output channels, (ceil(out / 16), in, 16), zero-padded; the
   // depthwise conv's batch norm is a per-channel scale and shift; the depthwise weight
   // (C, 1, kH, kW) is read in place when stored taps-major (a view of a (kH * kW, C) tensor).
@@ -65,7 +66,7 @@ TORCH_LIBRARY(fastmb, m) {
       "inverted_residual(Tensor x, Tensor? expand_weight, Tensor? expand_bias, str expand_activation, Tensor dw_weight, "
       "Tensor dw_scale, Tensor dw_shift, int[2] stride, int[] padding, int[2] dilation, str dw_activation, "
       "Tensor? fc1_weight, Tensor? fc1_bias, Tensor? fc2_weight, Tensor? fc2_bias, str se_activation, str se_gate, "
-      "Tensor project_weight, Tensor project_bias, bool residual) -> Tensor");
+      "Tensor project_weight, Tensor project_bias, bool residual, str project_activation=\"identity\") -> Tensor");
   // A MobileNet's head in eval, float32 channels_last, CPU only: the last 1x1 conv (BN folded,
   // weight packed as inverted_residual's) + activation, global average pooling, then each linear
   // layer (weight (out, in)) + its activation. Returns (N, classes).

@@ -114,10 +114,10 @@ def _se_parts(se: nn.Module) -> _SEParts | None | bool:
 def _as_block_layers(expand, depthwise, project, se: nn.Module, residual: bool) -> BlockLayers | None:
     """BlockLayers from (conv, bn, plan entry) stages, expand or depthwise None where the block has
     none (not both): 1x1 conv -> depthwise (zero padding, or Conv2dSame's, computed per input) ->
-    SE -> linear 1x1 conv; else None."""
+    SE -> 1x1 conv (with its activation, as in depthwise-separable blocks); else None."""
     stages = [stage for stage in (expand, depthwise, project) if stage is not None]
     kinds = ["conv"] * (expand is not None) + ["depthwise"] * (depthwise is not None) + ["conv"]
-    if len(stages) < 2 or [plan[0] for _, _, plan in stages] != kinds or project[2][1] != "identity":
+    if len(stages) < 2 or [plan[0] for _, _, plan in stages] != kinds:
         return None
     expand, depthwise, project = (None if stage is None else ConvBN(stage[0], stage[1], stage[2][1]) for stage in (expand, depthwise, project))
     dw = depthwise.conv if depthwise is not None else None
@@ -168,7 +168,9 @@ def _universal_block_layers(block: nn.Module) -> BlockLayers | None:
             return None
         stages.append((layer.conv, layer.bn, layer._fastmb_plan["conv"]))
     layers = _as_block_layers(*stages, block.se, block.has_skip)
-    return replace(layers, prologue=prologue, layer_scale=layer_scale) if layers is not None else None
+    if layers is None or (layer_scale is not None and layers.project.activation != "identity"):
+        return None  # the layer scale folds into the projection only when nothing comes between them
+    return replace(layers, prologue=prologue, layer_scale=layer_scale)
 
 
 def _run_fused_block(block: nn.Module, x: Tensor, layers_of) -> Tensor | None:

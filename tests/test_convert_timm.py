@@ -76,10 +76,10 @@ def test_converted_timm_model(name):
         oracle = clone_as(timm_eager, torch.float64)(x.double())
     scale = oracle.abs().max()
     assert (actual.double() - oracle).abs().max() <= 2 * (expected.double() - oracle).abs().max() + 1e-5 * scale
-    # Every InvertedResidual and DepthwiseSeparableConv with a linear projection ran as one
-    # native call (tf_ models' stride-2 Conv2dSame depthwise convs too, with their padding).
-    fusable = [m for m in converted.modules() if type(m).__name__ in ("FusedInvertedResidual", "FusedDepthwiseSeparableConv")
-               and m._fastmb_plan[m.STAGES[-1][0]][1] == "identity"]  # fmt: skip
+    # Every InvertedResidual and DepthwiseSeparableConv ran as one native call (tf_ models'
+    # stride-2 Conv2dSame depthwise convs too, with their padding; a depthwise-separable block's
+    # pointwise activation in the op's projection).
+    fusable = [m for m in converted.modules() if type(m).__name__ in ("FusedInvertedResidual", "FusedDepthwiseSeparableConv")]
     # So did MobileNetV4's UniversalInvertedResiduals without an end depthwise conv: the
     # inverted-bottleneck, ExtraDW, ConvNext and FFN kinds, with or without layer scale.
     fusable += [m for m in converted.modules() if type(m).__name__ == "FusedUniversalInvertedResidual"

@@ -1,7 +1,7 @@
 // fastmb::inverted_residual on the CPU: a whole MobileNet V2/V3 block in eval, float32,
 // channels_last, in one call:
 //   expand 1x1 conv (BN folded) + act -> depthwise conv + BN + act -> [SE] -> project 1x1 conv
-//   (BN folded) [+ x]
+//   (BN folded) [+ act, in depthwise-separable blocks] [+ x]
 // Work goes image by image (or, with fewer images than threads, in row parts of an image, or
 // stage by stage for small images) and in bands of output rows: each band's expanded rows are
 // computed just before the depthwise conv reads them, and, without SE, its depthwise output is
@@ -54,7 +54,7 @@ struct Block {
   Geometry g;  // the depthwise conv's, over the expanded channels
   int64_t cin, cout, squeeze;
   const float *x, *expand_w, *expand_b, *dw_taps, *dw_scale, *dw_shift, *fc1_w, *fc1_b, *fc2_w, *fc2_b, *project_w, *project_b;
-  Activation expand_act, dw_act, se_act;
+  Activation expand_act, dw_act, se_act, project_act;
   Gate gate;
   bool residual;
   dwconv::Kernels<float> dw;
@@ -72,7 +72,7 @@ struct Block {
   }
   // The projection of `pixels` depthwise-output pixels into y rows, with the residual rows.
   pointwise::Gemm project(const float* in, const float* weights, const float* residual_rows, float* out, int64_t pixels) const {
-    return {in, g.c, weights, project_b, residual ? residual_rows : nullptr, cin, out, cout, pixels, cout, g.c, Activation::kIdentity};
+    return {in, g.c, weights, project_b, residual ? residual_rows : nullptr, cin, out, cout, pixels, cout, g.c, project_act};
   }
 };
 
@@ -329,7 +329,8 @@ Tensor inverted_residual(const Tensor& x, const std::optional<Tensor>& expand_we
                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view dw_activation,
                          const std::optional<Tensor>& fc1_weight, const std::optional<Tensor>& fc1_bias,
                          const std::optional<Tensor>& fc2_weight, const std::optional<Tensor>& fc2_bias, c10::string_view se_activation,
-                         c10::string_view se_gate, const Tensor& project_weight, const Tensor& project_bias, bool residual) {
+                         c10::string_view se_gate, const Tensor& project_weight, const Tensor& project_bias, bool residual,
+                         c10::string_view project_activation) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "fastmb::inverted_residual: x must be a channels_last float32 CPU (N, C, H, W) tensor");
   TORCH_CHECK(expand_weight.has_value() == expand_bias.has_value(), "fastmb::inverted_residual: expand_weight and expand_bias go together");
@@ -369,6 +370,7 @@ Tensor inverted_residual(const Tensor& x, const std::optional<Tensor>& expand_we
   b.gate = parse_gate(se_gate);
   b.project_w = checked_dense_float("inverted_residual", "project_weight", project_weight, {panels_of(b.cout), c, pointwise::kPanel});
   b.project_b = checked_dense_float("inverted_residual", "project_bias", project_bias, {b.cout});
+  b.project_act = parse_activation(project_activation);
   b.residual = residual;
   TORCH_CHECK(!residual || (b.cout == b.cin && b.g.ho == b.g.h && b.g.wo == b.g.w), "fastmb::inverted_residual: residual needs the ",
               "output's shape to be x's, got ", b.cout, " channels of ", b.g.ho, "x", b.g.wo, " from x ", x.sizes());

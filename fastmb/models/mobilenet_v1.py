@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from fastmb.models.layers import depthwise_stage, init_weights, make_divisible, use_channels_last
 from fastmb.nn import ConvBNAct
+from fastmb.ops.inverted_residual import run_fused_block
 
 # Table 1 as (stride of the depthwise conv, output channels of the pointwise conv).
 DEPTHWISE_SEPARABLE_SETTING = [
@@ -34,7 +35,9 @@ DEPTHWISE_SEPARABLE_SETTING = [
 
 
 class DepthwiseSeparable(nn.Module):
-    """Depthwise 3x3 conv + BN + activation (fused), then pointwise 1x1 conv + BN + activation."""
+    """Depthwise 3x3 conv + BN + activation (fused), then pointwise 1x1 conv + BN + activation;
+    in eval on the CPU the two as one fastmb::inverted_residual call (no expansion, the
+    activation in the projection's epilogue), streamed band by band."""
 
     def __init__(
         self, in_channels: int, out_channels: int, stride: int, activation: str, norm_layer: Callable[[int], nn.Module]
@@ -45,7 +48,8 @@ class DepthwiseSeparable(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.pw(self.dw(x))
+        fused = run_fused_block(self, self, False, x)  # eval on the CPU: both convs as one native call
+        return fused if fused is not None else self.pw(self.dw(x))
 
 
 class MobileNetV1(nn.Module):

@@ -75,8 +75,8 @@ def conv_bn(module: nn.Module) -> ConvBN | None:
 def block_layers(layers: list[nn.Module], residual: bool) -> BlockLayers | None:
     """The block that `layers` (the children of a V2/V3 block's Sequential) make, or None when
     they are not one the op runs: a 1x1 expansion (ConvBNAct), a depthwise stage (DWConvBNAct,
-    zero padding), an optional fastmb SqueezeExcitation with biases, a linear 1x1 projection
-    (ConvBNAct without activation, or Conv2d and BatchNorm2d)."""
+    zero padding), an optional fastmb SqueezeExcitation with biases, a 1x1 projection (ConvBNAct,
+    with an activation in depthwise-separable blocks, or Conv2d and BatchNorm2d)."""
     from fastmb.nn import DWConvBNAct, SqueezeExcitation
 
     layers = list(layers)
@@ -90,7 +90,7 @@ def block_layers(layers: list[nn.Module], residual: bool) -> BlockLayers | None:
     se = layers.pop() if layers and isinstance(layers[-1], SqueezeExcitation) else None
     depthwise = conv_bn(layers.pop()) if layers and isinstance(layers[-1], DWConvBNAct) else None
     expand = conv_bn(layers.pop()) if layers else None
-    if layers or project is None or project.activation != "identity" or not pointwise_conv(project.conv) or depthwise is None:
+    if layers or project is None or not pointwise_conv(project.conv) or depthwise is None:
         return None
     if expand is not None and not pointwise_conv(expand.conv):
         return None
@@ -159,7 +159,7 @@ class FusedBlock(PackedArguments):
         layer_scale = layers.layer_scale.gamma if layers.layer_scale is not None else None
         project = fold_and_pack(layers.project.conv, layers.project.bn, layer_scale)
         residual = layers.residual and layers.prologue is None  # with a prologue, __call__ adds x
-        return (*expand, expand_activation, *dw_args, dw_activation, *se_args, *project, residual)
+        return (*expand, expand_activation, *dw_args, dw_activation, *se_args, *project, residual, layers.project.activation)
 
     def __call__(self, x: Tensor) -> Tensor | None:
         """The block's output (channels_last) through the op, or None where the op does not
@@ -215,7 +215,7 @@ if NATIVE:
     @torch.library.register_fake("fastmb::inverted_residual")
     def _fake(x, expand_weight, expand_bias, expand_activation, dw_weight, dw_scale, dw_shift, stride, padding, dilation,
               dw_activation, fc1_weight, fc1_bias, fc2_weight, fc2_bias, se_activation, se_gate, project_weight, project_bias,
-              residual):  # fmt: skip
+              residual, project_activation="identity"):  # fmt: skip
         top, bottom, left, right = padding if len(padding) == 4 else (padding[0], padding[0], padding[1], padding[1])
         kh, kw = dw_weight.shape[2:]
         ho = (x.shape[2] + top + bottom - (kh - 1) * dilation[0] - 1) // stride[0] + 1

@@ -1,5 +1,6 @@
 """The fused inverted-residual block (fastmb::inverted_residual, eval on the CPU) against the same
-block run layer by layer: every V2/V3 configuration (with and without expansion, SE, residual;
+block run layer by layer: every V2/V3 configuration and V1's depthwise-separable blocks (the
+projection's activation in the op; with and without expansion, SE, residual;
 strides 1 and 2; dilation; kernels 3 and 5; odd sizes; one image and several, on one thread and
 two, so that each of the op's schedules runs), weights changed between calls, and the cases
 where it must step aside."""
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 import fastmb
+from fastmb.models.mobilenet_v1 import DepthwiseSeparable as V1Block
 from fastmb.models.mobilenet_v2 import InvertedResidual as V2Block
 from fastmb.models.mobilenet_v3 import InvertedResidual as V3Block
 from fastmb.models.mobilenet_v3 import InvertedResidualConfig
@@ -34,6 +36,7 @@ V3_CASES = [
     (24, 3, 88, 24, False, "RE", 1, 2),  # dilated, no SE, residual
 ]
 V2_CASES = [(32, 16, 1, 1), (16, 24, 2, 6), (24, 24, 1, 6), (64, 96, 1, 6)]  # (in, out, stride, expand ratio)
+V1_CASES = [(32, 64, 1, "relu"), (64, 128, 2, "relu6"), (24, 40, 2, "hardswish"), (48, 48, 1, "relu")]  # (in, out, stride, act)
 SIZES = [(1, 17, 13), (3, 9, 11), (1, 40, 36)]  # one image small and large (row parts), several
 
 
@@ -51,20 +54,32 @@ def v2_block(case, seed: int = 0) -> V2Block:
     return block.eval()
 
 
-def layers_of(block: nn.Module) -> nn.Sequential:
-    return block.block if isinstance(block, V3Block) else block.conv
+def v1_block(case, seed: int = 0) -> V1Block:
+    torch.manual_seed(seed)
+    block = V1Block(*case, NORM)
+    randomize_batch_norm(block)
+    return block.eval()
+
+
+def layers_of(block: nn.Module) -> nn.Module:
+    return block.block if isinstance(block, V3Block) else block.conv if isinstance(block, V2Block) else block
+
+
+def residual(block: nn.Module) -> bool:
+    return getattr(block, "use_res_connect", False)
 
 
 def layer_by_layer(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The block through its layers (the path before the fused op), in x's dtype."""
+    """The block through its layers (the path before the fused op, which the reference backend
+    and float64 take), in x's dtype."""
     y = layers_of(block)(x)
-    return y + x if block.use_res_connect else y
+    return y + x if residual(block) else y
 
 
 def check_against_layers(block: nn.Module, x: torch.Tensor) -> None:
     """DESIGN.md's rule: |fused - float64| <= 2 |layers in float32 - float64| + floor."""
     with torch.no_grad():
-        fused = run_fused_block(block, layers_of(block), block.use_res_connect, x)
+        fused = run_fused_block(block, layers_of(block), residual(block), x)
         assert fused is not None, "the fused op did not run"
         assert fused.is_contiguous(memory_format=torch.channels_last)
         with fastmb.use_backend("reference"):
@@ -77,12 +92,12 @@ def check_against_layers(block: nn.Module, x: torch.Tensor) -> None:
     assert fused_error <= 2 * eager_error + FLOOR[torch.float32] * max(scale, 1.0), (fused_error, eager_error)
 
 
-BLOCKS = [(v3_block, case) for case in V3_CASES] + [(v2_block, case) for case in V2_CASES]
+BLOCKS = [(v3_block, case) for case in V3_CASES] + [(v2_block, case) for case in V2_CASES] + [(v1_block, case) for case in V1_CASES]
 
 
 def block_id(block_case) -> str:
     build, case = block_case
-    return ("v3-" if build is v3_block else "v2-") + "-".join(str(int(v) if isinstance(v, bool) else v) for v in case)
+    return build.__name__[:2] + "-" + "-".join(str(int(v) if isinstance(v, bool) else v) for v in case)
 
 
 @pytest.mark.parametrize("thread_count", [1, 2])
@@ -211,7 +226,7 @@ def test_input_with_the_wrong_channel_count_gets_the_layers_error():
         block(torch.randn(1, 41, 9, 9))
 
 
-@pytest.mark.parametrize("name, blocks", [("mobilenet_v3_small", 11), ("mobilenet_v2", 17)])
+@pytest.mark.parametrize("name, blocks", [("mobilenet_v3_small", 11), ("mobilenet_v2", 17), ("mobilenet_v1", 13)])
 def test_whole_models_run_one_op_per_block(monkeypatch, name, blocks):
     ran = []
     original = FusedBlock.__call__
@@ -256,10 +271,12 @@ def test_op_rejects_bad_arguments_by_name():
     with pytest.raises(RuntimeError, match="expand_weight"):
         op(x, args[0][:, :5].contiguous(), *args[1:])
     with pytest.raises(RuntimeError, match="project_weight|project_bias"):  # the output channels come from the bias
-        op(x, *args[:-2], args[-2][:3].contiguous(), args[-1])
+        op(x, *args[:-3], args[-3][:3].contiguous(), *args[-2:])
     with pytest.raises(RuntimeError, match="channels_last float32"):
         op(x.double(), *args)
     with pytest.raises(RuntimeError, match="residual"):
-        op(x, *args[:-1], True)  # 24 -> 40 channels at stride 2: no residual possible
+        op(x, *args[:-2], True, args[-1])  # 24 -> 40 channels at stride 2: no residual possible
+    with pytest.raises(RuntimeError, match="activation"):
+        op(x, *args[:-1], "swish2")  # the projection's activation
     with pytest.raises(RuntimeError, match="SE tensors"):
         op(x, *args[:11], None, *args[12:])
