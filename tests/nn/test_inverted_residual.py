@@ -36,7 +36,7 @@ V3_CASES = [
     (24, 3, 88, 24, False, "RE", 1, 2),  # dilated, no SE, residual
 ]
 V2_CASES = [(32, 16, 1, 1), (16, 24, 2, 6), (24, 24, 1, 6), (64, 96, 1, 6)]  # (in, out, stride, expand ratio)
-V1_CASES = [(32, 64, 1, "relu"), (64, 128, 2, "relu6"), (24, 40, 2, "hardswish"), (48, 48, 1, "relu")]  # (in, out, stride, act)
+V1_CASES = [(32, 64, 1, "relu"), (64, 128, 2, "relu6"), (24, 40, 2, "hardswish"), (48, 48, 1, "silu")]  # (in, out, stride, act)
 SIZES = [(1, 17, 13), (3, 9, 11), (1, 40, 36)]  # one image small and large (row parts), several
 
 
