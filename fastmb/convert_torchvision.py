@@ -8,16 +8,22 @@ from torch import Tensor, nn
 from torchvision.models import mobilenetv2, mobilenetv3
 
 from fastmb.ops.classifier_head import forward_with_fused_head
-from fastmb.ops.inverted_residual import block_layers, run_fused_block
+from fastmb.ops.inverted_residual import FusedBlock, block_layers, block_plan, run_fused_block
 
 
 class FusedInvertedResidualV2(mobilenetv2.InvertedResidual):
+    def fused_plan(self) -> FusedBlock | None:
+        return block_plan(self, self.conv, self.use_res_connect)
+
     def forward(self, x: Tensor) -> Tensor:
         fused = run_fused_block(self, self.conv, self.use_res_connect, x)
         return fused if fused is not None else super().forward(x)
 
 
 class FusedInvertedResidualV3(mobilenetv3.InvertedResidual):
+    def fused_plan(self) -> FusedBlock | None:
+        return block_plan(self, self.block, self.use_res_connect)
+
     def forward(self, x: Tensor) -> Tensor:
         fused = run_fused_block(self, self.block, self.use_res_connect, x)
         return fused if fused is not None else super().forward(x)

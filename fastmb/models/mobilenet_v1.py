@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from fastmb.models.layers import depthwise_stage, init_weights, make_divisible, use_channels_last
 from fastmb.nn import ConvBNAct
-from fastmb.ops.inverted_residual import run_fused_block
+from fastmb.ops.inverted_residual import FusedBlock, block_plan, run_fused_block
 
 # Table 1 as (stride of the depthwise conv, output channels of the pointwise conv).
 DEPTHWISE_SEPARABLE_SETTING = [
@@ -46,6 +46,9 @@ class DepthwiseSeparable(nn.Module):
         self.dw = depthwise_stage(in_channels, 3, stride, 1, activation, norm_layer)
         self.pw = ConvBNAct(in_channels, out_channels, 1, activation=activation, norm_layer=norm_layer)
         self.out_channels = out_channels
+
+    def fused_plan(self) -> FusedBlock | None:
+        return block_plan(self, self, False)
 
     def forward(self, x: Tensor) -> Tensor:
         fused = run_fused_block(self, self, False, x)  # eval on the CPU: both convs as one native call

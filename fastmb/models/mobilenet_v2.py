@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from fastmb.models.layers import build_with_weights, depthwise_stage, init_weights, make_divisible, use_channels_last
 from fastmb.nn import ConvBNAct
 from fastmb.ops.classifier_head import forward_with_fused_head
-from fastmb.ops.inverted_residual import run_fused_block
+from fastmb.ops.inverted_residual import FusedBlock, block_plan, run_fused_block
 
 # Table 2: expansion factor t, output channels c, repeats n, first stride s.
 INVERTED_RESIDUAL_SETTING = [
@@ -48,6 +48,9 @@ class InvertedResidual(nn.Module):
         self.conv = nn.Sequential(*layers)
         self.out_channels = oup
         self._is_cn = stride > 1
+
+    def fused_plan(self) -> FusedBlock | None:
+        return block_plan(self, self.conv, self.use_res_connect)
 
     def forward(self, x: Tensor) -> Tensor:
         fused = run_fused_block(self, self.conv, self.use_res_connect, x)  # eval on the CPU: one native call

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from fastmb.models.layers import build_with_weights, depthwise_stage, init_weights, make_divisible, use_channels_last
 from fastmb.nn import ConvBNAct, SqueezeExcitation
 from fastmb.ops.classifier_head import forward_with_fused_head
-from fastmb.ops.inverted_residual import run_fused_block
+from fastmb.ops.inverted_residual import FusedBlock, block_plan, run_fused_block
 
 
 class InvertedResidualConfig:
@@ -67,6 +67,9 @@ class InvertedResidual(nn.Module):
         self.block = nn.Sequential(*layers)
         self.out_channels = cnf.out_channels
         self._is_cn = cnf.stride > 1
+
+    def fused_plan(self) -> FusedBlock | None:
+        return block_plan(self, self.block, self.use_res_connect)
 
     def forward(self, x: Tensor) -> Tensor:
         fused = run_fused_block(self, self.block, self.use_res_connect, x)  # eval on the CPU: one native call

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from fastmb import _extension
 from fastmb.ops.activations import activation_name
-from fastmb.ops.inverted_residual import ConvBN, conv_bn
+from fastmb.ops.inverted_residual import ConvBN, conv_bn, run_layers
 from fastmb.ops.packing import PackedArguments, bn_scale_shift, conv_bn_slots, eval_op_applies, fold_and_pack, pointwise_conv
 
 NATIVE = _extension.has_kernel("classifier_head", "CPU")
@@ -121,8 +121,7 @@ def forward_with_fused_head(
         x = features(x)
     else:
         layers = list(features._modules.values())
-        for layer in layers[:-1]:
-            x = layer(x)
+        x = run_layers(layers[:-1], x)
         logits = head(x)
         if logits is not None:
             return logits

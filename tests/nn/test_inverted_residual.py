@@ -17,7 +17,8 @@ from fastmb.models.mobilenet_v1 import DepthwiseSeparable as V1Block
 from fastmb.models.mobilenet_v2 import InvertedResidual as V2Block
 from fastmb.models.mobilenet_v3 import InvertedResidual as V3Block
 from fastmb.models.mobilenet_v3 import InvertedResidualConfig
-from fastmb.ops.inverted_residual import NATIVE, FusedBlock, run_fused_block
+from fastmb.ops import inverted_residual as ir
+from fastmb.ops.inverted_residual import NATIVE, run_fused_block
 from oracle import FLOOR, randomize_batch_norm, threads
 
 pytestmark = pytest.mark.skipif(not NATIVE, reason="fastmb._C has no CPU inverted_residual kernel")
@@ -226,25 +227,43 @@ def test_input_with_the_wrong_channel_count_gets_the_layers_error():
         block(torch.randn(1, 41, 9, 9))
 
 
+def counting_op_calls(monkeypatch) -> list[int]:
+    """The output channels of each fastmb::inverted_residual call from here on (both paths to
+    the op, a block's own forward and run_layers, go through inverted_residual._OP)."""
+    calls = []
+    op = ir._OP
+    monkeypatch.setattr(ir, "_OP", lambda x, *args: calls.append(args[-3].shape[0]) or op(x, *args))
+    return calls
+
+
 @pytest.mark.parametrize("name, blocks", [("mobilenet_v3_small", 11), ("mobilenet_v2", 17), ("mobilenet_v1", 13)])
 def test_whole_models_run_one_op_per_block(monkeypatch, name, blocks):
-    ran = []
-    original = FusedBlock.__call__
-
-    def counting(self, x):
-        y = original(self, x)
-        ran.append(y is not None)
-        return y
-
-    monkeypatch.setattr(FusedBlock, "__call__", counting)
+    calls = counting_op_calls(monkeypatch)
     model = getattr(fastmb, name)().eval()
     randomize_batch_norm(model)
-    x = torch.randn(2, 3, 96, 96)  # NCHW: the first block converts it
+    x = torch.randn(2, 3, 96, 96)  # NCHW: the stem's channels_last weight makes it channels_last
     with torch.no_grad():
         fused = model(x)
-        assert ran == [True] * blocks
+        assert len(calls) == blocks
         with fastmb.use_backend("reference"):
             eager = model(x)
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_run_layers_keeps_hooks_and_modes():
+    """The V2/V3 forward sends blocks straight to the op (run_layers), except a block with a
+    hook, which is called as a module so the hook runs, and a block in training mode."""
+    model = fastmb.mobilenet_v3_small().eval()
+    randomize_batch_norm(model)
+    x = torch.randn(1, 3, 64, 64)
+    seen = []
+    model.features[4].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    model.features[6].train()  # its batch norms use batch statistics: the layers run
+    with torch.no_grad():
+        fused = model(x)
+        with fastmb.use_backend("reference"):
+            eager = model(x)
+    assert seen == [torch.Size([1, 40, 4, 4])] * 2
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
 
 
