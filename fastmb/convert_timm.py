@@ -28,7 +28,7 @@ from fastmb.ops.activations import activation_name, gate_name
 from fastmb.ops.common import runs_composite
 from fastmb.ops.classifier_head import NATIVE as HEAD_NATIVE
 from fastmb.ops.classifier_head import FusedHead, HeadLinear
-from fastmb.ops.inverted_residual import NATIVE, BlockLayers, ConvBN, FusedBlock, structure_key
+from fastmb.ops.inverted_residual import NATIVE, BlockLayers, ConvBN, FusedBlock, has_hooks, run_layers, structure_key
 from fastmb.ops.packing import pointwise_conv
 from fastmb.ops.squeeze_excitation import run_squeeze_excitation
 
@@ -173,22 +173,31 @@ def _universal_block_layers(block: nn.Module) -> BlockLayers | None:
     return replace(layers, prologue=prologue, layer_scale=layer_scale)
 
 
-def _run_fused_block(block: nn.Module, x: Tensor, layers_of) -> Tensor | None:
-    """The whole block as one native call in eval on the CPU, or None (the caller runs its
-    stages). layers_of(block) says what the op runs (BlockLayers) or None; the packed plan is
-    kept on the block while its layers stay the same (structure_key)."""
-    if not NATIVE or block.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return None
+def _block_plan(block: nn.Module, layers_of) -> FusedBlock | None:
+    """The block's FusedBlock, or None: layers_of(block) says what the op runs (BlockLayers) or
+    None; the plan is kept on the block while its layers stay the same (structure_key)."""
     key = structure_key(block._modules.values())
     cached = block.__dict__.get("_fastmb_fused")
     if cached is None or cached[0] != key:
         layers = layers_of(block)
         cached = block.__dict__["_fastmb_fused"] = (key, FusedBlock(layers) if layers is not None else None)
-    return cached[1](x) if cached[1] is not None else None
+    return cached[1]
+
+
+def _run_fused_block(block: nn.Module, x: Tensor, layers_of) -> Tensor | None:
+    """The whole block as one native call in eval on the CPU, or None (the caller runs its
+    stages)."""
+    if not NATIVE or block.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    plan = _block_plan(block, layers_of)
+    return plan(x) if plan is not None else None
 
 
 class FusedDepthwiseSeparableConv(blocks.DepthwiseSeparableConv):
     STAGES = (("conv_dw", "bn1"), ("conv_pw", "bn2"))
+
+    def fused_plan(self) -> FusedBlock | None:  # for run_layers
+        return _block_plan(self, _block_layers)
 
     def forward(self, x: Tensor) -> Tensor:
         fused = _run_fused_block(self, x, _block_layers)  # eval on the CPU
@@ -204,6 +213,9 @@ class FusedDepthwiseSeparableConv(blocks.DepthwiseSeparableConv):
 
 class FusedInvertedResidual(blocks.InvertedResidual):
     STAGES = (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))
+
+    def fused_plan(self) -> FusedBlock | None:  # for run_layers
+        return _block_plan(self, _block_layers)
 
     def forward(self, x: Tensor) -> Tensor:
         fused = _run_fused_block(self, x, _block_layers)  # eval on the CPU
@@ -245,6 +257,9 @@ if _UNIVERSAL is not None:
         """Its ConvNormActs are fused on their own; the inverted-bottleneck kind also runs whole."""
 
         STAGES = ()
+
+        def fused_plan(self) -> FusedBlock | None:  # for run_layers
+            return _block_plan(self, _universal_block_layers)
 
         def forward(self, x: Tensor) -> Tensor:
             fused = _run_fused_block(self, x, _universal_block_layers)  # eval on the CPU
@@ -299,7 +314,7 @@ class FusedEfficientNet(EfficientNet):
         head = _head_plan(self, _efficientnet_head)
         if head is None:
             return super().forward(x)
-        x = self.blocks(run_stage(self, "conv_stem", "bn1", x))
+        x = run_layers(_blocks_in_order(self.blocks), run_stage(self, "conv_stem", "bn1", x))
         logits = head(x)
         return logits if logits is not None else self.forward_head(run_stage(self, "conv_head", "bn2", x))
 
@@ -321,9 +336,7 @@ class FusedMobileNetV3(MobileNetV3):
         if head is None:
             return super().forward(x)
         layers = _blocks_in_order(self.blocks)
-        x = run_stage(self, "conv_stem", "bn1", x)
-        for layer in layers[:-1]:
-            x = layer(x)
+        x = run_layers(layers[:-1], run_stage(self, "conv_stem", "bn1", x))
         logits = head(x)
         return logits if logits is not None else self.forward_head(layers[-1](x))
 
@@ -336,8 +349,11 @@ def _blocks_in_order(blocks: nn.Module) -> list[nn.Module]:
 def _head_plan(model: nn.Module, plan_head) -> FusedHead | None:
     """The FusedHead of a converted timm model in eval on the CPU without autograd, or None:
     plan_head(model) -> (the modules it is built from, a function building it, or None), kept
-    on the model while those modules stay the same."""
+    on the model while those modules stay the same. None too while `blocks` or a stage has hooks:
+    the fused forward runs the blocks one by one, past those containers."""
     if not HEAD_NATIVE or model.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if has_hooks(model.blocks) or any(has_hooks(stage) for stage in model.blocks._modules.values()):
         return None
     modules, build = plan_head(model)
     key = structure_key([m for m in modules if m is not None])

@@ -134,6 +134,21 @@ def test_fused_head_follows_weight_changes(name):
     assert converted.__dict__["_fastmb_head"][1] is not None
 
 
+@pytest.mark.parametrize("name", ["mobilenetv4_conv_small", "efficientnet_b0"])
+def test_hooks_on_stages_and_blocks_still_run(name):
+    """The fused eval forward runs the blocks one by one (run_layers), past the stage
+    Sequentials: a hook on a stage makes it run them as timm does; a hook on a block is kept."""
+    model = fastmb.convert(timm_model(name)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    seen = []
+    with torch.no_grad():
+        expected = model(x)
+        model.blocks[2].register_forward_hook(lambda module, args, out: seen.append("stage"))
+        model.blocks[3][1].register_forward_hook(lambda module, args, out: seen.append("block"))
+        torch.testing.assert_close(model(x), expected)
+    assert seen == ["stage", "block"]
+
+
 def test_unfusable_parts_are_reported_and_left():
     """A drop in the norm and a MixedConv2d (several kernel sizes) are left as timm's, with why."""
     model = timm_model("mixnet_s")

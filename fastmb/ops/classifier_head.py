@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from fastmb import _extension
 from fastmb.ops.activations import activation_name
-from fastmb.ops.inverted_residual import ConvBN, conv_bn, run_layers
+from fastmb.ops.inverted_residual import ConvBN, conv_bn, has_hooks, run_layers
 from fastmb.ops.packing import PackedArguments, bn_scale_shift, conv_bn_slots, eval_op_applies, fold_and_pack, pointwise_conv
 
 NATIVE = _extension.has_kernel("classifier_head", "CPU")
@@ -115,7 +115,7 @@ def forward_with_fused_head(
     with features' last layer, the pooling and the classifier as one op call where it applies:
     eval on the CPU (the torchvision MobileNetV2/V3 forward)."""
     head = None
-    if NATIVE and not model.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if NATIVE and not model.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not has_hooks(features):
         head = _head_plan(model, features, avgpool, classifier)
     if head is None:
         x = features(x)

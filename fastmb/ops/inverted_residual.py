@@ -234,8 +234,9 @@ def run_fused_block(module: nn.Module, layers: nn.Module, residual: bool, x: Ten
     return plan(x) if plan is not None else None
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling `module` would run hooks (its own or global ones), which run_layers keeps."""
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` would run hooks (its own or global ones): the fused paths that
+    skip a module call keep it instead."""
     return bool(
         module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
         or module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
@@ -247,7 +248,7 @@ def _planned(layer: nn.Module) -> tuple[FusedBlock, tuple] | None:
     """(plan, the op's arguments) for a block run_layers may send straight to the op: one with
     a `fused_plan()` (fastmb's and converted torchvision blocks), in eval, without hooks."""
     fused_plan = getattr(layer, "fused_plan", None)
-    if fused_plan is None or layer.training or _hooked(layer):
+    if fused_plan is None or layer.training or has_hooks(layer):
         return None
     plan = fused_plan()
     arguments = plan.direct_arguments() if plan is not None else None

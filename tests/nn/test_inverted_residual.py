@@ -267,6 +267,10 @@ def test_run_layers_keeps_hooks_and_modes():
             eager = ir.run_layers(layers, x)
     assert seen == [torch.Size([1, 40, 4, 4])] * 3
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
+    model.features.register_forward_hook(lambda module, args, out: seen.append("features"))
+    with torch.no_grad():
+        model(x)  # a hook on the features Sequential: the model calls it
+    assert seen[-1] == "features"
 
 
 def test_weights_a_hook_changes_mid_forward_are_seen():
