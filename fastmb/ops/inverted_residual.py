@@ -246,7 +246,7 @@ def has_hooks(module: nn.Module) -> bool:
 
 def _planned(layer: nn.Module) -> tuple[FusedBlock, tuple] | None:
     """(plan, the op's arguments) for a block run_layers may send straight to the op: one with
-    a `fused_plan()` (fastmb's and converted torchvision blocks), in eval, without hooks."""
+    a `fused_plan()` (fastmb's, converted torchvision and timm blocks), in eval, without hooks."""
     fused_plan = getattr(layer, "fused_plan", None)
     if fused_plan is None or layer.training or has_hooks(layer):
         return None
