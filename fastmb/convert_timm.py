@@ -28,8 +28,8 @@ from fastmb.ops.activations import activation_name, gate_name
 from fastmb.ops.common import runs_composite
 from fastmb.ops.classifier_head import NATIVE as HEAD_NATIVE
 from fastmb.ops.classifier_head import FusedHead, HeadLinear
-from fastmb.ops.inverted_residual import NATIVE, BlockLayers, ConvBN, FusedBlock, has_hooks, run_layers, structure_key
-from fastmb.ops.packing import pointwise_conv
+from fastmb.ops.inverted_residual import NATIVE, BlockLayers, ConvBN, FusedBlock, fused_block, has_hooks, run_layers, structure_key
+from fastmb.ops.packing import cached_plan, pointwise_conv
 from fastmb.ops.squeeze_excitation import run_squeeze_excitation
 
 _LAYER_SCALE = getattr(timm_layers, "LayerScale2d", None)  # MobileNetV4 hybrids' layer scale
@@ -176,12 +176,7 @@ def _universal_block_layers(block: nn.Module) -> BlockLayers | None:
 def _block_plan(block: nn.Module, layers_of) -> FusedBlock | None:
     """The block's FusedBlock, or None: layers_of(block) says what the op runs (BlockLayers) or
     None; the plan is kept on the block while its layers stay the same (structure_key)."""
-    key = structure_key(block._modules.values())
-    cached = block.__dict__.get("_fastmb_fused")
-    if cached is None or cached[0] != key:
-        layers = layers_of(block)
-        cached = block.__dict__["_fastmb_fused"] = (key, FusedBlock(layers) if layers is not None else None)
-    return cached[1]
+    return cached_plan(block, "_fastmb_fused", structure_key(block._modules.values()), lambda: fused_block(layers_of(block)))
 
 
 def _run_fused_block(block: nn.Module, x: Tensor, layers_of) -> Tensor | None:
@@ -356,11 +351,7 @@ def _head_plan(model: nn.Module, plan_head) -> FusedHead | None:
     if has_hooks(model.blocks) or any(has_hooks(stage) for stage in model.blocks._modules.values()):
         return None
     modules, build = plan_head(model)
-    key = structure_key([m for m in modules if m is not None])
-    cached = model.__dict__.get("_fastmb_head")
-    if cached is None or cached[0] != key:
-        cached = model.__dict__["_fastmb_head"] = (key, build() if build is not None else None)
-    return cached[1]
+    return cached_plan(model, "_fastmb_head", structure_key([m for m in modules if m is not None]), build)
 
 
 def _average_pooling(global_pool: nn.Module) -> bool:
@@ -393,8 +384,9 @@ def _efficientnet_head(model: FusedEfficientNet):
 def _mobilenetv3_head(model: FusedMobileNetV3):
     """The last block (a 1x1 ConvBnAct without skip), the pooling, the head conv (PooledConv2d)
     with a BatchNormAct2d or nothing after it, the activation, then the classifier."""
-    last = _blocks_in_order(model.blocks)[-1] if len(model.blocks) else None
-    norm_head = model._modules.get("norm_head", nn.Identity())
+    stage = next(reversed(model.blocks._modules.values()), None)
+    last = next(reversed(stage._modules.values()), None) if type(stage) is nn.Sequential else stage
+    norm_head = model._modules.get("norm_head")  # None before timm had it
     modules = (last, model.global_pool, model.conv_head, norm_head, model.act2, model.flatten, model.classifier)
 
     def build() -> FusedHead | None:
@@ -412,7 +404,7 @@ def _mobilenetv3_head(model: FusedMobileNetV3):
             if not plain or norm_activation is None or head_activation != "identity" or norm_head.num_features != model.conv_head.out_channels:
                 return None
             norm, head_activation = norm_head, norm_activation
-        elif not isinstance(norm_head, nn.Identity) or head_activation is None:
+        elif not (norm_head is None or isinstance(norm_head, nn.Identity)) or head_activation is None:
             return None
         classifier = _classifier(model.classifier)
         if classifier is None:

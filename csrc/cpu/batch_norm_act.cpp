@@ -60,11 +60,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_forward(const Tensor& z_in, co
     scalar_t *m = mean.mutable_data_ptr<scalar_t>(), *v = var.mutable_data_ptr<scalar_t>();
     dwconv::merge_moments(m, v, means, m2s, counts, c);
     std::vector<scalar_t> scale(c), shift(c);
-    const scalar_t *pg = gamma.const_data_ptr<scalar_t>(), *pb = beta.const_data_ptr<scalar_t>();
-    for (int64_t k = 0; k < c; ++k) {
-      scale[k] = pg[k] / std::sqrt(v[k] + scalar_t(eps));
-      shift[k] = pb[k] - m[k] * scale[k];
-    }
+    dwconv::fold_batch_norm(scale.data(), shift.data(), m, v, gamma.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(), eps, c);
     at::parallel_for(0, pixels, pixel_grain(c), [&](int64_t begin, int64_t end) {
       kernels.normalize(y_data + begin * c, z_data + begin * c, scale.data(), shift.data(), act, end - begin, c);
     });

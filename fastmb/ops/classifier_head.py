@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from fastmb import _extension
 from fastmb.ops.activations import activation_name
 from fastmb.ops.inverted_residual import ConvBN, conv_bn, has_hooks, run_layers
-from fastmb.ops.packing import PackedArguments, bn_scale_shift, conv_bn_slots, eval_op_applies, fold_and_pack, pointwise_conv
+from fastmb.ops.packing import PackedArguments, bn_scale_shift, cached_plan, conv_bn_slots, eval_op_applies, fold_and_pack, pointwise_conv
 
 NATIVE = _extension.has_kernel("classifier_head", "CPU")
 
@@ -94,18 +94,16 @@ def _head_plan(model: nn.Module, features: nn.Sequential, avgpool: nn.Module | N
     """The FusedHead for these modules, kept on `model` while they stay the same."""
     last = next(reversed(features._modules.values()), None)
     modules = (last, avgpool, classifier, *classifier._modules.values(), *(last._modules.values() if last is not None else ()))
-    plan = model.__dict__.get("_fastmb_head")
-    if plan is not None and plan[0] == modules:
-        return plan[1]
-    head = None
-    conv = conv_bn(last) if last is not None else None
-    pooled = avgpool is None or (type(avgpool) is nn.AdaptiveAvgPool2d and avgpool.output_size in (1, (1, 1)))
-    linears = classifier_layers(classifier)
-    if conv is not None and pointwise_conv(conv.conv) and pooled and linears is not None:
-        dropouts = [m for m in classifier._modules.values() if type(m) is nn.Dropout]
-        head = FusedHead(conv, linears, dropouts)
-    model.__dict__["_fastmb_head"] = (modules, head)
-    return head
+
+    def build() -> FusedHead | None:
+        conv = conv_bn(last) if last is not None else None
+        pooled = avgpool is None or (type(avgpool) is nn.AdaptiveAvgPool2d and avgpool.output_size in (1, (1, 1)))
+        linears = classifier_layers(classifier)
+        if conv is None or not pointwise_conv(conv.conv) or not pooled or linears is None:
+            return None
+        return FusedHead(conv, linears, [m for m in classifier._modules.values() if type(m) is nn.Dropout])
+
+    return cached_plan(model, "_fastmb_head", modules, build)
 
 
 def forward_with_fused_head(

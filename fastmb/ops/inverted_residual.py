@@ -17,6 +17,7 @@ from fastmb.ops.activations import activation_name
 from fastmb.ops.packing import (
     PackedArguments,
     bn_scale_shift,
+    cached_plan,
     conv_bn_slots,
     eval_op_applies,
     fold_and_pack,
@@ -213,17 +214,16 @@ def structure_key(modules: Iterable[nn.Module]) -> tuple:
     return tuple(key)
 
 
+def fused_block(layers: BlockLayers | None) -> FusedBlock | None:
+    return FusedBlock(layers) if layers is not None else None
+
+
 def block_plan(module: nn.Module, layers: nn.Module, residual: bool) -> FusedBlock | None:
     """The FusedBlock of `module`'s block (the children of `layers`, plus x when `residual`), or
     None when the op cannot run it. Kept on `module`, rebuilt when its layers change
     (structure_key)."""
     children = layers._modules.values()
-    key = (structure_key(children), residual)
-    plan = module.__dict__.get("_fastmb_fused")
-    if plan is None or plan[0] != key:
-        parsed = block_layers(list(children), residual)
-        plan = module.__dict__["_fastmb_fused"] = (key, FusedBlock(parsed) if parsed is not None else None)
-    return plan[1]
+    return cached_plan(module, "_fastmb_fused", (structure_key(children), residual), lambda: fused_block(block_layers(list(children), residual)))
 
 
 def run_fused_block(module: nn.Module, layers: nn.Module, residual: bool, x: Tensor) -> Tensor | None:

@@ -3,6 +3,8 @@ they may run, and their arguments packed once from the modules' current tensors 
 again whenever any of them changes, so an op never runs with stale weights."""
 
 import operator
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +83,16 @@ def fold_and_pack(conv: nn.Conv2d, bn: nn.BatchNorm2d, output_scale: Tensor | No
 
 
 _VERSION = operator.attrgetter("_version")
+Plan = TypeVar("Plan")
+
+
+def cached_plan(module: nn.Module, name: str, key: tuple, build: Callable[[], Plan]) -> Plan:
+    """The plan kept in module.__dict__[name], made again by build() when `key` (what it was made
+    from: modules, their settings) differs from the one it was made for."""
+    cached = module.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        cached = module.__dict__[name] = (key, build())
+    return cached[1]
 
 
 class PackedArguments:

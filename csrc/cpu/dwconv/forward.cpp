@@ -72,14 +72,9 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(const Tensor& x_in, con
       var = at::empty({g.c}, stats_options);
       merge_moments(mean.mutable_data_ptr<Acc>(), var.mutable_data_ptr<Acc>(), means, m2s, counts, g.c);
     }
-    // Fold BN into a per-channel scale and shift.
     std::vector<Acc> scale(g.c), shift(g.c);
-    const Acc *m = mean.const_data_ptr<Acc>(), *v = var.const_data_ptr<Acc>();
-    const Acc *pg = gamma.const_data_ptr<Acc>(), *pb = beta.const_data_ptr<Acc>();
-    for (int64_t c = 0; c < g.c; ++c) {
-      scale[c] = pg[c] / std::sqrt(v[c] + Acc(eps));
-      shift[c] = pb[c] - m[c] * scale[c];
-    }
+    fold_batch_norm(scale.data(), shift.data(), mean.const_data_ptr<Acc>(), var.const_data_ptr<Acc>(), gamma.const_data_ptr<Acc>(),
+                    beta.const_data_ptr<Acc>(), eps, g.c);
     at::parallel_for(0, rows, row_grain(g), [&](int64_t begin, int64_t end) {
       if (training) {  // z was stored by the statistics pass
         normalize_into(kernels, y_data + begin * out_row, z_data + begin * out_row, scale.data(), shift.data(), act, (end - begin) * g.wo,

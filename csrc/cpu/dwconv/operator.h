@@ -7,6 +7,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -121,6 +122,17 @@ void normalize_into(const Kernels<Acc>& kernels, T* y, Acc* z, const Acc* scale,
       kernels.normalize(chunk.data(), z + p * c, scale, shift, act, n, c);
       kernels.to_bfloat16(chunk.data(), y + p * c, n * c);
     }
+  }
+}
+
+// A batch norm with these statistics as a per-channel scale and shift:
+// scale = gamma / sqrt(var + eps), shift = beta - mean * scale.
+template <typename Acc>
+inline void fold_batch_norm(Acc* scale, Acc* shift, const Acc* mean, const Acc* var, const Acc* gamma, const Acc* beta, double eps,
+                            int64_t c) {
+  for (int64_t k = 0; k < c; ++k) {
+    scale[k] = gamma[k] / std::sqrt(var[k] + Acc(eps));
+    shift[k] = beta[k] - mean[k] * scale[k];
   }
 }
 
