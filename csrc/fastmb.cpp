@@ -45,6 +45,18 @@ TORCH_LIBRARY(fastmb, m) {
   m.def(
       "batch_norm_act_backward(Tensor grad_y, Tensor z, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, float eps, "
       "str activation, bool[2] output_mask) -> (Tensor, Tensor, Tensor)");
+  // y = act(batch_norm(conv(x))) in training for a full conv over few input channels (the RGB
+  // stem), z = conv(x) recomputed in every pass instead of stored. Returns (y, mean, var): y
+  // channels_last, var biased. CPU only.
+  m.def(
+      "stem_conv_bn_act(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, int[] stride, int[] padding, "
+      "int[] dilation, float eps, str activation) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_weight, grad_bn_weight, grad_bn_bias); x takes no gradient. An entry whose
+  // output_mask flag (weight, affine) is false is an empty tensor.
+  m.def(
+      "stem_conv_bn_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor mean, "
+      "Tensor var, int[] stride, int[] padding, int[] dilation, float eps, str activation, bool[2] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
   // An eval-mode batch norm folded into the conv before it: (weight * scale, beta - mean * scale)
   // per output channel, scale = bn_weight / sqrt(running_var + eps). CPU only.
   m.def(

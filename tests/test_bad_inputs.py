@@ -78,6 +78,21 @@ HEAD = list(FusedHead(conv_bn(head_conv), classifier_layers(nn.Sequential(nn.Lin
 def head(x=xb, **changes):
     args = dict(zip(["conv_weight", "conv_bias", "conv_activation", "fc_weights", "fc_biases", "fc_activations"], HEAD), **changes)
     return ops.classifier_head(x, *args.values())
+
+xs, ws = torch.randn(2, 3, 9, 9), torch.randn(8, 3, 3, 3)
+stem_conv = ([2, 2], [1, 1], [1, 1])
+
+def stem(x=xs, w=ws, bn_weight=None, conv=stem_conv, activation="relu"):
+    return ops.stem_conv_bn_act(x, w, bn_weight, None, *conv, 1e-5, activation)
+
+def stem_backward(grad_y=torch.randn(2, 8, 5, 5), stats=stats, mask=(True, True)):
+    return ops.stem_conv_bn_act_backward(grad_y, xs, ws, None, None, *stats, *stem_conv, 1e-5, "relu", list(mask))
+
+def stem_same_as_eager(shape):
+    x = torch.randn(shape)
+    y = stem(x)[0]
+    expected = F.relu(F.batch_norm(F.conv2d(x, ws, None, 2, 1), None, None, training=True))
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
 """
 
 OK = None  # the case must run and pass its own assertions
@@ -106,6 +121,22 @@ CASES: dict[str, tuple[str, tuple[str, str] | None]] = {
         ("RuntimeError", "mean must be a vector of 8")),
     "batch_norm_act_backward float64 grad_y": (
         "ops.batch_norm_act_backward(x.double(), x, None, None, *stats, 1e-5, 'relu', [True, True])", ("RuntimeError", "grad_y must have z's dtype")),
+    # the training stem conv + batch norm + activation op
+    "stem 3-D x": ("stem(x=torch.randn(3, 9, 9))", ("RuntimeError", "x must be \\(N, C_in, H, W\\)")),
+    "stem weight of other input channels": ("stem(w=torch.randn(8, 4, 3, 3))", ("RuntimeError", "weight must be \\(C_out, C_in, kH, kW\\) with C_in = 3")),
+    "stem int x": ("stem(x=torch.ones(2, 3, 9, 9, dtype=torch.int32), w=ws.int())", ("RuntimeError", "float32 and float64")),
+    "stem float64 weight": ("stem(w=ws.double())", ("RuntimeError", "dtypes differ")),
+    "stem short bn_weight": ("stem(bn_weight=torch.ones(7))", ("RuntimeError", "bn_weight must be a vector of 8")),
+    "stem unknown activation": ("stem(activation='tanh')", ("RuntimeError", "unknown activation 'tanh'")),
+    "stem stride 0": ("stem(conv=([0, 0], [1, 1], [1, 1]))", ("RuntimeError", "stride must be at least 1")),
+    "stem padding 2**62 overflows": ("stem(conv=([1, 1], [2**62, 2**62], [1, 1]))", ("RuntimeError", "overflow|output")),
+    "stem kernel larger than the image": ("stem(x=torch.randn(2, 3, 1, 1), conv=([1, 1], [0, 0], [1, 1]))", ("RuntimeError", "output would be empty")),
+    "stem empty batch": ("y, m, v = stem(x=xs[:0]); assert y.shape == (0, 8, 5, 5)", OK),
+    "stem 1x37 image": ("stem_same_as_eager((3, 3, 1, 37))", OK),
+    "stem NaN input stays NaN": ("assert stem(x=torch.full((2, 3, 9, 9), float('nan')))[0].isnan().all()", OK),
+    "stem_backward grad_y of another shape": ("stem_backward(grad_y=torch.randn(2, 8, 4, 4))", ("RuntimeError", "grad_y must have the output's shape")),
+    "stem_backward short mean": ("stem_backward(stats=[torch.zeros(3), torch.ones(8)])", ("RuntimeError", "mean must be a vector of 8")),
+    "stem_backward nothing wanted": ("gw, gg, gb = stem_backward(mask=(False, False)); assert gw.numel() == 0", OK),
     # the whole-block CPU ops
     "block NCHW x": ("ir(x=xb.contiguous())", ("RuntimeError", "x must be a channels_last float32")),
     "block float64 x": ("ir(x=xb.double())", ("RuntimeError", "x must be a channels_last float32")),

@@ -1,5 +1,5 @@
 """The CPU kernels' lower instruction-set tables (AVX2, baseline), which a CPU with AVX-512
-never picks on its own: FASTMB_ISA caps the choice, and the depthwise, batch-norm and
+never picks on its own: FASTMB_ISA caps the choice, and the depthwise, batch-norm, stem and
 inverted-residual tests run again under each cap in a fresh process (the choice is made once
 per process)."""
 
@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.skipif(fastmb.backends()["cpu"] != "available", reason="no CPU kernels")
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_lower_instruction_set_kernels_pass_the_same_tests(isa):
-    tests = [str(HERE / "ops" / name) for name in ("test_dwconv_bn_act.py", "test_batch_norm_act.py")] + [str(HERE / "nn" / "test_inverted_residual.py")]
+    tests = [str(HERE / "ops" / name) for name in ("test_dwconv_bn_act.py", "test_batch_norm_act.py", "test_stem_conv_bn_act.py")] + [str(HERE / "nn" / "test_inverted_residual.py")]
     # The child imports the fastmb this process tests (installed, or an in-place build), from a
     # working directory that does not put a checkout first.
     path = os.pathsep.join([str(Path(fastmb.__file__).resolve().parents[1]), *filter(None, sys.path)])

@@ -111,19 +111,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_backward(const Tensor& grad_y_
       kernels.batch_norm_grad_sums(s, s + c, z_data + begin * c, gy_data + begin * c, bn, act, end - begin, c);
     });
     scalar_t *grad_beta_values = grad_beta.mutable_data_ptr<scalar_t>(), *grad_gamma_values = grad_gamma.mutable_data_ptr<scalar_t>();
-    for (int64_t k = 0; k < c; ++k) {
-      double sum_gu = 0.0, sum_gu_xhat = 0.0;
-      for (int t = 0; t < threads; ++t) {
-        sum_gu += sums[2 * t * c + k];
-        sum_gu_xhat += sums[(2 * t + 1) * c + k];
-      }
+    dwconv::for_each_channel_grad_sums(sums, c, c, [&](int64_t k, double sum_gu, double sum_gu_xhat) {
       if (output_mask[1]) {
         grad_beta_values[k] = scalar_t(sum_gu);
         grad_gamma_values[k] = scalar_t(sum_gu_xhat);
       }
       b[k] = a[k] * scalar_t(sum_gu / double(pixels));
       d[k] = a[k] * scalar_t(sum_gu_xhat / double(pixels));
-    }
+    });
     if (!output_mask[0]) return;
     scalar_t* gz_data = grad_z.nhwc.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, pixels, pixel_grain(c), [&](int64_t begin, int64_t end) {

@@ -1,6 +1,7 @@
 """ConvBNAct: a drop-in for torchvision's Conv2dNormActivation (pointwise and full convs) that
 folds the batch norm into the conv in eval and keeps less for backward in training."""
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -10,11 +11,23 @@ from torch import Tensor, nn
 from fastmb import _extension
 from fastmb.nn.batch_norm import batch_norm_step, synced_batch_norm, synchronised
 from fastmb.ops.activations import ACTIVATIONS, activation_name
-from fastmb.ops.common import bn_affine, check_choice, differentiable_grads, integer, runs_composite, update_running_stats
+from fastmb.ops.common import (
+    autocast_dtype,
+    bn_affine,
+    check_choice,
+    differentiable_grads,
+    integer,
+    runs_composite,
+    update_running_stats,
+)
 
 _NATIVE_FOLD = _extension.has_kernel("fold_conv_bn", "CPU")
 _NATIVE_CONV1X1 = _extension.has_kernel("conv1x1_bn_act", "CPU")
 _NATIVE_BN_ACT = _extension.has_kernel("batch_norm_act", "CPU")
+_NATIVE_STEM = _extension.has_kernel("stem_conv_bn_act", "CPU")
+# Input channels up to which a full conv in training runs as fastmb::stem_conv_bn_act: z costs
+# C_in * kH * kW multiply-adds a value to recompute, less than storing it (RGB stems: 27).
+_STEM_MAX_IN_CHANNELS = 4
 # Pixels (batch x height x width) up to which a folded 1x1 conv on the CPU runs as a GEMM.
 _MATMUL_MAX_PIXELS = 1024
 
@@ -72,6 +85,67 @@ class _BatchNormActivation(torch.autograd.Function):
         return grad_z, grad_weight, grad_bias, None, None, None, None, None
 
 
+class _StemConvBNAct(torch.autograd.Function):
+    """act(batch_norm(conv(x))) in training with batch statistics for a stem conv (few input
+    channels, x without gradient) as fastmb::stem_conv_bn_act: z is recomputed in each of the
+    four passes, never stored, and nothing stem-sized is saved for backward but x itself."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps, activation, conv_args):
+        y, mean, var = torch.ops.fastmb.stem_conv_bn_act(x, weight, bn_weight, bn_bias, *conv_args, eps, activation)
+        if running_mean is not None:
+            update_running_stats(running_mean, running_var, mean, var, y.numel() // y.shape[1], momentum)
+        ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var)
+        ctx.eps, ctx.activation, ctx.conv_args = eps, activation, conv_args
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: differentiate the batch statistics too
+            act = ACTIVATIONS[ctx.activation].forward
+            stride, padding, dilation = ctx.conv_args
+            grads = differentiable_grads(
+                lambda w, g, b: act(F.batch_norm(F.conv2d(x, w, None, stride, padding, dilation), None, None, g, b, True, 0.0, ctx.eps)),
+                (weight, bn_weight, bn_bias), needs[1:4], grad_y,
+            )  # fmt: skip
+            return (None, *grads, *([None] * 6))
+        affine = (bn_weight is not None and needs[2]) or (bn_bias is not None and needs[3])
+        grad_weight, grad_bn_weight, grad_bn_bias = torch.ops.fastmb.stem_conv_bn_act_backward(
+            grad_y, x, weight, bn_weight, bn_bias, mean, var, *ctx.conv_args, ctx.eps, ctx.activation, [needs[1], affine]
+        )
+        return (
+            None,
+            grad_weight if needs[1] else None,
+            grad_bn_weight if affine and needs[2] else None,
+            grad_bn_bias if affine and needs[3] else None,
+            *([None] * 6),
+        )
+
+
+def _stem_conv(conv: nn.Conv2d, x: Tensor) -> bool:
+    """Whether conv(x) in training runs as fastmb::stem_conv_bn_act: a plain nn.Conv2d over at
+    most four channels without bias, on a CPU float32/64 x that takes no gradient, outside
+    autocast, whose output channels_last is (its weight or x is, as conv's output would be)."""
+    return (
+        _NATIVE_STEM
+        and type(conv) is nn.Conv2d
+        and conv.in_channels <= _STEM_MAX_IN_CHANNELS
+        and conv.groups == 1
+        and conv.bias is None
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and x.device.type == "cpu"
+        and x.dim() == 4
+        and x.dtype in (torch.float32, torch.float64)
+        and conv.weight.dtype == x.dtype
+        and not x.requires_grad
+        and (x.is_contiguous(memory_format=torch.channels_last) or conv.weight.is_contiguous(memory_format=torch.channels_last))
+        and autocast_dtype("cpu") is None
+    )
+
+
 def _native_batch_norm_act(z: Tensor) -> bool:
     """Whether fastmb::batch_norm_act runs the training batch norm of z: CPU, float32/64,
     channels_last (the op would copy other layouts into it)."""
@@ -104,6 +178,22 @@ if _NATIVE_FOLD:
     def _conv1x1_bn_act_fake(x, weight, gamma, beta, mean, var, eps, activation):
         n, _, h, w = x.shape
         return x.new_empty(n, weight.shape[0], h, w).contiguous(memory_format=torch.channels_last)
+
+
+if _NATIVE_STEM:
+
+    @torch.library.register_fake("fastmb::stem_conv_bn_act")
+    def _stem_conv_bn_act_fake(x, weight, bn_weight, bn_bias, stride, padding, dilation, eps, activation):
+        sides = padding if len(padding) == 4 else (padding[0], padding[0], padding[1], padding[1])
+        sizes = zip(x.shape[2:], weight.shape[2:], stride, (sides[0] + sides[1], sides[2] + sides[3]), dilation)
+        shape = (x.shape[0], weight.shape[0], *((size + p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in sizes))
+        c = weight.shape[0]
+        return x.new_empty(shape).contiguous(memory_format=torch.channels_last), x.new_empty(c), x.new_empty(c)
+
+    @torch.library.register_fake("fastmb::stem_conv_bn_act_backward")
+    def _stem_conv_bn_act_backward_fake(grad_y, x, weight, bn_weight, bn_bias, mean, var, stride, padding, dilation, eps, activation, mask):
+        affine = x.new_empty(weight.shape[0] if mask[1] else 0, dtype=bn_weight.dtype if bn_weight is not None else x.dtype)
+        return x.new_empty(weight.shape if mask[0] else (0,)), affine, torch.empty_like(affine)
 
 
 class ConvBNAct(nn.Sequential):
@@ -205,13 +295,21 @@ def run_conv_bn_act_modules(
     the caller runs its modules."""
     if bn.training:
         name = activation_name(activation)
+        if name is None or not torch.is_grad_enabled():
+            return None
+        if _stem_conv(conv, x):
+            _check_values_per_channel(_conv_output_shape(conv, x))
+            step = batch_norm_step(bn)
+            conv_args = (conv.stride, conv.padding, conv.dilation)
+            return _StemConvBNAct.apply(
+                x, conv.weight, bn.weight, bn.bias, step.running_mean, step.running_var, step.momentum, bn.eps, name, conv_args
+            )
         # relu and identity gain nothing from the autograd function's saved tensors, but the
         # native op's passes pay (an input of the layout the conv keeps gives a z of it)
-        if name is None or not torch.is_grad_enabled() or not (ACTIVATIONS[name].saves_input or _native_batch_norm_act(x)):
+        if not (ACTIVATIONS[name].saves_input or _native_batch_norm_act(x)):
             return None
         z = conv(x)
-        if z.shape[1] > 0 and z.numel() == z.shape[1]:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(z.shape)}")
+        _check_values_per_channel(z.shape)
         step = batch_norm_step(bn)
         return _BatchNormActivation.apply(z, bn.weight, bn.bias, step.running_mean, step.running_var, step.momentum, bn.eps, name)
     if torch.is_grad_enabled() or not bn.affine or bn.running_var is None:
@@ -244,6 +342,17 @@ def run_conv_bn_act_modules(
         return y
     in_place = ACTIVATIONS[name].in_place if name is not None else None
     return in_place(y) if in_place is not None else activation(y)
+
+
+def _conv_output_shape(conv: nn.Conv2d, x: Tensor) -> tuple[int, ...]:
+    sizes = zip(x.shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    return (x.shape[0], conv.out_channels, *((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in sizes))
+
+
+def _check_values_per_channel(shape: tuple[int, ...]) -> None:
+    """F.batch_norm's error in training for a batch with one value per channel."""
+    if shape[1] > 0 and math.prod(shape) == shape[1]:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
 
 
 # oneDNN's conv with a fused eltwise post-op (the op Inductor's CPU backend emits): (attr,

@@ -97,18 +97,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(const Tensor& 
         });
       });
       Acc *grad_beta_values = grad_beta.mutable_data_ptr<Acc>(), *grad_gamma_values = grad_gamma.mutable_data_ptr<Acc>();
-      for (int64_t c = 0; c < g.c; ++c) {
-        double sum_gu = 0.0, sum_gu_xhat = 0.0;
-        for (int t = 0; t < threads; ++t) {
-          sum_gu += sums[2 * t * g.c + c];
-          sum_gu_xhat += sums[(2 * t + 1) * g.c + c];
-        }
+      for_each_channel_grad_sums(sums, g.c, g.c, [&](int64_t c, double sum_gu, double sum_gu_xhat) {
         if (output_mask[2]) {
           grad_beta_values[c] = Acc(sum_gu);
           grad_gamma_values[c] = Acc(sum_gu_xhat);
         }
         if (training && !batch_sums.has_value()) batch_terms(c, sum_gu, sum_gu_xhat, double(values));
-      }
+      });
     }
     if (training && batch_sums.has_value()) {
       const Tensor group_sums = batch_sums->to(at::kDouble).contiguous();

@@ -156,4 +156,20 @@ inline void merge_moments(Acc* mean, Acc* var, const std::vector<double>& means,
   }
 }
 
+// Calls f(c, sum_gu, sum_gu_xhat) for each of the c channels with the backward's two sums over
+// the threads' partials (thread t's sums of dL/du at sums[2 * t * ld], of dL/du * x_hat at
+// sums[(2 * t + 1) * ld]).
+template <typename F>
+inline void for_each_channel_grad_sums(const std::vector<double>& sums, int64_t ld, int64_t c, const F& f) {
+  const int64_t threads = int64_t(sums.size()) / (2 * ld);
+  for (int64_t k = 0; k < c; ++k) {
+    double sum_gu = 0.0, sum_gu_xhat = 0.0;
+    for (int64_t t = 0; t < threads; ++t) {
+      sum_gu += sums[2 * t * ld + k];
+      sum_gu_xhat += sums[(2 * t + 1) * ld + k];
+    }
+    f(k, sum_gu, sum_gu_xhat);
+  }
+}
+
 }  // namespace fastmb::cpu::dwconv
