@@ -98,9 +98,12 @@ def update_running_stats(
 ) -> None:
     """nn.BatchNorm2d's running-statistics update from a batch's mean and biased variance over
     `count` values per channel: the running variance takes the unbiased one."""
-    with torch.no_grad():
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_((biased_var * (count / (count - 1))).to(running_var.dtype), alpha=momentum)
+    # This runs for every fused layer in every training step: lerp_, (1 - momentum) * running +
+    # momentum * batch, is one call per buffer, and detached inputs need no no_grad block.
+    if isinstance(count, Tensor):
+        count = count.detach()
+    running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
+    running_var.lerp_((biased_var.detach() * (count / (count - 1))).to(running_var.dtype), momentum)
 
 
 def check_bool(name: str, value: object) -> bool:

@@ -263,7 +263,7 @@ def register_operators(forward_op, backward_op, fake: bool = True) -> None:
             *([None] * 8),
         )
 
-    torch.library.register_autograd(forward_op, backward, setup_context=_setup_context)
+    dispatch.register_autograd(forward_op, backward, _setup_context)
 
 
 # Each backend's operator pair: the reference always; fastmb._C's native operators (CPU and CUDA

@@ -122,7 +122,7 @@ def register_operators(forward_op, backward_op, fake: bool = True) -> None:
         grads = backward_op(grad_y, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *ctx.arguments)
         return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None)
 
-    torch.library.register_autograd(forward_op, backward, setup_context=_setup_context)
+    dispatch.register_autograd(forward_op, backward, _setup_context)
 
 
 # Each backend's operator pair: the reference always; fastmb._C's native operators (CPU and CUDA
