@@ -91,7 +91,9 @@ void conv_pool(const Tensor& x, const float* w, const float* bias, Activation ac
 }
 
 Tensor classifier_head(const Tensor& x, const Tensor& conv_weight, const Tensor& conv_bias, c10::string_view conv_activation,
-                       at::TensorList fc_weights, at::TensorList fc_biases, std::vector<c10::string_view> fc_activations) {
+                       at::TensorList fc_weights, at::TensorList fc_biases,
+                       // owned: views of a str[] may outlive the list the boxed call unpacked them from
+                       const std::vector<std::string>& fc_activations) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "fastmb::classifier_head: x must be a channels_last float32 CPU (N, C, H, W) tensor");
   TORCH_CHECK(x.size(2) * x.size(3) >= 1, "fastmb::classifier_head: x has no pixels to pool");
@@ -104,17 +106,18 @@ Tensor classifier_head(const Tensor& x, const Tensor& conv_weight, const Tensor&
   const float* w = checked_dense_float("classifier_head", "conv_weight", conv_weight, {(c + pointwise::kPanel - 1) / pointwise::kPanel, cin, pointwise::kPanel});
   const float* bias = checked_dense_float("classifier_head", "conv_bias", conv_bias, {c});
   int64_t features = c;
+  std::vector<Activation> fc_acts;
   for (size_t i = 0; i < fc_weights.size(); ++i) {
     TORCH_CHECK(fc_weights[i].dim() == 2, "fastmb::classifier_head: fc_weights[", i, "] must be a matrix");
     checked_dense_float("classifier_head", "fc_weights[i]", fc_weights[i], {fc_weights[i].size(0), features});
     features = fc_weights[i].size(0);
     checked_dense_float("classifier_head", "fc_biases[i]", fc_biases[i], {features});
-    parse_activation(fc_activations[i]);
+    fc_acts.push_back(parse_activation(fc_activations[i]));
   }
   const Activation act = parse_activation(conv_activation);
   Tensor h = at::empty({n, c}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (n > 0) conv_pool(x, w, bias, act, c, pointwise::select_gemm(), h.mutable_data_ptr<float>());
-  for (size_t i = 0; i < fc_weights.size(); ++i) h = linear(h, fc_weights[i], fc_biases[i], parse_activation(fc_activations[i]));
+  for (size_t i = 0; i < fc_weights.size(); ++i) h = linear(h, fc_weights[i], fc_biases[i], fc_acts[i]);
   return h;
 }
 

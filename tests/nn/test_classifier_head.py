@@ -127,3 +127,18 @@ def test_op_rejects_bad_arguments_by_name():
         op(x, weight, bias, act, fc_weights, fc_biases[:1], fc_acts)
     with pytest.raises(RuntimeError, match="no pixels"):
         op(x[:, :, :0].contiguous(memory_format=torch.channels_last), weight, bias, act, fc_weights, fc_biases, fc_acts)
+
+
+def test_activation_names_outlive_boxed_calls():
+    """Under the profiler (record_shapes: the op called boxed), the list of activation names was
+    unpacked into views of strings the boxed call freed; with a large batch the head's own
+    allocations reused that memory and the op read garbage names. A whole model at batch 16,
+    whose head allocates enough, repeats its output each call."""
+    model = fastmb.mobilenet_v3_small().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(16, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+        for _ in range(3):
+            with torch.profiler.profile(record_shapes=True):
+                y = model(x)
+            torch.testing.assert_close(y, expected, rtol=0, atol=0)
