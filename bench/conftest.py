@@ -18,7 +18,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]  # bench/shapes.py, tests/oracle.py (shared oracles)
 
-from timing import BASELINE, COPY_BANDWIDTH, RESULTS, THREADS, Result  # noqa: E402
+from timing import BASELINE, COPY_BANDWIDTH, GROUP_BASELINES, RESULTS, THREADS, Result  # noqa: E402
 
 from fastmb import _extension  # noqa: E402
 
@@ -61,12 +61,12 @@ def write_speedups(terminalreporter) -> None:
         groups[result.group][result.provider] = result
     write = terminalreporter.write_line
     copy = f"; GPU copy bandwidth {COPY_BANDWIDTH[0] / 1e9:.0f} GB/s" if COPY_BANDWIDTH else ""
-    write(f"\nspeedup over {BASELINE}, or eager NCHW in groups without it (median times; CPU: {THREADS} threads{copy}):")
+    write(f"\nspeedup over {BASELINE}, or the group's named baseline (median times; CPU: {THREADS} threads{copy}):")
     suites: dict[tuple[str, str], list[float]] = defaultdict(list)
     paired: dict[tuple[str, str], list[float]] = defaultdict(list)
     for group, results in sorted(groups.items()):
-        baseline = next((name for name in (BASELINE, "eager") if name in results), None)
-        if baseline is None:
+        baseline = GROUP_BASELINES.get(group, BASELINE)
+        if baseline not in results:
             continue
         cells = []
         for provider, result in sorted(results.items()):

@@ -88,9 +88,8 @@ def test_model_train_nchw_input(benchmark, provider):
     else:
         model = fastmb.convert(copy.deepcopy(torchvision_model)) if provider == "convert" else torchvision_model
     fn = train_step(model, x, target)
-    # this group's baseline is eager in NCHW ("eager"; bench/conftest.py's summary knows it)
     baseline = None if provider == "eager" else train_step(copy.deepcopy(torchvision_model), x, target)
-    run_benchmark(benchmark, "model train-bs16-nchw-input mobilenet_v3_large", provider, fn, baseline)
+    run_benchmark(benchmark, "model train-bs16-nchw-input mobilenet_v3_large", provider, fn, baseline, baseline_provider="eager")
 
 
 def eval_step(model: nn.Module, x: torch.Tensor):

@@ -25,6 +25,7 @@ class Result:
 
 
 RESULTS: list[Result] = []
+GROUP_BASELINES: dict[str, str] = {}  # groups whose baseline is not BASELINE: the provider that is
 COPY_BANDWIDTH: list[float] = []  # bytes/s of a large device-to-device copy, measured once per GPU session
 
 
@@ -62,10 +63,18 @@ def paired_speedup(baseline: Callable[[], object], fn: Callable[[], object], sec
 
 
 def run_benchmark(
-    benchmark, group: str, provider: str, fn: Callable[[], object], baseline: Callable[[], object] | None = None
+    benchmark,
+    group: str,
+    provider: str,
+    fn: Callable[[], object],
+    baseline: Callable[[], object] | None = None,
+    baseline_provider: str = BASELINE,
 ) -> None:
     """Warms `fn` up (compiles, caches), then times it with pytest-benchmark; given the group's
-    `baseline` (and unless benchmarks are disabled), also the paired speedup over it."""
+    `baseline` (and unless benchmarks are disabled), also the paired speedup over it. The
+    summary's speedups are over the group's `baseline_provider`."""
+    if baseline_provider != BASELINE:
+        GROUP_BASELINES[group] = baseline_provider
     for _ in range(2):
         fn()
     benchmark.group = group
@@ -73,7 +82,7 @@ def run_benchmark(
     benchmark(fn)
     if benchmark.stats is not None and benchmark.stats.stats.rounds:
         paired = None
-        if baseline is not None and provider != BASELINE and not benchmark.disabled:
+        if baseline is not None and provider != baseline_provider and not benchmark.disabled:
             baseline()
             paired = paired_speedup(baseline, fn)
             benchmark.extra_info["paired_speedup"] = paired
