@@ -11,6 +11,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+try:
+    import resource
+except ImportError:  # Windows: no page-fault counts
+    resource = None
+
 BASELINE = "eager_cl"  # eager PyTorch, channels_last: what every speedup is relative to
 THREADS = int(os.environ.get("FASTMB_BENCH_THREADS", "2"))
 
@@ -22,6 +27,7 @@ class Result:
     seconds: float
     bytes: int | None = None  # minimum bytes moved: x read once, y written once
     paired: float | None = None  # median of baseline time / this time over alternating runs
+    faults: tuple[float, float] | None = None  # minor page faults per run, this and the baseline, alternating
 
 
 RESULTS: list[Result] = []
@@ -41,25 +47,36 @@ def measure_copy_bandwidth(bytes_: int = 1 << 30) -> float:
     return COPY_BANDWIDTH[0]
 
 
-def paired_speedup(baseline: Callable[[], object], fn: Callable[[], object], seconds: float = 1.0) -> float:
+def minor_page_faults() -> int:
+    """This process's minor page faults so far (0 where the OS does not say)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
+def paired_speedup(baseline: Callable[[], object], fn: Callable[[], object], seconds: float = 1.0) -> tuple[float, tuple[float, float]]:
     """The median over alternating runs of baseline time / fn time (10 to 60 pairs, about
-    `seconds` in all). A CPU whose speed drifts from minute to minute, as shared machines' do,
-    moves this ratio much less than the ratio of two medians taken one after the other. It is
-    also a colder measurement: each fn run follows baseline runs, which have evicted fn's input
-    from the caches (the back-to-back medians read inputs up to L3's size from cache). Each
-    timed run follows an untimed one of the same provider: ONNX Runtime's threads spin for a
-    while after a run, and timed right after it eager PyTorch ran up to 2x slower."""
+    `seconds` in all), and the minor page faults per timed run of fn and of the baseline. A CPU
+    whose speed drifts from minute to minute, as shared machines' do, moves this ratio much less
+    than the ratio of two medians taken one after the other. It is also a colder measurement:
+    each fn run follows baseline runs, which have evicted fn's input from the caches (the
+    back-to-back medians read inputs up to L3's size from cache). Each timed run follows an
+    untimed one of the same provider: ONNX Runtime's threads spin for a while after a run, and
+    timed right after it eager PyTorch ran up to 2x slower. The faults say how much of a gap is
+    the allocator mapping memory afresh (glibc's returns freed blocks to the kernel)."""
+    faults = {baseline: 0, fn: 0}
 
     def timed(f: Callable[[], object]) -> float:
         f()  # untimed: lets the other provider's worker threads, which may still spin, go idle
+        before = minor_page_faults()
         start = time.perf_counter()
         f()
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        faults[f] += minor_page_faults() - before
+        return elapsed
 
     pairs = [(timed(baseline), timed(fn))]
     rounds = min(60, max(10, int(seconds / (2 * sum(pairs[0])))))  # each pair runs both twice
     pairs += [(timed(baseline), timed(fn)) for _ in range(rounds - 1)]
-    return statistics.median(b / f for b, f in pairs)
+    return statistics.median(b / f for b, f in pairs), (faults[fn] / rounds, faults[baseline] / rounds)
 
 
 def run_benchmark(
@@ -81,12 +98,13 @@ def run_benchmark(
     benchmark.extra_info["provider"] = provider
     benchmark(fn)
     if benchmark.stats is not None and benchmark.stats.stats.rounds:
-        paired = None
+        paired = faults = None
         if baseline is not None and provider != baseline_provider and not benchmark.disabled:
             baseline()
-            paired = paired_speedup(baseline, fn)
+            paired, faults = paired_speedup(baseline, fn)
             benchmark.extra_info["paired_speedup"] = paired
-        RESULTS.append(Result(group, provider, benchmark.stats.stats.median, paired=paired))
+            benchmark.extra_info["page_faults_per_run"] = faults
+        RESULTS.append(Result(group, provider, benchmark.stats.stats.median, paired=paired, faults=faults))
 
 
 def run_cuda_benchmark(group: str, provider: str, fn: Callable[[], object], bytes_moved: int | None = None) -> float:
