@@ -228,8 +228,15 @@ def register_autograd(forward_op: Callable, backward: Callable, setup_context: C
         setup_context(ctx, args, output)
         return output
 
-    name = f"{getattr(forward_op, '__name__', 'operator')}_autograd"
-    _AUTOGRAD_FUNCTIONS[forward_op] = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    # OpOverload "dwconv_bn_act.default", a custom op's "fastmb_reference::dwconv_bn_act"
+    name = getattr(forward_op, "__name__", None) or getattr(forward_op, "_qualname", "operator")
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    _AUTOGRAD_FUNCTIONS[forward_op] = type(f"{name.replace(':', '_').replace('.', '_')}_autograd", (torch.autograd.Function,), methods)
+
+
+def autograd_function(forward_op: Callable) -> type[torch.autograd.Function] | None:
+    """The autograd.Function call() applies for `forward_op` in eager, if one was registered."""
+    return _AUTOGRAD_FUNCTIONS.get(forward_op)
 
 
 def call(forward: Callable, args: tuple):
