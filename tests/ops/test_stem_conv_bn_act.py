@@ -187,3 +187,21 @@ def test_opcheck():
     for mask in ([True, True], [True, False], [False, True]):
         args = (torch.randn_like(y), x, weight, gamma, beta, mean, var, *conv, 1e-5, "hardswish", mask)
         torch.library.opcheck(torch.ops.fastmb.stem_conv_bn_act_backward.default, args, test_utils=checks)
+
+
+@pytest.mark.parametrize("layout", ["nchw_image", "channels_last"])
+def test_rectangular_kernel_stride_dilation_and_padding(layout):
+    """Any nn.Conv2d geometry: a 3x5 kernel, strides 2 and 3, dilations 2 and 1, paddings 2 and 3
+    (border runs on every side), against eager in float64."""
+    conv = nn.Conv2d(3, 12, (3, 5), stride=(2, 3), padding=(2, 3), dilation=(2, 1), bias=False)
+    fused = ConvBNAct.from_modules(conv, nn.BatchNorm2d(12), nn.Hardswish()).double().train().to(memory_format=torch.channels_last)
+    randomize_batch_norm(fused)
+    eager = nn.Sequential(*copy.deepcopy(list(fused.children())))
+    x = torch.randn(3, 3, 19, 23, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(eager[0](x).shape, dtype=torch.float64)
+    ours, theirs = step(fused, x, grad), step(eager, x, grad)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-9, atol=1e-9, msg=key)
+    assert ran_native(fused, x)
