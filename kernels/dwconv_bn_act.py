@@ -18,7 +18,7 @@ from torch.library import wrap_triton
 
 from fastmb.ops import schemas
 from fastmb.ops.activations import ACTIVATIONS
-from fastmb.ops.common import autocast_off, bn_affine, dwconv_output_shape, memory_format, new_output, padding_sides
+from fastmb.ops.common import autocast_off, bn_affine, conv_output_shape, memory_format, new_output, padding_sides
 from fastmb.kernels.common import (
     accumulation_dtype,
     activate,
@@ -174,7 +174,7 @@ def _acc_triton(dtype: torch.dtype):
 
 def _geometry(x, weight, stride, padding, dilation) -> dict:
     n, c, h, w = x.shape
-    _, _, ho, wo = dwconv_output_shape(x, weight, stride, padding, dilation)
+    _, _, ho, wo = conv_output_shape(x, weight, stride, padding, dilation)
     top, _, left, _ = padding_sides(padding)  # the bottom and right padding only set HO and WO
     return dict(H=h, W=w, C=c, HO=ho, WO=wo, SH=stride[0], SW=stride[1], PH=top, PW=left,
                 DH=dilation[0], DW=dilation[1], K=weight.shape[2])

@@ -15,6 +15,7 @@ from fastmb.ops.common import (
     autocast_dtype,
     bn_affine,
     check_choice,
+    conv_output_shape,
     differentiable_grads,
     integer,
     runs_composite,
@@ -184,11 +185,8 @@ if _NATIVE_STEM:
 
     @torch.library.register_fake("fastmb::stem_conv_bn_act")
     def _stem_conv_bn_act_fake(x, weight, bn_weight, bn_bias, stride, padding, dilation, eps, activation):
-        sides = padding if len(padding) == 4 else (padding[0], padding[0], padding[1], padding[1])
-        sizes = zip(x.shape[2:], weight.shape[2:], stride, (sides[0] + sides[1], sides[2] + sides[3]), dilation)
-        shape = (x.shape[0], weight.shape[0], *((size + p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in sizes))
-        c = weight.shape[0]
-        return x.new_empty(shape).contiguous(memory_format=torch.channels_last), x.new_empty(c), x.new_empty(c)
+        y = x.new_empty(conv_output_shape(x, weight, stride, padding, dilation)).contiguous(memory_format=torch.channels_last)
+        return y, x.new_empty(weight.shape[0]), x.new_empty(weight.shape[0])
 
     @torch.library.register_fake("fastmb::stem_conv_bn_act_backward")
     def _stem_conv_bn_act_backward_fake(grad_y, x, weight, bn_weight, bn_bias, mean, var, stride, padding, dilation, eps, activation, mask):
@@ -298,7 +296,7 @@ def run_conv_bn_act_modules(
         if name is None or not torch.is_grad_enabled():
             return None
         if _stem_conv(conv, x):
-            _check_values_per_channel(_conv_output_shape(conv, x))
+            _check_values_per_channel(conv_output_shape(x, conv.weight, conv.stride, conv.padding, conv.dilation))
             step = batch_norm_step(bn)
             conv_args = (conv.stride, conv.padding, conv.dilation)
             return _StemConvBNAct.apply(
@@ -342,11 +340,6 @@ def run_conv_bn_act_modules(
         return y
     in_place = ACTIVATIONS[name].in_place if name is not None else None
     return in_place(y) if in_place is not None else activation(y)
-
-
-def _conv_output_shape(conv: nn.Conv2d, x: Tensor) -> tuple[int, ...]:
-    sizes = zip(x.shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation)
-    return (x.shape[0], conv.out_channels, *((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in sizes))
 
 
 def _check_values_per_channel(shape: tuple[int, ...]) -> None:

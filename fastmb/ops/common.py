@@ -116,14 +116,16 @@ def conv_output_size(size: int, kernel: int, stride: int, padding_total: int, di
     return (size + padding_total - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def dwconv_output_shape(
+def conv_output_shape(
     x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
 ) -> tuple[int, int, int, int]:
-    n, c, h, w = x.shape
+    """(N, C_out, H_out, W_out) of a conv of x (N, C, H, W) with weight (C_out, C_in / groups,
+    kH, kW): a depthwise conv's C_out is C."""
+    n, _, h, w = x.shape
     top, bottom, left, right = padding_sides(padding)
     return (
         n,
-        c,
+        weight.shape[0],
         conv_output_size(h, weight.shape[2], stride[0], top + bottom, dilation[0]),
         conv_output_size(w, weight.shape[3], stride[1], left + right, dilation[1]),
     )

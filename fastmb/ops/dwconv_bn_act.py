@@ -19,10 +19,10 @@ from fastmb.ops.common import (
     check_same_device,
     check_tensor,
     compute_dtype,
+    conv_output_shape,
     conv_padding,
     cpu_kernels_support,
     differentiable_grads,
-    dwconv_output_shape,
     new_output,
     padding_sides,
     pair,
@@ -117,7 +117,7 @@ def run_dwconv_bn_act(
         x, weight = x.to(cast_to), weight.to(cast_to)
     if weight.dtype != x.dtype:
         raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
-    shape = dwconv_output_shape(x, weight, stride, padding, dilation)
+    shape = conv_output_shape(x, weight, stride, padding, dilation)
     if shape[2] <= 0 or shape[3] <= 0:
         raise ValueError(
             f"the output would be empty: x of spatial size {tuple(x.shape[2:])} with a "
@@ -151,7 +151,7 @@ class _SyncedDWConvBNAct(torch.autograd.Function):
         from fastmb.nn.batch_norm import merge_group_statistics
 
         _, mean, var = kernel.forward(x, weight, bn_weight, bn_bias, None, None, *conv, eps, True, activation)
-        shape = dwconv_output_shape(x, weight, *conv)
+        shape = conv_output_shape(x, weight, *conv)
         mean, var, total = merge_group_statistics(mean, var, shape[0] * shape[2] * shape[3], group)
         y = kernel.forward(x, weight, bn_weight, bn_bias, mean, var, *conv, eps, False, activation)[0]
         ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var)
@@ -207,7 +207,7 @@ def _cuda_supports(x: Tensor, weight: Tensor, bn_weight, bn_bias, running_mean, 
 
 def _fake_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, training, activation):
     stats = x.new_empty(x.shape[1], dtype=compute_dtype(x.dtype))
-    return new_output(dwconv_output_shape(x, weight, stride, padding, dilation), x), stats, torch.empty_like(stats)
+    return new_output(conv_output_shape(x, weight, stride, padding, dilation), x), stats, torch.empty_like(stats)
 
 
 def _fake_backward(

@@ -14,6 +14,7 @@ from torch.nn.modules import module as module_hooks
 
 from fastmb import _extension, dispatch
 from fastmb.ops.activations import activation_name
+from fastmb.ops.common import conv_output_shape
 from fastmb.ops.packing import (
     PackedArguments,
     bn_scale_shift,
@@ -293,8 +294,5 @@ if NATIVE:
     def _fake(x, expand_weight, expand_bias, expand_activation, dw_weight, dw_scale, dw_shift, stride, padding, dilation,
               dw_activation, fc1_weight, fc1_bias, fc2_weight, fc2_bias, se_activation, se_gate, project_weight, project_bias,
               residual, project_activation="identity"):  # fmt: skip
-        top, bottom, left, right = padding if len(padding) == 4 else (padding[0], padding[0], padding[1], padding[1])
-        kh, kw = dw_weight.shape[2:]
-        ho = (x.shape[2] + top + bottom - (kh - 1) * dilation[0] - 1) // stride[0] + 1
-        wo = (x.shape[3] + left + right - (kw - 1) * dilation[1] - 1) // stride[1] + 1
-        return x.new_empty(x.shape[0], project_bias.shape[0], ho, wo).contiguous(memory_format=torch.channels_last)
+        n, _, ho, wo = conv_output_shape(x, dw_weight, stride, padding, dilation)
+        return x.new_empty(n, project_bias.shape[0], ho, wo).contiguous(memory_format=torch.channels_last)
