@@ -74,11 +74,15 @@ TORCH_LIBRARY(fastmb, m) {
   // depthwise conv's batch norm is a per-channel scale and shift; the depthwise weight
   // (C, 1, kH, kW) is read in place when stored taps-major (a view of a (kH * kW, C) tensor).
   // No expansion: expand_weight and expand_bias absent; no SE: the four fc tensors absent.
+  // With a stem (a block without expansion): x is the image, the block's input is
+  // act(conv(x, stem_weight) * stem_scale + stem_shift), computed as the block reads it.
   m.def(
       "inverted_residual(Tensor x, Tensor? expand_weight, Tensor? expand_bias, str expand_activation, Tensor dw_weight, "
       "Tensor dw_scale, Tensor dw_shift, int[2] stride, int[] padding, int[2] dilation, str dw_activation, "
       "Tensor? fc1_weight, Tensor? fc1_bias, Tensor? fc2_weight, Tensor? fc2_bias, str se_activation, str se_gate, "
-      "Tensor project_weight, Tensor project_bias, bool residual, str project_activation=\"identity\") -> Tensor");
+      "Tensor project_weight, Tensor project_bias, bool residual, str project_activation=\"identity\", "
+      "Tensor? stem_weight=None, Tensor? stem_scale=None, Tensor? stem_shift=None, int[2] stem_stride=[1, 1], "
+      "int[2] stem_padding=[0, 0], int[2] stem_dilation=[1, 1], str stem_activation=\"identity\") -> Tensor");
   // A MobileNet's head in eval, float32 channels_last, CPU only: the last 1x1 conv (BN folded,
   // weight packed as inverted_residual's) + activation, global average pooling, then each linear
   // layer (weight (out, in)) + its activation. Returns (N, classes).

@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
+#include <memory>
 #include <vector>
 
 #ifdef _OPENMP
@@ -23,6 +25,7 @@
 #include "../common.h"
 #include "dwconv/operator.h"
 #include "pointwise/kernels.h"
+#include "stem_rows.h"
 #include "vec.h"
 
 namespace fastmb::cpu {
@@ -59,11 +62,21 @@ struct Block {
   bool residual;
   dwconv::Kernels<float> dw;
   pointwise::GemmPanels gemm;
+  const StemRows* stem;  // or null: the block's input is x
   float* y;
 
   bool expands() const { return expand_w != nullptr; }
   bool has_se() const { return fc1_w != nullptr; }
+  // Whether the depthwise conv's input is computed here (by the expansion or the stem), not x.
+  bool produces() const { return expands() || stem != nullptr; }
+  // Image n of x, without a stem.
   const float* image(int64_t n) const { return x + n * g.h * g.w * cin; }
+  // Rows [r0, r1) of image n's depthwise input into `rows` (its row r0), on this thread: the
+  // expansion of x's rows, or the stem's output rows.
+  void produce(int64_t n, int64_t r0, int64_t r1, float* rows) const {
+    if (stem != nullptr) return stem->rows(rows, n, r0, r1);
+    gemm(expand(image(n) + r0 * g.w * cin, rows, (r1 - r0) * g.w), 0, (g.c + pointwise::kPanel - 1) / pointwise::kPanel);
+  }
   // Floats in the packed projection weights (one image's gated copy).
   int64_t project_values() const { return (cout + pointwise::kPanel - 1) / pointwise::kPanel * pointwise::kPanel * g.c; }
   // The expansion of `pixels` input pixels from `in` into `out`.
@@ -98,10 +111,12 @@ int64_t band_rows(const Block& b) {
   return std::clamp<int64_t>(pixels / std::max<int64_t>(b.g.wo, 1), 1, b.g.ho);
 }
 
-// y rows (pixels [p0, p1) of image n) = d * w + bias (+ x), on this thread.
-void project(const Block& b, int64_t n, const float* d, const float* w, int64_t p0, int64_t p1) {
+// y rows (pixels [p0, p1) of image n) = d * w + bias (+ the block's input, `input`: image n's,
+// addressed from its first pixel), on this thread.
+void project(const Block& b, int64_t n, const float* d, const float* w, const float* input, int64_t p0, int64_t p1) {
   const int64_t pixels_out = b.g.ho * b.g.wo;
-  const pointwise::Gemm gemm = b.project(d + p0 * b.g.c, w, b.image(n) + p0 * b.cin, b.y + (n * pixels_out + p0) * b.cout, p1 - p0);
+  const float* residual_rows = b.residual ? input + p0 * b.cin : nullptr;
+  const pointwise::Gemm gemm = b.project(d + p0 * b.g.c, w, residual_rows, b.y + (n * pixels_out + p0) * b.cout, p1 - p0);
   b.gemm(gemm, 0, panels_of(b.cout));
 }
 
@@ -112,23 +127,28 @@ void expand_depthwise_rows(const Block& b, int64_t n, int64_t oh0, int64_t oh1, 
   const Geometry& g = b.g;
   Workspace& ws = thread_workspace();
   const int64_t in_row = g.w * g.c, out_row = g.wo * g.c, band = band_rows(b);
-  // The expanded rows this part reads, addressed as the whole image's (only rows [lo, hi) exist).
+  // The expanded (or stem) rows this part reads, addressed as the whole image's (only rows
+  // [lo, hi) exist).
   const auto [lo, hi] = dwconv::input_rows(g, oh0, oh1);
-  const float* expanded = b.image(n);
+  const float* expanded = nullptr;
   float* expanded_rows = nullptr;
-  if (b.expands()) {
+  if (b.produces()) {
     expanded_rows = sized(ws.expanded, (hi - lo) * in_row) - lo * in_row;
     expanded = expanded_rows;
+  } else {
+    expanded = b.image(n);
   }
+  // The residual's rows: x's, or the stem's (rows a depthwise conv of stride 1 also reads).
+  const float* input = b.expands() ? b.image(n) : expanded;
   float* band_out = b.has_se() ? nullptr : sized(ws.depthwise, band * out_row);
   float* partial = b.has_se() ? sized(ws.partial, g.c) : nullptr;
   int64_t next = lo;  // the first expanded row not yet computed
   for (int64_t ob = oh0; ob < oh1; ob += band) {
     const int64_t ob1 = std::min(oh1, ob + band);
     const auto [need_lo, need_hi] = dwconv::input_rows(g, ob, ob1);
-    if (b.expands() && need_hi > next) {
+    if (b.produces() && need_hi > next) {
       const int64_t r0 = std::max(next, need_lo);
-      b.gemm(b.expand(b.image(n) + r0 * g.w * b.cin, expanded_rows + r0 * in_row, (need_hi - r0) * g.w), 0, panels_of(g.c));
+      b.produce(n, r0, need_hi, expanded_rows + r0 * in_row);
       next = need_hi;
     }
     float* out = b.has_se() ? depthwise : band_out - ob * out_row;
@@ -138,7 +158,7 @@ void expand_depthwise_rows(const Block& b, int64_t n, int64_t oh0, int64_t oh1, 
       add_channel_sums(partial, out + ob * out_row, (ob1 - ob) * g.wo, g.c, g.c);
       for (int64_t k = 0; k < g.c; ++k) sums[k] += partial[k];
     } else {
-      project(b, n, out, b.project_w, ob * g.wo, ob1 * g.wo);
+      project(b, n, out, b.project_w, input, ob * g.wo, ob1 * g.wo);
     }
   }
 }
@@ -199,7 +219,7 @@ void run_image_split(const Block& b, int64_t n) {
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const bool by_channels = g.c % pointwise::kPanel == 0 && panels >= 4 * threads;
   Workspace& ws = thread_workspace();  // the calling thread's buffers hold what the threads share
-  float* expanded = b.expands() ? sized(ws.expanded, pixels_in * g.c) : nullptr;
+  float* expanded = b.produces() ? sized(ws.expanded, pixels_in * g.c) : nullptr;
   float* depthwise = sized(ws.depthwise, pixels_out * g.c);
   // The SE's shared values: each thread's channel sums [thread][channel], the hidden values, the gate.
   float* sums = b.has_se() ? sized(ws.sums, threads * g.c + b.squeeze + g.c) : nullptr;
@@ -208,7 +228,8 @@ void run_image_split(const Block& b, int64_t n) {
     std::fill(sums, sums + threads * g.c, 0.0f);
     hidden = sums + threads * g.c, gate = hidden + b.squeeze;
   }
-  const float* in = b.expands() ? expanded : b.image(n);
+  const float* in = b.produces() ? expanded : b.image(n);
+  const float* input = b.expands() ? b.image(n) : in;  // the residual's rows
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     int thread = 0, team = 1;
@@ -221,7 +242,10 @@ void run_image_split(const Block& b, int64_t n) {
       return std::pair<int64_t, int64_t>{std::min(count, units * thread / team * unit), std::min(count, units * (thread + 1) / team * unit)};
     };
     const auto [c0, c1] = by_channels ? share(g.c, pointwise::kPanel) : std::pair<int64_t, int64_t>{0, g.c};
-    if (b.expands()) {
+    if (b.stem != nullptr) {  // the stem's rows, split by rows
+      const auto [q0, q1] = share(g.h, 1);
+      if (q0 < q1) b.stem->rows(expanded + q0 * g.w * g.c, n, q0, q1);
+    } else if (b.expands()) {
       const auto [q0, q1] = by_channels ? std::pair<int64_t, int64_t>{0, pixels_in} : share(pixels_in, 6);
       if (c0 < c1 && q0 < q1)
         b.gemm(b.expand(b.image(n) + q0 * b.cin, expanded + q0 * g.c, q1 - q0), c0 / pointwise::kPanel, panels_of(c1));
@@ -259,7 +283,7 @@ void run_image_split(const Block& b, int64_t n) {
 #pragma omp barrier
       if (r0 < r1) scale_rows(depthwise + r0 * g.c, gate, r1 - r0, g.c);
     }
-    if (r0 < r1) project(b, n, depthwise, b.project_w, r0, r1);
+    if (r0 < r1) project(b, n, depthwise, b.project_w, input, r0, r1);
   }
 }
 
@@ -302,7 +326,9 @@ void run_block(const Block& b) {
         expand_depthwise_rows(b, n, 0, g.ho, depthwise, sum);
         float* weights = sized(ws.weights, b.project_values());
         fold_gate(b, sum, weights);
-        project(b, n, depthwise, weights, 0, pixels_out);
+        // the residual's rows: x's, or the stem's, all of the image's still in this thread's buffer
+        const float* input = b.stem != nullptr ? ws.expanded.data() : b.image(n);
+        project(b, n, depthwise, weights, input, 0, pixels_out);
       }
     }
   });
@@ -319,7 +345,7 @@ void run_block(const Block& b) {
       const int64_t n = task / parts, p0 = (task % parts) * chunk, p1 = std::min(pixels_out, p0 + chunk);
       if (p0 < p1)
         project(b, n, shared_depthwise + n * image_values, shared_weights + n * b.project_values(),
-                p0, p1);
+                b.stem != nullptr ? nullptr : b.image(n), p0, p1);  // with a stem, no residual (checked)
     }
   });
 }
@@ -330,21 +356,35 @@ Tensor inverted_residual(const Tensor& x, const std::optional<Tensor>& expand_we
                          const std::optional<Tensor>& fc1_weight, const std::optional<Tensor>& fc1_bias,
                          const std::optional<Tensor>& fc2_weight, const std::optional<Tensor>& fc2_bias, c10::string_view se_activation,
                          c10::string_view se_gate, const Tensor& project_weight, const Tensor& project_bias, bool residual,
-                         c10::string_view project_activation) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "fastmb::inverted_residual: x must be a channels_last float32 CPU (N, C, H, W) tensor");
+                         c10::string_view project_activation, const std::optional<Tensor>& stem_weight,
+                         const std::optional<Tensor>& stem_scale, const std::optional<Tensor>& stem_shift, at::IntArrayRef stem_stride,
+                         at::IntArrayRef stem_padding, at::IntArrayRef stem_dilation, c10::string_view stem_activation) {
+  const int stem_tensors = stem_weight.has_value() + stem_scale.has_value() + stem_shift.has_value();
+  TORCH_CHECK(stem_tensors == 0 || stem_tensors == 3, "fastmb::inverted_residual: stem_weight, stem_scale and stem_shift go together");
+  std::unique_ptr<StemRows> stem;
+  if (stem_tensors == 3) {
+    TORCH_CHECK(!expand_weight.has_value(), "fastmb::inverted_residual: a stem takes the place of the expansion: give one of them");
+    stem = StemRows::make(x, *stem_weight, *stem_scale, *stem_shift, stem_stride, stem_padding, stem_dilation,
+                          parse_activation(stem_activation));
+  } else {
+    TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "fastmb::inverted_residual: x must be a channels_last float32 CPU (N, C, H, W) tensor");
+  }
   TORCH_CHECK(expand_weight.has_value() == expand_bias.has_value(), "fastmb::inverted_residual: expand_weight and expand_bias go together");
   const int se_tensors = fc1_weight.has_value() + fc1_bias.has_value() + fc2_weight.has_value() + fc2_bias.has_value();
   TORCH_CHECK(se_tensors == 0 || se_tensors == 4,
               "fastmb::inverted_residual: the four SE tensors are given together or not at all");
   const NoAutocast no_autocast;
   Block b{};
-  b.cin = x.size(1);
+  // The block's input: x, or the stem's output.
+  const std::array<int64_t, 4> input = stem ? std::array<int64_t, 4>{x.size(0), stem->channels(), stem->geometry().ho, stem->geometry().wo}
+                                            : std::array<int64_t, 4>{x.size(0), x.size(1), x.size(2), x.size(3)};
+  b.cin = input[1];
   const int64_t c = expand_bias.has_value() && expand_bias->dim() == 1 ? expand_bias->size(0) : b.cin;
   TORCH_CHECK(dw_weight.dim() == 4 && dw_weight.size(0) == c && dw_weight.size(1) == 1 && dw_weight.size(2) >= 1 && dw_weight.size(3) >= 1,
               "fastmb::inverted_residual: dw_weight must be (", c, ", 1, kH, kW), got shape ", dw_weight.sizes());
   // The depthwise conv's geometry over the expanded channels, with dwconv_bn_act's checks.
-  b.g = dwconv_geometry_of("inverted_residual", {x.size(0), c, x.size(2), x.size(3)}, dw_weight.sizes().slice(2), stride, padding, dilation);
+  b.g = dwconv_geometry_of("inverted_residual", {input[0], c, input[2], input[3]}, dw_weight.sizes().slice(2), stride, padding, dilation);
   b.cout = project_bias.dim() == 1 ? project_bias.size(0) : 0;
   b.x = x.const_data_ptr<float>();
   if (expand_weight.has_value()) {
@@ -373,12 +413,15 @@ Tensor inverted_residual(const Tensor& x, const std::optional<Tensor>& expand_we
   b.project_act = parse_activation(project_activation);
   b.residual = residual;
   TORCH_CHECK(!residual || (b.cout == b.cin && b.g.ho == b.g.h && b.g.wo == b.g.w), "fastmb::inverted_residual: residual needs the ",
-              "output's shape to be x's, got ", b.cout, " channels of ", b.g.ho, "x", b.g.wo, " from x ", x.sizes());
+              "output's shape to be the block input's, got ", b.cout, " channels of ", b.g.ho, "x", b.g.wo, " from ", at::IntArrayRef(input));
+  // With SE the projection may run after the stem's rows are gone (shared_depthwise): no residual.
+  TORCH_CHECK(!(stem && residual && b.has_se()), "fastmb::inverted_residual: a block after a stem takes a residual or SE, not both");
   Tensor y = at::empty({b.g.n, b.cout, b.g.ho, b.g.wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   b.y = y.mutable_data_ptr<float>();
   b.dw = dwconv::select_kernels<float>(b.g);
   b.gemm = pointwise::select_gemm();
+  b.stem = stem.get();
   run_block(b);
   return y;
 }

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "dwconv/operator.h"
+#include "stem_rows.h"
 
 namespace fastmb::cpu {
 namespace {
@@ -47,10 +48,32 @@ struct GatheredPatches {
   FASTMB_INLINE int64_t tap(int64_t t) const { return t; }
 };
 
+// What a z tile stores: z itself (the training passes), or act(z * scale + shift) (the eval stem:
+// its batch norm and activation applied while z is in registers). at(co): from channel co on.
+struct StoreZ {
+  StoreZ at(int64_t) const { return *this; }
+  template <typename Acc, typename VT>
+  FASTMB_INLINE VT operator()(VT z, int64_t) const { return z; }
+};
+template <typename Acc>
+struct StoreNormalized {
+  const Acc *scale, *shift;
+  Activation act;
+  StoreNormalized at(int64_t co) const { return {scale + co, shift + co, act}; }
+  // Channels [col, col + lanes) of one pixel.
+  template <typename A, typename VT>
+  FASTMB_INLINE VT operator()(VT z, int64_t col) const {
+    using V = Vec<Acc, sizeof(VT)>;
+    const VT u = z * V::load(scale + col) + V::load(shift + col);
+    return is_smooth(act) ? smooth_activation<VecMath, Acc>(act, u) : ActivationFn<Acc>(act)(u);
+  }
+};
+
 // z[p][v] for P pixels' patches and NV vectors of output channels of the weight ([taps][ldw]);
-// stores the first np pixels' rows (ldz apart).
-template <int Bytes, int NV, int P, typename Acc, typename Patches>
-FASTMB_INLINE void z_tile(Acc* z, int64_t ldz, const Patches& patches, int64_t p0, const Acc* w, int64_t ldw, int64_t taps, int64_t np) {
+// stores the first np pixels' rows (ldz apart), through `store`.
+template <int Bytes, int NV, int P, typename Acc, typename Patches, typename Store>
+FASTMB_INLINE void z_tile(Acc* z, int64_t ldz, const Patches& patches, int64_t p0, const Acc* w, int64_t ldw, int64_t taps, int64_t np,
+                          const Store& store) {
   using V = Vec<Acc, Bytes>;
   constexpr int L = V::kLanes;
   const Acc* pixel[P];  // one pointer per pixel: each tap's loads need no address arithmetic
@@ -73,7 +96,7 @@ FASTMB_INLINE void z_tile(Acc* z, int64_t ldz, const Patches& patches, int64_t p
   for (int p = 0; p < P; ++p)
     if (p < np)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) V::store(z + p * ldz + v * L, acc[p][v]);
+      for (int v = 0; v < NV; ++v) V::store(z + p * ldz + v * L, store.template operator()<Acc>(acc[p][v], v * L));
 }
 
 // Calls block(Int<NV>{}, co) for the blocks of up to kMaxVectors vectors of L output channels
@@ -89,12 +112,14 @@ FASTMB_INLINE void for_each_channel_block(int64_t cp, const Block& block) {
   }
 }
 
-// z = patches . w for `count` pixels: rows of cp values (every output channel, vector-padded).
-template <int Bytes, typename Acc, typename Patches>
-FASTMB_INLINE void convolve_patches(Acc* z, const Patches& patches, const Acc* w, int64_t count, int64_t taps, int64_t cp) {
+// z = patches . w for `count` pixels: rows of cp values (every output channel, vector-padded),
+// stored through `store`.
+template <int Bytes, typename Acc, typename Patches, typename Store>
+FASTMB_INLINE void convolve_patches(Acc* z, const Patches& patches, const Acc* w, int64_t count, int64_t taps, int64_t cp, const Store& store) {
   for_each_channel_block<Vec<Acc, Bytes>::kLanes>(cp, [&](auto vectors, int64_t co) __attribute__((always_inline)) {
     constexpr int NV = decltype(vectors)::value, P = kTile / NV;
-    for (int64_t p = 0; p < count; p += P) z_tile<Bytes, NV, P>(z + p * cp + co, cp, patches, p, w + co, cp, taps, count - p);
+    for (int64_t p = 0; p < count; p += P)
+      z_tile<Bytes, NV, P>(z + p * cp + co, cp, patches, p, w + co, cp, taps, count - p, store.at(co));
   });
 }
 
@@ -142,8 +167,10 @@ FASTMB_INLINE void accumulate_weight_grad(Acc* gw, const Patches& patches, const
 #define FASTMB_PATCH_GEMMS(Name, target, Bytes)                                                                                    \
   template <typename Acc, typename Patches>                                                                                       \
   struct Name {                                                                                                                   \
-    target static void convolve(Acc* z, const Patches& patches, const Acc* w, int64_t count, int64_t taps, int64_t cp) {          \
-      convolve_patches<Bytes>(z, patches, w, count, taps, cp);                                                                    \
+    template <typename Store>                                                                                                     \
+    target static void convolve(Acc* z, const Patches& patches, const Acc* w, int64_t count, int64_t taps, int64_t cp,             \
+                                const Store& store) {                                                                             \
+      convolve_patches<Bytes>(z, patches, w, count, taps, cp, store);                                                             \
     }                                                                                                                             \
     target static void weight_grad(Acc* gw, const Patches& patches, const Acc* gz, int64_t count, int64_t taps_padded, int64_t cp) { \
       accumulate_weight_grad<Bytes>(gw, patches, gz, count, taps_padded, cp);                                                     \
@@ -164,14 +191,14 @@ inline int gemm_vector_bytes() {
   return 32;
 }
 
-// z = patches . w (see convolve_patches) with the instruction set's GEMMs.
-template <typename Acc, typename Patches>
-void convolve(Acc* z, const Patches& patches, const Acc* w, int64_t count, int64_t taps, int64_t cp) {
+// z = patches . w (see convolve_patches) with the instruction set's GEMMs, stored through `store`.
+template <typename Acc, typename Patches, typename Store = StoreZ>
+void convolve(Acc* z, const Patches& patches, const Acc* w, int64_t count, int64_t taps, int64_t cp, const Store& store = {}) {
 #if FASTMB_X86_TABLES
-  if (cpu_isa() == Isa::kAvx512) return Avx512PatchGemms<Acc, Patches>::convolve(z, patches, w, count, taps, cp);
-  if (cpu_isa() == Isa::kAvx2) return Avx2PatchGemms<Acc, Patches>::convolve(z, patches, w, count, taps, cp);
+  if (cpu_isa() == Isa::kAvx512) return Avx512PatchGemms<Acc, Patches>::convolve(z, patches, w, count, taps, cp, store);
+  if (cpu_isa() == Isa::kAvx2) return Avx2PatchGemms<Acc, Patches>::convolve(z, patches, w, count, taps, cp, store);
 #endif
-  BaselinePatchGemms<Acc, Patches>::convolve(z, patches, w, count, taps, cp);
+  BaselinePatchGemms<Acc, Patches>::convolve(z, patches, w, count, taps, cp, store);
 }
 
 // gw += patches^T . gz (see accumulate_weight_grad) with the instruction set's GEMMs.
@@ -476,7 +503,65 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act_backward(const Tensor& grad_
   return {grad_weight, grad_gamma.to(affine_type), grad_beta.to(affine_type)};
 }
 
+// The eval stem (stem_rows.h): a chunk of an output row at a time, its batch norm and activation
+// applied as the tiles leave the registers (into the output itself when C fills whole vectors).
+class EvalStemRows final : public StemRows {
+ public:
+  EvalStemRows(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift, const Geometry& g, Activation act)
+      : s_(g, weight.size(0), gemm_vector_bytes() / int(sizeof(float)), x.strides()),
+        x_(x.const_data_ptr<float>()),
+        x_strides_(x.strides().vec()),
+        w_(taps_major_weight<float>(weight, s_)),
+        scale_(padded(scale.const_data_ptr<float>(), s_.c, s_.cp, 0.0f)),
+        shift_(padded(shift.const_data_ptr<float>(), s_.c, s_.cp, 0.0f)),
+        act_(act) {}
+
+  const Geometry& geometry() const override { return s_.g; }
+  int64_t channels() const override { return s_.c; }
+
+  void rows(float* out, int64_t n, int64_t oh0, int64_t oh1) const override {
+    thread_local std::vector<float> patches, z;
+    if (int64_t(patches.size()) < s_.chunk * s_.taps_padded) patches.resize(s_.chunk * s_.taps_padded);
+    if (s_.cp != s_.c && int64_t(z.size()) < s_.chunk * s_.cp) z.resize(s_.chunk * s_.cp);
+    const Geometry& g = s_.g;
+    for (int64_t oh = oh0; oh < oh1; ++oh)
+      for (int64_t ow0 = 0; ow0 < g.wo; ow0 += s_.chunk) {
+        const int64_t count = std::min(s_.chunk, g.wo - ow0);
+        float* y = out + ((oh - oh0) * g.wo + ow0) * s_.c;
+        float* chunk = s_.cp == s_.c ? y : z.data();
+        const StoreNormalized<float> store{scale_.data(), shift_.data(), act_};
+        for_each_run(s_, x_, x_strides_, n, oh, ow0, count, patches.data(), [&](const auto& p, int64_t p0, int64_t np) {
+          convolve(chunk + p0 * s_.cp, p, w_.data(), np, s_.taps, s_.cp, store);
+        });
+        if (chunk != y)
+          for (int64_t p = 0; p < count; ++p) std::copy_n(chunk + p * s_.cp, s_.c, y + p * s_.c);
+      }
+  }
+
+ private:
+  Stem s_;
+  const float* x_;
+  std::vector<int64_t> x_strides_;
+  std::vector<float> w_, scale_, shift_;
+  Activation act_;
+};
+
 }  // namespace
+
+std::unique_ptr<StemRows> StemRows::make(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift,
+                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, Activation act) {
+  const char* op = "inverted_residual";
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "fastmb::", op,
+              ": with a stem, x must be a float32 CPU (N, C_in, H, W) image");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(0) >= 1 && weight.scalar_type() == at::kFloat &&
+                  weight.device().is_cpu(),
+              "fastmb::", op, ": stem_weight must be a float32 CPU (C, ", x.size(1), ", kH, kW) tensor, got shape ", weight.sizes());
+  const int64_t c = weight.size(0);
+  checked_dense_float(op, "stem_scale", scale, {c});
+  checked_dense_float(op, "stem_shift", shift, {c});
+  const Geometry g = dwconv_geometry_of(op, x.sizes(), weight.sizes().slice(2), stride, padding, dilation);
+  return std::make_unique<EvalStemRows>(x, weight, scale, shift, g, act);
+}
 
 TORCH_LIBRARY_IMPL(fastmb, CPU, m) {
   m.impl("stem_conv_bn_act", &stem_conv_bn_act);

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from fastmb.models.layers import depthwise_stage, init_weights, make_divisible, use_channels_last
 from fastmb.nn import ConvBNAct
-from fastmb.ops.inverted_residual import FusedBlock, block_plan, run_fused_block
+from fastmb.ops.inverted_residual import FusedBlock, block_plan, has_hooks, run_fused_block, run_layers
 
 # Table 1 as (stride of the depthwise conv, output channels of the pointwise conv).
 DEPTHWISE_SEPARABLE_SETTING = [
@@ -84,8 +84,9 @@ class MobileNetV1(nn.Module):
         use_channels_last(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.avgpool(self.features(x))
-        return self.classifier(torch.flatten(x, 1))
+        # run_layers: in eval on the CPU the stem and the blocks go straight to the fused op
+        x = self.features(x) if has_hooks(self.features) else run_layers(self.features._modules.values(), x)
+        return self.classifier(torch.flatten(self.avgpool(x), 1))
 
 
 # timm's mobilenetv1_100: five stages of depthwise-separable blocks ("blocks.<stage>.<index>").

@@ -203,6 +203,73 @@ class FusedBlock(PackedArguments):
         """Whether the op takes x for this block: a float32 CPU tensor of its input channels."""
         return x.shape[1] == self._in_channels and x.dtype == torch.float32 and x.device.type == "cpu"
 
+    def takes_a_stem(self, channels: int) -> bool:
+        """Whether a stem of `channels` output channels may stand in for this block's expansion
+        (the op's stem_* arguments): a block without one, and without both SE and a residual."""
+        layers = self.layers
+        return (
+            channels == self._in_channels
+            and layers.expand is None
+            and layers.depthwise is not None
+            and not (layers.se is not None and layers.residual)
+        )
+
+
+# Input channels up to which a conv counts as a stem: the op's stem computes it as patch GEMMs
+# over C_in * kH * kW taps, made for RGB images.
+_STEM_MAX_IN_CHANNELS = 4
+
+
+class FusedStem(PackedArguments):
+    """A stem (a full conv over an image, its batch norm and activation) packed as the op's
+    stem_* arguments, so that the stem's output is computed as the next block reads it and never
+    goes to memory."""
+
+    def __init__(self, stem: ConvBN) -> None:
+        super().__init__()
+        self.stem = stem
+
+    def tensor_slots(self) -> list[tuple[dict, str]]:
+        return conv_bn_slots(self.stem.conv, self.stem.bn)
+
+    def settings(self) -> tuple:
+        conv = self.stem.conv
+        return (self.stem.bn.eps, conv.stride, conv.padding, conv.dilation)  # the activation: structure_key
+
+    def pack(self) -> tuple:
+        conv, bn = self.stem.conv, self.stem.bn
+        scale, shift = bn_scale_shift(bn)
+        return (conv.weight.float().contiguous(), scale.float().contiguous(), shift.float().contiguous(), list(conv.stride),
+                list(conv.padding), list(conv.dilation), self.stem.activation)  # fmt: skip
+
+    def takes(self, x: Tensor) -> bool:
+        return x.shape[1] == self.stem.conv.in_channels and not self.stem.bn.training
+
+
+def stem_layers(module: nn.Module) -> ConvBN | None:
+    """The (conv, bn, activation) of a ConvBNAct the op can run as a stem: a full conv (zero
+    padding, no groups) over at most _STEM_MAX_IN_CHANNELS channels with a kernel above 1x1."""
+    layers = conv_bn(module)
+    if layers is None:
+        return None
+    conv = layers.conv
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or conv.in_channels > _STEM_MAX_IN_CHANNELS:
+        return None
+    return layers if conv.kernel_size != (1, 1) else None
+
+
+def stem_plan(module: nn.Module) -> FusedStem | None:
+    """The FusedStem of `module`, kept on it and rebuilt when its children change, or None."""
+    if not isinstance(module, nn.Sequential):
+        return None
+    children = module._modules.values()
+
+    def build() -> FusedStem | None:
+        layers = stem_layers(module)
+        return FusedStem(layers) if layers is not None else None
+
+    return cached_plan(module, "_fastmb_stem", structure_key([module, *children]), build)
+
 
 def structure_key(modules: Iterable[nn.Module]) -> tuple:
     """What a block's plan was built from besides its tensors: the modules, their children (an
@@ -256,18 +323,35 @@ def _planned(layer: nn.Module) -> tuple[FusedBlock, tuple] | None:
     return (plan, arguments) if arguments is not None else None
 
 
+def _run_stem(layers: list[nn.Module], x: Tensor) -> tuple[Tensor, int]:
+    """The first layer, when it is a stem (stem_plan), and the block after it as one op call
+    (the stem's output computed as the block reads it): (output, 2); else (x, 0)."""
+    if len(layers) < 2 or has_hooks(layers[0]):
+        return x, 0
+    stem = stem_plan(layers[0])
+    planned = _planned(layers[1]) if stem is not None and stem.takes(x) else None
+    if planned is None or not planned[0].takes_a_stem(stem.stem.conv.out_channels):
+        return x, 0
+    stem_arguments = stem.arguments()
+    if stem_arguments is None:
+        return x, 0
+    return _OP(x, *planned[1], *stem_arguments), 2
+
+
 def run_layers(layers: Iterable[nn.Module], x: Tensor) -> Tensor:
     """x through `layers` in order. In eval on the CPU each run of consecutive blocks with plans
     goes straight to the op, their plans and never-stale checks made together just before it:
     interleaved with the ops they cost twice as much (their objects out of cache), and with the
     module calls they cost 13-19% of MobileNetV3's forward at batch 1. No user code runs between
-    the checks and the ops. Other layers, and blocks with hooks, are called as modules."""
+    the checks and the ops. A stem first and the block after it are one op call. Other layers,
+    and blocks with hooks, are called as modules."""
     layers = list(layers)
     if not NATIVE or x.dim() != 4 or not eval_op_applies(x, x.shape[1]):
         for layer in layers:
             x = layer(x)
         return x
-    ran, i = False, 0
+    x, i = _run_stem(layers, x)
+    ran = i > 0
     while i < len(layers):
         run = []
         for layer in layers[i:]:
@@ -293,6 +377,9 @@ if NATIVE:
     @torch.library.register_fake("fastmb::inverted_residual")
     def _fake(x, expand_weight, expand_bias, expand_activation, dw_weight, dw_scale, dw_shift, stride, padding, dilation,
               dw_activation, fc1_weight, fc1_bias, fc2_weight, fc2_bias, se_activation, se_gate, project_weight, project_bias,
-              residual, project_activation="identity"):  # fmt: skip
+              residual, project_activation="identity", stem_weight=None, stem_scale=None, stem_shift=None, stem_stride=(1, 1),
+              stem_padding=(0, 0), stem_dilation=(1, 1), stem_activation="identity"):  # fmt: skip
+        if stem_weight is not None:
+            x = x.new_empty(conv_output_shape(x, stem_weight, stem_stride, stem_padding, stem_dilation))
         n, _, ho, wo = conv_output_shape(x, dw_weight, stride, padding, dilation)
         return x.new_empty(n, project_bias.shape[0], ho, wo).contiguous(memory_format=torch.channels_last)

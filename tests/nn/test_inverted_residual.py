@@ -232,7 +232,7 @@ def counting_op_calls(monkeypatch) -> list[int]:
     the op, a block's own forward and run_layers, go through inverted_residual._OP)."""
     calls = []
     op = ir._OP
-    monkeypatch.setattr(ir, "_OP", lambda x, *args: calls.append(args[-3].shape[0]) or op(x, *args))
+    monkeypatch.setattr(ir, "_OP", lambda x, *args: calls.append(args[16].shape[0]) or op(x, *args))  # project_weight
     return calls
 
 
@@ -328,3 +328,216 @@ def test_op_rejects_bad_arguments_by_name():
         op(x, *args[:-1], "swish2")  # the projection's activation
     with pytest.raises(RuntimeError, match="SE tensors"):
         op(x, *args[:11], None, *args[12:])
+
+
+# A stem computed as the first block reads it (the op's stem_* arguments, run_layers): (stem
+# output channels, activation, kernel, stride) and the block after it in each builder.
+STEM_CASES = [
+    ((16, "hardswish", 3, 2), (v3_block, V3_CASES[0])),  # V3-Large: a residual block
+    ((16, "hardswish", 3, 2), (v3_block, V3_CASES[1])),  # V3-Small: SE, stride 2
+    ((32, "relu6", 3, 2), (v2_block, V2_CASES[0])),  # V2
+    ((32, "relu", 3, 1), (v1_block, V1_CASES[0])),  # V1's depthwise-separable block, a stride-1 stem
+    ((16, "silu", 5, 3), (v3_block, V3_CASES[0])),  # a 5x5 stem of stride 3 (vector-filling channels)
+    ((24, "relu", 3, 2), (v3_block, (24, 3, 24, 24, False, "RE", 1, 1))),  # 24 channels: not whole AVX-512 vectors
+]
+STEM_SIZES = [(1, 34, 30), (3, 17, 23), (1, 80, 70), (2, 9, 7)]  # row parts, several images, a large one, image split
+
+
+def stem_and_block(stem_case, block_case, seed: int = 0) -> list[nn.Module]:
+    channels, activation, kernel, stride = stem_case
+    build, case = block_case
+    torch.manual_seed(seed)
+    stem = fastmb.nn.ConvBNAct(3, channels, kernel, stride, activation=activation)
+    randomize_batch_norm(stem)
+    return [stem.eval(), build(case, seed)]
+
+
+def run_stem_and_block(layers: list[nn.Module], x: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """run_layers over [stem, block], checking that it made one op call with the stem."""
+    calls = []
+    op = ir._OP
+    monkeypatch.setattr(ir, "_OP", lambda x, *args: calls.append(len(args)) or op(x, *args))
+    with torch.no_grad():
+        y = ir.run_layers(layers, x)
+    monkeypatch.setattr(ir, "_OP", op)
+    assert calls == [27], f"expected one op call with the stem's arguments, got calls with {calls} arguments"
+    return y
+
+
+def stem_layer_by_layer(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    stem, block = layers
+    return layer_by_layer(block, stem(x))
+
+
+@pytest.mark.parametrize("thread_count", [1, 2])
+@pytest.mark.parametrize("size", STEM_SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("cases", STEM_CASES, ids=lambda c: f"stem{c[0][0]}-{c[0][1]}-k{c[0][2]}s{c[0][3]}-{block_id(c[1])}")
+def test_stem_and_block_match_their_layers(cases, size, thread_count, monkeypatch):
+    """DESIGN.md's rule against the layers in float64, as check_against_layers."""
+    layers = stem_and_block(*cases)
+    x = torch.randn(size[0], 3, *size[1:])
+    with threads(thread_count):
+        fused = run_stem_and_block(layers, x, monkeypatch)
+    with torch.no_grad(), fastmb.use_backend("reference"):
+        eager = stem_layer_by_layer(layers, x)
+        oracle = stem_layer_by_layer([copy.deepcopy(m).double() for m in layers], x.double())
+    assert fused.shape == oracle.shape and fused.is_contiguous(memory_format=torch.channels_last)
+    scale = oracle.abs().max().item()
+    fused_error = (fused.double() - oracle).abs().max().item()
+    eager_error = (eager.double() - oracle).abs().max().item()
+    assert fused_error <= 2 * eager_error + FLOOR[torch.float32] * max(scale, 1.0), (fused_error, eager_error)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_stem_reads_any_input_layout(layout, monkeypatch):
+    layers = stem_and_block(*STEM_CASES[0])
+    x = torch.randn(2, 3, 21, 19)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(2, 3, 42, 19)[:, :, ::2]
+    fused = run_stem_and_block(layers, x, monkeypatch)
+    with torch.no_grad(), fastmb.use_backend("reference"):
+        expected = stem_layer_by_layer(layers, x)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+
+
+def change_stem_weight(layers: list[nn.Module]) -> None:
+    with torch.no_grad():
+        layers[0][0].weight.mul_(1.5)
+
+
+def change_stem_statistics(layers: list[nn.Module]) -> None:
+    layers[0][1].running_var.data = layers[0][1].running_var.data * 3.0
+
+
+def change_stem_activation(layers: list[nn.Module]) -> None:
+    layers[0][2] = nn.ReLU()
+
+
+def change_stem_stride(layers: list[nn.Module]) -> None:
+    layers[0][0].stride = (1, 1)
+
+
+@pytest.mark.parametrize("change", [change_stem_weight, change_stem_statistics, change_stem_activation, change_stem_stride])
+def test_stem_changes_between_calls_are_picked_up(change, monkeypatch):
+    layers = stem_and_block(*STEM_CASES[0])
+    x = torch.randn(1, 3, 24, 20)
+    before = run_stem_and_block(layers, x, monkeypatch)
+    change(layers)
+    after = run_stem_and_block(layers, x, monkeypatch)
+    with torch.no_grad(), fastmb.use_backend("reference"):
+        expected = stem_layer_by_layer(layers, x)
+    assert before.shape != after.shape or not torch.allclose(before, after, atol=1e-3)
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+
+
+def hook_on_stem(layers: list[nn.Module]) -> None:
+    layers[0].register_forward_hook(lambda module, args, out: None)
+
+
+def stem_in_training(layers: list[nn.Module]) -> None:
+    layers[0].train()
+
+
+def se_and_residual_block(layers: list[nn.Module]) -> None:
+    layers[1] = v3_block((16, 3, 16, 16, True, "RE", 1, 1))  # the op takes a residual or SE after a stem, not both
+
+
+def eight_input_channels(layers: list[nn.Module]) -> None:
+    layers[0] = fastmb.nn.ConvBNAct(8, 16, 3, 2, activation="hardswish").eval()
+
+
+def a_pointwise_first_layer(layers: list[nn.Module]) -> None:
+    layers[0] = fastmb.nn.ConvBNAct(3, 16, 1, 1, activation="hardswish").eval()
+
+
+def an_expanding_block(layers: list[nn.Module]) -> None:
+    layers[1] = v3_block((16, 3, 64, 24, False, "RE", 2, 1))
+
+
+@pytest.mark.parametrize(
+    "setting", [hook_on_stem, stem_in_training, se_and_residual_block, eight_input_channels, a_pointwise_first_layer, an_expanding_block]
+)
+def test_stem_steps_aside_where_it_does_not_apply(setting, monkeypatch):
+    """The stem then runs as its module and the block as its own op call (or its layers)."""
+    layers = stem_and_block(*STEM_CASES[0])
+    setting(layers)
+    in_channels = layers[0][0].in_channels
+    x = torch.randn(2, in_channels, 20, 18)
+    calls = []
+    op = ir._OP
+    monkeypatch.setattr(ir, "_OP", lambda x, *args: calls.append(len(args)) or op(x, *args))
+    with torch.no_grad():
+        fused = ir.run_layers(layers, x)
+        with fastmb.use_backend("reference"):
+            expected = stem_layer_by_layer(layers, x)
+    assert 27 not in calls
+    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_models_run_the_stem_in_the_first_block(monkeypatch):
+    calls = []
+    op = ir._OP
+    monkeypatch.setattr(ir, "_OP", lambda x, *args: calls.append(len(args)) or op(x, *args))
+    for name in ("mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v2", "mobilenet_v1"):
+        calls.clear()
+        model = getattr(fastmb, name)().eval()
+        randomize_batch_norm(model)
+        with torch.no_grad():
+            model(torch.randn(1, 3, 64, 64))
+        assert calls[0] == 27 and 27 not in calls[1:], (name, calls)
+
+
+def stem_arguments(layers: list[nn.Module], x: torch.Tensor) -> tuple[tuple, tuple]:
+    with torch.no_grad():
+        ir.run_layers(layers, x)
+    return ir.block_plan(layers[1], layers_of(layers[1]), residual(layers[1])).arguments(), ir.stem_plan(layers[0]).arguments()
+
+
+def test_fake_tensor_shape_with_a_stem():
+    layers = stem_and_block(*STEM_CASES[1])
+    x = torch.randn(2, 3, 23, 17)
+    block_args, stem_args = stem_arguments(layers, x)
+    with torch.no_grad():
+        real = torch.ops.fastmb.inverted_residual(x, *block_args, *stem_args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in (*block_args, *stem_args)]
+        fake = torch.ops.fastmb.inverted_residual(mode.from_tensor(x), *fake_args)
+    assert fake.shape == real.shape and fake.stride() == real.stride()
+
+
+def test_op_rejects_bad_stem_arguments_by_name():
+    layers = stem_and_block(*STEM_CASES[0])
+    x = torch.randn(1, 3, 20, 18)
+    block_args, stem_args = stem_arguments(layers, x)
+    weight, scale, shift, stride, padding, dilation, activation = stem_args
+    op = torch.ops.fastmb.inverted_residual
+    with pytest.raises(RuntimeError, match="go together"):
+        op(x, *block_args, weight, None, shift)
+    with pytest.raises(RuntimeError, match="stem_weight"):
+        op(x, *block_args, weight[:, :2].contiguous(), *stem_args[1:])  # 2 input channels for a 3-channel image
+    with pytest.raises(RuntimeError, match="dw_weight"):
+        op(x, *block_args, weight[:8].contiguous(), scale[:8].contiguous(), shift[:8].contiguous(), *stem_args[3:])
+    with pytest.raises(RuntimeError, match="stem_scale"):
+        op(x, *block_args, weight, scale[:5].contiguous(), *stem_args[2:])
+    with pytest.raises(RuntimeError, match="stem_scale"):
+        op(x, *block_args, weight, scale.double(), *stem_args[2:])
+    with pytest.raises(RuntimeError, match="stride"):
+        op(x, *block_args, weight, scale, shift, [0, 2], *stem_args[4:])
+    with pytest.raises(RuntimeError, match="empty"):
+        op(x[:, :, :1, :1], *block_args, weight, scale, shift, stride, [0, 0], dilation, activation)  # 1x1 image, 3x3 kernel, no padding
+    with pytest.raises(RuntimeError, match="activation"):
+        op(x, *block_args, *stem_args[:-1], "swish2")
+    with pytest.raises(RuntimeError, match="image"):
+        op(x.double(), *block_args, *stem_args)
+    expand = (torch.zeros(1, 16, 16), torch.zeros(16))
+    with pytest.raises(RuntimeError, match="expansion"):
+        op(x, expand[0], expand[1], *block_args[2:], *stem_args)
+    se_residual = stem_and_block(*STEM_CASES[0])
+    se_and_residual_block(se_residual)
+    se_args, se_stem = stem_arguments(se_residual, x)
+    with pytest.raises(RuntimeError, match="residual or SE"):
+        op(x, *se_args, *se_stem)
