@@ -28,7 +28,18 @@ from fastmb.ops.activations import activation_name, gate_name
 from fastmb.ops.common import runs_composite
 from fastmb.ops.classifier_head import NATIVE as HEAD_NATIVE
 from fastmb.ops.classifier_head import FusedHead, HeadLinear
-from fastmb.ops.inverted_residual import NATIVE, BlockLayers, ConvBN, FusedBlock, fused_block, has_hooks, run_layers, structure_key
+from fastmb.ops.inverted_residual import (
+    NATIVE,
+    BlockLayers,
+    ConvBN,
+    FusedBlock,
+    FusedStem,
+    fused_block,
+    has_hooks,
+    run_layers,
+    stem_conv,
+    structure_key,
+)
 from fastmb.ops.packing import cached_plan, pointwise_conv
 from fastmb.ops.squeeze_excitation import run_squeeze_excitation
 
@@ -75,6 +86,8 @@ def same_padding(conv: nn.Conv2d, x: Tensor) -> list[int]:
 
 def run_stage(block: nn.Module, conv_name: str, bn_name: str, x: Tensor) -> Tensor:
     conv, bn = block._modules[conv_name], block._modules[bn_name]
+    if has_hooks(conv) or has_hooks(bn):  # the modules themselves, so that their hooks run
+        return bn(conv(x))
     kind, act = block._fastmb_plan[conv_name]
     if kind == "depthwise":
         padding = same_padding(conv, x) if type(conv) is Conv2dSame else None
@@ -309,7 +322,7 @@ class FusedEfficientNet(EfficientNet):
         head = _head_plan(self, _efficientnet_head)
         if head is None:
             return super().forward(x)
-        x = run_layers(_blocks_in_order(self.blocks), run_stage(self, "conv_stem", "bn1", x))
+        x = run_layers([_Stem(self), *_blocks_in_order(self.blocks)], x)
         logits = head(x)
         return logits if logits is not None else self.forward_head(run_stage(self, "conv_head", "bn2", x))
 
@@ -331,9 +344,34 @@ class FusedMobileNetV3(MobileNetV3):
         if head is None:
             return super().forward(x)
         layers = _blocks_in_order(self.blocks)
-        x = run_layers(layers[:-1], run_stage(self, "conv_stem", "bn1", x))
+        x = run_layers([_Stem(self), *layers[:-1]], x)
         logits = head(x)
         return logits if logits is not None else self.forward_head(layers[-1](x))
+
+
+class _Stem:
+    """A converted model's conv_stem and bn1 as run_layers's first layer: called, it runs them;
+    its fused_stem() lets run_layers compute the stem inside the first block's op."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return run_stage(self.model, "conv_stem", "bn1", x)
+
+    def fused_stem(self) -> FusedStem | None:
+        """The stem's plan, kept on the model; None where it runs as its modules (not fused,
+        Conv2dSame's input-dependent padding, hooks)."""
+        model = self.model
+        conv, bn = model._modules["conv_stem"], model._modules["bn1"]
+        if model._fastmb_plan["conv_stem"][0] != "conv" or has_hooks(conv) or has_hooks(bn) or has_hooks(bn.act):
+            return None
+
+        def build() -> FusedStem | None:
+            activation = activation_name(bn.act)  # the module's now (structure_key: a swapped one builds again)
+            return FusedStem(ConvBN(conv, bn, activation)) if activation is not None and stem_conv(conv) else None
+
+        return cached_plan(model, "_fastmb_stem", structure_key([conv, bn]), build)
 
 
 def _blocks_in_order(blocks: nn.Module) -> list[nn.Module]:

@@ -246,27 +246,33 @@ class FusedStem(PackedArguments):
         return x.shape[1] == self.stem.conv.in_channels and not self.stem.bn.training
 
 
-def stem_layers(module: nn.Module) -> ConvBN | None:
-    """The (conv, bn, activation) of a ConvBNAct the op can run as a stem: a full conv (zero
-    padding, no groups) over at most _STEM_MAX_IN_CHANNELS channels with a kernel above 1x1."""
-    layers = conv_bn(module)
-    if layers is None:
-        return None
-    conv = layers.conv
-    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or conv.in_channels > _STEM_MAX_IN_CHANNELS:
-        return None
-    return layers if conv.kernel_size != (1, 1) else None
+def stem_conv(conv: nn.Module) -> bool:
+    """Whether the op can run `conv` as a stem: a plain nn.Conv2d without bias or groups, zero
+    padding, a kernel above 1x1, over at most _STEM_MAX_IN_CHANNELS channels."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.bias is None
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and conv.in_channels <= _STEM_MAX_IN_CHANNELS
+        and conv.kernel_size != (1, 1)
+    )
 
 
 def stem_plan(module: nn.Module) -> FusedStem | None:
-    """The FusedStem of `module`, kept on it and rebuilt when its children change, or None."""
-    if not isinstance(module, nn.Sequential):
+    """The FusedStem of a ConvBNAct that is a stem (stem_conv, a plain batch norm), kept on it
+    and rebuilt when its children change; None for anything else and a module with hooks."""
+    fused_stem = getattr(module, "fused_stem", None)  # a stem run_layers is given by a model (timm's)
+    if fused_stem is not None:
+        return fused_stem()
+    if not isinstance(module, nn.Sequential) or has_hooks(module):
         return None
     children = module._modules.values()
 
     def build() -> FusedStem | None:
-        layers = stem_layers(module)
-        return FusedStem(layers) if layers is not None else None
+        layers = conv_bn(module)
+        return FusedStem(layers) if layers is not None and stem_conv(layers.conv) else None
 
     return cached_plan(module, "_fastmb_stem", structure_key([module, *children]), build)
 
@@ -326,7 +332,7 @@ def _planned(layer: nn.Module) -> tuple[FusedBlock, tuple] | None:
 def _run_stem(layers: list[nn.Module], x: Tensor) -> tuple[Tensor, int]:
     """The first layer, when it is a stem (stem_plan), and the block after it as one op call
     (the stem's output computed as the block reads it): (output, 2); else (x, 0)."""
-    if len(layers) < 2 or has_hooks(layers[0]):
+    if len(layers) < 2:
         return x, 0
     stem = stem_plan(layers[0])
     planned = _planned(layers[1]) if stem is not None and stem.takes(x) else None
