@@ -53,16 +53,49 @@ FASTMB_INLINE void store_first(float* p, VT v, int64_t count) {
 #endif
 }
 
+#if FASTMB_GEMM_BYTES == 64
+// Half vectors (8 lanes, a ymm register): the last panel when only its first 8 columns are
+// real. Zen 4 runs a 512-bit FMA as two 256-bit halves, so the padding's half costs nothing.
+using VH = Vec<float, 32>;
+using VHT = VH::type;
+FASTMB_INLINE VHT low_half(VT v) { return VHT(_mm512_castps512_ps256(__m512(v))); }
+FASTMB_INLINE VHT load_half(const float* p, int64_t count) {
+  return count >= 8 ? VH::load(p) : VHT(_mm256_maskz_loadu_ps(__mmask8((1u << count) - 1), p));
+}
+FASTMB_INLINE void store_half(float* p, VHT v, int64_t count) {
+  if (count >= 8) return VH::store(p, v);
+  _mm256_mask_storeu_ps(p, __mmask8((1u << count) - 1), __m256(v));
+}
+#endif
+
+// The epilogue of an accumulator y (bias included) of row `row` from column col: activation,
+// residual, stored; load and store move as many columns as y holds, or fewer.
+template <typename W, typename Load, typename Store>
+FASTMB_INLINE void finish(const Gemm& g, const ActivationFn<float>& act, bool smooth, W y, int64_t row, int64_t col, const Load& load,
+                          const Store& store) {
+  y = smooth ? smooth_activation<VecMath, float>(g.act, y) : act(y);
+  if (g.residual != nullptr) y += load(g.residual + row * g.ldr + col);
+  store(g.c + row * g.ldc + col, y);
+}
+
 // Rows [i0, i0 + R) x panels [p0, p0 + P) of c: the k-loop with R * P * kPanelVectors
 // accumulators in registers, then bias, activation and residual on the way out. Columns past n
-// (the last panel's padding) are computed and dropped.
-template <int R, int P>
+// (the last panel's padding) are computed and dropped, except with Half: the last panel has at
+// most 8 real columns, and its other half is not computed (AVX-512: the last vector is a half
+// vector; 32-byte vectors: the panel's second vector is left out).
+template <int R, int P, bool Half>
 FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0) {
-  constexpr int NV = P * kPanelVectors;
-  const int64_t col0 = p0 * kPanel;
+#if FASTMB_GEMM_BYTES == 64
+  constexpr bool kHalfVector = Half;  // one vector a panel: the last one at half width
+#else
+  constexpr bool kHalfVector = false;  // two vectors a panel: the last one left out
+#endif
+  constexpr int NV = P * kPanelVectors - (Half ? 1 : 0);  // full-width vectors
+  constexpr int NA = NV > 0 ? NV : 1;  // (arrays of at least one)
+  const int64_t col0 = p0 * kPanel, half_col = col0 + NV * kLanes;
   // The accumulators start at the bias: with few input channels (16-24 in the early blocks) an
   // add per output value in the epilogue is a sizeable share of the tile's work.
-  VT acc[R][NV];
+  VT acc[R][NA];
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
     const int64_t col = col0 + v * kLanes;
@@ -70,19 +103,34 @@ FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0) {
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) acc[r][v] = bias;
   }
+#if FASTMB_GEMM_BYTES == 64
+  VHT acc_half[R];
+  if constexpr (kHalfVector) {
+    const VHT bias = load_half(g.bias + half_col, g.n - half_col);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc_half[r] = bias;
+  }
+#endif
   const int64_t k = g.k, lda = g.lda;
   const float* a = g.a + i0 * lda;
   const float* w = g.w + p0 * k * kPanel;
   // Plain loops with constant trip counts, fully unrolled, so the accumulators stay in registers.
   for (int64_t kk = 0; kk < k; ++kk) {
-    VT wv[NV];
+    VT wv[NA];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) wv[v] = V::load(w + (v / kPanelVectors) * k * kPanel + kk * kPanel + (v % kPanelVectors) * kLanes);
+#if FASTMB_GEMM_BYTES == 64
+    VHT wh{};
+    if constexpr (kHalfVector) wh = VH::load(w + NV * k * kPanel + kk * kPanel);
+#endif
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const VT x = broadcast(a + r * lda + kk);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] += x * wv[v];
+#if FASTMB_GEMM_BYTES == 64
+      if constexpr (kHalfVector) acc_half[r] += low_half(x) * wh;
+#endif
     }
   }
   const ActivationFn<float> act(g.act);
@@ -93,54 +141,65 @@ FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0) {
     if (col >= g.n) break;
     if (col + kLanes <= g.n) {
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        VT y = acc[r][v];
-        y = smooth ? smooth_activation<VecMath, float>(g.act, y) : act(y);
-        if (g.residual != nullptr) y += V::load(g.residual + (i0 + r) * g.ldr + col);
-        V::store(g.c + (i0 + r) * g.ldc + col, y);
-      }
+      for (int r = 0; r < R; ++r)
+        finish(g, act, smooth, acc[r][v], i0 + r, col, [](const float* p) { return V::load(p); }, [](float* p, VT y) { V::store(p, y); });
     } else {  // the last, partial vector of columns
       const int64_t count = g.n - col;
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        VT y = acc[r][v];
-        y = smooth ? smooth_activation<VecMath, float>(g.act, y) : act(y);
-        if (g.residual != nullptr) y += load_first(g.residual + (i0 + r) * g.ldr + col, count);
-        store_first(g.c + (i0 + r) * g.ldc + col, y, count);
-      }
+      for (int r = 0; r < R; ++r)
+        finish(g, act, smooth, acc[r][v], i0 + r, col, [count](const float* p) { return load_first(p, count); },
+               [count](float* p, VT y) { store_first(p, y, count); });
     }
   }
+#if FASTMB_GEMM_BYTES == 64
+  if constexpr (kHalfVector) {
+    const int64_t count = g.n - half_col;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      finish(g, act, smooth, acc_half[r], i0 + r, half_col, [count](const float* p) { return load_half(p, count); },
+             [count](float* p, VHT y) { store_half(p, y, count); });
+  }
+#endif
 }
 
 // Rows per tile of P panels: about kAccumulators accumulator registers, at most 14 rows.
 constexpr int rows_for(int panels) { return std::min(14, kAccumulators / (panels * kPanelVectors)); }
 
 // The last rows' tile: `left` (< R) rows from i0.
-template <int P, int R>
+template <int P, bool Half, int R>
 FASTMB_INLINE void tail_tile(const Gemm& g, int64_t i0, int64_t p0, int64_t left) {
   if constexpr (R >= 1) {
-    if (left == R) return tile<R, P>(g, i0, p0);
-    tail_tile<P, R - 1>(g, i0, p0, left);
+    if (left == R) return tile<R, P, Half>(g, i0, p0);
+    tail_tile<P, Half, R - 1>(g, i0, p0, left);
   }
 }
 
 // Rows [0, m) in tiles of rows_for(P), the last tile as many rows as are left.
-template <int P>
+template <int P, bool Half>
 FASTMB_INLINE void tile_rows(const Gemm& g, int64_t p0) {
   constexpr int R = rows_for(P);
   int64_t i0 = 0;
-  for (; i0 + R <= g.m; i0 += R) tile<R, P>(g, i0, p0);
-  tail_tile<P, R - 1>(g, i0, p0, g.m - i0);
+  for (; i0 + R <= g.m; i0 += R) tile<R, P, Half>(g, i0, p0);
+  tail_tile<P, Half, R - 1>(g, i0, p0, g.m - i0);
 }
 
 // Panels [p, panel1) in groups of P, then of fewer (a group's weights, k x 16 x P floats, stay in
-// L1/L2 while every row tile passes over them).
+// L1/L2 while every row tile passes over them); `half`: panel1 - 1 has at most 8 real columns.
 template <int P>
-FASTMB_INLINE void panel_groups(const Gemm& g, int64_t p, int64_t panel1) {
-  for (; p + P <= panel1; p += P) tile_rows<P>(g, p);
-  if constexpr (P > 1) panel_groups<P - 1>(g, p, panel1);
+FASTMB_INLINE void panel_groups(const Gemm& g, int64_t p, int64_t panel1, bool half) {
+  for (; p + P <= panel1; p += P) {
+    if (half && P > 2 && panel1 - p == P + 1) break;  // not a last group of only the half panel: end on 2 panels
+    if (half && p + P == panel1) tile_rows<P, true>(g, p);
+    else tile_rows<P, false>(g, p);
+  }
+  if constexpr (P > 1) panel_groups<P - 1>(g, p, panel1, half);
 }
 
-void gemm_panels(const Gemm& g, int64_t panel0, int64_t panel1) { panel_groups<kPanels>(g, panel0, panel1); }
+void gemm_panels(const Gemm& g, int64_t panel0, int64_t panel1) {
+  // n = 24, 40, 72, 88, 120, 184, 200 (MobileNetV3's early blocks): a half panel last
+  const int64_t last = g.n % kPanel;
+  const bool half = panel1 * kPanel >= g.n && last != 0 && last <= kPanel / 2;
+  panel_groups<kPanels>(g, panel0, panel1, half);
+}
 
 }  // namespace fastmb::cpu::pointwise::FASTMB_CPU_ISA
