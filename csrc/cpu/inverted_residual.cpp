@@ -92,7 +92,7 @@ struct Block {
 // A thread's reusable buffers (grown, never shrunk).
 struct Workspace {
   std::vector<float> expanded, depthwise, partial, weights;
-  std::vector<float> excitation;  // fold_gate's mean, hidden and gate values
+  std::vector<float> excitation;  // excite's mean, hidden and gate values
   std::vector<float> sums, shared_weights;  // run_block's, on the calling thread
 };
 Workspace& thread_workspace() {
@@ -182,9 +182,9 @@ void excite_gate(const Block& b, const float* hidden, float* gate, int64_t r0, i
   fc_rows(gate, hidden, b.fc2_w, b.fc2_b, b.squeeze, r0, r1, [kind](float v) { return gate_value(kind, v); });
 }
 
-// The SE gate of one image from its depthwise output's channel sums, folded into the projection
-// weights (packed like project_w), on this thread.
-void fold_gate(const Block& b, const float* sums, float* weights) {
+// The SE gate of one image from its depthwise output's channel sums, on this thread (in its
+// workspace: valid until its next call).
+const float* excite(const Block& b, const float* sums) {
   const int64_t c = b.g.c, s = b.squeeze;
   float* const mean = sized(thread_workspace().excitation, 2 * c + s);
   float *const hidden = mean + c, *const gate = hidden + s;
@@ -192,7 +192,12 @@ void fold_gate(const Block& b, const float* sums, float* weights) {
   for (int64_t k = 0; k < c; ++k) mean[k] = sums[k] * inv;
   excite_hidden(b, mean, hidden, 0, s);
   excite_gate(b, hidden, gate, 0, c);
-  gate_packed_rows(weights, b.project_w, gate, panels_of(b.cout), c);
+  return gate;
+}
+
+// The SE gate of one image folded into the projection weights (packed like project_w).
+void fold_gate(const Block& b, const float* sums, float* weights) {
+  gate_packed_rows(weights, b.project_w, excite(b, sums), panels_of(b.cout), b.g.c);
 }
 
 // rows[p][k] *= gate[k] for `pixels` rows of c values.
@@ -324,8 +329,16 @@ void run_block(const Block& b) {
         Workspace& ws = thread_workspace();
         float* depthwise = sized(ws.depthwise, image_values);
         expand_depthwise_rows(b, n, 0, g.ho, depthwise, sum);
-        float* weights = sized(ws.weights, b.project_values());
-        fold_gate(b, sum, weights);
+        // The gate applied to whichever is smaller: the depthwise output's rows (in place, as
+        // at 7x7) or a gated copy of the projection weights (as at 14x14 and up).
+        const float* weights = b.project_w;
+        if (image_values <= b.project_values()) {
+          scale_rows(depthwise, excite(b, sum), pixels_out, g.c);
+        } else {
+          float* gated = sized(ws.weights, b.project_values());
+          fold_gate(b, sum, gated);
+          weights = gated;
+        }
         // the residual's rows: x's, or the stem's, all of the image's still in this thread's buffer
         const float* input = b.stem != nullptr ? ws.expanded.data() : b.image(n);
         project(b, n, depthwise, weights, input, 0, pixels_out);
