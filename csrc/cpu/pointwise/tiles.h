@@ -135,6 +135,22 @@ FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0) {
   }
   const ActivationFn<float> act(g.act);
   const bool smooth = is_smooth(g.act);
+  // Whole vectors and a clamp activation (the common case) without the checks per vector: at
+  // 16-24 input channels they cost a sixth of the tile's time.
+  if (!smooth && half_col <= g.n && g.residual == nullptr) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) V::store(g.c + (i0 + r) * g.ldc + col0 + v * kLanes, act(acc[r][v]));
+  } else if (!smooth && half_col <= g.n) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const int64_t col = col0 + v * kLanes;
+        V::store(g.c + (i0 + r) * g.ldc + col, act(acc[r][v]) + V::load(g.residual + (i0 + r) * g.ldr + col));
+      }
+  } else
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
     const int64_t col = col0 + v * kLanes;
