@@ -75,10 +75,10 @@ struct Block {
   // expansion of x's rows, or the stem's output rows.
   void produce(int64_t n, int64_t r0, int64_t r1, float* rows) const {
     if (stem != nullptr) return stem->rows(rows, n, r0, r1);
-    gemm(expand(image(n) + r0 * g.w * cin, rows, (r1 - r0) * g.w), 0, (g.c + pointwise::kPanel - 1) / pointwise::kPanel);
+    gemm(expand(image(n) + r0 * g.w * cin, rows, (r1 - r0) * g.w), 0, panels_of(g.c));
   }
   // Floats in the packed projection weights (one image's gated copy).
-  int64_t project_values() const { return (cout + pointwise::kPanel - 1) / pointwise::kPanel * pointwise::kPanel * g.c; }
+  int64_t project_values() const { return panels_of(cout) * pointwise::kPanel * g.c; }
   // The expansion of `pixels` input pixels from `in` into `out`.
   pointwise::Gemm expand(const float* in, float* out, int64_t pixels) const {
     return {in, cin, expand_w, expand_b, nullptr, 0, out, g.c, pixels, g.c, cin, expand_act};

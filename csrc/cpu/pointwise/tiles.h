@@ -92,7 +92,7 @@ FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0) {
 #endif
   constexpr int NV = P * kPanelVectors - (Half ? 1 : 0);  // full-width vectors
   constexpr int NA = NV > 0 ? NV : 1;  // (arrays of at least one)
-  const int64_t col0 = p0 * kPanel, half_col = col0 + NV * kLanes;
+  const int64_t col0 = p0 * kPanel, tail_col = col0 + NV * kLanes;  // past the full vectors: the half vector's
   // The accumulators start at the bias: with few input channels (16-24 in the early blocks) an
   // add per output value in the epilogue is a sizeable share of the tile's work.
   VT acc[R][NA];
@@ -106,7 +106,7 @@ FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0) {
 #if FASTMB_GEMM_BYTES == 64
   VHT acc_half[R];
   if constexpr (kHalfVector) {
-    const VHT bias = load_half(g.bias + half_col, g.n - half_col);
+    const VHT bias = load_half(g.bias + tail_col, g.n - tail_col);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) acc_half[r] = bias;
   }
@@ -137,12 +137,12 @@ FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0) {
   const bool smooth = is_smooth(g.act);
   // Whole vectors and a clamp activation (the common case) without the checks per vector: at
   // 16-24 input channels they cost a sixth of the tile's time.
-  if (!smooth && half_col <= g.n && g.residual == nullptr) {
+  if (!smooth && tail_col <= g.n && g.residual == nullptr) {
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) V::store(g.c + (i0 + r) * g.ldc + col0 + v * kLanes, act(acc[r][v]));
-  } else if (!smooth && half_col <= g.n) {
+  } else if (!smooth && tail_col <= g.n) {
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)
 #pragma GCC unroll 16
@@ -169,10 +169,10 @@ FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0) {
   }
 #if FASTMB_GEMM_BYTES == 64
   if constexpr (kHalfVector) {
-    const int64_t count = g.n - half_col;
+    const int64_t count = g.n - tail_col;
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
-      finish(g, act, smooth, acc_half[r], i0 + r, half_col, [count](const float* p) { return load_half(p, count); },
+      finish(g, act, smooth, acc_half[r], i0 + r, tail_col, [count](const float* p) { return load_half(p, count); },
              [count](float* p, VHT y) { store_half(p, y, count); });
   }
 #endif
