@@ -200,22 +200,36 @@ FASTMB_INLINE void tile_rows(const Gemm& g, int64_t p0) {
 }
 
 // Panels [p, panel1) in groups of P, then of fewer (a group's weights, k x 16 x P floats, stay in
-// L1/L2 while every row tile passes over them); `half`: panel1 - 1 has at most 8 real columns.
+// L1/L2 while every row tile passes over them).
 template <int P>
-FASTMB_INLINE void panel_groups(const Gemm& g, int64_t p, int64_t panel1, bool half) {
-  for (; p + P <= panel1; p += P) {
-    if (half && P > 2 && panel1 - p == P + 1) break;  // not a last group of only the half panel: end on 2 panels
-    if (half && p + P == panel1) tile_rows<P, true>(g, p);
-    else tile_rows<P, false>(g, p);
-  }
-  if constexpr (P > 1) panel_groups<P - 1>(g, p, panel1, half);
+FASTMB_INLINE void panel_groups(const Gemm& g, int64_t p, int64_t panel1) {
+  for (; p + P <= panel1; p += P) tile_rows<P, false>(g, p);
+  if constexpr (P > 1) panel_groups<P - 1>(g, p, panel1);
+}
+
+// The panels in the last group when panel1 - panel0 end on a half panel: 3 (or 2, or all of them
+// when fewer), so that the groups of kPanels before it leave no group of one panel.
+constexpr int64_t half_group(int64_t panels) {
+  if (kPanels < 3 || panels < 3) return std::min<int64_t>(panels, kPanels >= 2 ? 2 : 1);
+  return (panels - 3) % kPanels == 1 ? 2 : 3;
 }
 
 void gemm_panels(const Gemm& g, int64_t panel0, int64_t panel1) {
-  // n = 24, 40, 72, 88, 120, 184, 200 (MobileNetV3's early blocks): a half panel last
+  // n = 24, 40, 72, 88, 120, 184, 200 (MobileNetV3's early blocks) end on a panel of at most 8
+  // real columns: it closes the last group, the only one compiled with Half tiles. (One call
+  // site each: the tiles are inlined into this function.)
   const int64_t last = g.n % kPanel;
   const bool half = panel1 * kPanel >= g.n && last != 0 && last <= kPanel / 2;
-  panel_groups<kPanels>(g, panel0, panel1, half);
+  const int64_t group = half ? panel1 - half_group(panel1 - panel0) : panel1;
+  panel_groups<kPanels>(g, panel0, group);
+  if (!half) return;
+  if constexpr (kPanels >= 3) {
+    if (panel1 - group == 3) return tile_rows<3, true>(g, group);
+  }
+  if constexpr (kPanels >= 2) {
+    if (panel1 - group == 2) return tile_rows<2, true>(g, group);
+  }
+  tile_rows<1, true>(g, group);
 }
 
 }  // namespace fastmb::cpu::pointwise::FASTMB_CPU_ISA
