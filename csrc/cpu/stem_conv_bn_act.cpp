@@ -52,20 +52,22 @@ struct GatheredPatches {
 // its batch norm and activation applied while z is in registers). at(co): from channel co on.
 struct StoreZ {
   StoreZ at(int64_t) const { return *this; }
-  template <typename Acc, typename VT>
+  template <typename VT>
   FASTMB_INLINE VT operator()(VT z, int64_t) const { return z; }
 };
 template <typename Acc>
 struct StoreNormalized {
   const Acc *scale, *shift;
   Activation act;
+  ActivationFn<Acc> clamp;  // act's clamp form, made once (smooth activations: unused)
+  StoreNormalized(const Acc* scale_, const Acc* shift_, Activation act_) : scale(scale_), shift(shift_), act(act_), clamp(act_) {}
   StoreNormalized at(int64_t co) const { return {scale + co, shift + co, act}; }
   // Channels [col, col + lanes) of one pixel.
-  template <typename A, typename VT>
+  template <typename VT>
   FASTMB_INLINE VT operator()(VT z, int64_t col) const {
     using V = Vec<Acc, sizeof(VT)>;
     const VT u = z * V::load(scale + col) + V::load(shift + col);
-    return is_smooth(act) ? smooth_activation<VecMath, Acc>(act, u) : ActivationFn<Acc>(act)(u);
+    return is_smooth(act) ? smooth_activation<VecMath, Acc>(act, u) : clamp(u);
   }
 };
 
@@ -96,7 +98,7 @@ FASTMB_INLINE void z_tile(Acc* z, int64_t ldz, const Patches& patches, int64_t p
   for (int p = 0; p < P; ++p)
     if (p < np)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) V::store(z + p * ldz + v * L, store.template operator()<Acc>(acc[p][v], v * L));
+      for (int v = 0; v < NV; ++v) V::store(z + p * ldz + v * L, store(acc[p][v], v * L));
 }
 
 // Calls block(Int<NV>{}, co) for the blocks of up to kMaxVectors vectors of L output channels
@@ -524,12 +526,12 @@ class EvalStemRows final : public StemRows {
     if (int64_t(patches.size()) < s_.chunk * s_.taps_padded) patches.resize(s_.chunk * s_.taps_padded);
     if (s_.cp != s_.c && int64_t(z.size()) < s_.chunk * s_.cp) z.resize(s_.chunk * s_.cp);
     const Geometry& g = s_.g;
+    const StoreNormalized<float> store(scale_.data(), shift_.data(), act_);
     for (int64_t oh = oh0; oh < oh1; ++oh)
       for (int64_t ow0 = 0; ow0 < g.wo; ow0 += s_.chunk) {
         const int64_t count = std::min(s_.chunk, g.wo - ow0);
         float* y = out + ((oh - oh0) * g.wo + ow0) * s_.c;
         float* chunk = s_.cp == s_.c ? y : z.data();
-        const StoreNormalized<float> store{scale_.data(), shift_.data(), act_};
         for_each_run(s_, x_, x_strides_, n, oh, ow0, count, patches.data(), [&](const auto& p, int64_t p0, int64_t np) {
           convolve(chunk + p0 * s_.cp, p, w_.data(), np, s_.taps, s_.cp, store);
         });
