@@ -83,6 +83,16 @@ TORCH_LIBRARY(fastmb, m) {
       "Tensor project_weight, Tensor project_bias, bool residual, str project_activation=\"identity\", "
       "Tensor? stem_weight=None, Tensor? stem_scale=None, Tensor? stem_shift=None, int[2] stem_stride=[1, 1], "
       "int[2] stem_padding=[0, 0], int[2] stem_dilation=[1, 1], str stem_activation=\"identity\") -> Tensor");
+  // Blocks one after another in one call, each as inverted_residual (the first may take a stem),
+  // each one's output the next one's input. Per block, in order: 11 tensors (expand_weight,
+  // expand_bias, dw_weight, dw_scale, dw_shift, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+  // project_weight, project_bias), 9 settings (stride h, w; padding top, bottom, left, right;
+  // dilation h, w; residual 0 or 1) and 5 names (expand, depthwise and SE activations, the SE
+  // gate, the projection's activation).
+  m.def(
+      "inverted_residual_chain(Tensor x, Tensor?[] tensors, int[] settings, str[] names, Tensor? stem_weight=None, "
+      "Tensor? stem_scale=None, Tensor? stem_shift=None, int[2] stem_stride=[1, 1], int[2] stem_padding=[0, 0], "
+      "int[2] stem_dilation=[1, 1], str stem_activation=\"identity\") -> Tensor");
   // A MobileNet's head in eval, float32 channels_last, CPU only: the last 1x1 conv (BN folded,
   // weight packed as inverted_residual's) + activation, global average pooling, then each linear
   // layer (weight (out, in)) + its activation. Returns (N, classes).

@@ -51,3 +51,30 @@ def opcheck_utils(backend) -> tuple[str, ...]:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def native_block_calls(monkeypatch) -> list[tuple[str, int]]:
+    """One entry per block the native inverted-residual ops run from here on, in order: ("stem",
+    call) for a block run with a stem in front, else ("block", call), `call` counting the op
+    calls. Both paths count: a block's own forward (fastmb::inverted_residual) and run_layers'
+    runs of blocks (fastmb::inverted_residual_chain)."""
+    from fastmb.ops import inverted_residual as ir
+
+    calls: list[tuple[str, int]] = []
+    count = iter(range(1 << 30))
+    single, chain = ir._OP, ir._CHAIN
+
+    def one_block(x, *args):
+        calls.append(("stem" if len(args) > 20 and args[20] is not None else "block", next(count)))
+        return single(x, *args)
+
+    def blocks(x, tensors, settings, names, *stem):
+        call = next(count)
+        kinds = ["stem" if stem and stem[0] is not None else "block"] + ["block"] * (len(tensors) // 11 - 1)
+        calls.extend((kind, call) for kind in kinds)
+        return chain(x, tensors, settings, names, *stem)
+
+    monkeypatch.setattr(ir, "_OP", one_block)
+    monkeypatch.setattr(ir, "_CHAIN", blocks)
+    return calls

@@ -114,29 +114,27 @@ def test_weights_go_channels_last_so_a_contiguous_input_runs_in_it(caplog):
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
-def test_converted_blocks_run_one_op_each_and_survive_a_round_trip(name, caplog, monkeypatch):
+def test_converted_blocks_run_in_one_op_call_and_survive_a_round_trip(name, caplog, monkeypatch, native_block_calls):
     """Each torchvision InvertedResidual becomes fastmb's fused subclass (still an instance of
-    torchvision's class) and runs the whole block as one op in eval, the model's head another;
-    the model pickles."""
+    torchvision's class); in eval the stem and the blocks run as one op call, the model's head
+    another; the model pickles."""
     import io
 
     from torchvision.models import mobilenetv2, mobilenetv3
 
-    from fastmb.ops import inverted_residual
     from fastmb.ops.classifier_head import FusedHead
 
     original, model = converted(name, caplog)
     blocks = [m for m in model.modules() if isinstance(m, (mobilenetv2.InvertedResidual, mobilenetv3.InvertedResidual))]
     assert blocks and all(type(m).__module__ == "fastmb.convert_torchvision" for m in blocks)
     assert type(model).__module__ == "fastmb.convert_torchvision"  # the model too: its head fused
-    ran = []
-    op = inverted_residual._OP
-    monkeypatch.setattr(inverted_residual, "_OP", lambda x, *args: ran.append("block") or op(x, *args))
-    monkeypatch.setattr(FusedHead, "__call__", lambda self, x, call=FusedHead.__call__: ran.append("head") or call(self, x))
+    heads = []
+    monkeypatch.setattr(FusedHead, "__call__", lambda self, x, call=FusedHead.__call__: heads.append(len(native_block_calls)) or call(self, x))
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         expected, y = original(x), model(x)
-    assert ran == ["block"] * len(blocks) + ["head"]
+    # the stem and every block in one op call, then the head
+    assert native_block_calls == [("stem", 0)] + [("block", 0)] * (len(blocks) - 1) and heads == [len(blocks)]
     # whole-model float32 against torchvision's eager (the blocks' own test applies DESIGN's rule)
     assert ((y - expected).abs().max() / expected.abs().max()).item() <= 3e-5
     buffer = io.BytesIO()

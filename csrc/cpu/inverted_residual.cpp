@@ -363,6 +363,106 @@ void run_block(const Block& b) {
   });
 }
 
+// One block's arguments, as fastmb::inverted_residual takes them (the chain op's lists give each
+// block's the same).
+struct BlockArguments {
+  std::optional<Tensor> expand_weight, expand_bias;
+  c10::string_view expand_activation;
+  Tensor dw_weight, dw_scale, dw_shift;
+  at::IntArrayRef stride, padding, dilation;
+  c10::string_view dw_activation;
+  std::optional<Tensor> fc1_weight, fc1_bias, fc2_weight, fc2_bias;
+  c10::string_view se_activation, se_gate;
+  Tensor project_weight, project_bias;
+  bool residual;
+  c10::string_view project_activation;
+};
+
+// The Block one block's arguments make over an input of sizes `input` (N, C, H, W), every argument
+// checked (errors name `op`, the op and which block). `taps` keeps a repacked depthwise weight
+// alive. x, y, the kernels and the stem are left for the caller.
+Block prepare_block(const char* op, const BlockArguments& a, const std::array<int64_t, 4>& input, const StemRows* stem, Tensor& taps) {
+  TORCH_CHECK(a.expand_weight.has_value() == a.expand_bias.has_value(), "fastmb::", op, ": expand_weight and expand_bias go together");
+  TORCH_CHECK(stem == nullptr || !a.expand_weight.has_value(), "fastmb::", op,
+              ": a stem takes the place of the expansion: give one of them");
+  const int se_tensors = a.fc1_weight.has_value() + a.fc1_bias.has_value() + a.fc2_weight.has_value() + a.fc2_bias.has_value();
+  TORCH_CHECK(se_tensors == 0 || se_tensors == 4, "fastmb::", op, ": the four SE tensors are given together or not at all");
+  Block b{};
+  b.cin = input[1];
+  const int64_t c = a.expand_bias.has_value() && a.expand_bias->dim() == 1 ? a.expand_bias->size(0) : b.cin;
+  const Tensor& dw_weight = a.dw_weight;
+  TORCH_CHECK(dw_weight.dim() == 4 && dw_weight.size(0) == c && dw_weight.size(1) == 1 && dw_weight.size(2) >= 1 && dw_weight.size(3) >= 1,
+              "fastmb::", op, ": dw_weight must be (", c, ", 1, kH, kW), got shape ", dw_weight.sizes());
+  // The depthwise conv's geometry over the expanded channels, with dwconv_bn_act's checks.
+  b.g = dwconv_geometry_of(op, {input[0], c, input[2], input[3]}, dw_weight.sizes().slice(2), a.stride, a.padding, a.dilation);
+  b.cout = a.project_bias.dim() == 1 ? a.project_bias.size(0) : 0;
+  if (a.expand_weight.has_value()) {
+    b.expand_w = checked_dense_float(op, "expand_weight", *a.expand_weight, {panels_of(c), b.cin, pointwise::kPanel});
+    b.expand_b = checked_dense_float(op, "expand_bias", *a.expand_bias, {c});
+  }
+  b.expand_act = parse_activation(a.expand_activation);
+  // The depthwise weight taps-major, [kH * kW][C], as the kernels read it: in place when its
+  // strides are already those (a view of a packed (kH * kW, C) tensor), else repacked here.
+  taps = dw_weight.reshape({c, -1}).t().contiguous();
+  b.dw_taps = checked_dense_float(op, "dw_weight", taps, {b.g.kh * b.g.kw, c});
+  b.dw_scale = checked_dense_float(op, "dw_scale", a.dw_scale, {c});
+  b.dw_shift = checked_dense_float(op, "dw_shift", a.dw_shift, {c});
+  b.dw_act = parse_activation(a.dw_activation);
+  if (a.fc1_weight.has_value()) {
+    b.squeeze = a.fc1_weight->size(0);
+    b.fc1_w = checked_dense_float(op, "fc1_weight", *a.fc1_weight, {b.squeeze, c});
+    b.fc1_b = checked_dense_float(op, "fc1_bias", *a.fc1_bias, {b.squeeze});
+    b.fc2_w = checked_dense_float(op, "fc2_weight", *a.fc2_weight, {c, b.squeeze});
+    b.fc2_b = checked_dense_float(op, "fc2_bias", *a.fc2_bias, {c});
+  }
+  b.se_act = parse_activation(a.se_activation);
+  b.gate = parse_gate(a.se_gate);
+  b.project_w = checked_dense_float(op, "project_weight", a.project_weight, {panels_of(b.cout), c, pointwise::kPanel});
+  b.project_b = checked_dense_float(op, "project_bias", a.project_bias, {b.cout});
+  b.project_act = parse_activation(a.project_activation);
+  b.residual = a.residual;
+  TORCH_CHECK(!b.residual || (b.cout == b.cin && b.g.ho == b.g.h && b.g.wo == b.g.w), "fastmb::", op, ": residual needs the ",
+              "output's shape to be the block input's, got ", b.cout, " channels of ", b.g.ho, "x", b.g.wo, " from ", at::IntArrayRef(input));
+  // With SE the projection may run after the stem's rows are gone (shared_depthwise): no residual.
+  TORCH_CHECK(!(stem && b.residual && b.has_se()), "fastmb::", op, ": a block after a stem takes a residual or SE, not both");
+  b.stem = stem;
+  return b;
+}
+
+// The stem the optional stem_* arguments describe (null without them), over image x; else x itself
+// must be the first block's input.
+std::unique_ptr<StemRows> make_stem(const char* op, const Tensor& x, const std::optional<Tensor>& stem_weight,
+                                    const std::optional<Tensor>& stem_scale, const std::optional<Tensor>& stem_shift,
+                                    at::IntArrayRef stem_stride, at::IntArrayRef stem_padding, at::IntArrayRef stem_dilation,
+                                    c10::string_view stem_activation) {
+  const int stem_tensors = stem_weight.has_value() + stem_scale.has_value() + stem_shift.has_value();
+  TORCH_CHECK(stem_tensors == 0 || stem_tensors == 3, "fastmb::", op, ": stem_weight, stem_scale and stem_shift go together");
+  if (stem_tensors == 3)
+    return StemRows::make(x, *stem_weight, *stem_scale, *stem_shift, stem_stride, stem_padding, stem_dilation,
+                          parse_activation(stem_activation));
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "fastmb::", op, ": x must be a channels_last float32 CPU (N, C, H, W) tensor");
+  return nullptr;
+}
+
+// The first block's input sizes: x's, or the stem's output's.
+std::array<int64_t, 4> first_input(const Tensor& x, const StemRows* stem) {
+  if (stem != nullptr) return {x.size(0), stem->channels(), stem->geometry().ho, stem->geometry().wo};
+  return {x.size(0), x.size(1), x.size(2), x.size(3)};
+}
+
+// Runs prepared block b on `input` (its x; the stem's image with a stem) into a new tensor.
+Tensor run_prepared(Block& b, const Tensor& input) {
+  Tensor y = at::empty({b.g.n, b.cout, b.g.ho, b.g.wo}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  b.x = input.const_data_ptr<float>();
+  b.y = y.mutable_data_ptr<float>();
+  b.dw = dwconv::select_kernels<float>(b.g);
+  b.gemm = pointwise::select_gemm();
+  run_block(b);
+  return y;
+}
+
 Tensor inverted_residual(const Tensor& x, const std::optional<Tensor>& expand_weight, const std::optional<Tensor>& expand_bias,
                          c10::string_view expand_activation, const Tensor& dw_weight, const Tensor& dw_scale, const Tensor& dw_shift,
                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view dw_activation,
@@ -372,75 +472,66 @@ Tensor inverted_residual(const Tensor& x, const std::optional<Tensor>& expand_we
                          c10::string_view project_activation, const std::optional<Tensor>& stem_weight,
                          const std::optional<Tensor>& stem_scale, const std::optional<Tensor>& stem_shift, at::IntArrayRef stem_stride,
                          at::IntArrayRef stem_padding, at::IntArrayRef stem_dilation, c10::string_view stem_activation) {
-  const int stem_tensors = stem_weight.has_value() + stem_scale.has_value() + stem_shift.has_value();
-  TORCH_CHECK(stem_tensors == 0 || stem_tensors == 3, "fastmb::inverted_residual: stem_weight, stem_scale and stem_shift go together");
-  std::unique_ptr<StemRows> stem;
-  if (stem_tensors == 3) {
-    TORCH_CHECK(!expand_weight.has_value(), "fastmb::inverted_residual: a stem takes the place of the expansion: give one of them");
-    stem = StemRows::make(x, *stem_weight, *stem_scale, *stem_shift, stem_stride, stem_padding, stem_dilation,
-                          parse_activation(stem_activation));
-  } else {
-    TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous(at::MemoryFormat::ChannelsLast),
-                "fastmb::inverted_residual: x must be a channels_last float32 CPU (N, C, H, W) tensor");
-  }
-  TORCH_CHECK(expand_weight.has_value() == expand_bias.has_value(), "fastmb::inverted_residual: expand_weight and expand_bias go together");
-  const int se_tensors = fc1_weight.has_value() + fc1_bias.has_value() + fc2_weight.has_value() + fc2_bias.has_value();
-  TORCH_CHECK(se_tensors == 0 || se_tensors == 4,
-              "fastmb::inverted_residual: the four SE tensors are given together or not at all");
+  constexpr const char* op = "inverted_residual";
+  const std::unique_ptr<StemRows> stem =
+      make_stem(op, x, stem_weight, stem_scale, stem_shift, stem_stride, stem_padding, stem_dilation, stem_activation);
   const NoAutocast no_autocast;
-  Block b{};
-  // The block's input: x, or the stem's output.
-  const std::array<int64_t, 4> input = stem ? std::array<int64_t, 4>{x.size(0), stem->channels(), stem->geometry().ho, stem->geometry().wo}
-                                            : std::array<int64_t, 4>{x.size(0), x.size(1), x.size(2), x.size(3)};
-  b.cin = input[1];
-  const int64_t c = expand_bias.has_value() && expand_bias->dim() == 1 ? expand_bias->size(0) : b.cin;
-  TORCH_CHECK(dw_weight.dim() == 4 && dw_weight.size(0) == c && dw_weight.size(1) == 1 && dw_weight.size(2) >= 1 && dw_weight.size(3) >= 1,
-              "fastmb::inverted_residual: dw_weight must be (", c, ", 1, kH, kW), got shape ", dw_weight.sizes());
-  // The depthwise conv's geometry over the expanded channels, with dwconv_bn_act's checks.
-  b.g = dwconv_geometry_of("inverted_residual", {input[0], c, input[2], input[3]}, dw_weight.sizes().slice(2), stride, padding, dilation);
-  b.cout = project_bias.dim() == 1 ? project_bias.size(0) : 0;
-  b.x = x.const_data_ptr<float>();
-  if (expand_weight.has_value()) {
-    b.expand_w = checked_dense_float("inverted_residual", "expand_weight", *expand_weight, {panels_of(c), b.cin, pointwise::kPanel});
-    b.expand_b = checked_dense_float("inverted_residual", "expand_bias", *expand_bias, {c});
+  const BlockArguments arguments{expand_weight, expand_bias, expand_activation, dw_weight, dw_scale, dw_shift,
+                                 stride, padding, dilation, dw_activation, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                 se_activation, se_gate, project_weight, project_bias, residual, project_activation};
+  Tensor taps;
+  Block b = prepare_block(op, arguments, first_input(x, stem.get()), stem.get(), taps);
+  return run_prepared(b, x);
+}
+
+// Per block of the chain op: its tensors (expand_weight, expand_bias, dw_weight, dw_scale,
+// dw_shift, fc1_weight, fc1_bias, fc2_weight, fc2_bias, project_weight, project_bias), its
+// settings (stride 2, padding 4: top, bottom, left, right, dilation 2, residual 1) and its names
+// (expand, depthwise, SE and projection activations, SE gate).
+constexpr int64_t kChainTensors = 11, kChainSettings = 9, kChainNames = 5;
+
+// Blocks one after another, each block's output the next one's input, in one call: the per-call
+// work of a block (argument parsing, checks, the framework's dispatch) is most of a small block's
+// time at batch 1.
+Tensor inverted_residual_chain(const Tensor& x, const c10::List<std::optional<Tensor>>& tensors, at::IntArrayRef settings,
+                               // owned: views of a str[] may outlive the list the boxed call unpacked them from
+                               const std::vector<std::string>& names, const std::optional<Tensor>& stem_weight,
+                               const std::optional<Tensor>& stem_scale, const std::optional<Tensor>& stem_shift,
+                               at::IntArrayRef stem_stride, at::IntArrayRef stem_padding, at::IntArrayRef stem_dilation,
+                               c10::string_view stem_activation) {
+  const int64_t blocks = int64_t(tensors.size()) / kChainTensors;
+  TORCH_CHECK(blocks >= 1 && int64_t(tensors.size()) == blocks * kChainTensors && int64_t(settings.size()) == blocks * kChainSettings &&
+                  int64_t(names.size()) == blocks * kChainNames,
+              "fastmb::inverted_residual_chain: tensors, settings and names must hold ", kChainTensors, ", ", kChainSettings, " and ",
+              kChainNames, " values per block, got ", tensors.size(), ", ", settings.size(), " and ", names.size());
+  const std::unique_ptr<StemRows> stem = make_stem("inverted_residual_chain", x, stem_weight, stem_scale, stem_shift, stem_stride,
+                                                   stem_padding, stem_dilation, stem_activation);
+  const NoAutocast no_autocast;
+  std::array<int64_t, 4> input = first_input(x, stem.get());
+  Tensor h = x, taps;
+  for (int64_t i = 0; i < blocks; ++i) {
+    const std::string op = "inverted_residual_chain (block " + std::to_string(i) + ")";
+    std::array<std::optional<Tensor>, kChainTensors> t;
+    for (int64_t k = 0; k < kChainTensors; ++k) t[k] = tensors.get(i * kChainTensors + k);
+    for (const int64_t k : {2, 3, 4, 9, 10})
+      TORCH_CHECK(t[k].has_value(), "fastmb::", op, ": the ", k == 2 ? "dw_weight" : k == 3 ? "dw_scale" : k == 4 ? "dw_shift"
+                                                    : k == 9 ? "project_weight" : "project_bias", " is missing");
+    const int64_t* s = settings.data() + i * kChainSettings;
+    const std::string* n = names.data() + i * kChainNames;
+    const BlockArguments arguments{t[0], t[1], n[0], *t[2], *t[3], *t[4], {s, 2}, {s + 2, 4}, {s + 6, 2}, n[1],
+                                   t[5], t[6], t[7], t[8], n[2], n[3], *t[9], *t[10], s[8] != 0, n[4]};
+    Block b = prepare_block(op.c_str(), arguments, input, i == 0 ? stem.get() : nullptr, taps);
+    h = run_prepared(b, h);
+    input = {h.size(0), h.size(1), h.size(2), h.size(3)};
   }
-  b.expand_act = parse_activation(expand_activation);
-  // The depthwise weight taps-major, [kH * kW][C], as the kernels read it: in place when its
-  // strides are already those (a view of a packed (kH * kW, C) tensor), else repacked here.
-  const Tensor taps = dw_weight.reshape({c, -1}).t().contiguous();
-  b.dw_taps = checked_dense_float("inverted_residual", "dw_weight", taps, {b.g.kh * b.g.kw, c});
-  b.dw_scale = checked_dense_float("inverted_residual", "dw_scale", dw_scale, {c});
-  b.dw_shift = checked_dense_float("inverted_residual", "dw_shift", dw_shift, {c});
-  b.dw_act = parse_activation(dw_activation);
-  if (fc1_weight.has_value()) {
-    b.squeeze = fc1_weight->size(0);
-    b.fc1_w = checked_dense_float("inverted_residual", "fc1_weight", *fc1_weight, {b.squeeze, c});
-    b.fc1_b = checked_dense_float("inverted_residual", "fc1_bias", *fc1_bias, {b.squeeze});
-    b.fc2_w = checked_dense_float("inverted_residual", "fc2_weight", *fc2_weight, {c, b.squeeze});
-    b.fc2_b = checked_dense_float("inverted_residual", "fc2_bias", *fc2_bias, {c});
-  }
-  b.se_act = parse_activation(se_activation);
-  b.gate = parse_gate(se_gate);
-  b.project_w = checked_dense_float("inverted_residual", "project_weight", project_weight, {panels_of(b.cout), c, pointwise::kPanel});
-  b.project_b = checked_dense_float("inverted_residual", "project_bias", project_bias, {b.cout});
-  b.project_act = parse_activation(project_activation);
-  b.residual = residual;
-  TORCH_CHECK(!residual || (b.cout == b.cin && b.g.ho == b.g.h && b.g.wo == b.g.w), "fastmb::inverted_residual: residual needs the ",
-              "output's shape to be the block input's, got ", b.cout, " channels of ", b.g.ho, "x", b.g.wo, " from ", at::IntArrayRef(input));
-  // With SE the projection may run after the stem's rows are gone (shared_depthwise): no residual.
-  TORCH_CHECK(!(stem && residual && b.has_se()), "fastmb::inverted_residual: a block after a stem takes a residual or SE, not both");
-  Tensor y = at::empty({b.g.n, b.cout, b.g.ho, b.g.wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (y.numel() == 0) return y;
-  b.y = y.mutable_data_ptr<float>();
-  b.dw = dwconv::select_kernels<float>(b.g);
-  b.gemm = pointwise::select_gemm();
-  b.stem = stem.get();
-  run_block(b);
-  return y;
+  return h;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmb, CPU, m) { m.impl("inverted_residual", &inverted_residual); }
+TORCH_LIBRARY_IMPL(fastmb, CPU, m) {
+  m.impl("inverted_residual", &inverted_residual);
+  m.impl("inverted_residual_chain", &inverted_residual_chain);
+}
 
 }  // namespace fastmb::cpu

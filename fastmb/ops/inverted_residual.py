@@ -14,7 +14,7 @@ from torch.nn.modules import module as module_hooks
 
 from fastmb import _extension, dispatch
 from fastmb.ops.activations import activation_name
-from fastmb.ops.common import conv_output_shape
+from fastmb.ops.common import conv_output_shape, padding_sides
 from fastmb.ops.packing import (
     PackedArguments,
     bn_scale_shift,
@@ -28,6 +28,7 @@ from fastmb.ops.packing import (
 
 NATIVE = _extension.has_kernel("inverted_residual", "CPU")
 _OP = torch.ops.fastmb.inverted_residual.default if NATIVE else None
+_CHAIN = torch.ops.fastmb.inverted_residual_chain.default if NATIVE else None
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ def block_layers(layers: list[nn.Module], residual: bool) -> BlockLayers | None:
 
 # Where the depthwise padding sits in FusedBlock's packed arguments (after x).
 _PADDING = 7
+# Tensors and settings per block in fastmb::inverted_residual_chain's lists (csrc/fastmb.cpp).
+_CHAIN_TENSORS, _CHAIN_SETTINGS = 11, 9
 
 
 class FusedBlock(PackedArguments):
@@ -123,7 +126,10 @@ class FusedBlock(PackedArguments):
         # Run only when all of these are in eval: a prologue in training would update its
         # statistics, and again on the stage path wherever the op then steps aside.
         self._modes = self._norms + ([layers.prologue] if layers.prologue is not None else [])
-        self._in_channels = (layers.expand or layers.depthwise or layers.project).conv.in_channels
+        self.in_channels = (layers.expand or layers.depthwise or layers.project).conv.in_channels
+        self.out_channels = layers.project.conv.out_channels
+        self._chained_from: tuple | None = None
+        self._chained: tuple = ()
 
     def tensor_slots(self) -> list[tuple[dict, str]]:
         slots = [slot for part in self._parts for slot in conv_bn_slots(part.conv, part.bn)]
@@ -168,7 +174,7 @@ class FusedBlock(PackedArguments):
     def __call__(self, x: Tensor) -> Tensor | None:
         """The block's output (channels_last) through the op, or None where the op does not
         apply (training, autograd, not a float32 CPU tensor, another backend chosen)."""
-        if not NATIVE or not eval_op_applies(x, self._in_channels) or any(module.training for module in self._modes):
+        if not NATIVE or not eval_op_applies(x, self.in_channels) or any(module.training for module in self._modes):
             return None
         prologue = self.layers.prologue
         if prologue is None:
@@ -199,16 +205,31 @@ class FusedBlock(PackedArguments):
                 return None
         return self.arguments()
 
+    def chained(self, arguments: tuple) -> tuple[tuple, tuple, tuple]:
+        """The block's part of fastmb::inverted_residual_chain's lists (tensors, settings, names)
+        from its op arguments, made again only when they were packed again."""
+        if self._chained_from is not arguments:
+            (expand_weight, expand_bias, expand_activation, dw_weight, dw_scale, dw_shift, stride, padding, dilation, dw_activation,
+             fc1_weight, fc1_bias, fc2_weight, fc2_bias, se_activation, se_gate, project_weight, project_bias, residual,
+             project_activation) = arguments  # fmt: skip
+            self._chained = (
+                (expand_weight, expand_bias, dw_weight, dw_scale, dw_shift, fc1_weight, fc1_bias, fc2_weight, fc2_bias, project_weight, project_bias),
+                (*stride, *padding_sides(padding), *dilation, int(residual)),
+                (expand_activation, dw_activation, se_activation, se_gate, project_activation),
+            )
+            self._chained_from = arguments
+        return self._chained
+
     def takes(self, x: Tensor) -> bool:
         """Whether the op takes x for this block: a float32 CPU tensor of its input channels."""
-        return x.shape[1] == self._in_channels and x.dtype == torch.float32 and x.device.type == "cpu"
+        return x.shape[1] == self.in_channels and x.dtype == torch.float32 and x.device.type == "cpu"
 
     def takes_a_stem(self, channels: int) -> bool:
         """Whether a stem of `channels` output channels may stand in for this block's expansion
         (the op's stem_* arguments): a block without one, and without both SE and a residual."""
         layers = self.layers
         return (
-            channels == self._in_channels
+            channels == self.in_channels
             and layers.expand is None
             and layers.depthwise is not None
             and not (layers.se is not None and layers.residual)
@@ -329,49 +350,57 @@ def _planned(layer: nn.Module) -> tuple[FusedBlock, tuple] | None:
     return (plan, arguments) if arguments is not None else None
 
 
-def _run_stem(layers: list[nn.Module], x: Tensor) -> tuple[Tensor, int]:
-    """The first layer, when it is a stem (stem_plan), and the block after it as one op call
-    (the stem's output computed as the block reads it): (output, 2); else (x, 0)."""
-    if len(layers) < 2:
-        return x, 0
-    stem = stem_plan(layers[0])
-    planned = _planned(layers[1]) if stem is not None and stem.takes(x) else None
-    if planned is None or not planned[0].takes_a_stem(stem.stem.conv.out_channels):
-        return x, 0
-    stem_arguments = stem.arguments()
-    if stem_arguments is None:
-        return x, 0
-    return _OP(x, *planned[1], *stem_arguments), 2
+def _chain(layers: list[nn.Module], channels: int) -> list[tuple[FusedBlock, tuple]]:
+    """(plan, arguments) of the blocks at the start of `layers` that the op can run one after
+    another on an input of `channels` channels: each with a plan (_planned), each taking the
+    previous one's output."""
+    chain = []
+    for layer in layers:
+        planned = _planned(layer)
+        if planned is None or planned[0].in_channels != channels:
+            break
+        chain.append(planned)
+        channels = planned[0].out_channels
+    return chain
+
+
+def _run_chain(x: Tensor, chain: list[tuple[FusedBlock, tuple]], stem_arguments: tuple) -> Tensor:
+    """The blocks of `chain` (and the stem before them) as one fastmb::inverted_residual_chain call."""
+    parts = [plan.chained(arguments) for plan, arguments in chain]
+    tensors = [t for part in parts for t in part[0]]
+    settings = [v for part in parts for v in part[1]]
+    names = [name for part in parts for name in part[2]]
+    if not stem_arguments:  # the stem reads the image in any layout
+        x = x.contiguous(memory_format=torch.channels_last)
+    return _CHAIN(x, tensors, settings, names, *stem_arguments)
 
 
 def run_layers(layers: Iterable[nn.Module], x: Tensor) -> Tensor:
     """x through `layers` in order. In eval on the CPU each run of consecutive blocks with plans
-    goes straight to the op, their plans and never-stale checks made together just before it:
-    interleaved with the ops they cost twice as much (their objects out of cache), and with the
-    module calls they cost 13-19% of MobileNetV3's forward at batch 1. No user code runs between
-    the checks and the ops. A stem first and the block after it are one op call. Other layers,
-    and blocks with hooks, are called as modules."""
+    is one op call (fastmb::inverted_residual_chain), their plans and never-stale checks made
+    together just before it: per call, a block's checks and the framework's dispatch cost about
+    as much as a small block's work at batch 1. No user code runs between the checks and the op.
+    A stem first (stem_plan) goes into the same call when the first block can take it (its
+    output computed as the block reads it). Other layers, and blocks with hooks, are called as
+    modules and end a run."""
     layers = list(layers)
     if not NATIVE or x.dim() != 4 or not eval_op_applies(x, x.shape[1]):
         for layer in layers:
             x = layer(x)
         return x
-    x, i = _run_stem(layers, x)
-    ran = i > 0
+    i, ran = 0, False
+    stem = stem_plan(layers[0]) if len(layers) >= 2 else None
+    if stem is not None and stem.takes(x):
+        channels = stem.stem.conv.out_channels
+        chain = _chain(layers[1:], channels)
+        stem_arguments = stem.arguments() if chain and chain[0][0].takes_a_stem(channels) else None
+        if stem_arguments is not None:
+            x, i, ran = _run_chain(x, chain, stem_arguments), 1 + len(chain), True
     while i < len(layers):
-        run = []
-        for layer in layers[i:]:
-            planned = _planned(layer)
-            if planned is None:
-                break
-            run.append(planned)
-        done = 0
-        for plan, arguments in run:
-            if not plan.takes(x):
-                break
-            x, done = _OP(x.contiguous(memory_format=torch.channels_last), *arguments), done + 1
-        ran, i = ran or done > 0, i + done
-        if done < len(run) or not run:  # layers[i] has no plan, or its plan does not take x
+        chain = _chain(layers[i:], x.shape[1])
+        if chain and chain[0][0].takes(x):
+            x, i, ran = _run_chain(x, chain, ()), i + len(chain), True
+        else:  # layers[i] has no plan, or its plan does not take x
             x, i = layers[i](x), i + 1
     if ran:
         dispatch.note_backend("cpu")
@@ -389,3 +418,15 @@ if NATIVE:
             x = x.new_empty(conv_output_shape(x, stem_weight, stem_stride, stem_padding, stem_dilation))
         n, _, ho, wo = conv_output_shape(x, dw_weight, stride, padding, dilation)
         return x.new_empty(n, project_bias.shape[0], ho, wo).contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake("fastmb::inverted_residual_chain")
+    def _fake_chain(x, tensors, settings, names, stem_weight=None, stem_scale=None, stem_shift=None, stem_stride=(1, 1),
+                    stem_padding=(0, 0), stem_dilation=(1, 1), stem_activation="identity"):  # fmt: skip
+        if stem_weight is not None:
+            x = x.new_empty(conv_output_shape(x, stem_weight, stem_stride, stem_padding, stem_dilation))
+        for block in range(len(tensors) // _CHAIN_TENSORS):
+            dw_weight, project_bias = tensors[block * _CHAIN_TENSORS + 2], tensors[block * _CHAIN_TENSORS + 10]
+            values = settings[block * _CHAIN_SETTINGS : (block + 1) * _CHAIN_SETTINGS]
+            n, _, ho, wo = conv_output_shape(x, dw_weight, values[0:2], values[2:6], values[6:8])
+            x = x.new_empty(n, project_bias.shape[0], ho, wo).contiguous(memory_format=torch.channels_last)
+        return x

@@ -227,24 +227,15 @@ def test_input_with_the_wrong_channel_count_gets_the_layers_error():
         block(torch.randn(1, 41, 9, 9))
 
 
-def counting_op_calls(monkeypatch) -> list[int]:
-    """The output channels of each fastmb::inverted_residual call from here on (both paths to
-    the op, a block's own forward and run_layers, go through inverted_residual._OP)."""
-    calls = []
-    op = ir._OP
-    monkeypatch.setattr(ir, "_OP", lambda x, *args: calls.append(args[16].shape[0]) or op(x, *args))  # project_weight
-    return calls
-
-
 @pytest.mark.parametrize("name, blocks", [("mobilenet_v3_small", 11), ("mobilenet_v2", 17), ("mobilenet_v1", 13)])
-def test_whole_models_run_one_op_per_block(monkeypatch, name, blocks):
-    calls = counting_op_calls(monkeypatch)
+def test_whole_models_run_their_blocks_in_one_op_call(native_block_calls, name, blocks):
+    """The stem and every block of a builder's features, in one call."""
     model = getattr(fastmb, name)().eval()
     randomize_batch_norm(model)
     x = torch.randn(2, 3, 96, 96)  # NCHW: the stem's channels_last weight makes it channels_last
     with torch.no_grad():
         fused = model(x)
-        assert len(calls) == blocks
+        assert native_block_calls == [("stem", 0)] + [("block", 0)] * (blocks - 1)
         with fastmb.use_backend("reference"):
             eager = model(x)
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
@@ -294,6 +285,96 @@ def test_weights_a_hook_changes_mid_forward_are_seen():
         with fastmb.use_backend("reference"):
             eager = ir.run_layers(layers, x)
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
+
+
+# Blocks whose channels chain (24 -> 24 -> 40 -> 40 -> 80 -> 80 -> 112 -> 64 -> 64): each kind of
+# V3 block, a dilated one, a V1 block (the projection's activation) and a V2 block.
+CHAIN = [
+    (v3_block, V3_CASES[2]), (v3_block, V3_CASES[3]), (v3_block, V3_CASES[4]), (v3_block, (40, 3, 240, 80, False, "HS", 2, 1)),
+    (v3_block, V3_CASES[5]), (v3_block, (80, 3, 480, 112, True, "HS", 1, 2)), (v1_block, (112, 64, 1, "relu6")),
+    (v2_block, (64, 64, 1, 6)),
+]  # fmt: skip
+
+
+def chain_blocks() -> list[nn.Module]:
+    return [build(case, seed) for seed, (build, case) in enumerate(CHAIN)]
+
+
+@pytest.mark.parametrize("thread_count", [1, 2])
+@pytest.mark.parametrize("size", [(1, 17, 13), (3, 9, 11), (1, 40, 36)], ids=lambda s: "x".join(map(str, s)))
+def test_a_chain_of_blocks_is_one_call_equal_to_a_call_per_block(size, thread_count, native_block_calls):
+    blocks = chain_blocks()
+    x = torch.randn(size[0], 24, *size[1:]).contiguous(memory_format=torch.channels_last)
+    with threads(thread_count), torch.no_grad():
+        chained = ir.run_layers(blocks, x)
+        assert native_block_calls == [("block", 0)] * len(blocks)
+        one_by_one = x
+        for block in blocks:
+            one_by_one = run_fused_block(block, layers_of(block), residual(block), one_by_one)
+    assert torch.equal(chained, one_by_one)
+
+
+def test_a_chain_stops_at_a_hook_and_at_a_layer_without_a_plan(native_block_calls):
+    """A hooked block runs as its module after the blocks before it have run, so its hook sees
+    their output; the blocks after it are checked and run once it has returned."""
+    blocks = chain_blocks()
+    blocks.insert(3, nn.Identity())
+    seen = []
+    blocks[5].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x = torch.randn(1, 24, 16, 16)
+    with torch.no_grad():
+        fused = ir.run_layers(blocks, x)
+        with fastmb.use_backend("reference"):
+            eager = ir.run_layers(blocks, x)
+    calls = [call for _, call in native_block_calls]
+    assert calls == [0, 0, 0, 1, 2, 3, 3, 3] and seen == [torch.Size([1, 80, 4, 4])] * 2
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
+
+
+def chain_arguments(blocks: list[nn.Module], x: torch.Tensor) -> tuple[list, list, list]:
+    """fastmb::inverted_residual_chain's lists for `blocks`, as run_layers makes them."""
+    with torch.no_grad():
+        parts = [plan.chained(arguments) for plan, arguments in ir._chain(blocks, x.shape[1])]
+    return [t for p in parts for t in p[0]], [v for p in parts for v in p[1]], [n for p in parts for n in p[2]]
+
+
+def test_fake_tensor_shape_of_a_chain():
+    blocks = chain_blocks()
+    x = torch.randn(2, 24, 19, 13).contiguous(memory_format=torch.channels_last)
+    tensors, settings, names = chain_arguments(blocks, x)
+    with torch.no_grad():
+        real = torch.ops.fastmb.inverted_residual_chain(x, tensors, settings, names)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake_tensors = [mode.from_tensor(t) if t is not None else None for t in tensors]
+        fake = torch.ops.fastmb.inverted_residual_chain(mode.from_tensor(x), fake_tensors, settings, names)
+    assert fake.shape == real.shape == (2, 64, 5, 4) and fake.stride() == real.stride()
+
+
+def test_chain_op_rejects_bad_arguments_by_block_and_name():
+    blocks = chain_blocks()
+    x = torch.randn(1, 24, 13, 11).contiguous(memory_format=torch.channels_last)
+    tensors, settings, names = chain_arguments(blocks, x)
+    op = torch.ops.fastmb.inverted_residual_chain
+    with pytest.raises(RuntimeError, match="per block"):
+        op(x, tensors[:-1], settings, names)
+    with pytest.raises(RuntimeError, match="per block"):
+        op(x, tensors, settings + [1], names)
+    with pytest.raises(RuntimeError, match=r"block 2\): the dw_weight is missing"):
+        op(x, [None if i == 2 * 11 + 2 else t for i, t in enumerate(tensors)], settings, names)
+    with pytest.raises(RuntimeError, match=r"block 3\): dw_scale"):
+        op(x, [t[:5].contiguous() if i == 3 * 11 + 3 else t for i, t in enumerate(tensors)], settings, names)
+    with pytest.raises(RuntimeError, match=r"block 1\): expand_weight"):  # without 24 -> 40, the 40 -> 40 block gets 24 channels
+        op(x, tensors[:11] + tensors[22:], settings[:9] + settings[18:], names[:5] + names[10:])
+    with pytest.raises(RuntimeError, match=r"block 4\): residual"):  # stride 2 at block 4: no residual possible
+        op(x, tensors, [2 if i in (4 * 9, 4 * 9 + 1) else v for i, v in enumerate(settings)], names)
+    with pytest.raises(RuntimeError, match=r"block 0\): .*stride"):
+        op(x, tensors, [0] + settings[1:], names)
+    with pytest.raises(RuntimeError, match="activation 'swish2'|unknown activation"):
+        op(x, tensors, settings, names[:-1] + ["swish2"])
+    with pytest.raises(RuntimeError, match="channels_last float32"):
+        op(x.double(), tensors, settings, names)
 
 
 def test_fake_tensor_shape_matches():
@@ -352,15 +433,13 @@ def stem_and_block(stem_case, block_case, seed: int = 0) -> list[nn.Module]:
     return [stem.eval(), build(case, seed)]
 
 
-def run_stem_and_block(layers: list[nn.Module], x: torch.Tensor, monkeypatch) -> torch.Tensor:
-    """run_layers over [stem, block], checking that it made one op call with the stem."""
-    calls = []
-    op = ir._OP
-    monkeypatch.setattr(ir, "_OP", lambda x, *args: calls.append(len(args)) or op(x, *args))
+def run_stem_and_block(layers: list[nn.Module], x: torch.Tensor, calls: list) -> torch.Tensor:
+    """run_layers over [stem, block], checking that it made one op call with the stem
+    (`calls`: the native_block_calls fixture's list)."""
+    calls.clear()
     with torch.no_grad():
         y = ir.run_layers(layers, x)
-    monkeypatch.setattr(ir, "_OP", op)
-    assert calls == [27], f"expected one op call with the stem's arguments, got calls with {calls} arguments"
+    assert len(calls) == 1 and calls[0][0] == "stem", f"expected one op call with the stem, got {calls}"
     return y
 
 
@@ -372,12 +451,12 @@ def stem_layer_by_layer(layers: list[nn.Module], x: torch.Tensor) -> torch.Tenso
 @pytest.mark.parametrize("thread_count", [1, 2])
 @pytest.mark.parametrize("size", STEM_SIZES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("cases", STEM_CASES, ids=lambda c: f"stem{c[0][0]}-{c[0][1]}-k{c[0][2]}s{c[0][3]}-{block_id(c[1])}")
-def test_stem_and_block_match_their_layers(cases, size, thread_count, monkeypatch):
+def test_stem_and_block_match_their_layers(cases, size, thread_count, native_block_calls):
     """DESIGN.md's rule against the layers in float64, as check_against_layers."""
     layers = stem_and_block(*cases)
     x = torch.randn(size[0], 3, *size[1:])
     with threads(thread_count):
-        fused = run_stem_and_block(layers, x, monkeypatch)
+        fused = run_stem_and_block(layers, x, native_block_calls)
     with torch.no_grad(), fastmb.use_backend("reference"):
         eager = stem_layer_by_layer(layers, x)
         oracle = stem_layer_by_layer([copy.deepcopy(m).double() for m in layers], x.double())
@@ -389,14 +468,14 @@ def test_stem_and_block_match_their_layers(cases, size, thread_count, monkeypatc
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
-def test_stem_reads_any_input_layout(layout, monkeypatch):
+def test_stem_reads_any_input_layout(layout, native_block_calls):
     layers = stem_and_block(*STEM_CASES[0])
     x = torch.randn(2, 3, 21, 19)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
         x = torch.randn(2, 3, 42, 19)[:, :, ::2]
-    fused = run_stem_and_block(layers, x, monkeypatch)
+    fused = run_stem_and_block(layers, x, native_block_calls)
     with torch.no_grad(), fastmb.use_backend("reference"):
         expected = stem_layer_by_layer(layers, x)
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
@@ -420,12 +499,12 @@ def change_stem_stride(layers: list[nn.Module]) -> None:
 
 
 @pytest.mark.parametrize("change", [change_stem_weight, change_stem_statistics, change_stem_activation, change_stem_stride])
-def test_stem_changes_between_calls_are_picked_up(change, monkeypatch):
+def test_stem_changes_between_calls_are_picked_up(change, native_block_calls):
     layers = stem_and_block(*STEM_CASES[0])
     x = torch.randn(1, 3, 24, 20)
-    before = run_stem_and_block(layers, x, monkeypatch)
+    before = run_stem_and_block(layers, x, native_block_calls)
     change(layers)
-    after = run_stem_and_block(layers, x, monkeypatch)
+    after = run_stem_and_block(layers, x, native_block_calls)
     with torch.no_grad(), fastmb.use_backend("reference"):
         expected = stem_layer_by_layer(layers, x)
     assert before.shape != after.shape or not torch.allclose(before, after, atol=1e-3)
@@ -459,34 +538,29 @@ def an_expanding_block(layers: list[nn.Module]) -> None:
 @pytest.mark.parametrize(
     "setting", [hook_on_stem, stem_in_training, se_and_residual_block, eight_input_channels, a_pointwise_first_layer, an_expanding_block]
 )
-def test_stem_steps_aside_where_it_does_not_apply(setting, monkeypatch):
+def test_stem_steps_aside_where_it_does_not_apply(setting, native_block_calls):
     """The stem then runs as its module and the block as its own op call (or its layers)."""
     layers = stem_and_block(*STEM_CASES[0])
     setting(layers)
     in_channels = layers[0][0].in_channels
     x = torch.randn(2, in_channels, 20, 18)
-    calls = []
-    op = ir._OP
-    monkeypatch.setattr(ir, "_OP", lambda x, *args: calls.append(len(args)) or op(x, *args))
     with torch.no_grad():
         fused = ir.run_layers(layers, x)
         with fastmb.use_backend("reference"):
             expected = stem_layer_by_layer(layers, x)
-    assert 27 not in calls
+    assert "stem" not in [kind for kind, _ in native_block_calls]
     torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_models_run_the_stem_in_the_first_block(monkeypatch):
-    calls = []
-    op = ir._OP
-    monkeypatch.setattr(ir, "_OP", lambda x, *args: calls.append(len(args)) or op(x, *args))
+def test_models_run_the_stem_in_the_first_block(native_block_calls):
     for name in ("mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v2", "mobilenet_v1"):
-        calls.clear()
+        native_block_calls.clear()
         model = getattr(fastmb, name)().eval()
         randomize_batch_norm(model)
         with torch.no_grad():
             model(torch.randn(1, 3, 64, 64))
-        assert calls[0] == 27 and 27 not in calls[1:], (name, calls)
+        kinds = [kind for kind, _ in native_block_calls]
+        assert kinds[0] == "stem" and "stem" not in kinds[1:], (name, kinds)
 
 
 def stem_arguments(layers: list[nn.Module], x: torch.Tensor) -> tuple[tuple, tuple]:
