@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "build_info.h"
+#include "tensor_stamps.h"
 
 TORCH_LIBRARY(fastmb, m) {
   // z = depthwise_conv(x), u = batch_norm(z), y = act(u). Returns (y, mean, var): the batch
@@ -101,9 +102,12 @@ TORCH_LIBRARY(fastmb, m) {
       "Tensor[] fc_biases, str[] fc_activations) -> Tensor");
 }
 
-// Importing fastmb._C runs the static registrations above; the module itself only carries
-// how the extension was built, for fastmb.backends().
-static struct PyModuleDef fastmb_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// Importing fastmb._C runs the static registrations above; the module itself carries how the
+// extension was built, for fastmb.backends(), and tensor_stamps.
+static PyMethodDef fastmb_methods[] = {
+    {"tensor_stamps", fastmb::tensor_stamps, METH_O, "Each tensor's data address and version counter, as bytes."},
+    {nullptr, nullptr, 0, nullptr}};
+static struct PyModuleDef fastmb_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fastmb_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&fastmb_module);

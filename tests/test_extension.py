@@ -60,3 +60,27 @@ def test_activation_and_gate_codes_match_the_kernels():
         enumerator = "k" + "".join(part.capitalize() for part in entry.name.split("_"))  # gelu_tanh: kGeluTanh
         assert f"{enumerator} = {entry.code}" in enums, entry.name
         assert f'"{entry.name}"' in parsing, entry.name
+
+
+@pytest.mark.parametrize("stamps", ["native", "python"])
+def test_tensor_stamps_change_with_each_kind_of_change(stamps):
+    """fastmb._C.tensor_stamps and its Python fallback (no extension) tell a tensor changed in
+    place, one whose data was replaced, and a different tensor; and nothing else."""
+    from fastmb.ops import packing
+
+    stamp = _extension.C.tensor_stamps if stamps == "native" else packing._python_tensor_stamps
+    weight, bias = torch.nn.Parameter(torch.randn(4, 3)), torch.randn(4)
+    before = stamp([weight, bias])
+    assert stamp([weight, bias]) == before and stamp([weight, weight.detach()]) != before
+    with torch.no_grad():
+        weight.mul_(2)
+    in_place = stamp([weight, bias])
+    weight.data = torch.randn(4, 3)
+    replaced = stamp([weight, bias])
+    assert len({before, in_place, replaced}) == 3
+    with pytest.raises(TypeError):
+        stamp([weight, 1.0])
+    with torch.inference_mode():
+        inference = torch.randn(2)
+    with pytest.raises(RuntimeError, match="version counter"):
+        stamp([inference])

@@ -9,7 +9,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from fastmb import dispatch
+from fastmb import _extension, dispatch
 from fastmb.ops.common import runs_composite
 
 PANEL = 16  # output channels per packed 1x1 weight panel (csrc/cpu/pointwise/kernels.h)
@@ -86,6 +86,15 @@ _VERSION = operator.attrgetter("_version")
 Plan = TypeVar("Plan")
 
 
+def _python_tensor_stamps(tensors: list[Tensor]) -> tuple:
+    return (*map(Tensor.data_ptr, tensors), *map(_VERSION, tensors))
+
+
+# Each tensor's data address and version counter, in one value compared at once: fastmb._C's, one
+# C loop (the checks of V3-Small's 196 tensors took 29 us at batch 1 as Python attribute reads).
+tensor_stamps: Callable[[list[Tensor]], object] = _extension.C.tensor_stamps if _extension.C is not None else _python_tensor_stamps
+
+
 def cached_plan(module: nn.Module, name: str, key: tuple, build: Callable[[], Plan]) -> Plan:
     """The plan kept in module.__dict__[name], made again by build() when `key` (what it was made
     from: modules, their settings) differs from the one it was made for."""
@@ -122,8 +131,7 @@ class PackedArguments:
         if self._slots is None:
             self._slots = self.tensor_slots()
         tensors = [holder[name] for holder, name in self._slots]
-        # map over the tensors: at batch 1 this check runs for every block on every call
-        key = (*map(Tensor.data_ptr, tensors), *map(_VERSION, tensors), *self.settings())
+        key = (tensor_stamps(tensors), *self.settings())  # at batch 1 this check runs for every block on every call
         if key != self._key:
             if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
                 return None
