@@ -89,7 +89,7 @@ TORCH_LIBRARY(fastmb, m) {
   // expand_bias, dw_weight, dw_scale, dw_shift, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
   // project_weight, project_bias), 9 settings (stride h, w; padding top, bottom, left, right;
   // dilation h, w; residual 0 or 1) and 5 names (expand, depthwise and SE activations, the SE
-  // gate, the projection's activation).
+  // gate, the projection's activation). With a stem and no blocks: the stem's output.
   m.def(
       "inverted_residual_chain(Tensor x, Tensor?[] tensors, int[] settings, str[] names, Tensor? stem_weight=None, "
       "Tensor? stem_scale=None, Tensor? stem_shift=None, int[2] stem_stride=[1, 1], int[2] stem_padding=[0, 0], "

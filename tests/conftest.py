@@ -57,7 +57,7 @@ def _seed():
 def native_block_calls(monkeypatch) -> list[tuple[str, int]]:
     """One entry per block the native inverted-residual ops run from here on, in order: ("stem",
     call) for a block run with a stem in front, else ("block", call), `call` counting the op
-    calls. Both paths count: a block's own forward (fastmb::inverted_residual) and run_layers'
+    calls; ("stem alone", call) for a stem run without blocks. Both paths count: a block's own forward (fastmb::inverted_residual) and run_layers'
     runs of blocks (fastmb::inverted_residual_chain)."""
     from fastmb.ops import inverted_residual as ir
 
@@ -70,9 +70,11 @@ def native_block_calls(monkeypatch) -> list[tuple[str, int]]:
         return single(x, *args)
 
     def blocks(x, tensors, settings, names, *stem):
-        call = next(count)
-        kinds = ["stem" if stem and stem[0] is not None else "block"] + ["block"] * (len(tensors) // 11 - 1)
-        calls.extend((kind, call) for kind in kinds)
+        call, with_stem = next(count), bool(stem) and stem[0] is not None
+        if not tensors:
+            calls.append(("stem alone", call))
+        else:
+            calls.extend((kind, call) for kind in ["stem" if with_stem else "block"] + ["block"] * (len(tensors) // 11 - 1))
         return chain(x, tensors, settings, names, *stem)
 
     monkeypatch.setattr(ir, "_OP", one_block)

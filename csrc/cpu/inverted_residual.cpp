@@ -438,7 +438,7 @@ std::unique_ptr<StemRows> make_stem(const char* op, const Tensor& x, const std::
   const int stem_tensors = stem_weight.has_value() + stem_scale.has_value() + stem_shift.has_value();
   TORCH_CHECK(stem_tensors == 0 || stem_tensors == 3, "fastmb::", op, ": stem_weight, stem_scale and stem_shift go together");
   if (stem_tensors == 3)
-    return StemRows::make(x, *stem_weight, *stem_scale, *stem_shift, stem_stride, stem_padding, stem_dilation,
+    return StemRows::make(op, x, *stem_weight, *stem_scale, *stem_shift, stem_stride, stem_padding, stem_dilation,
                           parse_activation(stem_activation));
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "fastmb::", op, ": x must be a channels_last float32 CPU (N, C, H, W) tensor");
@@ -460,6 +460,24 @@ Tensor run_prepared(Block& b, const Tensor& input) {
   b.dw = dwconv::select_kernels<float>(b.g);
   b.gemm = pointwise::select_gemm();
   run_block(b);
+  return y;
+}
+
+// The stem alone, into a new tensor: images, or row parts of them where there are fewer images
+// than threads, across the threads.
+Tensor run_stem(const StemRows& stem, const Tensor& x) {
+  const Geometry& g = stem.geometry();
+  const int64_t row = g.wo * stem.channels();
+  Tensor y = at::empty({g.n, stem.channels(), g.ho, g.wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  float* out = y.mutable_data_ptr<float>();
+  const int64_t parts = std::min<int64_t>(g.ho, (at::get_num_threads() + g.n - 1) / g.n), part_rows = (g.ho + parts - 1) / parts;
+  at::parallel_for(0, g.n * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / parts, r0 = (task % parts) * part_rows, r1 = std::min(g.ho, r0 + part_rows);
+      if (r0 < r1) stem.rows(out + (n * g.ho + r0) * row, n, r0, r1);
+    }
+  });
   return y;
 }
 
@@ -500,13 +518,15 @@ Tensor inverted_residual_chain(const Tensor& x, const c10::List<std::optional<Te
                                at::IntArrayRef stem_stride, at::IntArrayRef stem_padding, at::IntArrayRef stem_dilation,
                                c10::string_view stem_activation) {
   const int64_t blocks = int64_t(tensors.size()) / kChainTensors;
-  TORCH_CHECK(blocks >= 1 && int64_t(tensors.size()) == blocks * kChainTensors && int64_t(settings.size()) == blocks * kChainSettings &&
+  TORCH_CHECK(int64_t(tensors.size()) == blocks * kChainTensors && int64_t(settings.size()) == blocks * kChainSettings &&
                   int64_t(names.size()) == blocks * kChainNames,
               "fastmb::inverted_residual_chain: tensors, settings and names must hold ", kChainTensors, ", ", kChainSettings, " and ",
               kChainNames, " values per block, got ", tensors.size(), ", ", settings.size(), " and ", names.size());
   const std::unique_ptr<StemRows> stem = make_stem("inverted_residual_chain", x, stem_weight, stem_scale, stem_shift, stem_stride,
                                                    stem_padding, stem_dilation, stem_activation);
+  TORCH_CHECK(blocks >= 1 || stem, "fastmb::inverted_residual_chain: give at least one block, or a stem");
   const NoAutocast no_autocast;
+  if (blocks == 0) return run_stem(*stem, x);
   std::array<int64_t, 4> input = first_input(x, stem.get());
   Tensor h = x, taps;
   for (int64_t i = 0; i < blocks; ++i) {

@@ -550,9 +550,9 @@ class EvalStemRows final : public StemRows {
 
 }  // namespace
 
-std::unique_ptr<StemRows> StemRows::make(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift,
-                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, Activation act) {
-  const char* op = "inverted_residual";
+std::unique_ptr<StemRows> StemRows::make(const char* op, const Tensor& x, const Tensor& weight, const Tensor& scale,
+                                         const Tensor& shift, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                         Activation act) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "fastmb::", op,
               ": with a stem, x must be a float32 CPU (N, C_in, H, W) image");
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(0) >= 1 && weight.scalar_type() == at::kFloat &&

@@ -15,9 +15,10 @@ namespace fastmb::cpu {
 class StemRows {
  public:
   // x (N, C_in, H, W) float32 in any layout (read through its strides), weight (C, C_in, kH, kW),
-  // scale and shift (C), each checked. The tensors must outlive the object.
-  static std::unique_ptr<StemRows> make(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
-                                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, Activation act);
+  // scale and shift (C), each checked (errors name `op`). The tensors must outlive the object.
+  static std::unique_ptr<StemRows> make(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                                        const at::Tensor& shift, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                        Activation act);
   virtual ~StemRows() = default;
   // The conv's geometry over x (g.c is C_in), and C.
   virtual const Geometry& geometry() const = 0;

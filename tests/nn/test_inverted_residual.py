@@ -569,6 +569,44 @@ def stem_arguments(layers: list[nn.Module], x: torch.Tensor) -> tuple[tuple, tup
     return ir.block_plan(layers[1], layers_of(layers[1]), residual(layers[1])).arguments(), ir.stem_plan(layers[0]).arguments()
 
 
+@pytest.mark.parametrize("thread_count", [1, 2])
+@pytest.mark.parametrize("size", STEM_SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("stem_case", [case[0] for case in STEM_CASES], ids=lambda c: f"stem{c[0]}-{c[1]}-k{c[2]}s{c[3]}")
+def test_a_stem_before_a_layer_without_a_plan_runs_alone(stem_case, size, thread_count, native_block_calls):
+    """Its own op call (no blocks), under DESIGN.md's rule against the stem in float64; the
+    layer after it runs as its module."""
+    layers = [stem_and_block(stem_case, BLOCKS[0])[0], nn.Conv2d(stem_case[0], 8, 1)]
+    x = torch.randn(size[0], 3, *size[1:])
+    with threads(thread_count), torch.no_grad():
+        fused = ir.run_layers(layers[:1], x)
+        assert ir.run_layers(layers, x).shape[1] == 8
+        with fastmb.use_backend("reference"):
+            eager = layers[0](x)
+        oracle = copy.deepcopy(layers[0]).double()(x.double())
+    assert [kind for kind, _ in native_block_calls] == ["stem alone", "stem alone"]
+    assert fused.shape == oracle.shape and fused.is_contiguous(memory_format=torch.channels_last)
+    scale = oracle.abs().max().item()
+    fused_error = (fused.double() - oracle).abs().max().item()
+    eager_error = (eager.double() - oracle).abs().max().item()
+    assert fused_error <= 2 * eager_error + FLOOR[torch.float32] * max(scale, 1.0), (fused_error, eager_error)
+
+
+def test_fake_tensor_shape_of_a_stem_alone():
+    stem = stem_and_block(*STEM_CASES[2])[0]
+    x = torch.randn(2, 3, 23, 17)
+    stem_args = ir.stem_plan(stem).arguments()
+    with torch.no_grad():
+        real = torch.ops.fastmb.inverted_residual_chain(x, [], [], [], *stem_args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in stem_args]
+        fake = torch.ops.fastmb.inverted_residual_chain(mode.from_tensor(x), [], [], [], *fake_args)
+    assert fake.shape == real.shape == (2, 32, 12, 9) and fake.stride() == real.stride()
+    with pytest.raises(RuntimeError, match="at least one block, or a stem"):
+        torch.ops.fastmb.inverted_residual_chain(x.contiguous(memory_format=torch.channels_last), [], [], [])
+
+
 def test_fake_tensor_shape_with_a_stem():
     layers = stem_and_block(*STEM_CASES[1])
     x = torch.randn(2, 3, 23, 17)
