@@ -402,9 +402,16 @@ Block prepare_block(const char* op, const BlockArguments& a, const std::array<in
   }
   b.expand_act = parse_activation(a.expand_activation);
   // The depthwise weight taps-major, [kH * kW][C], as the kernels read it: in place when its
-  // strides are already those (a view of a packed (kH * kW, C) tensor), else repacked here.
-  taps = dw_weight.reshape({c, -1}).t().contiguous();
-  b.dw_taps = checked_dense_float(op, "dw_weight", taps, {b.g.kh * b.g.kw, c});
+  // strides are already those (a view of a packed (kH * kW, C) tensor: no view made, as a block
+  // at batch 1 feels), else repacked here.
+  const bool taps_major = dw_weight.stride(0) == 1 && dw_weight.stride(3) == c && dw_weight.stride(2) == c * b.g.kw &&
+                          dw_weight.scalar_type() == at::kFloat && dw_weight.device().is_cpu();
+  if (taps_major) {
+    b.dw_taps = dw_weight.const_data_ptr<float>();
+  } else {
+    taps = dw_weight.reshape({c, -1}).t().contiguous();
+    b.dw_taps = checked_dense_float(op, "dw_weight", taps, {b.g.kh * b.g.kw, c});
+  }
   b.dw_scale = checked_dense_float(op, "dw_scale", a.dw_scale, {c});
   b.dw_shift = checked_dense_float(op, "dw_shift", a.dw_shift, {c});
   b.dw_act = parse_activation(a.dw_activation);

@@ -338,6 +338,22 @@ def chain_arguments(blocks: list[nn.Module], x: torch.Tensor) -> tuple[list, lis
     return [t for p in parts for t in p[0]], [v for p in parts for v in p[1]], [n for p in parts for n in p[2]]
 
 
+def test_chain_takes_depthwise_weights_in_any_layout():
+    """The plans pass each depthwise weight as a view of a taps-major tensor, read in place; the
+    op repacks one in another layout (a plain contiguous (C, 1, kH, kW), columns before rows)."""
+    blocks = chain_blocks()
+    x = torch.randn(2, 24, 11, 9).contiguous(memory_format=torch.channels_last)
+    tensors, settings, names = chain_arguments(blocks, x)
+    op = torch.ops.fastmb.inverted_residual_chain
+    relayouts = (lambda w: w.contiguous(), lambda w: w.transpose(2, 3).contiguous().transpose(2, 3))
+    with torch.no_grad():
+        expected = op(x, tensors, settings, names)
+        for relayout in relayouts:
+            relaid = [relayout(t) if i % 11 == 2 else t for i, t in enumerate(tensors)]
+            assert relaid[2].stride() != tensors[2].stride()
+            torch.testing.assert_close(op(x, relaid, settings, names), expected, rtol=0, atol=0)
+
+
 def test_fake_tensor_shape_of_a_chain():
     blocks = chain_blocks()
     x = torch.randn(2, 24, 19, 13).contiguous(memory_format=torch.channels_last)
