@@ -293,7 +293,11 @@ void run_image_split(const Block& b, int64_t n) {
 }
 
 // Output rows per part below which an image is run by run_image_split instead of in row parts.
-constexpr int64_t kMinPartRows = 16;
+// Without SE the parts are independent, and their halo rows (1 of 7 at 14x14 with 3x3 kernels)
+// cost less than the split's barriers and channel shares (batch 1, MobileNetV2's 28x28 blocks
+// 163 -> 136 us, 14x14 ones 138 -> 125); with SE they take a second parallel region and a gate
+// folded on one thread, which lost 5% at 14x14.
+constexpr int64_t kMinPartRows = 16, kMinPartRowsWithoutSe = 7;
 
 void run_block(const Block& b) {
   const Geometry& g = b.g;
@@ -302,7 +306,7 @@ void run_block(const Block& b) {
   // With fewer images than threads each image is split into row parts, one per thread, or,
   // when it is too small for that, run by run_image_split.
   const int64_t parts = g.n >= threads ? 1 : std::min<int64_t>(g.ho, (threads + g.n - 1) / g.n);
-  if (parts > 1 && g.ho / parts < kMinPartRows) {
+  if (parts > 1 && g.ho / parts < (b.has_se() ? kMinPartRows : kMinPartRowsWithoutSe)) {
     for (int64_t n = 0; n < g.n; ++n) run_image_split(b, n);
     return;
   }
