@@ -26,7 +26,7 @@ from fastmb.ops.packing import (
     pointwise_conv,
 )
 
-NATIVE = _extension.has_kernel("inverted_residual", "CPU")
+NATIVE = _extension.has_kernel("inverted_residual", "CPU") and _extension.has_kernel("inverted_residual_chain", "CPU")
 _OP = torch.ops.fastmb.inverted_residual.default if NATIVE else None
 _CHAIN = torch.ops.fastmb.inverted_residual_chain.default if NATIVE else None
 
