@@ -75,7 +75,8 @@ def native_block_calls(monkeypatch) -> list[tuple[str, int]]:
         if not tensors:
             calls.append(("stem alone", call))
         else:
-            calls.extend((kind, call) for kind in ["stem" if with_stem else "block"] + ["block"] * (len(tensors) // 11 - 1))
+            blocks = len(tensors) // ir._CHAIN_TENSORS
+            calls.extend((kind, call) for kind in ["stem" if with_stem else "block"] + ["block"] * (blocks - 1))
         return chain(x, tensors, settings, names, *stem)
 
     monkeypatch.setattr(ir, "_OP", one_block)

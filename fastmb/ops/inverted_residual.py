@@ -394,11 +394,14 @@ def run_layers(layers: Iterable[nn.Module], x: Tensor) -> Tensor:
     if stem is not None and stem.takes(x):
         channels = stem.stem.conv.out_channels
         chain = _chain(layers[1:], channels)
-        if chain and not chain[0][0].takes_a_stem(channels):
-            chain = []  # the stem alone: its patch GEMMs beat oneDNN's conv over 3 channels (1.3-2x)
         stem_arguments = stem.arguments()
         if stem_arguments is not None:
-            x, i, ran = _run_chain(x, chain, stem_arguments), 1 + len(chain), True
+            if chain and chain[0][0].takes_a_stem(channels):
+                x = _run_chain(x, chain, stem_arguments)
+            else:  # the stem alone (its patch GEMMs beat oneDNN's conv over 3 channels, 1.3-2x)
+                x = _run_chain(x, [], stem_arguments)
+                x = _run_chain(x, chain, ()) if chain else x
+            i, ran = 1 + len(chain), True
     while i < len(layers):
         chain = _chain(layers[i:], x.shape[1])
         if chain and chain[0][0].takes(x):
