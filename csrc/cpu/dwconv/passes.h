@@ -8,8 +8,8 @@
 //                   chunk, Chan merges); normalize: y = act(z * scale + shift)
 //   backward        grad_sums_rows: z per chunk and the sums of dL/du and dL/du * x_hat per
 //                   channel; grad_input_weight_block, per (image, channel block): z again, dL/dz
-//                   into a task buffer, the weight gradient (sums held in registers along each
-//                   row), then dL/dx from dL/dz: a conv with the flipped kernel (stride 1),
+//                   into a task buffer, the weight gradient (sums held in registers over bands
+//                   of rows), then dL/dx from dL/dz: a conv with the flipped kernel (stride 1),
 //                   sub-pixel sliding tiles (stride 2), else a gather over the taps
 #pragma once
 
@@ -226,12 +226,19 @@ void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, const Acc* gy, const Ac
   }
 }
 
-// dst[0:lanes] += v's lanes, in double: the weight gradient's per-thread partials sum a row's
-// sums over many rows, and in float their rounding outgrew eager's where those sums cancel.
+// Vectors of Lanes doubles, loaded and stored at any double's alignment.
+template <int Lanes>
+struct DoubleLanes {
+  typedef double type __attribute__((vector_size(Lanes * sizeof(double)), aligned(alignof(double))));
+};
+
+// dst[0:lanes] += v's lanes, in double: the weight gradient's per-thread partials sum a band's
+// float sums over many bands, and in float their rounding outgrew eager's where those sums
+// cancel. One vector conversion and add, not one per lane.
 template <typename VT>
 FASTMB_INLINE void add_lanes(double* dst, const VT& v) {
-  constexpr int kLanes = sizeof(VT) / sizeof(v[0]);
-  for (int k = 0; k < kLanes; ++k) dst[k] += double(v[k]);
+  using D = typename DoubleLanes<sizeof(VT) / sizeof(v[0])>::type;
+  *reinterpret_cast<D*>(dst) += __builtin_convertvector(v, D);
 }
 
 // gw[tap][0:nc] += sum over pixels [lo, hi) of one output row of gz[ow - ow0][c] * x(ih, iw(ow))[c]
@@ -276,61 +283,82 @@ FASTMB_INLINE void weight_grad_row(double* gw, const Acc* gz, const Acc* x_img, 
   }
 }
 
-// Channel vectors per weight_grad_row_k step: K x NV independent sums, enough to cover the
-// multiply-add latency (K alone, 3 for K = 3, left both pipes waiting on one chain per tap)
-// within AVX2's 16 registers.
-template <int K>
-constexpr int kWeightGradVectors = K == 3 ? 4 : 2;
+// Output pixels whose weight gradient terms a float register sums before they are added in
+// double (add_lanes): whole rows up to this many, so narrow rows do not pay the conversion per row.
+constexpr int64_t kWeightGradPixels = 128;
 
-// weight_grad_row for K = 3, 5, 7 (dilation 1 along the row): per kernel row and NV channel
-// vectors, the K taps' sums in registers over the row's pixels, each dL/dz vector loaded once
-// for all K; then single vectors, then channel by channel.
+// Channel vectors of Bytes per weight_grad_rows_k step: K x NV independent sums, enough to cover
+// the multiply-add latency, within the registers (16 for AVX2's 32-byte vectors, 32 for
+// AVX-512's).
+template <int K, int Bytes>
+constexpr int kWeightGradVectors = Bytes == 64 ? (K == 3 ? 6 : K == 5 ? 4 : 3) : (K == 3 ? 4 : K == 5 ? 2 : 1);
+
+// The weight gradient's share of output rows [oh0, oh1) for K = 3, 5, 7 (dilation 1 along the
+// row): gw is [taps][C] (this thread's partial) offset to c0, gz is the rows' [oh1 - oh0][Wo][nc],
+// x_img offset to c0. Per kernel row and NV channel vectors, the K taps' sums stay in registers
+// over all the rows' pixels, each dL/dz vector loaded once for all K; then narrower vectors,
+// then channel by channel.
 template <int K, typename Acc>
-FASTMB_INLINE void weight_grad_row_k(double* gw, const Acc* gz, const Acc* x_img, const Geometry& g, int64_t oh, int64_t ow0, int64_t pixels,
-                                     int64_t nc) {
-  using V = Vec<Acc>;
-  constexpr int64_t L = V::kLanes;
-  const int64_t end = ow0 + pixels;
+FASTMB_INLINE void weight_grad_rows_k(double* gw, const Acc* gz, const Acc* x_img, const Geometry& g, int64_t oh0, int64_t oh1, int64_t nc) {
   // Pixels [lo, hi) read all K columns inside the row; the others check each tap.
-  const int64_t lo = std::min(end, std::max<int64_t>(ow0, (g.pw + g.sw - 1) / g.sw));
-  const int64_t hi = std::max(lo, std::min<int64_t>(end, g.w - K + g.pw >= 0 ? (g.w - K + g.pw) / g.sw + 1 : 0));
+  const int64_t lo = std::min(g.wo, (g.pw + g.sw - 1) / g.sw);
+  const int64_t hi = std::max(lo, std::min<int64_t>(g.wo, g.w - K + g.pw >= 0 ? (g.w - K + g.pw) / g.sw + 1 : 0));
   for (int i = 0; i < K; ++i) {
-    const int64_t ih = oh * g.sh - g.ph + int64_t(i) * g.dh;
-    if (ih < 0 || ih >= g.h) continue;
-    const Acc* x_row = x_img + ih * g.w * g.c;
     double* gw_row = gw + int64_t(i) * K * g.c;
-    const auto vectors_at = [&](int64_t c, auto nv) __attribute__((always_inline)) {
+    const auto vectors_at = [&](int64_t c, auto nv, auto bytes) __attribute__((always_inline)) {
       constexpr int NV = decltype(nv)::value;
+      using V = Vec<Acc, decltype(bytes)::value>;
+      constexpr int64_t L = V::kLanes;
       typename V::type acc[NV][K] = {};
-      const auto add_pixel = [&](int64_t ow, bool check) __attribute__((always_inline)) {
-        const int64_t iw0 = ow * g.sw - g.pw;
-        unroll<NV>([&](auto v) __attribute__((always_inline)) {
-          const typename V::type gv = V::load(gz + (ow - ow0) * nc + c + v * L);
-          const Acc* xp = x_row + iw0 * g.c + c + v * L;
-          unroll<K>([&](auto j) __attribute__((always_inline)) {
-            if (!check || (iw0 + j >= 0 && iw0 + j < g.w)) acc[v][j] += gv * V::load(xp + j * g.c);
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        const int64_t ih = oh * g.sh - g.ph + int64_t(i) * g.dh;
+        if (ih < 0 || ih >= g.h) continue;
+        const Acc* x_row = x_img + ih * g.w * g.c;
+        const Acc* gz_row = gz + (oh - oh0) * g.wo * nc;
+        const auto add_pixel = [&](int64_t ow, bool check) __attribute__((always_inline)) {
+          const int64_t iw0 = ow * g.sw - g.pw;
+          unroll<NV>([&](auto v) __attribute__((always_inline)) {
+            const typename V::type gv = V::load(gz_row + ow * nc + c + v * L);
+            const Acc* xp = x_row + iw0 * g.c + c + v * L;
+            unroll<K>([&](auto j) __attribute__((always_inline)) {
+              if (!check || (iw0 + j >= 0 && iw0 + j < g.w)) acc[v][j] += gv * V::load(xp + j * g.c);
+            });
           });
-        });
-      };
-      for (int64_t ow = ow0; ow < lo; ++ow) add_pixel(ow, true);
-      for (int64_t ow = lo; ow < hi; ++ow) add_pixel(ow, false);
-      for (int64_t ow = hi; ow < end; ++ow) add_pixel(ow, true);
+        };
+        for (int64_t ow = 0; ow < lo; ++ow) add_pixel(ow, true);
+        for (int64_t ow = lo; ow < hi; ++ow) add_pixel(ow, false);
+        for (int64_t ow = hi; ow < g.wo; ++ow) add_pixel(ow, true);
+      }
       unroll<NV>([&](auto v) __attribute__((always_inline)) {
-        unroll<K>([&](auto j) __attribute__((always_inline)) {
-          add_lanes(gw_row + j * g.c + c + v * L, acc[v][j]);
-        });
+        unroll<K>([&](auto j) __attribute__((always_inline)) { add_lanes(gw_row + j * g.c + c + v * L, acc[v][j]); });
       });
     };
-    constexpr int NV = kWeightGradVectors<K>;
+    constexpr int B = kConvBytes, NV = kWeightGradVectors<K, B>;
+    constexpr int64_t L = Vec<Acc, B>::kLanes;
     int64_t c = 0;
-    for (; c + NV * L <= nc; c += NV * L) vectors_at(c, Int<NV>{});
-    for (; c + L <= nc; c += L) vectors_at(c, Int<1>{});
+    for (; c + NV * L <= nc; c += NV * L) vectors_at(c, Int<NV>{}, Int<B>{});
+    // A narrow block's vectors in fewer sums, but enough of them to cover the latency.
+    if constexpr (NV >= 4) {
+      for (; c + NV / 2 * L <= nc; c += NV / 2 * L) vectors_at(c, Int<NV / 2>{}, Int<B>{});
+    }
+    if constexpr (NV / 2 > 2) {
+      for (; c + 2 * L <= nc; c += 2 * L) vectors_at(c, Int<2>{}, Int<B>{});
+    }
+    for (; c + L <= nc; c += L) vectors_at(c, Int<1>{}, Int<B>{});
+    if constexpr (B > 32) {
+      for (; c + 32 / int64_t(sizeof(Acc)) <= nc; c += 32 / int64_t(sizeof(Acc))) vectors_at(c, Int<1>{}, Int<32>{});
+    }
     for (; c < nc; ++c)
-      for (int64_t ow = ow0; ow < end; ++ow)
-        for (int j = 0; j < K; ++j) {
-          const int64_t iw = ow * g.sw - g.pw + j;
-          if (iw >= 0 && iw < g.w) gw_row[j * g.c + c] += double(gz[(ow - ow0) * nc + c] * x_row[iw * g.c + c]);
-        }
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        const int64_t ih = oh * g.sh - g.ph + int64_t(i) * g.dh;
+        if (ih < 0 || ih >= g.h) continue;
+        const Acc* x_row = x_img + ih * g.w * g.c;
+        for (int64_t ow = 0; ow < g.wo; ++ow)
+          for (int j = 0; j < K; ++j) {
+            const int64_t iw = ow * g.sw - g.pw + j;
+            if (iw >= 0 && iw < g.w) gw_row[j * g.c + c] += double(gz[((oh - oh0) * g.wo + ow) * nc + c] * x_row[iw * g.c + c]);
+          }
+      }
   }
 }
 
@@ -456,26 +484,36 @@ FASTMB_INLINE void grad_x_row_stride2(Acc* gx, const Acc* gz, const Acc* w, cons
 
 // x_hat and dL/du are recomputed from x and grad_y: cheaper than keeping them from pass 1, which
 // would write and read two more tensors. gz holds the whole [Ho][Wo][nc] dL/dz when dL/dx is
-// wanted, one chunk otherwise.
+// wanted, one band of rows otherwise.
 template <int K, typename Acc>
 void grad_input_weight_block(const BlockArgs<Acc>& args, std::vector<Acc>& gz, int64_t c0, int64_t nc) {
   const Geometry& g = args.g;
   const int64_t chunk = chunk_pixels(nc);
   const BnParams<Acc> bn{args.bn.mean + c0, args.bn.invstd + c0, args.bn.gamma + c0, args.bn.beta + c0};
+  // Bands of whole rows, about kWeightGradPixels pixels: the specialised weight gradient sums
+  // a band's pixels in registers.
+  const int64_t band = std::max<int64_t>(1, kWeightGradPixels / std::max<int64_t>(g.wo, 1));
   std::vector<Acc> z(chunk * nc);
-  gz.resize(args.gx != nullptr ? g.ho * g.wo * nc : chunk * nc);
-  for (int64_t oh = 0; oh < g.ho; ++oh) {
-    for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
-      const int64_t pixels = std::min(chunk, g.wo - ow0);
-      Acc* gz_chunk = args.gx != nullptr ? gz.data() + (oh * g.wo + ow0) * nc : gz.data();
-      conv_row<K>(StoreValues<Acc>{z.data(), nc}, args.x, args.w, g, oh, ow0, pixels, c0, nc);
-      dispatch_activation(args.act, [&](auto activation) {
-        grad_z<decltype(activation)::value>(gz_chunk, z.data(), args.gy + (oh * g.wo + ow0) * g.c + c0, g.c, bn, args.a + c0, args.b + c0,
-                                            args.d + c0, pixels, nc);
-      });
-      if (args.gw == nullptr) continue;
-      if constexpr (K != 0) weight_grad_row_k<K>(args.gw + c0, gz_chunk, args.x + c0, g, oh, ow0, pixels, nc);
-      else weight_grad_row(args.gw + c0, gz_chunk, args.x + c0, g, oh, ow0, pixels, nc);
+  gz.resize((args.gx != nullptr ? g.ho : std::min(band, g.ho)) * g.wo * nc);
+  for (int64_t oh0 = 0; oh0 < g.ho; oh0 += band) {
+    const int64_t oh1 = std::min(g.ho, oh0 + band);
+    Acc* gz_band = args.gx != nullptr ? gz.data() + oh0 * g.wo * nc : gz.data();
+    for (int64_t oh = oh0; oh < oh1; ++oh)
+      for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
+        const int64_t pixels = std::min(chunk, g.wo - ow0);
+        conv_row<K>(StoreValues<Acc>{z.data(), nc}, args.x, args.w, g, oh, ow0, pixels, c0, nc);
+        dispatch_activation(args.act, [&](auto activation) {
+          grad_z<decltype(activation)::value>(gz_band + ((oh - oh0) * g.wo + ow0) * nc, z.data(), args.gy + (oh * g.wo + ow0) * g.c + c0, g.c,
+                                              bn, args.a + c0, args.b + c0, args.d + c0, pixels, nc);
+        });
+      }
+    if (args.gw != nullptr) {
+      if constexpr (K != 0) {
+        weight_grad_rows_k<K>(args.gw + c0, gz_band, args.x + c0, g, oh0, oh1, nc);
+      } else {
+        for (int64_t oh = oh0; oh < oh1; ++oh)
+          weight_grad_row(args.gw + c0, gz_band + (oh - oh0) * g.wo * nc, args.x + c0, g, oh, 0, g.wo, nc);
+      }
     }
   }
   if (args.gx == nullptr) return;
