@@ -81,8 +81,7 @@ FASTMB_INLINE auto load_values(const T* p) {
   if constexpr (W == 1) {
     return Acc(*p);
   } else {
-    static_assert(W == Vec<Acc>::kLanes);
-    return Vec<Acc>::load(p);
+    return Vec<Acc, W * sizeof(Acc)>::load(p);
   }
 }
 
