@@ -34,24 +34,35 @@ FASTMB_INLINE void valid_outputs(int64_t tap, int64_t stride, int64_t pad, int64
   if (hi < lo) hi = lo;
 }
 
-// Calls f(k, Int<Bytes>{}) for the vectors of values [k, k + Bytes / sizeof(Acc)) that cover
-// [0, n) from 0: kConvBytes wide, then (AVX-512) one of 32 bytes where 8 values or more are left;
-// returns where the values left for scalar code start. The elementwise passes' loops: the
-// exp-based activations ran 1.4x faster in AVX-512's registers than in AVX's.
-template <typename Acc, typename F>
-FASTMB_INLINE int64_t for_each_vector(int64_t n, const F& f) {
+// Calls f(k, Int<NV>{}, Int<Bytes>{}) for blocks of NV vectors of Bytes that cover values
+// [0, n) from 0: blocks of NV kConvBytes vectors, then single ones, then (AVX-512) one of 32 bytes
+// where 8 values or more are left; returns where the values left for scalar code start. The
+// elementwise passes' loops: the exp-based activations ran 1.4x faster in AVX-512's registers
+// than in AVX's, and a block's per-channel parameters stay in registers over many pixels.
+template <int NV, typename Acc, typename F>
+FASTMB_INLINE int64_t for_each_vector_block(int64_t n, const F& f) {
   constexpr int64_t L = kConvBytes / sizeof(Acc);
   int64_t k = 0;
-  for (; k + L <= n; k += L) f(k, Int<kConvBytes>{});
+  if constexpr (NV > 1) {
+    for (; k + NV * L <= n; k += NV * L) f(k, Int<NV>{}, Int<kConvBytes>{});
+  }
+  for (; k + L <= n; k += L) f(k, Int<1>{}, Int<kConvBytes>{});
   if constexpr (kConvBytes > 32) {
     constexpr int64_t H = 32 / sizeof(Acc);
     if (k + H <= n) {
-      f(k, Int<32>{});
+      f(k, Int<1>{}, Int<32>{});
       k += H;
     }
   }
   return k;
 }
+
+// Channel vectors per register block of the elementwise passes, by how many per-channel
+// parameters each vector holds (2 for normalize, 4 for the backward's sums, 7 for dL/dz): the
+// parameters, reloaded for every pixel, were most of these passes' loads. AVX2 has 16 registers,
+// AVX-512 32.
+template <int Params>
+constexpr int kParamBlockVectors = std::max(1, (kConvBytes == 64 ? 16 : 8) / Params);
 
 // y[0:n] = act(y[0:n]) for a smooth activation (see ActivationFn): a second loop over values
 // still in L1, which keeps the exp-based forms out of the conv tiles' registers.
@@ -60,7 +71,7 @@ void apply_smooth_activation(Acc* y, int64_t n, Activation act) {
   dispatch_activation(act, [&](auto a) {
     constexpr Activation A = decltype(a)::value;
     if constexpr (is_smooth(A)) {
-      int64_t k = for_each_vector<Acc>(n, [&](int64_t k, auto bytes) __attribute__((always_inline)) {
+      int64_t k = for_each_vector_block<1, Acc>(n, [&](int64_t k, auto, auto bytes) __attribute__((always_inline)) {
         using V = Vec<Acc, decltype(bytes)::value>;
         V::store(y + k, smooth_activation<VecMath, Acc>(A, V::load(y + k)));
       });
@@ -134,101 +145,134 @@ void statistics_rows(Acc* z_img, Moments& moments, const Acc* x, const Acc* w, c
   }
 }
 
+// y = act(z * scale + shift) for `pixels` x c values (y may be z), a chunk of pixels at a time:
+// per block of channel vectors, scale and shift in registers over the chunk's pixels.
 template <typename Acc>
 void normalize(Acc* y, const Acc* z, const Acc* scale, const Acc* shift, Activation act, int64_t pixels, int64_t c) {
   const ActivationFn<Acc> activation(act);
-  for (int64_t p = 0; p < pixels; ++p) {
-    const Acc* zp = z + p * c;
-    Acc* yp = y + p * c;
-    int64_t k = for_each_vector<Acc>(c, [&](int64_t k, auto bytes) __attribute__((always_inline)) {
+  const int64_t chunk = chunk_pixels(c);
+  for (int64_t p0 = 0; p0 < pixels; p0 += chunk) {
+    const int64_t np = std::min(chunk, pixels - p0);
+    Acc* yc = y + p0 * c;
+    const Acc* zc = z + p0 * c;
+    const int64_t k0 = for_each_vector_block<kParamBlockVectors<2>, Acc>(c, [&](int64_t k, auto nv, auto bytes) __attribute__((always_inline)) {
+      constexpr int NV = decltype(nv)::value;
       using V = Vec<Acc, decltype(bytes)::value>;
-      V::store(yp + k, activation(V::load(zp + k) * V::load(scale + k) + V::load(shift + k)));
+      constexpr int64_t L = V::kLanes;
+      typename V::type sc[NV], sh[NV];
+      unroll<NV>([&](auto v) __attribute__((always_inline)) {
+        sc[v] = V::load(scale + k + v * L);
+        sh[v] = V::load(shift + k + v * L);
+      });
+      const ActivationFn<Acc> held = activation;  // a copy no store can alias
+      for (int64_t p = 0; p < np; ++p)
+        unroll<NV>([&](auto v) __attribute__((always_inline)) {
+          V::store(yc + p * c + k + v * L, held(V::load(zc + p * c + k + v * L) * sc[v] + sh[v]));
+        });
     });
-    for (; k < c; ++k) yp[k] = activation(zp[k] * scale[k] + shift[k]);
-    if (is_smooth(act)) apply_smooth_activation(yp, c, act);
+    for (int64_t p = 0; p < np; ++p)
+      for (int64_t k = k0; k < c; ++k) yc[p * c + k] = activation(zc[p * c + k] * scale[k] + shift[k]);
+    if (is_smooth(act)) apply_smooth_activation(yc, np * c, act);
   }
 }
 
-// The backward's per-value chain from z and grad_y at W channels from c (a vector of W lanes, or
-// channel c alone): x_hat = (z - mean) * invstd, u = x_hat * gamma + beta, gu = act'(u) *
-// grad_y, in registers: stored between separate loops, each would be a pass over the chunk.
-template <Activation A, int W, typename Acc, typename VT = std::conditional_t<W == 1, Acc, typename Vec<Acc, W * sizeof(Acc)>::type>>
-FASTMB_INLINE void grad_chain(const Acc* z, const Acc* gy, const BnParams<Acc>& p, int64_t c, VT& x_hat, VT& gu) {
-  x_hat = (load_values<Acc, W>(z + c) - load_values<Acc, W>(p.mean + c)) * load_values<Acc, W>(p.invstd + c);
-  const VT u = x_hat * load_values<Acc, W>(p.gamma + c) + load_values<Acc, W>(p.beta + c);
-  gu = activation_grad<A, Acc, VecMath>(load_values<Acc, W>(gy + c), u);
+// The backward's per-value chain from z and grad_y, VT a vector of Acc or Acc: x_hat = (z - mean) *
+// invstd, u = x_hat * gamma + beta, gu = act'(u) * grad_y, in registers: stored between separate
+// loops, each would be a pass over the chunk.
+template <Activation A, typename Acc, typename VT>
+FASTMB_INLINE void chain_values(VT z, VT gy, VT mean, VT invstd, VT gamma, VT beta, VT& x_hat, VT& gu) {
+  x_hat = (z - mean) * invstd;
+  gu = activation_grad<A, Acc, VecMath>(gy, x_hat * gamma + beta);
 }
 
+// The chain for channel c alone.
+template <Activation A, typename Acc>
+FASTMB_INLINE void chain_at(const Acc* z, const Acc* gy, const BnParams<Acc>& p, int64_t c, Acc& x_hat, Acc& gu) {
+  chain_values<A, Acc>(z[c], gy[c], p.mean[c], p.invstd[c], p.gamma[c], p.beta[c], x_hat, gu);
+}
+
+// A block's batch norm parameters, NV vectors of V from channel c, held in registers.
+template <typename V, int NV, typename Acc>
+struct HeldBn {
+  typename V::type mean[NV], invstd[NV], gamma[NV], beta[NV];
+  FASTMB_INLINE HeldBn(const BnParams<Acc>& p, int64_t c) {
+    unroll<NV>([&](auto v) __attribute__((always_inline)) {
+      const int64_t k = c + v * V::kLanes;
+      mean[v] = V::load(p.mean + k), invstd[v] = V::load(p.invstd + k), gamma[v] = V::load(p.gamma + k), beta[v] = V::load(p.beta + k);
+    });
+  }
+  template <Activation A>
+  FASTMB_INLINE void chain(int v, const Acc* z, const Acc* gy, typename V::type& x_hat, typename V::type& gu) const {
+    chain_values<A, Acc>(V::load(z), V::load(gy), mean[v], invstd[v], gamma[v], beta[v], x_hat, gu);
+  }
+};
+
 // Backward pass 1's sums over a chunk of `pixels` x `nc` z values (grad_y rows gy_stride apart):
-// sum_gu[c] += sum of gu, sum_gu_xhat[c] += sum of gu * x_hat, up to 4 vectors of channels' sums
-// held in registers over the pixels.
+// sum_gu[c] += sum of gu, sum_gu_xhat[c] += sum of gu * x_hat, a block of channel vectors' sums
+// and parameters held in registers over the pixels.
 template <Activation A, typename Acc>
 FASTMB_INLINE void add_grad_sums(Acc* sum_gu, Acc* sum_gu_xhat, const Acc* z, const Acc* gy, int64_t gy_stride, const BnParams<Acc>& bn,
                                  int64_t pixels, int64_t nc) {
-  constexpr int NV = 4;
-  // nv <= NV vectors of Bytes from channel k0.
-  const auto vectors_at = [&](int64_t k0, int64_t nv, auto bytes) __attribute__((always_inline)) {
+  const int64_t k0 = for_each_vector_block<kParamBlockVectors<4>, Acc>(nc, [&](int64_t c, auto nv, auto bytes) __attribute__((always_inline)) {
+    constexpr int NV = decltype(nv)::value;
     using V = Vec<Acc, decltype(bytes)::value>;
-    constexpr int L = V::kLanes;
+    constexpr int64_t L = V::kLanes;
+    const HeldBn<V, NV, Acc> held(bn, c);
     typename V::type acc_gu[NV] = {}, acc_gu_xhat[NV] = {};
-    for (int64_t p = 0; p < pixels; ++p) {
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) {
-        if (v >= nv) continue;
+    for (int64_t p = 0; p < pixels; ++p)
+      unroll<NV>([&](auto v) __attribute__((always_inline)) {
         typename V::type x_hat, gu;
-        grad_chain<A, L>(z + p * nc, gy + p * gy_stride, bn, k0 + v * L, x_hat, gu);
+        held.template chain<A>(v, z + p * nc + c + v * L, gy + p * gy_stride + c + v * L, x_hat, gu);
         acc_gu[v] += gu;
         acc_gu_xhat[v] += gu * x_hat;
-      }
-    }
-    for (int64_t v = 0; v < nv; ++v) {
-      V::store(sum_gu + k0 + v * L, V::load(sum_gu + k0 + v * L) + acc_gu[v]);
-      V::store(sum_gu_xhat + k0 + v * L, V::load(sum_gu_xhat + k0 + v * L) + acc_gu_xhat[v]);
-    }
-  };
-  constexpr int64_t L = kConvBytes / sizeof(Acc);
-  int64_t k0 = 0;
-  while (k0 + L <= nc) {
-    const int64_t nv = std::min<int64_t>(NV, (nc - k0) / L);
-    vectors_at(k0, nv, Int<kConvBytes>{});
-    k0 += nv * L;
-  }
-  if constexpr (kConvBytes > 32) {  // the rest's first 8 channels (AVX-512): see for_each_vector
-    if (k0 + 32 / int64_t(sizeof(Acc)) <= nc) {
-      vectors_at(k0, 1, Int<32>{});
-      k0 += 32 / sizeof(Acc);
-    }
-  }
+      });
+    unroll<NV>([&](auto v) __attribute__((always_inline)) {
+      V::store(sum_gu + c + v * L, V::load(sum_gu + c + v * L) + acc_gu[v]);
+      V::store(sum_gu_xhat + c + v * L, V::load(sum_gu_xhat + c + v * L) + acc_gu_xhat[v]);
+    });
+  });
   for (int64_t c = k0; c < nc; ++c)
     for (int64_t p = 0; p < pixels; ++p) {
       Acc x_hat, gu;
-      grad_chain<A, 1>(z + p * nc, gy + p * gy_stride, bn, c, x_hat, gu);
+      chain_at<A>(z + p * nc, gy + p * gy_stride, bn, c, x_hat, gu);
       sum_gu[c] += gu;
       sum_gu_xhat[c] += gu * x_hat;
     }
 }
 
 // dL/dz = a * gu - b - x_hat * d (a, b, d per channel, offset like bn) for `pixels` x `nc` z
-// values, into gz. The x_hat term is left out where d is 0 (eval), as eager's backward has no
-// such term: a NaN in z must not reach dL/dz through it.
+// values, into gz, a chunk of pixels at a time with a block's parameters in registers. The x_hat
+// term is left out where d is 0 (eval), as eager's backward has no such term: a NaN in z must
+// not reach dL/dz through it.
 template <Activation A, typename Acc>
 FASTMB_INLINE void grad_z(Acc* gz, const Acc* z, const Acc* gy, int64_t gy_stride, const BnParams<Acc>& bn, const Acc* a, const Acc* b,
                           const Acc* d, int64_t pixels, int64_t nc) {
-  for (int64_t p = 0; p < pixels; ++p) {
-    const Acc* zp = z + p * nc;
-    const Acc* gyp = gy + p * gy_stride;
-    int64_t c = for_each_vector<Acc>(nc, [&](int64_t c, auto bytes) __attribute__((always_inline)) {
+  const int64_t chunk = chunk_pixels(nc);
+  for (int64_t p0 = 0; p0 < pixels; p0 += chunk) {
+    const int64_t np = std::min(chunk, pixels - p0);
+    const int64_t k0 = for_each_vector_block<kParamBlockVectors<7>, Acc>(nc, [&](int64_t c, auto nv, auto bytes) __attribute__((always_inline)) {
+      constexpr int NV = decltype(nv)::value;
       using V = Vec<Acc, decltype(bytes)::value>;
-      typename V::type x_hat, gu;
-      grad_chain<A, V::kLanes>(zp, gyp, bn, c, x_hat, gu);
-      const typename V::type dv = V::load(d + c), zero = {};
-      V::store(gz + p * nc + c, V::load(a + c) * gu - V::load(b + c) - (dv == zero ? zero : x_hat * dv));
+      constexpr int64_t L = V::kLanes;
+      const HeldBn<V, NV, Acc> held(bn, c);
+      typename V::type av[NV], bv[NV], dv[NV];
+      unroll<NV>([&](auto v) __attribute__((always_inline)) {
+        av[v] = V::load(a + c + v * L), bv[v] = V::load(b + c + v * L), dv[v] = V::load(d + c + v * L);
+      });
+      const typename V::type zero = {};
+      for (int64_t p = p0; p < p0 + np; ++p)
+        unroll<NV>([&](auto v) __attribute__((always_inline)) {
+          typename V::type x_hat, gu;
+          held.template chain<A>(v, z + p * nc + c + v * L, gy + p * gy_stride + c + v * L, x_hat, gu);
+          V::store(gz + p * nc + c + v * L, av[v] * gu - bv[v] - (dv[v] == zero ? zero : x_hat * dv[v]));
+        });
     });
-    for (; c < nc; ++c) {
-      Acc x_hat, gu;
-      grad_chain<A, 1>(zp, gyp, bn, c, x_hat, gu);
-      gz[p * nc + c] = a[c] * gu - b[c] - (d[c] == Acc(0) ? Acc(0) : x_hat * d[c]);
-    }
+    for (int64_t p = p0; p < p0 + np; ++p)
+      for (int64_t c = k0; c < nc; ++c) {
+        Acc x_hat, gu;
+        chain_at<A>(z + p * nc, gy + p * gy_stride, bn, c, x_hat, gu);
+        gz[p * nc + c] = a[c] * gu - b[c] - (d[c] == Acc(0) ? Acc(0) : x_hat * d[c]);
+      }
   }
 }
 
