@@ -81,7 +81,8 @@ FASTMB_INLINE auto load_values(const T* p) {
   if constexpr (W == 1) {
     return Acc(*p);
   } else {
-    return Vec<Acc, W * sizeof(Acc)>::load(p);
+    static_assert(W == Vec<Acc>::kLanes);
+    return Vec<Acc>::load(p);
   }
 }
 
