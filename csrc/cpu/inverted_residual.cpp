@@ -513,11 +513,12 @@ Tensor inverted_residual(const Tensor& x, const std::optional<Tensor>& expand_we
   return run_prepared(b, x);
 }
 
-// Per block of the chain op: its tensors (expand_weight, expand_bias, dw_weight, dw_scale,
-// dw_shift, fc1_weight, fc1_bias, fc2_weight, fc2_bias, project_weight, project_bias), its
-// settings (stride 2, padding 4: top, bottom, left, right, dilation 2, residual 1) and its names
-// (expand, depthwise, SE and projection activations, SE gate).
+// Per block of the chain op: its tensors (kChainTensorNames), its settings (stride 2, padding 4:
+// top, bottom, left, right, dilation 2, residual 1) and its names (expand, depthwise and SE
+// activations, SE gate, projection activation).
 constexpr int64_t kChainTensors = 11, kChainSettings = 9, kChainNames = 5;
+constexpr const char* kChainTensorNames[kChainTensors] = {"expand_weight", "expand_bias", "dw_weight", "dw_scale", "dw_shift", "fc1_weight",
+                                                          "fc1_bias", "fc2_weight", "fc2_bias", "project_weight", "project_bias"};
 
 // Blocks one after another, each block's output the next one's input, in one call: the per-call
 // work of a block (argument parsing, checks, the framework's dispatch) is most of a small block's
@@ -544,9 +545,7 @@ Tensor inverted_residual_chain(const Tensor& x, const c10::List<std::optional<Te
     const std::string op = "inverted_residual_chain (block " + std::to_string(i) + ")";
     std::array<std::optional<Tensor>, kChainTensors> t;
     for (int64_t k = 0; k < kChainTensors; ++k) t[k] = tensors.get(i * kChainTensors + k);
-    for (const int64_t k : {2, 3, 4, 9, 10})
-      TORCH_CHECK(t[k].has_value(), "fastmb::", op, ": the ", k == 2 ? "dw_weight" : k == 3 ? "dw_scale" : k == 4 ? "dw_shift"
-                                                    : k == 9 ? "project_weight" : "project_bias", " is missing");
+    for (const int64_t k : {2, 3, 4, 9, 10}) TORCH_CHECK(t[k].has_value(), "fastmb::", op, ": the ", kChainTensorNames[k], " is missing");
     const int64_t* s = settings.data() + i * kChainSettings;
     const std::string* n = names.data() + i * kChainNames;
     const BlockArguments arguments{t[0], t[1], n[0], *t[2], *t[3], *t[4], {s, 2}, {s + 2, 4}, {s + 6, 2}, n[1],
