@@ -24,13 +24,15 @@ MODELS = [
 def timm_model(name: str) -> nn.Module:
     """The model with random weights (layer scales too: at their 1e-5 start the blocks they
     scale would add almost nothing, and a mistake in them would go unseen), its batch norms'
-    statistics from two random batches."""
+    statistics from two random batches. The layer scales stay well below 1: at 0.5-1.5
+    mobilenetv4_hybrid_medium's random attention blocks amplified float32 rounding about 1000x,
+    and eager's own error, the rule's yardstick, moved 10x between inputs."""
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10).train()
     with torch.no_grad():
         for module in model.modules():
             if type(module).__name__ == "LayerScale2d":
-                module.gamma.uniform_(0.5, 1.5)
+                module.gamma.uniform_(0.1, 0.3)
         for _ in range(2):
             model(torch.randn(4, 3, 64, 64))
     return model
@@ -68,8 +70,7 @@ def test_converted_timm_model(name):
     converted.load_state_dict(theirs, strict=True)
 
     # Eval outputs by DESIGN.md's rule against timm's model in float64, with a floor of 1e-5 of
-    # the outputs' scale (mobilenetv4_hybrid_medium with its layer scales drawn: eager's own
-    # float32 error is 2.8e-4, the fused model's 2.2e-4).
+    # the outputs' scale.
     x = torch.randn(4, 3, 96, 96).to(memory_format=torch.channels_last)
     with torch.no_grad():
         expected, actual = timm_eager.eval()(x), converted.eval()(x)
