@@ -212,12 +212,15 @@ FASTMB_MULTIVERSION void scale_rows(float* rows, const float* gate, int64_t pixe
 // conv with the SE channel sums; the SE's two FCs, split by rows; the projection, split by
 // pixels, each thread scaling its rows by the gate first (a per-image gated copy of the
 // projection weights would be written and read by each thread, and at 7x7 it outweighs the
-// rows). The first two are split by channels (whole panels of 16: each thread reads only its
+// rows). The expansion is split by channels (whole panels of 16: each thread reads only its
 // share of the expansion weights, at batch 1 most of the bytes moved) where the channels fill
-// whole cache lines and share out, else by pixels and rows (other channel counts put both
-// threads' values in one line: false sharing cost 45% at 72 channels). Against six parallel
-// regions stage by stage, the fork and join are one: their cost was most of these blocks' time
-// at batch 1, and doubled when the host's cores were contended.
+// whole cache lines and share out, else by pixels (other channel counts put both threads'
+// values in one line: false sharing cost 45% at 72 channels). The depthwise conv is split by
+// rows, so that the projection mostly reads rows its own thread wrote: split by channels, each
+// thread's writes went to lines the other had read, and the conv took 1.4-1.6x as long (Intel
+// Xeon, V3-Large's 14x14 SE blocks: 21-41 us a block). Against six parallel regions stage by
+// stage, the fork and join are one: their cost was most of these blocks' time at batch 1, and
+// doubled when the host's cores were contended.
 void run_image_split(const Block& b, int64_t n) {
   const Geometry& g = b.g;
   const int64_t pixels_in = g.h * g.w, pixels_out = g.ho * g.wo, panels = panels_of(g.c);
@@ -256,17 +259,17 @@ void run_image_split(const Block& b, int64_t n) {
         b.gemm(b.expand(b.image(n) + q0 * b.cin, expanded + q0 * g.c, q1 - q0), c0 / pointwise::kPanel, panels_of(c1));
     }
 #pragma omp barrier
-    const auto [oh0, oh1] = by_channels ? std::pair<int64_t, int64_t>{0, g.ho} : share(g.ho, 1);
-    if (c0 < c1 && oh0 < oh1) {
-      b.dw.eval_rows(depthwise, in, b.dw_taps, b.dw_scale, b.dw_shift, g, b.dw_act, oh0, oh1, c0, c1 - c0);
+    const auto [oh0, oh1] = share(g.ho, 1);
+    if (oh0 < oh1) {
+      b.dw.eval_rows(depthwise, in, b.dw_taps, b.dw_scale, b.dw_shift, g, b.dw_act, oh0, oh1, 0, g.c);
       if (b.has_se()) {
         float* partial = sized(thread_workspace().partial, g.c);
         const int64_t p1 = oh1 * g.wo;
         for (int64_t p = oh0 * g.wo; p < p1; p += 256) {  // partial sums of 256 pixels, as the banded path
-          std::fill(partial, partial + c1 - c0, 0.0f);
-          add_channel_sums(partial, depthwise + p * g.c + c0, std::min<int64_t>(256, p1 - p), c1 - c0, g.c);
-          float* total = sums + thread * g.c + c0;
-          for (int64_t k = 0; k < c1 - c0; ++k) total[k] += partial[k];
+          std::fill(partial, partial + g.c, 0.0f);
+          add_channel_sums(partial, depthwise + p * g.c, std::min<int64_t>(256, p1 - p), g.c, g.c);
+          float* total = sums + thread * g.c;
+          for (int64_t k = 0; k < g.c; ++k) total[k] += partial[k];
         }
       }
     }
