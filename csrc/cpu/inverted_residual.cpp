@@ -299,8 +299,9 @@ void run_image_split(const Block& b, int64_t n) {
 // Without SE the parts are independent, and their halo rows (1 of 7 at 14x14 with 3x3 kernels)
 // cost less than the split's barriers and channel shares (batch 1, MobileNetV2's 28x28 blocks
 // 163 -> 136 us, 14x14 ones 138 -> 125); with SE they take a second parallel region and a gate
-// folded on one thread, which lost 5% at 14x14.
-constexpr int64_t kMinPartRows = 16, kMinPartRowsWithoutSe = 7;
+// folded on one thread, which lost 5% at 14x14 and gains 5-10% at 28x28 (V3-Large's features.4-6
+// on an Intel Xeon: 139-144 -> 126-135 us).
+constexpr int64_t kMinPartRows = 14, kMinPartRowsWithoutSe = 7;
 
 void run_block(const Block& b) {
   const Geometry& g = b.g;
