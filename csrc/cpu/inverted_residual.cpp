@@ -217,7 +217,7 @@ FASTMB_MULTIVERSION void scale_rows(float* rows, const float* gate, int64_t pixe
 // whole cache lines and share out, else by pixels (other channel counts put both threads'
 // values in one line: false sharing cost 45% at 72 channels). The depthwise conv is split by
 // rows, so that the projection mostly reads rows its own thread wrote: split by channels, each
-// thread's writes went to lines the other had read, and the conv took 1.4-1.6x as long (Intel
+// thread's writes went to lines the other had read, and the conv took 1.2-1.6x as long (Intel
 // Xeon, V3-Large's 14x14 SE blocks: 21-41 us a block). Against six parallel regions stage by
 // stage, the fork and join are one: their cost was most of these blocks' time at batch 1, and
 // doubled when the host's cores were contended.
