@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fastmb import runtimes
+
 try:
     import resource
 except ImportError:  # Windows: no page-fault counts
@@ -52,20 +54,26 @@ def minor_page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
-def paired_speedup(baseline: Callable[[], object], fn: Callable[[], object], seconds: float = 1.0) -> tuple[float, tuple[float, float]]:
+def paired_speedup(
+    baseline: Callable[[], object], fn: Callable[[], object], seconds: float = 1.0, settle: bool = False
+) -> tuple[float, tuple[float, float]]:
     """The median over alternating runs of baseline time / fn time (10 to 60 pairs, about
     `seconds` in all), and the minor page faults per timed run of fn and of the baseline. A CPU
     whose speed drifts from minute to minute, as shared machines' do, moves this ratio much less
     than the ratio of two medians taken one after the other. It is also a colder measurement:
     each fn run follows baseline runs, which have evicted fn's input from the caches (the
     back-to-back medians read inputs up to L3's size from cache). Each timed run follows an
-    untimed one of the same provider: ONNX Runtime's threads spin for a while after a run, and
-    timed right after it eager PyTorch ran up to 2x slower. The faults say how much of a gap is
-    the allocator mapping memory afresh (glibc's returns freed blocks to the kernel)."""
+    untimed one of the same provider. With `settle` (fn runs on a runtime's own thread pool) each
+    run also waits for the other provider's threads to stop spinning: ONNX Runtime's spin for
+    about 50 ms after a run, and timed meanwhile eager PyTorch ran up to 2x slower. The faults
+    say how much of a gap is the allocator mapping memory afresh (glibc's returns freed blocks
+    to the kernel)."""
     faults = {baseline: 0, fn: 0}
 
     def timed(f: Callable[[], object]) -> float:
-        f()  # untimed: lets the other provider's worker threads, which may still spin, go idle
+        if settle:
+            runtimes.wait_for_idle_threads()
+        f()  # untimed: warms this provider's threads and caches
         before = minor_page_faults()
         start = time.perf_counter()
         f()
@@ -92,6 +100,7 @@ def run_benchmark(
     summary's speedups are over the group's `baseline_provider`."""
     if baseline_provider != BASELINE:
         GROUP_BASELINES[group] = baseline_provider
+    runtimes.wait_for_idle_threads()  # the previous benchmark's runtime threads may still spin
     for _ in range(2):
         fn()
     benchmark.group = group
@@ -101,7 +110,7 @@ def run_benchmark(
         paired = faults = None
         if baseline is not None and provider != baseline_provider and not benchmark.disabled:
             baseline()
-            paired, faults = paired_speedup(baseline, fn)
+            paired, faults = paired_speedup(baseline, fn, settle=provider in runtimes.RUNTIMES)
             benchmark.extra_info["paired_speedup"] = paired
             benchmark.extra_info["page_faults_per_run"] = faults
         RESULTS.append(Result(group, provider, benchmark.stats.stats.median, paired=paired, faults=faults))

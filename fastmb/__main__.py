@@ -202,14 +202,15 @@ def step_function(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], 
 
 def measure(fns: list[Callable[[], object]], device: torch.device, seconds: float, rounds: int = 3) -> list[float]:
     """Median milliseconds per call of each function, timed in `rounds` alternating rounds (the
-    machine's speed drifts; each round's first call is an untimed warm-up, which also lets the
-    previous provider's threads go idle): about `seconds` per function in all. CUDA timings use
+    machine's speed drifts; each round starts once the previous provider's threads have gone
+    idle, with an untimed warm-up call): about `seconds` per function in all. CUDA timings use
     events with synchronisation."""
     times: list[list[float]] = [[] for _ in fns]
     for fn in fns:
         fn()  # compile, allocate
     for _ in range(rounds):
         for fn, samples in zip(fns, times):
+            runtimes.wait_for_idle_threads()
             fn()
             round_times: list[float] = []
             started = time.perf_counter()

@@ -5,6 +5,9 @@ when its package is not installed)."""
 
 import importlib.util
 import io
+import os
+import threading
+import time
 import warnings
 from collections.abc import Callable
 
@@ -47,6 +50,34 @@ def openvino_runner(onnx_model: bytes, x: torch.Tensor, threads: int) -> Callabl
     request = compiled.create_infer_request()
     inputs = {0: x.contiguous().numpy()}
     return lambda: request.infer(inputs)
+
+
+def wait_for_idle_threads(timeout: float = 0.5) -> float:
+    """Waits until no other thread of this process is running (or `timeout` seconds have passed)
+    and returns the seconds waited. A runtime's pool threads busy-wait after a run, ONNX
+    Runtime's for about 50 ms: a provider timed meanwhile in the same process shares a core with
+    them (fastmb at batch 1 on two cores: 2x slower right after ONNX Runtime). Providers timed in
+    alternation each start from here, as they would in a process of their own. Linux only (it
+    reads the threads' states from /proc); elsewhere it returns at once."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return 0.0
+    me, start = str(threading.get_native_id()), time.perf_counter()
+
+    def others_running() -> bool:
+        for task in os.listdir(tasks):
+            try:
+                with open(f"{tasks}/{task}/stat") as stat:
+                    fields = stat.read()
+            except OSError:  # the thread has exited
+                continue
+            if task != me and fields[fields.rindex(")") + 2] == "R":
+                return True
+        return False
+
+    while others_running() and time.perf_counter() - start < timeout:
+        time.sleep(0.001)
+    return time.perf_counter() - start
 
 
 RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}

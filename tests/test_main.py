@@ -152,3 +152,32 @@ def test_unvalidated_gpu_warns_until_a_check_passes(monkeypatch, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn(0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread states from /proc (Linux)")
+def test_alternated_providers_wait_for_the_others_spinning_threads():
+    """measure() starts each provider once the process's other threads are idle: a runtime's
+    pool threads that still busy-wait would take a core from the provider timed next."""
+    import threading
+    import time
+
+    fastmb.runtimes.wait_for_idle_threads()  # earlier tests' pool threads may still spin
+    assert fastmb.runtimes.wait_for_idle_threads() < 0.01  # nothing else running now
+    stop = time.perf_counter() + 0.3
+
+    started = threading.Event()
+
+    def spin():  # a pool thread busy-waiting for more work: native code, mostly without the GIL
+        a = torch.ones(1024, 1024)
+        while time.perf_counter() < stop:
+            started.set()
+            a @ a
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    started.wait()
+    try:
+        assert 0.1 <= fastmb.runtimes.wait_for_idle_threads(timeout=0.1) < 0.2  # gives up in time
+        assert fastmb.runtimes.wait_for_idle_threads() > 0.1  # waits out the rest of the spin
+    finally:
+        spinner.join()
