@@ -2,6 +2,8 @@
 
 import subprocess
 import sys
+import threading
+import time
 import warnings
 
 import pytest
@@ -158,13 +160,9 @@ def test_unvalidated_gpu_warns_until_a_check_passes(monkeypatch, tmp_path):
 def test_alternated_providers_wait_for_the_others_spinning_threads():
     """measure() starts each provider once the process's other threads are idle: a runtime's
     pool threads that still busy-wait would take a core from the provider timed next."""
-    import threading
-    import time
-
     fastmb.runtimes.wait_for_idle_threads()  # earlier tests' pool threads may still spin
     assert fastmb.runtimes.wait_for_idle_threads() < 0.01  # nothing else running now
     stop = time.perf_counter() + 0.3
-
     started = threading.Event()
 
     def spin():  # a pool thread busy-waiting for more work: native code, mostly without the GIL

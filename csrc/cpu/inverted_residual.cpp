@@ -7,9 +7,10 @@
 // computed just before the depthwise conv reads them, and, without SE, its depthwise output is
 // projected at once, so the expanded activation stays in L2 instead of making four round trips
 // to memory. With SE the depthwise output is kept once per image (its channel sums are taken
-// band by band); the gates of a group of images are computed together and applied to the rows or
-// folded into the projection weights, and the images are projected. The 1x1 convs run on our register-tiled GEMM (pointwise/) over weights packed once
-// by the caller, with bias, activation and residual applied as the tiles leave the registers.
+// band by band); the gates of a group of images are computed together and applied to the rows
+// or folded into the projection weights, and the images are projected. The 1x1 convs run on our
+// register-tiled GEMM (pointwise/) over weights packed once by the caller, with bias,
+// activation and residual applied as the tiles leave the registers.
 // Buffers are per-thread and reused: a call allocates only its output.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -197,9 +198,9 @@ const float* excite(const Block& b, const float* sums, int64_t images) {
   return gate;
 }
 
-// The SE gate of one image folded into the projection weights (packed like project_w).
-void fold_gate(const Block& b, const float* sums, float* weights) {
-  gate_packed_rows(weights, b.project_w, excite(b, sums, 1), panels_of(b.cout), b.g.c);
+// One image's SE gate folded into the projection weights (packed like project_w).
+void fold_gate(const Block& b, const float* gate, float* weights) {
+  gate_packed_rows(weights, b.project_w, gate, panels_of(b.cout), b.g.c);
 }
 
 // rows[p][k] *= gate[k] for `pixels` rows of c values.
@@ -328,7 +329,7 @@ void run_se_images(const Block& b, float* sums, int64_t n0, int64_t n1) {
         scale_rows(d, gate, pixels_out, g.c);
       } else {
         float* gated = sized(ws.weights, b.project_values());
-        gate_packed_rows(gated, b.project_w, gate, panels_of(b.cout), g.c);
+        fold_gate(b, gate, gated);
         weights = gated;
       }
       project(b, n, d, weights, b.stem != nullptr ? nullptr : b.image(n), 0, pixels_out);  // with a stem, no residual (checked)
@@ -381,7 +382,7 @@ void run_block(const Block& b) {
     float* total = sums + n * parts * g.c;
     for (int64_t part = 1; part < parts; ++part)
       for (int64_t k = 0; k < g.c; ++k) total[k] += total[part * g.c + k];
-    fold_gate(b, total, shared_weights + n * b.project_values());
+    fold_gate(b, excite(b, total, 1), shared_weights + n * b.project_values());
   }
   const int64_t chunk = (pixels_out + parts - 1) / parts;
   at::parallel_for(0, g.n * parts, 1, [&](int64_t begin, int64_t end) {
