@@ -106,10 +106,12 @@ float* sized(std::vector<float>& buffer, int64_t size) {
 }
 
 // Output rows per band: at least 256 pixels (the GEMMs' rows; fewer cost more per call than they
-// save), else about 128 KB of expanded values, so a band's rows stay in L2.
+// save), else about 128 KB of expanded values, so a band's rows stay in L2; an even number where
+// more than one, so the depthwise conv's two-row tiles cover the band.
 int64_t band_rows(const Block& b) {
   const int64_t pixels = std::max<int64_t>(256, 32768 / std::max<int64_t>(b.g.c, 1));
-  return std::clamp<int64_t>(pixels / std::max<int64_t>(b.g.wo, 1), 1, b.g.ho);
+  const int64_t rows = pixels / std::max<int64_t>(b.g.wo, 1);
+  return std::clamp<int64_t>(rows > 1 ? rows & ~int64_t(1) : rows, 1, b.g.ho);
 }
 
 // y rows (pixels [p0, p1) of image n) = d * w + bias (+ the block's input, `input`: image n's,

@@ -84,13 +84,17 @@ template <int K, typename Acc>
 void eval_rows(Acc* y, const Acc* x, const Acc* w, const Acc* scale, const Acc* shift, const Geometry& g, Activation act, int64_t oh0,
                int64_t oh1, int64_t c0, int64_t nc) {
   const ActivationFn<Acc> activation(act);
-  for (int64_t oh = oh0; oh < oh1; ++oh) {
+  const auto store = [&](int64_t oh) { return StoreNormalized<Acc>{y + oh * g.wo * g.c + c0, g.c, scale + c0, shift + c0, activation}; };
+  for (int64_t oh = oh0; oh < oh1;) {
+    const int64_t rows = std::min<int64_t>(2, oh1 - oh);  // pairs of rows: two-row tiles where they pay
+    if (rows == 2) conv_row_pair<K>(store(oh), store(oh + 1), x, w, g, oh, 0, g.wo, c0, nc);
+    else conv_row<K>(store(oh), x, w, g, oh, 0, g.wo, c0, nc);
     Acc* row = y + oh * g.wo * g.c;
-    conv_row<K>(StoreNormalized<Acc>{row + c0, g.c, scale + c0, shift + c0, activation}, x, w, g, oh, 0, g.wo, c0, nc);
+    oh += rows;
     if (!is_smooth(act)) continue;
-    if (nc == g.c) apply_smooth_activation(row, g.wo * g.c, act);
+    if (nc == g.c) apply_smooth_activation(row, rows * g.wo * g.c, act);
     else
-      for (int64_t p = 0; p < g.wo; ++p) apply_smooth_activation(row + p * g.c + c0, nc, act);
+      for (int64_t p = 0; p < rows * g.wo; ++p) apply_smooth_activation(row + p * g.c + c0, nc, act);
   }
 }
 

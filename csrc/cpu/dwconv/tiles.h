@@ -116,6 +116,41 @@ FASTMB_INLINE void conv_sliding_tile(const Store& store, int64_t p0, int count, 
   store.tile(p0, c, acc, count);
 }
 
+// Two output rows (upper, lower = upper + 1) of P pixels per tile, stride S both ways, dilation 1,
+// every kernel row inside the image: the K x K weight vectors and 2P accumulators stay in
+// registers while the K + S input rows pass once, so the rows the two share (K - S of them) are
+// loaded once. 1.1-1.5x the one-row tile's multiply-adds per second for 3x3 on AVX-512 (32
+// registers; AVX2's 16 hold one row's tile only). Pixels >= count are computed but not stored.
+template <int P, int Bytes, int K, int S, bool Inside, typename Acc, typename Store>
+FASTMB_INLINE void conv_sliding_tile_pair(const Store& upper, const Store& lower, int64_t p0, int count, const Acc* x_tap0, const Acc* w,
+                                          const Geometry& g, int q_lo, int q_hi, int64_t c) {
+  using V = Vec<Acc, Bytes>;
+  constexpr int Q = (P - 1) * S + K;
+  typename V::type wv[K][K];
+  const Acc* wp = w + c;
+  unroll<K * K>([&](auto t) __attribute__((always_inline)) {
+    wv[t / K][t % K] = V::load(wp);
+    wp = opaque(wp + g.c);
+  });
+  typename V::type acc[2][P] = {};
+  unroll<K + S>([&](auto r) __attribute__((always_inline)) {  // input row r: the upper row's tap r, the lower's r - S
+    const Acc* xp = x_tap0 + int64_t(r) * g.w * g.c + c;
+    unroll<Q>([&](auto q) __attribute__((always_inline)) {
+      const Acc* column = xp;
+      xp = opaque(xp + g.c);
+      if (!Inside && (q < q_lo || q >= q_hi)) return;
+      const typename V::type xv = V::load(column);
+      unroll<P>([&](auto p) __attribute__((always_inline)) {
+        constexpr int i = decltype(r)::value, j = decltype(q)::value - decltype(p)::value * S;
+        if constexpr (j >= 0 && j < K && i < K) acc[0][p] += xv * wv[i][j];
+        if constexpr (j >= 0 && j < K && i >= S) acc[1][p] += xv * wv[i - S][j];
+      });
+    });
+  });
+  upper.tile(p0, c, acc[0], count);
+  lower.tile(p0, c, acc[1], count);
+}
+
 // Prefetches input columns [begin, end) (clamped to the image) of input row ih, channels
 // c0..c0+nc, into L2 (prefetcht2: into L1 they hold the fill buffers the tiles' own loads wait
 // for).
@@ -318,6 +353,49 @@ __attribute__((noinline)) void conv_row(const Store& store, const Acc* x_img, co
   } else {
     conv_row_sliding<K, 2>(store, x_img, w, g, i_lo, i_hi, oh, ow0, count, c0, nc);
   }
+}
+
+// Output rows oh and oh + 1 by two-row sliding tiles (conv_sliding_tile_pair), pixels
+// [ow0, ow0 + count), channels c0..c0+nc (at least one 32-byte vector), every kernel row inside.
+template <int K, int S, typename Acc, typename Store>
+FASTMB_INLINE void conv_row_pair_sliding(const Store& upper, const Store& lower, const Acc* x_img, const Acc* w, const Geometry& g, int64_t oh,
+                                         int64_t ow0, int64_t count, int64_t c0, int64_t nc) {
+  constexpr int P = kTilePixels;
+  const bool prefetch = prefetches_columns<Acc>(g, nc);
+  for (int64_t p0 = 0; p0 < count; p0 += P) {
+    const int tile = int(std::min<int64_t>(P, count - p0));
+    const int64_t iw0 = (ow0 + p0) * S - g.pw;
+    if (prefetch) prefetch_next_rows<K>(x_img, g, oh + 1, iw0, iw0 + (tile - 1) * S + K, c0, nc);
+    const Acc* x_tap0 = x_img + ((oh * S - g.ph) * g.w + iw0) * g.c + c0;
+    constexpr int64_t Q = (P - 1) * S + K;
+    const int q_lo = int(std::clamp<int64_t>(-iw0, 0, Q)), q_hi = int(std::clamp<int64_t>(g.w - iw0, 0, Q));
+    const bool whole = tile > P / 2, inside = q_lo == 0 && q_hi == (whole ? P - 1 : P / 2 - 1) * S + K;
+    overlapping_channel_tiles<kConvBytes, Acc>(nc, [&](int64_t c, auto bytes) __attribute__((always_inline)) {
+      constexpr int B = decltype(bytes)::value;
+      if (whole && inside) conv_sliding_tile_pair<P, B, K, S, true>(upper, lower, p0, tile, x_tap0, w + c0, g, q_lo, q_hi, c);
+      else if (whole) conv_sliding_tile_pair<P, B, K, S, false>(upper, lower, p0, tile, x_tap0, w + c0, g, q_lo, q_hi, c);
+      else if (inside) conv_sliding_tile_pair<P / 2, B, K, S, true>(upper, lower, p0, tile, x_tap0, w + c0, g, q_lo, q_hi, c);
+      else conv_sliding_tile_pair<P / 2, B, K, S, false>(upper, lower, p0, tile, x_tap0, w + c0, g, q_lo, q_hi, c);
+    });
+  }
+}
+
+// Output rows oh and oh + 1 (as conv_row, to `upper` and `lower`): by two-row tiles for 3x3 with
+// the same stride both ways and dilation 1 on AVX-512 where both rows' taps are inside the image
+// and there is a vector of channels, else a row at a time.
+template <int K, typename Acc, typename Store>
+__attribute__((noinline)) void conv_row_pair(const Store& upper, const Store& lower, const Acc* x_img, const Acc* w, const Geometry& g,
+                                             int64_t oh, int64_t ow0, int64_t count, int64_t c0, int64_t nc) {
+  if constexpr (K == 3 && kConvBytes == 64) {
+    const bool inside = oh * g.sh - g.ph >= 0 && (oh + 1) * g.sh - g.ph + K <= g.h;
+    if (inside && g.dh == 1 && g.sh == g.sw && nc >= 32 / int64_t(sizeof(Acc))) {
+      if (g.sw == 1) conv_row_pair_sliding<K, 1>(upper, lower, x_img, w, g, oh, ow0, count, c0, nc);
+      else conv_row_pair_sliding<K, 2>(upper, lower, x_img, w, g, oh, ow0, count, c0, nc);
+      return;
+    }
+  }
+  conv_row<K>(upper, x_img, w, g, oh, ow0, count, c0, nc);
+  conv_row<K>(lower, x_img, w, g, oh + 1, ow0, count, c0, nc);
 }
 
 }  // namespace fastmb::cpu::dwconv::FASTMB_CPU_ISA
