@@ -85,12 +85,10 @@ void eval_rows(Acc* y, const Acc* x, const Acc* w, const Acc* scale, const Acc* 
                int64_t oh1, int64_t c0, int64_t nc) {
   const ActivationFn<Acc> activation(act);
   const auto store = [&](int64_t oh) { return StoreNormalized<Acc>{y + oh * g.wo * g.c + c0, g.c, scale + c0, shift + c0, activation}; };
-  for (int64_t oh = oh0; oh < oh1;) {
-    const int64_t rows = std::min<int64_t>(2, oh1 - oh);  // pairs of rows: two-row tiles where they pay
-    if (rows == 2) conv_row_pair<K>(store(oh), store(oh + 1), x, w, g, oh, 0, g.wo, c0, nc);
-    else conv_row<K>(store(oh), x, w, g, oh, 0, g.wo, c0, nc);
+  for (int64_t oh = oh0; oh < oh1; oh += 2) {
+    const int64_t rows = std::min<int64_t>(2, oh1 - oh);
+    conv_rows<K>(rows, store(oh), store(oh + 1), x, w, g, oh, 0, g.wo, c0, nc);
     Acc* row = y + oh * g.wo * g.c;
-    oh += rows;
     if (!is_smooth(act)) continue;
     if (nc == g.c) apply_smooth_activation(row, rows * g.wo * g.c, act);
     else
@@ -139,12 +137,14 @@ template <int K, typename Acc>
 void statistics_rows(Acc* z_img, Moments& moments, const Acc* x, const Acc* w, const Geometry& g, int64_t oh0, int64_t oh1) {
   const int64_t chunk = chunk_pixels(g.c);
   std::vector<Acc> scratch(3 * g.c);
-  for (int64_t oh = oh0; oh < oh1; ++oh) {
+  for (int64_t oh = oh0; oh < oh1; oh += 2) {
+    const int64_t rows = std::min<int64_t>(2, oh1 - oh);
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
       const int64_t pixels = std::min(chunk, g.wo - ow0);
       Acc* z = z_img + (oh * g.wo + ow0) * g.c;
-      conv_row<K>(StoreValues<Acc>{z, g.c}, x, w, g, oh, ow0, pixels, 0, g.c);
-      merge_chunk_moments(moments, z, pixels, g.c, scratch.data(), scratch.data() + g.c, scratch.data() + 2 * g.c);
+      conv_rows<K>(rows, StoreValues<Acc>{z, g.c}, StoreValues<Acc>{z + g.wo * g.c, g.c}, x, w, g, oh, ow0, pixels, 0, g.c);
+      for (int64_t r = 0; r < rows; ++r)
+        merge_chunk_moments(moments, z + r * g.wo * g.c, pixels, g.c, scratch.data(), scratch.data() + g.c, scratch.data() + 2 * g.c);
     }
   }
 }
@@ -284,22 +284,27 @@ template <int K, typename Acc>
 void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, const Acc* gy, const Acc* x, const Acc* w, const BnParams<Acc>& bn,
                     const Geometry& g, Activation act, int64_t oh0, int64_t oh1) {
   const int64_t chunk = chunk_pixels(g.c);
-  std::vector<Acc> z(chunk * g.c), partial_gu(g.c), partial_gu_xhat(g.c);
-  for (int64_t oh = oh0; oh < oh1; ++oh) {
+  // z: a chunk of each of two rows; the partial sums: one row's each, as in float they lose
+  // digits with every row more.
+  std::vector<Acc> z(2 * chunk * g.c), partial_gu(2 * g.c), partial_gu_xhat(2 * g.c);
+  for (int64_t oh = oh0; oh < oh1; oh += 2) {
+    const int64_t rows = std::min<int64_t>(2, oh1 - oh);
     std::fill(partial_gu.begin(), partial_gu.end(), Acc(0));
     std::fill(partial_gu_xhat.begin(), partial_gu_xhat.end(), Acc(0));
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
       const int64_t pixels = std::min(chunk, g.wo - ow0);
-      conv_row<K>(StoreValues<Acc>{z.data(), g.c}, x, w, g, oh, ow0, pixels, 0, g.c);
+      conv_rows<K>(rows, StoreValues<Acc>{z.data(), g.c}, StoreValues<Acc>{z.data() + chunk * g.c, g.c}, x, w, g, oh, ow0, pixels, 0, g.c);
       dispatch_activation(act, [&](auto activation) {
-        add_grad_sums<decltype(activation)::value>(partial_gu.data(), partial_gu_xhat.data(), z.data(), gy + (oh * g.wo + ow0) * g.c, g.c,
-                                                   bn, pixels, g.c);
+        for (int64_t r = 0; r < rows; ++r)
+          add_grad_sums<decltype(activation)::value>(partial_gu.data() + r * g.c, partial_gu_xhat.data() + r * g.c, z.data() + r * chunk * g.c,
+                                                     gy + ((oh + r) * g.wo + ow0) * g.c, g.c, bn, pixels, g.c);
       });
     }
-    for (int64_t c = 0; c < g.c; ++c) {
-      sum_gu[c] += partial_gu[c];
-      sum_gu_xhat[c] += partial_gu_xhat[c];
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < g.c; ++c) {
+        sum_gu[c] += partial_gu[r * g.c + c];
+        sum_gu_xhat[c] += partial_gu_xhat[r * g.c + c];
+      }
   }
 }
 
@@ -570,20 +575,24 @@ void grad_input_weight_block(const BlockArgs<Acc>& args, std::vector<Acc>& gz, i
   // Bands of whole rows, about kWeightGradPixels pixels: the specialised weight gradient sums
   // a band's pixels in registers.
   const int64_t band = std::max<int64_t>(1, kWeightGradPixels / std::max<int64_t>(g.wo, 1));
-  std::vector<Acc> z(chunk * nc);
+  std::vector<Acc> z(2 * chunk * nc);  // a chunk of each of two rows
   gz.resize((args.gx != nullptr ? g.ho : std::min(band, g.ho)) * g.wo * nc);
   for (int64_t oh0 = 0; oh0 < g.ho; oh0 += band) {
     const int64_t oh1 = std::min(g.ho, oh0 + band);
     Acc* gz_band = args.gx != nullptr ? gz.data() + oh0 * g.wo * nc : gz.data();
-    for (int64_t oh = oh0; oh < oh1; ++oh)
+    for (int64_t oh = oh0; oh < oh1; oh += 2) {
+      const int64_t rows = std::min<int64_t>(2, oh1 - oh);
       for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
         const int64_t pixels = std::min(chunk, g.wo - ow0);
-        conv_row<K>(StoreValues<Acc>{z.data(), nc}, args.x, args.w, g, oh, ow0, pixels, c0, nc);
+        conv_rows<K>(rows, StoreValues<Acc>{z.data(), nc}, StoreValues<Acc>{z.data() + chunk * nc, nc}, args.x, args.w, g, oh, ow0, pixels, c0, nc);
         dispatch_activation(args.act, [&](auto activation) {
-          grad_z<decltype(activation)::value>(gz_band + ((oh - oh0) * g.wo + ow0) * nc, z.data(), args.gy + (oh * g.wo + ow0) * g.c + c0, g.c,
-                                              bn, args.a + c0, args.b + c0, args.d + c0, pixels, nc);
+          for (int64_t r = 0; r < rows; ++r)
+            grad_z<decltype(activation)::value>(gz_band + ((oh + r - oh0) * g.wo + ow0) * nc, z.data() + r * chunk * nc,
+                                                args.gy + ((oh + r) * g.wo + ow0) * g.c + c0, g.c, bn, args.a + c0, args.b + c0, args.d + c0,
+                                                pixels, nc);
         });
       }
+    }
     if (args.gw != nullptr) {
       if constexpr (K != 0) {
         weight_grad_rows_k<K>(args.gw + c0, gz_band, args.x + c0, g, oh0, oh1, nc);
@@ -598,9 +607,11 @@ void grad_input_weight_block(const BlockArgs<Acc>& args, std::vector<Acc>& gz, i
     Geometry transposed = g;
     transposed.n = 1, transposed.c = nc, transposed.h = g.ho, transposed.w = g.wo, transposed.ho = g.h, transposed.wo = g.w;
     transposed.ph = (g.kh - 1) * g.dh - g.ph, transposed.pw = g.kw - 1 - g.pw;
-    for (int64_t ih = 0; ih < g.h; ++ih)
-      conv_row<K>(StoreValues<Acc>{args.gx + ih * g.w * g.c + c0, g.c}, gz.data(), args.flipped + c0 * g.kh * g.kw, transposed, ih, 0, g.w, 0,
-                  nc);
+    for (int64_t ih = 0; ih < g.h; ih += 2) {
+      Acc* gx_row = args.gx + ih * g.w * g.c + c0;
+      conv_rows<K>(std::min<int64_t>(2, g.h - ih), StoreValues<Acc>{gx_row, g.c}, StoreValues<Acc>{gx_row + g.w * g.c, g.c}, gz.data(),
+                   args.flipped + c0 * g.kh * g.kw, transposed, ih, 0, g.w, 0, nc);
+    }
     return;
   }
   for (int64_t ih = 0; ih < g.h; ++ih) {
