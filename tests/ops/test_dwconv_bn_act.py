@@ -141,6 +141,18 @@ def test_many_channels_per_image_or_per_block(backend, device, batch, config):
     compare((batch, 131, 6, 9), config, torch.float32, torch.channels_last, True, device)
 
 
+@pytest.mark.parametrize("config", [(3, 1, 1, "silu"), (3, 2, 1, "relu6")], ids=lambda c: "k{}s{}d{}-{}".format(*c))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_row_pairs_wider_than_a_chunk(backend, device, config, training):
+    """The CPU kernels' two-row 3x3 tiles in every pass: 144 and 200 channels, so a row is
+    several chunks of pixels (two rows' chunks in L1 at once), odd and even row counts, and
+    the edge rows that fall back to one row a tile."""
+    if backend != "cpu":
+        pytest.skip("a path of the CPU kernels")
+    compare((1, 144, 31, 30), config, torch.float32, torch.channels_last, training, device)
+    compare((2, 200, 16, 23), config, torch.float32, torch.channels_last, training, device)
+
+
 @pytest.mark.parametrize("config", [(3, 1, 1, "hardswish"), (3, 2, 1, "relu")], ids=lambda c: "k{}s{}d{}-{}".format(*c))
 def test_large_input(backend, device, config):
     """72 channels over 13 MB of input: the CPU kernels' sliding tiles prefetch the input rows
