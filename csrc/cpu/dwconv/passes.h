@@ -84,11 +84,11 @@ template <int K, typename Acc>
 void eval_rows(Acc* y, const Acc* x, const Acc* w, const Acc* scale, const Acc* shift, const Geometry& g, Activation act, int64_t oh0,
                int64_t oh1, int64_t c0, int64_t nc) {
   const ActivationFn<Acc> activation(act);
-  const auto store = [&](int64_t oh) { return StoreNormalized<Acc>{y + oh * g.wo * g.c + c0, g.c, scale + c0, shift + c0, activation}; };
   for (int64_t oh = oh0; oh < oh1; oh += 2) {
     const int64_t rows = std::min<int64_t>(2, oh1 - oh);
-    conv_rows<K>(rows, store(oh), store(oh + 1), x, w, g, oh, 0, g.wo, c0, nc);
     Acc* row = y + oh * g.wo * g.c;
+    const auto store_at = [&](int64_t r) { return StoreNormalized<Acc>{row + r * g.wo * g.c + c0, g.c, scale + c0, shift + c0, activation}; };
+    conv_rows<K>(rows, store_at, x, w, g, oh, 0, g.wo, c0, nc);
     if (!is_smooth(act)) continue;
     if (nc == g.c) apply_smooth_activation(row, rows * g.wo * g.c, act);
     else
@@ -142,7 +142,7 @@ void statistics_rows(Acc* z_img, Moments& moments, const Acc* x, const Acc* w, c
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
       const int64_t pixels = std::min(chunk, g.wo - ow0);
       Acc* z = z_img + (oh * g.wo + ow0) * g.c;
-      conv_rows<K>(rows, StoreValues<Acc>{z, g.c}, StoreValues<Acc>{z + g.wo * g.c, g.c}, x, w, g, oh, ow0, pixels, 0, g.c);
+      conv_rows<K>(rows, [&](int64_t r) { return StoreValues<Acc>{z + r * g.wo * g.c, g.c}; }, x, w, g, oh, ow0, pixels, 0, g.c);
       for (int64_t r = 0; r < rows; ++r)
         merge_chunk_moments(moments, z + r * g.wo * g.c, pixels, g.c, scratch.data(), scratch.data() + g.c, scratch.data() + 2 * g.c);
     }
@@ -293,7 +293,7 @@ void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, const Acc* gy, const Ac
     std::fill(partial_gu_xhat.begin(), partial_gu_xhat.end(), Acc(0));
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
       const int64_t pixels = std::min(chunk, g.wo - ow0);
-      conv_rows<K>(rows, StoreValues<Acc>{z.data(), g.c}, StoreValues<Acc>{z.data() + chunk * g.c, g.c}, x, w, g, oh, ow0, pixels, 0, g.c);
+      conv_rows<K>(rows, [&](int64_t r) { return StoreValues<Acc>{z.data() + r * chunk * g.c, g.c}; }, x, w, g, oh, ow0, pixels, 0, g.c);
       dispatch_activation(act, [&](auto activation) {
         for (int64_t r = 0; r < rows; ++r)
           add_grad_sums<decltype(activation)::value>(partial_gu.data() + r * g.c, partial_gu_xhat.data() + r * g.c, z.data() + r * chunk * g.c,
@@ -584,7 +584,7 @@ void grad_input_weight_block(const BlockArgs<Acc>& args, std::vector<Acc>& gz, i
       const int64_t rows = std::min<int64_t>(2, oh1 - oh);
       for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
         const int64_t pixels = std::min(chunk, g.wo - ow0);
-        conv_rows<K>(rows, StoreValues<Acc>{z.data(), nc}, StoreValues<Acc>{z.data() + chunk * nc, nc}, args.x, args.w, g, oh, ow0, pixels, c0, nc);
+        conv_rows<K>(rows, [&](int64_t r) { return StoreValues<Acc>{z.data() + r * chunk * nc, nc}; }, args.x, args.w, g, oh, ow0, pixels, c0, nc);
         dispatch_activation(args.act, [&](auto activation) {
           for (int64_t r = 0; r < rows; ++r)
             grad_z<decltype(activation)::value>(gz_band + ((oh + r - oh0) * g.wo + ow0) * nc, z.data() + r * chunk * nc,
@@ -609,7 +609,7 @@ void grad_input_weight_block(const BlockArgs<Acc>& args, std::vector<Acc>& gz, i
     transposed.ph = (g.kh - 1) * g.dh - g.ph, transposed.pw = g.kw - 1 - g.pw;
     for (int64_t ih = 0; ih < g.h; ih += 2) {
       Acc* gx_row = args.gx + ih * g.w * g.c + c0;
-      conv_rows<K>(std::min<int64_t>(2, g.h - ih), StoreValues<Acc>{gx_row, g.c}, StoreValues<Acc>{gx_row + g.w * g.c, g.c}, gz.data(),
+      conv_rows<K>(std::min<int64_t>(2, g.h - ih), [&](int64_t r) { return StoreValues<Acc>{gx_row + r * g.w * g.c, g.c}; }, gz.data(),
                    args.flipped + c0 * g.kh * g.kw, transposed, ih, 0, g.w, 0, nc);
     }
     return;

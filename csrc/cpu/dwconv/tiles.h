@@ -79,6 +79,20 @@ struct StoreNormalized {
   }
 };
 
+// Calls f(Int<q>{}, x) for the input vectors x (Bytes of channels) of columns q < Q from xp,
+// `step` values apart, skipping those outside [q_lo, q_hi) unless Inside. The pointer steps
+// column by column: precomputed offsets q * C would each need a register and spill (opaque
+// keeps the compiler from hoisting them).
+template <int Q, int Bytes, bool Inside, typename Acc, typename F>
+FASTMB_INLINE void for_each_input_column(const Acc* xp, int64_t step, int q_lo, int q_hi, const F& f) {
+  unroll<Q>([&](auto q) __attribute__((always_inline)) {
+    const Acc* column = xp;
+    xp = opaque(xp + step);
+    if (!Inside && (q < q_lo || q >= q_hi)) return;
+    f(q, Vec<Acc, Bytes>::load(column));
+  });
+}
+
 // Stride 1 or 2 with dilation 1 (every MobileNet depthwise layer): P output pixels of a row for
 // one vector (of Bytes) of channels from c, sliding along the input row. Each input vector is
 // loaded once and feeds every (pixel, tap) pair that reads it, and the row's K weight vectors
@@ -93,20 +107,13 @@ FASTMB_INLINE void conv_sliding_tile(const Store& store, int64_t p0, int count, 
   const int64_t row_step = int64_t(g.dh) * g.w * g.c;
   typename V::type acc[P] = {};
   for (int i = i_lo; i < i_hi; ++i) {
-    // Pointers stepped column by column: precomputed offsets q * C would each need a register
-    // and spill (opaque keeps the compiler from hoisting them).
-    const Acc* wp = w + int64_t(i) * K * g.c + c;
+    const Acc* wp = w + int64_t(i) * K * g.c + c;  // stepped as the columns are
     typename V::type wv[K];
     unroll<K>([&](auto j) __attribute__((always_inline)) {
       wv[j] = V::load(wp);
       wp = opaque(wp + g.c);
     });
-    const Acc* xp = x_tap0 + i * row_step + c;
-    unroll<Q>([&](auto q) __attribute__((always_inline)) {
-      const Acc* column = xp;
-      xp = opaque(xp + g.c);
-      if (!Inside && (q < q_lo || q >= q_hi)) return;
-      const typename V::type xv = V::load(column);
+    for_each_input_column<Q, Bytes, Inside>(x_tap0 + i * row_step + c, g.c, q_lo, q_hi, [&](auto q, auto xv) __attribute__((always_inline)) {
       unroll<P>([&](auto p) __attribute__((always_inline)) {
         constexpr int j = decltype(q)::value - decltype(p)::value * S;
         if constexpr (j >= 0 && j < K) acc[p] += xv * wv[j];
@@ -134,12 +141,7 @@ FASTMB_INLINE void conv_sliding_tile_pair(const Store& upper, const Store& lower
   });
   typename V::type acc[2][P] = {};
   unroll<K + S>([&](auto r) __attribute__((always_inline)) {  // input row r: the upper row's tap r, the lower's r - S
-    const Acc* xp = x_tap0 + int64_t(r) * g.w * g.c + c;
-    unroll<Q>([&](auto q) __attribute__((always_inline)) {
-      const Acc* column = xp;
-      xp = opaque(xp + g.c);
-      if (!Inside && (q < q_lo || q >= q_hi)) return;
-      const typename V::type xv = V::load(column);
+    for_each_input_column<Q, Bytes, Inside>(x_tap0 + int64_t(r) * g.w * g.c + c, g.c, q_lo, q_hi, [&](auto q, auto xv) __attribute__((always_inline)) {
       unroll<P>([&](auto p) __attribute__((always_inline)) {
         constexpr int i = decltype(r)::value, j = decltype(q)::value - decltype(p)::value * S;
         if constexpr (j >= 0 && j < K && i < K) acc[0][p] += xv * wv[i][j];
@@ -206,39 +208,66 @@ FASTMB_INLINE int64_t overlapping_channel_tiles(int64_t nc, const Tile& tile) {
   return 0;
 }
 
-// Output pixels [ow0, ow0 + count) of row oh, channels c0..c0+nc, by sliding tiles of P pixels
-// (P / 2 for a short tail) and a vector of kConvBytes (overlapping_channel_tiles); channel by
-// channel where nc is below one 32-byte vector.
+// Where one sliding tile of row oh lies: output pixels [p0, p0 + count), their first tap's input
+// column iw0 and input (x_tap0, channels from c0), and the input columns [q_lo, q_hi) relative
+// to it inside the image. compiled(f) calls f(Int<tile pixels>{}, std::bool_constant<Inside>{}):
+// P pixels, or P / 2 for a short tail, with or without the out-of-image column checks.
+template <int P, typename Acc>
+struct SlidingTile {
+  int64_t p0;
+  int count;
+  int64_t iw0;
+  const Acc* x_tap0;
+  int q_lo, q_hi;
+  bool whole, inside;
+  template <typename F>
+  FASTMB_INLINE void compiled(const F& f) const {
+    if (whole && inside) f(Int<P>{}, std::true_type{});
+    else if (whole) f(Int<P>{}, std::false_type{});
+    else if (inside) f(Int<P / 2>{}, std::true_type{});
+    else f(Int<P / 2>{}, std::false_type{});
+  }
+};
+
+// Calls f(SlidingTile) for the tiles of kTilePixels covering output pixels [ow0, ow0 + count)
+// of row oh (stride S along the row, dilation 1), channels from c0.
+template <int K, int S, typename Acc, typename F>
+FASTMB_INLINE void for_each_sliding_tile(const Acc* x_img, const Geometry& g, int64_t oh, int64_t ow0, int64_t count, int64_t c0, const F& f) {
+  constexpr int P = kTilePixels;
+  constexpr int64_t Q = (P - 1) * S + K;  // input columns a whole tile reads
+  for (int64_t p0 = 0; p0 < count; p0 += P) {
+    const int tile = int(std::min<int64_t>(P, count - p0));
+    const int64_t iw0 = (ow0 + p0) * S - g.pw;
+    const int q_lo = int(std::clamp<int64_t>(-iw0, 0, Q)), q_hi = int(std::clamp<int64_t>(g.w - iw0, 0, Q));
+    const bool whole = tile > P / 2, inside = q_lo == 0 && q_hi == (whole ? P - 1 : P / 2 - 1) * S + K;
+    f(SlidingTile<P, Acc>{p0, tile, iw0, x_img + ((oh * g.sh - g.ph) * g.w + iw0) * g.c + c0, q_lo, q_hi, whole, inside});
+  }
+}
+
+// Output pixels [ow0, ow0 + count) of row oh, channels c0..c0+nc, by sliding tiles and a vector
+// of kConvBytes (overlapping_channel_tiles); channel by channel where nc is below one 32-byte
+// vector.
 template <int K, int S, typename Acc, typename Store>
 FASTMB_INLINE void conv_row_sliding(const Store& store, const Acc* x_img, const Acc* w, const Geometry& g, int i_lo, int i_hi, int64_t oh,
                                     int64_t ow0, int64_t count, int64_t c0, int64_t nc) {
-  constexpr int P = kTilePixels;
   const bool prefetch = prefetches_columns<Acc>(g, nc);
-  for (int64_t p0 = 0; p0 < count; p0 += P) {
-    const int tile = int(std::min<int64_t>(P, count - p0));
-    const int64_t iw0 = (ow0 + p0) * S - g.pw;  // input column of pixel p0's tap 0
+  for_each_sliding_tile<K, S>(x_img, g, oh, ow0, count, c0, [&](const auto& t) __attribute__((always_inline)) {
     // The next row's new input rows under this tile, requested a row ahead.
-    if (prefetch) prefetch_next_rows<K>(x_img, g, oh, iw0, iw0 + (tile - 1) * S + K, c0, nc);
-    const Acc* x_tap0 = x_img + ((oh * g.sh - g.ph) * g.w + iw0) * g.c + c0;
-    constexpr int64_t Q = (P - 1) * S + K;  // input columns a whole tile reads
-    const int q_lo = int(std::clamp<int64_t>(-iw0, 0, Q)), q_hi = int(std::clamp<int64_t>(g.w - iw0, 0, Q));
-    const bool whole = tile > P / 2, inside = q_lo == 0 && q_hi == (whole ? P - 1 : P / 2 - 1) * S + K;
+    if (prefetch) prefetch_next_rows<K>(x_img, g, oh, t.iw0, t.iw0 + (t.count - 1) * S + K, c0, nc);
     const auto tile_at = [&](int64_t c, auto bytes) __attribute__((always_inline)) {
-      constexpr int B = decltype(bytes)::value;
-      if (whole && inside) conv_sliding_tile<P, B, K, S, true>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
-      else if (whole) conv_sliding_tile<P, B, K, S, false>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
-      else if (inside) conv_sliding_tile<P / 2, B, K, S, true>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
-      else conv_sliding_tile<P / 2, B, K, S, false>(store, p0, tile, x_tap0, w + c0, g, i_lo, i_hi, q_lo, q_hi, c);
+      t.compiled([&](auto pixels, auto inside) __attribute__((always_inline)) {
+        conv_sliding_tile<pixels, bytes, K, S, inside>(store, t.p0, t.count, t.x_tap0, w + c0, g, i_lo, i_hi, t.q_lo, t.q_hi, c);
+      });
     };
     for (int64_t c = overlapping_channel_tiles<kConvBytes, Acc>(nc, tile_at); c < nc; ++c)
-      for (int p = 0; p < tile; ++p) {
+      for (int p = 0; p < t.count; ++p) {
         Acc sum = 0;
         for (int i = i_lo; i < i_hi; ++i)
-          for (int j = std::max(0, q_lo - p * S); j < std::min(K, q_hi - p * S); ++j)
-            sum += x_tap0[(int64_t(i) * g.dh * g.w + p * S + j) * g.c + c] * w[(int64_t(i) * K + j) * g.c + c0 + c];
-        store.scalar(p0 + p, c, sum);
+          for (int j = std::max(0, t.q_lo - p * S); j < std::min(K, t.q_hi - p * S); ++j)
+            sum += t.x_tap0[(int64_t(i) * g.dh * g.w + p * S + j) * g.c + c] * w[(int64_t(i) * K + j) * g.c + c0 + c];
+        store.scalar(t.p0 + p, c, sum);
       }
-  }
+  });
 }
 
 // Zeros that out-of-image taps read instead of the input (at least two vectors of any dtype).
@@ -360,22 +389,13 @@ __attribute__((noinline)) void conv_row(const Store& store, const Acc* x_img, co
 template <int K, int S, typename Acc, typename Store>
 FASTMB_INLINE void conv_row_pair_sliding(const Store& upper, const Store& lower, const Acc* x_img, const Acc* w, const Geometry& g, int64_t oh,
                                          int64_t ow0, int64_t count, int64_t c0, int64_t nc) {
-  constexpr int P = kTilePixels;
-  for (int64_t p0 = 0; p0 < count; p0 += P) {
-    const int tile = int(std::min<int64_t>(P, count - p0));
-    const int64_t iw0 = (ow0 + p0) * S - g.pw;
-    const Acc* x_tap0 = x_img + ((oh * S - g.ph) * g.w + iw0) * g.c + c0;
-    constexpr int64_t Q = (P - 1) * S + K;
-    const int q_lo = int(std::clamp<int64_t>(-iw0, 0, Q)), q_hi = int(std::clamp<int64_t>(g.w - iw0, 0, Q));
-    const bool whole = tile > P / 2, inside = q_lo == 0 && q_hi == (whole ? P - 1 : P / 2 - 1) * S + K;
+  for_each_sliding_tile<K, S>(x_img, g, oh, ow0, count, c0, [&](const auto& t) __attribute__((always_inline)) {
     overlapping_channel_tiles<kConvBytes, Acc>(nc, [&](int64_t c, auto bytes) __attribute__((always_inline)) {
-      constexpr int B = decltype(bytes)::value;
-      if (whole && inside) conv_sliding_tile_pair<P, B, K, S, true>(upper, lower, p0, tile, x_tap0, w + c0, g, q_lo, q_hi, c);
-      else if (whole) conv_sliding_tile_pair<P, B, K, S, false>(upper, lower, p0, tile, x_tap0, w + c0, g, q_lo, q_hi, c);
-      else if (inside) conv_sliding_tile_pair<P / 2, B, K, S, true>(upper, lower, p0, tile, x_tap0, w + c0, g, q_lo, q_hi, c);
-      else conv_sliding_tile_pair<P / 2, B, K, S, false>(upper, lower, p0, tile, x_tap0, w + c0, g, q_lo, q_hi, c);
+      t.compiled([&](auto pixels, auto inside) __attribute__((always_inline)) {
+        conv_sliding_tile_pair<pixels, bytes, K, S, inside>(upper, lower, t.p0, t.count, t.x_tap0, w + c0, g, t.q_lo, t.q_hi, c);
+      });
     });
-  }
+  });
 }
 
 // Output rows oh and oh + 1 (as conv_row, to `upper` and `lower`): by two-row tiles for 3x3 with
@@ -398,13 +418,13 @@ __attribute__((noinline)) void conv_row_pair(const Store& upper, const Store& lo
   conv_row<K>(lower, x_img, w, g, oh + 1, ow0, count, c0, nc);
 }
 
-// Output row oh alone (rows = 1, to `upper`) or rows oh and oh + 1 (rows = 2): the passes walk
-// their rows in pairs.
-template <int K, typename Acc, typename Store>
-FASTMB_INLINE void conv_rows(int64_t rows, const Store& upper, const Store& lower, const Acc* x_img, const Acc* w, const Geometry& g,
-                             int64_t oh, int64_t ow0, int64_t count, int64_t c0, int64_t nc) {
-  if (rows == 2) conv_row_pair<K>(upper, lower, x_img, w, g, oh, ow0, count, c0, nc);
-  else conv_row<K>(upper, x_img, w, g, oh, ow0, count, c0, nc);
+// Output row oh alone (rows = 1) or rows oh and oh + 1 (rows = 2), row oh + r to store_at(r):
+// the passes walk their rows in pairs.
+template <int K, typename Acc, typename StoreAt>
+FASTMB_INLINE void conv_rows(int64_t rows, const StoreAt& store_at, const Acc* x_img, const Acc* w, const Geometry& g, int64_t oh, int64_t ow0,
+                             int64_t count, int64_t c0, int64_t nc) {
+  if (rows == 2) conv_row_pair<K>(store_at(0), store_at(1), x_img, w, g, oh, ow0, count, c0, nc);
+  else conv_row<K>(store_at(0), x_img, w, g, oh, ow0, count, c0, nc);
 }
 
 }  // namespace fastmb::cpu::dwconv::FASTMB_CPU_ISA
