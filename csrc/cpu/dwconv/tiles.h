@@ -385,15 +385,22 @@ __attribute__((noinline)) void conv_row(const Store& store, const Acc* x_img, co
 }
 
 // Output rows oh and oh + 1 by two-row sliding tiles (conv_sliding_tile_pair), pixels
-// [ow0, ow0 + count), channels c0..c0+nc (at least one 32-byte vector), every kernel row inside.
+// [ow0, ow0 + count), channels c0..c0+nc (at least one vector of kConvBytes), every kernel row
+// inside.
 template <int K, int S, typename Acc, typename Store>
 FASTMB_INLINE void conv_row_pair_sliding(const Store& upper, const Store& lower, const Acc* x_img, const Acc* w, const Geometry& g, int64_t oh,
                                          int64_t ow0, int64_t count, int64_t c0, int64_t nc) {
+  constexpr int P = kTilePixels;
   for_each_sliding_tile<K, S>(x_img, g, oh, ow0, count, c0, [&](const auto& t) __attribute__((always_inline)) {
     overlapping_channel_tiles<kConvBytes, Acc>(nc, [&](int64_t c, auto bytes) __attribute__((always_inline)) {
-      t.compiled([&](auto pixels, auto inside) __attribute__((always_inline)) {
-        conv_sliding_tile_pair<pixels, bytes, K, S, inside>(upper, lower, t.p0, t.count, t.x_tap0, w + c0, g, t.q_lo, t.q_hi, c);
-      });
+      // Two variants, not SlidingTile's eight (short tails and 32-byte vectors too): these tiles
+      // are large when unrolled, and all of them doubled the AVX-512 table's compile time. A
+      // short tail runs as a whole tile with the column checks (its extra pixels are not
+      // stored); conv_row_pair sends at least one vector of kConvBytes.
+      if constexpr (decltype(bytes)::value == kConvBytes) {
+        if (t.whole && t.inside) conv_sliding_tile_pair<P, kConvBytes, K, S, true>(upper, lower, t.p0, t.count, t.x_tap0, w + c0, g, t.q_lo, t.q_hi, c);
+        else conv_sliding_tile_pair<P, kConvBytes, K, S, false>(upper, lower, t.p0, t.count, t.x_tap0, w + c0, g, t.q_lo, t.q_hi, c);
+      }
     });
   });
 }
@@ -408,7 +415,7 @@ __attribute__((noinline)) void conv_row_pair(const Store& upper, const Store& lo
                                              int64_t oh, int64_t ow0, int64_t count, int64_t c0, int64_t nc) {
   if constexpr (K == 3 && kConvBytes == 64) {
     const bool inside = oh * g.sh - g.ph >= 0 && (oh + 1) * g.sh - g.ph + K <= g.h;
-    if (inside && g.dh == 1 && g.sh == g.sw && nc >= 32 / int64_t(sizeof(Acc)) && !prefetches_columns<Acc>(g, nc)) {
+    if (inside && g.dh == 1 && g.sh == g.sw && nc >= Vec<Acc, kConvBytes>::kLanes && !prefetches_columns<Acc>(g, nc)) {
       if (g.sw == 1) conv_row_pair_sliding<K, 1>(upper, lower, x_img, w, g, oh, ow0, count, c0, nc);
       else conv_row_pair_sliding<K, 2>(upper, lower, x_img, w, g, oh, ow0, count, c0, nc);
       return;
