@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include "build_info.h"
-#include "tensor_stamps.h"
+#include "slot_stamps.h"
 
 TORCH_LIBRARY(fastmb, m) {
   // z = depthwise_conv(x), u = batch_norm(z), y = act(u). Returns (y, mean, var): the batch
@@ -103,9 +103,9 @@ TORCH_LIBRARY(fastmb, m) {
 }
 
 // Importing fastmb._C runs the static registrations above; the module itself carries how the
-// extension was built, for fastmb.backends(), and tensor_stamps.
+// extension was built, for fastmb.backends(), and slot_stamps.
 static PyMethodDef fastmb_methods[] = {
-    {"tensor_stamps", fastmb::tensor_stamps, METH_O, "Each tensor's data address and version counter, as bytes."},
+    {"slot_stamps", fastmb::slot_stamps, METH_VARARGS, "What (dict, key) slots hold: identities, tensor data and versions, as bytes."},
     {nullptr, nullptr, 0, nullptr}};
 static struct PyModuleDef fastmb_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fastmb_methods};
 

@@ -34,13 +34,15 @@ from fastmb.ops.inverted_residual import (
     ConvBN,
     FusedBlock,
     FusedStem,
+    Program,
+    block_slots,
     fused_block,
     has_hooks,
+    memoized_forward,
     run_layers,
     stem_conv,
-    structure_key,
 )
-from fastmb.ops.packing import cached_plan, pointwise_conv
+from fastmb.ops.packing import Slot, cached_plan, hook_slots, mode_slots, pointwise_conv, structure_slots
 from fastmb.ops.squeeze_excitation import run_squeeze_excitation
 
 _LAYER_SCALE = getattr(timm_layers, "LayerScale2d", None)  # MobileNetV4 hybrids' layer scale
@@ -188,8 +190,8 @@ def _universal_block_layers(block: nn.Module) -> BlockLayers | None:
 
 def _block_plan(block: nn.Module, layers_of) -> FusedBlock | None:
     """The block's FusedBlock, or None: layers_of(block) says what the op runs (BlockLayers) or
-    None; the plan is kept on the block while its layers stay the same (structure_key)."""
-    return cached_plan(block, "_fastmb_fused", structure_key(block._modules.values()), lambda: fused_block(layers_of(block)))
+    None; the plan is kept on the block while its layers stay the same (block_slots)."""
+    return cached_plan(block, "_fastmb_fused", lambda: block_slots(block, block), lambda: fused_block(layers_of(block)))
 
 
 def _run_fused_block(block: nn.Module, x: Tensor, layers_of) -> Tensor | None:
@@ -319,11 +321,14 @@ class FusedEfficientNet(EfficientNet):
         return run_stage(self, "conv_head", "bn2", self.blocks(run_stage(self, "conv_stem", "bn1", x)))
 
     def forward(self, x: Tensor) -> Tensor:
+        return memoized_forward(self, (), x, self._forward)
+
+    def _forward(self, x: Tensor, program: Program) -> Tensor:
         head = _head_plan(self, _efficientnet_head)
         if head is None:
             return super().forward(x)
-        x = run_layers([_Stem(self), *_blocks_in_order(self.blocks)], x)
-        logits = head(x)
+        x = run_layers([_Stem(self), *_blocks_in_order(self.blocks)], x, program)
+        logits = head(x, program)
         return logits if logits is not None else self.forward_head(run_stage(self, "conv_head", "bn2", x))
 
 
@@ -340,12 +345,15 @@ class FusedMobileNetV3(MobileNetV3):
         return self.blocks(run_stage(self, "conv_stem", "bn1", x))
 
     def forward(self, x: Tensor) -> Tensor:
+        return memoized_forward(self, (), x, self._forward)
+
+    def _forward(self, x: Tensor, program: Program) -> Tensor:
         head = _head_plan(self, _mobilenetv3_head)
         if head is None:
             return super().forward(x)
         layers = _blocks_in_order(self.blocks)
-        x = run_layers([_Stem(self), *layers[:-1]], x)
-        logits = head(x)
+        x = run_layers([_Stem(self), *layers[:-1]], x, program)
+        logits = head(x, program)
         return logits if logits is not None else self.forward_head(layers[-1](x))
 
 
@@ -368,10 +376,14 @@ class _Stem:
             return None
 
         def build() -> FusedStem | None:
-            activation = activation_name(bn.act)  # the module's now (structure_key: a swapped one builds again)
+            activation = activation_name(bn.act)  # the module's now (structure_slots: a swapped one builds again)
             return FusedStem(ConvBN(conv, bn, activation)) if activation is not None and stem_conv(conv) else None
 
-        return cached_plan(model, "_fastmb_stem", structure_key([conv, bn]), build)
+        def slots() -> list[Slot]:
+            held = [(model._modules, "conv_stem"), (model._modules, "bn1")]
+            return held + structure_slots([conv, bn]) + hook_slots(conv) + hook_slots(bn) + hook_slots(bn.act)
+
+        return cached_plan(model, "_fastmb_stem", slots, build)
 
 
 def _blocks_in_order(blocks: nn.Module) -> list[nn.Module]:
@@ -389,7 +401,14 @@ def _head_plan(model: nn.Module, plan_head) -> FusedHead | None:
     if has_hooks(model.blocks) or any(has_hooks(stage) for stage in model.blocks._modules.values()):
         return None
     modules, build = plan_head(model)
-    return cached_plan(model, "_fastmb_head", structure_key([m for m in modules if m is not None]), build)
+
+    def slots() -> list[Slot]:  # with what the forward reads: the model's layers, the blocks' order, their containers' hooks
+        stages = list(model.blocks._modules.values())
+        containers = [model, model.blocks, *stages]
+        held = structure_slots([*containers, *(m for m in modules if m is not None)])
+        return held + mode_slots([model]) + [slot for container in containers[1:] for slot in hook_slots(container)]
+
+    return cached_plan(model, "_fastmb_head", slots, build)
 
 
 def _average_pooling(global_pool: nn.Module) -> bool:

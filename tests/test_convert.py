@@ -129,7 +129,7 @@ def test_converted_blocks_run_in_one_op_call_and_survive_a_round_trip(name, capl
     assert blocks and all(type(m).__module__ == "fastmb.convert_torchvision" for m in blocks)
     assert type(model).__module__ == "fastmb.convert_torchvision"  # the model too: its head fused
     heads = []
-    monkeypatch.setattr(FusedHead, "__call__", lambda self, x, call=FusedHead.__call__: heads.append(len(native_block_calls)) or call(self, x))
+    monkeypatch.setattr(FusedHead, "__call__", lambda self, x, program=None, call=FusedHead.__call__: heads.append(len(native_block_calls)) or call(self, x, program))
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         expected, y = original(x), model(x)

@@ -85,13 +85,13 @@ def test_converted_timm_model(name):
     # inverted-bottleneck, ExtraDW, ConvNext and FFN kinds, with or without layer scale.
     fusable += [m for m in converted.modules() if type(m).__name__ == "FusedUniversalInvertedResidual"
                 and isinstance(m.dw_end, nn.Identity)]  # fmt: skip
-    assert all(m.__dict__.get("_fastmb_fused", (None, None))[1] is not None for m in fusable), name
+    assert all(m.__dict__.get("_fastmb_fused", (None,))[-1] is not None for m in fusable), name
     always = ("mobilenetv3_large_100", "mobilenetv2_100", "efficientnet_b0", "mnasnet_100", "tinynet_a", "mobilenetv4_conv_small")
     assert fusable or name not in always
     # So did the head (the last 1x1 conv, the pooling, the head conv with its norm in the
     # MobileNetV3 class, the classifier), but lcnet_100's (it ends in a depthwise-separable block)
     # and mobilenetv1_100's (no head conv).
-    head_fused = converted.__dict__.get("_fastmb_head", (None, None))[1] is not None
+    head_fused = converted.__dict__.get("_fastmb_head", (None,))[-1] is not None
     assert head_fused == (name not in ("lcnet_100", "mobilenetv1_100")), name
 
     # One training step: output, input and parameter gradients, running statistics. In float64
@@ -132,7 +132,7 @@ def test_fused_head_follows_weight_changes(name):
             if change is not None:
                 change(timm_eager), change(converted)
             torch.testing.assert_close(converted(x), timm_eager(x), rtol=1e-4, atol=1e-5)
-    assert converted.__dict__["_fastmb_head"][1] is not None
+    assert converted.__dict__["_fastmb_head"][-1] is not None
 
 
 @pytest.mark.parametrize("name", ["mobilenetv4_conv_small", "efficientnet_b0"])

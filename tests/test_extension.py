@@ -63,24 +63,42 @@ def test_activation_and_gate_codes_match_the_kernels():
 
 
 @pytest.mark.parametrize("stamps", ["native", "python"])
-def test_tensor_stamps_change_with_each_kind_of_change(stamps):
-    """fastmb._C.tensor_stamps and its Python fallback (no extension) tell a tensor changed in
-    place, one whose data was replaced, and a different tensor; and nothing else."""
+def test_slot_stamps_change_with_each_kind_of_change(stamps):
+    """fastmb._C.slot_stamps and its Python fallback (no extension) tell a tensor changed in
+    place, one whose data was replaced, a different object in a slot, a key added or removed and
+    a dict that grew; and nothing else."""
     from fastmb.ops import packing
 
-    stamp = _extension.C.tensor_stamps if stamps == "native" else packing._python_tensor_stamps
-    weight, bias = torch.nn.Parameter(torch.randn(4, 3)), torch.randn(4)
-    before = stamp([weight, bias])
-    assert stamp([weight, bias]) == before and stamp([weight, weight.detach()]) != before
+    stamp = _extension.C.slot_stamps if stamps == "native" else packing._python_slot_stamps
+    parameters, attributes = {"weight": torch.nn.Parameter(torch.randn(4, 3)), "bias": torch.randn(4)}, {"eps": 1e-5}
+    slots = [(parameters, "weight"), (parameters, "bias"), (attributes, "eps"), (attributes, "activation"), (parameters, None)]
+
+    def now() -> object:
+        return stamp(slots, 2)
+
+    before = now()
+    assert now() == before
     with torch.no_grad():
-        weight.mul_(2)
-    in_place = stamp([weight, bias])
-    weight.data = torch.randn(4, 3)
-    replaced = stamp([weight, bias])
-    assert len({before, in_place, replaced}) == 3
+        parameters["weight"].mul_(2)
+    in_place = now()
+    parameters["weight"].data = torch.randn(4, 3)
+    replaced_data = now()
+    parameters["bias"] = parameters["bias"].clone()
+    other_tensor = now()
+    attributes["eps"] = 1e-3
+    other_value = now()
+    attributes["activation"] = "relu"
+    added_key = now()
+    parameters["extra"] = None
+    grown = now()
+    assert len({before, in_place, replaced_data, other_tensor, other_value, added_key, grown}) == 7
+    # past the tensor slots a tensor's value is not read: an in-place change is not seen there
+    with torch.no_grad():
+        parameters["weight"].add_(1)
+    assert stamp(slots[1:], 0) == stamp(slots[1:], 0) and stamp(slots, 0) == stamp(slots, 0)
     with pytest.raises(TypeError):
-        stamp([weight, 1.0])
+        stamp([(parameters, "weight"), ([1], "x")], 1)
     with torch.inference_mode():
-        inference = torch.randn(2)
+        inference = {"x": torch.randn(2)}
     with pytest.raises(RuntimeError, match="version counter"):
-        stamp([inference])
+        stamp([(inference, "x")], 1)

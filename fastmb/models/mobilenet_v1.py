@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from fastmb.models.layers import depthwise_stage, init_weights, make_divisible, use_channels_last
 from fastmb.nn import ConvBNAct
-from fastmb.ops.inverted_residual import FusedBlock, block_plan, has_hooks, run_fused_block, run_layers
+from fastmb.ops.inverted_residual import FusedBlock, Program, block_plan, has_hooks, memoized_forward, run_fused_block, run_layers
+from fastmb.ops.packing import hook_slots, structure_slots
 
 # Table 1 as (stride of the depthwise conv, output channels of the pointwise conv).
 DEPTHWISE_SEPARABLE_SETTING = [
@@ -84,8 +85,16 @@ class MobileNetV1(nn.Module):
         use_channels_last(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        # run_layers: in eval on the CPU the stem and the blocks go straight to the fused op
-        x = self.features(x) if has_hooks(self.features) else run_layers(self.features._modules.values(), x)
+        features = self.features
+
+        def run_features(x: Tensor, program: Program) -> Tensor:
+            if has_hooks(features):
+                return features(x)
+            program.slots += structure_slots([features]) + hook_slots(features)  # the layers run_layers is given
+            return run_layers(features._modules.values(), x, program)
+
+        # in eval on the CPU the stem and the blocks go straight to the fused op (run_layers)
+        x = memoized_forward(self, (features,), x, run_features)
         return self.classifier(torch.flatten(self.avgpool(x), 1))
 
 

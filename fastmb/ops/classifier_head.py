@@ -8,10 +8,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastmb import _extension
+from fastmb import _extension, dispatch
 from fastmb.ops.activations import activation_name
-from fastmb.ops.inverted_residual import ConvBN, conv_bn, has_hooks, run_layers
-from fastmb.ops.packing import PackedArguments, bn_scale_shift, cached_plan, conv_bn_slots, eval_op_applies, fold_and_pack, pointwise_conv
+from fastmb.ops.inverted_residual import ConvBN, Program, conv_bn, has_hooks, memoized_forward, run_layers
+from fastmb.ops.packing import (
+    PackedArguments,
+    Slot,
+    bn_scale_shift,
+    cached_plan,
+    conv_bn_slots,
+    eval_op_applies,
+    fold_and_pack,
+    hook_slots,
+    mode_slots,
+    pointwise_conv,
+    structure_slots,
+)
 
 NATIVE = _extension.has_kernel("classifier_head", "CPU")
 
@@ -75,25 +87,40 @@ class FusedHead(PackedArguments):
     def tensor_slots(self) -> list[tuple[dict, str]]:
         return conv_bn_slots(self.conv.conv, self.conv.bn) + [slot for linear in self.linears for slot in linear.slots()]
 
-    def settings(self) -> tuple:
-        return (self.conv.bn.eps, *(linear.norm.eps for linear in self.linears if linear.norm is not None))
+    def setting_slots(self) -> list[Slot]:
+        return [(norm.__dict__, "eps") for norm in (self.conv.bn, *(linear.norm for linear in self.linears)) if norm is not None]
+
+    def modes(self) -> list[nn.Module]:
+        return self._modes
 
     def pack(self) -> tuple:
         weight, bias = fold_and_pack(self.conv.conv, self.conv.bn)
         fc_weights, fc_biases = zip(*(linear.pack() for linear in self.linears))
         return weight, bias, self.conv.activation, list(fc_weights), list(fc_biases), [linear.activation for linear in self.linears]
 
-    def __call__(self, x: Tensor) -> Tensor | None:
-        """The logits through the op, or None where it does not apply."""
+    def __call__(self, x: Tensor, program: Program | None = None) -> Tensor | None:
+        """The logits through the op, or None where it does not apply; `program` gets the call."""
         if not NATIVE or not eval_op_applies(x, self.conv.conv.in_channels) or any(m.training for m in self._modes):
             return None
-        return self.run(torch.ops.fastmb.classifier_head, x)
+        arguments = self.arguments()
+        if arguments is None:
+            return None
+        dispatch.note_backend("cpu")
+        return _call_head(x, arguments) if program is None else program.run(_call_head, x, arguments, self.watch_slots())
+
+
+def _call_head(x: Tensor, arguments: tuple) -> Tensor:
+    return torch.ops.fastmb.classifier_head(x.contiguous(memory_format=torch.channels_last), *arguments)
 
 
 def _head_plan(model: nn.Module, features: nn.Sequential, avgpool: nn.Module | None, classifier: nn.Module) -> FusedHead | None:
-    """The FusedHead for these modules, kept on `model` while they stay the same."""
+    """The FusedHead for these modules, kept on `model` while they stay the same (and with it
+    what forward_with_fused_head checked: the model's mode, the features' layers and hooks)."""
     last = next(reversed(features._modules.values()), None)
-    modules = (last, avgpool, classifier, *classifier._modules.values(), *(last._modules.values() if last is not None else ()))
+
+    def slots() -> list[Slot]:
+        modules = [features, classifier, *([last] if last is not None else [])]
+        return structure_slots(modules) + mode_slots([model]) + hook_slots(features)
 
     def build() -> FusedHead | None:
         conv = conv_bn(last) if last is not None else None
@@ -103,7 +130,7 @@ def _head_plan(model: nn.Module, features: nn.Sequential, avgpool: nn.Module | N
             return None
         return FusedHead(conv, linears, [m for m in classifier._modules.values() if type(m) is nn.Dropout])
 
-    return cached_plan(model, "_fastmb_head", modules, build)
+    return cached_plan(model, "_fastmb_head", slots, build, key=(avgpool, classifier))
 
 
 def forward_with_fused_head(
@@ -111,18 +138,23 @@ def forward_with_fused_head(
 ) -> Tensor:
     """classifier(flatten(avgpool(features(x)))) (avgpool None: adaptive average pooling to 1x1),
     with features' last layer, the pooling and the classifier as one op call where it applies:
-    eval on the CPU (the torchvision MobileNetV2/V3 forward)."""
-    head = None
-    if NATIVE and not model.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not has_hooks(features):
-        head = _head_plan(model, features, avgpool, classifier)
-    if head is None:
-        x = features(x)
-    else:
-        layers = list(features._modules.values())
-        x = run_layers(layers[:-1], x)
-        logits = head(x)
-        if logits is not None:
-            return logits
-        x = layers[-1](x)
-    x = avgpool(x) if avgpool is not None else nn.functional.adaptive_avg_pool2d(x, 1)
-    return classifier(torch.flatten(x, 1))
+    eval on the CPU (the torchvision MobileNetV2/V3 forward). Repeated forwards run as their op
+    calls (memoized_forward)."""
+
+    def forward(x: Tensor, program: Program) -> Tensor:
+        head = None
+        if NATIVE and not model.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not has_hooks(features):
+            head = _head_plan(model, features, avgpool, classifier)
+        if head is not None:
+            layers = list(features._modules.values())
+            x = run_layers(layers[:-1], x, program)
+            logits = head(x, program)
+            if logits is not None:
+                return logits
+            x = layers[-1](x)
+        else:
+            x = features(x)
+        x = avgpool(x) if avgpool is not None else nn.functional.adaptive_avg_pool2d(x, 1)
+        return classifier(torch.flatten(x, 1))
+
+    return memoized_forward(model, (features, avgpool, classifier), x, forward)

@@ -2,8 +2,7 @@
 they may run, and their arguments packed once from the modules' current tensors and packed
 again whenever any of them changes, so an op never runs with stale weights."""
 
-import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 import torch
@@ -82,26 +81,95 @@ def fold_and_pack(conv: nn.Conv2d, bn: nn.BatchNorm2d, output_scale: Tensor | No
     return packed, shift.float().contiguous()
 
 
-_VERSION = operator.attrgetter("_version")
 Plan = TypeVar("Plan")
+# Where a value a plan depends on is held: (a dict, a key), the value at key (a module's parameter,
+# child, setting: `module.__dict__`); (a dict, None), the dict's size (a module's hooks).
+Slot = tuple[dict, str | None]
 
 
-def _python_tensor_stamps(tensors: list[Tensor]) -> tuple:
-    return (*map(Tensor.data_ptr, tensors), *map(_VERSION, tensors))
+def _python_slot_stamps(slots: Sequence[Slot], tensor_slots: int) -> tuple:
+    stamps: list[int] = []
+    for i, (holder, key) in enumerate(slots):
+        if not isinstance(holder, dict):
+            raise TypeError(f"slot_stamps: slot {i} must be a (dict, key) tuple")
+        value = holder.get(key) if key is not None else None
+        stamps.append(len(holder) if key is None else id(value) if key in holder else 0)
+        if i < tensor_slots:
+            stamps += [value.data_ptr(), value._version] if isinstance(value, Tensor) else [0, 0]
+    return tuple(stamps)
 
 
-# Each tensor's data address and version counter, in one value compared at once: fastmb._C's, one
-# C loop (the checks of V3-Small's 196 tensors took 29 us at batch 1 as Python attribute reads).
-tensor_stamps: Callable[[list[Tensor]], object] = getattr(_extension.C, "tensor_stamps", _python_tensor_stamps)
+# What the slots hold, in one value compared at once: fastmb._C's, one C loop (a forward's checks
+# as Python reads took 0.25-0.35 ms at batch 1: every read a cache miss after the op's weights).
+slot_stamps: Callable[[Sequence[Slot], int], object] = getattr(_extension.C, "slot_stamps", _python_slot_stamps)
 
 
-def cached_plan(module: nn.Module, name: str, key: tuple, build: Callable[[], Plan]) -> Plan:
-    """The plan kept in module.__dict__[name], made again by build() when `key` (what it was made
-    from: modules, their settings) differs from the one it was made for."""
+class Watch:
+    """Slots as they hold now: `unchanged()` says whether they still hold the same objects (and
+    tensors the same data and version) and dicts the same sizes. Keeps the values, so that no
+    address is taken by another object while watched."""
+
+    __slots__ = ("slots", "_tensor_slots", "_values", "_stamps")
+
+    def __init__(self, slots: Iterable[Slot]) -> None:
+        unique = list({(id(holder), key): (holder, key) for holder, key in slots}.values())
+        tensors = [slot for slot in unique if slot[1] is not None and isinstance(slot[0].get(slot[1]), Tensor)]
+        others = [slot for slot in unique if slot[1] is None or not isinstance(slot[0].get(slot[1]), Tensor)]
+        self.slots, self._tensor_slots = (*tensors, *others), len(tensors)  # slot_stamps reads the values of the first only
+        self._values = [holder.get(key) for holder, key in self.slots if key is not None]
+        self._stamps = slot_stamps(self.slots, self._tensor_slots)
+
+    def unchanged(self) -> bool:
+        return slot_stamps(self.slots, self._tensor_slots) == self._stamps
+
+
+def mode_slots(modules: Iterable[nn.Module]) -> list[Slot]:
+    """The modules' `training` flags."""
+    return [(module.__dict__, "training") for module in modules]
+
+
+def hook_slots(module: nn.Module) -> list[Slot]:
+    """The sizes of the module's hook dicts (has_hooks: a hook added or removed)."""
+    return [(module.__dict__[name], None) for name in _HOOKS]
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def structure_slots(modules: Iterable[nn.Module]) -> list[Slot]:
+    """Where the modules' children and activation settings are held (their `_modules` entries
+    and count, `activation` and `gate` where they have them), so that a swapped layer or a
+    changed activation makes a plan again."""
+    slots: list[Slot] = []
+    for module in modules:
+        children, attributes = module._modules, module.__dict__
+        if children:
+            slots += [(children, None), *((children, name) for name in children)]
+        slots += [(attributes, name) for name in ("activation", "gate") if name in attributes]
+    return slots
+
+
+def cached_plan(module: nn.Module, name: str, slots: Callable[[], list[Slot]], build: Callable[[], Plan], key: tuple = ()) -> Plan:
+    """The plan (a PackedArguments, or None) kept in module.__dict__[name], made again by build()
+    when a slot it was made from (slots(): structure_slots of its modules) holds something else,
+    or `key` differs. The plan's `structure` says where it is kept and what it was made from."""
     cached = module.__dict__.get(name)
-    if cached is None or cached[0] != key:
-        cached = module.__dict__[name] = (key, build())
-    return cached[1]
+    if cached is None or cached[1] != key or not cached[0].unchanged():
+        watch, plan = Watch(slots()), build()
+        if plan is not None:
+            plan.structure = [*watch.slots, (module.__dict__, name)]
+        cached = module.__dict__[name] = (watch, key, plan)
+    return cached[2]
+
+
+def _detached(value: object) -> object:
+    """value with its tensors (in lists and tuples too) detached: a view of a parameter made under
+    no_grad fails copy.deepcopy of its model once the parameter has changed in place."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(item) for item in value)
+    return value
 
 
 class PackedArguments:
@@ -109,18 +177,24 @@ class PackedArguments:
     they are made from, and how they are packed."""
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
+        self._watch: Watch | None = None
         self._arguments: tuple = ()
-        self._slots: list[tuple[dict, str]] | None = None
+        self._slots: list[Slot] | None = None
+        self._tensor_count = 0
+        self.structure: list[Slot] = []  # set by cached_plan
 
-    def tensor_slots(self) -> list[tuple[dict, str]]:
+    def tensor_slots(self) -> list[Slot]:
         """Where each tensor the arguments are packed from is held: (a module's _parameters or
         _buffers, key)."""
         raise NotImplementedError
 
-    def settings(self) -> tuple:
-        """Anything else the packed arguments depend on (eps, strides): compared, not hashed."""
-        return ()
+    def setting_slots(self) -> list[Slot]:
+        """Where anything else the packed arguments depend on is held (eps, strides)."""
+        return []
+
+    def modes(self) -> list[nn.Module]:
+        """The modules that must be in eval for the op to run."""
+        return []
 
     def pack(self) -> tuple:
         raise NotImplementedError
@@ -128,17 +202,23 @@ class PackedArguments:
     def arguments(self) -> tuple | None:
         """The packed arguments, packed again if any tensor was replaced or changed (its pointer
         or version counter) or a setting changed; None when a tensor is not float32 on the CPU."""
-        if self._slots is None:
-            self._slots = self.tensor_slots()
-        tensors = [holder[name] for holder, name in self._slots]
-        key = (tensor_stamps(tensors), *self.settings())  # at batch 1 this check runs for every block on every call
-        if key != self._key:
+        if self._watch is None or not self._watch.unchanged():  # at batch 1 this check runs for every block on every call
+            if self._slots is None:
+                tensor_slots = self.tensor_slots()
+                self._tensor_count, self._slots = len(tensor_slots), tensor_slots + self.setting_slots()
+            tensors = [holder[name] for holder, name in self._slots[: self._tensor_count]]
             if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
                 return None
             with torch.no_grad():
-                self._arguments = self.pack()
-            self._key = key
+                self._arguments = _detached(self.pack())
+            self._watch = Watch(self._slots)
         return self._arguments
+
+    def watch_slots(self) -> list[Slot]:
+        """Every slot the plan's op arguments depend on (after arguments()): its structure, its
+        tensors and settings, its modules' modes."""
+        watched = self._watch.slots if self._watch is not None else ()
+        return [*self.structure, *watched, *mode_slots(self.modes())]
 
     def run(self, op, x: Tensor) -> Tensor | None:
         """op(x, *arguments) on the cpu backend, x channels_last (converted once where it is not:

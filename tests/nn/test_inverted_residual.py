@@ -398,7 +398,7 @@ def test_fake_tensor_shape_matches():
     x = torch.randn(2, 24, 13, 11).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         real = run_fused_block(block, block.block, False, x)
-        args = block.__dict__["_fastmb_fused"][1].arguments()
+        args = block.__dict__["_fastmb_fused"][-1].arguments()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
@@ -411,7 +411,7 @@ def test_op_rejects_bad_arguments_by_name():
     x = torch.randn(1, 24, 13, 11).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         run_fused_block(block, block.block, False, x)
-    args = list(block.__dict__["_fastmb_fused"][1].arguments())
+    args = list(block.__dict__["_fastmb_fused"][-1].arguments())
     op = torch.ops.fastmb.inverted_residual
     with pytest.raises(RuntimeError, match="expand_weight"):
         op(x, args[0][:, :5].contiguous(), *args[1:])

@@ -1,0 +1,16 @@
+#pragma once
+
+#include <Python.h>
+
+namespace fastmb {
+
+// fastmb._C.slot_stamps(slots, tensor_slots): bytes with an int64 per (dict, key) slot, the address
+// of the value held at key (0 when absent), and for each of the first `tensor_slots` two more, a
+// tensor's data address and version counter (0 for anything else); for (dict, None), the dict's
+// size. The fused CPU forwards compare what their plans were made from with it (modules'
+// parameters, buffers, children, settings, hooks): one C loop where Python reads took 0.25-0.35
+// ms a forward at batch 1, each read a cache miss once the op's weights have passed through the
+// caches. The other slots' values are not read, for the same reason.
+PyObject* slot_stamps(PyObject* module, PyObject* args);
+
+}  // namespace fastmb

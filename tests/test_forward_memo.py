@@ -1,0 +1,207 @@
+"""A model's repeated eval forwards on the CPU run as their op calls (ForwardMemo) while nothing
+they were planned from changed, and through the full checks again after any change."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules import module as module_hooks
+
+import fastmb
+from fastmb import dispatch
+from fastmb.ops import inverted_residual as ir
+from tests.oracle import randomize_batch_norm
+
+pytestmark = pytest.mark.skipif(not ir.NATIVE, reason="needs the CPU extension")
+
+
+def small_model(name: str = "mobilenet_v3_small") -> nn.Module:
+    torch.manual_seed(0)
+    model = getattr(fastmb, name)(num_classes=10).eval()
+    randomize_batch_norm(model)
+    return model
+
+
+def image() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(1, 3, 64, 64)
+
+
+def memo_of(model: nn.Module) -> ir.ForwardMemo | None:
+    return model.__dict__.get("_fastmb_forward")
+
+
+def reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with fastmb.use_backend("reference"):
+        return model(x)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v2", "mobilenet_v1"])
+def test_repeated_forwards_skip_the_checks_and_agree(name, monkeypatch):
+    model, x = small_model(name), image()
+    with torch.no_grad():
+        first = model(x)
+        assert isinstance(memo_of(model), ir.ForwardMemo)
+        planned = []
+        original = ir._planned
+        monkeypatch.setattr(ir, "_planned", lambda layer: planned.append(layer) or original(layer))
+        with dispatch.record_backends() as backends:
+            again = model(x)
+        expected = reference(model, x)
+    assert planned == [] and backends == {"cpu"}
+    assert torch.equal(first, again)
+    torch.testing.assert_close(again, expected, rtol=1e-4, atol=1e-4)
+
+
+def scale_block_weight(model: nn.Module) -> None:
+    with torch.no_grad():
+        model.features[4].block[0][0].weight.mul_(1.5)
+
+
+def replace_bn_data(model: nn.Module) -> None:
+    bn = model.features[5].block[1][1]
+    bn.running_var.data = bn.running_var.data * 3.0
+
+
+def replace_classifier_parameter(model: nn.Module) -> None:
+    model.classifier[0].weight = nn.Parameter(torch.randn_like(model.classifier[0].weight))
+
+
+def scale_stem_weight(model: nn.Module) -> None:
+    with torch.no_grad():
+        model.features[0][0].weight.mul_(-1.0)
+
+
+def change_eps(model: nn.Module) -> None:
+    model.features[3].block[1][1].eps = 0.5
+
+
+def change_depthwise_activation(model: nn.Module) -> None:
+    model.features[4].block[1].activation = "relu"
+
+
+def change_se_gate(model: nn.Module) -> None:
+    model.features[4].block[2].gate = "sigmoid"
+
+
+def drop_an_se(model: nn.Module) -> None:
+    model.features[4].block[2] = nn.Identity()  # no longer a block the op runs: its layers run
+
+
+def swap_a_block(model: nn.Module) -> None:
+    other = copy.deepcopy(model.features[5])
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    model.features[5] = other
+
+
+def change_the_head_activation(model: nn.Module) -> None:
+    model.classifier[1] = nn.ReLU()
+
+
+def load_other_weights(model: nn.Module) -> None:
+    model.load_state_dict(small_model().state_dict() | {"classifier.3.bias": torch.randn(10)})
+
+
+def train_one_block(model: nn.Module) -> None:
+    model.features[6].train()
+
+
+def residual_off(model: nn.Module) -> None:
+    model.features[5].use_res_connect = False
+
+
+CHANGES = [
+    scale_block_weight, replace_bn_data, replace_classifier_parameter, scale_stem_weight, change_eps, change_depthwise_activation,
+    change_se_gate, drop_an_se, swap_a_block, change_the_head_activation, load_other_weights, train_one_block, residual_off,
+]  # fmt: skip
+
+
+def without_plans(model: nn.Module) -> nn.Module:
+    """A copy of the model that has never run: no memo, no plans."""
+    copied = copy.deepcopy(model)
+    for module in copied.modules():
+        for name in [name for name in module.__dict__ if name.startswith("_fastmb_")]:
+            del module.__dict__[name]
+    return copied
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_every_change_between_forwards_is_seen(change):
+    """After the change the memo's forward gives, bit for bit, what a copy that never ran gives;
+    without the change (a stale memo) it would give `before`. The changes move these random
+    models' logits little (by 1e-8 to 1e-2): the bits tell them apart."""
+    model, x = small_model(), image()
+    with torch.no_grad():
+        before = model(x)
+        assert torch.equal(model(x), before)
+        assert isinstance(memo_of(model), ir.ForwardMemo)
+        change(model)
+        fresh = without_plans(model)  # in training a block updates its statistics: each runs once
+        after = model(x)
+        expected = fresh(x)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, expected)
+
+
+@pytest.mark.parametrize("where", ["block", "features", "global"])
+def test_hooks_added_after_the_memo_run(where):
+    model, x = small_model(), image()
+    seen = []
+    with torch.no_grad():
+        model(x)
+        model(x)
+        hook = lambda module, args, out: seen.append(type(module).__name__)  # noqa: E731
+        if where == "block":
+            handle = model.features[7].register_forward_hook(hook)
+        elif where == "features":
+            handle = model.features.register_forward_hook(hook)
+        else:
+            handle = module_hooks.register_module_forward_hook(hook)
+        try:
+            model(x)
+        finally:
+            handle.remove()
+        model(x)  # and, the hook removed, a memo again
+        assert isinstance(memo_of(model), ir.ForwardMemo)
+    assert seen and (where == "global" or len(seen) == 1)
+
+
+@pytest.mark.parametrize("setting", ["grad", "reference_backend", "float64", "other_channels"])
+def test_the_memo_steps_aside_where_the_op_does_not_apply(setting):
+    model, x = small_model(), image()
+    with torch.no_grad():
+        model(x)
+        memo = memo_of(model)
+        assert memo is not None
+    if setting == "grad":
+        y = model(x)
+        assert y.requires_grad
+        return
+    with torch.no_grad():
+        if setting == "reference_backend":
+            with fastmb.use_backend("reference"), dispatch.record_backends() as backends:
+                model(x)
+            assert "cpu" not in backends
+        elif setting == "float64":
+            assert memo(x.double(), memo.key) is None
+        else:
+            assert memo(torch.randn(1, 4, 64, 64), memo.key) is None
+
+
+def test_a_model_with_its_memo_pickles_and_copies():
+    model, x = small_model(), image()
+    with torch.no_grad():
+        expected = model(x)
+        model(x)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        for other in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+            other.classifier[3].bias.add_(1.0)  # the copy's own weights, not the original's
+            torch.testing.assert_close(other(x), expected + 1.0, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(other(x), expected + 1.0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
