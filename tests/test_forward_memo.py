@@ -12,7 +12,7 @@ from torch.nn.modules import module as module_hooks
 import fastmb
 from fastmb import dispatch
 from fastmb.ops import inverted_residual as ir
-from tests.oracle import randomize_batch_norm
+from oracle import randomize_batch_norm
 
 pytestmark = pytest.mark.skipif(not ir.NATIVE, reason="needs the CPU extension")
 
