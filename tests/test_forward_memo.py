@@ -147,6 +147,21 @@ def test_every_change_between_forwards_is_seen(change):
     assert torch.equal(after, expected)
 
 
+def test_an_edit_through_data_is_seen_after_freeze():
+    """weight.data.mul_ moves neither the data pointer nor the version counter: the packed
+    weights and the memo keep the old values until fastmb.freeze drops them (documented)."""
+    model, x = small_model(), image()
+    with torch.no_grad():
+        before = model(x)
+        model(x)
+        model.features[4].block[0][0].weight.data.mul_(2.0)  # folded into a packed copy
+        assert torch.equal(model(x), before)  # not seen, as documented
+        fastmb.freeze(model, frozen=False)
+        after = model(x)
+        expected = without_plans(model)(x)
+    assert not torch.equal(after, before) and torch.equal(after, expected)
+
+
 @pytest.mark.parametrize("where", ["block", "features", "global"])
 def test_hooks_added_after_the_memo_run(where):
     model, x = small_model(), image()
