@@ -121,12 +121,8 @@ CHANGES = [
 
 
 def without_plans(model: nn.Module) -> nn.Module:
-    """A copy of the model that has never run: no memo, no plans."""
-    copied = copy.deepcopy(model)
-    for module in copied.modules():
-        for name in [name for name in module.__dict__ if name.startswith("_fastmb_")]:
-            del module.__dict__[name]
-    return copied
+    """A copy of the model without its memo and plans (freeze drops them; unfrozen, as built)."""
+    return fastmb.freeze(copy.deepcopy(model), frozen=False)
 
 
 @pytest.mark.parametrize("change", CHANGES)
@@ -160,6 +156,26 @@ def test_an_edit_through_data_is_seen_after_freeze():
         after = model(x)
         expected = without_plans(model)(x)
     assert not torch.equal(after, before) and torch.equal(after, expected)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_100", "efficientnet_b0"])
+def test_converted_timm_models_keep_a_memo_and_see_changes(name):
+    """timm's MobileNetV3 and EfficientNet classes, converted: the stem, blocks and head replayed,
+    and a block's weight changed in place, or the model's blocks reordered, seen."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = fastmb.convert(timm.create_model(name, pretrained=False, num_classes=10)).eval()
+    randomize_batch_norm(model)
+    x = image()
+    with torch.no_grad():
+        before = model(x)
+        assert torch.equal(model(x), before) and isinstance(memo_of(model), ir.ForwardMemo)
+        model.blocks[2][0].conv_pw.weight.mul_(1.5)
+        after = model(x)
+        assert not torch.equal(after, before) and torch.equal(after, without_plans(model)(x))
+        model.blocks[1], model.blocks[2] = model.blocks[2], model.blocks[1]  # no longer chains: stages run
+        with pytest.raises(RuntimeError):
+            model(x)
 
 
 @pytest.mark.parametrize("where", ["block", "features", "global"])
