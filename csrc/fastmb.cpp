@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "build_info.h"
+#include "prepared_chain.h"
 #include "slot_stamps.h"
 
 TORCH_LIBRARY(fastmb, m) {
@@ -103,9 +104,11 @@ TORCH_LIBRARY(fastmb, m) {
 }
 
 // Importing fastmb._C runs the static registrations above; the module itself carries how the
-// extension was built, for fastmb.backends(), and slot_stamps.
+// extension was built, for fastmb.backends(), slot_stamps, and the prepared chain.
 static PyMethodDef fastmb_methods[] = {
     {"slot_stamps", fastmb::slot_stamps, METH_VARARGS, "What (dict, key) slots hold: identities, tensor data and versions, as bytes."},
+    {"prepare_chain", fastmb::prepare_chain, METH_VARARGS, "fastmb::inverted_residual_chain's arguments, prepared once (a capsule)."},
+    {"run_chain", fastmb::run_chain, METH_VARARGS, "run_chain(prepared, x): the prepared chain op on x."},
     {nullptr, nullptr, 0, nullptr}};
 static struct PyModuleDef fastmb_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fastmb_methods};
 

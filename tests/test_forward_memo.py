@@ -236,3 +236,104 @@ def test_a_model_with_its_memo_pickles_and_copies():
             torch.testing.assert_close(other(x), expected + 1.0, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(other(x), expected + 1.0, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def chain_arguments(name: str) -> list[tuple]:
+    """The chain op calls' arguments of a model's memo: (tensors, settings, names, stem)."""
+    model = small_model(name)
+    with torch.no_grad():
+        model(image())
+    return [arguments for call, arguments in memo_of(model).steps if call is ir._call_chain]
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v2"])
+def test_a_prepared_chain_computes_the_op_at_every_size(name):
+    # One prepared chain over inputs of other sizes and batches in turn (its blocks made again
+    # for each new size) gives the op's output bit for bit.
+    [arguments] = chain_arguments(name)
+    tensors, settings, names, stem = arguments
+    prepared = fastmb._C.prepare_chain(tensors, settings, names, stem)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for shape in [(1, 3, 64, 64), (2, 3, 64, 64), (1, 3, 37, 50), (1, 3, 64, 64), (3, 3, 33, 33)]:
+            x = torch.randn(shape)
+            assert torch.equal(fastmb._C.run_chain(prepared, x), ir._call_chain(x, arguments))
+
+
+def test_a_prepared_chain_without_a_stem_takes_any_layout():
+    [arguments] = chain_arguments("mobilenet_v3_small")
+    tensors, settings, names, stem = arguments
+    assert stem
+    torch.manual_seed(3)
+    with torch.no_grad():
+        h = ir._call_chain(torch.randn(1, 3, 64, 64), (tensors[:11], settings[:9], names[:5], stem))  # the first block
+        rest = (tensors[11:], settings[9:], names[5:], ())
+        prepared = (fastmb._C.prepare_chain(*rest), False)
+        for x in (h, h.contiguous()):
+            assert torch.equal(ir._run_prepared_chain(x, prepared), ir._call_chain(h, rest))
+
+
+def test_prepared_chain_bad_arguments_raise():
+    [arguments] = chain_arguments("mobilenet_v3_small")
+    tensors, settings, names, stem = arguments
+    with pytest.raises(RuntimeError, match="values per block"):
+        fastmb._C.prepare_chain(tensors, settings[:-1], names, stem)
+    with pytest.raises(TypeError, match="must be a tensor"):
+        fastmb._C.prepare_chain([1.0] + list(tensors[1:]), settings, names, stem)
+    with pytest.raises(ValueError, match="seven stem"):
+        fastmb._C.prepare_chain(tensors, settings, names, stem[:3])
+    with pytest.raises(TypeError):
+        fastmb._C.prepare_chain(tensors, ["a"] * len(settings), names, stem)
+    prepared = fastmb._C.prepare_chain(tensors, settings, names, stem)
+    with pytest.raises(RuntimeError, match="stem"):
+        fastmb._C.run_chain(prepared, torch.randn(1, 5, 64, 64))  # the stem takes 3 channels
+    with pytest.raises(RuntimeError):
+        fastmb._C.run_chain(prepared, torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    with pytest.raises(TypeError, match="must be a tensor"):
+        fastmb._C.run_chain(prepared, "x")
+    with pytest.raises(ValueError):
+        fastmb._C.run_chain(object(), torch.randn(1, 3, 64, 64))  # not a prepared chain
+    # A block's own checks run when an input of a new size comes: here a residual block is
+    # given the wrong channel count.
+    wrong = fastmb._C.prepare_chain(tensors[11:], settings[9:], names[5:], ())
+    with pytest.raises(RuntimeError, match=r"block 0"):
+        fastmb._C.run_chain(wrong, torch.randn(1, 7, 16, 16).contiguous(memory_format=torch.channels_last))
+
+
+def test_replays_from_several_threads_agree():
+    # The prepared chain releases the GIL while it runs and makes its blocks for a new size
+    # under a lock: threads replaying one model at two sizes each get their own input's output.
+    import threading
+
+    model = small_model()
+    torch.manual_seed(4)
+    inputs = [torch.randn(1, 3, 64, 64), torch.randn(2, 3, 48, 48)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+        model(inputs[0])
+    failures = []
+
+    def replay(x, want):
+        with torch.no_grad():
+            for _ in range(20):
+                if not torch.equal(model(x), want):
+                    failures.append(x.shape)
+
+    threads = [threading.Thread(target=replay, args=(x, want)) for x, want in zip(inputs * 2, expected * 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
+def test_the_profiler_sees_a_replayed_chain():
+    model, x = small_model(), image()
+    with torch.no_grad():
+        model(x)
+        model(x)
+        assert memo_of(model)._replay is not None
+        with torch.profiler.profile() as profile:
+            model(x)
+    names = {event.name for event in profile.events()}
+    assert "fastmb::inverted_residual_chain" in names and "fastmb::classifier_head" in names

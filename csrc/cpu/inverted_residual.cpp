@@ -23,6 +23,8 @@
 #include <omp.h>
 #endif
 
+#include "inverted_residual.h"
+
 #include "../common.h"
 #include "dwconv/operator.h"
 #include "pointwise/kernels.h"
@@ -550,6 +552,75 @@ constexpr int64_t kChainTensors = 11, kChainSettings = 9, kChainNames = 5;
 constexpr const char* kChainTensorNames[kChainTensors] = {"expand_weight", "expand_bias", "dw_weight", "dw_scale", "dw_shift", "fc1_weight",
                                                           "fc1_bias", "fc2_weight", "fc2_bias", "project_weight", "project_bias"};
 
+}  // namespace
+
+struct PreparedChain::Blocks {
+  std::array<int64_t, 4> input;  // the first block's input sizes they were made for
+  bool stem;
+  std::vector<Block> blocks;
+  std::vector<Tensor> taps;  // the repacked depthwise weights they read, if any
+};
+
+PreparedChain::PreparedChain(std::vector<std::optional<Tensor>> tensors, std::vector<int64_t> settings, std::vector<std::string> names,
+                             ChainStem stem)
+    : tensors_(std::move(tensors)),
+      settings_(std::move(settings)),
+      names_(std::move(names)),
+      stem_(std::move(stem)),
+      blocks_(int64_t(tensors_.size()) / kChainTensors) {
+  TORCH_CHECK(int64_t(tensors_.size()) == blocks_ * kChainTensors && int64_t(settings_.size()) == blocks_ * kChainSettings &&
+                  int64_t(names_.size()) == blocks_ * kChainNames,
+              "fastmb::inverted_residual_chain: tensors, settings and names must hold ", kChainTensors, ", ", kChainSettings, " and ",
+              kChainNames, " values per block, got ", tensors_.size(), ", ", settings_.size(), " and ", names_.size());
+}
+
+PreparedChain::~PreparedChain() = default;
+
+std::shared_ptr<const PreparedChain::Blocks> PreparedChain::blocks_for(const std::array<int64_t, 4>& input, const StemRows* stem) const {
+  {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (last_ != nullptr && last_->input == input && last_->stem == (stem != nullptr)) return last_;
+  }
+  auto made = std::make_shared<Blocks>();
+  made->input = input, made->stem = stem != nullptr;
+  made->taps.resize(blocks_);
+  std::array<int64_t, 4> sizes = input;
+  for (int64_t i = 0; i < blocks_; ++i) {
+    const std::string op = "inverted_residual_chain (block " + std::to_string(i) + ")";
+    std::array<std::optional<Tensor>, kChainTensors> t;
+    for (int64_t k = 0; k < kChainTensors; ++k) t[k] = tensors_[i * kChainTensors + k];
+    for (const int64_t k : {2, 3, 4, 9, 10}) TORCH_CHECK(t[k].has_value(), "fastmb::", op, ": the ", kChainTensorNames[k], " is missing");
+    const int64_t* s = settings_.data() + i * kChainSettings;
+    const std::string* n = names_.data() + i * kChainNames;
+    const BlockArguments arguments{t[0], t[1], n[0], *t[2], *t[3], *t[4], {s, 2}, {s + 2, 4}, {s + 6, 2}, n[1],
+                                   t[5], t[6], t[7], t[8], n[2], n[3], *t[9], *t[10], s[8] != 0, n[4]};
+    const Block b = prepare_block(op.c_str(), arguments, sizes, i == 0 ? stem : nullptr, made->taps[i]);
+    made->blocks.push_back(b);
+    sizes = {b.g.n, b.cout, b.g.ho, b.g.wo};
+  }
+  const std::lock_guard<std::mutex> lock(mutex_);
+  last_ = made;
+  return made;
+}
+
+Tensor PreparedChain::run(const Tensor& x) const {
+  const std::unique_ptr<StemRows> stem = make_stem("inverted_residual_chain", x, stem_.weight, stem_.scale, stem_.shift, stem_.stride,
+                                                   stem_.padding, stem_.dilation, stem_.activation);
+  TORCH_CHECK(blocks_ >= 1 || stem, "fastmb::inverted_residual_chain: give at least one block, or a stem");
+  const NoAutocast no_autocast;
+  if (blocks_ == 0) return run_stem(*stem, x);
+  const std::shared_ptr<const Blocks> prepared = blocks_for(first_input(x, stem.get()), stem.get());
+  Tensor h = x;
+  for (size_t i = 0; i < prepared->blocks.size(); ++i) {
+    Block b = prepared->blocks[i];
+    b.stem = i == 0 ? stem.get() : nullptr;  // this call's: it reads x
+    h = run_prepared(b, h);
+  }
+  return h;
+}
+
+namespace {
+
 // Blocks one after another, each block's output the next one's input, in one call: the per-call
 // work of a block (argument parsing, checks, the framework's dispatch) is most of a small block's
 // time at batch 1.
@@ -559,32 +630,9 @@ Tensor inverted_residual_chain(const Tensor& x, const c10::List<std::optional<Te
                                const std::optional<Tensor>& stem_scale, const std::optional<Tensor>& stem_shift,
                                at::IntArrayRef stem_stride, at::IntArrayRef stem_padding, at::IntArrayRef stem_dilation,
                                c10::string_view stem_activation) {
-  const int64_t blocks = int64_t(tensors.size()) / kChainTensors;
-  TORCH_CHECK(int64_t(tensors.size()) == blocks * kChainTensors && int64_t(settings.size()) == blocks * kChainSettings &&
-                  int64_t(names.size()) == blocks * kChainNames,
-              "fastmb::inverted_residual_chain: tensors, settings and names must hold ", kChainTensors, ", ", kChainSettings, " and ",
-              kChainNames, " values per block, got ", tensors.size(), ", ", settings.size(), " and ", names.size());
-  const std::unique_ptr<StemRows> stem = make_stem("inverted_residual_chain", x, stem_weight, stem_scale, stem_shift, stem_stride,
-                                                   stem_padding, stem_dilation, stem_activation);
-  TORCH_CHECK(blocks >= 1 || stem, "fastmb::inverted_residual_chain: give at least one block, or a stem");
-  const NoAutocast no_autocast;
-  if (blocks == 0) return run_stem(*stem, x);
-  std::array<int64_t, 4> input = first_input(x, stem.get());
-  Tensor h = x, taps;
-  for (int64_t i = 0; i < blocks; ++i) {
-    const std::string op = "inverted_residual_chain (block " + std::to_string(i) + ")";
-    std::array<std::optional<Tensor>, kChainTensors> t;
-    for (int64_t k = 0; k < kChainTensors; ++k) t[k] = tensors.get(i * kChainTensors + k);
-    for (const int64_t k : {2, 3, 4, 9, 10}) TORCH_CHECK(t[k].has_value(), "fastmb::", op, ": the ", kChainTensorNames[k], " is missing");
-    const int64_t* s = settings.data() + i * kChainSettings;
-    const std::string* n = names.data() + i * kChainNames;
-    const BlockArguments arguments{t[0], t[1], n[0], *t[2], *t[3], *t[4], {s, 2}, {s + 2, 4}, {s + 6, 2}, n[1],
-                                   t[5], t[6], t[7], t[8], n[2], n[3], *t[9], *t[10], s[8] != 0, n[4]};
-    Block b = prepare_block(op.c_str(), arguments, input, i == 0 ? stem.get() : nullptr, taps);
-    h = run_prepared(b, h);
-    input = {h.size(0), h.size(1), h.size(2), h.size(3)};
-  }
-  return h;
+  const ChainStem stem{stem_weight, stem_scale, stem_shift, stem_stride.vec(), stem_padding.vec(), stem_dilation.vec(),
+                       std::string(stem_activation.data(), stem_activation.size())};
+  return PreparedChain({tensors.begin(), tensors.end()}, settings.vec(), names, stem).run(x);
 }
 
 }  // namespace
