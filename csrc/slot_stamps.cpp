@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace fastmb {
 namespace {
@@ -41,6 +42,50 @@ bool stamp_tensor(PyObject* value, int64_t* stamp) {
   return true;
 }
 
+// Every read slot_stamps makes misses the caches after a forward (the op's weights went through
+// them), and each slot's reads depend on one another (tuple, dict, its table, the value, its
+// TensorImpl, storage): one slot at a time, the CPU mostly waits on memory. These passes walk all
+// slots one level deeper each and only prefetch, so that each level's misses are in flight
+// together: V3-Large's 843 slots took 100 us after a forward instead of 176 (31 us hot, not 14).
+// Each object's type is checked before it is read; errors are left to the stamps' own pass.
+void prefetch_slots(PyObject** slots, Py_ssize_t count, Py_ssize_t tensor_slots) {
+  constexpr int kTableLines = 4;  // a small dict's table: its header, indices, first entries (2 to 8 lines timed the same)
+  for (Py_ssize_t i = 0; i < count; ++i) __builtin_prefetch(slots[i]);
+  for (Py_ssize_t i = 0; i < count; ++i)
+    if (PyTuple_Check(slots[i]) && PyTuple_GET_SIZE(slots[i]) == 2) {
+      __builtin_prefetch(PyTuple_GET_ITEM(slots[i], 0));
+      __builtin_prefetch(PyTuple_GET_ITEM(slots[i], 1));
+    }
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    if (!PyTuple_Check(slots[i]) || PyTuple_GET_SIZE(slots[i]) != 2 || !PyDict_Check(PyTuple_GET_ITEM(slots[i], 0))) continue;
+    const auto* dict = reinterpret_cast<const PyDictObject*>(PyTuple_GET_ITEM(slots[i], 0));
+    for (int line = 0; line < kTableLines; ++line) __builtin_prefetch(reinterpret_cast<const char*>(dict->ma_keys) + 64 * line);
+    if (dict->ma_values != nullptr) __builtin_prefetch(dict->ma_values);
+  }
+  // The tensors: their Python objects, then their TensorImpls, then their storages.
+  std::vector<const c10::TensorImpl*> impls;
+  auto* tensor_class = reinterpret_cast<PyTypeObject*>(THPVariableClass);
+  for (Py_ssize_t i = 0; i < tensor_slots; ++i) {
+    PyObject* value = nullptr;
+    int64_t size = 0;
+    if (!slot_value(slots[i], i, &value, &size)) {
+      PyErr_Clear();  // the stamps' own pass reports it
+      return;
+    }
+    if (value != nullptr) __builtin_prefetch(value);
+  }
+  for (Py_ssize_t i = 0; i < tensor_slots; ++i) {
+    PyObject* value = PyDict_GetItem(PyTuple_GET_ITEM(slots[i], 0), PyTuple_GET_ITEM(slots[i], 1));
+    if (value == nullptr || !PyType_IsSubtype(Py_TYPE(value), tensor_class)) continue;
+    const c10::TensorImpl* impl = THPVariable_Unpack(value).unsafeGetTensorImpl();
+    for (int line = 0; line < 4; ++line)  // the TensorImpl's storage, version counter and sizes
+      __builtin_prefetch(reinterpret_cast<const char*>(impl) + 64 * line);
+    impls.push_back(impl);
+  }
+  for (const c10::TensorImpl* impl : impls)
+    if (impl->has_storage()) __builtin_prefetch(impl->storage().unsafeGetStorageImpl());
+}
+
 }  // namespace
 
 PyObject* slot_stamps(PyObject* /*module*/, PyObject* args) {
@@ -55,6 +100,7 @@ PyObject* slot_stamps(PyObject* /*module*/, PyObject* args) {
   if (stamps != nullptr) {
     auto* values = reinterpret_cast<int64_t*>(PyBytes_AS_STRING(stamps));
     PyObject** objects = PySequence_Fast_ITEMS(items);
+    prefetch_slots(objects, count, tensor_slots);
     auto* tensor_class = reinterpret_cast<PyTypeObject*>(THPVariableClass);
     for (Py_ssize_t i = 0; i < count; ++i) {
       PyObject* value = nullptr;

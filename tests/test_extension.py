@@ -98,6 +98,15 @@ def test_slot_stamps_change_with_each_kind_of_change(stamps):
     assert stamp(slots[1:], 0) == stamp(slots[1:], 0) and stamp(slots, 0) == stamp(slots, 0)
     with pytest.raises(TypeError):
         stamp([(parameters, "weight"), ([1], "x")], 1)
+    # bad slots among the tensor slots (read ahead by the native version's prefetch passes)
+    with pytest.raises(TypeError):
+        stamp([(parameters, "weight"), ([1], "x"), (parameters, "bias")], 3)
+    with pytest.raises(TypeError, match="unhashable"):
+        stamp([(parameters, "weight"), (parameters, ["not", "hashable"])], 2)
+    sparse = {"x": torch.randn(3, 3).to_sparse()}  # no storage
+    with pytest.raises(RuntimeError):
+        stamp([(parameters, "weight"), (sparse, "x")], 2)
+    assert stamp([(sparse, "x")], 0) == stamp([(sparse, "x")], 0)
     with torch.inference_mode():
         inference = {"x": torch.randn(2)}
     with pytest.raises(RuntimeError, match="version counter"):

@@ -337,3 +337,24 @@ def test_the_profiler_sees_a_replayed_chain():
             model(x)
     names = {event.name for event in profile.events()}
     assert "fastmb::inverted_residual_chain" in names and "fastmb::classifier_head" in names
+
+
+def test_the_profiler_sees_each_block_of_a_chain():
+    model, x = small_model(), image()
+    blocks = [m for m in model.features if type(m).__name__ == "InvertedResidual"]
+    # Each block's input, from a reference run: the first block's is the stem's image (it runs inside it).
+    inputs = []
+    reference_model = copy.deepcopy(model)
+    for block in (m for m in reference_model.features if type(m).__name__ == "InvertedResidual"):
+        block.register_forward_pre_hook(lambda module, args: inputs.append(list(args[0].shape)))
+    with torch.no_grad():
+        reference(reference_model, x)
+        model(x)
+        model(x)
+        with torch.profiler.profile(record_shapes=True) as profile:
+            model(x)
+    [chain] = [e for e in profile.events() if e.name == "fastmb::inverted_residual_chain"]
+    block_events = sorted((e for e in profile.events() if e.name == "fastmb::inverted_residual_block"), key=lambda e: e.time_range.start)
+    assert len(block_events) == len(blocks)
+    assert all(chain.time_range.start <= e.time_range.start and e.time_range.end <= chain.time_range.end for e in block_events)
+    assert [e.input_shapes[0] for e in block_events] == [list(x.shape)] + inputs[1:]
