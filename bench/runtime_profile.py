@@ -2,9 +2,9 @@
 ONNX Runtime and OpenVINO: fastmb's from the profiler's per-block events inside its chain call
 (`fastmb::inverted_residual_block`), the runtimes' from their own profilers' per-node times,
 summed by the torchvision block a node came from. Medians over the later runs, then over rounds
-that alternate the providers; each provider
-runs with profiling on, so the sums run above the providers' plain latencies (the last row,
-each timed in turn without a profiler: OpenVINO's per-node counters cost it most).
+that alternate the providers; each provider runs with profiling on, so the sums run above the
+providers' plain latencies (the last row, each timed in turn without a profiler: OpenVINO's
+per-node counters cost it most).
 
     python bench/runtime_profile.py mobilenet_v3_large [--batch 1] [--runs 40] [--rounds 5] [--threads 2]
 
@@ -87,9 +87,7 @@ def openvino_rows(onnx_model: bytes, x: torch.Tensor, args: argparse.Namespace, 
     return group(medians(samples, args.runs // 4), blocks)
 
 
-def fastmb_rows(model_name: str, x: torch.Tensor, args: argparse.Namespace, blocks: int) -> dict[str, float]:
-    model = getattr(fastmb, model_name)().eval()
-    x = x.contiguous(memory_format=torch.channels_last)
+def fastmb_rows(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, blocks: int) -> dict[str, float]:
     with torch.no_grad():
         for _ in range(args.runs // 4):
             model(x)
@@ -141,7 +139,7 @@ def main() -> None:
         with torch.no_grad():
             return latency_us(lambda: model(x_last), args.runs)
 
-    providers = {"fastmb": (lambda: fastmb_rows(args.model, x, args, blocks), fastmb_latency)}
+    providers = {"fastmb": (lambda: fastmb_rows(model, x_last, args, blocks), fastmb_latency)}
     for runtime, rows in (("onnxruntime", onnxruntime_rows), ("openvino", openvino_rows)):
         if runtimes.installed(runtime):
             providers[runtime] = (lambda rows=rows: rows(onnx_model, x, args, blocks),

@@ -11,14 +11,22 @@
 namespace fastmb {
 namespace {
 
+// slot as (dict, key) when it is one, else false.
+bool dict_slot(PyObject* slot, PyObject** holder, PyObject** key) {
+  if (!PyTuple_Check(slot) || PyTuple_GET_SIZE(slot) != 2 || !PyDict_Check(PyTuple_GET_ITEM(slot, 0))) return false;
+  *holder = PyTuple_GET_ITEM(slot, 0);
+  *key = PyTuple_GET_ITEM(slot, 1);
+  return true;
+}
+
 // The (dict, key) slot's value (borrowed; null when absent, or with a Python error set), or for
 // (dict, None) the dict's size in `size`.
 bool slot_value(PyObject* slot, Py_ssize_t i, PyObject** value, int64_t* size) {
-  if (!PyTuple_Check(slot) || PyTuple_GET_SIZE(slot) != 2 || !PyDict_Check(PyTuple_GET_ITEM(slot, 0))) {
+  PyObject *holder = nullptr, *key = nullptr;
+  if (!dict_slot(slot, &holder, &key)) {
     PyErr_Format(PyExc_TypeError, "slot_stamps: slot %zd must be a (dict, key) tuple", i);
     return false;
   }
-  PyObject *holder = PyTuple_GET_ITEM(slot, 0), *key = PyTuple_GET_ITEM(slot, 1);
   *value = nullptr;
   if (key == Py_None) {
     *size = PyDict_GET_SIZE(holder);
@@ -42,6 +50,10 @@ bool stamp_tensor(PyObject* value, int64_t* stamp) {
   return true;
 }
 
+void prefetch_lines(const void* address, int lines) {
+  for (int line = 0; line < lines; ++line) __builtin_prefetch(static_cast<const char*>(address) + 64 * line);
+}
+
 // Every read slot_stamps makes misses the caches after a forward (the op's weights went through
 // them), and each slot's reads depend on one another (tuple, dict, its table, the value, its
 // TensorImpl, storage): one slot at a time, the CPU mostly waits on memory. These passes walk all
@@ -49,22 +61,22 @@ bool stamp_tensor(PyObject* value, int64_t* stamp) {
 // together: V3-Large's 843 slots took 100 us after a forward instead of 176 (31 us hot, not 14).
 // Each object's type is checked before it is read; errors are left to the stamps' own pass.
 void prefetch_slots(PyObject** slots, Py_ssize_t count, Py_ssize_t tensor_slots) {
-  constexpr int kTableLines = 4;  // a small dict's table: its header, indices, first entries (2 to 8 lines timed the same)
+  PyObject *holder = nullptr, *key = nullptr;
   for (Py_ssize_t i = 0; i < count; ++i) __builtin_prefetch(slots[i]);
   for (Py_ssize_t i = 0; i < count; ++i)
     if (PyTuple_Check(slots[i]) && PyTuple_GET_SIZE(slots[i]) == 2) {
       __builtin_prefetch(PyTuple_GET_ITEM(slots[i], 0));
       __builtin_prefetch(PyTuple_GET_ITEM(slots[i], 1));
     }
-  for (Py_ssize_t i = 0; i < count; ++i) {
-    if (!PyTuple_Check(slots[i]) || PyTuple_GET_SIZE(slots[i]) != 2 || !PyDict_Check(PyTuple_GET_ITEM(slots[i], 0))) continue;
-    const auto* dict = reinterpret_cast<const PyDictObject*>(PyTuple_GET_ITEM(slots[i], 0));
-    for (int line = 0; line < kTableLines; ++line) __builtin_prefetch(reinterpret_cast<const char*>(dict->ma_keys) + 64 * line);
-    if (dict->ma_values != nullptr) __builtin_prefetch(dict->ma_values);
-  }
-  // The tensors: their Python objects, then their TensorImpls, then their storages.
-  std::vector<const c10::TensorImpl*> impls;
-  auto* tensor_class = reinterpret_cast<PyTypeObject*>(THPVariableClass);
+  for (Py_ssize_t i = 0; i < count; ++i)
+    if (dict_slot(slots[i], &holder, &key)) {
+      const auto* dict = reinterpret_cast<const PyDictObject*>(holder);
+      prefetch_lines(dict->ma_keys, 4);  // a small dict's table: header, indices, first entries (2 to 8 lines timed the same)
+      if (dict->ma_values != nullptr) __builtin_prefetch(dict->ma_values);
+    }
+  // The tensors: their Python objects, then their TensorImpls, then their storages. Holding the
+  // values between passes (a key's __eq__ may run Python that drops one) cost more than looking
+  // them up again.
   for (Py_ssize_t i = 0; i < tensor_slots; ++i) {
     PyObject* value = nullptr;
     int64_t size = 0;
@@ -74,13 +86,14 @@ void prefetch_slots(PyObject** slots, Py_ssize_t count, Py_ssize_t tensor_slots)
     }
     if (value != nullptr) __builtin_prefetch(value);
   }
+  std::vector<const c10::TensorImpl*> impls;
+  auto* tensor_class = reinterpret_cast<PyTypeObject*>(THPVariableClass);
   for (Py_ssize_t i = 0; i < tensor_slots; ++i) {
-    PyObject* value = PyDict_GetItem(PyTuple_GET_ITEM(slots[i], 0), PyTuple_GET_ITEM(slots[i], 1));
+    dict_slot(slots[i], &holder, &key);  // every one is: the pass above checked them
+    PyObject* value = PyDict_GetItem(holder, key);
     if (value == nullptr || !PyType_IsSubtype(Py_TYPE(value), tensor_class)) continue;
-    const c10::TensorImpl* impl = THPVariable_Unpack(value).unsafeGetTensorImpl();
-    for (int line = 0; line < 4; ++line)  // the TensorImpl's storage, version counter and sizes
-      __builtin_prefetch(reinterpret_cast<const char*>(impl) + 64 * line);
-    impls.push_back(impl);
+    impls.push_back(THPVariable_Unpack(value).unsafeGetTensorImpl());
+    prefetch_lines(impls.back(), 4);  // its storage, version counter and sizes
   }
   for (const c10::TensorImpl* impl : impls)
     if (impl->has_storage()) __builtin_prefetch(impl->storage().unsafeGetStorageImpl());
