@@ -126,6 +126,50 @@ def test_smooth_activations_in_every_schedule(case, size, thread_count):
         check_against_layers(block, x)
 
 
+def composite_block(x, expand_weight, expand_bias, dw_weight, dw_scale, dw_shift, stride, dilation, project_weight, project_bias):
+    """The op's arithmetic as torch ops (no SE, ReLU after the expansion and the depthwise conv),
+    in x's dtype."""
+    y = torch.relu(nn.functional.conv2d(x, expand_weight[:, :, None, None], expand_bias))
+    padding = (dw_weight.shape[-1] - 1) * dilation // 2
+    y = nn.functional.conv2d(y, dw_weight, None, stride, padding, dilation, groups=dw_weight.shape[0])
+    y = torch.relu(y * dw_scale[:, None, None] + dw_shift[:, None, None])
+    return nn.functional.conv2d(y, project_weight[:, :, None, None], project_bias)
+
+
+def packed_panels(weight: torch.Tensor) -> torch.Tensor:
+    """An (out, in) 1x1 weight as the op reads it: (ceil(out / 16), in, 16) panels, zero-padded."""
+    out_channels, in_channels = weight.shape
+    padded = weight.new_zeros(-(-out_channels // 16) * 16, in_channels)
+    padded[:out_channels] = weight
+    return padded.view(-1, 16, in_channels).transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("thread_count", [1, 2])
+@pytest.mark.parametrize("kernel, stride, dilation", [(1, 2, 1), (3, 3, 1), (3, 2, 2), (5, 1, 1)])
+def test_bands_of_one_image_in_row_parts(kernel, stride, dilation, thread_count):
+    """One tall image split between threads into row parts, whose bands keep only the expanded
+    rows they read (a window that slides down the part), with strides that skip rows between
+    bands, dilation, and kernels that share rows between them."""
+    torch.manual_seed(0)
+    cin, c, cout = 24, 72, 40
+    x = torch.randn(1, cin, 150, 23).contiguous(memory_format=torch.channels_last)
+    tensors = [torch.randn(c, cin) * 0.2, torch.randn(c), torch.randn(c, 1, kernel, kernel), torch.rand(c) + 0.5, torch.randn(c),
+               torch.randn(cout, c) * 0.1, torch.randn(cout)]  # fmt: skip
+    expand_weight, expand_bias, dw_weight, dw_scale, dw_shift, project_weight, project_bias = tensors
+    padding = (kernel - 1) * dilation // 2
+    with threads(thread_count):
+        fused = torch.ops.fastmb.inverted_residual(
+            x, packed_panels(expand_weight), expand_bias, "relu", dw_weight, dw_scale, dw_shift, [stride] * 2, [padding] * 4, [dilation] * 2,
+            "relu", None, None, None, None, "relu", "sigmoid", packed_panels(project_weight), project_bias, False,
+        )  # fmt: skip
+    eager = composite_block(x, expand_weight, expand_bias, dw_weight, dw_scale, dw_shift, stride, dilation, project_weight, project_bias)
+    oracle = composite_block(x.double(), *(t.double() for t in tensors[:5]), stride, dilation, *(t.double() for t in tensors[5:]))
+    assert fused.shape == oracle.shape
+    fused_error = (fused.double() - oracle).abs().max().item()
+    eager_error = (eager.double() - oracle).abs().max().item()
+    assert fused_error <= 2 * eager_error + FLOOR[torch.float32] * max(oracle.abs().max().item(), 1.0), (fused_error, eager_error)
+
+
 def test_nchw_input_gives_a_channels_last_output():
     block = v3_block(V3_CASES[4])
     check_against_layers(block, torch.randn(2, 40, 15, 15))
