@@ -134,7 +134,7 @@ void project(const Block& b, int64_t n, const float* d, const float* w, const fl
 // `slide`, kept in a window of one band's rows: each band moves the rows it shares with the last
 // one to the window's start and computes the rest after them, so the same lines are written
 // again while in L2. With parts of one image at batch 1 the window ran V3-Large 1.01-1.06x and V2
-// 1.03-1.05x faster; with whole images (batch 16) it was level in the models and up to 15% slower
+// 1.01-1.05x faster; with whole images (batch 16) it was level in the models and up to 15% slower
 // for a 112x112 block alone, so they keep the part's rows.
 void expand_depthwise_rows(const Block& b, int64_t n, int64_t oh0, int64_t oh1, float* depthwise, float* sums, bool slide) {
   const Geometry& g = b.g;

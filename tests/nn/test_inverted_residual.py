@@ -19,6 +19,7 @@ from fastmb.models.mobilenet_v3 import InvertedResidual as V3Block
 from fastmb.models.mobilenet_v3 import InvertedResidualConfig
 from fastmb.ops import inverted_residual as ir
 from fastmb.ops.inverted_residual import NATIVE, run_fused_block
+from fastmb.ops.packing import PANEL
 from oracle import FLOOR, randomize_batch_norm, threads
 
 pytestmark = pytest.mark.skipif(not NATIVE, reason="fastmb._C has no CPU inverted_residual kernel")
@@ -137,11 +138,11 @@ def composite_block(x, expand_weight, expand_bias, dw_weight, dw_scale, dw_shift
 
 
 def packed_panels(weight: torch.Tensor) -> torch.Tensor:
-    """An (out, in) 1x1 weight as the op reads it: (ceil(out / 16), in, 16) panels, zero-padded."""
+    """An (out, in) 1x1 weight as the op reads it: (ceil(out / PANEL), in, PANEL), zero-padded."""
     out_channels, in_channels = weight.shape
-    padded = weight.new_zeros(-(-out_channels // 16) * 16, in_channels)
+    padded = weight.new_zeros(-(-out_channels // PANEL) * PANEL, in_channels)
     padded[:out_channels] = weight
-    return padded.view(-1, 16, in_channels).transpose(1, 2).contiguous()
+    return padded.view(-1, PANEL, in_channels).transpose(1, 2).contiguous()
 
 
 @pytest.mark.parametrize("thread_count", [1, 2])
