@@ -66,19 +66,23 @@ def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return scale, bn.bias.double() - bn.running_mean.double() * scale
 
 
+def pack_panels(weight: Tensor) -> Tensor:
+    """An (out, in) 1x1 conv weight as the ops' GEMM reads it: (ceil(out / 16), in, 16), panels of
+    16 output channels, zero-padded, in the weight's dtype."""
+    out_channels, in_channels = weight.shape
+    padded = weight.new_zeros(-(-out_channels // PANEL) * PANEL, in_channels)
+    padded[:out_channels] = weight
+    return padded.view(-1, PANEL, in_channels).transpose(1, 2).contiguous()
+
+
 def fold_and_pack(conv: nn.Conv2d, bn: nn.BatchNorm2d, output_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """A 1x1 conv's weight with its batch norm (and a per-channel scale of its output) folded in
-    (in float64), packed as the ops' GEMM reads it: (ceil(out / 16), in, 16), panels of 16
-    output channels, zero-padded; and the bias."""
+    (in float64), packed as the ops' GEMM reads it (pack_panels), in float32; and the bias."""
     scale, shift = bn_scale_shift(bn)
     if output_scale is not None:
         scale, shift = scale * output_scale.double(), shift * output_scale.double()
     weight = conv.weight.double().flatten(1) * scale[:, None]
-    out_channels, in_channels = weight.shape
-    padded = weight.new_zeros(-(-out_channels // PANEL) * PANEL, in_channels)
-    padded[:out_channels] = weight
-    packed = padded.view(-1, PANEL, in_channels).transpose(1, 2).float().contiguous()
-    return packed, shift.float().contiguous()
+    return pack_panels(weight).float(), shift.float().contiguous()
 
 
 Plan = TypeVar("Plan")

@@ -19,7 +19,7 @@ from fastmb.models.mobilenet_v3 import InvertedResidual as V3Block
 from fastmb.models.mobilenet_v3 import InvertedResidualConfig
 from fastmb.ops import inverted_residual as ir
 from fastmb.ops.inverted_residual import NATIVE, run_fused_block
-from fastmb.ops.packing import PANEL
+from fastmb.ops.packing import pack_panels
 from oracle import FLOOR, randomize_batch_norm, threads
 
 pytestmark = pytest.mark.skipif(not NATIVE, reason="fastmb._C has no CPU inverted_residual kernel")
@@ -127,22 +127,13 @@ def test_smooth_activations_in_every_schedule(case, size, thread_count):
         check_against_layers(block, x)
 
 
-def composite_block(x, expand_weight, expand_bias, dw_weight, dw_scale, dw_shift, stride, dilation, project_weight, project_bias):
+def composite_block(x, expand_weight, expand_bias, dw_weight, dw_scale, dw_shift, stride, padding, dilation, project_weight, project_bias):
     """The op's arithmetic as torch ops (no SE, ReLU after the expansion and the depthwise conv),
     in x's dtype."""
     y = torch.relu(nn.functional.conv2d(x, expand_weight[:, :, None, None], expand_bias))
-    padding = (dw_weight.shape[-1] - 1) * dilation // 2
     y = nn.functional.conv2d(y, dw_weight, None, stride, padding, dilation, groups=dw_weight.shape[0])
     y = torch.relu(y * dw_scale[:, None, None] + dw_shift[:, None, None])
     return nn.functional.conv2d(y, project_weight[:, :, None, None], project_bias)
-
-
-def packed_panels(weight: torch.Tensor) -> torch.Tensor:
-    """An (out, in) 1x1 weight as the op reads it: (ceil(out / PANEL), in, PANEL), zero-padded."""
-    out_channels, in_channels = weight.shape
-    padded = weight.new_zeros(-(-out_channels // PANEL) * PANEL, in_channels)
-    padded[:out_channels] = weight
-    return padded.view(-1, PANEL, in_channels).transpose(1, 2).contiguous()
 
 
 @pytest.mark.parametrize("thread_count", [1, 2])
@@ -160,11 +151,11 @@ def test_bands_of_one_image_in_row_parts(kernel, stride, dilation, thread_count)
     padding = (kernel - 1) * dilation // 2
     with threads(thread_count):
         fused = torch.ops.fastmb.inverted_residual(
-            x, packed_panels(expand_weight), expand_bias, "relu", dw_weight, dw_scale, dw_shift, [stride] * 2, [padding] * 4, [dilation] * 2,
-            "relu", None, None, None, None, "relu", "sigmoid", packed_panels(project_weight), project_bias, False,
+            x, pack_panels(expand_weight), expand_bias, "relu", dw_weight, dw_scale, dw_shift, [stride] * 2, [padding] * 4, [dilation] * 2,
+            "relu", None, None, None, None, "relu", "sigmoid", pack_panels(project_weight), project_bias, False,
         )  # fmt: skip
-    eager = composite_block(x, expand_weight, expand_bias, dw_weight, dw_scale, dw_shift, stride, dilation, project_weight, project_bias)
-    oracle = composite_block(x.double(), *(t.double() for t in tensors[:5]), stride, dilation, *(t.double() for t in tensors[5:]))
+    eager = composite_block(x, *tensors[:5], stride, padding, dilation, *tensors[5:])
+    oracle = composite_block(x.double(), *(t.double() for t in tensors[:5]), stride, padding, dilation, *(t.double() for t in tensors[5:]))
     assert fused.shape == oracle.shape
     fused_error = (fused.double() - oracle).abs().max().item()
     eager_error = (eager.double() - oracle).abs().max().item()
