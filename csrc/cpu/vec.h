@@ -117,8 +117,8 @@ FASTMB_INLINE void add_column_sums(Acc* sums, int64_t pixels, int64_t nc, const 
 // dot reads them (its `prefetch`). Those rows come from memory (a V3-Large forward's 22 MB of
 // weights do not stay in this host's share of the L3), and the hardware prefetcher alone keeps
 // too few lines in flight: a 10 MB stream on two threads went from 39 to 49-57 GB/s. Measured
-// with a switch, alternated in one process: V3-Large's classifier 1.04-1.24x, its chain (the SE
-// FCs) 1.01-1.05x, V2's classifier 1.02-1.08x; 4 KB ahead gained less, 32-128 KB varied more.
+// with a switch, alternated in one process: V3-Large's classifier 1.01-1.29x, its chain (the SE
+// FCs) 1.02-1.05x, V2's classifier 1.02-1.08x; 4 KB ahead gained less, 32-128 KB varied more.
 constexpr int64_t kRowPrefetchBytes = 16 << 10;
 
 // dot(w, v) over k values with vector accumulators: a plain loop does not vectorise, as the

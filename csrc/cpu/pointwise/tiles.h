@@ -196,7 +196,7 @@ FASTMB_INLINE void tail_tile(const Gemm& g, int64_t i0, int64_t p0, int64_t left
   }
 }
 
-// Rows [0, m) in tiles of rows_for(P), the last tile as many rows as are left.
+// Rows [0, m) in tiles of rows_for(P, Half), the last tile as many rows as are left.
 template <int P, bool Half>
 FASTMB_INLINE void tile_rows(const Gemm& g, int64_t p0) {
   constexpr int R = rows_for(P, Half);
