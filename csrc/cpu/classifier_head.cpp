@@ -30,17 +30,6 @@ FASTMB_MULTIVERSION void add_rows(float* sums, const float* rows, int64_t pixels
   });
 }
 
-// out[i][r] = act(bias[r] + dot(w[r], in[i])) for images i < n and rows [r0, r1); the first
-// image's pass prefetches the rows ahead.
-FASTMB_MULTIVERSION void linear_rows(float* out, const float* in, const float* w, const float* bias, int64_t n, int64_t in_features,
-                                     int64_t out_features, Activation act, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t prefetch = i == 0 ? kRowPrefetchBytes : 0;
-      out[i * out_features + r] = activate(act, bias[r] + dot(w + r * in_features, in + i * in_features, in_features, prefetch));
-    }
-}
-
 Tensor linear(const Tensor& in, const Tensor& weight, const Tensor& bias, Activation act) {
   const int64_t n = in.size(0), out_features = weight.size(0), in_features = weight.size(1);
   if (n > kRowSplitImages) {
@@ -56,7 +45,9 @@ Tensor linear(const Tensor& in, const Tensor& weight, const Tensor& bias, Activa
   Tensor out = at::empty({n, out_features}, in.options());
   const float *x = in.const_data_ptr<float>(), *w = weight.const_data_ptr<float>(), *b = bias.const_data_ptr<float>();
   float* y = out.mutable_data_ptr<float>();
-  at::parallel_for(0, out_features, 64, [&](int64_t r0, int64_t r1) { linear_rows(y, x, w, b, n, in_features, out_features, act, r0, r1); });
+  at::parallel_for(0, out_features, 64, [&](int64_t r0, int64_t r1) {
+    dot_rows(y, x, n, w, b, out_features, in_features, r0, r1, [act](float v) { return activate(act, v); });
+  });
   return out;
 }
 

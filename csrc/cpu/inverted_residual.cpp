@@ -180,26 +180,15 @@ void expand_depthwise_rows(const Block& b, int64_t n, int64_t oh0, int64_t oh1, 
   }
 }
 
-// out[i * rows + r] = finish(bias[r] + dot(w[r], in[i])) for rows [r0, r1) of the (rows, k)
-// matrix w and `images` inputs of k values: one SE FC layer, each weight row read once for all
-// the images (from beyond L2 at batch 1, and at 7x7 larger than an image's activations), the
-// first image's pass prefetching the rows ahead.
-template <typename Finish>
-FASTMB_MULTIVERSION void fc_rows(float* out, const float* in, int64_t images, const float* w, const float* bias, int64_t rows, int64_t k,
-                                 int64_t r0, int64_t r1, Finish finish) {
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t i = 0; i < images; ++i) out[i * rows + r] = finish(bias[r] + dot(w + r * k, in + i * k, k, i == 0 ? kRowPrefetchBytes : 0));
-}
-
 // The SE's hidden values [r0, r1) from the channel means, and its gate for channels [r0, r1)
 // from the hidden values, for `images` images ([image][value]).
 void excite_hidden(const Block& b, const float* mean, float* hidden, int64_t images, int64_t r0, int64_t r1) {
   const Activation act = b.se_act;
-  fc_rows(hidden, mean, images, b.fc1_w, b.fc1_b, b.squeeze, b.g.c, r0, r1, [act](float v) { return activate(act, v); });
+  dot_rows(hidden, mean, images, b.fc1_w, b.fc1_b, b.squeeze, b.g.c, r0, r1, [act](float v) { return activate(act, v); });
 }
 void excite_gate(const Block& b, const float* hidden, float* gate, int64_t images, int64_t r0, int64_t r1) {
   const Gate kind = b.gate;
-  fc_rows(gate, hidden, images, b.fc2_w, b.fc2_b, b.g.c, b.squeeze, r0, r1, [kind](float v) { return gate_value(kind, v); });
+  dot_rows(gate, hidden, images, b.fc2_w, b.fc2_b, b.g.c, b.squeeze, r0, r1, [kind](float v) { return gate_value(kind, v); });
 }
 
 // The SE gates ([image][channel]) of `images` images from their depthwise outputs' channel sums

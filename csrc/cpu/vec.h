@@ -145,6 +145,16 @@ FASTMB_INLINE Acc dot(const Acc* w, const Acc* v, int64_t k, int64_t prefetch = 
   return sum;
 }
 
+// out[i * rows + r] = finish(bias[r] + dot(w[r], in[i])) for rows [r0, r1) of the (rows, k)
+// matrix w and `images` inputs of k values (an SE FC layer, a classifier's linear layer): each
+// weight row read once for all the images, the first image's pass prefetching the rows ahead.
+template <typename Finish>
+FASTMB_MULTIVERSION void dot_rows(float* out, const float* in, int64_t images, const float* w, const float* bias, int64_t rows, int64_t k,
+                                  int64_t r0, int64_t r1, Finish finish) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t i = 0; i < images; ++i) out[i * rows + r] = finish(bias[r] + dot(w + r * k, in + i * k, k, i == 0 ? kRowPrefetchBytes : 0));
+}
+
 // dst[k] = src[k] for n values, bfloat16 <-> float, a vector at a time: bfloat16 rounded to
 // nearest even with NaN kept quiet, as c10::BFloat16 converts.
 FASTMB_INLINE void convert(const c10::BFloat16* src, float* dst, int64_t n) {
