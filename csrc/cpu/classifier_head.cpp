@@ -75,7 +75,8 @@ void conv_pool(const Tensor& x, const float* w, const float* bias, Activation ac
       for (int64_t q = 0; q < pixels; q += rows) {
         const int64_t m = std::min(rows, pixels - q);
         // The kernel addresses output columns absolutely: the buffer stands for columns [col0, ...).
-        const pointwise::Gemm g{data + (image * pixels + q) * cin, cin, w, bias, nullptr, 0, buffer.data() - col0, width, m, c, cin, act};
+        const pointwise::Gemm g{data + (image * pixels + q) * cin, cin, w, bias, nullptr, 0, buffer.data() - col0, width, m, c, cin, act,
+                                chunks > 1};
         gemm(g, p0, p1);
         add_rows(sums, buffer.data(), m, width, cols);
       }

@@ -65,6 +65,7 @@ struct Block {
   Activation expand_act, dw_act, se_act, project_act;
   Gate gate;
   bool residual;
+  bool cold_weights;  // each GEMM's weights read once a call (fewer images than threads)
   dwconv::Kernels<float> dw;
   pointwise::GemmPanels gemm;
   const StemRows* stem;  // or null: the block's input is x
@@ -86,11 +87,11 @@ struct Block {
   int64_t project_values() const { return panels_of(cout) * pointwise::kPanel * g.c; }
   // The expansion of `pixels` input pixels from `in` into `out`.
   pointwise::Gemm expand(const float* in, float* out, int64_t pixels) const {
-    return {in, cin, expand_w, expand_b, nullptr, 0, out, g.c, pixels, g.c, cin, expand_act};
+    return {in, cin, expand_w, expand_b, nullptr, 0, out, g.c, pixels, g.c, cin, expand_act, cold_weights};
   }
   // The projection of `pixels` depthwise-output pixels into y rows, with the residual rows.
   pointwise::Gemm project(const float* in, const float* weights, const float* residual_rows, float* out, int64_t pixels) const {
-    return {in, g.c, weights, project_b, residual ? residual_rows : nullptr, cin, out, cout, pixels, cout, g.c, project_act};
+    return {in, g.c, weights, project_b, residual ? residual_rows : nullptr, cin, out, cout, pixels, cout, g.c, project_act, cold_weights};
   }
 };
 
@@ -504,6 +505,7 @@ Tensor run_prepared(Block& b, const Tensor& input) {
   b.y = y.mutable_data_ptr<float>();
   b.dw = dwconv::select_kernels<float>(b.g);
   b.gemm = pointwise::select_gemm();
+  b.cold_weights = b.g.n < at::get_num_threads();
   run_block(b);
   return y;
 }

@@ -32,6 +32,9 @@ struct Gemm {
   int64_t ldc;
   int64_t m, n, k;
   Activation act;
+  // Whether the weights are likely in memory, not in cache (each read once a call, as at batch
+  // 1): the kernel then prefetches them ahead of its tiles.
+  bool cold_weights = false;
 };
 
 // The output columns of panels [panel0, panel1) for every row.
