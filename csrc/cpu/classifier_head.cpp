@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "aligned_vector.h"
 #include "pointwise/kernels.h"
 #include "vec.h"
 
@@ -62,7 +63,7 @@ void conv_pool(const Tensor& x, const float* w, const float* bias, Activation ac
   const float* data = x.const_data_ptr<float>();
   const float inv = 1.0f / float(pixels);
   at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> buffer;
+    thread_local AlignedVector<float> buffer;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / chunks, p0 = (task % chunks) * chunk_panels, p1 = std::min(panels, p0 + chunk_panels);
       if (p0 >= p1) continue;

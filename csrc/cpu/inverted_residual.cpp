@@ -28,6 +28,7 @@
 #include "inverted_residual.h"
 
 #include "../common.h"
+#include "aligned_vector.h"
 #include "dwconv/operator.h"
 #include "pointwise/kernels.h"
 #include "stem_rows.h"
@@ -97,15 +98,15 @@ struct Block {
 
 // A thread's reusable buffers (grown, never shrunk).
 struct Workspace {
-  std::vector<float> expanded, depthwise, partial, weights;
-  std::vector<float> excitation;  // excite's mean, hidden and gate values
-  std::vector<float> sums, shared_weights;  // run_block's, on the calling thread
+  AlignedVector<float> expanded, depthwise, partial, weights;
+  AlignedVector<float> excitation;  // excite's mean, hidden and gate values
+  AlignedVector<float> sums, shared_weights;  // run_block's, on the calling thread
 };
 Workspace& thread_workspace() {
   thread_local Workspace workspace;
   return workspace;
 }
-float* sized(std::vector<float>& buffer, int64_t size) {
+float* sized(AlignedVector<float>& buffer, int64_t size) {
   if (int64_t(buffer.size()) < size) buffer.resize(size);
   return buffer.data();
 }

@@ -285,7 +285,7 @@ void for_each_run(const Stem& s, const Acc* x, at::IntArrayRef xs, int64_t n, in
 // sums over the last few chunks ([taps_padded][cp]) and how many pixels they hold.
 template <typename Acc>
 struct ChunkBuffers {
-  std::vector<Acc> patches, z, rows, weight_grad;
+  AlignedVector<Acc> patches, z, rows, weight_grad;
   int64_t weight_grad_pixels = 0;
   explicit ChunkBuffers(const Stem& s) : patches(s.chunk * s.taps_padded), z(s.chunk * s.cp), rows(s.chunk * s.cp) {}
 };
@@ -322,18 +322,18 @@ void no_finish(ChunkBuffers<Acc>&) {}
 
 // A per-channel vector of c values padded with `fill` to cp.
 template <typename Acc>
-std::vector<Acc> padded(const Acc* values, int64_t c, int64_t cp, Acc fill) {
-  std::vector<Acc> out(cp, fill);
+AlignedVector<Acc> padded(const Acc* values, int64_t c, int64_t cp, Acc fill) {
+  AlignedVector<Acc> out(cp, fill);
   std::copy(values, values + c, out.begin());
   return out;
 }
 
 // The weight (C_out, C_in, kH, kW) as [taps][cp], zero in the padding channels.
 template <typename Acc>
-std::vector<Acc> taps_major_weight(const Tensor& weight, const Stem& s) {
+AlignedVector<Acc> taps_major_weight(const Tensor& weight, const Stem& s) {
   const Tensor dense = weight.contiguous();
   const Acc* src = dense.const_data_ptr<Acc>();
-  std::vector<Acc> w(s.taps * s.cp, Acc(0));
+  AlignedVector<Acc> w(s.taps * s.cp, Acc(0));
   for (int64_t co = 0; co < s.c; ++co)
     for (int64_t t = 0; t < s.taps; ++t) w[t * s.cp + co] = src[co * s.taps + t];
   return w;
@@ -372,7 +372,7 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act(const Tensor& x, const Tenso
     using Acc = scalar_t;
     const Stem s(g, c, gemm_vector_bytes() / int(sizeof(Acc)), x.strides());
     const Kernels<Acc> kernels = dwconv::select_elementwise_kernels<Acc>();
-    const std::vector<Acc> w = taps_major_weight<Acc>(weight, s);
+    const AlignedVector<Acc> w = taps_major_weight<Acc>(weight, s);
     const Acc* x_data = x.const_data_ptr<Acc>();
     Acc* y_data = y.mutable_data_ptr<Acc>();
     const auto chunk_z = [](ChunkBuffers<Acc>& buffers, int64_t) { return buffers.z.data(); };
@@ -386,14 +386,14 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act(const Tensor& x, const Tenso
       kernels.batch_norm_moments(moments, z, count, s.cp);
       counts[t] = moments.count;
     }, no_finish<Acc>);
-    std::vector<Acc> mean_p(s.cp), var_p(s.cp);
+    AlignedVector<Acc> mean_p(s.cp), var_p(s.cp);
     dwconv::merge_moments(mean_p.data(), var_p.data(), means, m2s, counts, s.cp);
     std::copy_n(mean_p.data(), c, mean.mutable_data_ptr<Acc>());
     std::copy_n(var_p.data(), c, var.mutable_data_ptr<Acc>());
 
     const Tensor gamma = vector_or(bn_weight, c, x.scalar_type(), x, 1.0), beta = vector_or(bn_bias, c, x.scalar_type(), x, 0.0);
-    const std::vector<Acc> gamma_p = padded(gamma.const_data_ptr<Acc>(), c, s.cp, Acc(0)), beta_p = padded(beta.const_data_ptr<Acc>(), c, s.cp, Acc(0));
-    std::vector<Acc> scale(s.cp), shift(s.cp);
+    const AlignedVector<Acc> gamma_p = padded(gamma.const_data_ptr<Acc>(), c, s.cp, Acc(0)), beta_p = padded(beta.const_data_ptr<Acc>(), c, s.cp, Acc(0));
+    AlignedVector<Acc> scale(s.cp), shift(s.cp);
     dwconv::fold_batch_norm(scale.data(), shift.data(), mean_p.data(), var_p.data(), gamma_p.data(), beta_p.data(), eps, s.cp);
     // With no padding channels z is computed straight into y's rows and normalised in place.
     const auto z_in_y = [&](ChunkBuffers<Acc>& buffers, int64_t offset) { return s.cp == c ? y_data + offset * c : buffers.z.data(); };
@@ -433,13 +433,13 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act_backward(const Tensor& grad_
     using Acc = scalar_t;
     const Stem s(g, c, gemm_vector_bytes() / int(sizeof(Acc)), x.strides());
     const Kernels<Acc> kernels = dwconv::select_elementwise_kernels<Acc>();
-    const std::vector<Acc> w = taps_major_weight<Acc>(weight, s);
+    const AlignedVector<Acc> w = taps_major_weight<Acc>(weight, s);
     const Acc *x_data = x.const_data_ptr<Acc>(), *gy_data = grad_y.const_data_ptr<Acc>();
     const Tensor gamma = vector_or(bn_weight, c, x.scalar_type(), x, 1.0), beta = vector_or(bn_bias, c, x.scalar_type(), x, 0.0);
     const Tensor mean_acc = mean.to(x.scalar_type()).contiguous(), var_acc = var.to(x.scalar_type()).contiguous();
-    const std::vector<Acc> mean_p = padded(mean_acc.const_data_ptr<Acc>(), c, s.cp, Acc(0));
-    const std::vector<Acc> gamma_p = padded(gamma.const_data_ptr<Acc>(), c, s.cp, Acc(0)), beta_p = padded(beta.const_data_ptr<Acc>(), c, s.cp, Acc(0));
-    std::vector<Acc> invstd(s.cp, Acc(1)), a(s.cp, Acc(0)), b(s.cp, Acc(0)), d(s.cp, Acc(0));
+    const AlignedVector<Acc> mean_p = padded(mean_acc.const_data_ptr<Acc>(), c, s.cp, Acc(0));
+    const AlignedVector<Acc> gamma_p = padded(gamma.const_data_ptr<Acc>(), c, s.cp, Acc(0)), beta_p = padded(beta.const_data_ptr<Acc>(), c, s.cp, Acc(0));
+    AlignedVector<Acc> invstd(s.cp, Acc(1)), a(s.cp, Acc(0)), b(s.cp, Acc(0)), d(s.cp, Acc(0));
     const Acc* pv = var_acc.const_data_ptr<Acc>();
     for (int64_t k = 0; k < c; ++k) {
       invstd[k] = Acc(1) / std::sqrt(pv[k] + Acc(eps));
@@ -476,7 +476,7 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act_backward(const Tensor& grad_
     // The buffered sums added to the thread's double partial: every kWeightGradPixels pixels and
     // at the end of its rows.
     const auto add_weight_grad = [&](ChunkBuffers<Acc>& buffers) {
-      std::vector<Acc>& sums = buffers.weight_grad;
+      AlignedVector<Acc>& sums = buffers.weight_grad;
       double* gw = partials.data() + at::get_thread_num() * s.taps_padded * s.cp;
       for (size_t i = 0; i < sums.size(); ++i) gw[i] += double(sums[i]);
       std::fill(sums.begin(), sums.end(), Acc(0));
@@ -487,7 +487,7 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act_backward(const Tensor& grad_
       const Acc* gy = grad_rows(buffers, count, offset);
       Acc* gz = buffers.rows.data();  // may be gy's copy: grad_values reads each value before writing it
       kernels.batch_norm_grad_values(gz, z, gy, bn, a.data(), b.data(), d.data(), act, count, s.cp);
-      std::vector<Acc>& sums = buffers.weight_grad;
+      AlignedVector<Acc>& sums = buffers.weight_grad;
       if (sums.empty()) sums.assign(s.taps_padded * s.cp, Acc(0));
       for_each_run(s, x_data, x.strides(), place[0], place[1], place[2], count, buffers.patches.data(),
                    [&](const auto& patches, int64_t p0, int64_t np) { weight_grad(sums.data(), patches, gz + p0 * s.cp, np, s.taps_padded, s.cp); });
@@ -522,7 +522,7 @@ class EvalStemRows final : public StemRows {
   int64_t channels() const override { return s_.c; }
 
   void rows(float* out, int64_t n, int64_t oh0, int64_t oh1) const override {
-    thread_local std::vector<float> patches, z;
+    thread_local AlignedVector<float> patches, z;
     if (int64_t(patches.size()) < s_.chunk * s_.taps_padded) patches.resize(s_.chunk * s_.taps_padded);
     if (s_.cp != s_.c && int64_t(z.size()) < s_.chunk * s_.cp) z.resize(s_.chunk * s_.cp);
     const Geometry& g = s_.g;
@@ -544,7 +544,7 @@ class EvalStemRows final : public StemRows {
   Stem s_;
   const float* x_;
   std::vector<int64_t> x_strides_;
-  std::vector<float> w_, scale_, shift_;
+  AlignedVector<float> w_, scale_, shift_;
   Activation act_;
 };
 

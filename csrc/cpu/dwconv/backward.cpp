@@ -22,10 +22,10 @@ constexpr int64_t kBlock = 64;
 // channel block of `block` channels ([blocks][taps][nc], the tasks' channel stride), built once
 // per call; empty when the geometry gathers.
 template <typename Acc>
-std::vector<Acc> flipped_blocks(const Acc* w, const Geometry& g, int64_t block) {
+AlignedVector<Acc> flipped_blocks(const Acc* w, const Geometry& g, int64_t block) {
   if (specialised_kernel_size(g) == 0 || g.sh != 1 || g.sw != 1 || g.ph > (g.kh - 1) * g.dh || g.pw > g.kw - 1) return {};
   const int taps = g.kh * g.kw;
-  std::vector<Acc> flipped(taps * g.c);
+  AlignedVector<Acc> flipped(taps * g.c);
   for (int64_t c0 = 0; c0 < g.c; c0 += block) {
     const int64_t nc = std::min(block, g.c - c0);
     for (int t = 0; t < taps; ++t) std::copy(w + t * g.c + c0, w + t * g.c + c0 + nc, flipped.data() + c0 * taps + (taps - 1 - t) * nc);
@@ -69,7 +69,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(const Tensor& 
     const Acc* w = taps_major_scratch<scalar_t, Acc>(weight);
     const scalar_t *x_data = x.const_data_ptr<scalar_t>(), *gy_data = grad_y.const_data_ptr<scalar_t>();
     const Acc *pm = mean.const_data_ptr<Acc>(), *pv = var.const_data_ptr<Acc>();
-    std::vector<Acc> invstd(g.c), a(g.c), b(g.c, Acc(0)), d(g.c, Acc(0));
+    AlignedVector<Acc> invstd(g.c), a(g.c), b(g.c, Acc(0)), d(g.c, Acc(0));
     const Acc* pg = gamma.const_data_ptr<Acc>();
     for (int64_t c = 0; c < g.c; ++c) {
       invstd[c] = Acc(1) / std::sqrt(pv[c] + Acc(eps));
@@ -88,7 +88,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(const Tensor& 
       std::vector<double> sums(2 * threads * g.c, 0.0);
       at::parallel_for(0, g.n * g.ho, row_grain(g), [&](int64_t begin, int64_t end) {
         double* s = sums.data() + 2 * at::get_thread_num() * g.c;
-        thread_local std::vector<Acc> x_rows, gy_rows;
+        thread_local AlignedVector<Acc> x_rows, gy_rows;
         for_image_bands(g, begin, end, [&](int64_t n, int64_t oh0, int64_t oh1) {
           const auto [lo, hi] = input_rows(g, oh0, oh1);
           const Acc* x_img = rows_as_acc(kernels, x_data + n * g.h * in_row, lo, hi, in_row, g.c, 0, g.c, x_rows);
@@ -118,11 +118,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(const Tensor& 
     // evenly between the threads, else channel blocks of each image.
     const int threads = at::get_num_threads();
     const int64_t block = g.n % threads == 0 || g.n >= 4 * threads ? g.c : kBlock;
-    const std::vector<Acc> flipped = output_mask[0] ? flipped_blocks(w, g, block) : std::vector<Acc>();
+    const AlignedVector<Acc> flipped = output_mask[0] ? flipped_blocks(w, g, block) : AlignedVector<Acc>();
     const int64_t blocks = (g.c + block - 1) / block;
     scalar_t* gx_data = output_mask[0] ? grad_x.nhwc.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, g.n * blocks, 1, [&](int64_t begin, int64_t end) {
-      thread_local std::vector<Acc> gz, x_rows, gy_rows, gx_rows;
+      thread_local AlignedVector<Acc> gz, x_rows, gy_rows, gx_rows;
       BlockArgs<Acc> args{nullptr, nullptr, nullptr, nullptr, w, flipped.empty() ? nullptr : flipped.data(), bn,
                           a.data(), b.data(), d.data(), &rows, &cols, g, act};
       args.gw = output_mask[1] ? gw_partials.mutable_data_ptr<double>() + at::get_thread_num() * taps * g.c : nullptr;

@@ -46,7 +46,7 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(const Tensor& x_in, con
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     scalar_t* y_data = out.nhwc.mutable_data_ptr<scalar_t>();
     // One image's input rows for output rows [oh0, oh1), as the passes read them.
-    const auto input_for = [&](int64_t n, int64_t oh0, int64_t oh1, std::vector<Acc>& buffer) {
+    const auto input_for = [&](int64_t n, int64_t oh0, int64_t oh1, AlignedVector<Acc>& buffer) {
       const auto [lo, hi] = input_rows(g, oh0, oh1);
       return rows_as_acc(kernels, x_data + n * g.h * in_row, lo, hi, in_row, g.c, 0, g.c, buffer);
     };
@@ -62,7 +62,7 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(const Tensor& x_in, con
       at::parallel_for(0, rows, row_grain(g), [&](int64_t begin, int64_t end) {
         const int t = at::get_thread_num();
         Moments moments{means.data() + t * g.c, m2s.data() + t * g.c, counts[t]};
-        thread_local std::vector<Acc> x_rows;
+        thread_local AlignedVector<Acc> x_rows;
         for_image_bands(g, begin, end, [&](int64_t n, int64_t oh0, int64_t oh1) {
           kernels.statistics_rows(z_data + n * g.ho * out_row, moments, input_for(n, oh0, oh1, x_rows), w, g, oh0, oh1);
         });
@@ -72,7 +72,7 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(const Tensor& x_in, con
       var = at::empty({g.c}, stats_options);
       merge_moments(mean.mutable_data_ptr<Acc>(), var.mutable_data_ptr<Acc>(), means, m2s, counts, g.c);
     }
-    std::vector<Acc> scale(g.c), shift(g.c);
+    AlignedVector<Acc> scale(g.c), shift(g.c);
     fold_batch_norm(scale.data(), shift.data(), mean.const_data_ptr<Acc>(), var.const_data_ptr<Acc>(), gamma.const_data_ptr<Acc>(),
                     beta.const_data_ptr<Acc>(), eps, g.c);
     at::parallel_for(0, rows, row_grain(g), [&](int64_t begin, int64_t end) {
@@ -81,7 +81,7 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(const Tensor& x_in, con
                        g.c);
         return;
       }
-      thread_local std::vector<Acc> x_rows, y_rows;
+      thread_local AlignedVector<Acc> x_rows, y_rows;
       for_image_bands(g, begin, end, [&](int64_t n, int64_t oh0, int64_t oh1) {
         scalar_t* y_img = y_data + n * g.ho * out_row;
         Acc* y = output_rows(y_img, oh0, oh1, out_row, y_rows);

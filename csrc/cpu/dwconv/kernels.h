@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../../activations.h"
+#include "../aligned_vector.h"
 #include "../../geometry.h"
 #include "../isa.h"
 #include "../vec_math.h"
@@ -89,7 +90,7 @@ struct Kernels {
   void (*grad_sums_rows)(double* sum_gu, double* sum_gu_xhat, const Acc* gy, const Acc* x, const Acc* w, const BnParams<Acc>& bn,
                          const Geometry& g, Activation act, int64_t oh0, int64_t oh1);
   // Backward pass 2 for channels [c0, c0 + nc) of one image; gz is the calling thread's buffer.
-  void (*grad_input_weight_block)(const BlockArgs<Acc>& args, std::vector<Acc>& gz, int64_t c0, int64_t nc);
+  void (*grad_input_weight_block)(const BlockArgs<Acc>& args, AlignedVector<Acc>& gz, int64_t c0, int64_t nc);
   // fastmb::batch_norm_act's passes over `pixels` x c values z of an NHWC tensor, no conv: its
   // statistics merged into `moments`; the backward's two sums (as grad_sums_rows); and
   // dL/dz = a * dL/du - b - x_hat * d into gz.

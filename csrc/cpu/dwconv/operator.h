@@ -33,7 +33,7 @@ inline Geometry checked_geometry(const char* op, const at::Tensor& x, const at::
 // to call (valid until its next call): the eval path allocates nothing beyond the op's outputs.
 template <typename T, typename Acc>
 const Acc* taps_major_scratch(const at::Tensor& weight) {
-  thread_local std::vector<Acc> buffer;
+  thread_local AlignedVector<Acc> buffer;
   const int64_t channels = weight.size(0), taps = weight.size(2) * weight.size(3);
   buffer.resize(channels * taps);
   const at::Tensor dense = weight.contiguous();
@@ -78,7 +78,7 @@ void convert_channels(void (*convert)(const S*, D*, int64_t), const S* src, D* d
 // [c0, c0 + nc)), addressed as if it held the whole image (only rows [lo, hi) are read).
 template <typename T, typename Acc>
 const Acc* rows_as_acc(const Kernels<Acc>& kernels, const T* image, int64_t lo, int64_t hi, int64_t row_values, int64_t c, int64_t c0,
-                       int64_t nc, std::vector<Acc>& buffer) {
+                       int64_t nc, AlignedVector<Acc>& buffer) {
   if constexpr (std::is_same_v<T, Acc>) {
     return image;
   } else {
@@ -91,7 +91,7 @@ const Acc* rows_as_acc(const Kernels<Acc>& kernels, const T* image, int64_t lo, 
 // Where the passes write rows [lo, hi) of an output image in Acc: the output itself when T is Acc,
 // else `buffer`, addressed as the whole image; store_rows then converts them into the output.
 template <typename T, typename Acc>
-Acc* output_rows(T* image, int64_t lo, int64_t hi, int64_t row_values, std::vector<Acc>& buffer) {
+Acc* output_rows(T* image, int64_t lo, int64_t hi, int64_t row_values, AlignedVector<Acc>& buffer) {
   if constexpr (std::is_same_v<T, Acc>) {
     return image;
   } else {
@@ -114,7 +114,7 @@ void normalize_into(const Kernels<Acc>& kernels, T* y, Acc* z, const Acc* scale,
   if constexpr (std::is_same_v<T, Acc>) {
     kernels.normalize(y, z, scale, shift, act, pixels, c);
   } else {
-    thread_local std::vector<Acc> chunk;
+    thread_local AlignedVector<Acc> chunk;
     const int64_t chunk_pixels = std::max<int64_t>(1, 4096 / c);
     chunk.resize(chunk_pixels * c);
     for (int64_t p = 0; p < pixels; p += chunk_pixels) {

@@ -136,7 +136,7 @@ FASTMB_INLINE void merge_chunk_moments(Moments& moments, const Acc* z, int64_t p
 template <int K, typename Acc>
 void statistics_rows(Acc* z_img, Moments& moments, const Acc* x, const Acc* w, const Geometry& g, int64_t oh0, int64_t oh1) {
   const int64_t chunk = chunk_pixels(g.c);
-  std::vector<Acc> scratch(3 * g.c);
+  AlignedVector<Acc> scratch(3 * g.c);
   for (int64_t oh = oh0; oh < oh1; oh += 2) {
     const int64_t rows = std::min<int64_t>(2, oh1 - oh);
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
@@ -286,7 +286,7 @@ void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, const Acc* gy, const Ac
   const int64_t chunk = chunk_pixels(g.c);
   // z: a chunk of each of two rows; the partial sums: one row's each, as in float they lose
   // digits with every row more.
-  std::vector<Acc> z(2 * chunk * g.c), partial_gu(2 * g.c), partial_gu_xhat(2 * g.c);
+  AlignedVector<Acc> z(2 * chunk * g.c), partial_gu(2 * g.c), partial_gu_xhat(2 * g.c);
   for (int64_t oh = oh0; oh < oh1; oh += 2) {
     const int64_t rows = std::min<int64_t>(2, oh1 - oh);
     std::fill(partial_gu.begin(), partial_gu.end(), Acc(0));
@@ -568,14 +568,14 @@ FASTMB_INLINE void grad_x_row_stride2(Acc* gx, const Acc* gz, const Acc* w, cons
 // would write and read two more tensors. gz holds the whole [Ho][Wo][nc] dL/dz when dL/dx is
 // wanted, one band of rows otherwise.
 template <int K, typename Acc>
-void grad_input_weight_block(const BlockArgs<Acc>& args, std::vector<Acc>& gz, int64_t c0, int64_t nc) {
+void grad_input_weight_block(const BlockArgs<Acc>& args, AlignedVector<Acc>& gz, int64_t c0, int64_t nc) {
   const Geometry& g = args.g;
   const int64_t chunk = chunk_pixels(nc);
   const BnParams<Acc> bn{args.bn.mean + c0, args.bn.invstd + c0, args.bn.gamma + c0, args.bn.beta + c0};
   // Bands of whole rows, about kWeightGradPixels pixels: the specialised weight gradient sums
   // a band's pixels in registers.
   const int64_t band = std::max<int64_t>(1, kWeightGradPixels / std::max<int64_t>(g.wo, 1));
-  std::vector<Acc> z(2 * chunk * nc);  // a chunk of each of two rows
+  AlignedVector<Acc> z(2 * chunk * nc);  // a chunk of each of two rows
   gz.resize((args.gx != nullptr ? g.ho : std::min(band, g.ho)) * g.wo * nc);
   for (int64_t oh0 = 0; oh0 < g.ho; oh0 += band) {
     const int64_t oh1 = std::min(g.ho, oh0 + band);
@@ -631,7 +631,7 @@ void grad_input_weight_block(const BlockArgs<Acc>& args, std::vector<Acc>& gz, i
 template <typename Acc>
 void batch_norm_moments(Moments& moments, const Acc* z, int64_t pixels, int64_t c) {
   const int64_t chunk = chunk_pixels(c);
-  std::vector<Acc> scratch(3 * c);
+  AlignedVector<Acc> scratch(3 * c);
   for (int64_t p = 0; p < pixels; p += chunk)
     merge_chunk_moments(moments, z + p * c, std::min(chunk, pixels - p), c, scratch.data(), scratch.data() + c, scratch.data() + 2 * c);
 }
@@ -640,7 +640,7 @@ template <typename Acc>
 void batch_norm_grad_sums(double* sum_gu, double* sum_gu_xhat, const Acc* z, const Acc* gy, const BnParams<Acc>& bn, Activation act,
                           int64_t pixels, int64_t c) {
   const int64_t chunk = chunk_pixels(c);
-  std::vector<Acc> partial(2 * c);
+  AlignedVector<Acc> partial(2 * c);
   for (int64_t p = 0; p < pixels; p += chunk) {  // float partials over a chunk, summed in double
     std::fill(partial.begin(), partial.end(), Acc(0));
     dispatch_activation(act, [&](auto activation) {
