@@ -76,6 +76,7 @@ void conv_pool(const Tensor& x, const float* w, const float* bias, Activation ac
       for (int64_t q = 0; q < pixels; q += rows) {
         const int64_t m = std::min(rows, pixels - q);
         // The kernel addresses output columns absolutely: the buffer stands for columns [col0, ...).
+        // Split into chunks (fewer images than threads), each weight is read once a call: cold.
         const pointwise::Gemm g{data + (image * pixels + q) * cin, cin, w, bias, nullptr, 0, buffer.data() - col0, width, m, c, cin, act,
                                 chunks > 1};
         gemm(g, p0, p1);
