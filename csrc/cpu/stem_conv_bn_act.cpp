@@ -549,11 +549,11 @@ class EvalStemRows final : public StemRows {
   // 1.01-1.02x.
   static constexpr int64_t kPrefetchRows = 4;
 
-  // Prefetches the input rows output row oh reads and row oh - 1 does not (image n), into L2.
+  // Prefetches the input rows output row oh (> 0) reads and row oh - 1 does not (image n), into L2.
   void prefetch_input_rows(int64_t n, int64_t oh) const {
     const Geometry& g = s_.g;
-    const int64_t first = std::max<int64_t>(oh * g.sh - g.ph + (oh > 0 ? std::max<int64_t>(0, int64_t(g.kh - 1) * g.dh - g.sh + 1) : 0), 0);
-    const int64_t last = std::min<int64_t>(oh * g.sh - g.ph + int64_t(g.kh - 1) * g.dh, g.h - 1);
+    const int64_t top = oh * g.sh - g.ph, bottom = top + int64_t(g.kh - 1) * g.dh;  // row oh - 1's bottom is bottom - sh
+    const int64_t first = std::max<int64_t>({top, bottom - g.sh + 1, 0}), last = std::min<int64_t>(bottom, g.h - 1);
     const int64_t* xs = x_strides_.data();
     const bool pixels_contiguous = xs[1] == 1 && xs[3] == g.c;  // channels_last: a row is one span
     for (int64_t ih = first; ih <= last; ++ih)
