@@ -233,6 +233,90 @@ FASTMB_INLINE void panel_groups(const Gemm& g, int64_t p, int64_t panel1, int64_
   if constexpr (P > 1) panel_groups<P - 1>(g, p, panel1, end, lead);
 }
 
+#if FASTMB_GEMM_BYTES == 64
+// Rows in pairs, for n = 24 and 40 where c's rows (and the residual's) follow one another: a
+// pair's 2n outputs are n / 8 whole vectors, so no lanes go to the last panel's padding (n = 24:
+// 3 FMAs a k step for two rows, against 4 with a half vector each). Vector v of a pair holds the
+// weights' half panels 2v and 2v + 1 (mod n / 8); its lanes take row 0's input, row 1's, or, in
+// the one vector that straddles the rows, row 0's in its low half. Alternated with the half
+// vectors on one thread (m = 224-448): n = 24 65-75 -> 76-90 G MAC/s, n = 40 75-76 -> 82-87.
+template <int NV>
+FASTMB_INLINE VT pair_weights(const float* w, int64_t k, int64_t kk, int v) {
+  const int lo = (2 * v) % NV, hi = (2 * v + 1) % NV;
+  const float* at_lo = w + ((lo / 2) * k + kk) * kPanel + (lo % 2) * 8;
+  if (hi == lo + 1 && lo % 2 == 0) return V::load(at_lo);  // a whole panel's vector
+  const float* at_hi = w + ((hi / 2) * k + kk) * kPanel + (hi % 2) * 8;
+  return VT(_mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(at_lo)), _mm256_loadu_ps(at_hi), 1));
+}
+// Vector v of a pair of rows of n = 8 * NV values from one row of them (the bias).
+template <int NV>
+FASTMB_INLINE VT pair_row(const float* row, int v) {
+  const int lo = (2 * v) % NV, hi = (2 * v + 1) % NV;
+  return VT(_mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(row + 8 * lo)), _mm256_loadu_ps(row + 8 * hi), 1));
+}
+
+// Row pairs [q0, q0 + Q) (rows 2q and 2q + 1) of a GEMM of n = 8 * NV columns, all of them.
+template <int NV, int Q>
+FASTMB_INLINE void pair_tile(const Gemm& g, int64_t q0, bool lead) {
+  VT acc[Q][NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const VT bias = pair_row<NV>(g.bias, v);
+#pragma GCC unroll 16
+    for (int q = 0; q < Q; ++q) acc[q][v] = bias;
+  }
+  const int64_t k = g.k, lda = g.lda;
+  const float* a = g.a + 2 * q0 * lda;
+  for (int64_t kk = 0; kk < k; ++kk) {
+    if (lead && kk + kLeadSteps < k) {
+#pragma GCC unroll 4
+      for (int p = 0; p < (NV + 1) / 2; ++p) __builtin_prefetch(g.w + (p * k + kk + kLeadSteps) * kPanel, 0, 2);
+    }
+    VT wv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) wv[v] = pair_weights<NV>(g.w, k, kk, v);
+#pragma GCC unroll 16
+    for (int q = 0; q < Q; ++q) {
+      const VT x0 = broadcast(a + 2 * q * lda + kk), x1 = broadcast(a + (2 * q + 1) * lda + kk);
+      const VT straddling = VT(_mm512_mask_blend_ps(__mmask16(0xFF00), __m512(x0), __m512(x1)));
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[q][v] += (16 * v + 16 <= 8 * NV ? x0 : 16 * v >= 8 * NV ? x1 : straddling) * wv[v];
+    }
+  }
+  const ActivationFn<float> act(g.act);
+  const bool smooth = is_smooth(g.act);
+#pragma GCC unroll 16
+  for (int q = 0; q < Q; ++q) {
+    const int64_t at = 2 * (q0 + q) * g.n;  // the pair's first value in c and in the residual
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      VT y = smooth ? smooth_activation<VecMath, float>(g.act, acc[q][v]) : act(acc[q][v]);
+      if (g.residual != nullptr) y += V::load(g.residual + at + v * kLanes);
+      V::store(g.c + at + v * kLanes, y);
+    }
+  }
+}
+
+template <int NV, int Q>
+FASTMB_INLINE void tail_pair_tile(const Gemm& g, int64_t q0, int64_t left) {
+  if constexpr (Q >= 1) {
+    if (left == Q) return pair_tile<NV, Q>(g, q0, false);
+    tail_pair_tile<NV, Q - 1>(g, q0, left);
+  }
+}
+
+// Rows [0, m - m % 2) in tiles of Q pairs: 21 (n = 24) or 20 (n = 40) accumulators. With 24 they
+// spilled, and the tiles ran at half speed.
+template <int NV>
+FASTMB_INLINE void pair_rows(const Gemm& g) {
+  constexpr int Q = (kAccumulators - 3) / NV;
+  const int64_t pairs = g.m / 2;
+  int64_t q = 0;
+  for (; q + Q <= pairs; q += Q) pair_tile<NV, Q>(g, q, q == 0 && g.cold_weights);
+  tail_pair_tile<NV, Q - 1>(g, q, pairs - q);
+}
+#endif
+
 // The panels in the last group when panel1 - panel0 end on a half panel: 3 (or 2, or all of them
 // when fewer), so that the groups of kPanels before it leave no group of one panel.
 constexpr int64_t half_group(int64_t panels) {
@@ -240,7 +324,8 @@ constexpr int64_t half_group(int64_t panels) {
   return (panels - 3) % kPanels == 1 ? 2 : 3;
 }
 
-void gemm_panels(const Gemm& g, int64_t panel0, int64_t panel1) {
+// Panels [panel0, panel1) of every row, a vector (or half vector) of one row at a time.
+void gemm_panels_by_vectors(const Gemm& g, int64_t panel0, int64_t panel1) {
   // n = 24, 40, 72, 88, 120, 184, 200 (MobileNetV3's early blocks) end on a panel of at most 8
   // real columns: it closes the last group, the only one compiled with Half tiles. (One call
   // site each: the tiles are inlined into this function.)
@@ -257,6 +342,22 @@ void gemm_panels(const Gemm& g, int64_t panel0, int64_t panel1) {
     if (panel1 - group == 2) return tile_rows<2, true>(g, group, panel1, lead);
   }
   tile_rows<1, true>(g, group, panel1, lead);
+}
+
+void gemm_panels(const Gemm& g, int64_t panel0, int64_t panel1) {
+#if FASTMB_GEMM_BYTES == 64
+  const bool rows_follow = g.ldc == g.n && (g.residual == nullptr || g.ldr == g.n);
+  if ((g.n == 24 || g.n == 40) && panel0 == 0 && panel1 * kPanel >= g.n && g.m >= 2 && rows_follow) {
+    if (g.n == 24) pair_rows<3>(g);
+    else pair_rows<5>(g);
+    if (g.m % 2 == 0) return;
+    Gemm last = g;  // an odd row count's last row
+    last.a += (g.m - 1) * g.lda, last.c += (g.m - 1) * g.ldc, last.m = 1;
+    if (g.residual != nullptr) last.residual += (g.m - 1) * g.ldr;
+    return gemm_panels_by_vectors(last, panel0, panel1);
+  }
+#endif
+  gemm_panels_by_vectors(g, panel0, panel1);
 }
 
 }  // namespace fastmb::cpu::pointwise::FASTMB_CPU_ISA
