@@ -239,7 +239,7 @@ FASTMB_INLINE void panel_groups(const Gemm& g, int64_t p, int64_t panel1, int64_
 // 3 FMAs a k step for two rows, against 4 with a half vector each). Vector v of a pair holds the
 // weights' half panels 2v and 2v + 1 (mod n / 8); its lanes take row 0's input, row 1's, or, in
 // the one vector that straddles the rows, row 0's in its low half. Alternated with the half
-// vectors on one thread (m = 224-448): n = 24 65-75 -> 76-90 G MAC/s, n = 40 75-76 -> 82-87.
+// vectors on one thread (m = 224-448): n = 24 61-75 -> 74-90 G MAC/s, n = 40 75-76 -> 82-87.
 template <int NV>
 FASTMB_INLINE VT pair_weights(const float* w, int64_t k, int64_t kk, int v) {
   const int lo = (2 * v) % NV, hi = (2 * v + 1) % NV;
@@ -326,9 +326,10 @@ constexpr int64_t half_group(int64_t panels) {
 
 // Panels [panel0, panel1) of every row, a vector (or half vector) of one row at a time.
 void gemm_panels_by_vectors(const Gemm& g, int64_t panel0, int64_t panel1) {
-  // n = 24, 40, 72, 88, 120, 184, 200 (MobileNetV3's early blocks) end on a panel of at most 8
-  // real columns: it closes the last group, the only one compiled with Half tiles. (One call
-  // site each: the tiles are inlined into this function.)
+  // n = 24, 40 (here only where their rows do not follow one another), 72, 88, 120, 184, 200
+  // (MobileNetV3's early blocks) end on a panel of at most 8 real columns: it closes the last
+  // group, the only one compiled with Half tiles. (One call site each: the tiles are inlined
+  // into this function.)
   const int64_t last = g.n % kPanel;
   const bool half = panel1 * kPanel >= g.n && last != 0 && last <= kPanel / 2;
   const int64_t group = half ? panel1 - half_group(panel1 - panel0) : panel1;
@@ -344,6 +345,7 @@ void gemm_panels_by_vectors(const Gemm& g, int64_t panel0, int64_t panel1) {
   tile_rows<1, true>(g, group, panel1, lead);
 }
 
+// The output columns of panels [panel0, panel1): in row pairs where they apply, else by vectors.
 void gemm_panels(const Gemm& g, int64_t panel0, int64_t panel1) {
 #if FASTMB_GEMM_BYTES == 64
   const bool rows_follow = g.ldc == g.n && (g.residual == nullptr || g.ldr == g.n);
