@@ -556,10 +556,10 @@ class EvalStemRows final : public StemRows {
     const int64_t first = std::max<int64_t>({top, bottom - g.sh + 1, 0}), last = std::min<int64_t>(bottom, g.h - 1);
     const int64_t* xs = x_strides_.data();
     const bool pixels_contiguous = xs[1] == 1 && xs[3] == g.c;  // channels_last: a row is one span
+    const int64_t bytes = (pixels_contiguous ? g.w * g.c : (g.w - 1) * xs[3] + 1) * int64_t(sizeof(float));  // of a span
     for (int64_t ih = first; ih <= last; ++ih)
       for (int64_t c = 0; c < (pixels_contiguous ? 1 : g.c); ++c) {
         const char* row = reinterpret_cast<const char*>(x_ + n * xs[0] + c * xs[1] + ih * xs[2]);
-        const int64_t bytes = (pixels_contiguous ? g.w * g.c : (g.w - 1) * xs[3] + 1) * int64_t(sizeof(float));
         for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
       }
   }

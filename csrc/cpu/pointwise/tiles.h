@@ -240,19 +240,20 @@ FASTMB_INLINE void panel_groups(const Gemm& g, int64_t p, int64_t panel1, int64_
 // weights' half panels 2v and 2v + 1 (mod n / 8); its lanes take row 0's input, row 1's, or, in
 // the one vector that straddles the rows, row 0's in its low half. Alternated with the half
 // vectors on one thread (m = 224-448): n = 24 61-75 -> 74-90 G MAC/s, n = 40 75-76 -> 82-87.
+FASTMB_INLINE VT join_halves(const float* lo, const float* hi) {
+  return VT(_mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(lo)), _mm256_loadu_ps(hi), 1));
+}
 template <int NV>
 FASTMB_INLINE VT pair_weights(const float* w, int64_t k, int64_t kk, int v) {
   const int lo = (2 * v) % NV, hi = (2 * v + 1) % NV;
   const float* at_lo = w + ((lo / 2) * k + kk) * kPanel + (lo % 2) * 8;
   if (hi == lo + 1 && lo % 2 == 0) return V::load(at_lo);  // a whole panel's vector
-  const float* at_hi = w + ((hi / 2) * k + kk) * kPanel + (hi % 2) * 8;
-  return VT(_mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(at_lo)), _mm256_loadu_ps(at_hi), 1));
+  return join_halves(at_lo, w + ((hi / 2) * k + kk) * kPanel + (hi % 2) * 8);
 }
 // Vector v of a pair of rows of n = 8 * NV values from one row of them (the bias).
 template <int NV>
 FASTMB_INLINE VT pair_row(const float* row, int v) {
-  const int lo = (2 * v) % NV, hi = (2 * v + 1) % NV;
-  return VT(_mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(row + 8 * lo)), _mm256_loadu_ps(row + 8 * hi), 1));
+  return join_halves(row + 8 * ((2 * v) % NV), row + 8 * ((2 * v + 1) % NV));
 }
 
 // Row pairs [q0, q0 + Q) (rows 2q and 2q + 1) of a GEMM of n = 8 * NV columns, all of them.
@@ -285,16 +286,12 @@ FASTMB_INLINE void pair_tile(const Gemm& g, int64_t q0, bool lead) {
   }
   const ActivationFn<float> act(g.act);
   const bool smooth = is_smooth(g.act);
+  // Rows follow one another (ldc = ldr = n): vector v of pair q is at row 2q, column 16v.
 #pragma GCC unroll 16
-  for (int q = 0; q < Q; ++q) {
-    const int64_t at = 2 * (q0 + q) * g.n;  // the pair's first value in c and in the residual
+  for (int q = 0; q < Q; ++q)
 #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) {
-      VT y = smooth ? smooth_activation<VecMath, float>(g.act, acc[q][v]) : act(acc[q][v]);
-      if (g.residual != nullptr) y += V::load(g.residual + at + v * kLanes);
-      V::store(g.c + at + v * kLanes, y);
-    }
-  }
+    for (int v = 0; v < NV; ++v)
+      finish(g, act, smooth, acc[q][v], 2 * (q0 + q), v * kLanes, [](const float* p) { return V::load(p); }, [](float* p, VT y) { V::store(p, y); });
 }
 
 template <int NV, int Q>
