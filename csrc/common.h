@@ -12,6 +12,7 @@
 
 #include "activations.h"
 #include "geometry.h"
+#include "output_cache.h"
 
 namespace fastmb {
 
@@ -52,10 +53,10 @@ struct Nhwc4dOutput {
       : output(std::move(out)),
         nhwc(output.dim() != 4 || output.is_contiguous(at::MemoryFormat::ChannelsLast)
                  ? output
-                 : at::empty(output.sizes(), output.options().memory_format(at::MemoryFormat::ChannelsLast))) {}
+                 : cached_empty(output.sizes(), output.options(), at::MemoryFormat::ChannelsLast)) {}
   // An output of `shape` laid out in `format`.
   Nhwc4dOutput(at::IntArrayRef shape, const at::TensorOptions& options, at::MemoryFormat format)
-      : Nhwc4dOutput(at::empty(shape, options.memory_format(format))) {}
+      : Nhwc4dOutput(cached_empty(shape, options, format)) {}
   at::Tensor finish() {
     if (!nhwc.is_same(output)) output.copy_(nhwc);
     return output;

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "build_info.h"
+#include "output_cache.h"
 #include "prepared_chain.h"
 #include "slot_stamps.h"
 
@@ -105,10 +106,13 @@ TORCH_LIBRARY(fastmb, m) {
 
 // Importing fastmb._C runs the static registrations above; the module itself carries how the
 // extension was built, for fastmb.backends(), slot_stamps, and the prepared chain.
+static PyObject* release_cached_outputs(PyObject*, PyObject*) { return PyLong_FromLongLong(fastmb::release_cached_outputs()); }
+
 static PyMethodDef fastmb_methods[] = {
     {"slot_stamps", fastmb::slot_stamps, METH_VARARGS, "What (dict, key) slots hold: identities, tensor data and versions, as bytes."},
     {"prepare_chain", fastmb::prepare_chain, METH_VARARGS, "fastmb::inverted_residual_chain's arguments, prepared once (a capsule)."},
     {"run_chain", fastmb::run_chain, METH_VARARGS, "run_chain(prepared, x): the prepared chain op on x."},
+    {"release_cached_outputs", release_cached_outputs, METH_NOARGS, "Frees the idle blocks of the CPU output cache; returns the bytes."},
     {nullptr, nullptr, 0, nullptr}};
 static struct PyModuleDef fastmb_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fastmb_methods};
 

@@ -2,6 +2,7 @@
 and squeeze-and-excitation kernels (reference, CPU, CUDA and Triton backends)."""
 
 from fastmb import nn, ops
+from fastmb._extension import empty_cache
 from fastmb.convert import ConvertReport, convert
 from fastmb.dispatch import backends, set_backend, use_backend
 from fastmb.freeze import freeze
@@ -26,6 +27,7 @@ __all__ = [
     "Profile",
     "backends",
     "convert",
+    "empty_cache",
     "freeze",
     "mobilenet_v1",
     "mobilenet_v2",

@@ -38,3 +38,11 @@ def unbuilt_source_tree() -> str | None:
     if importlib.util.find_spec("triton") is not None and importlib.util.find_spec("fastmb.kernels") is None:
         return f"{where}, which has no fastmb/kernels (the Triton kernels, kernels/ in the checkout): {build}"
     return None
+
+
+def empty_cache() -> int:
+    """Frees the CPU memory fastmb keeps for reuse and no tensor holds now; returns how many
+    bytes. fastmb's CPU kernels take outputs of 1 MiB and more from blocks that earlier outputs
+    of the same size released (up to 1 GiB of them kept idle), since fresh memory from malloc
+    is faulted in page by page on every call: torch.cuda.empty_cache's counterpart for them."""
+    return C.release_cached_outputs() if C is not None else 0

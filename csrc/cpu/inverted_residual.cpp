@@ -500,7 +500,7 @@ std::array<int64_t, 4> first_input(const Tensor& x, const StemRows* stem) {
 
 // Runs prepared block b on `input` (its x; the stem's image with a stem) into a new tensor.
 Tensor run_prepared(Block& b, const Tensor& input) {
-  Tensor y = at::empty({b.g.n, b.cout, b.g.ho, b.g.wo}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  Tensor y = cached_empty({b.g.n, b.cout, b.g.ho, b.g.wo}, input.options(), at::MemoryFormat::ChannelsLast);
   if (y.numel() == 0) return y;
   b.x = input.const_data_ptr<float>();
   b.y = y.mutable_data_ptr<float>();
@@ -516,7 +516,7 @@ Tensor run_prepared(Block& b, const Tensor& input) {
 Tensor run_stem(const StemRows& stem, const Tensor& x) {
   const Geometry& g = stem.geometry();
   const int64_t row = g.wo * stem.channels();
-  Tensor y = at::empty({g.n, stem.channels(), g.ho, g.wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  Tensor y = cached_empty({g.n, stem.channels(), g.ho, g.wo}, x.options(), at::MemoryFormat::ChannelsLast);
   if (y.numel() == 0) return y;
   float* out = y.mutable_data_ptr<float>();
   const int64_t parts = std::min<int64_t>(g.ho, (at::get_num_threads() + g.n - 1) / g.n), part_rows = (g.ho + parts - 1) / parts;

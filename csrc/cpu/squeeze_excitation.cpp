@@ -141,7 +141,7 @@ std::tuple<Tensor, Tensor> squeeze_excitation_forward(const Tensor& x_in, const 
   const NoAutocast no_autocast;
   const int64_t n = x_in.size(0), c = x_in.size(1), pixels = x_in.size(2) * x_in.size(3);
   const Tensor x = as_nhwc(x_in);
-  Nhwc4dOutput y(at::empty_like(x_in));  // laid out like x, as eager's elementwise ops and the fake do
+  Nhwc4dOutput y(cached_empty_like(x_in));  // laid out like x, as eager's elementwise ops and the fake do
   const Activation act = parse_activation(activation);
   const Gate gate_kind = parse_gate(gate);
   Tensor pooled;
@@ -167,7 +167,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> squeeze_excitation_backward(
   const Activation act = parse_activation(activation);
   const Gate gate = parse_gate(gate_name);
   const Tensor x = as_nhwc(x_in), grad_y = as_nhwc(grad_y_in);
-  Nhwc4dOutput grad_x(at::empty_like(x_in));
+  Nhwc4dOutput grad_x(cached_empty_like(x_in));
   ExcitationGrads grads;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastmb_se_backward", [&] {
     using Acc = at::opmath_type<scalar_t>;

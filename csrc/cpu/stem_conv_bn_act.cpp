@@ -365,7 +365,7 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act(const Tensor& x, const Tenso
   const Activation act = parse_activation(activation);
   const int64_t c = weight.size(0);
   const auto options = x.options();
-  Tensor y = at::empty({g.n, c, g.ho, g.wo}, options.memory_format(at::MemoryFormat::ChannelsLast));
+  Tensor y = cached_empty({g.n, c, g.ho, g.wo}, options, at::MemoryFormat::ChannelsLast);
   Tensor mean = at::zeros({c}, options), var = at::ones({c}, options);
   if (g.pixels == 0) return {y, mean, var};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmb_stem_conv_bn_act", [&] {
