@@ -9,6 +9,9 @@
 
 #include <cstdlib>
 #include <mutex>
+#ifndef _WIN32
+#include <pthread.h>
+#endif
 #include <new>
 #include <unordered_map>
 #include <vector>
@@ -47,6 +50,11 @@ class OutputCache final : public c10::Allocator {
   c10::DeleterFnPtr raw_deleter() const override { return nullptr; }  // blocks are freed through their context
 
   void copy_data(void* dest, const void* src, size_t count) const override { default_copy_data(dest, src, count); }
+
+  // Held across fork() (pthread_atfork): a child forked while another thread held the lock
+  // would find it locked for good.
+  void lock() { mutex_.lock(); }
+  void unlock() { mutex_.unlock(); }
 
   size_t release_idle() {
     std::vector<Block*> blocks;
@@ -88,7 +96,13 @@ class OutputCache final : public c10::Allocator {
 
 // Never destroyed: tensors still alive at exit release their blocks into it.
 OutputCache& cache() {
-  static OutputCache* const instance = new OutputCache();
+  static OutputCache* const instance = [] {
+    OutputCache* created = new OutputCache();
+#ifndef _WIN32
+    pthread_atfork([] { cache().lock(); }, [] { cache().unlock(); }, [] { cache().unlock(); });
+#endif
+    return created;
+  }();
   return *instance;
 }
 

@@ -2,7 +2,11 @@
 an earlier output of its size released. Each test fills the first call's outputs with NaN before
 releasing them, so a kernel that left any value of a reused block unwritten fails."""
 
+import os
+import signal
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -66,6 +70,40 @@ def test_fused_ops_outputs_and_input_grads_reuse_released_blocks(memory_format):
         return [y.detach(), out.detach(), leaf.grad]
 
     assert_reuses_poisoned_blocks(run)
+
+
+def test_threads_taking_and_releasing_blocks_at_once():
+    """Python threads (the ops release the GIL) allocating and releasing same-size outputs."""
+    z = torch.randn(2, 32, 64, 64).contiguous(memory_format=torch.channels_last)
+    expected = torch.ops.fastmb.batch_norm_act(z, None, None, 1e-5, "relu6")[0].clone()
+
+    def work(_: int) -> bool:
+        return all(torch.equal(torch.ops.fastmb.batch_norm_act(z, None, None, 1e-5, "relu6")[0], expected) for _ in range(20))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(4)))
+
+
+def test_forked_child_allocates():
+    """A child forked from a process whose cache holds blocks takes and releases them itself."""
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    z = torch.randn(2, 32, 64, 64).contiguous(memory_format=torch.channels_last)
+    expected = torch.ops.fastmb.batch_norm_act(z, None, None, 1e-5, "relu")[0].clone()
+    pid = os.fork()
+    if pid == 0:  # the child, on one thread (no OpenMP team across fork): exit status 0 if right
+        torch.set_num_threads(1)
+        outputs = [torch.ops.fastmb.batch_norm_act(z, None, None, 1e-5, "relu")[0] for _ in range(3)]  # statistics summed on one thread
+        ok = all(torch.allclose(y, expected, rtol=1e-5, atol=1e-5) for y in outputs)
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child did not finish in 60 s")
+    assert os.WIFEXITED(done[1]) and os.WEXITSTATUS(done[1]) == 0
 
 
 def test_empty_cache_frees_idle_blocks_only():
