@@ -1,6 +1,7 @@
 // The block cache behind cached_empty (output_cache.h). Blocks are sized in 64 KiB steps and
-// reused only for a request of the same step count, so the cache holds no more than the largest
-// set of fastmb outputs alive at once; idle blocks above kIdleLimitBytes go back to the system.
+// reused only for a request of the same step count: a workload that repeats its shapes (a
+// training loop, a served model) finds its blocks again. Idle blocks beyond kIdleLimitBytes go
+// back to the system as they are released.
 #include "output_cache.h"
 
 #include <ATen/EmptyTensor.h>
@@ -12,7 +13,6 @@
 #ifndef _WIN32
 #include <pthread.h>
 #endif
-#include <new>
 #include <unordered_map>
 #include <vector>
 
