@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -129,19 +130,57 @@ void project(const Block& b, int64_t n, const float* d, const float* w, const fl
   b.gemm(gemm, 0, panels_of(b.cout));
 }
 
-// Output rows [oh0, oh1) of image n through the expansion and the depthwise conv, band by band.
-// Without SE each band is projected into y at once; with SE the depthwise output goes to
-// `depthwise` (the image's, addressed from its first pixel) and its channel sums into `sums`.
+// Bands of output rows [lo, hi), one after another from the top.
+struct BandsFromTop {
+  int64_t lo, hi, band;
+  bool next(int64_t& ob, int64_t& ob1) {
+    if (lo >= hi) return false;
+    ob = lo, ob1 = lo = std::min(hi, lo + band);
+    return true;
+  }
+};
+
+// Output rows [lo, hi) shared by two threads: one takes bands from the top, the other from the
+// bottom, until they meet. A thread that the host slows, or that starts late, takes fewer bands,
+// where a static split leaves the other waiting at the join. Each side slides its own window,
+// so only the meeting point's halo rows are computed twice, as with two static parts. Bands are
+// whole while far from the meeting point, then a third of the rows left (2 at least), so that
+// neither side waits long for the other's last band.
+struct BandsFromBothEnds {
+  std::atomic<int64_t>* taken;  // rows either side has taken
+  int64_t rows;                 // in the shared range
+  int64_t lo, hi, band;
+  bool from_top;
+  bool next(int64_t& ob, int64_t& ob1) {
+    int64_t before = taken->load(std::memory_order_relaxed), count = 0;
+    do {
+      if (before >= rows) return false;
+      count = std::min({rows - before, band, std::max<int64_t>(2, (rows - before) / 3 & ~int64_t(1))});
+    } while (!taken->compare_exchange_weak(before, before + count, std::memory_order_relaxed));
+    if (from_top) {
+      ob = lo, ob1 = lo += count;
+    } else {
+      ob1 = hi, ob = hi -= count;
+    }
+    return true;
+  }
+};
+
+// Output rows [oh0, oh1) of image n through the expansion and the depthwise conv, in the bands
+// `bands` hands out (at most `band` rows each). Without SE each band is projected into y at once;
+// with SE the depthwise output goes to `depthwise` (the image's, addressed from its first pixel)
+// and its channel sums into `sums`.
 // The expanded (or stem) rows the bands read are addressed as the whole part's, or, with
-// `slide`, kept in a window of one band's rows: each band moves the rows it shares with the last
-// one to the window's start and computes the rest after them, so the same lines are written
-// again while in L2. With parts of one image at batch 1 the window ran V3-Large 1.01-1.06x and V2
-// 1.01-1.05x faster; with whole images (batch 16) it was level in the models and up to 15% slower
-// for a 112x112 block alone, so they keep the part's rows.
-void expand_depthwise_rows(const Block& b, int64_t n, int64_t oh0, int64_t oh1, float* depthwise, float* sums, bool slide) {
+// `slide`, kept in a window of one band's rows: each band keeps the rows it shares with the last
+// one, moved to where it reads them, and computes the rest around them, so the same lines are
+// written again while in L2. With parts of one image at batch 1 the window ran V3-Large 1.01-1.06x
+// and V2 1.01-1.05x faster; with whole images (batch 16) it was level in the models and up to 15%
+// slower for a 112x112 block alone, so they keep the part's rows (and take bands from the top).
+template <typename Bands>
+void expand_depthwise_rows(const Block& b, int64_t n, int64_t oh0, int64_t oh1, Bands bands, float* depthwise, float* sums, bool slide) {
   const Geometry& g = b.g;
   Workspace& ws = thread_workspace();
-  const int64_t in_row = g.w * g.c, out_row = g.wo * g.c, band = band_rows(b);
+  const int64_t in_row = g.w * g.c, out_row = g.wo * g.c, band = bands.band;
   // Rows [base, next) of the depthwise input are computed, row r at window + (r - base) * in_row.
   const auto [lo, hi] = dwconv::input_rows(g, oh0, oh1);
   float* window = nullptr;
@@ -153,18 +192,26 @@ void expand_depthwise_rows(const Block& b, int64_t n, int64_t oh0, int64_t oh1, 
   }
   float* band_out = b.has_se() ? nullptr : sized(ws.depthwise, band * out_row);
   float* partial = b.has_se() ? sized(ws.partial, g.c) : nullptr;
-  for (int64_t ob = oh0; ob < oh1; ob += band) {
-    const int64_t ob1 = std::min(oh1, ob + band);
+  for (int64_t ob, ob1; bands.next(ob, ob1);) {
     const auto [need_lo, need_hi] = dwconv::input_rows(g, ob, ob1);
     if (b.produces()) {
-      if (slide && need_lo > base) {
-        if (next > need_lo) std::memmove(window, window + (need_lo - base) * in_row, sizeof(float) * (next - need_lo) * in_row);
-        base = need_lo;
-      }
-      next = std::max(next, need_lo);  // rows between the bands (a stride past the kernel) are never read
-      if (need_hi > next) {
-        b.produce(n, next, need_hi, window + (next - base) * in_row);
-        next = need_hi;
+      if (slide) {
+        const int64_t keep_lo = std::max(need_lo, base), keep_hi = std::min(need_hi, next);
+        if (keep_lo < keep_hi) {
+          if (base != need_lo)
+            std::memmove(window + (keep_lo - need_lo) * in_row, window + (keep_lo - base) * in_row, sizeof(float) * (keep_hi - keep_lo) * in_row);
+          if (need_lo < keep_lo) b.produce(n, need_lo, keep_lo, window);
+          if (keep_hi < need_hi) b.produce(n, keep_hi, need_hi, window + (keep_hi - need_lo) * in_row);
+        } else {
+          b.produce(n, need_lo, need_hi, window);
+        }
+        base = need_lo, next = need_hi;
+      } else {
+        next = std::max(next, need_lo);  // rows between the bands (a stride past the kernel) are never read
+        if (need_hi > next) {
+          b.produce(n, next, need_hi, window + (next - base) * in_row);
+          next = need_hi;
+        }
       }
       expanded = window - base * in_row;
     }
@@ -325,7 +372,8 @@ void run_se_images(const Block& b, float* sums, int64_t n0, int64_t n1) {
   for (int64_t first = n0; first < n1; first += group) {
     const int64_t last = std::min(n1, first + group);
     for (int64_t n = first; n < last; ++n)
-      expand_depthwise_rows(b, n, 0, g.ho, depthwise + (n - first) * image_values, sums + n * g.c, false);
+      expand_depthwise_rows(b, n, 0, g.ho, BandsFromTop{0, g.ho, band_rows(b)}, depthwise + (n - first) * image_values, sums + n * g.c,
+                            false);
     const float* gates = excite(b, sums + first * g.c, last - first);
     for (int64_t n = first; n < last; ++n) {
       float* d = depthwise + (n - first) * image_values;
@@ -352,6 +400,11 @@ void run_se_images(const Block& b, float* sums, int64_t n0, int64_t n1) {
 // folded on one thread, which lost 5% at 14x14 and gains 5-10% at 28x28 (V3-Large's features.4-6
 // on an Intel Xeon: 139-144 -> 126-135 us).
 constexpr int64_t kMinPartRows = 14, kMinPartRowsWithoutSe = 7;
+// Rows a pair of parts shares below which each part keeps its own rows. At 14 rows (V2's 14x14
+// blocks) the shared bands went down to 2 rows: batch 1 ran 3-5% slower, and the threads' idle
+// time in those blocks rose to 8.5%. From 28 rows it fell from 5-8% to 2-3% (busy host, timers
+// per block).
+constexpr int64_t kMinPairRows = 28;
 
 void run_block(const Block& b) {
   const Geometry& g = b.g;
@@ -374,15 +427,29 @@ void run_block(const Block& b) {
     shared_depthwise = sized(ws.depthwise, g.n * image_values);
     shared_weights = sized(ws.shared_weights, g.n * b.project_values());
   }
+  // Without SE, parts go in pairs whose rows both threads take from either end (BandsFromBothEnds).
+  const int64_t pair_rows = 2 * part_rows, pair_count = (g.ho + pair_rows - 1) / pair_rows;
+  const bool pairs = !b.has_se() && parts % 2 == 0 && pair_rows >= kMinPairRows;
+  std::unique_ptr<std::atomic<int64_t>[]> taken(pairs ? new std::atomic<int64_t>[g.n * pair_count] : nullptr);
+  for (int64_t i = 0; pairs && i < g.n * pair_count; ++i) taken[i].store(0, std::memory_order_relaxed);
   at::parallel_for(0, g.n * parts, 1, [&](int64_t begin, int64_t end) {
     if (b.has_se() && parts == 1) return run_se_images(b, sums, begin, end);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / parts, oh0 = (task % parts) * part_rows, oh1 = std::min(g.ho, oh0 + part_rows);
+      const int64_t n = task / parts;
+      if (pairs) {
+        const int64_t pair = task % parts / 2, lo = pair * pair_rows, hi = std::min(g.ho, lo + pair_rows);
+        if (lo < hi)
+          expand_depthwise_rows(b, n, lo, hi, BandsFromBothEnds{&taken[n * pair_count + pair], hi - lo, lo, hi, band_rows(b), task % 2 == 0},
+                                nullptr, nullptr, true);
+        continue;
+      }
+      const int64_t oh0 = (task % parts) * part_rows, oh1 = std::min(g.ho, oh0 + part_rows);
       if (oh0 >= oh1) continue;
+      const BandsFromTop bands{oh0, oh1, band_rows(b)};
       if (b.has_se())  // parts of an image: its depthwise output and channel sums kept for the second pass
-        expand_depthwise_rows(b, n, oh0, oh1, shared_depthwise + n * image_values, sums + task * g.c, parts > 1);
+        expand_depthwise_rows(b, n, oh0, oh1, bands, shared_depthwise + n * image_values, sums + task * g.c, parts > 1);
       else
-        expand_depthwise_rows(b, n, oh0, oh1, nullptr, nullptr, parts > 1);
+        expand_depthwise_rows(b, n, oh0, oh1, bands, nullptr, nullptr, parts > 1);
     }
   });
   if (!b.has_se() || parts == 1) return;

@@ -136,12 +136,14 @@ def composite_block(x, expand_weight, expand_bias, dw_weight, dw_scale, dw_shift
     return nn.functional.conv2d(y, project_weight[:, :, None, None], project_bias)
 
 
-@pytest.mark.parametrize("thread_count", [1, 2])
+@pytest.mark.parametrize("thread_count", [1, 2, 3, 4])
 @pytest.mark.parametrize("kernel, stride, dilation", [(1, 2, 1), (3, 3, 1), (3, 2, 2), (5, 1, 1)])
 def test_bands_of_one_image_in_row_parts(kernel, stride, dilation, thread_count):
     """One tall image split between threads into row parts, whose bands keep only the expanded
-    rows they read (a window that slides down the part), with strides that skip rows between
-    bands, dilation, and kernels that share rows between them."""
+    rows they read (a window that slides down the part, or, for the second thread of a pair of
+    parts, up from the bottom until it meets the first), with strides that skip rows between
+    bands, dilation, and kernels that share rows between them. Three threads keep a part each;
+    two and four share their rows in pairs."""
     torch.manual_seed(0)
     cin, c, cout = 24, 72, 40
     x = torch.randn(1, cin, 150, 23).contiguous(memory_format=torch.channels_last)
