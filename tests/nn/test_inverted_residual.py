@@ -137,25 +137,33 @@ def composite_block(x, expand_weight, expand_bias, dw_weight, dw_scale, dw_shift
 
 
 @pytest.mark.parametrize("thread_count", [1, 2, 3, 4])
+@pytest.mark.parametrize("height", [150, 41, 21])
 @pytest.mark.parametrize("kernel, stride, dilation", [(1, 2, 1), (3, 3, 1), (3, 2, 2), (5, 1, 1)])
-def test_bands_of_one_image_in_row_parts(kernel, stride, dilation, thread_count):
-    """One tall image split between threads into row parts, whose bands keep only the expanded
-    rows they read (a window that slides down the part, or, for the second thread of a pair of
-    parts, up from the bottom until it meets the first), with strides that skip rows between
-    bands, dilation, and kernels that share rows between them. Three threads keep a part each;
-    two and four share their rows in pairs."""
-    torch.manual_seed(0)
+def test_bands_of_one_image_in_row_parts(kernel, stride, dilation, height, thread_count):
+    """One image split between threads into row parts, whose bands keep only the expanded rows
+    they read (a window that slides down the part, or, for the second thread of a pair of parts,
+    up from the bottom until it meets the first), with strides that skip rows between bands,
+    dilation, and kernels that share rows between them. Three threads keep a part each; two and
+    four share their rows in pairs. Two threads on 14-27 output rows (height 41, or 21 at stride
+    1) split them in halves that share one buffer of expanded rows; fewer rows run phase by
+    phase."""
+    torch.manual_seed(thread_count)  # each thread count its own image: rows left by the last test differ
     cin, c, cout = 24, 72, 40
-    x = torch.randn(1, cin, 150, 23).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, cin, height, 23).contiguous(memory_format=torch.channels_last)
     tensors = [torch.randn(c, cin) * 0.2, torch.randn(c), torch.randn(c, 1, kernel, kernel), torch.rand(c) + 0.5, torch.randn(c),
                torch.randn(cout, c) * 0.1, torch.randn(cout)]  # fmt: skip
     expand_weight, expand_bias, dw_weight, dw_scale, dw_shift, project_weight, project_bias = tensors
     padding = (kernel - 1) * dilation // 2
-    with threads(thread_count):
-        fused = torch.ops.fastmb.inverted_residual(
-            x, pack_panels(expand_weight), expand_bias, "relu", dw_weight, dw_scale, dw_shift, [stride] * 2, [padding] * 4, [dilation] * 2,
-            "relu", None, None, None, None, "relu", "sigmoid", pack_panels(project_weight), project_bias, False,
+
+    def fused_block(image: torch.Tensor) -> torch.Tensor:
+        return torch.ops.fastmb.inverted_residual(
+            image, pack_panels(expand_weight), expand_bias, "relu", dw_weight, dw_scale, dw_shift, [stride] * 2, [padding] * 4,
+            [dilation] * 2, "relu", None, None, None, None, "relu", "sigmoid", pack_panels(project_weight), project_bias, False,
         )  # fmt: skip
+
+    with threads(thread_count):
+        fused_block(torch.randn_like(x))  # another image first: rows left in the buffers must not be read
+        fused = fused_block(x)
     eager = composite_block(x, *tensors[:5], stride, padding, dilation, *tensors[5:])
     oracle = composite_block(x.double(), *(t.double() for t in tensors[:5]), stride, padding, dilation, *(t.double() for t in tensors[5:]))
     assert fused.shape == oracle.shape
