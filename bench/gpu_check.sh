@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# The prepared GPU check for one NVIDIA GPU machine (no network; its own torch and Triton):
-# build fastmb in place, run the test suite on CUDA tensors (every available backend),
-# compute-sanitizer memcheck over each CUDA kernel variant, the GPU benchmarks (copy bandwidth,
-# ops, model), and a short table last. One overall deadline (FASTMB_GPU_CHECK_SECONDS, default
-# 480: the whole check, build included, fits the device budget); each step gets what is left of
-# it up to its own cap, and writes its results to $OUT (default bench/results/latest) as it
-# finishes, so a check cut short still brings back the steps it finished.
+# The prepared GPU check for one NVIDIA GPU machine (no network; its own torch and Triton). In
+# order of what a short lease most needs: build fastmb in place; compute-sanitizer memcheck over
+# each CUDA kernel variant; the GPU benchmarks of eager PyTorch, fastmb's "auto" and its CUDA
+# kernels (copy bandwidth, ops, model; bf16 ops only); the test suite on CUDA tensors (every
+# backend, 16 workers, one Triton config each: on 2026-12-04, 8 workers autotuning every test
+# shape finished 351 of about 1750 tests in 150 s); torch.compile against eager (its compiles
+# take minutes); last the Triton kernels' benchmarks (their autotuning compiles too). One overall deadline
+# (FASTMB_GPU_CHECK_SECONDS, default 450: the whole check, build included, fits the device
+# budget); each step gets what is left of it up to its own cap and writes its log to $OUT
+# (default bench/results/latest) as it finishes, so a check cut short still brings back the
+# steps it finished, each benchmark's "timed:" line and each finished test's line.
 # Exits non-zero if the build, any test or the memcheck run fails, or a step ran out of time.
+# Through the device tool, whose $OUT brings back 8 files at most:
+#   R=$OUT; OUT=/tmp/gc bash bench/gpu_check.sh; rc=$?; tar czf $R/gpu_check.tgz -C /tmp gc; exit $rc
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/latest}"
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-deadline=$(( $(date +%s) + ${FASTMB_GPU_CHECK_SECONDS:-480} ))
+deadline=$(( $(date +%s) + ${FASTMB_GPU_CHECK_SECONDS:-450} ))
 failed=0
 
 # step NAME CAP LOG COMMAND...: COMMAND under `timeout` for CAP seconds or what is left of the
@@ -40,28 +46,38 @@ step() {
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-if ! step build 300 build.log python setup.py build_ext --inplace; then
+if ! step build 240 build.log python setup.py build_ext --inplace; then
   tail -40 "$OUT/build.log"
   exit 2
 fi
 python -c "import fastmb; print('backends', fastmb.backends())" | tee "$OUT/backends.txt"
 
-step tests 180 tests.log env FASTMB_TEST_DEVICE=cuda python -m pytest tests/ops tests/nn tests/test_compile.py -q \
-  -p no:cacheprovider --junitxml="$OUT/tests.xml" || failed=1
-grep -E "^(FAILED|ERROR)" "$OUT/tests.log" 2>/dev/null | head -20
-tail -1 "$OUT/tests.log" 2>/dev/null
-
 sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$sanitizer" ]; then
-  step memcheck 90 memcheck.log "$sanitizer" --tool memcheck --error-exitcode 9 python bench/memcheck_cuda.py || failed=1
+  step memcheck 60 memcheck.log "$sanitizer" --tool memcheck --error-exitcode 9 python bench/memcheck_cuda.py || failed=1
   echo "gpu_check: memcheck $(grep -c '^ok' "$OUT/memcheck.log") cases ok, $(grep -c '^FAIL' "$OUT/memcheck.log") failed"
   grep -E "^FAIL|ERROR SUMMARY" "$OUT/memcheck.log" | head -5
 else
   echo "gpu_check: no compute-sanitizer on this machine; memcheck not run" | tee -a "$OUT/steps.txt"
 fi
 
-step benchmarks 180 bench.log env FASTMB_AUTO_ORDER_OUT="$OUT/auto_order.json" \
-  python -m pytest bench/test_ops_gpu.py bench/test_models_gpu.py -q -p no:cacheprovider
-sed -n '/^speedup over/,$p' "$OUT/bench.log" > "$OUT/speedups.txt" 2>/dev/null
-grep -E "^speedup over|model |geometric|  (dwconv|se) .* over" "$OUT/speedups.txt"
+bench_step() {  # NAME CAP PYTEST-ARGS...: one benchmark process, its summary table printed
+  local name=$1 cap=$2
+  shift 2
+  step "$name" "$cap" "$name.log" python -m pytest -s -q -p no:cacheprovider "$@"
+  sed -n '/^speedup over/,$p' "$OUT/$name.log" | grep -E "^speedup over|model |geometric|  (dwconv|se) .* over"
+}
+# eager_cl is each benchmark process's baseline; fp16 ops run the same kernels as bf16.
+models_and_ops=(bench/test_models_gpu.py bench/test_ops_gpu.py)
+bench_step bench_fastmb 100 "${models_and_ops[@]}" -k "not compile and not triton and not torch.float16"
+
+step tests 150 tests.log env FASTMB_TEST_DEVICE=cuda FASTMB_TRITON_AUTOTUNE=0 python -m pytest tests/ops tests/nn \
+  tests/test_compile.py tests/test_backends.py -v -n 16 --durations=25 -p no:cacheprovider --junitxml="$OUT/tests.xml" || failed=1
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" 2>/dev/null | head -20
+echo "gpu_check: tests $(grep -c ' PASSED ' "$OUT/tests.log") passed, $(grep -c ' FAILED ' "$OUT/tests.log") failed"
+tail -1 "$OUT/tests.log" 2>/dev/null
+
+bench_step bench_compile 120 "${models_and_ops[@]}" -k "(eager_cl or compile) and not torch.float16"
+# The Triton and CUDA kernels in one process, for fastmb/auto_order.json's table.
+FASTMB_AUTO_ORDER_OUT="$OUT/auto_order.json" bench_step bench_triton 120 bench/test_ops_gpu.py -k "not compile and not torch.float16"
 exit $failed

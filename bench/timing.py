@@ -122,4 +122,6 @@ def run_cuda_benchmark(group: str, provider: str, fn: Callable[[], object], byte
 
     seconds = do_bench(fn, return_mode="median") / 1e3
     RESULTS.append(Result(group, provider, seconds, bytes_moved))
+    # A line as each finishes (seen under `pytest -s`): a run cut short keeps what it timed.
+    print(f"\ntimed: {group} | {provider} | {seconds * 1e3:.4f} ms", flush=True)
     return seconds

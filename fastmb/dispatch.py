@@ -21,12 +21,16 @@ from fastmb import _extension
 
 NAMES = ("reference", "cpu", "cuda", "triton")
 AVAILABLE = "available"
+# An entry of the measured table, not a backend: PyTorch's own kernels (cuDNN on a GPU), run as
+# the op's composite, the eager modules' computation, where they measured faster than fastmb's.
+PYTORCH = "pytorch"
 
 # "auto" tries these, in order, for tensors of each device type; anything else, or nothing
 # usable, runs the reference. For CUDA tensors the order is per op, from AUTO_ORDER_FILE.
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
-# Which GPU backend "auto" tries first for each fused op, as measured by bench/gpu_check.sh (it
-# writes this table from its benchmarks; the results and the table are committed together).
+# Which GPU backend "auto" tries first for each fused op, or PYTORCH, as measured by
+# bench/gpu_check.sh (it writes this table from its benchmarks; the results and the table are
+# committed together).
 AUTO_ORDER_FILE = os.path.join(os.path.dirname(__file__), "auto_order.json")
 
 
@@ -168,6 +172,20 @@ def auto_order(op: str, device_type: str) -> tuple[str, ...]:
     return _AUTO_ORDER.get(device_type, ())
 
 
+def runs_pytorch(op: str, device_type: str, args: tuple) -> bool:
+    """Whether "auto" runs fused op `op` on `args` as PyTorch's own ops: where the measured table
+    ranks PYTORCH ahead of every fastmb backend that takes these arguments (GPUs only)."""
+    if device_type != "cuda" or current_backend() != "auto":
+        return False
+    for chosen in auto_order(op, device_type):
+        if chosen == PYTORCH:
+            note_backend(PYTORCH)
+            return True
+        if _usable(chosen, op, device_type, args) is not None:
+            return False
+    return False
+
+
 def select(op: str, device_type: str, args: tuple) -> Callable:
     """The forward operator that runs fused op `op` on `args` (the op's schema arguments)."""
     return select_kernel(op, device_type, args).forward
@@ -254,15 +272,13 @@ def call(forward: Callable, args: tuple):
 
 @functools.cache
 def _warn_unvalidated_gpu(device: int) -> None:
-    """Once per process and GPU: no fastmb GPU kernel had run on a GPU when this version was
-    released, so until `python -m fastmb check` passes on this GPU model (or a committed
-    bench/gpu_check.sh run measured auto_order.json on it), "auto" says so."""
+    """Once per process and GPU: fastmb's GPU kernels have run on one GPU model only (an H200,
+    whose full test suite did not finish there), so until `python -m fastmb check` passes on this
+    GPU model, a call that runs them says so."""
     from fastmb.check import validated_devices
 
     name = torch.cuda.get_device_name(device)
-    with open(AUTO_ORDER_FILE) as file:
-        measured_on = json.load(file).get("measured") or ""
-    if name in validated_devices() or name in measured_on:
+    if name in validated_devices():
         return
     warnings.warn(
         f"fastmb: its CUDA and Triton kernels are not validated on {name} yet; run "

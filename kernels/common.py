@@ -8,6 +8,9 @@ import triton
 import triton.language as tl
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# FASTMB_TRITON_AUTOTUNE=0: the first config only, without timing any (bench/gpu_check.sh's
+# tests, whose many shapes each autotune afresh: on 2026-12-04 an H200 ran 351 tests in 150 s).
+AUTOTUNE = os.environ.get("FASTMB_TRITON_AUTOTUNE", "1") != "0"
 
 
 @triton.jit
@@ -79,5 +82,6 @@ def nhwc(x: torch.Tensor) -> torch.Tensor:
 
 
 def autotune_configs(configs: list[dict]) -> list[triton.Config]:
-    """The configs to autotune over; one under the interpreter, where timing means nothing."""
-    return [triton.Config(c) for c in (configs[:1] if INTERPRETED else configs)]
+    """The configs to autotune over; one under the interpreter, where timing means nothing, or
+    where FASTMB_TRITON_AUTOTUNE=0 says so."""
+    return [triton.Config(c) for c in (configs if AUTOTUNE and not INTERPRETED else configs[:1])]

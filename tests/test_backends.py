@@ -116,6 +116,42 @@ def test_auto_order_for_cuda_comes_from_the_measured_table(tmp_path, monkeypatch
         registry.auto_order.cache_clear()
 
 
+@pytest.fixture
+def auto_order_table(tmp_path, monkeypatch):
+    """Writes a measured table of {op: order} for the test and makes "auto" read it."""
+    import json
+
+    def write(order: dict[str, list[str]]) -> None:
+        table = tmp_path / "auto_order.json"
+        table.write_text(json.dumps({"measured": "test", "order": order}))
+        monkeypatch.setattr(registry, "AUTO_ORDER_FILE", str(table))
+        registry.auto_order.cache_clear()
+
+    yield write
+    registry.auto_order.cache_clear()
+
+
+def test_auto_runs_pytorch_where_the_table_ranks_it_ahead_of_every_usable_backend(auto_order_table, device):
+    stats = torch.zeros(2, device=device), torch.ones(2, device=device)
+    x, weight = torch.randn(1, 2, 5, 5, device=device), torch.randn(2, 1, 3, 3, device=device)
+    args = (x, weight, None, None, *stats, [1, 1], [1, 1], [1, 1], 1e-5, False, "relu")  # the op's schema arguments
+    auto_order_table({"dwconv_bn_act": ["pytorch", "cuda"]})
+    assert registry.runs_pytorch("dwconv_bn_act", "cuda", args)
+    assert not registry.runs_pytorch("dwconv_bn_act", "cpu", args)  # the table is for GPUs
+    with fastmb.use_backend("reference"):  # a chosen backend is not overruled
+        assert not registry.runs_pytorch("dwconv_bn_act", "cuda", args)
+    auto_order_table({"dwconv_bn_act": ["triton", "cuda"]})
+    assert not registry.runs_pytorch("dwconv_bn_act", "cuda", args)  # not in the order: a backend or the reference
+    usable = fastmb.backends()["cuda"] == "available"
+    auto_order_table({"dwconv_bn_act": ["cuda", "pytorch"]})
+    # behind a backend: PyTorch only where that backend cannot run (here: no GPU build)
+    assert registry.runs_pytorch("dwconv_bn_act", "cuda", args) != usable
+    with registry.record_backends() as ran:
+        auto_order_table({"dwconv_bn_act": ["pytorch"]})
+        registry.runs_pytorch("dwconv_bn_act", "cuda", args)
+    assert ran == {"pytorch"}
+
+
 def test_committed_auto_order_table_names_known_ops_and_backends():
     import json
 
@@ -124,4 +160,4 @@ def test_committed_auto_order_table_names_known_ops_and_backends():
     assert "measured" in table and "source" in table
     for op, order in table["order"].items():
         assert op in ("dwconv_bn_act", "squeeze_excitation")
-        assert sorted(order) == ["cuda", "triton"]
+        assert set(order) <= {"cuda", "triton", registry.PYTORCH} and len(set(order)) == len(order) >= 2

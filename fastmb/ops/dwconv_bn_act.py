@@ -127,11 +127,11 @@ def run_dwconv_bn_act(
     if training and values_per_channel == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
 
-    if runs_composite(x, weight, bn_weight, bn_bias):
+    args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, float(eps), bool(training), activation)
+    if runs_composite(x, weight, bn_weight, bn_bias) or dispatch.runs_pytorch(OP, x.device.type, args):
         return reference.dwconv_bn_act.composite(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, eps, momentum, training, activation
         )
-    args = (x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation, float(eps), bool(training), activation)
     y, mean, var = dispatch.call(dispatch.select(OP, x.device.type, args), args)
     if training and running_mean is not None and values_per_channel > 0:
         update_running_stats(running_mean, running_var, mean, var, values_per_channel, momentum)

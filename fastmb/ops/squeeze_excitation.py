@@ -66,9 +66,11 @@ def run_squeeze_excitation(
     x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None, activation: str, gate: str
 ) -> Tensor:
     """squeeze_excitation after its argument checks, fc weights as (out, in) matrices."""
+    args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)
     if runs_composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
         return reference.squeeze_excitation.composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)
-    args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)
+    if dispatch.runs_pytorch(OP, x.device.type, args):  # as torchvision's module computes it, in x's dtype
+        return reference.squeeze_excitation.composite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, x.dtype)
     return dispatch.call(dispatch.select(OP, x.device.type, args), args)[0]
 
 

@@ -82,6 +82,30 @@ def test_se_matches_torchvision(backend, device, dtype):
     assert_close_to_oracle(actual, run(clone_as(theirs, dtype).to(device), *inputs), oracle, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pytorch_first", [False, True], ids=["table", "pytorch-first"])
+def test_modules_under_auto_match_torchvision(device, dtype, pytorch_first, monkeypatch):
+    """What users run: backend "auto", which on a GPU follows the measured table
+    (fastmb/auto_order.json: PyTorch's own kernels for an op where they measured faster); and
+    that PyTorch path itself, on any device, as if the table ranked it first."""
+    if pytorch_first:
+        monkeypatch.setattr(fastmb.dispatch, "runs_pytorch", lambda *args: True)
+    theirs = nn.Sequential(torchvision_dwconv(8, 3, 1, "hardswish"), TorchvisionSE(8, 4, scale_activation=nn.Hardsigmoid))
+    randomize_batch_norm(theirs)
+    ours = nn.Sequential(fastmb.nn.DWConvBNAct(8, 3), fastmb.nn.SqueezeExcitation(8, 4))
+    ours.load_state_dict(theirs.state_dict())
+    oracle_module = clone_as(theirs, torch.float64)
+    eager_module = clone_as(theirs, dtype, torch.channels_last).to(device)
+    fused_module = clone_as(ours, dtype, torch.channels_last).to(device)
+    for training in (True, True, False):
+        for module in (oracle_module, eager_module, fused_module):
+            module.train(training)
+        x, grad = torch.randn(3, 8, 9, 9), torch.randn(3, 8, 9, 9)
+        inputs = (x.to(device, dtype, memory_format=torch.channels_last), grad.to(device))
+        oracle = run(oracle_module, x.double(), grad.double())
+        assert_close_to_oracle(run(fused_module, *inputs), run(eager_module, *inputs), oracle, dtype)
+
+
 def test_modules_under_autocast(backend, device):
     stack = nn.Sequential(torchvision_dwconv(8, 3, 1, "hardswish"), TorchvisionSE(8, 4, scale_activation=nn.Hardsigmoid))
     randomize_batch_norm(stack)

@@ -91,12 +91,13 @@ def backward(
 
 
 def composite(
-    x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None, activation: str, gate: str
-) -> Tensor:
-    """The op as torchvision's module computes it (in the compute dtype), in differentiable
-    PyTorch ops and no custom op: what ONNX export, torch.func transforms, forward-mode AD and
-    double backward run."""
-    x_ = x.to(compute_dtype(x.dtype))
+    x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None, activation: str, gate: str,
+    dtype: torch.dtype | None = None,
+) -> Tensor:  # fmt: skip
+    """The op as torchvision's module computes it (in `dtype`, by default the compute dtype), in
+    differentiable PyTorch ops and no custom op: what ONNX export, torch.func transforms,
+    forward-mode AD and double backward run, and "auto" where PyTorch measured faster."""
+    x_ = x.to(dtype or compute_dtype(x.dtype))
     scale = excitation(x_.mean(dim=(2, 3)), fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate)[3]
     return (x_ * scale[:, :, None, None]).to(x.dtype)
 
