@@ -100,6 +100,14 @@ inline dim3 block_shape(int64_t vectors) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Block shape for kernels without a reduction over the block's rows: x over channel vectors,
+// split evenly into blocks of at most 32 (72 bf16 channels: 9 vectors, so 9 threads, where
+// block_shape's 16 left 7 idle), y over pixels, at most kThreads in all.
+inline dim3 elementwise_block_shape(int64_t vectors) {
+  const int x = int(ceil_div(vectors, ceil_div(vectors, 32)));
+  return dim3(x, kThreads / x);
+}
+
 // Blocks along the pixels for a reduction kernel: enough to fill the GPU (8 blocks of kThreads
 // per SM) beside `channel_blocks` blocks along the channels, and at most one per `rows` pixels.
 inline int64_t reduction_blocks(int64_t pixels, int64_t rows, int64_t channel_blocks) {

@@ -242,7 +242,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
       if (!want_x) return;
       dispatch_width<T>(width, [&](auto vector) {
         constexpr int V = decltype(vector)::value;
-        const dim3 block = block_shape(g.c / V);
+        const dim3 block = elementwise_block_shape(g.c / V);
         grad_x_kernel<T, K, V><<<dim3(ceil_div(g.n * g.h * g.w, block.y), ceil_div(g.c / V, block.x)), block, 0, stream>>>(
             grad_x.nhwc.mutable_data_ptr<T>(), gz.const_data_ptr<float>(), w.const_data_ptr<float>(), g);
         C10_CUDA_KERNEL_LAUNCH_CHECK();

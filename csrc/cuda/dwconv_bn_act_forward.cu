@@ -1,5 +1,6 @@
 // Fused depthwise conv + BatchNorm + activation on CUDA: the forward (DESIGN.md's plan).
-//   eval    one pass: y = act(z * scale + shift), BN folded per channel inside the kernel
+//   eval    BN's per-channel scale first (a C-thread kernel), then one pass:
+//           y = act((z - mean) * scale + beta)
 //   train   pass 1: per-block Welford mean and M2 of z (z is not stored), Chan-merged per
 //           channel in float64; pass 2: as eval with the batch statistics
 #include <torch/library.h>
@@ -11,29 +12,72 @@ namespace {
 
 using at::Tensor;
 
-// y = act(bn(conv(x))) at one output pixel and V channels per thread. In eval it also copies the
-// running statistics to the op's mean/var outputs (mean_out, var_out; null in training).
+// Output pixels per thread in the forward pass: a strip of kStrip along a row, so that each
+// tap's weights are loaded once for kStrip pixels (the inputs they share come from L1).
+constexpr int kStrip = 4;
+
+// BN per channel as norm = [mean; scale = gamma / sqrt(var + eps); beta], for the forward's
+// (z - mean) * scale + beta: unlike a folded z * scale + shift it loses nothing where |mean| is
+// far larger than the deviation. In eval it also copies the running statistics to the op's
+// mean/var outputs (mean_out, var_out; null in training).
+__global__ void norm_kernel(float* __restrict__ norm, const float* __restrict__ mean, const float* __restrict__ var,
+                            const float* __restrict__ gamma, const float* __restrict__ beta, float eps, float* __restrict__ mean_out,
+                            float* __restrict__ var_out, int64_t channels) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  norm[c] = mean[c];
+  norm[channels + c] = gamma[c] / sqrtf(var[c] + eps);
+  norm[2 * channels + c] = beta[c];
+  if (mean_out != nullptr) mean_out[c] = mean[c], var_out[c] = var[c];
+}
+
+// y = act((conv(x) - mean) * scale + beta) at kStrip output pixels of one row (strip s of the
+// rows' strips_per_row) and V channels per thread; norm is norm_kernel's.
 template <typename T, int K, int V>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(T* __restrict__ y, const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ mean,
-                   const float* __restrict__ var, const float* __restrict__ gamma, const float* __restrict__ beta, float eps,
-                   float* __restrict__ mean_out, float* __restrict__ var_out, CudaGeometry g, Activation act) {
+    forward_kernel(T* __restrict__ y, const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ norm,
+                   CudaGeometry g, int strips_per_row, int64_t strips, Activation act) {
   const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
-  const int64_t p = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (c >= g.c || p >= g.pixels) return;
-  if (mean_out != nullptr && p == 0) {
+  const int64_t s = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (c >= g.c || s >= strips) return;
+  const uint32_t row = uint32_t(s) / uint32_t(strips_per_row);  // n * Ho + oh
+  const int ow0 = int(uint32_t(s) - row * uint32_t(strips_per_row)) * kStrip;
+  const int64_t n = row / uint32_t(g.ho), oh = row % uint32_t(g.ho);
+  const T* x_img = x + n * g.h * g.w * g.c + c;
+  const int64_t ih0 = oh * g.sh - g.ph, iw0 = int64_t(ow0) * g.sw - g.pw;
+  float acc[kStrip][V] = {};
 #pragma unroll
-    for (int l = 0; l < V; ++l) mean_out[c + l] = mean[c + l], var_out[c + l] = var[c + l];
-  }
-  const ChannelNorm<V> bn(mean, var, gamma, beta, eps, c);
-  float z[V];
-  conv_at<K, V>(z, x, w, g, pixel_coords(uint32_t(p), uint32_t(g.ho), uint32_t(g.wo)), c);
+  for (int i = 0; i < K; ++i) {
+    const int64_t ih = ih0 + int64_t(i) * g.dh;
+    if (ih < 0 || ih >= g.h) continue;
+    const T* x_row = x_img + ih * g.w * g.c;
 #pragma unroll
-  for (int l = 0; l < V; ++l) {
-    const float scale = bn.gamma[l] * bn.invstd[l];
-    z[l] = activate(act, fmaf(z[l] - bn.mean[l], scale, bn.beta[l]));
+    for (int j = 0; j < K; ++j) {
+      float wv[V];
+      load_floats<V>(wv, w + (i * K + j) * g.c + c);
+#pragma unroll
+      for (int r = 0; r < kStrip; ++r) {
+        const int64_t iw = iw0 + int64_t(r) * g.sw + int64_t(j) * g.dw;
+        if (ow0 + r >= g.wo || iw < 0 || iw >= g.w) continue;
+        float xv[V];
+        load_floats<V>(xv, x_row + iw * g.c);
+#pragma unroll
+        for (int l = 0; l < V; ++l) acc[r][l] = fmaf(xv[l], wv[l], acc[r][l]);
+      }
+    }
   }
-  store_floats<V>(y + p * g.c + c, z);
+  float mean[V], scale[V], beta[V];
+  load_floats<V>(mean, norm + c);
+  load_floats<V>(scale, norm + g.c + c);
+  load_floats<V>(beta, norm + 2 * g.c + c);
+  T* y_row = y + (int64_t(row) * g.wo + ow0) * g.c + c;
+#pragma unroll
+  for (int r = 0; r < kStrip; ++r) {
+    if (ow0 + r >= g.wo) break;
+#pragma unroll
+    for (int l = 0; l < V; ++l) acc[r][l] = activate(act, fmaf(acc[r][l] - mean[l], scale[l], beta[l]));
+    store_floats<V>(y_row + int64_t(r) * g.c, acc[r]);
+  }
 }
 
 // Train pass 1: each thread runs Welford over its pixels (a grid-stride loop), the block merges
@@ -134,8 +178,9 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
   const Tensor gamma = vector_or(bn_weight, g.c, at::kFloat, x, 1.0), beta = vector_or(bn_bias, g.c, at::kFloat, x, 0.0);
   const Tensor mean = training ? at::empty({g.c}, float_options) : running_mean->to(at::kFloat).contiguous();
   const Tensor var = training ? at::empty({g.c}, float_options) : running_var->to(at::kFloat).contiguous();
-  // In eval the outputs are copies of the running statistics, written by the forward kernel.
+  // In eval the outputs are copies of the running statistics, written by norm_kernel.
   Tensor mean_out = training ? mean : at::empty({g.c}, float_options), var_out = training ? var : at::empty({g.c}, float_options);
+  const Tensor norm = at::empty({3, g.c}, float_options);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   dispatch_floating(x.scalar_type(), "dwconv_bn_act", [&](auto element) {
@@ -159,10 +204,17 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
               partial_m2.const_data_ptr<float>(), partial_count.const_data_ptr<float>(), blocks, g.c);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
-        forward_kernel<T, K, V><<<dim3(ceil_div(g.pixels, block.y), channel_blocks), block, 0, stream>>>(
-            out.nhwc.mutable_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<float>(), mean.const_data_ptr<float>(),
-            var.const_data_ptr<float>(), gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), float(eps),
-            training ? nullptr : mean_out.mutable_data_ptr<float>(), training ? nullptr : var_out.mutable_data_ptr<float>(), g, act);
+        norm_kernel<<<ceil_div(g.c, kThreads), kThreads, 0, stream>>>(
+            norm.mutable_data_ptr<float>(), mean.const_data_ptr<float>(), var.const_data_ptr<float>(),
+            gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), float(eps),
+            training ? nullptr : mean_out.mutable_data_ptr<float>(), training ? nullptr : var_out.mutable_data_ptr<float>(), g.c);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const int strips_per_row = int(ceil_div(g.wo, kStrip));
+        const int64_t strips = int64_t(g.n) * g.ho * strips_per_row;
+        const dim3 strip_block = elementwise_block_shape(g.c / V);
+        forward_kernel<T, K, V><<<dim3(ceil_div(strips, strip_block.y), ceil_div(g.c / V, strip_block.x)), strip_block, 0, stream>>>(
+            out.nhwc.mutable_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<float>(), norm.const_data_ptr<float>(), g,
+            strips_per_row, strips, act);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });

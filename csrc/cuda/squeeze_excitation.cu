@@ -58,11 +58,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
   const int64_t p = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= channels || p >= total_pixels) return;
-  const int64_t nc = (p / pixels) * channels + c;
-  float v[V];
+  // 32-bit division: cuda_shape keeps pixel counts below 2^31
+  const int64_t nc = int64_t(uint32_t(p) / uint32_t(pixels)) * channels + c;
+  float v[V], s[V], t[V] = {};
   load_floats<V>(v, a + p * channels + c);
+  load_floats<V>(s, scale + nc);  // (N, C) float rows, 16-byte aligned where V > 1 (vector_width)
+  if (shift != nullptr) load_floats<V>(t, shift + nc);
 #pragma unroll
-  for (int l = 0; l < V; ++l) v[l] = shift != nullptr ? fmaf(v[l], scale[nc + l], shift[nc + l]) : v[l] * scale[nc + l];
+  for (int l = 0; l < V; ++l) v[l] = fmaf(v[l], s[l], t[l]);
   store_floats<V>(out + p * channels + c, v);
 }
 
@@ -97,9 +100,9 @@ void apply_scale(Tensor& out, const Tensor& a, const Tensor& scale, const Tensor
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_floating(a.scalar_type(), "squeeze_excitation", [&](auto element) {
     using T = decltype(element);
-    dispatch_width<T>(vector_width(a.scalar_type(), s.c, {&a, &out}), [&](auto width) {
+    dispatch_width<T>(vector_width(a.scalar_type(), s.c, {&a, &out, &scale, shift != nullptr ? shift : &scale}), [&](auto width) {
       constexpr int V = decltype(width)::value;
-      const dim3 block = block_shape(s.c / V);
+      const dim3 block = elementwise_block_shape(s.c / V);
       scale_shift_kernel<T, V><<<dim3(ceil_div(total_pixels, block.y), ceil_div(s.c / V, block.x)), block, 0, stream>>>(
           out.mutable_data_ptr<T>(), a.const_data_ptr<T>(), scale.const_data_ptr<float>(),
           shift != nullptr ? shift->const_data_ptr<float>() : nullptr, s.pixels, total_pixels, s.c);
