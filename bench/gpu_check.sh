@@ -4,8 +4,9 @@
 # each CUDA kernel variant; the GPU benchmarks of eager PyTorch, fastmb's "auto" and its CUDA
 # kernels (copy bandwidth, ops, model; bf16 ops only); the test suite on CUDA tensors (every
 # backend, 16 workers, one Triton config each: on 2026-12-04, 8 workers autotuning every test
-# shape finished 351 of about 1750 tests in 150 s); torch.compile against eager (its compiles
-# take minutes); last the Triton kernels' benchmarks (their autotuning compiles too). One overall deadline
+# shape finished 351 of about 1750 tests in 150 s); the CUDA time of each kernel at a few shapes
+# (bench/gpu_kernel_profile.py); torch.compile against eager (its compiles take minutes); last
+# the Triton kernels' benchmarks (their autotuning compiles too). One overall deadline
 # (FASTMB_GPU_CHECK_SECONDS, default 450: the whole check, build included, fits the device
 # budget); each step gets what is left of it up to its own cap and writes its log to $OUT
 # (default bench/results/latest) as it finishes, so a check cut short still brings back the
@@ -77,6 +78,8 @@ grep -E "^(FAILED|ERROR)" "$OUT/tests.log" 2>/dev/null | head -20
 echo "gpu_check: tests $(grep -c ' PASSED ' "$OUT/tests.log") passed, $(grep -c ' FAILED ' "$OUT/tests.log") failed"
 tail -1 "$OUT/tests.log" 2>/dev/null
 
+# Per-kernel CUDA times at a few shapes (which pass of a slow op to work on); one Triton config.
+step kernel_profile 60 kernel_profile.log env FASTMB_TRITON_AUTOTUNE=0 python bench/gpu_kernel_profile.py
 bench_step bench_compile 120 "${models_and_ops[@]}" -k "(eager_cl or compile) and not torch.float16"
 # The Triton and CUDA kernels in one process, for fastmb/auto_order.json's table.
 FASTMB_AUTO_ORDER_OUT="$OUT/auto_order.json" bench_step bench_triton 120 bench/test_ops_gpu.py -k "not compile and not torch.float16"
