@@ -2,8 +2,9 @@
 // (dwconv_bn_act_backward.cu) CUDA kernels of the fused depthwise conv + BN + activation.
 //
 // NHWC throughout: a thread owns V consecutive channels (one 16-byte access of x where the
-// layout allows it) at one output pixel at a time; blocks are (channel vectors) x (pixels), so
-// a warp reads contiguous channels and neighbouring pixels, and the k x k halo re-reads hit L1.
+// layout allows it) at a strip of kStrip output pixels along a row at a time; blocks are
+// (channel vectors) x (strips), so a warp reads contiguous channels and neighbouring pixels,
+// and the k x k halo re-reads hit L1.
 #pragma once
 
 #include "cuda_utils.cuh"
@@ -45,38 +46,67 @@ void dispatch_kernel_size(int k, F&& f) {
   else f(KernelSize<7>{});
 }
 
-// Calls f(tap, x_tap) for each tap (i * K + j) of the kernel at output pixel o whose input lies
-// inside the image (zero padding: the others add nothing); x_tap points at channel c there.
-template <int K, typename T, typename F>
-__device__ __forceinline__ void for_each_tap(const T* __restrict__ x, const CudaGeometry& g, PixelCoords o, int64_t c, F&& f) {
-  const T* x_img = x + o.n * g.h * g.w * g.c + c;
-  const int64_t ih0 = o.h * g.sh - g.ph, iw0 = o.w * g.sw - g.pw;
+// Output pixels per thread in the passes that compute z (forward, statistics, backward passes 1
+// and 2): a strip of kStrip along a row, so that each tap's weights are loaded once for kStrip
+// pixels (the inputs they share come from L1).
+constexpr int kStrip = 4;
+
+// Strip s of the output rows' strips_per_row: its row (n * Ho + oh), first column and the
+// number of its pixels inside the row (kStrip except at the row's end).
+struct Strip {
+  uint32_t row;
+  int ow0, pixels;
+};
+__device__ __forceinline__ Strip strip_at(int64_t s, int strips_per_row, int wo) {
+  const uint32_t row = uint32_t(s) / uint32_t(strips_per_row);  // 32-bit: strips < pixels < 2^31
+  const int ow0 = int(uint32_t(s) - row * uint32_t(strips_per_row)) * kStrip;
+  return {row, ow0, min(kStrip, wo - ow0)};
+}
+
+// For each tap (i * K + j) whose kernel row lies inside the image: on_tap(tap), then
+// on_pixel(tap, r, x_tap) for each of the strip's pixels r whose input lies inside it (zero
+// padding: the others add nothing); x_tap points at channel c there.
+template <int K, typename T, typename OnTap, typename OnPixel>
+__device__ __forceinline__ void for_each_strip_tap(const T* __restrict__ x, const CudaGeometry& g, Strip strip, int64_t c,
+                                                   OnTap&& on_tap, OnPixel&& on_pixel) {
+  const int64_t n = strip.row / uint32_t(g.ho), oh = strip.row % uint32_t(g.ho);
+  const T* x_img = x + n * g.h * g.w * g.c + c;
+  const int64_t ih0 = oh * g.sh - g.ph, iw0 = int64_t(strip.ow0) * g.sw - g.pw;
 #pragma unroll
   for (int i = 0; i < K; ++i) {
     const int64_t ih = ih0 + int64_t(i) * g.dh;
     if (ih < 0 || ih >= g.h) continue;
+    const T* x_row = x_img + ih * g.w * g.c;
 #pragma unroll
     for (int j = 0; j < K; ++j) {
-      const int64_t iw = iw0 + int64_t(j) * g.dw;
-      if (iw < 0 || iw >= g.w) continue;
-      f(i * K + j, x_img + (ih * g.w + iw) * g.c);
+      on_tap(i * K + j);
+#pragma unroll
+      for (int r = 0; r < kStrip; ++r) {
+        const int64_t iw = iw0 + int64_t(r) * g.sw + int64_t(j) * g.dw;
+        if (r < strip.pixels && iw >= 0 && iw < g.w) on_pixel(i * K + j, r, x_row + iw * g.c);
+      }
     }
   }
 }
 
-// z[0:V] = the depthwise conv at output pixel o, channels c..c+V-1. w is [K * K][C] in float.
+// z[r][0:V] = the depthwise conv at the strip's pixel r (0 for r >= strip.pixels), channels
+// c..c+V-1. w is [K * K][C] in float; each tap's weights are loaded once for the strip.
 template <int K, int V, typename T>
-__device__ __forceinline__ void conv_at(float (&z)[V], const T* __restrict__ x, const float* __restrict__ w, const CudaGeometry& g,
-                                        PixelCoords o, int64_t c) {
+__device__ __forceinline__ void conv_strip(float (&z)[kStrip][V], const T* __restrict__ x, const float* __restrict__ w,
+                                           const CudaGeometry& g, Strip strip, int64_t c) {
 #pragma unroll
-  for (int l = 0; l < V; ++l) z[l] = 0.f;
-  for_each_tap<K>(x, g, o, c, [&](int tap, const T* x_tap) {
-    float xv[V], wv[V];
-    load_floats<V>(xv, x_tap);
-    load_floats<V>(wv, w + tap * g.c + c);
+  for (int r = 0; r < kStrip; ++r)
 #pragma unroll
-    for (int l = 0; l < V; ++l) z[l] = fmaf(xv[l], wv[l], z[l]);
-  });
+    for (int l = 0; l < V; ++l) z[r][l] = 0.f;
+  float wv[V];
+  for_each_strip_tap<K>(
+      x, g, strip, c, [&](int tap) { load_floats<V>(wv, w + tap * g.c + c); },
+      [&](int, int r, const T* x_tap) {
+        float xv[V];
+        load_floats<V>(xv, x_tap);
+#pragma unroll
+        for (int l = 0; l < V; ++l) z[r][l] = fmaf(xv[l], wv[l], z[r][l]);
+      });
 }
 
 // A thread's per-channel BN values, loaded once: the statistics used to normalise (batch or

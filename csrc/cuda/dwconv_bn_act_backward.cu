@@ -1,5 +1,6 @@
 // Fused depthwise conv + BatchNorm + activation on CUDA: the backward (DESIGN.md's plan;
 // z = conv(x) is recomputed, never stored).
+// Passes 1 and 2 recompute z a strip of output pixels at a time (dwconv_bn_act.cuh).
 //   pass 1  per-channel sums of dL/du and dL/du * x_hat (the BN affine grads, and in training
 //           the batch statistics' share of dL/dz); skipped in eval unless the affine grads are
 //           wanted
@@ -16,25 +17,34 @@ namespace {
 
 using at::Tensor;
 
-// Pass 1: block b writes its per-channel sums of dL/du and dL/du * x_hat to row b of the partials.
+// Pass 1: block b writes its per-channel sums of dL/du and dL/du * x_hat to row b of the
+// partials; each thread takes strips of output pixels (a grid-stride loop).
 template <typename T, int K, int V>
 __global__ void __launch_bounds__(kThreads)
     grad_sums_kernel(float* __restrict__ partial_gu, float* __restrict__ partial_gu_xhat, const T* __restrict__ gy,
                      const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ var,
-                     const float* __restrict__ gamma, const float* __restrict__ beta, float eps, CudaGeometry g, Activation act) {
+                     const float* __restrict__ gamma, const float* __restrict__ beta, float eps, CudaGeometry g, int strips_per_row,
+                     int64_t strips, Activation act) {
   __shared__ float shared[kThreads * V];
   const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
   const bool active = c < g.c;  // inactive threads still take part in the block sums
   float sum_gu[V] = {}, sum_gu_xhat[V] = {};
   if (active) {
     const ChannelNorm<V> bn(mean, var, gamma, beta, eps, c);
-    for (int64_t p = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; p < g.pixels; p += int64_t(gridDim.x) * blockDim.y) {
-      float z[V], gyv[V], gu[V], x_hat[V];
-      conv_at<K, V>(z, x, w, g, pixel_coords(uint32_t(p), uint32_t(g.ho), uint32_t(g.wo)), c);
-      load_floats<V>(gyv, gy + p * g.c + c);
-      bn.grad_u(gu, x_hat, z, gyv, act);
+    for (int64_t s = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; s < strips; s += int64_t(gridDim.x) * blockDim.y) {
+      const Strip strip = strip_at(s, strips_per_row, g.wo);
+      float z[kStrip][V];
+      conv_strip<K, V>(z, x, w, g, strip, c);
+      const T* gy_strip = gy + (int64_t(strip.row) * g.wo + strip.ow0) * g.c + c;
 #pragma unroll
-      for (int l = 0; l < V; ++l) sum_gu[l] += gu[l], sum_gu_xhat[l] = fmaf(gu[l], x_hat[l], sum_gu_xhat[l]);
+      for (int r = 0; r < kStrip; ++r) {
+        if (r >= strip.pixels) break;
+        float gyv[V], gu[V], x_hat[V];
+        load_floats<V>(gyv, gy_strip + int64_t(r) * g.c);
+        bn.grad_u(gu, x_hat, z[r], gyv, act);
+#pragma unroll
+        for (int l = 0; l < V; ++l) sum_gu[l] += gu[l], sum_gu_xhat[l] = fmaf(gu[l], x_hat[l], sum_gu_xhat[l]);
+      }
     }
   }
   sum_over_rows<V>(sum_gu, shared);
@@ -79,7 +89,7 @@ __global__ void __launch_bounds__(kThreads)
     grad_z_kernel(float* __restrict__ gz, float* __restrict__ partial_gw, const T* __restrict__ gy, const T* __restrict__ x,
                   const float* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ var,
                   const float* __restrict__ gamma, const float* __restrict__ beta, const float* __restrict__ coef, float eps, CudaGeometry g,
-                  Activation act) {
+                  int strips_per_row, int64_t strips, Activation act) {
   __shared__ float shared[kThreads * V];
   const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
   const bool active = c < g.c;  // inactive threads still take part in the block sums
@@ -89,24 +99,32 @@ __global__ void __launch_bounds__(kThreads)
     float a[V], b[V], d[V];
 #pragma unroll
     for (int l = 0; l < V; ++l) a[l] = coef[c + l], b[l] = coef[g.c + c + l], d[l] = coef[2 * g.c + c + l];
-    for (int64_t p = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; p < g.pixels; p += int64_t(gridDim.x) * blockDim.y) {
-      const PixelCoords o = pixel_coords(uint32_t(p), uint32_t(g.ho), uint32_t(g.wo));
-      float z[V], gyv[V], gzv[V], x_hat[V];
-      conv_at<K, V>(z, x, w, g, o, c);
-      load_floats<V>(gyv, gy + p * g.c + c);
-      bn.grad_u(gzv, x_hat, z, gyv, act);
+    for (int64_t s = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; s < strips; s += int64_t(gridDim.x) * blockDim.y) {
+      const Strip strip = strip_at(s, strips_per_row, g.wo);
+      const int64_t p0 = int64_t(strip.row) * g.wo + strip.ow0;
+      float z[kStrip][V];  // z, then dL/dz in place
+      conv_strip<K, V>(z, x, w, g, strip, c);
 #pragma unroll
-      // The x_hat term left out where d is 0 (eval): a NaN in z must not reach dL/dz through it.
-      for (int l = 0; l < V; ++l) gzv[l] = a[l] * gzv[l] - b[l] - (d[l] == 0.f ? 0.f : x_hat[l] * d[l]);
-      if (gz != nullptr) store_floats<V>(gz + p * g.c + c, gzv);
+      for (int r = 0; r < kStrip; ++r) {
+        if (r >= strip.pixels) break;
+        float gyv[V], gu[V], x_hat[V];
+        load_floats<V>(gyv, gy + (p0 + r) * g.c + c);
+        bn.grad_u(gu, x_hat, z[r], gyv, act);
+#pragma unroll
+        // The x_hat term left out where d is 0 (eval): a NaN in z must not reach dL/dz through it.
+        for (int l = 0; l < V; ++l) z[r][l] = a[l] * gu[l] - b[l] - (d[l] == 0.f ? 0.f : x_hat[l] * d[l]);
+        if (gz != nullptr) store_floats<V>(gz + (p0 + r) * g.c + c, z[r]);
+      }
       if (partial_gw == nullptr) continue;
-      // The taps' inputs were just read by conv_at: these loads hit L1.
-      for_each_tap<K>(x, g, o, c, [&](int tap, const T* x_tap) {
-        float xv[V];
-        load_floats<V>(xv, x_tap);
+      // The taps' inputs were just read by conv_strip: these loads hit L1.
+      for_each_strip_tap<K>(
+          x, g, strip, c, [](int) {},
+          [&](int tap, int r, const T* x_tap) {
+            float xv[V];
+            load_floats<V>(xv, x_tap);
 #pragma unroll
-        for (int l = 0; l < V; ++l) gw[tap][l] = fmaf(gzv[l], xv[l], gw[tap][l]);
-      });
+            for (int l = 0; l < V; ++l) gw[tap][l] = fmaf(z[r][l], xv[l], gw[tap][l]);
+          });
     }
   }
   if (partial_gw == nullptr) return;  // the same for the whole block
@@ -181,6 +199,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
   const Tensor coef = at::empty({3, g.c}, float_options);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int width = vector_width(x.scalar_type(), g.c, {&x, &grad_y, &grad_x.nhwc});
+  const int strips_per_row = int(ceil_div(g.wo, kStrip));  // passes 1 and 2 take strips of output pixels
+  const int64_t strips = int64_t(g.n) * g.ho * strips_per_row;
 
   dispatch_floating(x.scalar_type(), "dwconv_bn_act_backward", [&](auto element) {
     using T = decltype(element);
@@ -193,13 +213,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
           constexpr int V = decltype(vector)::value;
           const dim3 block = block_shape(g.c / V);
           const int64_t channel_blocks = ceil_div(g.c / V, block.x);
-          const int64_t blocks = reduction_blocks(g.pixels, block.y, channel_blocks);
+          const int64_t blocks = reduction_blocks(strips, block.y, channel_blocks);
           partial_gu = at::empty({blocks, g.c}, float_options);
           partial_gu_xhat = at::empty_like(partial_gu);
           grad_sums_kernel<T, K, V><<<dim3(blocks, channel_blocks), block, 0, stream>>>(
               partial_gu.mutable_data_ptr<float>(), partial_gu_xhat.mutable_data_ptr<float>(), grad_y.const_data_ptr<T>(),
               x.const_data_ptr<T>(), w.const_data_ptr<float>(), mean.const_data_ptr<float>(), var.const_data_ptr<float>(),
-              gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), float(eps), g, act);
+              gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), float(eps), g, strips_per_row, strips, act);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       }
@@ -224,13 +244,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
         constexpr int V = decltype(vector)::value;
         const dim3 block = block_shape(g.c / V);
         const int64_t channel_blocks = ceil_div(g.c / V, block.x);
-        const int64_t blocks = reduction_blocks(g.pixels, block.y, channel_blocks);
+        const int64_t blocks = reduction_blocks(strips, block.y, channel_blocks);
         const Tensor partial_gw = want_weight ? at::empty({blocks, K * K, g.c}, float_options) : Tensor();
         grad_z_kernel<T, K, V><<<dim3(blocks, channel_blocks), block, 0, stream>>>(
             want_x ? gz.mutable_data_ptr<float>() : nullptr, want_weight ? partial_gw.mutable_data_ptr<float>() : nullptr,
             grad_y.const_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<float>(), mean.const_data_ptr<float>(),
             var.const_data_ptr<float>(), gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), coef.const_data_ptr<float>(),
-            float(eps), g, act);
+            float(eps), g, strips_per_row, strips, act);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (want_weight) {  // [blocks][taps][C] -> (C, 1, K, K)
           grad_weight.copy_(partial_gw.sum(0).t().reshape(weight.sizes()));

@@ -12,10 +12,6 @@ namespace {
 
 using at::Tensor;
 
-// Output pixels per thread in the forward pass: a strip of kStrip along a row, so that each
-// tap's weights are loaded once for kStrip pixels (the inputs they share come from L1).
-constexpr int kStrip = 4;
-
 // BN per channel as norm = [mean; scale = gamma / sqrt(var + eps); beta], for the forward's
 // (z - mean) * scale + beta: unlike a folded z * scale + shift it loses nothing where |mean| is
 // far larger than the deviation. In eval it also copies the running statistics to the op's
@@ -40,69 +36,58 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
   const int64_t s = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= g.c || s >= strips) return;
-  const uint32_t row = uint32_t(s) / uint32_t(strips_per_row);  // n * Ho + oh
-  const int ow0 = int(uint32_t(s) - row * uint32_t(strips_per_row)) * kStrip;
-  const int64_t n = row / uint32_t(g.ho), oh = row % uint32_t(g.ho);
-  const T* x_img = x + n * g.h * g.w * g.c + c;
-  const int64_t ih0 = oh * g.sh - g.ph, iw0 = int64_t(ow0) * g.sw - g.pw;
-  float acc[kStrip][V] = {};
-#pragma unroll
-  for (int i = 0; i < K; ++i) {
-    const int64_t ih = ih0 + int64_t(i) * g.dh;
-    if (ih < 0 || ih >= g.h) continue;
-    const T* x_row = x_img + ih * g.w * g.c;
-#pragma unroll
-    for (int j = 0; j < K; ++j) {
-      float wv[V];
-      load_floats<V>(wv, w + (i * K + j) * g.c + c);
-#pragma unroll
-      for (int r = 0; r < kStrip; ++r) {
-        const int64_t iw = iw0 + int64_t(r) * g.sw + int64_t(j) * g.dw;
-        if (ow0 + r >= g.wo || iw < 0 || iw >= g.w) continue;
-        float xv[V];
-        load_floats<V>(xv, x_row + iw * g.c);
-#pragma unroll
-        for (int l = 0; l < V; ++l) acc[r][l] = fmaf(xv[l], wv[l], acc[r][l]);
-      }
-    }
-  }
+  const Strip strip = strip_at(s, strips_per_row, g.wo);
+  float acc[kStrip][V];
+  conv_strip<K, V>(acc, x, w, g, strip, c);
   float mean[V], scale[V], beta[V];
   load_floats<V>(mean, norm + c);
   load_floats<V>(scale, norm + g.c + c);
   load_floats<V>(beta, norm + 2 * g.c + c);
-  T* y_row = y + (int64_t(row) * g.wo + ow0) * g.c + c;
+  T* y_row = y + (int64_t(strip.row) * g.wo + strip.ow0) * g.c + c;
 #pragma unroll
   for (int r = 0; r < kStrip; ++r) {
-    if (ow0 + r >= g.wo) break;
+    if (r >= strip.pixels) break;
 #pragma unroll
     for (int l = 0; l < V; ++l) acc[r][l] = activate(act, fmaf(acc[r][l] - mean[l], scale[l], beta[l]));
     store_floats<V>(y_row + int64_t(r) * g.c, acc[r]);
   }
 }
 
-// Train pass 1: each thread runs Welford over its pixels (a grid-stride loop), the block merges
-// its rows with Chan's formula, and block b writes its per-channel mean and M2 and its pixel
-// count to row b of the partial buffers.
+// Train pass 1: each thread takes strips of output pixels (a grid-stride loop), a strip's mean
+// and M2 exactly from its pixels, Chan-merged into the thread's; the block merges its rows
+// with Chan's formula, and block b writes its per-channel mean and M2 and its pixel count to
+// row b of the partial buffers.
 template <typename T, int K, int V>
 __global__ void __launch_bounds__(kThreads)
     statistics_kernel(float* __restrict__ partial_mean, float* __restrict__ partial_m2, float* __restrict__ partial_count,
-                      const T* __restrict__ x, const float* __restrict__ w, CudaGeometry g) {
+                      const T* __restrict__ x, const float* __restrict__ w, CudaGeometry g, int strips_per_row, int64_t strips) {
   __shared__ float s_mean[kThreads * V], s_m2[kThreads * V], s_count[kThreads];
   const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
   const bool active = c < g.c;  // inactive threads still take part in the merge
   float mean[V] = {}, m2[V] = {}, count = 0.f;
   if (active) {
-    for (int64_t p = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; p < g.pixels; p += int64_t(gridDim.x) * blockDim.y) {
-      float z[V];
-      conv_at<K, V>(z, x, w, g, pixel_coords(uint32_t(p), uint32_t(g.ho), uint32_t(g.wo)), c);
-      count += 1.f;
-      const float inv_count = 1.f / count;
+    for (int64_t s = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; s < strips; s += int64_t(gridDim.x) * blockDim.y) {
+      const Strip strip = strip_at(s, strips_per_row, g.wo);
+      float z[kStrip][V];
+      conv_strip<K, V>(z, x, w, g, strip, c);
+      const float pixels = float(strip.pixels), total = count + pixels;
+      const float inv_pixels = 1.f / pixels, share = pixels / total, cross = count * pixels / total;
 #pragma unroll
       for (int l = 0; l < V; ++l) {
-        const float delta = z[l] - mean[l];
-        mean[l] += delta * inv_count;
-        m2[l] = fmaf(delta, z[l] - mean[l], m2[l]);
+        float strip_mean = 0.f, strip_m2 = 0.f;
+#pragma unroll
+        for (int r = 0; r < kStrip; ++r) strip_mean += r < strip.pixels ? z[r][l] : 0.f;
+        strip_mean *= inv_pixels;
+#pragma unroll
+        for (int r = 0; r < kStrip; ++r) {
+          const float d = z[r][l] - strip_mean;
+          strip_m2 += r < strip.pixels ? d * d : 0.f;
+        }
+        const float delta = strip_mean - mean[l];
+        mean[l] = fmaf(delta, share, mean[l]);
+        m2[l] += strip_m2 + delta * delta * cross;
       }
+      count = total;
     }
   }
   const int t = threadIdx.y * blockDim.x + threadIdx.x;
@@ -191,13 +176,15 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
         constexpr int K = decltype(kernel_size)::value;
         const dim3 block = block_shape(g.c / V);
         const int64_t channel_blocks = ceil_div(g.c / V, block.x);
+        const int strips_per_row = int(ceil_div(g.wo, kStrip));
+        const int64_t strips = int64_t(g.n) * g.ho * strips_per_row;
         if (training) {
-          const int64_t blocks = reduction_blocks(g.pixels, block.y, channel_blocks);
+          const int64_t blocks = reduction_blocks(strips, block.y, channel_blocks);
           const Tensor partial_mean = at::empty({blocks, g.c}, float_options), partial_m2 = at::empty_like(partial_mean);
           const Tensor partial_count = at::empty({blocks}, float_options);
           statistics_kernel<T, K, V><<<dim3(blocks, channel_blocks), block, 0, stream>>>(
               partial_mean.mutable_data_ptr<float>(), partial_m2.mutable_data_ptr<float>(), partial_count.mutable_data_ptr<float>(),
-              x.const_data_ptr<T>(), w.const_data_ptr<float>(), g);
+              x.const_data_ptr<T>(), w.const_data_ptr<float>(), g, strips_per_row, strips);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           merge_statistics_kernel<<<ceil_div(g.c, kThreads), kThreads, 0, stream>>>(
               mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(), partial_mean.const_data_ptr<float>(),
@@ -209,8 +196,6 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
             gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), float(eps),
             training ? nullptr : mean_out.mutable_data_ptr<float>(), training ? nullptr : var_out.mutable_data_ptr<float>(), g.c);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const int strips_per_row = int(ceil_div(g.wo, kStrip));
-        const int64_t strips = int64_t(g.n) * g.ho * strips_per_row;
         const dim3 strip_block = elementwise_block_shape(g.c / V);
         forward_kernel<T, K, V><<<dim3(ceil_div(strips, strip_block.y), ceil_div(g.c / V, strip_block.x)), strip_block, 0, stream>>>(
             out.nhwc.mutable_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<float>(), norm.const_data_ptr<float>(), g,
