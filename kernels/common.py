@@ -81,6 +81,26 @@ def nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+@triton.jit
+def row_offsets(rows, C, CV: tl.constexpr):
+    """rows * C in 64 bits (NHWC rows of C channels), marked as multiples of CV, a power of two
+    dividing C: with channel_mask it lets loads and stores over channels use 16-byte accesses
+    where C is not a multiple of 16 (72 or 120 channels: else 2-byte ones, seen in the PTX)."""
+    return tl.multiple_of(rows.to(tl.int64) * C, CV)
+
+
+@triton.jit
+def channel_mask(c, C, CV: tl.constexpr):
+    """c < C for a tile's channels c (starting at a multiple of the tile's width, at least CV),
+    marked constant over each aligned group of CV channels (C is a multiple of CV)."""
+    return tl.max_constancy(c < C, CV)
+
+
+def channel_divisor(channels: int) -> int:
+    """CV for row_offsets and channel_mask: the largest power of two dividing `channels`, at most 16."""
+    return max(1, min(channels & -channels, 16))
+
+
 def autotune_configs(configs: list[dict]) -> list[triton.Config]:
     """The configs to autotune over; one under the interpreter, where timing means nothing, or
     where FASTMB_TRITON_AUTOTUNE=0 says so."""

@@ -24,7 +24,10 @@ from fastmb.kernels.common import (
     activate,
     activation_grad,
     autotune_configs,
+    channel_divisor,
+    channel_mask,
     nhwc,
+    row_offsets,
     triton_op as _triton_op,
 )
 
@@ -33,35 +36,35 @@ STATS_BLOCK_P, BLOCK_C = 64, 32
 
 
 @triton.jit
-def _load_tap(x_ptr, n, oh, ow, c, p_mask, c_mask, kh, kw, H, W, C, SH, SW, PH, PW, DH, DW, ACC: tl.constexpr):
+def _load_tap(x_ptr, n, oh, ow, c, p_mask, c_mask, kh, kw, H, W, C, SH, SW, PH, PW, DH, DW, CV: tl.constexpr, ACC: tl.constexpr):
     """The input values tap (kh, kw) reads for a tile of output pixels; zero outside the image."""
     ih = oh * SH - PH + kh * DH
     iw = ow * SW - PW + kw * DW
     valid = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    offsets = ((n * H + ih) * W + iw).to(tl.int64) * C
+    offsets = row_offsets((n * H + ih) * W + iw, C, CV)
     return tl.load(x_ptr + offsets[:, None] + c[None, :], mask=valid[:, None] & c_mask[None, :], other=0.0).to(ACC)
 
 
 @triton.jit
-def _conv_tile(x_ptr, w_ptr, n, oh, ow, c, p_mask, c_mask, H, W, C, SH, SW, PH, PW, DH, DW,
+def _conv_tile(x_ptr, w_ptr, n, oh, ow, c, p_mask, c_mask, H, W, C, SH, SW, PH, PW, DH, DW, CV: tl.constexpr,
                K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     for kh in tl.static_range(K):
         for kw in tl.static_range(K):
-            xv = _load_tap(x_ptr, n, oh, ow, c, p_mask, c_mask, kh, kw, H, W, C, SH, SW, PH, PW, DH, DW, ACC)
+            xv = _load_tap(x_ptr, n, oh, ow, c, p_mask, c_mask, kh, kw, H, W, C, SH, SW, PH, PW, DH, DW, CV, ACC)
             wv = tl.load(w_ptr + (kh * K + kw) * C + c, mask=c_mask, other=0.0)
             acc += xv * wv[None, :]
     return acc
 
 
 @triton.jit
-def _tile_indices(P, C, HO, WO, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _tile_indices(P, C, HO, WO, CV: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ow = p % WO
     oh = (p // WO) % HO
     n = p // (WO * HO)
-    return p, c, n, oh, ow, p < P, c < C
+    return p, c, n, oh, ow, p < P, channel_mask(c, C, CV)
 
 
 @triton.autotune(
@@ -69,22 +72,23 @@ def _tile_indices(P, C, HO, WO, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     key=["C", "K", "SH"],
 )
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, P, H, W, C, HO, WO, SH, SW, PH, PW, DH, DW,
+def _forward_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, P, H, W, C, HO, WO, SH, SW, PH, PW, DH, DW, CV: tl.constexpr,
                     K: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    p, c, n, oh, ow, p_mask, c_mask = _tile_indices(P, C, HO, WO, BLOCK_P, BLOCK_C)
-    z = _conv_tile(x_ptr, w_ptr, n, oh, ow, c, p_mask, c_mask, H, W, C, SH, SW, PH, PW, DH, DW, K, BLOCK_P, BLOCK_C, ACC)
+    p, c, n, oh, ow, p_mask, c_mask = _tile_indices(P, C, HO, WO, CV, BLOCK_P, BLOCK_C)
+    z = _conv_tile(x_ptr, w_ptr, n, oh, ow, c, p_mask, c_mask, H, W, C, SH, SW, PH, PW, DH, DW, CV, K, BLOCK_P, BLOCK_C, ACC)
     scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     y = activate(z * scale[None, :] + shift[None, :], ACT)
-    tl.store(y_ptr + p[:, None] * C + c[None, :], y.to(y_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+    mask = p_mask[:, None] & c_mask[None, :]
+    tl.store(y_ptr + row_offsets(p, C, CV)[:, None] + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _statistics_kernel(x_ptr, w_ptr, mean_ptr, m2_ptr, P, H, W, C, HO, WO, SH, SW, PH, PW, DH, DW,
+def _statistics_kernel(x_ptr, w_ptr, mean_ptr, m2_ptr, P, H, W, C, HO, WO, SH, SW, PH, PW, DH, DW, CV: tl.constexpr,
                        K: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # Per tile: mean and M2 over its valid pixels (two passes in registers), for Chan's merge.
-    p, c, n, oh, ow, p_mask, c_mask = _tile_indices(P, C, HO, WO, BLOCK_P, BLOCK_C)
-    z = _conv_tile(x_ptr, w_ptr, n, oh, ow, c, p_mask, c_mask, H, W, C, SH, SW, PH, PW, DH, DW, K, BLOCK_P, BLOCK_C, ACC)
+    p, c, n, oh, ow, p_mask, c_mask = _tile_indices(P, C, HO, WO, CV, BLOCK_P, BLOCK_C)
+    z = _conv_tile(x_ptr, w_ptr, n, oh, ow, c, p_mask, c_mask, H, W, C, SH, SW, PH, PW, DH, DW, CV, K, BLOCK_P, BLOCK_C, ACC)
     count = tl.sum(p_mask.to(ACC), axis=0)
     mean = tl.sum(z, axis=0) / count  # masked pixels contribute zeros
     d = tl.where(p_mask[:, None], z - mean[None, :], 0.0)
@@ -95,28 +99,28 @@ def _statistics_kernel(x_ptr, w_ptr, mean_ptr, m2_ptr, P, H, W, C, HO, WO, SH, S
 
 @triton.jit
 def _grad_u_tile(x_ptr, w_ptr, gy_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, p, n, oh, ow, c, p_mask, c_mask,
-                 H, W, C, SH, SW, PH, PW, DH, DW, K: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                 H, W, C, SH, SW, PH, PW, DH, DW, CV: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """(x_hat, dL/du) of a tile; zero outside the tensor."""
-    z = _conv_tile(x_ptr, w_ptr, n, oh, ow, c, p_mask, c_mask, H, W, C, SH, SW, PH, PW, DH, DW, K, BLOCK_P, BLOCK_C, ACC)
+    z = _conv_tile(x_ptr, w_ptr, n, oh, ow, c, p_mask, c_mask, H, W, C, SH, SW, PH, PW, DH, DW, CV, K, BLOCK_P, BLOCK_C, ACC)
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
     invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
     gamma = tl.load(gamma_ptr + c, mask=c_mask, other=0.0)
     beta = tl.load(beta_ptr + c, mask=c_mask, other=0.0)
     mask = p_mask[:, None] & c_mask[None, :]
     x_hat = tl.where(mask, (z - mean[None, :]) * invstd[None, :], 0.0)
-    gy = tl.load(gy_ptr + p[:, None] * C + c[None, :], mask=mask, other=0.0).to(ACC)
+    gy = tl.load(gy_ptr + row_offsets(p, C, CV)[:, None] + c[None, :], mask=mask, other=0.0).to(ACC)
     gu = activation_grad(gy, x_hat * gamma[None, :] + beta[None, :], ACT)
     return x_hat, tl.where(mask, gu, 0.0)
 
 
 @triton.jit
 def _grad_sums_kernel(x_ptr, w_ptr, gy_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, sum_gu_ptr, sum_gu_xhat_ptr,
-                      P, H, W, C, HO, WO, SH, SW, PH, PW, DH, DW, K: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    p, c, n, oh, ow, p_mask, c_mask = _tile_indices(P, C, HO, WO, BLOCK_P, BLOCK_C)
+                      P, H, W, C, HO, WO, SH, SW, PH, PW, DH, DW, CV: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr,
+                      ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    p, c, n, oh, ow, p_mask, c_mask = _tile_indices(P, C, HO, WO, CV, BLOCK_P, BLOCK_C)
     x_hat, gu = _grad_u_tile(x_ptr, w_ptr, gy_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, p, n, oh, ow, c, p_mask, c_mask,
-                             H, W, C, SH, SW, PH, PW, DH, DW, K, ACT, ACC, BLOCK_P, BLOCK_C)
+                             H, W, C, SH, SW, PH, PW, DH, DW, CV, K, ACT, ACC, BLOCK_P, BLOCK_C)
     out = tl.program_id(0).to(tl.int64) * C + c
     tl.store(sum_gu_ptr + out, tl.sum(gu, axis=0), mask=c_mask)
     tl.store(sum_gu_xhat_ptr + out, tl.sum(gu * x_hat, axis=0), mask=c_mask)
@@ -124,34 +128,34 @@ def _grad_sums_kernel(x_ptr, w_ptr, gy_ptr, mean_ptr, invstd_ptr, gamma_ptr, bet
 
 @triton.jit
 def _grad_z_kernel(x_ptr, w_ptr, gy_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, a_ptr, b_ptr, d_ptr, gz_ptr, gw_ptr,
-                   P, H, W, C, HO, WO, SH, SW, PH, PW, DH, DW, K: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-                   WEIGHT_GRAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                   P, H, W, C, HO, WO, SH, SW, PH, PW, DH, DW, CV: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr,
+                   ACC: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # dL/dz = a * dL/du - b - x_hat * d per channel (b, d: the batch statistics' terms); stored
     # for pass 3, and multiplied with x at each tap into this tile's weight-gradient partials.
-    p, c, n, oh, ow, p_mask, c_mask = _tile_indices(P, C, HO, WO, BLOCK_P, BLOCK_C)
+    p, c, n, oh, ow, p_mask, c_mask = _tile_indices(P, C, HO, WO, CV, BLOCK_P, BLOCK_C)
     x_hat, gu = _grad_u_tile(x_ptr, w_ptr, gy_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, p, n, oh, ow, c, p_mask, c_mask,
-                             H, W, C, SH, SW, PH, PW, DH, DW, K, ACT, ACC, BLOCK_P, BLOCK_C)
+                             H, W, C, SH, SW, PH, PW, DH, DW, CV, K, ACT, ACC, BLOCK_P, BLOCK_C)
     a = tl.load(a_ptr + c, mask=c_mask, other=0.0)
     b = tl.load(b_ptr + c, mask=c_mask, other=0.0)
     d = tl.load(d_ptr + c, mask=c_mask, other=0.0)
     mask = p_mask[:, None] & c_mask[None, :]
     # The x_hat term left out where d is 0 (eval): a NaN in z must not reach dL/dz through it.
     gz = tl.where(mask, a[None, :] * gu - b[None, :] - tl.where(d[None, :] == 0.0, 0.0, x_hat * d[None, :]), 0.0)
-    tl.store(gz_ptr + p[:, None] * C + c[None, :], gz, mask=mask)
+    tl.store(gz_ptr + row_offsets(p, C, CV)[:, None] + c[None, :], gz, mask=mask)
     if WEIGHT_GRAD:
         for kh in tl.static_range(K):
             for kw in tl.static_range(K):
-                xv = _load_tap(x_ptr, n, oh, ow, c, p_mask, c_mask, kh, kw, H, W, C, SH, SW, PH, PW, DH, DW, ACC)
+                xv = _load_tap(x_ptr, n, oh, ow, c, p_mask, c_mask, kh, kw, H, W, C, SH, SW, PH, PW, DH, DW, CV, ACC)
                 partial = tl.sum(gz * xv, axis=0)
                 tl.store(gw_ptr + (tl.program_id(0).to(tl.int64) * (K * K) + kh * K + kw) * C + c, partial, mask=c_mask)
 
 
 @triton.autotune(configs=autotune_configs([{"BLOCK_P": 64, "BLOCK_C": 32}, {"BLOCK_P": 32, "BLOCK_C": 64}]), key=["C", "K", "SH"])
 @triton.jit
-def _grad_x_kernel(gz_ptr, w_ptr, gx_ptr, Q, H, W, C, HO, WO, SH, SW, PH, PW, DH, DW,
+def _grad_x_kernel(gz_ptr, w_ptr, gx_ptr, Q, H, W, C, HO, WO, SH, SW, PH, PW, DH, DW, CV: tl.constexpr,
                    K: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # dL/dx at input pixels: the sum over taps of dL/dz at the output pixel that read it.
-    q, c, n, ih, iw, q_mask, c_mask = _tile_indices(Q, C, H, W, BLOCK_P, BLOCK_C)
+    q, c, n, ih, iw, q_mask, c_mask = _tile_indices(Q, C, H, W, CV, BLOCK_P, BLOCK_C)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     for kh in tl.static_range(K):
         th = ih + PH - kh * DH
@@ -161,11 +165,12 @@ def _grad_x_kernel(gz_ptr, w_ptr, gx_ptr, Q, H, W, C, HO, WO, SH, SW, PH, PW, DH
             tw = iw + PW - kw * DW
             ow = tw // SW
             valid = q_mask & valid_h & (tw >= 0) & (tw % SW == 0) & (ow < WO)
-            offsets = ((n * HO + oh) * WO + ow).to(tl.int64) * C
+            offsets = row_offsets((n * HO + oh) * WO + ow, C, CV)
             gz = tl.load(gz_ptr + offsets[:, None] + c[None, :], mask=valid[:, None] & c_mask[None, :], other=0.0)
             wv = tl.load(w_ptr + (kh * K + kw) * C + c, mask=c_mask, other=0.0)
             acc += gz * wv[None, :]
-    tl.store(gx_ptr + q[:, None] * C + c[None, :], acc.to(gx_ptr.dtype.element_ty), mask=q_mask[:, None] & c_mask[None, :])
+    mask = q_mask[:, None] & c_mask[None, :]
+    tl.store(gx_ptr + row_offsets(q, C, CV)[:, None] + c[None, :], acc.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 def _acc_triton(dtype: torch.dtype):
@@ -177,7 +182,7 @@ def _geometry(x, weight, stride, padding, dilation) -> dict:
     _, _, ho, wo = conv_output_shape(x, weight, stride, padding, dilation)
     top, _, left, _ = padding_sides(padding)  # the bottom and right padding only set HO and WO
     return dict(H=h, W=w, C=c, HO=ho, WO=wo, SH=stride[0], SW=stride[1], PH=top, PW=left,
-                DH=dilation[0], DW=dilation[1], K=weight.shape[2])
+                DH=dilation[0], DW=dilation[1], CV=channel_divisor(c), K=weight.shape[2])
 
 
 def _taps_major(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

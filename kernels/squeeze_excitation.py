@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from fastmb.kernels.common import accumulation_dtype, autotune_configs, nhwc, triton_op
+from fastmb.kernels.common import accumulation_dtype, autotune_configs, channel_divisor, channel_mask, nhwc, row_offsets, triton_op
 from fastmb.ops import schemas
 from fastmb.ops.reference.squeeze_excitation import excitation, excitation_backward
 from fastmb.ops.common import autocast_off
@@ -22,17 +22,17 @@ BLOCK_P, BLOCK_C = 64, 32
 
 
 @triton.jit
-def _channel_sums_kernel(a_ptr, b_ptr, out_ptr, HW, C, PRODUCT: tl.constexpr, ACC: tl.constexpr,
+def _channel_sums_kernel(a_ptr, b_ptr, out_ptr, HW, C, CV: tl.constexpr, PRODUCT: tl.constexpr, ACC: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # out[n, c] = sum over the pixels of image n of a (or a * b), one program per (n, channel block).
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    c_mask = channel_mask(c, C, CV)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     for p0 in range(0, HW, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         mask = (p < HW)[:, None] & c_mask[None, :]
-        offsets = (n * HW + p)[:, None] * C + c[None, :]
+        offsets = row_offsets(n * HW + p, C, CV)[:, None] + c[None, :]
         a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(ACC)
         if PRODUCT:
             a *= tl.load(b_ptr + offsets, mask=mask, other=0.0).to(ACC)
@@ -42,19 +42,20 @@ def _channel_sums_kernel(a_ptr, b_ptr, out_ptr, HW, C, PRODUCT: tl.constexpr, AC
 
 @triton.autotune(configs=autotune_configs([{"BLOCK_P": 64, "BLOCK_C": 32}, {"BLOCK_P": 16, "BLOCK_C": 128}]), key=["C"])
 @triton.jit
-def _scale_shift_kernel(a_ptr, scale_ptr, shift_ptr, out_ptr, P, HW, C, SHIFT: tl.constexpr,
+def _scale_shift_kernel(a_ptr, scale_ptr, shift_ptr, out_ptr, P, HW, C, CV: tl.constexpr, SHIFT: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # out[n, p, c] = a[n, p, c] * scale[n, c] (+ shift[n, c]) over the flattened pixels of all images.
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (p < P)[:, None] & (c < C)[None, :]
-    per_image = (p // HW)[:, None] * C + c[None, :]
+    mask = (p < P)[:, None] & channel_mask(c, C, CV)[None, :]
+    per_image = row_offsets(p // HW, C, CV)[:, None] + c[None, :]
     scale = tl.load(scale_ptr + per_image, mask=mask, other=0.0)
-    a = tl.load(a_ptr + p[:, None] * C + c[None, :], mask=mask, other=0.0).to(scale.dtype)
+    rows = row_offsets(p, C, CV)[:, None] + c[None, :]
+    a = tl.load(a_ptr + rows, mask=mask, other=0.0).to(scale.dtype)
     out = a * scale
     if SHIFT:
         out += tl.load(shift_ptr + per_image, mask=mask, other=0.0)
-    tl.store(out_ptr + p[:, None] * C + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _channel_sums(a: Tensor, b: Tensor | None, acc: torch.dtype) -> Tensor:
@@ -62,7 +63,7 @@ def _channel_sums(a: Tensor, b: Tensor | None, acc: torch.dtype) -> Tensor:
     out = a.new_empty((n, c), dtype=acc)
     if n > 0:
         wrap_triton(_channel_sums_kernel)[(n, triton.cdiv(c, BLOCK_C))](
-            a, a if b is None else b, out, h * w, c, PRODUCT=b is not None,
+            a, a if b is None else b, out, h * w, c, CV=channel_divisor(c), PRODUCT=b is not None,
             ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
     return out
 
@@ -74,7 +75,7 @@ def _scale_shift(a: Tensor, scale: Tensor, shift: Tensor | None, like: Tensor) -
     if a.numel() > 0:
         grid = lambda meta: (triton.cdiv(n * h * w, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
         wrap_triton(_scale_shift_kernel)[grid](a, scale, scale if shift is None else shift, out, n * h * w, h * w, c,
-                                               SHIFT=shift is not None)
+                                               CV=channel_divisor(c), SHIFT=shift is not None)
     if like.is_contiguous(memory_format=torch.channels_last):  # then a is `like` itself
         return out
     return torch.empty_like(like).copy_(out)
