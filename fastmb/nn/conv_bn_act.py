@@ -199,9 +199,10 @@ class ConvBNAct(nn.Sequential):
     activation is "identity") "2", the layout of torchvision's Conv2dNormActivation, so
     state_dicts match key for key.
 
-    With a BatchNorm2d norm: in eval mode without autograd, the batch norm is folded into the
-    convolution's weight and bias on every call (so never stale; ``fastmb.freeze`` keeps the
-    folded weights instead), which removes its pass over the output; on the CPU a folded 1x1 conv over channels_last inputs at
+    With a BatchNorm2d norm: in eval mode without autograd, on the CPU, the batch norm is folded
+    into the convolution's weight and bias on every call (so never stale; ``fastmb.freeze``
+    keeps the folded weights instead, also on a GPU, where unfrozen layers run as eager's
+    modules), which removes its pass over the output; on the CPU a folded 1x1 conv over channels_last inputs at
     batch 1, or up to 1024 pixels, runs as one GEMM. In training, batch norm + hardswish/relu6
     keep only the conv output for backward (eager also keeps the batch norm's output).
     """
@@ -275,6 +276,11 @@ class ConvBNAct(nn.Sequential):
             return activation(u) if activation is not None else u
         if type(bn) is not nn.BatchNorm2d or conv.bias is not None or torch.compiler.is_compiling() or runs_composite(x):
             return super().forward(x)  # compile and ONNX export fold on their own; torch.func needs plain ops
+        if not bn.training and not self.frozen and x.device.type != "cpu":
+            # A fold on every call is six small kernels on a GPU: at a launch-bound batch more than
+            # the batch norm's pass it saves (not timed alone; the H200's batch-1 model with them
+            # and the GPU kernels took 1.8x eager's time). So the modules, as eager runs them.
+            return super().forward(x)
         y = run_conv_bn_act_modules(x, conv, bn, activation, self._folded_conv)
         return y if y is not None else super().forward(x)
 

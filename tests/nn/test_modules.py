@@ -136,3 +136,20 @@ def test_deepcopy_and_eval_without_grad(backend, device):
     with torch.inference_mode():
         y = module(torch.randn(1, 4, 5, 5, device=device))
     assert y.shape == (1, 4, 5, 5) and not y.requires_grad
+
+
+def test_eval_conv_bn_off_the_cpu_folds_only_when_frozen(monkeypatch):
+    """On a GPU (here the meta device) an unfrozen eval ConvBNAct runs its modules as eager does:
+    a fold on every call is six small kernels there. fastmb.freeze folds once."""
+    from fastmb.nn import conv_bn_act
+
+    folds = []
+    fold = conv_bn_act.fold_conv_bn
+    monkeypatch.setattr(conv_bn_act, "fold_conv_bn", lambda *args: folds.append(1) or fold(*args))
+    layer = fastmb.nn.ConvBNAct(4, 8, 1, activation="relu").eval().to("meta")
+    x = torch.empty(1, 4, 5, 5, device="meta")
+    with torch.no_grad():
+        assert layer(x).shape == (1, 8, 5, 5) and folds == []
+        fastmb.freeze(layer)
+        layer(x), layer(x)
+    assert folds == [1]
