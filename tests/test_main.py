@@ -121,6 +121,16 @@ def test_rows_say_which_kernels_ran(capsys):
     assert "fastmb cpu (ran: reference)" in capsys.readouterr().out
 
 
+def test_a_gpu_run_times_auto_beside_each_backend():
+    """On CUDA "auto" (the measured table's choice) is what users get: timed first, then every
+    available backend forced; on the CPU the backends alone, as before."""
+    status = fastmb.backends()
+    available = [b for b in ("cuda", "triton", "reference") if status[b] == "available"]
+    assert cli.fastmb_backends(torch.device("cuda"), "all") == ["auto", *available]
+    assert "auto" not in cli.fastmb_backends(torch.device("cpu"), "all")
+    assert cli.fastmb_backends(torch.device("cuda"), "reference") == ["reference"]
+
+
 def test_check_passes_here_and_fails_on_a_broken_kernel(monkeypatch, capsys):
     assert cli.main(["check", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
