@@ -59,7 +59,9 @@ def _conv_tile(x_ptr, w_ptr, n, oh, ow, c, p_mask, c_mask, H, W, C, SH, SW, PH, 
 
 @triton.jit
 def _tile_indices(P, C, HO, WO, CV: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # Pixel indices in 32 bits (supports() keeps them below 2^31; offsets are 64-bit): 64-bit
+    # divisions were 8 of the forward kernel's 947 PTX instructions, each a long subroutine.
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ow = p % WO
     oh = (p // WO) % HO
@@ -196,11 +198,18 @@ def _from_nhwc(nhwc_tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return new_output(nhwc_tensor.shape, like).copy_(nhwc_tensor)
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor, *args) -> bool:
-    """Square 3/5/7 kernels; fp32/fp16/bf16/fp64 (no bf16 in the CPU interpreter)."""
+def supports(x: torch.Tensor, weight: torch.Tensor, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
+             *args) -> bool:
+    """Square 3/5/7 kernels; fp32/fp16/bf16/fp64 (no bf16 in the CPU interpreter); pixel indices,
+    of the padded input and of the output, below 2^31 (the kernels index pixels in 32 bits)."""
     k = weight.shape[2]
     dtypes = (torch.float32, torch.float16, torch.float64) + ((torch.bfloat16,) if x.is_cuda else ())
-    return k == weight.shape[3] and k in KERNEL_SIZES and x.dtype in dtypes
+    n, _, h, w = x.shape
+    _, _, ho, wo = conv_output_shape(x, weight, stride, padding, dilation)
+    top, bottom, left, right = padding_sides(padding)
+    limit = 2**31 - 2**16  # beyond a tile's reach past the last pixel
+    small = n * (h + top + bottom) * (w + left + right) < limit and n * ho * wo < limit
+    return k == weight.shape[3] and k in KERNEL_SIZES and x.dtype in dtypes and small
 
 
 @_triton_op("fastmb::dwconv_bn_act_triton", schemas.DWCONV_BN_ACT)

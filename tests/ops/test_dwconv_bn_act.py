@@ -460,3 +460,18 @@ def test_backward_with_batch_sums_equals_the_batchs_own(backend, device):
     actual = kernel.backward(*args, True, "hardswish", [True, True, False], torch.stack([sum_gu, sum_gu_xhat]).double(), 2 * 4 * 4)
     for got, want in zip(actual[:2], expected[:2]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_kernels_that_index_pixels_in_32_bits_send_larger_inputs_to_the_reference():
+    """The Triton kernels take padded inputs and outputs of fewer than 2^31 - 2^16 pixels (meta
+    tensors: no memory)."""
+    triton_kernels = pytest.importorskip("fastmb.kernels.dwconv_bn_act")
+    weight = torch.empty(1, 1, 3, 3, device="meta")
+    geometry = ([1, 1], [1, 1], [1, 1])
+
+    def supported(h: int, w: int) -> bool:
+        x = torch.empty(1, 1, h, w, device="meta")
+        return triton_kernels.supports(x, weight, None, None, None, None, *geometry)
+
+    assert supported(46338, 46338)  # 46340^2 padded pixels: just under the limit
+    assert not supported(46339, 46339)

@@ -1,7 +1,8 @@
 """The Triton kernels' PTX for a Hopper GPU (sm_90), compiled here without one: their loads and
 stores over channels are 16-byte vectors also where the channel count is not a multiple of 16
-(72 and 120 in MobileNetV3). On 2026-12-04's H200 run they were 2-byte accesses there, and the
-depthwise kernels 10-20x slower than cuDNN at those stages."""
+(72 and 120 in MobileNetV3), and pixel indices take no 64-bit divisions. On 2026-12-04's H200 run
+they were 2-byte accesses there, and the depthwise kernels 10-20x slower than cuDNN at those
+stages."""
 
 import re
 
@@ -46,6 +47,7 @@ def test_depthwise_forward_accesses_channels_16_bytes_at_a_time(channels):
     accesses = global_accesses(ptx)
     assert "ld.global.v4.b32" in accesses and "st.global.v4.b32" in accesses, accesses
     assert not {a for a in accesses if a.endswith((".b16", ".u16"))}, accesses  # no 2-byte element accesses
+    assert not re.findall(r"\b(?:div|rem)\.[su]64", ptx)  # a long subroutine each, per pixel
 
 
 def test_se_scale_accesses_channels_16_bytes_at_a_time():
