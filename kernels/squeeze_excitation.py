@@ -44,8 +44,9 @@ def _channel_sums_kernel(a_ptr, b_ptr, out_ptr, HW, C, CV: tl.constexpr, PRODUCT
 @triton.jit
 def _scale_shift_kernel(a_ptr, scale_ptr, shift_ptr, out_ptr, P, HW, C, CV: tl.constexpr, SHIFT: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # out[n, p, c] = a[n, p, c] * scale[n, c] (+ shift[n, c]) over the flattened pixels of all images.
-    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # out[n, p, c] = a[n, p, c] * scale[n, c] (+ shift[n, c]) over the flattened pixels of all images,
+    # indexed in 32 bits (supports() keeps them below 2^31): no 64-bit division per pixel.
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (p < P)[:, None] & channel_mask(c, C, CV)[None, :]
     per_image = row_offsets(p // HW, C, CV)[:, None] + c[None, :]
@@ -82,8 +83,9 @@ def _scale_shift(a: Tensor, scale: Tensor, shift: Tensor | None, like: Tensor) -
 
 
 def supports(x: Tensor, *args) -> bool:
+    """fp32/fp16/fp64, bf16 on a GPU; fewer than 2^31 - 2^16 pixels in all (32-bit pixel indices)."""
     dtypes = (torch.float32, torch.float16, torch.float64) + ((torch.bfloat16,) if x.is_cuda else ())
-    return x.dtype in dtypes
+    return x.dtype in dtypes and x.shape[0] * x.shape[2] * x.shape[3] < 2**31 - 2**16
 
 
 @triton_op("fastmb::squeeze_excitation_triton", schemas.SQUEEZE_EXCITATION)

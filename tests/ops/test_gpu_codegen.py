@@ -59,3 +59,4 @@ def test_se_scale_accesses_channels_16_bytes_at_a_time():
     accesses = global_accesses(ptx)
     assert "st.global.v4.b32" in accesses, accesses
     assert not {a for a in accesses if a.endswith((".b16", ".u16"))}, accesses
+    assert not re.findall(r"\b(?:div|rem)\.[su]64", ptx)

@@ -166,3 +166,10 @@ def test_autocast_output_dtype_follows_x(backend, device):
             expected, actual = eager(x), fused(x)
         assert actual.dtype == expected.dtype
         torch.testing.assert_close(actual.float(), expected.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_kernels_that_index_pixels_in_32_bits_send_larger_inputs_to_the_reference():
+    """The Triton kernels take fewer than 2^31 - 2^16 pixels in all (meta tensors: no memory)."""
+    triton_kernels = pytest.importorskip("fastmb.kernels.squeeze_excitation")
+    assert triton_kernels.supports(torch.empty(2, 8, 32767, 32767, device="meta"))
+    assert not triton_kernels.supports(torch.empty(2, 8, 32768, 32768, device="meta"))
