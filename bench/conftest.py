@@ -141,7 +141,8 @@ AUTO_CANDIDATES = {"cuda": "cuda", "triton": "triton", BASELINE: "pytorch"}
 def write_auto_order(groups: dict[str, dict[str, Result]], path: str) -> None:
     """fastmb/auto_order.json's table from this run: per fused op, the candidates timed in every
     group of the op (both modes, each dtype), fastest first by geometric-mean time relative to
-    PyTorch's. Not written when this run timed no fastmb backend against PyTorch."""
+    PyTorch's, then the GPU backends this run did not time (still tried where those before them
+    do not apply). Not written when this run timed no fastmb backend against PyTorch."""
     order, ratios = {}, {}
     for op, prefix in OP_GROUPS.items():
         timed = [r for g, r in groups.items() if g.startswith(prefix) and BASELINE in r]
@@ -151,7 +152,7 @@ def write_auto_order(groups: dict[str, dict[str, Result]], path: str) -> None:
         relative = {
             AUTO_CANDIDATES[p]: round(geomean([r[p].seconds / r[BASELINE].seconds for r in timed]), 4) for p in candidates
         }
-        order[op] = sorted(relative, key=relative.get)
+        order[op] = sorted(relative, key=relative.get) + [b for b in ("cuda", "triton") if b not in relative]
         ratios[op] = {"time_over_pytorch": relative, "groups": len(timed)}
     if not order:
         return

@@ -70,7 +70,9 @@ bench_step() {  # NAME CAP PYTEST-ARGS...: one benchmark process, its summary ta
 }
 # eager_cl is each benchmark process's baseline; fp16 ops run the same kernels as bf16.
 models_and_ops=(bench/test_models_gpu.py bench/test_ops_gpu.py)
-bench_step bench_fastmb 100 "${models_and_ops[@]}" -k "not compile and not triton and not torch.float16"
+# It writes auto_order.json from eager and cuda; bench_triton's, if it gets to run, replaces it.
+FASTMB_AUTO_ORDER_OUT="$OUT/auto_order.json" bench_step bench_fastmb 100 "${models_and_ops[@]}" \
+  -k "not compile and not triton and not torch.float16"
 
 step tests 150 tests.log env FASTMB_TEST_DEVICE=cuda FASTMB_TRITON_AUTOTUNE=0 python -m pytest tests/ops tests/nn \
   tests/test_compile.py tests/test_backends.py -v -n 16 --durations=25 -p no:cacheprovider --junitxml="$OUT/tests.xml" || failed=1
