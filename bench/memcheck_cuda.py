@@ -12,8 +12,9 @@ import fastmb
 Case = tuple[Callable[..., torch.Tensor], list[torch.Tensor]]  # (op, differentiable inputs)
 
 
-def dwconv_case(dtype: torch.dtype, kernel: int, channels: int, training: bool) -> Case:
-    x = torch.randn(2, channels, 9, 10, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+def dwconv_case(dtype: torch.dtype, kernel: int, channels: int, training: bool, shape: tuple[int, int, int] = (2, 9, 10)) -> Case:
+    batch, height, width = shape
+    x = torch.randn(batch, channels, height, width, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(channels, 1, kernel, kernel, device="cuda", dtype=dtype)
     bn_weight, bn_bias = torch.rand(channels, device="cuda") + 0.5, torch.randn(channels, device="cuda")
 
@@ -48,6 +49,9 @@ def main() -> int:
                     name = f"dwconv {dtype} k{kernel} c{channels} {'train' if training else 'eval'}"
                     cases[name] = lambda d=dtype, k=kernel, c=channels, t=training: dwconv_case(d, k, c, t)
             cases[f"se {dtype} c{channels}"] = lambda d=dtype, c=channels: se_case(d, c)
+    # Enough output pixels (262144 strips of 4) that the reduction passes' threads take two
+    # strips on an H200 (1056 blocks of 128 rows), so their per-thread merges run too.
+    cases["dwconv bf16 k3 c16 train, 16x256x256"] = lambda: dwconv_case(torch.bfloat16, 3, 16, True, (16, 256, 256))
     failures = 0
     for name, make in cases.items():
         case = make()
