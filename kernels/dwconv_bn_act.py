@@ -201,17 +201,16 @@ def _from_nhwc(nhwc_tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return new_output(nhwc_tensor.shape, like).copy_(nhwc_tensor)
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation,
+def supports(x: torch.Tensor, weight: torch.Tensor, bn_weight, bn_bias, running_mean, running_var, stride, padding,
              *args) -> bool:
     """Square 3/5/7 kernels; fp32/fp16/bf16/fp64 (no bf16 in the CPU interpreter); pixel indices,
     of the padded input and of the output, below 2^31 (the kernels index pixels in 32 bits)."""
     k = weight.shape[2]
     dtypes = (torch.float32, torch.float16, torch.float64) + ((torch.bfloat16,) if x.is_cuda else ())
     n, _, h, w = x.shape
-    _, _, ho, wo = conv_output_shape(x, weight, stride, padding, dilation)
     top, bottom, left, right = padding_sides(padding)
-    limit = 2**31 - 2**16  # beyond a tile's reach past the last pixel
-    small = n * (h + top + bottom) * (w + left + right) < limit and n * ho * wo < limit
+    # The output has no more pixels than the padded input; 2^16: a tile's reach past the last one.
+    small = n * (h + top + bottom) * (w + left + right) < 2**31 - 2**16
     return k == weight.shape[3] and k in KERNEL_SIZES and x.dtype in dtypes and small
 
 

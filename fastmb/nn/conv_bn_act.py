@@ -250,16 +250,10 @@ class ConvBNAct(nn.Sequential):
         self.frozen = False  # fastmb.freeze: fold once and keep the folded weights
         self._folded: tuple | None = None  # frozen: (key, weight, bias)
 
-    def _folded_conv(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-        """The conv's weight and bias with the batch norm folded in: computed on every call, so
-        a change by any route (.data included) is seen; frozen, kept from call to call while
-        the tensors and their versions stay the same."""
-        # The tensors straight from the modules' dicts: this runs for every layer on every call,
-        # and nn.Module's attribute lookup costs more than the rest.
-        conv_weight, gamma, beta = conv._parameters["weight"], bn._parameters["weight"], bn._parameters["bias"]
-        mean, var = bn._buffers["running_mean"], bn._buffers["running_var"]
-        if not self.frozen:
-            return fold_conv_bn(conv_weight, gamma, beta, mean, var, bn.eps)
+    def _kept_fold(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+        """Frozen: the conv's weight and bias with the batch norm folded in, kept from call to
+        call while the tensors and their versions stay the same."""
+        conv_weight, gamma, beta, mean, var = _fold_inputs(conv, bn)
         key = (conv_weight.data_ptr(), conv_weight._version, gamma.data_ptr(), gamma._version, beta.data_ptr(), beta._version,
                mean.data_ptr(), mean._version, var.data_ptr(), var._version, bn.eps)  # fmt: skip
         if self._folded is None or self._folded[0] != key:
@@ -276,12 +270,7 @@ class ConvBNAct(nn.Sequential):
             return activation(u) if activation is not None else u
         if type(bn) is not nn.BatchNorm2d or conv.bias is not None or torch.compiler.is_compiling() or runs_composite(x):
             return super().forward(x)  # compile and ONNX export fold on their own; torch.func needs plain ops
-        if not bn.training and not self.frozen and x.device.type != "cpu":
-            # A fold on every call is six small kernels on a GPU: at a launch-bound batch more than
-            # the batch norm's pass it saves (not timed alone; the H200's batch-1 model with them
-            # and the GPU kernels took 1.8x eager's time). So the modules, as eager runs them.
-            return super().forward(x)
-        y = run_conv_bn_act_modules(x, conv, bn, activation, self._folded_conv)
+        y = run_conv_bn_act_modules(x, conv, bn, activation, self._kept_fold if self.frozen else None)
         return y if y is not None else super().forward(x)
 
 
@@ -294,9 +283,9 @@ def run_conv_bn_act_modules(
 ) -> Tensor | None:
     """activation(bn(conv(x))) for a conv without bias and a batch norm whose forward is
     F.batch_norm's (not synchronised), on the fused paths: in eval without autograd the batch
-    norm folded into the conv (`folded_conv` returns the folded weight and bias; default: fold
-    now); in training, the memory-saving batch norm + activation. None where neither applies:
-    the caller runs its modules."""
+    norm folded into the conv (`folded_conv` returns the folded weight and bias, kept by a frozen
+    layer; default: fold now, on the CPU only); in training, the memory-saving batch norm +
+    activation. None where neither applies: the caller runs its modules."""
     if bn.training:
         name = activation_name(activation)
         if name is None or not torch.is_grad_enabled():
@@ -320,6 +309,11 @@ def run_conv_bn_act_modules(
         return None
     name = activation_name(activation)
     if folded_conv is None:
+        if x.device.type != "cpu":
+            # A fold on every call is six small kernels on a GPU: at a launch-bound batch more than
+            # the batch norm's pass it saves (not timed alone; the H200's batch-1 model with them
+            # and the GPU kernels took 1.8x eager's time). So the modules, as eager runs them.
+            return None
         folded_conv = _fold_now
     if _pointwise_as_matmul(conv, x):
         if _NATIVE_CONV1X1 and x.dtype in (torch.float32, torch.float64) and name is not None:
@@ -376,8 +370,16 @@ def _fused_onednn_conv(conv: nn.Conv2d, x: Tensor) -> bool:
     )
 
 
+def _fold_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, ...]:
+    """The conv's weight and the batch norm's weight, bias, running mean and variance, straight
+    from the modules' dicts: a fold runs for every layer on every call, and nn.Module's attribute
+    lookup costs more than the rest."""
+    return (conv._parameters["weight"], bn._parameters["weight"], bn._parameters["bias"], bn._buffers["running_mean"],
+            bn._buffers["running_var"])  # fmt: skip
+
+
 def _fold_now(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    return fold_conv_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    return fold_conv_bn(*_fold_inputs(conv, bn), bn.eps)
 
 
 def _pointwise_as_matmul(conv: nn.Conv2d, x: Tensor) -> bool:

@@ -49,17 +49,22 @@ def registers_and_spills(ptx: str) -> tuple[int, int]:
     return int(re.search(r"Used (\d+) registers", report)[1]), int(re.search(r"(\d+) bytes spill stores", report)[1])
 
 
+def depthwise_forward_ptx(channels: int, kernel_size: int) -> str:
+    """The bf16 depthwise forward kernel's PTX at `channels` and a square kernel, 64x32 tiles."""
+    return compile_ptx(
+        dwconv_bn_act._forward_kernel,
+        {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*fp32", "scale_ptr": "*fp32", "shift_ptr": "*fp32"},
+        {"CV": common.channel_divisor(channels), "K": kernel_size, "ACT": 1, "ACC": tl.float32, "BLOCK_P": 64, "BLOCK_C": 32},
+    )
+
+
 def global_accesses(ptx: str) -> set[str]:
     return set(re.findall(r"(?:ld|st)\.global(?:\.\w+)*", ptx))
 
 
 @pytest.mark.parametrize("channels", [72, 120])
 def test_depthwise_forward_accesses_channels_16_bytes_at_a_time(channels):
-    ptx = compile_ptx(
-        dwconv_bn_act._forward_kernel,
-        {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*fp32", "scale_ptr": "*fp32", "shift_ptr": "*fp32"},
-        {"CV": common.channel_divisor(channels), "K": 3, "ACT": 1, "ACC": tl.float32, "BLOCK_P": 64, "BLOCK_C": 32},
-    )
+    ptx = depthwise_forward_ptx(channels, 3)
     accesses = global_accesses(ptx)
     assert "ld.global.v4.b32" in accesses and "st.global.v4.b32" in accesses, accesses
     assert not {a for a in accesses if a.endswith((".b16", ".u16"))}, accesses  # no 2-byte element accesses
@@ -82,10 +87,5 @@ def test_se_scale_accesses_channels_16_bytes_at_a_time():
 def test_depthwise_forward_holds_its_taps_without_spilling(kernel_size):
     """With every tap unrolled the compiler loaded them all before the first FMA: 253 registers
     at 5x5 and 764 bytes spilled at 7x7 (4 warps). Kernel rows as a loop keep it in registers."""
-    ptx = compile_ptx(
-        dwconv_bn_act._forward_kernel,
-        {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*fp32", "scale_ptr": "*fp32", "shift_ptr": "*fp32"},
-        {"CV": 8, "K": kernel_size, "ACT": 1, "ACC": tl.float32, "BLOCK_P": 64, "BLOCK_C": 32},
-    )
-    registers, spilled = registers_and_spills(ptx)
+    registers, spilled = registers_and_spills(depthwise_forward_ptx(72, kernel_size))
     assert spilled == 0 and registers <= 200, (registers, spilled)
