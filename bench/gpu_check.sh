@@ -3,14 +3,14 @@
 # order of what a short lease most needs: build fastmb in place; compute-sanitizer memcheck over
 # each CUDA kernel variant; the GPU benchmarks of eager PyTorch, fastmb's "auto" and its CUDA
 # kernels (copy bandwidth, ops, model; bf16 ops only); the test suite on CUDA tensors (every
-# backend, 16 workers, one Triton config each: on 2026-12-04, 8 workers autotuning every test
-# shape finished 351 of about 1750 tests in 150 s); the CUDA time of each kernel at a few shapes
-# (bench/gpu_kernel_profile.py); torch.compile against eager (its compiles take minutes); last
-# the Triton kernels' benchmarks (their autotuning compiles too). One overall deadline
-# (FASTMB_GPU_CHECK_SECONDS, default 450: the whole check, build included, fits the device
-# budget); each step gets what is left of it up to its own cap and writes its log to $OUT
-# (default bench/results/latest) as it finishes, so a check cut short still brings back the
-# steps it finished, each benchmark's "timed:" line and each finished test's line.
+# backend but Triton, 16 workers); the CUDA time of each kernel at a few shapes
+# (bench/gpu_kernel_profile.py); the Triton tests (one config each); torch.compile against eager
+# (its compiles take minutes); last the Triton kernels' benchmarks (their autotuning compiles
+# too). One overall deadline (FASTMB_GPU_CHECK_SECONDS, default 450: the whole check, build
+# included, fits the device budget); each step gets what is left of it up to its own cap and
+# writes its log to $OUT (default bench/results/latest) as it finishes, so a check cut short
+# still brings back the steps it finished, each benchmark's "timed:" line and each finished
+# test's line.
 # Exits non-zero if the build, any test or the memcheck run fails, or a step ran out of time.
 # Through the device tool, whose $OUT brings back 8 files at most:
 #   R=$OUT; OUT=/tmp/gc bash bench/gpu_check.sh; rc=$?; tar czf $R/gpu_check.tgz -C /tmp gc; exit $rc
@@ -74,14 +74,23 @@ models_and_ops=(bench/test_models_gpu.py bench/test_ops_gpu.py)
 FASTMB_AUTO_ORDER_OUT="$OUT/auto_order.json" bench_step bench_fastmb 100 "${models_and_ops[@]}" \
   -k "not compile and not triton and not torch.float16"
 
-step tests 150 tests.log env FASTMB_TEST_DEVICE=cuda FASTMB_TRITON_AUTOTUNE=0 python -m pytest tests/ops tests/nn \
-  tests/test_compile.py tests/test_backends.py -v -n 16 --durations=25 -p no:cacheprovider --junitxml="$OUT/tests.xml" || failed=1
-grep -E "^(FAILED|ERROR)" "$OUT/tests.log" 2>/dev/null | head -20
-echo "gpu_check: tests $(grep -c ' PASSED ' "$OUT/tests.log") passed, $(grep -c ' FAILED ' "$OUT/tests.log") failed"
-tail -1 "$OUT/tests.log" 2>/dev/null
+# The tests in two steps, the CUDA kernels' first: a step cut short still validates them. One
+# CPU thread per worker: 16 workers of 16 OpenMP threads each ran 313 tests in 120 s (2026-12-04)
+# that take a second here. Each test's time goes to $OUT/test_times.txt as it finishes.
+test_step() {  # NAME CAP PYTEST-K
+  step "$1" "$2" "$1.log" env FASTMB_TEST_DEVICE=cuda FASTMB_TRITON_AUTOTUNE=0 OMP_NUM_THREADS=1 \
+    FASTMB_TEST_TIMES="$OUT/test_times.txt" python -m pytest tests/ops tests/nn \
+    tests/test_compile.py tests/test_backends.py -k "$3" -v -n 16 --durations=15 -p no:cacheprovider \
+    --junitxml="$OUT/$1.xml" || failed=1
+  grep -E "^(FAILED|ERROR)" "$OUT/$1.log" 2>/dev/null | head -20
+  echo "gpu_check: $1 $(grep -c ' PASSED ' "$OUT/$1.log") passed, $(grep -c ' FAILED ' "$OUT/$1.log") failed"
+  tail -1 "$OUT/$1.log" 2>/dev/null
+}
+test_step tests_cuda 120 "not triton"
 
 # Per-kernel CUDA times at a few shapes (which pass of a slow op to work on); one Triton config.
 step kernel_profile 60 kernel_profile.log env FASTMB_TRITON_AUTOTUNE=0 python bench/gpu_kernel_profile.py
+test_step tests_triton 150 "triton"
 bench_step bench_compile 120 "${models_and_ops[@]}" -k "(eager_cl or compile) and not torch.float16"
 # The Triton and CUDA kernels in one process, for fastmb/auto_order.json's table.
 FASTMB_AUTO_ORDER_OUT="$OUT/auto_order.json" bench_step bench_triton 120 bench/test_ops_gpu.py -k "not compile and not torch.float16"

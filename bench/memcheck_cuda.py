@@ -1,13 +1,18 @@
 """One small forward + backward of every CUDA kernel variant (dtypes, kernel sizes, vector and
 scalar channel paths, train and eval, both fused ops), for `compute-sanitizer --tool memcheck`
-(bench/gpu_check.sh). Exits non-zero if a result differs from the reference backend's."""
+(bench/gpu_check.sh). Exits non-zero if a result breaks DESIGN.md's rule: its error against the
+float64 CPU reference is at most twice the reference backend's in the same dtype on the GPU."""
 
+import os
 import sys
 from collections.abc import Callable
 
 import torch
 
 import fastmb
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from oracle import assert_close_to_oracle  # noqa: E402
 
 Case = tuple[Callable[..., torch.Tensor], list[torch.Tensor]]  # (op, differentiable inputs)
 
@@ -19,7 +24,7 @@ def dwconv_case(dtype: torch.dtype, kernel: int, channels: int, training: bool, 
     bn_weight, bn_bias = torch.rand(channels, device="cuda") + 0.5, torch.randn(channels, device="cuda")
 
     def op(x, weight, bn_weight, bn_bias):
-        stats = torch.zeros(channels, device="cuda"), torch.ones(channels, device="cuda")
+        stats = torch.zeros_like(bn_weight), torch.ones_like(bn_weight)
         return fastmb.ops.dwconv_bn_act(x, weight, bn_weight, bn_bias, *stats, stride=2 if kernel == 5 else 1, training=training)
 
     return op, [x, weight, bn_weight, bn_bias]
@@ -31,13 +36,14 @@ def se_case(dtype: torch.dtype, channels: int) -> Case:
     return fastmb.ops.squeeze_excitation, [x, *fc]
 
 
-def results(backend: str, case: Case) -> list[torch.Tensor]:
+def results(backend: str, case: Case, oracle: bool = False) -> dict[str, torch.Tensor]:
+    """Output and input gradients; `oracle`: every input in float64 on the CPU."""
     op, inputs = case
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    leaves = [(t.detach().double().cpu() if oracle else t.detach().clone()).requires_grad_() for t in inputs]
     with fastmb.use_backend(backend):
         y = op(*leaves)
         grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
-    return [y.float(), *(g.float() for g in grads)]
+    return {"y": y, **{f"grad {i}": g for i, g in enumerate(grads)}}
 
 
 def main() -> int:
@@ -55,9 +61,12 @@ def main() -> int:
     failures = 0
     for name, make in cases.items():
         case = make()
-        ok = all(torch.allclose(a, b, atol=0.1, rtol=0.05) for a, b in zip(results("cuda", case), results("reference", case)))
-        failures += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {name}", flush=True)
+        try:
+            assert_close_to_oracle(results("cuda", case), results("reference", case), results("reference", case, True), case[1][0].dtype)
+            print(f"ok   {name}", flush=True)
+        except AssertionError as error:
+            failures += 1
+            print(f"FAIL {name}: {error}", flush=True)
     torch.cuda.synchronize()
     return 1 if failures else 0
 

@@ -28,6 +28,16 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS_FOR_DEVICE[DEVICE] if status[name] == "available"]
 
 
+def pytest_runtest_logreport(report):
+    """FASTMB_TEST_TIMES=FILE: each test's time appended as it finishes (gpu_check.sh's steps can
+    run out of time before pytest's own --durations table is printed). Written by the process
+    that reports, not by pytest-xdist's workers too."""
+    path = os.environ.get("FASTMB_TEST_TIMES")
+    if path and report.when == "call" and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(path, "a") as times:
+            times.write(f"{report.duration:.2f} {report.outcome} {report.nodeid}\n")
+
+
 @pytest.fixture
 def device() -> str:
     return DEVICE
