@@ -2,15 +2,15 @@
 # The prepared GPU check for one NVIDIA GPU machine (no network; its own torch and Triton). In
 # order of what a short lease most needs: build fastmb in place; compute-sanitizer memcheck over
 # each CUDA kernel variant; the GPU benchmarks of eager PyTorch, fastmb's "auto" and its CUDA
-# kernels (copy bandwidth, ops, model; bf16 ops only); the test suite on CUDA tensors (every
-# backend but Triton, 16 workers); the CUDA time of each kernel at a few shapes
-# (bench/gpu_kernel_profile.py); the Triton tests (one config each); torch.compile against eager
-# (its compiles take minutes); last the Triton kernels' benchmarks (their autotuning compiles
-# too). One overall deadline (FASTMB_GPU_CHECK_SECONDS, default 450: the whole check, build
-# included, fits the device budget); each step gets what is left of it up to its own cap and
-# writes its log to $OUT (default bench/results/latest) as it finishes, so a check cut short
-# still brings back the steps it finished, each benchmark's "timed:" line and each finished
-# test's line.
+# kernels (copy bandwidth, ops, model; bf16 ops only); the CUDA time of each kernel at a few
+# shapes (bench/gpu_kernel_profile.py); the test suite on CUDA tensors (every backend but
+# Triton and reference, 16 workers); the Triton tests (one config each) and the reference
+# backend's; torch.compile against eager (its compiles take minutes); last the Triton kernels'
+# benchmarks (their autotuning compiles too). One overall deadline (FASTMB_GPU_CHECK_SECONDS,
+# default 450: the whole check, build included, fits the device budget); each step gets what is
+# left of it up to its own cap and writes its log to $OUT (default bench/results/latest) as it
+# finishes, so a check cut short still brings back the steps it finished, each benchmark's
+# "timed:" line and each finished test's line.
 # Exits non-zero if the build, any test or the memcheck run fails, or a step ran out of time.
 # Through the device tool, whose $OUT brings back 8 files at most:
 #   R=$OUT; OUT=/tmp/gc bash bench/gpu_check.sh; rc=$?; tar czf $R/gpu_check.tgz -C /tmp gc; exit $rc
@@ -74,9 +74,14 @@ models_and_ops=(bench/test_models_gpu.py bench/test_ops_gpu.py)
 FASTMB_AUTO_ORDER_OUT="$OUT/auto_order.json" bench_step bench_fastmb 100 "${models_and_ops[@]}" \
   -k "not compile and not triton and not torch.float16"
 
-# The tests in two steps, the CUDA kernels' first: a step cut short still validates them. One
+# Per-kernel CUDA times at a few shapes (which pass of a slow op to work on); one Triton config.
+step kernel_profile 60 kernel_profile.log env FASTMB_TRITON_AUTOTUNE=0 python bench/gpu_kernel_profile.py
+
+# The tests in two steps, the CUDA kernels' first (and the modules' tests under "auto"), then
+# the Triton and reference backends': a step cut short still validates the CUDA kernels. One
 # CPU thread per worker: 16 workers of 16 OpenMP threads each ran 313 tests in 120 s (2026-12-04)
-# that take a second here. Each test's time goes to $OUT/test_times.txt as it finishes.
+# that take a second here. Each test's time, and a failure's traceback, go to $OUT/test_times.txt as it
+# finishes.
 test_step() {  # NAME CAP PYTEST-K
   step "$1" "$2" "$1.log" env FASTMB_TEST_DEVICE=cuda FASTMB_TRITON_AUTOTUNE=0 OMP_NUM_THREADS=1 \
     FASTMB_TEST_TIMES="$OUT/test_times.txt" python -m pytest tests/ops tests/nn \
@@ -86,11 +91,8 @@ test_step() {  # NAME CAP PYTEST-K
   echo "gpu_check: $1 $(grep -c ' PASSED ' "$OUT/$1.log") passed, $(grep -c ' FAILED ' "$OUT/$1.log") failed"
   tail -1 "$OUT/$1.log" 2>/dev/null
 }
-test_step tests_cuda 120 "not triton"
-
-# Per-kernel CUDA times at a few shapes (which pass of a slow op to work on); one Triton config.
-step kernel_profile 60 kernel_profile.log env FASTMB_TRITON_AUTOTUNE=0 python bench/gpu_kernel_profile.py
-test_step tests_triton 150 "triton"
+test_step tests_cuda 120 "not triton and not reference"
+test_step tests_triton_reference 150 "triton or reference"
 bench_step bench_compile 120 "${models_and_ops[@]}" -k "(eager_cl or compile) and not torch.float16"
 # The Triton and CUDA kernels in one process, for fastmb/auto_order.json's table.
 FASTMB_AUTO_ORDER_OUT="$OUT/auto_order.json" bench_step bench_triton 120 bench/test_ops_gpu.py -k "not compile and not torch.float16"

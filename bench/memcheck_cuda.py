@@ -58,6 +58,10 @@ def main() -> int:
     # Enough output pixels (262144 strips of 4) that the reduction passes' threads take two
     # strips on an H200 (1056 blocks of 128 rows), so their per-thread merges run too.
     cases["dwconv bf16 k3 c16 train, 16x256x256"] = lambda: dwconv_case(torch.bfloat16, 3, 16, True, (16, 256, 256))
+    # 72 bf16 channels: 9 vectors, blocks of 9 x 28 threads, a tree over rows of no power of two.
+    for kernel in (3, 5):
+        cases[f"dwconv bf16 k{kernel} c72 train, 4x28x28"] = lambda k=kernel: dwconv_case(torch.bfloat16, k, 72, True, (4, 28, 28))
+    cases["se bf16 c72"] = lambda: se_case(torch.bfloat16, 72)
     failures = 0
     for name, make in cases.items():
         case = make()

@@ -29,13 +29,16 @@ def available_backends() -> list[str]:
 
 
 def pytest_runtest_logreport(report):
-    """FASTMB_TEST_TIMES=FILE: each test's time appended as it finishes (gpu_check.sh's steps can
-    run out of time before pytest's own --durations table is printed). Written by the process
-    that reports, not by pytest-xdist's workers too."""
+    """FASTMB_TEST_TIMES=FILE: each test's time appended as it finishes, and a failure's
+    traceback (gpu_check.sh's steps can run out of time before pytest prints its summary).
+    Written by the process that reports, not by pytest-xdist's workers too."""
     path = os.environ.get("FASTMB_TEST_TIMES")
-    if path and report.when == "call" and "PYTEST_XDIST_WORKER" not in os.environ:
-        with open(path, "a") as times:
-            times.write(f"{report.duration:.2f} {report.outcome} {report.nodeid}\n")
+    if not path or "PYTEST_XDIST_WORKER" in os.environ or not (report.when == "call" or report.failed):
+        return
+    with open(path, "a") as times:
+        times.write(f"{report.duration:.2f} {report.outcome} {report.when} {report.nodeid}\n")
+        if report.failed:
+            times.write(report.longreprtext[-4000:] + "\n")
 
 
 @pytest.fixture

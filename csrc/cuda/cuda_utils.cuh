@@ -19,6 +19,12 @@ namespace fastmb::cuda {
 // Threads per block of every kernel here; blocks are (channel vectors) x (pixels).
 constexpr int kThreads = 256;
 
+// Minimum resident blocks per SM for the kernels that recompute the depthwise conv, as
+// __launch_bounds__'s second argument: it caps their registers (65536 per SM) at 128, or at 80
+// for three blocks. Uncapped, the backward's strips took 156-238 registers, one block per SM,
+// and a memory-bound kernel with 8 warps per SM hides little latency (H200, 2026-12-04).
+constexpr int kTwoBlocksPerSm = 2, kThreeBlocksPerSm = 3;
+
 // V consecutive elements of T, read or written as one access.
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
@@ -50,16 +56,21 @@ __device__ __forceinline__ void store_floats(T* p, const float (&in)[V]) {
   }
 }
 
-// Sums v over the block's rows (threadIdx.y); every thread gets the total of its column
-// (threadIdx.x). `shared` holds kThreads * V floats; every thread of the block must call this.
-template <int V>
-__device__ __forceinline__ void sum_over_rows(float (&v)[V], float* shared) {
+// The first step of a tree reduction over n rows: the largest power of two below n (0 for n = 1).
+// Rows r < step then take row r + step where it exists, and so on down to step 1, for any n.
+__device__ __forceinline__ int first_tree_step(int n) { return n > 1 ? 1 << (31 - __clz(n - 1)) : 0; }
+
+// Sums v over the block's rows (threadIdx.y, any number of them); every thread gets the total of
+// its column (threadIdx.x). `shared` holds kThreads * V values; every thread of the block must
+// call this.
+template <int V, typename T>
+__device__ __forceinline__ void sum_over_rows(T (&v)[V], T* shared) {
   const int t = threadIdx.y * blockDim.x + threadIdx.x;
 #pragma unroll
   for (int l = 0; l < V; ++l) shared[t * V + l] = v[l];
   __syncthreads();
-  for (int s = blockDim.y / 2; s > 0; s >>= 1) {
-    if (threadIdx.y < s) {
+  for (int s = first_tree_step(blockDim.y); s > 0; s >>= 1) {
+    if (threadIdx.y < s && threadIdx.y + s < blockDim.y) {
 #pragma unroll
       for (int l = 0; l < V; ++l) shared[t * V + l] += shared[(t + s * blockDim.x) * V + l];
     }
@@ -90,23 +101,20 @@ inline int vector_width(at::ScalarType dtype, int64_t channels, std::initializer
   return width;
 }
 
-// Block shape for `vectors` channel vectors: x over channel vectors (a power of two up to 32),
-// y over pixels, kThreads in all.
-inline dim3 block_shape(int64_t vectors) {
-  int x = 1;
-  while (x < 32 && x < vectors) x *= 2;
-  return dim3(x, kThreads / x);
-}
-
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Block shape for kernels without a reduction over the block's rows: x over channel vectors,
-// split evenly into blocks of at most 32 (72 bf16 channels: 9 vectors, so 9 threads, where
-// block_shape's 16 left 7 idle), y over pixels, at most kThreads in all.
-inline dim3 elementwise_block_shape(int64_t vectors) {
+// Block shape for `vectors` channel vectors: x over channel vectors, split evenly into blocks of
+// at most 32 (72 bf16 channels: 9 vectors, so 9 threads, where a power of two would leave 7 of
+// 16 idle), y over pixels, at most kThreads in all.
+inline dim3 block_shape(int64_t vectors) {
+  vectors = std::max<int64_t>(vectors, 1);
   const int x = int(ceil_div(vectors, ceil_div(vectors, 32)));
   return dim3(x, kThreads / x);
 }
+
+// Block shape of the kernels that merge per-block partial rows [blocks][C] per channel: 32
+// channels (one 128-byte row segment per warp) by kThreads / 32 rows striding over the blocks.
+inline dim3 merge_block_shape() { return dim3(32, kThreads / 32); }
 
 // Blocks along the pixels for a reduction kernel: enough to fill the GPU (8 blocks of kThreads
 // per SM) beside `channel_blocks` blocks along the channels, and at most one per `rows` pixels.

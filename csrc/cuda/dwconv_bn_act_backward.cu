@@ -20,7 +20,7 @@ using at::Tensor;
 // Pass 1: block b writes its per-channel sums of dL/du and dL/du * x_hat to row b of the
 // partials; each thread takes strips of output pixels (a grid-stride loop).
 template <typename T, int K, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kTwoBlocksPerSm)
     grad_sums_kernel(float* __restrict__ partial_gu, float* __restrict__ partial_gu_xhat, const T* __restrict__ gy,
                      const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ var,
                      const float* __restrict__ gamma, const float* __restrict__ beta, float eps, CudaGeometry g, int strips_per_row,
@@ -58,34 +58,41 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Per channel, from the pass-1 partials (float64 sums; blocks = 0 when pass 1 was skipped):
-// coef = [a = gamma * invstd; b; d] with dL/dz = a * dL/du - b - x_hat * d, and the BN
-// affine grads (grad_gamma = sum dL/du * x_hat, grad_beta = sum dL/du) when they are wanted.
-__global__ void coefficients_kernel(float* __restrict__ coef, float* __restrict__ grad_gamma, float* __restrict__ grad_beta,
-                                    const float* __restrict__ partial_gu, const float* __restrict__ partial_gu_xhat, int64_t blocks,
-                                    const float* __restrict__ var, const float* __restrict__ gamma, float eps, int64_t channels,
-                                    double values, bool training) {
+// Per channel, from the pass-1 partials (float64 sums over the blocks' rows, merge_block_shape;
+// blocks = 0 when pass 1 was skipped): coef = [a = gamma * invstd; b; d] with
+// dL/dz = a * dL/du - b - x_hat * d, and the BN affine grads (grad_gamma = sum dL/du * x_hat,
+// grad_beta = sum dL/du) when they are wanted.
+__global__ void __launch_bounds__(kThreads)
+    coefficients_kernel(float* __restrict__ coef, float* __restrict__ grad_gamma, float* __restrict__ grad_beta,
+                        const float* __restrict__ partial_gu, const float* __restrict__ partial_gu_xhat, int64_t blocks,
+                        const float* __restrict__ var, const float* __restrict__ gamma, float eps, int64_t channels, double values,
+                        bool training) {
+  __shared__ double shared[kThreads * 2];
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
-  double sum_gu = 0.0, sum_gu_xhat = 0.0;
-  for (int64_t b = 0; b < blocks; ++b) {
-    sum_gu += partial_gu[b * channels + c];
-    sum_gu_xhat += partial_gu_xhat[b * channels + c];
+  const bool active = c < channels;  // inactive threads still take part in the block sums
+  double sums[2] = {};  // dL/du, dL/du * x_hat
+  if (active) {
+    for (int64_t b = threadIdx.y; b < blocks; b += blockDim.y) {
+      sums[0] += partial_gu[b * channels + c];
+      sums[1] += partial_gu_xhat[b * channels + c];
+    }
   }
+  sum_over_rows<2>(sums, shared);
+  if (threadIdx.y != 0 || !active) return;
   const float invstd = 1.f / sqrtf(var[c] + eps), a = gamma[c] * invstd;
   coef[c] = a;
-  coef[channels + c] = training ? a * float(sum_gu / values) : 0.f;
-  coef[2 * channels + c] = training ? a * float(sum_gu_xhat / values) : 0.f;
+  coef[channels + c] = training ? a * float(sums[0] / values) : 0.f;
+  coef[2 * channels + c] = training ? a * float(sums[1] / values) : 0.f;
   if (grad_gamma != nullptr) {
-    grad_gamma[c] = float(sum_gu_xhat);
-    grad_beta[c] = float(sum_gu);
+    grad_gamma[c] = float(sums[1]);
+    grad_beta[c] = float(sums[0]);
   }
 }
 
 // Pass 2: dL/dz into gz (when dL/dx is wanted) and, when partial_gw is given, block b's weight
 // gradient [K * K][C] into partial_gw[b]. V is small (2 or 4) so the K*K*V sums fit in registers.
 template <typename T, int K, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kTwoBlocksPerSm)
     grad_z_kernel(float* __restrict__ gz, float* __restrict__ partial_gw, const T* __restrict__ gy, const T* __restrict__ x,
                   const float* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ var,
                   const float* __restrict__ gamma, const float* __restrict__ beta, const float* __restrict__ coef, float eps, CudaGeometry g,
@@ -223,7 +230,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       }
-      coefficients_kernel<<<ceil_div(g.c, kThreads), kThreads, 0, stream>>>(
+      const dim3 merge_block = merge_block_shape();
+      coefficients_kernel<<<ceil_div(g.c, merge_block.x), merge_block, 0, stream>>>(
           coef.mutable_data_ptr<float>(), want_affine ? grad_gamma.mutable_data_ptr<float>() : nullptr,
           want_affine ? grad_beta.mutable_data_ptr<float>() : nullptr,
           partial_gu.defined() ? partial_gu.const_data_ptr<float>() : nullptr,
@@ -237,9 +245,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
       }
       if (!want_x && !want_weight) return;
 
-      // Pass 2 keeps K*K*V weight-gradient sums per thread: V = 4 channels for 3x3, 2 for 5x5 and 7x7.
+      // Pass 2 keeps K*K*V weight-gradient sums per thread: V = 4 channels for 3x3, 2 for 5x5, 1 for
+      // 7x7 (at 2, its 98 sums spilled 636 bytes under the 128-register cap).
       const Tensor gz = want_x ? at::empty({g.pixels, g.c}, float_options) : Tensor();
-      constexpr int kGradZWidth = K == 3 ? 4 : 2;  // <= every 16-byte width; fits K*K*V sums in registers
+      constexpr int kGradZWidth = K == 3 ? 4 : K == 5 ? 2 : 1;  // <= every 16-byte width
       const auto grad_z = [&](auto vector) {
         constexpr int V = decltype(vector)::value;
         const dim3 block = block_shape(g.c / V);
@@ -262,7 +271,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
       if (!want_x) return;
       dispatch_width<T>(width, [&](auto vector) {
         constexpr int V = decltype(vector)::value;
-        const dim3 block = elementwise_block_shape(g.c / V);
+        const dim3 block = block_shape(g.c / V);
         grad_x_kernel<T, K, V><<<dim3(ceil_div(g.n * g.h * g.w, block.y), ceil_div(g.c / V, block.x)), block, 0, stream>>>(
             grad_x.nhwc.mutable_data_ptr<T>(), gz.const_data_ptr<float>(), w.const_data_ptr<float>(), g);
         C10_CUDA_KERNEL_LAUNCH_CHECK();

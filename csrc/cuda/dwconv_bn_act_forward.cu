@@ -30,7 +30,7 @@ __global__ void norm_kernel(float* __restrict__ norm, const float* __restrict__ 
 // y = act((conv(x) - mean) * scale + beta) at kStrip output pixels of one row (strip s of the
 // rows' strips_per_row) and V channels per thread; norm is norm_kernel's.
 template <typename T, int K, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kThreeBlocksPerSm)
     forward_kernel(T* __restrict__ y, const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ norm,
                    CudaGeometry g, int strips_per_row, int64_t strips, Activation act) {
   const int64_t c = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads)
 // with Chan's formula, and block b writes its per-channel mean and M2 and its pixel count to
 // row b of the partial buffers.
 template <typename T, int K, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kTwoBlocksPerSm)
     statistics_kernel(float* __restrict__ partial_mean, float* __restrict__ partial_m2, float* __restrict__ partial_count,
                       const T* __restrict__ x, const float* __restrict__ w, CudaGeometry g, int strips_per_row, int64_t strips) {
   __shared__ float s_mean[kThreads * V], s_m2[kThreads * V], s_count[kThreads];
@@ -95,9 +95,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int l = 0; l < V; ++l) s_mean[t * V + l] = mean[l], s_m2[t * V + l] = m2[l];
   s_count[t] = count;
   __syncthreads();
-  for (int s = blockDim.y / 2; s > 0; s >>= 1) {
+  for (int s = first_tree_step(blockDim.y); s > 0; s >>= 1) {
     const int o = t + s * blockDim.x;
-    if (threadIdx.y < s && s_count[o] > 0.f) {
+    if (threadIdx.y < s && threadIdx.y + s < blockDim.y && s_count[o] > 0.f) {
       const float na = s_count[t], nb = s_count[o], total = na + nb;
 #pragma unroll
       for (int l = 0; l < V; ++l) {
@@ -119,24 +119,40 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Chan-merges the blocks' partial statistics per channel (float64) into the batch mean and
-// biased variance.
-__global__ void merge_statistics_kernel(float* __restrict__ mean, float* __restrict__ var, const float* __restrict__ partial_mean,
-                                        const float* __restrict__ partial_m2, const float* __restrict__ partial_count, int64_t blocks,
-                                        int64_t channels) {
+// Merges the blocks' partial statistics per channel into the batch mean and biased variance,
+// in float64 and in two sweeps over the partials (merge_block_shape: a block's rows share them):
+// mean = sum(n_b * mean_b) / n, then M2 = sum(M2_b + n_b * (mean_b - mean)^2), Chan's merge
+// without its per-step division.
+__global__ void __launch_bounds__(kThreads)
+    merge_statistics_kernel(float* __restrict__ mean, float* __restrict__ var, const float* __restrict__ partial_mean,
+                            const float* __restrict__ partial_m2, const float* __restrict__ partial_count, int64_t blocks,
+                            int64_t channels) {
+  __shared__ double shared[kThreads * 2];
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
-  double m = 0.0, m2 = 0.0, n = 0.0;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const double nb = partial_count[b];
-    if (nb == 0.0) continue;
-    const double delta = double(partial_mean[b * channels + c]) - m, total = n + nb;
-    m += delta * nb / total;
-    m2 += double(partial_m2[b * channels + c]) + delta * delta * n * nb / total;
-    n = total;
+  const bool active = c < channels;  // inactive threads still take part in the block sums
+  double sums[2] = {};  // pixels, then sum of n_b * mean_b
+  if (active) {
+    for (int64_t b = threadIdx.y; b < blocks; b += blockDim.y) {
+      const double nb = partial_count[b];
+      if (nb > 0.0) sums[0] += nb, sums[1] += nb * double(partial_mean[b * channels + c]);
+    }
   }
-  mean[c] = float(m);
-  var[c] = float(m2 / n);
+  sum_over_rows<2>(sums, shared);
+  const double n = sums[0], m = sums[1] / n;
+  double m2[1] = {};
+  if (active) {
+    for (int64_t b = threadIdx.y; b < blocks; b += blockDim.y) {
+      const double nb = partial_count[b];
+      if (nb == 0.0) continue;
+      const double delta = double(partial_mean[b * channels + c]) - m;
+      m2[0] += double(partial_m2[b * channels + c]) + nb * delta * delta;
+    }
+  }
+  sum_over_rows<1>(m2, shared);
+  if (threadIdx.y == 0 && active) {
+    mean[c] = float(m);
+    var[c] = float(m2[0] / n);
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
@@ -186,7 +202,8 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
               partial_mean.mutable_data_ptr<float>(), partial_m2.mutable_data_ptr<float>(), partial_count.mutable_data_ptr<float>(),
               x.const_data_ptr<T>(), w.const_data_ptr<float>(), g, strips_per_row, strips);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          merge_statistics_kernel<<<ceil_div(g.c, kThreads), kThreads, 0, stream>>>(
+          const dim3 merge_block = merge_block_shape();
+          merge_statistics_kernel<<<ceil_div(g.c, merge_block.x), merge_block, 0, stream>>>(
               mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(), partial_mean.const_data_ptr<float>(),
               partial_m2.const_data_ptr<float>(), partial_count.const_data_ptr<float>(), blocks, g.c);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -196,7 +213,7 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
             gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), float(eps),
             training ? nullptr : mean_out.mutable_data_ptr<float>(), training ? nullptr : var_out.mutable_data_ptr<float>(), g.c);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const dim3 strip_block = elementwise_block_shape(g.c / V);
+        const dim3 strip_block = block_shape(g.c / V);
         forward_kernel<T, K, V><<<dim3(ceil_div(strips, strip_block.y), ceil_div(g.c / V, strip_block.x)), strip_block, 0, stream>>>(
             out.nhwc.mutable_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<float>(), norm.const_data_ptr<float>(), g,
             strips_per_row, strips, act);

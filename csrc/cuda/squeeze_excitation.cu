@@ -102,7 +102,7 @@ void apply_scale(Tensor& out, const Tensor& a, const Tensor& scale, const Tensor
     using T = decltype(element);
     dispatch_width<T>(vector_width(a.scalar_type(), s.c, {&a, &out, &scale, shift != nullptr ? shift : &scale}), [&](auto width) {
       constexpr int V = decltype(width)::value;
-      const dim3 block = elementwise_block_shape(s.c / V);
+      const dim3 block = block_shape(s.c / V);
       scale_shift_kernel<T, V><<<dim3(ceil_div(total_pixels, block.y), ceil_div(s.c / V, block.x)), block, 0, stream>>>(
           out.mutable_data_ptr<T>(), a.const_data_ptr<T>(), scale.const_data_ptr<float>(),
           shift != nullptr ? shift->const_data_ptr<float>() : nullptr, s.pixels, total_pixels, s.c);
