@@ -1,16 +1,22 @@
 """Where a fused op's GPU time goes, kernel by kernel: torch.profiler's CUDA time per kernel for
 eager PyTorch and each fastmb GPU backend, eval and train (forward + backward), at a few of
 MobileNetV3-Large's depthwise stages and SE blocks (batch 256, bf16, channels_last). The
-benchmarks give each provider's total; this says which pass of a slow one to work on.
+benchmarks give each provider's total; this says which pass of a slow one to work on. First, the
+host's side of the whole model at batch 1 (where launches bound it): the Python functions with
+the most time in a forward, torchvision's and fastmb's.
 
     python bench/gpu_kernel_profile.py [--runs 5] [--rows 8]
 """
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import sys
 
 import torch
+import torchvision
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
@@ -59,11 +65,40 @@ def kernel_table(fn, runs: int, rows: int) -> list[str]:
     return lines
 
 
+def host_profile(rows: int, calls: int = 50) -> None:
+    """cProfile of `calls` eval forwards of MobileNetV3-Large at batch 1, bf16, channels_last,
+    as bench/test_models_gpu.py builds it: per-call wall time and the top functions."""
+    torch.manual_seed(0)
+    theirs = torchvision.models.mobilenet_v3_large()
+    ours = fastmb.mobilenet_v3_large()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(1, 3, 224, 224, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    for name, model in (("torchvision", theirs), ("fastmb", ours)):
+        model = model.cuda().to(memory_format=torch.channels_last).to(torch.bfloat16).eval()
+        with torch.no_grad():
+            for _ in range(5):
+                model(x)
+            torch.cuda.synchronize()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(calls):
+                model(x)
+            torch.cuda.synchronize()
+            profiler.disable()
+        out = io.StringIO()
+        stats = pstats.Stats(profiler, stream=out).sort_stats("tottime")
+        print(f"host, model eval bs1 {name}: {stats.total_tt / calls * 1e3:.2f} ms per forward under cProfile, "
+              f"{stats.total_calls // calls} Python calls", flush=True)
+        stats.print_stats(rows)
+        print("\n".join(line for line in out.getvalue().splitlines()[-rows - 2 :] if line.strip()), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--rows", type=int, default=8)
     args = parser.parse_args()
+    host_profile(args.rows + 4)
     providers = ["eager_cl"] + [b for b in ("cuda", "triton") if fastmb.backends()[b] == "available"]
     for name, eager, fused, shape in cases():
         fused.load_state_dict(eager.state_dict())

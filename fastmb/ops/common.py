@@ -205,7 +205,9 @@ def cpu_kernels_support(x: Tensor, *args: object) -> bool:
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast casts conv inputs to on `device_type`, or None when it is off."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    # CPU and CUDA have autocast: torch.compile in torch 2.11 cannot trace is_autocast_available.
+    available = device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
+    if available and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
