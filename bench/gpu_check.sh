@@ -81,7 +81,7 @@ step kernel_profile 60 kernel_profile.log env FASTMB_TRITON_AUTOTUNE=0 python be
 # the Triton and reference backends': a step cut short still validates the CUDA kernels. One
 # CPU thread per worker: 16 workers of 16 OpenMP threads each ran 313 tests in 120 s, one thread
 # each 981 in 50 s (2026-12-04). Each test's time, and a failure's traceback, go to
-# $OUT/test_times.txt as it finishes.
+# $OUT/test_times.txt as it finishes; a crashed worker's Python stack to test_times.txt.crash-gwN.
 test_step() {  # NAME CAP PYTEST-K
   step "$1" "$2" "$1.log" env FASTMB_TEST_DEVICE=cuda FASTMB_TRITON_AUTOTUNE=0 OMP_NUM_THREADS=1 \
     FASTMB_TEST_TIMES="$OUT/test_times.txt" python -m pytest tests/ops tests/nn \

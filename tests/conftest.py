@@ -1,6 +1,7 @@
 """Shared fixtures: the device under test (FASTMB_TEST_DEVICE, default cpu; bench/gpu_check.sh
 runs the same suite with cuda) and every fastmb backend available for it."""
 
+import faulthandler
 import itertools
 import os
 import sys
@@ -21,6 +22,18 @@ def pytest_configure(config):
     problem = _extension.unbuilt_source_tree()
     if problem:  # the tests would skip every compiled backend
         pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+def pytest_sessionstart(session):
+    """FASTMB_TEST_TIMES=FILE: a crashing test's Python stack to FILE.crash-<process>
+    (pytest-xdist reports only "node down"); after pytest's own faulthandler has set up."""
+    times = os.environ.get("FASTMB_TEST_TIMES")
+    if times:
+        _FAULT_LOGS.append(open(f"{times}.crash-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}", "a"))
+        faulthandler.enable(file=_FAULT_LOGS[-1])
+
+
+_FAULT_LOGS = []  # kept open for faulthandler
 
 
 def available_backends() -> list[str]:
