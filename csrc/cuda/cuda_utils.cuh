@@ -112,9 +112,11 @@ inline dim3 block_shape(int64_t vectors) {
   return dim3(x, kThreads / x);
 }
 
-// Block shape of the kernels that merge per-block partial rows [blocks][C] per channel: 32
-// channels (one 128-byte row segment per warp) by kThreads / 32 rows striding over the blocks.
-inline dim3 merge_block_shape() { return dim3(32, kThreads / 32); }
+// Block shape of the kernels that merge per-block partial rows [blocks][C] per channel: 8
+// channels (a 32-byte segment of 4 rows per warp) by kThreads / 8 rows striding over the rows.
+// At 32 x 8, 72 channels were 3 blocks whose threads took 132 dependent steps each over 1056
+// rows: 116 us on the H200 (2026-12-04), not measured since.
+inline dim3 merge_block_shape() { return dim3(8, kThreads / 8); }
 
 // Blocks along the pixels for a reduction kernel: enough to fill the GPU (8 blocks of kThreads
 // per SM) beside `channel_blocks` blocks along the channels, and at most one per `rows` pixels.
