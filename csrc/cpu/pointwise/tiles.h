@@ -91,9 +91,9 @@ FASTMB_INLINE void finish(const Gemm& g, const ActivationFn<float>& act, bool sm
 template <int R, int P, bool Half>
 FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0, const float* ahead, int64_t ahead_lines, bool lead) {
 #if FASTMB_GEMM_BYTES == 64
-  constexpr bool kHalfVector = Half;  // one vector a panel: the last one at half width
+  [[maybe_unused]] constexpr bool kHalfVector = Half;  // one vector a panel: the last one at half width
 #else
-  constexpr bool kHalfVector = false;  // two vectors a panel: the last one left out
+  [[maybe_unused]] constexpr bool kHalfVector = false;  // two vectors a panel: the last one left out
 #endif
   constexpr int NV = P * kPanelVectors - (Half ? 1 : 0);  // full-width vectors
   constexpr int NA = NV > 0 ? NV : 1;  // (arrays of at least one)
