@@ -16,7 +16,6 @@ import pstats
 import sys
 
 import torch
-import torchvision
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
@@ -25,6 +24,7 @@ import fastmb  # noqa: E402
 from oracle import EagerSqueezeExcitation, eager_dwconv_bn_act  # noqa: E402
 from providers import provider_module, step  # noqa: E402
 from shapes import mobilenet_v3_large_blocks  # noqa: E402
+from test_models_gpu import model_for  # noqa: E402
 
 BATCH = 256
 # The stages where the kernels lost most and least on 2026-12-04's H200 run.
@@ -68,13 +68,9 @@ def kernel_table(fn, runs: int, rows: int) -> list[str]:
 def host_profile(rows: int, calls: int = 50) -> None:
     """cProfile of `calls` eval forwards of MobileNetV3-Large at batch 1, bf16, channels_last,
     as bench/test_models_gpu.py builds it: per-call wall time and the top functions."""
-    torch.manual_seed(0)
-    theirs = torchvision.models.mobilenet_v3_large()
-    ours = fastmb.mobilenet_v3_large()
-    ours.load_state_dict(theirs.state_dict())
     x = torch.randn(1, 3, 224, 224, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    for name, model in (("torchvision", theirs), ("fastmb", ours)):
-        model = model.cuda().to(memory_format=torch.channels_last).to(torch.bfloat16).eval()
+    for name, provider in (("torchvision", "eager_cl"), ("fastmb", "fastmb")):
+        model = model_for(provider).to(torch.bfloat16).eval()
         with torch.no_grad():
             for _ in range(5):
                 model(x)
@@ -90,7 +86,7 @@ def host_profile(rows: int, calls: int = 50) -> None:
         print(f"host, model eval bs1 {name}: {stats.total_tt / calls * 1e3:.2f} ms per forward under cProfile, "
               f"{stats.total_calls // calls} Python calls", flush=True)
         stats.print_stats(rows)
-        print("\n".join(line for line in out.getvalue().splitlines()[-rows - 2 :] if line.strip()), flush=True)
+        print(out.getvalue().strip(), flush=True)
 
 
 def main() -> None:

@@ -24,6 +24,9 @@ def pytest_configure(config):
         pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
 
 
+_FAULT_LOGS = []  # FASTMB_TEST_TIMES's crash logs, kept open for faulthandler
+
+
 def pytest_sessionstart(session):
     """FASTMB_TEST_TIMES=FILE: a crashing test's Python stack to FILE.crash-<process>
     (pytest-xdist reports only "node down"); after pytest's own faulthandler has set up."""
@@ -31,14 +34,6 @@ def pytest_sessionstart(session):
     if times:
         _FAULT_LOGS.append(open(f"{times}.crash-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}", "a"))
         faulthandler.enable(file=_FAULT_LOGS[-1])
-
-
-_FAULT_LOGS = []  # kept open for faulthandler
-
-
-def available_backends() -> list[str]:
-    status = fastmb.backends()
-    return [name for name in BACKENDS_FOR_DEVICE[DEVICE] if status[name] == "available"]
 
 
 def pytest_runtest_logreport(report):
@@ -52,6 +47,11 @@ def pytest_runtest_logreport(report):
         times.write(f"{report.duration:.2f} {report.outcome} {report.when} {report.nodeid}\n")
         if report.failed:
             times.write(report.longreprtext[-4000:] + "\n")
+
+
+def available_backends() -> list[str]:
+    status = fastmb.backends()
+    return [name for name in BACKENDS_FOR_DEVICE[DEVICE] if status[name] == "available"]
 
 
 @pytest.fixture

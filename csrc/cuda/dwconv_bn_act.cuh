@@ -51,6 +51,16 @@ void dispatch_kernel_size(int k, F&& f) {
 // pixels (the inputs they share come from L1).
 constexpr int kStrip = 4;
 
+// The strips of output pixels over the whole output: per row, and in all.
+struct StripGrid {
+  int per_row;
+  int64_t count;
+};
+inline StripGrid strip_grid(const CudaGeometry& g) {
+  const int per_row = int(ceil_div(g.wo, kStrip));
+  return {per_row, int64_t(g.n) * g.ho * per_row};
+}
+
 // Strip s of the output rows' strips_per_row: its row (n * Ho + oh), first column and the
 // number of its pixels inside the row (kStrip except at the row's end).
 struct Strip {

@@ -206,8 +206,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
   const Tensor coef = at::empty({3, g.c}, float_options);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int width = vector_width(x.scalar_type(), g.c, {&x, &grad_y, &grad_x.nhwc});
-  const int strips_per_row = int(ceil_div(g.wo, kStrip));  // passes 1 and 2 take strips of output pixels
-  const int64_t strips = int64_t(g.n) * g.ho * strips_per_row;
+  const StripGrid strips = strip_grid(g);  // passes 1 and 2 take strips of output pixels
 
   dispatch_floating(x.scalar_type(), "dwconv_bn_act_backward", [&](auto element) {
     using T = decltype(element);
@@ -220,13 +219,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
           constexpr int V = decltype(vector)::value;
           const dim3 block = block_shape(g.c / V);
           const int64_t channel_blocks = ceil_div(g.c / V, block.x);
-          const int64_t blocks = reduction_blocks(strips, block.y, channel_blocks);
+          const int64_t blocks = reduction_blocks(strips.count, block.y, channel_blocks);
           partial_gu = at::empty({blocks, g.c}, float_options);
           partial_gu_xhat = at::empty_like(partial_gu);
           grad_sums_kernel<T, K, V><<<dim3(blocks, channel_blocks), block, 0, stream>>>(
               partial_gu.mutable_data_ptr<float>(), partial_gu_xhat.mutable_data_ptr<float>(), grad_y.const_data_ptr<T>(),
               x.const_data_ptr<T>(), w.const_data_ptr<float>(), mean.const_data_ptr<float>(), var.const_data_ptr<float>(),
-              gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), float(eps), g, strips_per_row, strips, act);
+              gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), float(eps), g, strips.per_row, strips.count, act);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       }
@@ -253,13 +252,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
         constexpr int V = decltype(vector)::value;
         const dim3 block = block_shape(g.c / V);
         const int64_t channel_blocks = ceil_div(g.c / V, block.x);
-        const int64_t blocks = reduction_blocks(strips, block.y, channel_blocks);
+        const int64_t blocks = reduction_blocks(strips.count, block.y, channel_blocks);
         const Tensor partial_gw = want_weight ? at::empty({blocks, K * K, g.c}, float_options) : Tensor();
         grad_z_kernel<T, K, V><<<dim3(blocks, channel_blocks), block, 0, stream>>>(
             want_x ? gz.mutable_data_ptr<float>() : nullptr, want_weight ? partial_gw.mutable_data_ptr<float>() : nullptr,
             grad_y.const_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<float>(), mean.const_data_ptr<float>(),
             var.const_data_ptr<float>(), gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), coef.const_data_ptr<float>(),
-            float(eps), g, strips_per_row, strips, act);
+            float(eps), g, strips.per_row, strips.count, act);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (want_weight) {  // [blocks][taps][C] -> (C, 1, K, K)
           grad_weight.copy_(partial_gw.sum(0).t().reshape(weight.sizes()));

@@ -1,8 +1,9 @@
 // Fused depthwise conv + BatchNorm + activation on CUDA: the forward (DESIGN.md's plan).
 //   eval    BN's per-channel scale first (a C-thread kernel), then one pass:
 //           y = act((z - mean) * scale + beta)
-//   train   pass 1: per-block Welford mean and M2 of z (z is not stored), Chan-merged per
-//           channel in float64; pass 2: as eval with the batch statistics
+//   train   pass 1: mean and M2 of z per strip of pixels (z is not stored), Chan-merged per
+//           thread and block, then per channel in float64; pass 2: as eval with the batch
+//           statistics
 #include <torch/library.h>
 
 #include "dwconv_bn_act.cuh"
@@ -134,7 +135,9 @@ __global__ void __launch_bounds__(kThreads)
   if (active) {
     for (int64_t b = threadIdx.y; b < blocks; b += blockDim.y) {
       const double nb = partial_count[b];
-      if (nb > 0.0) sums[0] += nb, sums[1] += nb * double(partial_mean[b * channels + c]);
+      if (nb == 0.0) continue;
+      sums[0] += nb;
+      sums[1] += nb * double(partial_mean[b * channels + c]);
     }
   }
   sum_over_rows<2>(sums, shared);
@@ -192,15 +195,14 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
         constexpr int K = decltype(kernel_size)::value;
         const dim3 block = block_shape(g.c / V);
         const int64_t channel_blocks = ceil_div(g.c / V, block.x);
-        const int strips_per_row = int(ceil_div(g.wo, kStrip));
-        const int64_t strips = int64_t(g.n) * g.ho * strips_per_row;
+        const StripGrid strips = strip_grid(g);
         if (training) {
-          const int64_t blocks = reduction_blocks(strips, block.y, channel_blocks);
+          const int64_t blocks = reduction_blocks(strips.count, block.y, channel_blocks);
           const Tensor partial_mean = at::empty({blocks, g.c}, float_options), partial_m2 = at::empty_like(partial_mean);
           const Tensor partial_count = at::empty({blocks}, float_options);
           statistics_kernel<T, K, V><<<dim3(blocks, channel_blocks), block, 0, stream>>>(
               partial_mean.mutable_data_ptr<float>(), partial_m2.mutable_data_ptr<float>(), partial_count.mutable_data_ptr<float>(),
-              x.const_data_ptr<T>(), w.const_data_ptr<float>(), g, strips_per_row, strips);
+              x.const_data_ptr<T>(), w.const_data_ptr<float>(), g, strips.per_row, strips.count);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           const dim3 merge_block = merge_block_shape();
           merge_statistics_kernel<<<ceil_div(g.c, merge_block.x), merge_block, 0, stream>>>(
@@ -214,9 +216,9 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
             training ? nullptr : mean_out.mutable_data_ptr<float>(), training ? nullptr : var_out.mutable_data_ptr<float>(), g.c);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         const dim3 strip_block = block_shape(g.c / V);
-        forward_kernel<T, K, V><<<dim3(ceil_div(strips, strip_block.y), ceil_div(g.c / V, strip_block.x)), strip_block, 0, stream>>>(
+        forward_kernel<T, K, V><<<dim3(ceil_div(strips.count, strip_block.y), ceil_div(g.c / V, strip_block.x)), strip_block, 0, stream>>>(
             out.nhwc.mutable_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<float>(), norm.const_data_ptr<float>(), g,
-            strips_per_row, strips, act);
+            strips.per_row, strips.count, act);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
