@@ -63,12 +63,16 @@ def extension():
     # -Wno-psabi: GCC notes that vector arguments change ABI between instruction sets; the CPU
     # kernels' vector-typed helpers are all inlined.
     cxx_flags = [*cxx_optimize, *openmp, "-Wno-psabi", f"-DFASTMB_CUDA_STATUS={status}"]
+    # The shared libstdc++, named: a compiler wrapper that adds -static-libstdc++ (the H200
+    # machine's CXX, 2026-12-04) gave the extension a private C++ runtime, and every C++ error
+    # raised through it crashed the process. Named before the driver's own, it is the one linked.
+    link_flags = [*openmp, "-lstdc++"] if sys.platform.startswith("linux") else openmp
     cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp") + sources("csrc/cpu/dwconv/*.cpp") + sources("csrc/cpu/pointwise/*.cpp")
 
     if status != CUDA_BUILT:
         print(f"fastmb: CUDA kernels {_CUDA_REASONS[status]}", file=sys.stderr)
         return cpp_extension.CppExtension(
-            "fastmb._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp
+            "fastmb._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
         )
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -77,7 +81,7 @@ def extension():
         "fastmb._C",
         cpp_sources + sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp"),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        extra_link_args=openmp,
+        extra_link_args=link_flags,
     )
 
 

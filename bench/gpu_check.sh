@@ -77,7 +77,8 @@ FASTMB_AUTO_ORDER_OUT="$OUT/auto_order.json" bench_step bench_fastmb 100 "${mode
 # Per-kernel CUDA times at a few shapes (which pass of a slow op to work on); one Triton config.
 step kernel_profile 60 kernel_profile.log env FASTMB_TRITON_AUTOTUNE=0 python bench/gpu_kernel_profile.py
 
-# The tests in two steps, the CUDA kernels' first (and the modules' tests under "auto"), then
+# The tests in two steps, the CUDA kernels' first (and the modules' tests under "auto", the
+# native ops' hostile inputs: that machine's compiler once gave them a crashing C++ runtime), then
 # the Triton and reference backends': a step cut short still validates the CUDA kernels. One
 # CPU thread per worker: 16 workers of 16 OpenMP threads each ran 313 tests in 120 s, one thread
 # each 981 in 50 s (2026-12-04). Each test's time, and a failure's traceback, go to
@@ -85,7 +86,8 @@ step kernel_profile 60 kernel_profile.log env FASTMB_TRITON_AUTOTUNE=0 python be
 test_step() {  # NAME CAP PYTEST-K
   step "$1" "$2" "$1.log" env FASTMB_TEST_DEVICE=cuda FASTMB_TRITON_AUTOTUNE=0 OMP_NUM_THREADS=1 \
     FASTMB_TEST_TIMES="$OUT/test_times.txt" python -m pytest tests/ops tests/nn \
-    tests/test_compile.py tests/test_backends.py -k "$3" -v -n 16 --durations=15 -p no:cacheprovider \
+    tests/test_compile.py tests/test_backends.py tests/test_bad_inputs.py tests/test_extension.py \
+    -k "$3" -v -n 16 --durations=15 -p no:cacheprovider \
     --junitxml="$OUT/$1.xml" || failed=1
   grep -E "^(FAILED|ERROR)" "$OUT/$1.log" 2>/dev/null | head -20
   echo "gpu_check: $1 $(grep -c ' PASSED ' "$OUT/$1.log") passed, $(grep -c ' FAILED ' "$OUT/$1.log") failed"

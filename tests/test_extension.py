@@ -1,6 +1,9 @@
 """The compiled extension fastmb._C: it loads, and its operator schemas are the ones the
 Python side (reference backend, fake implementations, autograd) is written against."""
 
+import ctypes
+import sys
+
 import pytest
 import torch
 
@@ -18,6 +21,19 @@ OPS = {
 def test_extension_is_built_and_importable():
     assert _extension.C is not None, _extension.LOAD_ERROR
     assert _extension.C.cuda_build == "built" or _extension.C.cuda_build.startswith("not built")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libstdc++ is the C++ runtime on Linux")
+def test_extension_uses_the_process_cpp_runtime():
+    """A private copy of libstdc++ in fastmb._C (a compiler wrapper linking it statically) made
+    every C++ error raised by the native ops crash the process (H200 machine, 2026-12-04): the
+    extension's C++ runtime functions must be the shared library's, which torch uses."""
+    if _extension.C is None:
+        pytest.skip(f"fastmb._C is not built: {_extension.LOAD_ERROR}")
+    extension, runtime = ctypes.CDLL(_extension.C.__file__), ctypes.CDLL("libstdc++.so.6")
+    for symbol in ("__cxa_allocate_exception", "__cxa_begin_catch"):
+        address = [ctypes.cast(getattr(library, symbol), ctypes.c_void_p).value for library in (extension, runtime)]
+        assert address[0] == address[1], f"fastmb._C has its own {symbol}: was libstdc++ linked statically?"
 
 
 @pytest.mark.parametrize("name", list(OPS))
