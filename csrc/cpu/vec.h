@@ -13,8 +13,9 @@
 
 // The squeeze-excitation loops are plain C++ written for the auto-vectoriser; on x86-64 GCC and
 // Clang compile each for AVX-512, AVX2+FMA and baseline SSE2 and pick one at load time. (The
-// depthwise kernels instead have one translation unit per instruction set: dwconv/kernels.h.)
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTMB_NO_MULTIVERSION)
+// depthwise kernels instead have one translation unit per instruction set: dwconv/kernels.h;
+// compiled under its target pragma, clones would conflict with it, and they are not used there.)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTMB_NO_MULTIVERSION) && !defined(FASTMB_CPU_ISA)
 #define FASTMB_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FASTMB_MULTIVERSION

@@ -61,7 +61,9 @@ FASTMB_INLINE void store_first(float* p, VT v, int64_t count) {
 // real. Zen 4 runs a 512-bit FMA as two 256-bit halves, so the padding's half costs nothing.
 using VH = Vec<float, 32>;
 using VHT = VH::type;
-FASTMB_INLINE VHT low_half(VT v) { return VHT(_mm512_castps512_ps256(__m512(v))); }
+// (A shuffle, not _mm512_castps512_ps256: GCC 12 warns that the cast's undefined upper half may
+// be used uninitialised.)
+FASTMB_INLINE VHT low_half(VT v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
 FASTMB_INLINE VHT load_half(const float* p, int64_t count) {
   return count >= 8 ? VH::load(p) : VHT(_mm256_maskz_loadu_ps(__mmask8((1u << count) - 1), p));
 }
