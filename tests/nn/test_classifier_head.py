@@ -1,6 +1,7 @@
 """The fused head (fastmb::classifier_head, eval on the CPU): the last 1x1 ConvBNAct, global
 average pooling and the classifier's linear layers against the modules, for V2's and V3's
-layouts, batch sizes on both sides of the linear layers' switch to GEMMs, one and two threads;
+layouts, batch sizes in each of the linear layers' three paths (matrix-vector rows, fastmb's GEMM
+with the roles swapped, ATen's GEMM), one and two threads;
 weights changed between calls; the cases where it must step aside."""
 
 import contextlib
@@ -57,7 +58,7 @@ def check(head: Head, x: torch.Tensor, monkeypatch) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("thread_count", [1, 2])
-@pytest.mark.parametrize("batch", [1, 3, 6])  # 6: the linear layers run as GEMMs
+@pytest.mark.parametrize("batch", [1, 3, 6, 21, 70])  # 1, 3: rows; 6, 21: swapped GEMM (a partial panel); 70: ATen
 @pytest.mark.parametrize("v3", [True, False], ids=["v3", "v2"])
 def test_head_matches_its_modules(v3, batch, thread_count, monkeypatch):
     torch.manual_seed(0)
