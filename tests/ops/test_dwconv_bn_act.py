@@ -126,8 +126,11 @@ def test_wide_rows_and_channel_tails(backend, device, dtype, training, config, c
 @pytest.mark.parametrize("kernel", [3, 5, 7])
 def test_stride_2_every_padding(backend, device, kernel):
     """Stride 2 with each padding from 0 to k - 1, so the CPU backward's sub-pixel dL/dx tiles
-    start on either parity and read past both ends of dL/dz's rows; widths odd and even."""
-    for padding in range(kernel):
+    start on either parity and read past both ends of dL/dz's rows; widths odd and even. Triton
+    under the interpreter takes 28 s for the seven paddings of k = 7: there, both ends and both
+    parities of them."""
+    paddings = (0, 1, 4, 6) if backend == "triton" and kernel == 7 and device == "cpu" else range(kernel)
+    for padding in paddings:
         for shape in [(2, 19, 9, 13), (1, 11, 8, 16)]:
             compare(shape, (kernel, 2, 1, "hardswish"), torch.float32, torch.channels_last, True, device, padding=padding)
 
