@@ -40,7 +40,7 @@ FASTMB_MULTIVERSION void add_rows(float* sums, const float* rows, int64_t pixels
 // classifier at batch 16, AMD Zen 4, 2 threads, 343 + 355 us.
 Tensor swapped_linear(const Tensor& in, const Tensor& weight, const Tensor& bias, Activation act, pointwise::GemmPanels gemm) {
   const int64_t n = in.size(0), out_features = weight.size(0), in_features = weight.size(1);
-  const int64_t panels = (n + pointwise::kPanel - 1) / pointwise::kPanel, ld = panels * pointwise::kPanel;
+  const int64_t panels = pointwise::panels_of(n), ld = panels * pointwise::kPanel;
   // in^T packed [panel][k][16], zero past the last image; y^T as (out_features, ld); a zero bias
   // for the GEMM's columns (the images): the layer's bias is per row, added with the activation.
   Tensor packed = at::zeros({panels, in_features, pointwise::kPanel}, in.options());
@@ -86,7 +86,7 @@ Tensor linear(const Tensor& in, const Tensor& weight, const Tensor& bias, Activa
 // pooled (n, c) = mean over each image's pixels of act(x * w + bias).
 void conv_pool(const Tensor& x, const float* w, const float* bias, Activation act, int64_t c, pointwise::GemmPanels gemm, float* pooled) {
   const int64_t n = x.size(0), cin = x.size(1), pixels = x.size(2) * x.size(3);
-  const int64_t panels = (c + pointwise::kPanel - 1) / pointwise::kPanel;
+  const int64_t panels = pointwise::panels_of(c);
   // With fewer images than threads, each image's panels are split between the threads.
   const int threads = at::get_num_threads();
   const int64_t chunks = n >= threads ? 1 : std::min<int64_t>(panels, (threads + n - 1) / n);
@@ -131,7 +131,7 @@ Tensor classifier_head(const Tensor& x, const Tensor& conv_weight, const Tensor&
   const int64_t n = x.size(0), cin = x.size(1);
   TORCH_CHECK(conv_bias.dim() == 1, "fastmb::classifier_head: conv_bias must be a vector");
   const int64_t c = conv_bias.size(0);
-  const float* w = checked_dense_float("classifier_head", "conv_weight", conv_weight, {(c + pointwise::kPanel - 1) / pointwise::kPanel, cin, pointwise::kPanel});
+  const float* w = checked_dense_float("classifier_head", "conv_weight", conv_weight, {pointwise::panels_of(c), cin, pointwise::kPanel});
   const float* bias = checked_dense_float("classifier_head", "conv_bias", conv_bias, {c});
   int64_t features = c;
   std::vector<Activation> fc_acts;

@@ -57,8 +57,6 @@ FASTMB_MULTIVERSION void gate_packed_rows(float* dst, const float* w, const floa
       }
 }
 
-int64_t panels_of(int64_t channels) { return (channels + pointwise::kPanel - 1) / pointwise::kPanel; }
-
 // Everything one call reads, as raw pointers: the arguments checked and made dense.
 struct Block {
   Geometry g;  // the depthwise conv's, over the expanded channels
@@ -83,10 +81,10 @@ struct Block {
   // expansion of x's rows, or the stem's output rows.
   void produce(int64_t n, int64_t r0, int64_t r1, float* rows) const {
     if (stem != nullptr) return stem->rows(rows, n, r0, r1);
-    gemm(expand(image(n) + r0 * g.w * cin, rows, (r1 - r0) * g.w), 0, panels_of(g.c));
+    gemm(expand(image(n) + r0 * g.w * cin, rows, (r1 - r0) * g.w), 0, pointwise::panels_of(g.c));
   }
   // Floats in the packed projection weights (one image's gated copy).
-  int64_t project_values() const { return panels_of(cout) * pointwise::kPanel * g.c; }
+  int64_t project_values() const { return pointwise::panels_of(cout) * pointwise::kPanel * g.c; }
   // The expansion of `pixels` input pixels from `in` into `out`.
   pointwise::Gemm expand(const float* in, float* out, int64_t pixels) const {
     return {in, cin, expand_w, expand_b, nullptr, 0, out, g.c, pixels, g.c, cin, expand_act, cold_weights};
@@ -127,7 +125,7 @@ void project(const Block& b, int64_t n, const float* d, const float* w, const fl
   const int64_t pixels_out = b.g.ho * b.g.wo;
   const float* residual_rows = b.residual ? input + p0 * b.cin : nullptr;
   const pointwise::Gemm gemm = b.project(d + p0 * b.g.c, w, residual_rows, b.y + (n * pixels_out + p0) * b.cout, p1 - p0);
-  b.gemm(gemm, 0, panels_of(b.cout));
+  b.gemm(gemm, 0, pointwise::panels_of(b.cout));
 }
 
 // Bands of output rows [lo, hi), one after another from the top.
@@ -255,7 +253,7 @@ const float* excite(const Block& b, const float* sums, int64_t images) {
 
 // One image's SE gate folded into the projection weights (packed like project_w).
 void fold_gate(const Block& b, const float* gate, float* weights) {
-  gate_packed_rows(weights, b.project_w, gate, panels_of(b.cout), b.g.c);
+  gate_packed_rows(weights, b.project_w, gate, pointwise::panels_of(b.cout), b.g.c);
 }
 
 // rows[p][k] *= gate[k] for `pixels` rows of c values.
@@ -281,7 +279,7 @@ FASTMB_MULTIVERSION void scale_rows(float* rows, const float* gate, int64_t pixe
 // doubled when the host's cores were contended.
 void run_image_split(const Block& b, int64_t n) {
   const Geometry& g = b.g;
-  const int64_t pixels_in = g.h * g.w, pixels_out = g.ho * g.wo, panels = panels_of(g.c);
+  const int64_t pixels_in = g.h * g.w, pixels_out = g.ho * g.wo, panels = pointwise::panels_of(g.c);
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const bool by_channels = g.c % pointwise::kPanel == 0 && panels >= 4 * threads;
   Workspace& ws = thread_workspace();  // the calling thread's buffers hold what the threads share
@@ -314,7 +312,7 @@ void run_image_split(const Block& b, int64_t n) {
     } else if (b.expands()) {
       const auto [q0, q1] = by_channels ? std::pair<int64_t, int64_t>{0, pixels_in} : share(pixels_in, 6);
       if (c0 < c1 && q0 < q1)
-        b.gemm(b.expand(b.image(n) + q0 * b.cin, expanded + q0 * g.c, q1 - q0), c0 / pointwise::kPanel, panels_of(c1));
+        b.gemm(b.expand(b.image(n) + q0 * b.cin, expanded + q0 * g.c, q1 - q0), c0 / pointwise::kPanel, pointwise::panels_of(c1));
     }
 #pragma omp barrier
     const auto [oh0, oh1] = share(g.ho, 1);
@@ -558,7 +556,7 @@ Block prepare_block(const char* op, const BlockArguments& a, const std::array<in
   b.g = dwconv_geometry_of(op, {input[0], c, input[2], input[3]}, dw_weight.sizes().slice(2), a.stride, a.padding, a.dilation);
   b.cout = a.project_bias.dim() == 1 ? a.project_bias.size(0) : 0;
   if (a.expand_weight.has_value()) {
-    b.expand_w = checked_dense_float(op, "expand_weight", *a.expand_weight, {panels_of(c), b.cin, pointwise::kPanel});
+    b.expand_w = checked_dense_float(op, "expand_weight", *a.expand_weight, {pointwise::panels_of(c), b.cin, pointwise::kPanel});
     b.expand_b = checked_dense_float(op, "expand_bias", *a.expand_bias, {c});
   }
   b.expand_act = parse_activation(a.expand_activation);
@@ -585,7 +583,7 @@ Block prepare_block(const char* op, const BlockArguments& a, const std::array<in
   }
   b.se_act = parse_activation(a.se_activation);
   b.gate = parse_gate(a.se_gate);
-  b.project_w = checked_dense_float(op, "project_weight", a.project_weight, {panels_of(b.cout), c, pointwise::kPanel});
+  b.project_w = checked_dense_float(op, "project_weight", a.project_weight, {pointwise::panels_of(b.cout), c, pointwise::kPanel});
   b.project_b = checked_dense_float(op, "project_bias", a.project_bias, {b.cout});
   b.project_act = parse_activation(a.project_activation);
   b.residual = a.residual;

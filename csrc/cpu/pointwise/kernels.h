@@ -21,6 +21,9 @@ namespace fastmb::cpu::pointwise {
 
 constexpr int kPanel = 16;  // output channels per packed weight panel
 
+// The packed panels that hold `channels` output channels.
+constexpr int64_t panels_of(int64_t channels) { return (channels + kPanel - 1) / kPanel; }
+
 struct Gemm {
   const float* a;  // (m, k), rows lda apart
   int64_t lda;
