@@ -43,6 +43,11 @@ def compare(shape, config, dtype, memory_format, training, device, momentum=0.1,
 @pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_eager(backend, device, dtype, memory_format, training, config):
+    if backend == "triton" and device == "cpu" and dtype == torch.float16 and memory_format == torch.contiguous_format:
+        # The Triton op makes its input NHWC before the kernels and its outputs NCHW after them,
+        # whatever the dtype: float16 NHWC and float32 NCHW cover these cases' paths (45 CPU seconds
+        # under the interpreter). A GPU runs them all.
+        pytest.skip("float16 NCHW under the Triton interpreter: covered by float16 NHWC and float32 NCHW")
     compare((2, 8, 11, 11), config, dtype, memory_format, training, device)
 
 
