@@ -1,23 +1,18 @@
-// Shared by the CUDA kernels: vector loads over channels, launch shapes, dtype dispatch.
+// Shared by the CUDA kernels: vector loads over channels, block reductions, dispatch to the
+// kernels' template instances.
 #pragma once
 
-#include <ATen/ATen.h>
-// Only c10's CUDA headers: ATen/cuda/CUDAContext.h also wants the cuBLAS/cuSPARSE headers,
-// which a bare CUDA toolkit (or torch's pip wheels) may not put on the include path.
+// c10's light headers only (see launch.h): Half and BFloat16 for the kernels' element types,
+// CUDAException for the launch checks.
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <initializer_list>
 
-#include "../common.h"
+#include "launch.h"
 
 namespace fastmb::cuda {
-
-// Threads per block of every kernel here; blocks are (channel vectors) x (pixels).
-constexpr int kThreads = 256;
 
 // Minimum resident blocks per SM for the kernels that recompute the depthwise conv, as
 // __launch_bounds__'s second argument: it caps their registers (65536 per SM) at 128, or at 80
@@ -32,7 +27,7 @@ struct alignas(sizeof(T) * V) Pack {
 };
 
 // p[0:V] as floats, in accesses of at most 16 bytes. p must be aligned to one access (the
-// launchers choose V so that it is).
+// operators choose V so that it is).
 template <int V, typename T>
 __device__ __forceinline__ void load_floats(float (&out)[V], const T* p) {
   constexpr int kChunk = sizeof(T) * V > 16 ? 16 / sizeof(T) : V;
@@ -91,27 +86,6 @@ __device__ __forceinline__ PixelCoords pixel_coords(uint32_t p, uint32_t height,
   return {int64_t(row / height), int64_t(row % height), int64_t(p % width)};
 }
 
-// Elements per 16-byte vector of `dtype`, when every tensor's data and the channel count allow
-// it; else 1 (scalar accesses).
-inline int vector_width(at::ScalarType dtype, int64_t channels, std::initializer_list<const at::Tensor*> tensors) {
-  const int width = 16 / int(c10::elementSize(dtype));
-  if (channels % width != 0) return 1;
-  for (const at::Tensor* t : tensors)
-    if (t->defined() && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return 1;
-  return width;
-}
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Block shape for `vectors` channel vectors: x over channel vectors, split evenly into blocks of
-// at most 32 (72 bf16 channels: 9 vectors, so 9 threads, where a power of two would leave 7 of
-// 16 idle), y over pixels, at most kThreads in all.
-inline dim3 block_shape(int64_t vectors) {
-  vectors = std::max<int64_t>(vectors, 1);
-  const int x = int(ceil_div(vectors, ceil_div(vectors, 32)));
-  return dim3(x, kThreads / x);
-}
-
 // Block shape of the kernels that merge per-block partial rows [blocks][C] per channel: 8
 // channels (a 32-byte segment of 4 rows per warp) by kThreads / 8 rows striding over the rows.
 // At 32 x 8, 72 channels were 3 blocks whose threads took 132 dependent steps each over 1056
@@ -119,35 +93,31 @@ inline dim3 block_shape(int64_t vectors) {
 // coefficients 16 us (2026-12-04, fourth run).
 inline dim3 merge_block_shape() { return dim3(8, kThreads / 8); }
 
-// Blocks along the pixels for a reduction kernel: enough to fill the GPU (8 blocks of kThreads
-// per SM) beside `channel_blocks` blocks along the channels, and at most one per `rows` pixels.
-inline int64_t reduction_blocks(int64_t pixels, int64_t rows, int64_t channel_blocks) {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(pixels, rows), 8 * int64_t(sms) / std::max<int64_t>(1, channel_blocks)));
-}
-
-// Calls f(T{}) with the element type of `dtype`: float, half or bfloat16.
+// Calls f(T{}) with the element type: float, half or bfloat16.
 template <typename F>
-void dispatch_floating(at::ScalarType dtype, const char* op, F&& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "fastmb::", op, ": the CUDA kernels take float32, float16 or bfloat16, got ", dtype);
+void dispatch_element(Element element, F&& f) {
+  switch (element) {
+    case Element::kFloat: f(float{}); break;
+    case Element::kHalf: f(c10::Half{}); break;
+    case Element::kBFloat16: f(c10::BFloat16{}); break;
   }
 }
 
 template <int V>
 using Width = std::integral_constant<int, V>;
 
-// Calls f(Width<V>{}) for the vector width of `T` chosen at run time (`width`: 1 or 16 bytes' worth).
-template <typename T, typename F>
-void dispatch_width(int width, F&& f) {
-  constexpr int kVector = 16 / sizeof(T);
-  if (width == kVector) f(Width<kVector>{});
+// Calls f(Width<V>{}) for the channels per thread chosen at run time: kVector or 1.
+template <int kVector, typename F>
+void dispatch_vector(int vector, F&& f) {
+  TORCH_CHECK(vector == kVector || vector == 1, "fastmb: no CUDA kernel instance for ", vector, " channels per thread");
+  if (vector == kVector) f(Width<kVector>{});
   else f(Width<1>{});
+}
+
+// The same for one 16-byte access of T.
+template <typename T, typename F>
+void dispatch_width(int vector, F&& f) {
+  dispatch_vector<int(16 / sizeof(T))>(vector, f);
 }
 
 }  // namespace fastmb::cuda

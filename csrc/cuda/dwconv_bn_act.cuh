@@ -11,54 +11,16 @@
 
 namespace fastmb::cuda {
 
-// The geometry the kernels index with, in int: dwconv_geometry's checks, then what the CUDA
-// kernels take (_cuda_supports in fastmb/ops/dwconv_bn_act.py sends the rest to the reference):
-// CUDA tensors, square 3, 5 or 7 kernels, padded inputs and outputs of fewer than 2^31 pixels,
-// fewer than 2^21 channels.
-using CudaGeometry = BasicGeometry<int>;
-
-inline CudaGeometry cuda_geometry(const char* op, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                                  at::IntArrayRef padding, at::IntArrayRef dilation, const std::optional<at::Tensor>& bn_weight,
-                                  const std::optional<at::Tensor>& bn_bias) {
-  const Geometry g = dwconv_geometry(op, x, weight, stride, padding, dilation, {{"bn_weight", &bn_weight}, {"bn_bias", &bn_bias}});
-  TORCH_CHECK(x.is_cuda(), "fastmb::", op, ": x must be a CUDA tensor for the CUDA kernels");
-  TORCH_CHECK(g.kh == g.kw && (g.kh == 3 || g.kh == 5 || g.kh == 7), "fastmb::", op,
-              ": the CUDA kernels take square 3x3, 5x5 or 7x7 kernels (others run on the reference backend)");
-  constexpr double kLimit = 2147483647.0;  // in double: the products below cannot overflow
-  // the padded extent the taps read: (o - 1) * s + (k - 1) * d + 1 rows and columns
-  const double padded_pixels = double(g.n) * (double(g.ho - 1) * g.sh + double(g.kh - 1) * g.dh + 1) *
-                               (double(g.wo - 1) * g.sw + double(g.kw - 1) * g.dw + 1);
-  const bool fits = padded_pixels < kLimit && double(g.pixels) < kLimit && g.c < (int64_t(1) << 21) &&
-                    double(g.kh - 1) * double(g.dh) < kLimit && double(g.kw - 1) * double(g.dw) < kLimit && g.sh < kLimit && g.sw < kLimit;
-  TORCH_CHECK(fits, "fastmb::", op, ": the CUDA kernels take padded inputs and outputs of fewer than 2^31 pixels and fewer than ",
-              "2^21 channels (larger ones run on the reference backend)");
-  return {g.n, g.c, g.h, g.w, g.ho, g.wo, g.pixels, int(g.kh), int(g.kw), int(g.sh), int(g.sw), int(g.ph), int(g.pw), int(g.dh), int(g.dw)};
-}
-
 template <int K>
 using KernelSize = std::integral_constant<int, K>;
 
-// Calls f(KernelSize<K>{}) for the kernel size (3, 5 or 7: cuda_geometry made sure).
+// Calls f(KernelSize<K>{}) for the kernel size: 3, 5 or 7 (cuda_geometry made sure).
 template <typename F>
 void dispatch_kernel_size(int k, F&& f) {
+  TORCH_CHECK(k == 3 || k == 5 || k == 7, "fastmb: the CUDA depthwise kernels take 3x3, 5x5 or 7x7 kernels, got ", k);
   if (k == 3) f(KernelSize<3>{});
   else if (k == 5) f(KernelSize<5>{});
   else f(KernelSize<7>{});
-}
-
-// Output pixels per thread in the passes that compute z (forward, statistics, backward passes 1
-// and 2): a strip of kStrip along a row, so that each tap's weights are loaded once for kStrip
-// pixels (the inputs they share come from L1).
-constexpr int kStrip = 4;
-
-// The strips of output pixels over the whole output: per row, and in all.
-struct StripGrid {
-  int per_row;
-  int64_t count;
-};
-inline StripGrid strip_grid(const CudaGeometry& g) {
-  const int per_row = int(ceil_div(g.wo, kStrip));
-  return {per_row, int64_t(g.n) * g.ho * per_row};
 }
 
 // Strip s of the output rows' strips_per_row: its row (n * Ho + oh), first column and the

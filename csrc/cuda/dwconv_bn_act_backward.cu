@@ -8,14 +8,10 @@
 //           and the weight gradient: each thread keeps its k*k per-channel sums of dL/dz * x in
 //           registers over its pixels, blocks reduce them, one partial row per block
 //   pass 3  dL/dx as a gather of dL/dz over the taps (no atomics)
-#include <torch/library.h>
-
 #include "dwconv_bn_act.cuh"
 
 namespace fastmb::cuda {
 namespace {
-
-using at::Tensor;
 
 // Pass 1: block b writes its per-channel sums of dL/du and dL/du * x_hat to row b of the
 // partials; each thread takes strips of output pixels (a grid-stride loop).
@@ -175,113 +171,64 @@ __global__ void __launch_bounds__(kThreads)
   store_floats<V>(gx + q * g.c + c, acc);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
-    const Tensor& grad_y_in, const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bn_weight,
-    const std::optional<Tensor>& bn_bias, const Tensor& mean_in, const Tensor& var_in, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, double eps, bool training, c10::string_view activation,
-    std::array<bool, 3> output_mask, const std::optional<Tensor>& batch_sums, int64_t batch_count) {
-  const CudaGeometry g = cuda_geometry("dwconv_bn_act_backward", x_in, weight, stride, padding, dilation, bn_weight, bn_bias);
-  check_dwconv_backward(grad_y_in, x_in, g, mean_in, var_in, batch_sums, batch_count);
-  const bool group_sums = training && batch_sums.has_value();  // the process group's, instead of this batch's
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const NoAutocast no_autocast;
-  const Activation act = parse_activation(activation);
-  const auto float_options = x_in.options().dtype(at::kFloat);
-  const at::ScalarType affine_type = bn_weight.has_value() ? bn_weight->scalar_type() : at::kFloat;
-  const bool want_x = output_mask[0], want_weight = output_mask[1], want_affine = output_mask[2];
+}  // namespace
 
-  Nhwc4dOutput grad_x(want_x ? x_in.sizes() : at::IntArrayRef{0}, x_in.options(),
-                      want_x ? x_in.suggest_memory_format() : at::MemoryFormat::Contiguous);
-  Tensor grad_weight = want_weight ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : at::empty({0}, weight.options());
-  Tensor grad_gamma = at::zeros({want_affine ? g.c : 0}, float_options), grad_beta = at::zeros_like(grad_gamma);
-  if (g.pixels == 0 || !(want_x || want_weight || want_affine)) {
-    if (want_x) grad_x.nhwc.zero_();
-    return {grad_x.finish(), grad_weight, grad_gamma.to(affine_type), grad_beta.to(affine_type)};
-  }
-
-  const Tensor x = as_nhwc(x_in), grad_y = as_nhwc(grad_y_in);
-  const Tensor w = taps_major(weight, at::kFloat);
-  const Tensor mean = mean_in.to(at::kFloat).contiguous(), var = var_in.to(at::kFloat).contiguous();
-  const Tensor gamma = vector_or(bn_weight, g.c, at::kFloat, x, 1.0), beta = vector_or(bn_bias, g.c, at::kFloat, x, 0.0);
-  const Tensor coef = at::empty({3, g.c}, float_options);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int width = vector_width(x.scalar_type(), g.c, {&x, &grad_y, &grad_x.nhwc});
-  const StripGrid strips = strip_grid(g);  // passes 1 and 2 take strips of output pixels
-
-  dispatch_floating(x.scalar_type(), "dwconv_bn_act_backward", [&](auto element) {
-    using T = decltype(element);
-    dispatch_kernel_size(g.kh, [&](auto kernel_size) {
-      constexpr int K = decltype(kernel_size)::value;
-      // Passes 1 and 3 use full 16-byte vectors where they can.
-      Tensor partial_gu, partial_gu_xhat;
-      if ((training && !group_sums) || want_affine) {
-        dispatch_width<T>(width, [&](auto vector) {
-          constexpr int V = decltype(vector)::value;
-          const dim3 block = block_shape(g.c / V);
-          const int64_t channel_blocks = ceil_div(g.c / V, block.x);
-          const int64_t blocks = reduction_blocks(strips.count, block.y, channel_blocks);
-          partial_gu = at::empty({blocks, g.c}, float_options);
-          partial_gu_xhat = at::empty_like(partial_gu);
-          grad_sums_kernel<T, K, V><<<dim3(blocks, channel_blocks), block, 0, stream>>>(
-              partial_gu.mutable_data_ptr<float>(), partial_gu_xhat.mutable_data_ptr<float>(), grad_y.const_data_ptr<T>(),
-              x.const_data_ptr<T>(), w.const_data_ptr<float>(), mean.const_data_ptr<float>(), var.const_data_ptr<float>(),
-              gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), float(eps), g, strips.per_row, strips.count, act);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      }
-      const dim3 merge_block = merge_block_shape();
-      coefficients_kernel<<<ceil_div(g.c, merge_block.x), merge_block, 0, stream>>>(
-          coef.mutable_data_ptr<float>(), want_affine ? grad_gamma.mutable_data_ptr<float>() : nullptr,
-          want_affine ? grad_beta.mutable_data_ptr<float>() : nullptr,
-          partial_gu.defined() ? partial_gu.const_data_ptr<float>() : nullptr,
-          partial_gu_xhat.defined() ? partial_gu_xhat.const_data_ptr<float>() : nullptr, partial_gu.defined() ? partial_gu.size(0) : 0,
-          var.const_data_ptr<float>(), gamma.const_data_ptr<float>(), float(eps), g.c, double(g.pixels), training && !group_sums);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (group_sums) {  // b and d from the process group's sums
-        const Tensor sums = batch_sums->to(at::kDouble), a = coef[0].to(at::kDouble);
-        coef[1].copy_(a * sums[0] / double(batch_count));
-        coef[2].copy_(a * sums[1] / double(batch_count));
-      }
-      if (!want_x && !want_weight) return;
-
-      // Pass 2 keeps K*K*V weight-gradient sums per thread: V = 4 channels for 3x3, 2 for 5x5, 1 for
-      // 7x7 (at 2, its 98 sums spilled 636 bytes under the 128-register cap).
-      const Tensor gz = want_x ? at::empty({g.pixels, g.c}, float_options) : Tensor();
-      constexpr int kGradZWidth = K == 3 ? 4 : K == 5 ? 2 : 1;  // <= every 16-byte width
-      const auto grad_z = [&](auto vector) {
-        constexpr int V = decltype(vector)::value;
-        const dim3 block = block_shape(g.c / V);
-        const int64_t channel_blocks = ceil_div(g.c / V, block.x);
-        const int64_t blocks = reduction_blocks(strips.count, block.y, channel_blocks);
-        const Tensor partial_gw = want_weight ? at::empty({blocks, K * K, g.c}, float_options) : Tensor();
-        grad_z_kernel<T, K, V><<<dim3(blocks, channel_blocks), block, 0, stream>>>(
-            want_x ? gz.mutable_data_ptr<float>() : nullptr, want_weight ? partial_gw.mutable_data_ptr<float>() : nullptr,
-            grad_y.const_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<float>(), mean.const_data_ptr<float>(),
-            var.const_data_ptr<float>(), gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), coef.const_data_ptr<float>(),
-            float(eps), g, strips.per_row, strips.count, act);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (want_weight) {  // [blocks][taps][C] -> (C, 1, K, K)
-          grad_weight.copy_(partial_gw.sum(0).t().reshape(weight.sizes()));
-        }
-      };
-      if (width == 1) grad_z(Width<1>{});
-      else grad_z(Width<kGradZWidth>{});
-
-      if (!want_x) return;
-      dispatch_width<T>(width, [&](auto vector) {
-        constexpr int V = decltype(vector)::value;
-        const dim3 block = block_shape(g.c / V);
-        grad_x_kernel<T, K, V><<<dim3(ceil_div(g.n * g.h * g.w, block.y), ceil_div(g.c / V, block.x)), block, 0, stream>>>(
-            grad_x.nhwc.mutable_data_ptr<T>(), gz.const_data_ptr<float>(), w.const_data_ptr<float>(), g);
+void launch_dwconv_grad_sums(Element element, int vector, dim3 grid, dim3 block, cudaStream_t stream, float* partial_gu,
+                             float* partial_gu_xhat, const void* grad_y, const void* x, const float* w, const float* mean,
+                             const float* var, const float* gamma, const float* beta, float eps, const CudaGeometry& g,
+                             const StripGrid& strips, Activation act) {
+  dispatch_element(element, [&](auto e) {
+    using T = decltype(e);
+    dispatch_width<T>(vector, [&](auto width) {
+      dispatch_kernel_size(g.kh, [&](auto kernel_size) {
+        grad_sums_kernel<T, decltype(kernel_size)::value, decltype(width)::value><<<grid, block, 0, stream>>>(
+            partial_gu, partial_gu_xhat, static_cast<const T*>(grad_y), static_cast<const T*>(x), w, mean, var, gamma, beta, eps, g,
+            strips.per_row, strips.count, act);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
-  return {grad_x.finish(), grad_weight, grad_gamma.to(affine_type), grad_beta.to(affine_type)};
 }
 
-}  // namespace
+void launch_dwconv_coefficients(cudaStream_t stream, float* coef, float* grad_gamma, float* grad_beta, const float* partial_gu,
+                                const float* partial_gu_xhat, int64_t blocks, const float* var, const float* gamma, float eps,
+                                int64_t channels, double pixels, bool batch_statistics) {
+  const dim3 block = merge_block_shape();
+  coefficients_kernel<<<ceil_div(channels, block.x), block, 0, stream>>>(coef, grad_gamma, grad_beta, partial_gu, partial_gu_xhat, blocks,
+                                                                         var, gamma, eps, channels, pixels, batch_statistics);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
-TORCH_LIBRARY_IMPL(fastmb, CUDA, m) { m.impl("dwconv_bn_act_backward", &dwconv_bn_act_backward); }
+void launch_dwconv_grad_z(Element element, int vector, dim3 grid, dim3 block, cudaStream_t stream, float* grad_z, float* partial_gw,
+                          const void* grad_y, const void* x, const float* w, const float* mean, const float* var, const float* gamma,
+                          const float* beta, const float* coef, float eps, const CudaGeometry& g, const StripGrid& strips,
+                          Activation act) {
+  dispatch_element(element, [&](auto e) {
+    using T = decltype(e);
+    dispatch_kernel_size(g.kh, [&](auto kernel_size) {
+      constexpr int K = decltype(kernel_size)::value;
+      dispatch_vector<grad_z_vector(K)>(vector, [&](auto width) {
+        grad_z_kernel<T, K, decltype(width)::value><<<grid, block, 0, stream>>>(
+            grad_z, partial_gw, static_cast<const T*>(grad_y), static_cast<const T*>(x), w, mean, var, gamma, beta, coef, eps, g,
+            strips.per_row, strips.count, act);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+}
+
+void launch_dwconv_grad_x(Element element, int vector, dim3 grid, dim3 block, cudaStream_t stream, void* grad_x, const float* grad_z,
+                          const float* w, const CudaGeometry& g) {
+  dispatch_element(element, [&](auto e) {
+    using T = decltype(e);
+    dispatch_width<T>(vector, [&](auto width) {
+      dispatch_kernel_size(g.kh, [&](auto kernel_size) {
+        grad_x_kernel<T, decltype(kernel_size)::value, decltype(width)::value><<<grid, block, 0, stream>>>(static_cast<T*>(grad_x),
+                                                                                                              grad_z, w, g);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+}
 
 }  // namespace fastmb::cuda

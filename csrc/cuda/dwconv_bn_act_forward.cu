@@ -4,14 +4,10 @@
 //   train   pass 1: mean and M2 of z per strip of pixels (z is not stored), Chan-merged per
 //           thread and block, then per channel in float64; pass 2: as eval with the batch
 //           statistics
-#include <torch/library.h>
-
 #include "dwconv_bn_act.cuh"
 
 namespace fastmb::cuda {
 namespace {
-
-using at::Tensor;
 
 // BN per channel as norm = [mean; scale = gamma / sqrt(var + eps); beta], for the forward's
 // (z - mean) * scale + beta: unlike a folded z * scale + shift it loses nothing where |mean| is
@@ -158,76 +154,49 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
-    const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bn_weight, const std::optional<Tensor>& bn_bias,
-    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, double eps, bool training, c10::string_view activation) {
-  const CudaGeometry g = cuda_geometry("dwconv_bn_act", x_in, weight, stride, padding, dilation, bn_weight, bn_bias);
-  check_vector("dwconv_bn_act", "running_mean", running_mean, g.c, x_in);
-  check_vector("dwconv_bn_act", "running_var", running_var, g.c, x_in);
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const NoAutocast no_autocast;
-  const Activation act = parse_activation(activation);
-  const auto float_options = x_in.options().dtype(at::kFloat);
-  TORCH_CHECK(training || (running_mean.has_value() && running_var.has_value()),
-              "fastmb::dwconv_bn_act: eval needs running statistics");
-  Nhwc4dOutput out({g.n, g.c, g.ho, g.wo}, x_in.options(), x_in.suggest_memory_format());
-  if (out.output.numel() == 0) {
-    if (training) return {out.output, at::zeros({g.c}, float_options), at::ones({g.c}, float_options)};
-    return {out.output, running_mean->to(at::kFloat, false, true), running_var->to(at::kFloat, false, true)};
-  }
+}  // namespace
 
-  const Tensor x = as_nhwc(x_in);
-  const Tensor w = taps_major(weight, at::kFloat);
-  const Tensor gamma = vector_or(bn_weight, g.c, at::kFloat, x, 1.0), beta = vector_or(bn_bias, g.c, at::kFloat, x, 0.0);
-  const Tensor mean = training ? at::empty({g.c}, float_options) : running_mean->to(at::kFloat).contiguous();
-  const Tensor var = training ? at::empty({g.c}, float_options) : running_var->to(at::kFloat).contiguous();
-  // In eval the outputs are copies of the running statistics, written by norm_kernel.
-  Tensor mean_out = training ? mean : at::empty({g.c}, float_options), var_out = training ? var : at::empty({g.c}, float_options);
-  const Tensor norm = at::empty({3, g.c}, float_options);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+void launch_dwconv_norm(cudaStream_t stream, float* norm, const float* mean, const float* var, const float* gamma, const float* beta,
+                        float eps, float* mean_out, float* var_out, int64_t channels) {
+  norm_kernel<<<ceil_div(channels, kThreads), kThreads, 0, stream>>>(norm, mean, var, gamma, beta, eps, mean_out, var_out, channels);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
-  dispatch_floating(x.scalar_type(), "dwconv_bn_act", [&](auto element) {
-    using T = decltype(element);
-    dispatch_width<T>(vector_width(x.scalar_type(), g.c, {&x, &out.nhwc}), [&](auto width) {
-      constexpr int V = decltype(width)::value;
+void launch_dwconv_statistics(Element element, int vector, dim3 grid, dim3 block, cudaStream_t stream, float* partial_mean,
+                              float* partial_m2, float* partial_count, const void* x, const float* w, const CudaGeometry& g,
+                              const StripGrid& strips) {
+  dispatch_element(element, [&](auto e) {
+    using T = decltype(e);
+    dispatch_width<T>(vector, [&](auto width) {
       dispatch_kernel_size(g.kh, [&](auto kernel_size) {
-        constexpr int K = decltype(kernel_size)::value;
-        const dim3 block = block_shape(g.c / V);
-        const int64_t channel_blocks = ceil_div(g.c / V, block.x);
-        const StripGrid strips = strip_grid(g);
-        if (training) {
-          const int64_t blocks = reduction_blocks(strips.count, block.y, channel_blocks);
-          const Tensor partial_mean = at::empty({blocks, g.c}, float_options), partial_m2 = at::empty_like(partial_mean);
-          const Tensor partial_count = at::empty({blocks}, float_options);
-          statistics_kernel<T, K, V><<<dim3(blocks, channel_blocks), block, 0, stream>>>(
-              partial_mean.mutable_data_ptr<float>(), partial_m2.mutable_data_ptr<float>(), partial_count.mutable_data_ptr<float>(),
-              x.const_data_ptr<T>(), w.const_data_ptr<float>(), g, strips.per_row, strips.count);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          const dim3 merge_block = merge_block_shape();
-          merge_statistics_kernel<<<ceil_div(g.c, merge_block.x), merge_block, 0, stream>>>(
-              mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(), partial_mean.const_data_ptr<float>(),
-              partial_m2.const_data_ptr<float>(), partial_count.const_data_ptr<float>(), blocks, g.c);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-        norm_kernel<<<ceil_div(g.c, kThreads), kThreads, 0, stream>>>(
-            norm.mutable_data_ptr<float>(), mean.const_data_ptr<float>(), var.const_data_ptr<float>(),
-            gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), float(eps),
-            training ? nullptr : mean_out.mutable_data_ptr<float>(), training ? nullptr : var_out.mutable_data_ptr<float>(), g.c);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const dim3 strip_block = block_shape(g.c / V);
-        forward_kernel<T, K, V><<<dim3(ceil_div(strips.count, strip_block.y), ceil_div(g.c / V, strip_block.x)), strip_block, 0, stream>>>(
-            out.nhwc.mutable_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<float>(), norm.const_data_ptr<float>(), g,
-            strips.per_row, strips.count, act);
+        statistics_kernel<T, decltype(kernel_size)::value, decltype(width)::value><<<grid, block, 0, stream>>>(
+            partial_mean, partial_m2, partial_count, static_cast<const T*>(x), w, g, strips.per_row, strips.count);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
-  return {out.finish(), mean_out, var_out};
 }
 
-}  // namespace
+void launch_dwconv_merge_statistics(cudaStream_t stream, float* mean, float* var, const float* partial_mean, const float* partial_m2,
+                                    const float* partial_count, int64_t blocks, int64_t channels) {
+  const dim3 block = merge_block_shape();
+  merge_statistics_kernel<<<ceil_div(channels, block.x), block, 0, stream>>>(mean, var, partial_mean, partial_m2, partial_count, blocks,
+                                                                             channels);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
-TORCH_LIBRARY_IMPL(fastmb, CUDA, m) { m.impl("dwconv_bn_act", &dwconv_bn_act_forward); }
+void launch_dwconv_forward(Element element, int vector, dim3 grid, dim3 block, cudaStream_t stream, void* y, const void* x,
+                           const float* w, const float* norm, const CudaGeometry& g, const StripGrid& strips, Activation act) {
+  dispatch_element(element, [&](auto e) {
+    using T = decltype(e);
+    dispatch_width<T>(vector, [&](auto width) {
+      dispatch_kernel_size(g.kh, [&](auto kernel_size) {
+        forward_kernel<T, decltype(kernel_size)::value, decltype(width)::value><<<grid, block, 0, stream>>>(
+            static_cast<T*>(y), static_cast<const T*>(x), w, norm, g, strips.per_row, strips.count, act);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+}
 
 }  // namespace fastmb::cuda
