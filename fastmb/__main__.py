@@ -1,7 +1,7 @@
 """python -m fastmb: build a MobileNet, load a torchvision (or eager) model's weights into the
 fastmb one, check that both compute the same thing, then time both on each available backend,
 and (CPU, fp32 eval) ONNX Runtime and OpenVINO on the baseline's ONNX export when installed,
-in alternating rounds.
+and (training, CUDA) torch.compile of the baseline, in alternating rounds.
 `python -m fastmb check [--device D]` checks every available fused backend against the
 reference on this machine (fastmb/check.py).
 """
@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=1.0, help="time budget per provider and batch size")
     parser.add_argument("--no-runtimes", action="store_true",
                         help="leave out ONNX Runtime and OpenVINO (timed by default on the CPU in fp32 eval when installed)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time torch.compile of the baseline (Inductor), the alternative a user picks for training and "
+                        "on a GPU: on by default in train mode and on CUDA devices; compiling takes a minute or more on a "
+                        "small CPU")
     args = parser.parse_args(argv)
     check_model(parser, args.model)
     if args.batch_size and min(args.batch_size) < 1:
@@ -70,6 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.nchw and args.channels_last:
         parser.error("--nchw and --channels-last contradict each other")
     args.device = resolve_device(parser, args.device)
+    if args.compile is None:
+        args.compile = args.mode == "train" or args.device.type == "cuda"
     return args
 
 
@@ -267,6 +273,24 @@ def runtime_providers(args: argparse.Namespace, baseline: nn.Module, x: torch.Te
         return []
 
 
+def compiled_provider(args: argparse.Namespace, baseline: nn.Module, label: str, x: torch.Tensor,
+                      memory_format: torch.memory_format) -> list[tuple[str, Callable[[], object]]]:
+    """torch.compile of the baseline with default options, compiled here by a first untimed call
+    (a compile failure leaves the other providers standing)."""
+    if not args.compile:
+        return []
+    name = f"{label} + torch.compile"
+    progress(f"compiling {name}, batch {x.shape[0]}, {args.mode} (a minute or more on a small CPU)")
+    model = copy.deepcopy(baseline).to(device=x.device, dtype=x.dtype, memory_format=memory_format)
+    try:
+        fn = step_function(torch.compile(model), x, args.mode)
+        fn()
+    except Exception as error:  # e.g. no C++ compiler for Inductor's CPU code, or a Python Dynamo does not support
+        progress(f"torch.compile left out: {type(error).__name__}: {error}")
+        return []
+    return [(name, fn)]
+
+
 def check_main(argv: list[str]) -> int:
     parser = _Parser(
         prog="python -m fastmb check",
@@ -319,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             used.append(set())
             names.append(name)
             fns.append(with_backend(step_function(model, x, args.mode), backend, used[-1]))
-        for name, fn in runtime_providers(args, baseline, x):
+        for name, fn in runtime_providers(args, baseline, x) + compiled_provider(args, baseline, label, x, memory_format):
             names.append(name)
             fns.append(fn)
         progress(f"timing {len(fns)} providers in alternating rounds, batch {batch}")
@@ -334,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
             fastest = min(runtime_times, key=runtime_times.get)
             ratio = runtime_times[fastest] / times[names.index("fastmb cpu")]
             rows.append((batch, f"fastmb cpu vs {fastest}: {ratio:.2f}x", None, None, None))
+        compiled = f"{label} + torch.compile"
+        fastmb_times = {n: ms for n, ms in zip(names, times) if n.startswith("fastmb ") and n != "fastmb reference"}
+        if compiled in names and fastmb_times:
+            fastest = min(fastmb_times, key=fastmb_times.get)
+            ratio = times[names.index(compiled)] / fastmb_times[fastest]
+            rows.append((batch, f"{fastest} vs {compiled}: {ratio:.2f}x", None, None, None))
 
     layout = "NCHW" if args.nchw else "channels_last"
     title = f"{args.model}, {args.mode}, {device}, {args.dtype}, {layout}"

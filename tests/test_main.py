@@ -22,10 +22,41 @@ def test_default_run_exits_zero_and_prints_the_table():
     assert "... timing" in result.stderr  # progress
 
 
-def test_v1_training_step(capsys):
+@pytest.fixture
+def quick_compile(monkeypatch):
+    """torch.compile through AOTAutograd without Inductor: the main job's plumbing at a few
+    seconds instead of Inductor's minute or more a model."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="aot_eager"))
+
+
+def test_v1_training_step_beside_torch_compile(quick_compile, capsys):
+    """Training is timed beside torch.compile of the baseline by default, with fastmb's ratio to it."""
     assert cli.main(["--model", "mobilenet_v1", "--mode", "train", "--batch-size", "2", "--resolution", "96", "--seconds", "0.05"]) == 0
     out = capsys.readouterr().out
     assert "parity (train, fastmb reference)" in out and "mobilenet_v1, train" in out and "eager PyTorch" in out
+    rows = {line[7:].rsplit(maxsplit=3)[0]: line for line in out.splitlines() if line.startswith("    2  ")}
+    latency, throughput = map(float, rows["eager PyTorch + torch.compile"].split()[-3:-1])
+    assert latency > 0 and throughput == pytest.approx(2e3 / latency, rel=0.006 / latency + 0.001)
+    assert "fastmb cpu vs eager PyTorch + torch.compile: " in out
+
+
+def test_torch_compile_off_by_flag_and_on_failure(monkeypatch, capsys):
+    """--no-compile leaves it out; so does a compile that fails, with the reason, and the other
+    providers are timed as before."""
+    args = ["--model", "mobilenet_v3_small", "--mode", "train", "--batch-size", "1", "--resolution", "64", "--seconds", "0.02"]
+    assert cli.main([*args, "--no-compile"]) == 0
+    assert "torch.compile" not in capsys.readouterr().out
+
+    def failing_compile(model):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    assert "torch.compile left out: RuntimeError: no C++ compiler" in captured.err
+    assert "torch.compile" not in captured.out and "fastmb cpu" in captured.out
+    assert not cli.parse_args(["--device", "cpu"]).compile and cli.parse_args(["--device", "cpu", "--compile"]).compile
 
 
 def test_timm_model(capsys):
