@@ -84,7 +84,7 @@ def write_speedups(terminalreporter) -> None:
             cells.append(cell + ")")
             suites[(" ".join(group.split(" ")[:2]), provider)].append(speedup)
         write(f"  {group:<52} " + "  ".join(cells))
-    write_runtime_ratios(write, groups)
+    write_alternative_ratios(write, groups)
     if os.environ.get("FASTMB_AUTO_ORDER_OUT"):
         write_auto_order(groups, os.environ["FASTMB_AUTO_ORDER_OUT"])
     write("\ngeometric-mean speedup per suite and provider:")
@@ -95,23 +95,24 @@ def write_speedups(terminalreporter) -> None:
         write(line)
 
 
-# The inference runtimes a user would pick instead of PyTorch (fastmb/runtimes.py), and the
-# providers compared with the faster of them.
-RUNTIMES = ("onnxruntime", "openvino")
-AGAINST_RUNTIMES = ("fastmb", "convert")
+# What a user would pick instead of eager PyTorch: torch.compile, and for CPU inference the
+# runtimes of fastmb/runtimes.py; and fastmb's providers, compared with the fastest of those.
+ALTERNATIVES = ("compile", "onnxruntime", "openvino")
+FUSED = ("fastmb", "convert", "cuda", "triton")
 
 
-def write_runtime_ratios(write, groups: dict[str, dict[str, Result]]) -> None:
-    """Per group with a runtime: fastmb's (and convert's) speed over the fastest runtime's, from
-    the medians and from the paired speedups (each alternated with the same baseline)."""
+def write_alternative_ratios(write, groups: dict[str, dict[str, Result]]) -> None:
+    """Per group with an alternative timed: each fastmb provider's speed over the fastest
+    alternative's, from the medians and from the paired speedups (each alternated with the same
+    baseline)."""
     lines = []
     for group, results in sorted(groups.items()):
-        timed = [results[r] for r in RUNTIMES if r in results]
+        timed = [results[r] for r in ALTERNATIVES if r in results]
         if not timed:
             continue
         fastest = min(timed, key=lambda r: r.seconds)
         cells = []
-        for provider in AGAINST_RUNTIMES:
+        for provider in FUSED:
             if provider not in results:
                 continue
             ours = results[provider]
@@ -122,7 +123,7 @@ def write_runtime_ratios(write, groups: dict[str, dict[str, Result]]) -> None:
         if cells:
             lines.append(f"  {group:<52} vs {fastest.provider} {fastest.seconds * 1e3:.3f} ms: " + "  ".join(cells))
     if lines:
-        write("\nspeed relative to the fastest of ONNX Runtime and OpenVINO (>1: faster than it):")
+        write("\nspeed relative to the fastest of torch.compile, ONNX Runtime and OpenVINO timed (>1: faster than it):")
         for line in lines:
             write(line)
 
