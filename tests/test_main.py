@@ -37,7 +37,8 @@ def test_v1_training_step_beside_torch_compile(quick_compile, capsys):
     assert "parity (train, fastmb reference)" in out and "mobilenet_v1, train" in out and "eager PyTorch" in out
     rows = {line[7:].rsplit(maxsplit=3)[0]: line for line in out.splitlines() if line.startswith("    2  ")}
     latency, throughput = map(float, rows["eager PyTorch + torch.compile"].split()[-3:-1])
-    assert latency > 0 and throughput == pytest.approx(2e3 / latency, rel=0.006 / latency + 0.001)
+    # printed to 0.01 ms and 0.1 images/s
+    assert latency > 0 and throughput == pytest.approx(2e3 / latency, abs=0.051 + 2e3 * 0.006 / latency**2)
     assert "fastmb cpu vs eager PyTorch + torch.compile: " in out
 
 
