@@ -273,13 +273,17 @@ def runtime_providers(args: argparse.Namespace, baseline: nn.Module, x: torch.Te
         return []
 
 
+def compiled_name(label: str) -> str:
+    return f"{label} + torch.compile"
+
+
 def compiled_provider(args: argparse.Namespace, baseline: nn.Module, label: str, x: torch.Tensor,
                       memory_format: torch.memory_format) -> list[tuple[str, Callable[[], object]]]:
     """torch.compile of the baseline with default options, compiled here by a first untimed call
     (a compile failure leaves the other providers standing)."""
     if not args.compile:
         return []
-    name = f"{label} + torch.compile"
+    name = compiled_name(label)
     progress(f"compiling {name}, batch {x.shape[0]}, {args.mode} (a minute or more on a small CPU)")
     model = copy.deepcopy(baseline).to(device=x.device, dtype=x.dtype, memory_format=memory_format)
     try:
@@ -358,12 +362,12 @@ def main(argv: list[str] | None = None) -> int:
             fastest = min(runtime_times, key=runtime_times.get)
             ratio = runtime_times[fastest] / times[names.index("fastmb cpu")]
             rows.append((batch, f"fastmb cpu vs {fastest}: {ratio:.2f}x", None, None, None))
-        compiled = f"{label} + torch.compile"
+        compiled = compiled_name(label)
         fastmb_times = {n: ms for n, ms in zip(names, times) if n.startswith("fastmb ") and n != "fastmb reference"}
         if compiled in names and fastmb_times:
-            fastest = min(fastmb_times, key=fastmb_times.get)
-            ratio = times[names.index(compiled)] / fastmb_times[fastest]
-            rows.append((batch, f"{fastest} vs {compiled}: {ratio:.2f}x", None, None, None))
+            best = min(fastmb_times, key=fastmb_times.get)
+            ratio = times[names.index(compiled)] / fastmb_times[best]
+            rows.append((batch, f"{best} vs {compiled}: {ratio:.2f}x", None, None, None))
 
     layout = "NCHW" if args.nchw else "channels_last"
     title = f"{args.model}, {args.mode}, {device}, {args.dtype}, {layout}"

@@ -34,16 +34,6 @@ CudaGeometry cuda_geometry(const char* op, const Tensor& x, const Tensor& weight
   return {g.n, g.c, g.h, g.w, g.ho, g.wo, g.pixels, int(g.kh), int(g.kw), int(g.sh), int(g.sw), int(g.ph), int(g.pw), int(g.dh), int(g.dw)};
 }
 
-// The grid of a kernel whose blocks take `vector` channels per thread and whose rows go over
-// `rows` items (strips or pixels), one item per thread row.
-struct Launch {
-  dim3 grid, block;
-};
-Launch rows_launch(const CudaGeometry& g, int vector, int64_t rows) {
-  const dim3 block = block_shape(g.c / vector);
-  return {dim3(ceil_div(rows, block.y), ceil_div(g.c / vector, block.x)), block};
-}
-
 // A reduction kernel's launch: reduction_blocks blocks along the strips (a grid-stride loop).
 Launch reduction_launch(const CudaGeometry& g, int vector, const StripGrid& strips) {
   const dim3 block = block_shape(g.c / vector);
@@ -98,7 +88,7 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(
   launch_dwconv_norm(stream, norm.mutable_data_ptr<float>(), mean.const_data_ptr<float>(), var.const_data_ptr<float>(),
                      gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), float(eps),
                      training ? nullptr : mean_out.mutable_data_ptr<float>(), training ? nullptr : var_out.mutable_data_ptr<float>(), g.c);
-  const Launch forward = rows_launch(g, vector, strips.count);
+  const Launch forward = rows_launch(g.c, vector, strips.count);
   launch_dwconv_forward(element, vector, forward.grid, forward.block, stream, out.nhwc.mutable_data_ptr(), x.const_data_ptr(),
                         w.const_data_ptr<float>(), norm.const_data_ptr<float>(), g, strips, act);
   return {out.finish(), mean_out, var_out};
@@ -173,7 +163,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(
                        act);
   if (want_weight) grad_weight.copy_(partial_gw.sum(0).t().reshape(weight.sizes()));  // [blocks][taps][C] -> (C, 1, K, K)
   if (want_x) {
-    const Launch pass3 = rows_launch(g, vector, int64_t(g.n) * g.h * g.w);
+    const Launch pass3 = rows_launch(g.c, vector, int64_t(g.n) * g.h * g.w);
     launch_dwconv_grad_x(element, vector, pass3.grid, pass3.block, stream, grad_x.nhwc.mutable_data_ptr(), gz.const_data_ptr<float>(),
                          w.const_data_ptr<float>(), g);
   }

@@ -37,4 +37,14 @@ inline int64_t reduction_blocks(int64_t pixels, int64_t rows, int64_t channel_bl
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(pixels, rows), 8 * int64_t(sms) / std::max<int64_t>(1, channel_blocks)));
 }
 
+// The grid and block of a kernel whose threads take `vector` channels each (of `channels`) and
+// whose block rows go over `rows` items (strips or pixels), one item per thread row.
+struct Launch {
+  dim3 grid, block;
+};
+inline Launch rows_launch(int64_t channels, int vector, int64_t rows) {
+  const dim3 block = block_shape(channels / vector);
+  return {dim3(ceil_div(rows, block.y), ceil_div(channels / vector, block.x)), block};
+}
+
 }  // namespace fastmb::cuda

@@ -34,10 +34,9 @@ void apply_scale(Tensor& out, const Tensor& a, const Tensor& scale, const Tensor
   const int64_t total_pixels = s.n * s.pixels;
   if (total_pixels == 0 || s.c == 0) return;
   const int vector = vector_width(a.scalar_type(), s.c, {&a, &out, &scale, shift != nullptr ? shift : &scale});
-  const dim3 block = block_shape(s.c / vector);
-  launch_scale_shift(element_of(a.scalar_type(), "squeeze_excitation"), vector,
-                     dim3(ceil_div(total_pixels, block.y), ceil_div(s.c / vector, block.x)), block, c10::cuda::getCurrentCUDAStream(),
-                     out.mutable_data_ptr(), a.const_data_ptr(), scale.const_data_ptr<float>(),
+  const Launch launch = rows_launch(s.c, vector, total_pixels);
+  launch_scale_shift(element_of(a.scalar_type(), "squeeze_excitation"), vector, launch.grid, launch.block,
+                     c10::cuda::getCurrentCUDAStream(), out.mutable_data_ptr(), a.const_data_ptr(), scale.const_data_ptr<float>(),
                      shift != nullptr ? shift->const_data_ptr<float>() : nullptr, s.pixels, total_pixels, s.c);
 }
 
