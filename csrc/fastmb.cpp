@@ -60,6 +60,10 @@ TORCH_LIBRARY(fastmb, m) {
       "stem_conv_bn_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor mean, "
       "Tensor var, int[] stride, int[] padding, int[] dilation, float eps, str activation, bool[2] output_mask) "
       "-> (Tensor, Tensor, Tensor)");
+  // dL/dweight of conv2d(x, weight) (no groups, no bias) from dL/dz, z the conv's output:
+  // (C_out, C_in, kH, kW) = weight_size, contiguous. CPU only.
+  m.def(
+      "conv_weight_grad(Tensor grad_z, Tensor x, int[4] weight_size, int[2] stride, int[] padding, int[2] dilation) -> Tensor");
   // An eval-mode batch norm folded into the conv before it: (weight * scale, beta - mean * scale)
   // per output channel, scale = bn_weight / sqrt(running_var + eps). CPU only.
   m.def(

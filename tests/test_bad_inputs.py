@@ -88,6 +88,9 @@ def stem(x=xs, w=ws, bn_weight=None, conv=stem_conv, activation="relu"):
 def stem_backward(grad_y=torch.randn(2, 8, 5, 5), stats=stats, mask=(True, True)):
     return ops.stem_conv_bn_act_backward(grad_y, xs, ws, None, None, *stats, *stem_conv, 1e-5, "relu", list(mask))
 
+def weight_grad(grad_z=torch.randn(2, 8, 5, 5), x=xs, weight_size=(8, 3, 3, 3), conv=stem_conv):
+    return ops.conv_weight_grad(grad_z, x, list(weight_size), *conv)
+
 def stem_same_as_eager(shape):
     x = torch.randn(shape)
     y = stem(x)[0]
@@ -137,6 +140,19 @@ CASES: dict[str, tuple[str, tuple[str, str] | None]] = {
     "stem_backward grad_y of another shape": ("stem_backward(grad_y=torch.randn(2, 8, 4, 4))", ("RuntimeError", "grad_y must have the output's shape")),
     "stem_backward short mean": ("stem_backward(stats=[torch.zeros(3), torch.ones(8)])", ("RuntimeError", "mean must be a vector of 8")),
     "stem_backward nothing wanted": ("gw, gg, gb = stem_backward(mask=(False, False)); assert gw.numel() == 0", OK),
+    # the training full conv's weight gradient
+    "conv_weight_grad 3-D x": ("weight_grad(x=torch.randn(3, 9, 9))", ("RuntimeError", "x must be \\(N, C_in, H, W\\)")),
+    "conv_weight_grad weight_size of other input channels": (
+        "weight_grad(weight_size=(8, 4, 3, 3))", ("RuntimeError", "weight_size must be \\(C_out, C_in, kH, kW\\) with C_in = 3")),
+    "conv_weight_grad kernel of 0 taps": ("weight_grad(weight_size=(8, 3, 0, 3))", ("RuntimeError", "every entry at least 1")),
+    "conv_weight_grad three weight sizes": ("weight_grad(weight_size=(8, 3, 3))", ("RuntimeError", "weight_size")),
+    "conv_weight_grad grad_z of another shape": ("weight_grad(grad_z=torch.randn(2, 8, 4, 4))", ("RuntimeError", "grad_z must have the conv output's shape")),
+    "conv_weight_grad float64 grad_z": ("weight_grad(grad_z=torch.randn(2, 8, 5, 5, dtype=torch.float64))", ("RuntimeError", "grad_z must have x's dtype")),
+    "conv_weight_grad int x": ("weight_grad(x=torch.ones(2, 3, 9, 9, dtype=torch.int32))", ("RuntimeError", "float32 and float64")),
+    "conv_weight_grad stride 0": ("weight_grad(conv=([0, 0], [1, 1], [1, 1]))", ("RuntimeError", "stride must be at least 1")),
+    "conv_weight_grad padding 2**62 overflows": ("weight_grad(conv=([1, 1], [2**62, 2**62], [1, 1]))", ("RuntimeError", "overflow|output")),
+    "conv_weight_grad empty batch": ("gw = weight_grad(grad_z=torch.randn(0, 8, 5, 5), x=xs[:0]); assert gw.shape == (8, 3, 3, 3) and not gw.any()", OK),
+    "conv_weight_grad NaN grad_z stays NaN": ("assert weight_grad(grad_z=torch.full((2, 8, 5, 5), float('nan'))).isnan().all()", OK),
     # the whole-block CPU ops
     "block NCHW x": ("ir(x=xb.contiguous())", ("RuntimeError", "x must be a channels_last float32")),
     "block float64 x": ("ir(x=xb.double())", ("RuntimeError", "x must be a channels_last float32")),

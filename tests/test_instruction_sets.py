@@ -21,12 +21,13 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.skipif(fastmb.backends()["cpu"] != "available", reason="no CPU kernels")
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_lower_instruction_set_kernels_pass_the_same_tests(isa):
-    names = ("ops/test_dwconv_bn_act.py", "ops/test_batch_norm_act.py", "ops/test_stem_conv_bn_act.py", "nn/test_inverted_residual.py",
-             "nn/test_classifier_head.py")
+    names = ("ops/test_dwconv_bn_act.py", "ops/test_batch_norm_act.py", "ops/test_stem_conv_bn_act.py", "ops/test_conv_weight_grad.py",
+             "nn/test_inverted_residual.py", "nn/test_classifier_head.py")
     tests = [str(HERE / name) for name in names]
-    # the stem op's file: all of it; the chain op's runs of blocks and a stem alone; not opcheck
-    # (the ops' registrations, the same under every cap: 3 s a run); the head at every batch size
-    selection = ("(cpu or matches_its_layers or match_their_layers or float32_by_the_rule or stem_conv_bn_act or chain or alone"
+    # the stem's and the weight gradient's files: all of them; the chain op's runs of blocks and a
+    # stem alone; not opcheck (the ops' registrations, the same under every cap: 3 s a run); the
+    # head at every batch size
+    selection = ("(cpu or matches_its_layers or match_their_layers or float32_by_the_rule or stem_conv_bn_act or conv_weight_grad or chain or alone"
                  " or head_matches_its_modules) and not opcheck")
     # The child imports the fastmb this process tests (installed, or an in-place build), from a
     # working directory that does not put a checkout first.

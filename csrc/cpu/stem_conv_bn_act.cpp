@@ -8,11 +8,13 @@
 //             gradient patches^T . dL/dz (float over a chunk, per-thread partials in double)
 // Eager keeps z and u for backward and writes dL/du and dL/dz: four stem-sized tensors these
 // passes never write. x takes no gradient (an image): the module runs eager's ops where it needs one.
-// The batch norm passes are the depthwise kernels' (dwconv/passes.h); the patch GEMMs are here.
+// The batch norm passes are the depthwise kernels' (dwconv/passes.h), the patch GEMMs
+// patch_gemms.h's.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "dwconv/operator.h"
+#include "patch_gemms.h"
 #include "stem_rows.h"
 
 namespace fastmb::cpu {
@@ -22,39 +24,9 @@ using at::Tensor;
 using dwconv::BnParams;
 using dwconv::Kernels;
 using dwconv::Moments;
+using namespace patches;
 
-// Vector accumulators per register tile: NV vectors of output channels times kTile / NV pixels
-// (z) or taps (weight gradient), 12 of the 16 (AVX2) or 32 (AVX-512) registers.
-constexpr int kTile = 12;
-// Output channels per tile: up to 4 vectors.
-constexpr int kMaxVectors = 4;
-
-// Where a run of output pixels' patches are read: straight from x for pixels whose taps all lie
-// inside it (tap t of pixel p at pixel(p)[tap(t)]: origin + p * step + offset[t]), else from
-// rows gathered with the padding's zeros (patch buffer rows ld apart).
-template <typename Acc>
-struct XPatches {
-  const Acc* origin;
-  int64_t step;
-  const int64_t* offset;
-  FASTMB_INLINE const Acc* pixel(int64_t p) const { return origin + p * step; }
-  FASTMB_INLINE int64_t tap(int64_t t) const { return offset[t]; }
-};
-template <typename Acc>
-struct GatheredPatches {
-  const Acc* rows;
-  int64_t ld;
-  FASTMB_INLINE const Acc* pixel(int64_t p) const { return rows + p * ld; }
-  FASTMB_INLINE int64_t tap(int64_t t) const { return t; }
-};
-
-// What a z tile stores: z itself (the training passes), or act(z * scale + shift) (the eval stem:
-// its batch norm and activation applied while z is in registers). at(co): from channel co on.
-struct StoreZ {
-  StoreZ at(int64_t) const { return *this; }
-  template <typename VT>
-  FASTMB_INLINE VT operator()(VT z, int64_t) const { return z; }
-};
+// The eval stem's z store: act(z * scale + shift), at(co): from channel co on.
 template <typename Acc>
 struct StoreNormalized {
   const Acc *scale, *shift;
@@ -71,234 +43,22 @@ struct StoreNormalized {
   }
 };
 
-// z[p][v] for P pixels' patches and NV vectors of output channels of the weight ([taps][ldw]);
-// stores the first np pixels' rows (ldz apart), through `store`.
-template <int Bytes, int NV, int P, typename Acc, typename Patches, typename Store>
-FASTMB_INLINE void z_tile(Acc* z, int64_t ldz, const Patches& patches, int64_t p0, const Acc* w, int64_t ldw, int64_t taps, int64_t np,
-                          const Store& store) {
-  using V = Vec<Acc, Bytes>;
-  constexpr int L = V::kLanes;
-  const Acc* pixel[P];  // one pointer per pixel: each tap's loads need no address arithmetic
-#pragma GCC unroll 12
-  for (int p = 0; p < P; ++p) pixel[p] = patches.pixel(p0 + std::min<int64_t>(p, np - 1));  // past np: a valid pixel, not stored
-  typename V::type acc[P][NV] = {};
-  for (int64_t t = 0; t < taps; ++t) {
-    const int64_t tap = patches.tap(t);
-    typename V::type wv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) wv[v] = V::load(w + t * ldw + v * L);
-#pragma GCC unroll 12
-    for (int p = 0; p < P; ++p) {
-      const Acc xp = pixel[p][tap];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[p][v] += wv[v] * xp;
-    }
-  }
-#pragma GCC unroll 12
-  for (int p = 0; p < P; ++p)
-    if (p < np)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) V::store(z + p * ldz + v * L, store(acc[p][v], v * L));
-}
-
-// Calls block(Int<NV>{}, co) for the blocks of up to kMaxVectors vectors of L output channels
-// from channel co, across cp channels.
-template <int L, typename Block>
-FASTMB_INLINE void for_each_channel_block(int64_t cp, const Block& block) {
-  for (int64_t co = 0; co < cp;) {
-    const int64_t nv = std::min<int64_t>(kMaxVectors, (cp - co) / L);
-    unroll<kMaxVectors>([&](auto i) __attribute__((always_inline)) {
-      if (nv == decltype(i)::value + 1) block(Int<decltype(i)::value + 1>{}, co);
-    });
-    co += nv * L;
-  }
-}
-
-// z = patches . w for `count` pixels: rows of cp values (every output channel, vector-padded),
-// stored through `store`.
-template <int Bytes, typename Acc, typename Patches, typename Store>
-FASTMB_INLINE void convolve_patches(Acc* z, const Patches& patches, const Acc* w, int64_t count, int64_t taps, int64_t cp, const Store& store) {
-  for_each_channel_block<Vec<Acc, Bytes>::kLanes>(cp, [&](auto vectors, int64_t co) __attribute__((always_inline)) {
-    constexpr int NV = decltype(vectors)::value, P = kTile / NV;
-    for (int64_t p = 0; p < count; p += P)
-      z_tile<Bytes, NV, P>(z + p * cp + co, cp, patches, p, w + co, cp, taps, count - p, store.at(co));
-  });
-}
-
-// gw[t][v] += the sum over `count` pixels of patch tap t0 + t * gz[p][v], for T taps and NV
-// vectors of output channels.
-template <int Bytes, int NV, int T, typename Acc, typename Patches>
-FASTMB_INLINE void weight_grad_tile(Acc* gw, int64_t ldw, const Patches& patches, int64_t t0, const Acc* gz, int64_t ldz, int64_t count) {
-  using V = Vec<Acc, Bytes>;
-  constexpr int L = V::kLanes;
-  int64_t tap[T];
-#pragma GCC unroll 12
-  for (int t = 0; t < T; ++t) tap[t] = patches.tap(t0 + t);
-  typename V::type acc[T][NV] = {};
-  for (int64_t p = 0; p < count; ++p) {
-    const Acc* pixel = patches.pixel(p);
-    typename V::type g[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) g[v] = V::load(gz + p * ldz + v * L);
-#pragma GCC unroll 12
-    for (int t = 0; t < T; ++t) {
-      const Acc xp = pixel[tap[t]];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[t][v] += g[v] * xp;
-    }
-  }
-#pragma GCC unroll 12
-  for (int t = 0; t < T; ++t)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) V::store(gw + t * ldw + v * L, V::load(gw + t * ldw + v * L) + acc[t][v]);
-}
-
-// gw ([taps_padded][cp]) += patches^T . gz over `count` pixels; taps_padded is a multiple of
-// kTile, so every tile's taps have patch values (the padding's sums are unused).
-template <int Bytes, typename Acc, typename Patches>
-FASTMB_INLINE void accumulate_weight_grad(Acc* gw, const Patches& patches, const Acc* gz, int64_t count, int64_t taps_padded, int64_t cp) {
-  for_each_channel_block<Vec<Acc, Bytes>::kLanes>(cp, [&](auto vectors, int64_t co) __attribute__((always_inline)) {
-    constexpr int NV = decltype(vectors)::value, T = kTile / NV;
-    for (int64_t t = 0; t < taps_padded; t += T) weight_grad_tile<Bytes, NV, T>(gw + t * cp + co, cp, patches, t, gz + co, cp, count);
-  });
-}
-
-// The two patch GEMMs compiled per instruction set, picked by cpu_isa() (so FASTMB_ISA tests
-// each): 64-byte vectors for AVX-512 (one instruction per 16 lanes keeps the tiles' loads and
-// FMAs within the front end's width), 32-byte for AVX2, and the same code at baseline.
-#define FASTMB_PATCH_GEMMS(Name, target, Bytes)                                                                                    \
-  template <typename Acc, typename Patches>                                                                                       \
-  struct Name {                                                                                                                   \
-    template <typename Store>                                                                                                     \
-    target static void convolve(Acc* z, const Patches& patches, const Acc* w, int64_t count, int64_t taps, int64_t cp,             \
-                                const Store& store) {                                                                             \
-      convolve_patches<Bytes>(z, patches, w, count, taps, cp, store);                                                             \
-    }                                                                                                                             \
-    target static void weight_grad(Acc* gw, const Patches& patches, const Acc* gz, int64_t count, int64_t taps_padded, int64_t cp) { \
-      accumulate_weight_grad<Bytes>(gw, patches, gz, count, taps_padded, cp);                                                     \
-    }                                                                                                                             \
-  };
-FASTMB_PATCH_GEMMS(BaselinePatchGemms, , 32)
-#if FASTMB_X86_TABLES
-FASTMB_PATCH_GEMMS(Avx512PatchGemms, __attribute__((target("arch=x86-64-v4"))), 64)
-FASTMB_PATCH_GEMMS(Avx2PatchGemms, __attribute__((target("arch=x86-64-v3"))), 32)
-#endif
-#undef FASTMB_PATCH_GEMMS
-
-// The vector width (bytes) of the patch GEMMs this CPU runs: the chunk rows are padded to it.
-inline int gemm_vector_bytes() {
-#if FASTMB_X86_TABLES
-  if (cpu_isa() == Isa::kAvx512) return 64;
-#endif
-  return 32;
-}
-
-// z = patches . w (see convolve_patches) with the instruction set's GEMMs, stored through `store`.
-template <typename Acc, typename Patches, typename Store = StoreZ>
-void convolve(Acc* z, const Patches& patches, const Acc* w, int64_t count, int64_t taps, int64_t cp, const Store& store = {}) {
-#if FASTMB_X86_TABLES
-  if (cpu_isa() == Isa::kAvx512) return Avx512PatchGemms<Acc, Patches>::convolve(z, patches, w, count, taps, cp, store);
-  if (cpu_isa() == Isa::kAvx2) return Avx2PatchGemms<Acc, Patches>::convolve(z, patches, w, count, taps, cp, store);
-#endif
-  BaselinePatchGemms<Acc, Patches>::convolve(z, patches, w, count, taps, cp, store);
-}
-
-// gw += patches^T . gz (see accumulate_weight_grad) with the instruction set's GEMMs.
-template <typename Acc, typename Patches>
-void weight_grad(Acc* gw, const Patches& patches, const Acc* gz, int64_t count, int64_t taps_padded, int64_t cp) {
-#if FASTMB_X86_TABLES
-  if (cpu_isa() == Isa::kAvx512) return Avx512PatchGemms<Acc, Patches>::weight_grad(gw, patches, gz, count, taps_padded, cp);
-  if (cpu_isa() == Isa::kAvx2) return Avx2PatchGemms<Acc, Patches>::weight_grad(gw, patches, gz, count, taps_padded, cp);
-#endif
-  BaselinePatchGemms<Acc, Patches>::weight_grad(gw, patches, gz, count, taps_padded, cp);
-}
-
-// The conv's shape and the chunk buffers' layout.
-struct Stem {
-  Geometry g;                 // the input's geometry: g.c is C_in
-  int64_t c, cp;              // C_out, and rounded up to whole vectors (the chunk rows' stride)
-  int64_t taps, taps_padded;  // C_in * kH * kW, and rounded up to kTile (the patch rows' stride)
-  int64_t chunk;              // output pixels per chunk: a multiple of kTile
-  int64_t step;               // x's elements from one output pixel's patch to the next one's
-  int64_t ow_lo, ow_hi;       // the output columns whose taps all lie inside x's columns
-  std::vector<int64_t> offset;  // per tap (ci, i, j): its offset in x from the patch's origin; 0 past taps
-  std::vector<int64_t> dy, dx;  // per tap: its row and column from the origin
-
-  Stem(const Geometry& geometry, int64_t c_out, int lanes, at::IntArrayRef x_strides) : g(geometry), c(c_out) {
-    cp = (c + lanes - 1) / lanes * lanes;
-    taps = g.c * g.kh * g.kw;
-    taps_padded = (taps + kTile - 1) / kTile * kTile;
-    chunk = std::max<int64_t>(kTile, std::min<int64_t>(4096 / cp, 16384 / taps_padded) / kTile * kTile);
-    step = g.sw * x_strides[3];
-    ow_lo = std::min(g.wo, (g.pw + g.sw - 1) / g.sw);
-    const int64_t last = g.w - 1 - (g.kw - 1) * g.dw + g.pw;  // the last column's origin + pw
-    ow_hi = last < 0 ? 0 : std::min(g.wo, last / g.sw + 1);
-    offset.assign(taps_padded, 0);
-    for (int64_t ci = 0, t = 0; ci < g.c; ++ci)
-      for (int64_t i = 0; i < g.kh; ++i)
-        for (int64_t j = 0; j < g.kw; ++j, ++t) {
-          dy.push_back(i * g.dh);
-          dx.push_back(j * g.dw);
-          offset[t] = ci * x_strides[1] + i * g.dh * x_strides[2] + j * g.dw * x_strides[3];
-        }
-  }
-};
-
-// The patches of output pixels [ow0, ow0 + count) of row oh of image n, rows taps_padded apart,
-// with the padding's zeros.
-template <typename Acc>
-void gather_patches(Acc* patches, const Acc* x, at::IntArrayRef xs, const Stem& s, int64_t n, int64_t oh, int64_t ow0, int64_t count) {
-  const Geometry& g = s.g;
-  const int64_t ih0 = oh * g.sh - g.ph;
-  for (int64_t p = 0; p < count; ++p) {
-    const int64_t iw0 = (ow0 + p) * g.sw - g.pw;
-    const int64_t origin = n * xs[0] + ih0 * xs[2] + iw0 * xs[3];  // may lie outside x: only in-bounds taps add to it
-    Acc* row = patches + p * s.taps_padded;
-    for (int64_t t = 0; t < s.taps; ++t) {
-      const int64_t ih = ih0 + s.dy[t], iw = iw0 + s.dx[t];
-      row[t] = ih >= 0 && ih < g.h && iw >= 0 && iw < g.w ? x[origin + s.offset[t]] : Acc(0);
-    }
-  }
-}
-
-// Calls run(patches, p0, np) for the runs of pixels [p0, p0 + np) (from the chunk's first) of
-// output pixels [ow0, ow0 + count) of row oh of image n: the pixels whose taps all lie inside x
-// read it directly, the border's are gathered into `buffer`.
-template <typename Acc, typename Run>
-void for_each_run(const Stem& s, const Acc* x, at::IntArrayRef xs, int64_t n, int64_t oh, int64_t ow0, int64_t count, Acc* buffer,
-                  const Run& run) {
-  const Geometry& g = s.g;
-  const int64_t ih0 = oh * g.sh - g.ph, end = ow0 + count;
-  const bool rows_inside = ih0 >= 0 && ih0 + (g.kh - 1) * g.dh < g.h;
-  const int64_t lo = rows_inside ? std::clamp(s.ow_lo, ow0, end) : end, hi = rows_inside ? std::clamp(s.ow_hi, lo, end) : end;
-  const auto border = [&](int64_t first, int64_t last) {
-    if (first >= last) return;
-    gather_patches(buffer, x, xs, s, n, oh, first, last - first);
-    run(GatheredPatches<Acc>{buffer, s.taps_padded}, first - ow0, last - first);
-  };
-  border(ow0, lo);
-  if (lo < hi) run(XPatches<Acc>{x + n * xs[0] + ih0 * xs[2] + (lo * g.sw - g.pw) * xs[3], s.step, s.offset.data()}, lo - ow0, hi - lo);
-  border(hi, end);
-}
-
 // A thread's chunk buffers: border patches, z and dL/dy or dL/dz rows; the weight gradient's
 // sums over the last few chunks ([taps_padded][cp]) and how many pixels they hold.
 template <typename Acc>
 struct ChunkBuffers {
   AlignedVector<Acc> patches, z, rows, weight_grad;
   int64_t weight_grad_pixels = 0;
-  explicit ChunkBuffers(const Stem& s) : patches(s.chunk * s.taps_padded), z(s.chunk * s.cp), rows(s.chunk * s.cp) {}
+  explicit ChunkBuffers(const ConvPatches& s) : patches(s.chunk * s.taps_padded), z(s.chunk * s.cp), rows(s.chunk * s.cp) {}
 };
 
-// Pixels whose weight gradient terms are summed in Acc before they are added in double.
-constexpr int64_t kWeightGradPixels = 1024;
 
 // Calls chunk(buffers, z, count, offset, place) for every chunk of the output's pixels, in
 // parallel over output rows, after computing its z (rows cp apart) into `z_at(buffers, offset)`;
 // offset is the chunk's first pixel's index, place = {n, oh, ow0} where it lies; then
 // done(buffers) at the end of each parallel task.
 template <typename Acc, typename ZAt, typename Chunk, typename Done>
-void for_each_chunk(const Stem& s, const Acc* x, at::IntArrayRef xs, const Acc* w, const ZAt& z_at, const Chunk& chunk, const Done& done) {
+void for_each_chunk(const ConvPatches& s, const Acc* x, at::IntArrayRef xs, const Acc* w, const ZAt& z_at, const Chunk& chunk, const Done& done) {
   const Geometry& g = s.g;
   at::parallel_for(0, g.n * g.ho, 1, [&](int64_t begin, int64_t end) {
     ChunkBuffers<Acc> buffers(s);
@@ -330,12 +90,12 @@ AlignedVector<Acc> padded(const Acc* values, int64_t c, int64_t cp, Acc fill) {
 
 // The weight (C_out, C_in, kH, kW) as [taps][cp], zero in the padding channels.
 template <typename Acc>
-AlignedVector<Acc> taps_major_weight(const Tensor& weight, const Stem& s) {
+AlignedVector<Acc> taps_major_weight(const Tensor& weight, const ConvPatches& s) {
   const Tensor dense = weight.contiguous();
   const Acc* src = dense.const_data_ptr<Acc>();
   AlignedVector<Acc> w(s.taps * s.cp, Acc(0));
   for (int64_t co = 0; co < s.c; ++co)
-    for (int64_t t = 0; t < s.taps; ++t) w[t * s.cp + co] = src[co * s.taps + t];
+    for (int64_t t = 0; t < s.taps; ++t) w[t * s.cp + co] = src[co * s.taps + s.weight_tap[t]];
   return w;
 }
 
@@ -370,7 +130,7 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act(const Tensor& x, const Tenso
   if (g.pixels == 0) return {y, mean, var};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmb_stem_conv_bn_act", [&] {
     using Acc = scalar_t;
-    const Stem s(g, c, gemm_vector_bytes() / int(sizeof(Acc)), x.strides());
+    const ConvPatches s(g, c, gemm_vector_bytes() / int(sizeof(Acc)), x.strides());
     const Kernels<Acc> kernels = dwconv::select_elementwise_kernels<Acc>();
     const AlignedVector<Acc> w = taps_major_weight<Acc>(weight, s);
     const Acc* x_data = x.const_data_ptr<Acc>();
@@ -431,7 +191,7 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act_backward(const Tensor& grad_
   const Tensor grad_y = as_nhwc(grad_y_in);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmb_stem_conv_bn_act_backward", [&] {
     using Acc = scalar_t;
-    const Stem s(g, c, gemm_vector_bytes() / int(sizeof(Acc)), x.strides());
+    const ConvPatches s(g, c, gemm_vector_bytes() / int(sizeof(Acc)), x.strides());
     const Kernels<Acc> kernels = dwconv::select_elementwise_kernels<Acc>();
     const AlignedVector<Acc> w = taps_major_weight<Acc>(weight, s);
     const Acc *x_data = x.const_data_ptr<Acc>(), *gy_data = grad_y.const_data_ptr<Acc>();
@@ -499,7 +259,7 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act_backward(const Tensor& grad_
       for (int64_t t = 0; t < s.taps; ++t) {
         double sum = 0.0;
         for (int th = 0; th < threads; ++th) sum += partials[(th * s.taps_padded + t) * s.cp + co];
-        gw_data[co * s.taps + t] = Acc(sum);
+        gw_data[co * s.taps + s.weight_tap[t]] = Acc(sum);
       }
   });
   return {grad_weight, grad_gamma.to(affine_type), grad_beta.to(affine_type)};
@@ -565,7 +325,7 @@ class EvalStemRows final : public StemRows {
   }
 
  private:
-  Stem s_;
+  ConvPatches s_;
   const float* x_;
   std::vector<int64_t> x_strides_;
   AlignedVector<float> w_, scale_, shift_;
