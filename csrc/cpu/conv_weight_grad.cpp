@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "conv_weight_grad.h"
+
 #include "aligned_vector.h"
 #include "patch_gemms.h"
 
@@ -93,6 +95,8 @@ class WeightGradSums {
 // Output rows whose interior pixels one weight-gradient call takes.
 constexpr int64_t kBandRows = 8;
 
+}  // namespace
+
 Tensor conv_weight_grad(const Tensor& grad_z_in, const Tensor& x, at::IntArrayRef weight_size, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation) {
   const char* op = "conv_weight_grad";
@@ -173,5 +177,4 @@ Tensor conv_weight_grad(const Tensor& grad_z_in, const Tensor& x, at::IntArrayRe
 
 TORCH_LIBRARY_IMPL(fastmb, CPU, m) { m.impl("conv_weight_grad", &conv_weight_grad); }
 
-}  // namespace
 }  // namespace fastmb::cpu

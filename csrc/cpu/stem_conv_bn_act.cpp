@@ -1,18 +1,24 @@
 // fastmb::stem_conv_bn_act on the CPU: y = act(batch_norm(conv(x))) in training, with the batch's
 // statistics, and its backward, for a full conv over few input channels: the RGB stem of every
-// MobileNet. A stem output value costs C_in * kH * kW (27) multiply-adds, less than its memory
-// round trip, so z = conv(x) is never stored (DESIGN.md's depthwise plan): every pass recomputes
-// it a chunk of output pixels at a time from the chunk's patches (im2col, in L1):
-//   forward   pass 1: z and its per-thread moments (Chan merges); pass 2: z, y = act(z * scale + shift)
-//   backward  pass 1: z, the sums of dL/du and dL/du * x_hat; pass 2: z, dL/dz and the weight
-//             gradient patches^T . dL/dz (float over a chunk, per-thread partials in double)
-// Eager keeps z and u for backward and writes dL/du and dL/dz: four stem-sized tensors these
-// passes never write. x takes no gradient (an image): the module runs eager's ops where it needs one.
-// The batch norm passes are the depthwise kernels' (dwconv/passes.h), the patch GEMMs
-// patch_gemms.h's.
+// MobileNet. z = conv(x) is not kept for backward (DESIGN.md's depthwise plan: a stem value costs
+// C_in * kH * kW (27) multiply-adds to recompute); the passes:
+//   forward   pass 1: z into y's memory, a chunk of output pixels at a time from the chunk's
+//             patches (im2col, in L1), and z's per-thread moments (Chan merges);
+//             pass 2: y = act(z * scale + shift) in place
+//   backward  pass 1: z again, into a workspace, and the sums of dL/du and dL/du * x_hat;
+//             pass 2: dL/dz in place of z; then the weight gradient patches^T . dL/dz
+//             (conv_weight_grad.cpp)
+// Eager keeps z and u for backward: two stem-sized tensors where this keeps none but y, which the
+// next layer keeps anyway. The backward's workspace lives while the stem's backward runs, the last
+// of a backward pass, when the layers' saved tensors are freed. Computing z in every pass instead
+// (four times a step) took mobilenetv4_conv_small's stem 13.9-15.7 ms a training step alone, this
+// 11.8-11.9 (bench/results/2026-12-06-full-conv-weight-grad.md). x takes no gradient (an image): the module
+// runs eager's ops where it needs one. The batch norm passes are the depthwise kernels'
+// (dwconv/passes.h), the patch GEMMs patch_gemms.h's.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "conv_weight_grad.h"
 #include "dwconv/operator.h"
 #include "patch_gemms.h"
 #include "stem_rows.h"
@@ -43,22 +49,18 @@ struct StoreNormalized {
   }
 };
 
-// A thread's chunk buffers: border patches, z and dL/dy or dL/dz rows; the weight gradient's
-// sums over the last few chunks ([taps_padded][cp]) and how many pixels they hold.
+// A thread's chunk buffers: border patches, z and dL/dy rows (cp apart).
 template <typename Acc>
 struct ChunkBuffers {
-  AlignedVector<Acc> patches, z, rows, weight_grad;
-  int64_t weight_grad_pixels = 0;
+  AlignedVector<Acc> patches, z, rows;
   explicit ChunkBuffers(const ConvPatches& s) : patches(s.chunk * s.taps_padded), z(s.chunk * s.cp), rows(s.chunk * s.cp) {}
 };
 
-
-// Calls chunk(buffers, z, count, offset, place) for every chunk of the output's pixels, in
-// parallel over output rows, after computing its z (rows cp apart) into `z_at(buffers, offset)`;
-// offset is the chunk's first pixel's index, place = {n, oh, ow0} where it lies; then
-// done(buffers) at the end of each parallel task.
-template <typename Acc, typename ZAt, typename Chunk, typename Done>
-void for_each_chunk(const ConvPatches& s, const Acc* x, at::IntArrayRef xs, const Acc* w, const ZAt& z_at, const Chunk& chunk, const Done& done) {
+// Calls chunk(buffers, z, count, offset) for every chunk of the output's pixels, in parallel over
+// output rows, after computing its z (rows cp apart) into `z_at(buffers, offset)`; offset is the
+// chunk's first pixel's index.
+template <typename Acc, typename ZAt, typename Chunk>
+void for_each_chunk(const ConvPatches& s, const Acc* x, at::IntArrayRef xs, const Acc* w, const ZAt& z_at, const Chunk& chunk) {
   const Geometry& g = s.g;
   at::parallel_for(0, g.n * g.ho, 1, [&](int64_t begin, int64_t end) {
     ChunkBuffers<Acc> buffers(s);
@@ -70,15 +72,21 @@ void for_each_chunk(const ConvPatches& s, const Acc* x, at::IntArrayRef xs, cons
         for_each_run(s, x, xs, n, oh, ow0, count, buffers.patches.data(), [&](const auto& patches, int64_t p0, int64_t np) {
           convolve(z + p0 * s.cp, patches, w, np, s.taps, s.cp);
         });
-        chunk(buffers, z, count, offset, std::array<int64_t, 3>{n, oh, ow0});
+        chunk(buffers, z, count, offset);
       }
     }
-    done(buffers);
   });
 }
 
+// z's rows (cp apart) into dense rows of c values at `to`, where cp is not c.
 template <typename Acc>
-void no_finish(ChunkBuffers<Acc>&) {}
+void store_dense_rows(Acc* to, const Acc* z, int64_t count, const ConvPatches& s) {
+  if (s.cp != s.c)
+    for (int64_t p = 0; p < count; ++p) std::copy_n(z + p * s.cp, s.c, to + p * s.c);
+}
+
+// Pixels per task of the elementwise passes over stored rows.
+constexpr int64_t kRowsGrain = 1024;
 
 // A per-channel vector of c values padded with `fill` to cp.
 template <typename Acc>
@@ -135,17 +143,19 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act(const Tensor& x, const Tenso
     const AlignedVector<Acc> w = taps_major_weight<Acc>(weight, s);
     const Acc* x_data = x.const_data_ptr<Acc>();
     Acc* y_data = y.mutable_data_ptr<Acc>();
-    const auto chunk_z = [](ChunkBuffers<Acc>& buffers, int64_t) { return buffers.z.data(); };
+    // z straight into y's rows where C is whole vectors, else through the chunk buffer
+    const auto z_in_y = [&](ChunkBuffers<Acc>& buffers, int64_t offset) { return s.cp == c ? y_data + offset * c : buffers.z.data(); };
 
     const int threads = at::get_num_threads();
     std::vector<double> means(threads * s.cp, 0.0), m2s(threads * s.cp, 0.0);
     std::vector<int64_t> counts(threads, 0);
-    for_each_chunk(s, x_data, x.strides(), w.data(), chunk_z, [&](ChunkBuffers<Acc>&, const Acc* z, int64_t count, int64_t, auto) {
+    for_each_chunk(s, x_data, x.strides(), w.data(), z_in_y, [&](ChunkBuffers<Acc>&, const Acc* z, int64_t count, int64_t offset) {
       const int t = at::get_thread_num();
       Moments moments{means.data() + t * s.cp, m2s.data() + t * s.cp, counts[t]};
       kernels.batch_norm_moments(moments, z, count, s.cp);
       counts[t] = moments.count;
-    }, no_finish<Acc>);
+      store_dense_rows(y_data + offset * c, z, count, s);
+    });
     AlignedVector<Acc> mean_p(s.cp), var_p(s.cp);
     dwconv::merge_moments(mean_p.data(), var_p.data(), means, m2s, counts, s.cp);
     std::copy_n(mean_p.data(), c, mean.mutable_data_ptr<Acc>());
@@ -155,13 +165,9 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act(const Tensor& x, const Tenso
     const AlignedVector<Acc> gamma_p = padded(gamma.const_data_ptr<Acc>(), c, s.cp, Acc(0)), beta_p = padded(beta.const_data_ptr<Acc>(), c, s.cp, Acc(0));
     AlignedVector<Acc> scale(s.cp), shift(s.cp);
     dwconv::fold_batch_norm(scale.data(), shift.data(), mean_p.data(), var_p.data(), gamma_p.data(), beta_p.data(), eps, s.cp);
-    // With no padding channels z is computed straight into y's rows and normalised in place.
-    const auto z_in_y = [&](ChunkBuffers<Acc>& buffers, int64_t offset) { return s.cp == c ? y_data + offset * c : buffers.z.data(); };
-    for_each_chunk(s, x_data, x.strides(), w.data(), z_in_y, [&](ChunkBuffers<Acc>&, Acc* z, int64_t count, int64_t offset, auto) {
-      kernels.normalize(z, z, scale.data(), shift.data(), act, count, s.cp);
-      if (s.cp != c)
-        for (int64_t p = 0; p < count; ++p) std::copy_n(z + p * s.cp, c, y_data + (offset + p) * c);
-    }, no_finish<Acc>);
+    at::parallel_for(0, g.pixels, kRowsGrain, [&](int64_t begin, int64_t end) {
+      kernels.normalize(y_data + begin * c, y_data + begin * c, scale.data(), shift.data(), act, end - begin, c);
+    });
   });
   return {y, mean, var};
 }
@@ -189,6 +195,7 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act_backward(const Tensor& grad_
   if (g.pixels == 0 || !(output_mask[0] || output_mask[1])) return {grad_weight, grad_gamma.to(affine_type), grad_beta.to(affine_type)};
 
   const Tensor grad_y = as_nhwc(grad_y_in);
+  const Tensor z_rows = cached_empty({g.n, c, g.ho, g.wo}, options, at::MemoryFormat::ChannelsLast);  // z, then dL/dz
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmb_stem_conv_bn_act_backward", [&] {
     using Acc = scalar_t;
     const ConvPatches s(g, c, gemm_vector_bytes() / int(sizeof(Acc)), x.strides());
@@ -206,7 +213,9 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act_backward(const Tensor& grad_
       a[k] = gamma_p[k] * invstd[k];
     }
     const BnParams<Acc> bn{mean_p.data(), invstd.data(), gamma_p.data(), beta_p.data()};
-    const auto chunk_z = [](ChunkBuffers<Acc>& buffers, int64_t) { return buffers.z.data(); };
+    // z into the workspace's rows where C is whole vectors, else through the chunk buffer
+    Acc* z_data = z_rows.mutable_data_ptr<Acc>();
+    const auto z_in_rows = [&](ChunkBuffers<Acc>& buffers, int64_t offset) { return s.cp == c ? z_data + offset * c : buffers.z.data(); };
     // dL/dy's rows for a chunk, cp apart: grad_y itself, or copied beside zero padding channels.
     const auto grad_rows = [&](ChunkBuffers<Acc>& buffers, int64_t count, int64_t offset) -> const Acc* {
       if (s.cp == c) return gy_data + offset * c;
@@ -216,10 +225,11 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act_backward(const Tensor& grad_
 
     const int threads = at::get_num_threads();
     std::vector<double> sums(2 * threads * s.cp, 0.0);
-    for_each_chunk(s, x_data, x.strides(), w.data(), chunk_z, [&](ChunkBuffers<Acc>& buffers, const Acc* z, int64_t count, int64_t offset, auto) {
+    for_each_chunk(s, x_data, x.strides(), w.data(), z_in_rows, [&](ChunkBuffers<Acc>& buffers, const Acc* z, int64_t count, int64_t offset) {
       double* sum = sums.data() + 2 * at::get_thread_num() * s.cp;
       kernels.batch_norm_grad_sums(sum, sum + s.cp, z, grad_rows(buffers, count, offset), bn, act, count, s.cp);
-    }, no_finish<Acc>);
+      store_dense_rows(z_data + offset * c, z, count, s);
+    });
     const double values = double(g.pixels);
     Acc *grad_beta_values = grad_beta.mutable_data_ptr<Acc>(), *grad_gamma_values = grad_gamma.mutable_data_ptr<Acc>();
     dwconv::for_each_channel_grad_sums(sums, s.cp, c, [&](int64_t k, double sum_gu, double sum_gu_xhat) {
@@ -231,36 +241,12 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act_backward(const Tensor& grad_
       d[k] = a[k] * Acc(sum_gu_xhat / values);
     });
     if (!output_mask[0]) return;
-
-    std::vector<double> partials(threads * s.taps_padded * s.cp, 0.0);
-    // The buffered sums added to the thread's double partial: every kWeightGradPixels pixels and
-    // at the end of its rows.
-    const auto add_weight_grad = [&](ChunkBuffers<Acc>& buffers) {
-      AlignedVector<Acc>& sums = buffers.weight_grad;
-      double* gw = partials.data() + at::get_thread_num() * s.taps_padded * s.cp;
-      for (size_t i = 0; i < sums.size(); ++i) gw[i] += double(sums[i]);
-      std::fill(sums.begin(), sums.end(), Acc(0));
-      buffers.weight_grad_pixels = 0;
-    };
-    for_each_chunk(s, x_data, x.strides(), w.data(), chunk_z, [&](ChunkBuffers<Acc>& buffers, const Acc* z, int64_t count, int64_t offset,
-                                                                   std::array<int64_t, 3> place) {
-      const Acc* gy = grad_rows(buffers, count, offset);
-      Acc* gz = buffers.rows.data();  // may be gy's copy: grad_values reads each value before writing it
-      kernels.batch_norm_grad_values(gz, z, gy, bn, a.data(), b.data(), d.data(), act, count, s.cp);
-      AlignedVector<Acc>& sums = buffers.weight_grad;
-      if (sums.empty()) sums.assign(s.taps_padded * s.cp, Acc(0));
-      for_each_run(s, x_data, x.strides(), place[0], place[1], place[2], count, buffers.patches.data(),
-                   [&](const auto& patches, int64_t p0, int64_t np) { weight_grad(sums.data(), patches, gz + p0 * s.cp, np, s.taps_padded, s.cp); });
-      buffers.weight_grad_pixels += count;
-      if (buffers.weight_grad_pixels >= kWeightGradPixels) add_weight_grad(buffers);
-    }, add_weight_grad);
-    Acc* gw_data = grad_weight.mutable_data_ptr<Acc>();  // (C_out, taps), contiguous
-    for (int64_t co = 0; co < c; ++co)
-      for (int64_t t = 0; t < s.taps; ++t) {
-        double sum = 0.0;
-        for (int th = 0; th < threads; ++th) sum += partials[(th * s.taps_padded + t) * s.cp + co];
-        gw_data[co * s.taps + s.weight_tap[t]] = Acc(sum);
-      }
+    // dL/dz in place of z (each value read before it is written), then the weight gradient
+    at::parallel_for(0, g.pixels, kRowsGrain, [&](int64_t begin, int64_t end) {
+      Acc* rows = z_data + begin * c;
+      kernels.batch_norm_grad_values(rows, rows, gy_data + begin * c, bn, a.data(), b.data(), d.data(), act, end - begin, c);
+    });
+    grad_weight = conv_weight_grad(z_rows, x, weight.sizes(), stride, padding, dilation);
   });
   return {grad_weight, grad_gamma.to(affine_type), grad_beta.to(affine_type)};
 }
