@@ -21,19 +21,6 @@ namespace {
 using at::Tensor;
 using namespace patches;
 
-// Prefetches into L2 the input rows output rows [oh0, oh1) of image n read (x channels_last:
-// each row one span).
-template <typename Acc>
-void prefetch_input_rows(const Acc* x, at::IntArrayRef xs, const Geometry& g, int64_t n, int64_t oh0, int64_t oh1) {
-  if (xs[1] != 1 || xs[3] != g.c) return;
-  const int64_t first = std::max<int64_t>(oh0 * g.sh - g.ph, 0), last = std::min<int64_t>((oh1 - 1) * g.sh - g.ph + (g.kh - 1) * g.dh, g.h - 1);
-  const int64_t bytes = g.w * g.c * int64_t(sizeof(Acc));
-  for (int64_t ih = first; ih <= last; ++ih) {
-    const char* row = reinterpret_cast<const char*>(x + n * xs[0] + ih * xs[2]);
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
-  }
-}
-
 // A thread's weight gradient sums ([taps_padded][cp]): in Acc over up to kWeightGradPixels
 // pixels, then added to its double partial. The border's pixels (their patches gathered with the
 // padding's zeros) wait in a buffer until it is full: one or two a row, each a run of its own,
@@ -125,6 +112,7 @@ Tensor conv_weight_grad(const Tensor& grad_z_in, const Tensor& x, at::IntArrayRe
     const Acc *x_data = x.const_data_ptr<Acc>(), *gz_data = grad_z.const_data_ptr<Acc>();
     const int threads = at::get_num_threads();
     const int64_t sums_size = s.taps_padded * s.cp;
+    const bool x_rows_contiguous = x.stride(1) == 1 && x.stride(3) == g.c;  // channels_last: prefetched
     std::vector<double> partials(threads * sums_size, 0.0);
     at::parallel_for(0, g.n * g.ho, 1, [&](int64_t begin, int64_t end) {
       WeightGradSums<Acc> sums(s, partials.data() + at::get_thread_num() * sums_size);
@@ -138,9 +126,9 @@ Tensor conv_weight_grad(const Tensor& grad_z_in, const Tensor& x, at::IntArrayRe
         const int64_t most = lo < hi ? std::clamp<int64_t>(kWeightGradPixels / (hi - lo), 1, kBandRows) : 1;
         int64_t band = 1;
         while (band < most && row + band < end && oh + band < g.ho && interior_columns(s, oh + band, 0, g.wo) == std::pair{lo, hi}) ++band;
-        if (row + band < end) {
-          const int64_t next = row + band;
-          prefetch_input_rows(x_data, x.strides(), g, next / g.ho, next % g.ho, std::min(next % g.ho + band, g.ho));
+        if (row + band < end && x_rows_contiguous) {  // the next band's input rows, as many
+          const int64_t next = row + band, next_oh = next % g.ho, next_end = std::min(next_oh + band, g.ho);
+          prefetch_input_rows(x_data, x.strides(), g, next / g.ho, next_oh * g.sh - g.ph, (next_end - 1) * g.sh - g.ph + (g.kh - 1) * g.dh);
         }
         const Acc* gz = gz_data + row * g.wo * c;
         if (lo < hi) {

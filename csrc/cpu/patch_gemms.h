@@ -310,6 +310,19 @@ void for_each_run(const ConvPatches& s, const Acc* x, at::IntArrayRef xs, int64_
   border(hi, end);
 }
 
+// Prefetches input rows [first, last] of image n (clamped to x's rows) into L2: one span a row
+// channels_last, else one a channel.
+template <typename Acc>
+void prefetch_input_rows(const Acc* x, at::IntArrayRef xs, const Geometry& g, int64_t n, int64_t first, int64_t last) {
+  const bool pixels_contiguous = xs[1] == 1 && xs[3] == g.c;
+  const int64_t bytes = (pixels_contiguous ? g.w * g.c : (g.w - 1) * xs[3] + 1) * int64_t(sizeof(Acc));  // of a span
+  for (int64_t ih = std::max<int64_t>(first, 0); ih <= std::min<int64_t>(last, g.h - 1); ++ih)
+    for (int64_t c = 0; c < (pixels_contiguous ? 1 : g.c); ++c) {
+      const char* row = reinterpret_cast<const char*>(x + n * xs[0] + c * xs[1] + ih * xs[2]);
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
+    }
+}
+
 // Pixels whose weight gradient terms are summed in Acc before they are added in double.
 constexpr int64_t kWeightGradPixels = 1024;
 

@@ -12,9 +12,9 @@
 // next layer keeps anyway. The backward's workspace lives while the stem's backward runs, the last
 // of a backward pass, when the layers' saved tensors are freed. Computing z in every pass instead
 // (four times a step) took mobilenetv4_conv_small's stem 13.9-15.7 ms a training step alone, this
-// 11.8-11.9 (bench/results/2026-12-06-full-conv-weight-grad.md). x takes no gradient (an image): the module
-// runs eager's ops where it needs one. The batch norm passes are the depthwise kernels'
-// (dwconv/passes.h), the patch GEMMs patch_gemms.h's.
+// 11.8-11.9 (bench/results/2026-12-06-full-conv-weight-grad.md). x takes no gradient (an
+// image): the module runs eager's ops where it needs one. The batch norm passes are the
+// depthwise kernels' (dwconv/passes.h), the patch GEMMs patch_gemms.h's.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -76,6 +76,13 @@ void for_each_chunk(const ConvPatches& s, const Acc* x, at::IntArrayRef xs, cons
       }
     }
   });
+}
+
+// Where for_each_chunk computes a chunk's z: straight into the dense rows (c values a pixel) at
+// `dense` where C is whole vectors, else into the chunk buffer, for store_dense_rows to copy.
+template <typename Acc>
+auto z_into(Acc* dense, const ConvPatches& s) {
+  return [dense, &s](ChunkBuffers<Acc>& buffers, int64_t offset) { return s.cp == s.c ? dense + offset * s.c : buffers.z.data(); };
 }
 
 // z's rows (cp apart) into dense rows of c values at `to`, where cp is not c.
@@ -143,13 +150,10 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act(const Tensor& x, const Tenso
     const AlignedVector<Acc> w = taps_major_weight<Acc>(weight, s);
     const Acc* x_data = x.const_data_ptr<Acc>();
     Acc* y_data = y.mutable_data_ptr<Acc>();
-    // z straight into y's rows where C is whole vectors, else through the chunk buffer
-    const auto z_in_y = [&](ChunkBuffers<Acc>& buffers, int64_t offset) { return s.cp == c ? y_data + offset * c : buffers.z.data(); };
-
     const int threads = at::get_num_threads();
     std::vector<double> means(threads * s.cp, 0.0), m2s(threads * s.cp, 0.0);
     std::vector<int64_t> counts(threads, 0);
-    for_each_chunk(s, x_data, x.strides(), w.data(), z_in_y, [&](ChunkBuffers<Acc>&, const Acc* z, int64_t count, int64_t offset) {
+    for_each_chunk(s, x_data, x.strides(), w.data(), z_into(y_data, s), [&](ChunkBuffers<Acc>&, const Acc* z, int64_t count, int64_t offset) {
       const int t = at::get_thread_num();
       Moments moments{means.data() + t * s.cp, m2s.data() + t * s.cp, counts[t]};
       kernels.batch_norm_moments(moments, z, count, s.cp);
@@ -213,9 +217,7 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act_backward(const Tensor& grad_
       a[k] = gamma_p[k] * invstd[k];
     }
     const BnParams<Acc> bn{mean_p.data(), invstd.data(), gamma_p.data(), beta_p.data()};
-    // z into the workspace's rows where C is whole vectors, else through the chunk buffer
     Acc* z_data = z_rows.mutable_data_ptr<Acc>();
-    const auto z_in_rows = [&](ChunkBuffers<Acc>& buffers, int64_t offset) { return s.cp == c ? z_data + offset * c : buffers.z.data(); };
     // dL/dy's rows for a chunk, cp apart: grad_y itself, or copied beside zero padding channels.
     const auto grad_rows = [&](ChunkBuffers<Acc>& buffers, int64_t count, int64_t offset) -> const Acc* {
       if (s.cp == c) return gy_data + offset * c;
@@ -225,7 +227,7 @@ std::tuple<Tensor, Tensor, Tensor> stem_conv_bn_act_backward(const Tensor& grad_
 
     const int threads = at::get_num_threads();
     std::vector<double> sums(2 * threads * s.cp, 0.0);
-    for_each_chunk(s, x_data, x.strides(), w.data(), z_in_rows, [&](ChunkBuffers<Acc>& buffers, const Acc* z, int64_t count, int64_t offset) {
+    for_each_chunk(s, x_data, x.strides(), w.data(), z_into(z_data, s), [&](ChunkBuffers<Acc>& buffers, const Acc* z, int64_t count, int64_t offset) {
       double* sum = sums.data() + 2 * at::get_thread_num() * s.cp;
       kernels.batch_norm_grad_sums(sum, sum + s.cp, z, grad_rows(buffers, count, offset), bn, act, count, s.cp);
       store_dense_rows(z_data + offset * c, z, count, s);
@@ -299,15 +301,7 @@ class EvalStemRows final : public StemRows {
   void prefetch_input_rows(int64_t n, int64_t oh) const {
     const Geometry& g = s_.g;
     const int64_t top = oh * g.sh - g.ph, bottom = top + int64_t(g.kh - 1) * g.dh;  // row oh - 1's bottom is bottom - sh
-    const int64_t first = std::max<int64_t>({top, bottom - g.sh + 1, 0}), last = std::min<int64_t>(bottom, g.h - 1);
-    const int64_t* xs = x_strides_.data();
-    const bool pixels_contiguous = xs[1] == 1 && xs[3] == g.c;  // channels_last: a row is one span
-    const int64_t bytes = (pixels_contiguous ? g.w * g.c : (g.w - 1) * xs[3] + 1) * int64_t(sizeof(float));  // of a span
-    for (int64_t ih = first; ih <= last; ++ih)
-      for (int64_t c = 0; c < (pixels_contiguous ? 1 : g.c); ++c) {
-        const char* row = reinterpret_cast<const char*>(x_ + n * xs[0] + c * xs[1] + ih * xs[2]);
-        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
-      }
+    patches::prefetch_input_rows(x_, x_strides_, g, n, std::max<int64_t>(top, bottom - g.sh + 1), bottom);
   }
 
  private:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 import fastmb
 from fastmb.nn import ConvBNAct
 from fastmb.nn.conv_bn_act import _FullConv
-from oracle import assert_close_to_oracle, randomize_batch_norm, threads
+from oracle import assert_close_to_oracle, randomize_batch_norm, run, threads
 
 pytestmark = pytest.mark.skipif(
     not fastmb._extension.has_kernel("conv_weight_grad", "CPU"), reason="the native CPU operators were not built"
@@ -81,18 +81,6 @@ def test_float32_by_the_rule(thread_count, offset):
     assert_close_to_oracle(actual, eager, oracle, torch.float32)
 
 
-def step(module: nn.Module, x: Tensor, grad: Tensor) -> dict[str, Tensor]:
-    """Output, input and parameter grads and buffers after one training step."""
-    module.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_()
-    y = module(x)
-    y.backward(grad.to(y.dtype))
-    results = {"y": y.detach(), "grad_x": x.grad}
-    results.update({f"grad_{name}": p.grad for name, p in module.named_parameters()})
-    results.update({name: b.detach().clone() for name, b in module.named_buffers() if b.is_floating_point()})
-    return results
-
-
 def ran_weight_grad(module: nn.Module, x: Tensor) -> bool:
     with torch.profiler.profile() as profile:
         module(x).sum().backward()
@@ -111,7 +99,7 @@ def test_conv_bn_act_training_matches_eager(activation, kernel_size, stride):
     x = torch.randn(3, 12, 11, 10, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     for _ in range(2):
         grad = torch.randn(eager[0](x).shape, dtype=torch.float64)  # the conv's alone: no running-statistics update
-        ours, theirs = step(fused, x, grad), step(eager, x, grad)
+        ours, theirs = run(fused, x, grad), run(eager, x, grad)
         assert ours.keys() == theirs.keys()
         for key in theirs:
             torch.testing.assert_close(ours[key], theirs[key], rtol=1e-9, atol=1e-9, msg=key)
