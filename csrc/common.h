@@ -2,7 +2,16 @@
 // helpers. The kernels' own headers (activations.h, geometry.h) need no ATen.
 #pragma once
 
-#include <ATen/ATen.h>
+// ATen's Tensor and the factories the operators call, not <ATen/ATen.h>: that header declares
+// every ATen op, and took 8 s of each translation unit's compile.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <initializer_list>
 #include <optional>

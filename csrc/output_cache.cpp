@@ -5,6 +5,8 @@
 #include "output_cache.h"
 
 #include <ATen/EmptyTensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 

@@ -5,7 +5,7 @@
 // mobilenetv4_conv_small at batch 16 spent 7-60 ms in faults on fastmb's outputs alone.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 

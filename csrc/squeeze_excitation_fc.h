@@ -3,7 +3,7 @@
 // they go through ATen (BLAS / cuBLAS) on whatever device they live.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <array>
 #include <optional>

@@ -7,6 +7,7 @@
 // between the threads (ATen's GEMM ran them on one: 0.39 ms for 960 -> 1280 from DRAM); with
 // more images they are GEMMs (ATen's).
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
 #include <torch/library.h>
 
 #include <vector>

@@ -4,6 +4,7 @@
 // activation while each row of the output is in cache. One native call where ConvBNAct's Python
 // path made three (fold, GEMM, activation), at batch 1 where those calls' cost shows.
 #include <ATen/Parallel.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <vector>

@@ -2,7 +2,7 @@
 // backward on its own dL/dz.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace fastmb::cpu {
 

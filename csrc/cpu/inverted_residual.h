@@ -5,7 +5,7 @@
 // after the previous forward's weights went through the caches).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <array>
 #include <memory>

@@ -6,7 +6,7 @@
 // instruction set.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <vector>

@@ -32,20 +32,21 @@ using dwconv::Kernels;
 using dwconv::Moments;
 using namespace patches;
 
-// The eval stem's z store: act(z * scale + shift), at(co): from channel co on.
+// The eval stem's z store for a clamp activation (ReLU, ReLU6, hardswish, identity):
+// act(z * scale + shift) as the tiles leave the registers; at(co): from channel co on. A smooth
+// activation is a pass over the stored chunk instead (EvalStemRows): inlined into every tile
+// shape of three instruction sets, it made this unit 1.3 MB of code and a minute of compile.
 template <typename Acc>
 struct StoreNormalized {
   const Acc *scale, *shift;
-  Activation act;
-  ActivationFn<Acc> clamp;  // act's clamp form, made once (smooth activations: unused)
-  StoreNormalized(const Acc* scale_, const Acc* shift_, Activation act_) : scale(scale_), shift(shift_), act(act_), clamp(act_) {}
-  StoreNormalized at(int64_t co) const { return {scale + co, shift + co, act}; }
+  ActivationFn<Acc> clamp;
+  StoreNormalized(const Acc* scale_, const Acc* shift_, ActivationFn<Acc> clamp_) : scale(scale_), shift(shift_), clamp(clamp_) {}
+  StoreNormalized at(int64_t co) const { return {scale + co, shift + co, clamp}; }
   // Channels [col, col + lanes) of one pixel.
   template <typename VT>
   FASTMB_INLINE VT operator()(VT z, int64_t col) const {
     using V = Vec<Acc, sizeof(VT)>;
-    const VT u = z * V::load(scale + col) + V::load(shift + col);
-    return is_smooth(act) ? smooth_activation<VecMath, Acc>(act, u) : clamp(u);
+    return clamp(z * V::load(scale + col) + V::load(shift + col));
   }
 };
 
@@ -264,7 +265,8 @@ class EvalStemRows final : public StemRows {
         w_(taps_major_weight<float>(weight, s_)),
         scale_(padded(scale.const_data_ptr<float>(), s_.c, s_.cp, 0.0f)),
         shift_(padded(shift.const_data_ptr<float>(), s_.c, s_.cp, 0.0f)),
-        act_(act) {}
+        act_(act),
+        normalize_(dwconv::select_elementwise_kernels<float>().normalize) {}
 
   const Geometry& geometry() const override { return s_.g; }
   int64_t channels() const override { return s_.c; }
@@ -274,7 +276,8 @@ class EvalStemRows final : public StemRows {
     if (int64_t(patches.size()) < s_.chunk * s_.taps_padded) patches.resize(s_.chunk * s_.taps_padded);
     if (s_.cp != s_.c && int64_t(z.size()) < s_.chunk * s_.cp) z.resize(s_.chunk * s_.cp);
     const Geometry& g = s_.g;
-    const StoreNormalized<float> store(scale_.data(), shift_.data(), act_);
+    const StoreNormalized<float> store(scale_.data(), shift_.data(), ActivationFn<float>(act_));
+    const bool smooth = is_smooth(act_);
     for (int64_t oh = oh0; oh < oh1; ++oh) {
       if (oh + kPrefetchRows < oh1) prefetch_input_rows(n, oh + kPrefetchRows);
       for (int64_t ow0 = 0; ow0 < g.wo; ow0 += s_.chunk) {
@@ -282,8 +285,10 @@ class EvalStemRows final : public StemRows {
         float* y = out + ((oh - oh0) * g.wo + ow0) * s_.c;
         float* chunk = s_.cp == s_.c ? y : z.data();
         for_each_run(s_, x_, x_strides_, n, oh, ow0, count, patches.data(), [&](const auto& p, int64_t p0, int64_t np) {
-          convolve(chunk + p0 * s_.cp, p, w_.data(), np, s_.taps, s_.cp, store);
+          if (smooth) convolve(chunk + p0 * s_.cp, p, w_.data(), np, s_.taps, s_.cp);
+          else convolve(chunk + p0 * s_.cp, p, w_.data(), np, s_.taps, s_.cp, store);
         });
+        if (smooth) normalize_(chunk, chunk, scale_.data(), shift_.data(), act_, count, s_.cp);
         if (chunk != y)
           for (int64_t p = 0; p < count; ++p) std::copy_n(chunk + p * s_.cp, s_.c, y + p * s_.c);
       }
@@ -310,6 +315,7 @@ class EvalStemRows final : public StemRows {
   std::vector<int64_t> x_strides_;
   AlignedVector<float> w_, scale_, shift_;
   Activation act_;
+  decltype(Kernels<float>::normalize) normalize_;  // the smooth activations' pass
 };
 
 }  // namespace

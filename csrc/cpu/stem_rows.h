@@ -4,7 +4,7 @@
 // output never goes to memory. The patch GEMMs are the training stem op's (stem_conv_bn_act.cpp).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <memory>
 

@@ -1,7 +1,7 @@
 // Shared by the CUDA operators (*_op.cpp): from tensors to what the launchers (launch.h) take.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 
 #include <cstdint>

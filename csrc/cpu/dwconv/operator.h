@@ -3,7 +3,7 @@
 // bands, and the bfloat16 <-> float conversion a band at a time (the passes run on float).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
