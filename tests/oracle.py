@@ -90,6 +90,12 @@ def clone_as(module: nn.Module, dtype: torch.dtype, memory_format: torch.memory_
     return copy.deepcopy(module).to(dtype=dtype, memory_format=memory_format)
 
 
+def under_interpreter(backend: str, device: str) -> bool:
+    """The Triton backend on CPU tensors: its kernels run in Triton's interpreter, one Python
+    step per block, seconds a call (CI's Triton stage), so tests of CPU-kernel paths trim there."""
+    return backend == "triton" and device == "cpu"
+
+
 @contextlib.contextmanager
 def threads(count: int) -> Iterator[None]:
     """torch's intra-op thread count set to `count` for the block (the CPU ops' schedules
