@@ -1,6 +1,7 @@
 // Fused depthwise conv + BatchNorm + activation on CUDA: the operators. They check the arguments,
 // allocate outputs and buffers, choose the launch shapes and call the kernels' launchers
 // (dwconv_bn_act_forward.cu, dwconv_bn_act_backward.cu; the passes are described there).
+#include <ATen/TensorOperators.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
