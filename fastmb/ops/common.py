@@ -1,6 +1,7 @@
 """Argument checks and shape/layout rules shared by the fused ops and all their backends."""
 
 import contextlib
+import importlib
 import math
 import numbers
 import operator
@@ -10,6 +11,8 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
+
+from fastmb import _extension, dispatch
 
 
 def check_tensor(name: str, value: object, ndim: int | tuple[int, ...]) -> Tensor:
@@ -201,6 +204,35 @@ def cpu_kernels_support(x: Tensor, *args: object) -> bool:
     """What fastmb._C's CPU kernels take: float32, float64 and bfloat16 (float16 runs on the
     reference); any kernel size, stride and dilation."""
     return x.dtype in (torch.float32, torch.float64, torch.bfloat16)
+
+
+def register_backends(
+    op: str,
+    register_operators: Callable[..., None],
+    reference_ops: tuple[Callable, Callable],
+    cuda_supports: Callable[..., bool],
+) -> None:
+    """Each backend's (forward, backward) operator pair for `op`, given to `register_operators`
+    (the op's fakes and autograd formula) and to the dispatcher: the reference always; fastmb._C's
+    native operators (`op` and `op`_backward: CPU and CUDA kernels) where it was built; the Triton
+    operators (fastmb.kernels.`op`) where triton imports."""
+    register_operators(*reference_ops)
+    dispatch.register_kernel("reference", op, *reference_ops)
+    if _extension.C is not None:
+        native = (getattr(torch.ops.fastmb, op).default, getattr(torch.ops.fastmb, f"{op}_backward").default)
+        register_operators(*native)
+        if _extension.has_kernel(op, "CPU"):
+            dispatch.register_kernel("cpu", op, *native, supports=cpu_kernels_support)
+        if _extension.has_kernel(op, "CUDA"):
+            dispatch.register_kernel("cuda", op, *native, supports=cuda_supports)
+    try:
+        kernels = importlib.import_module(f"fastmb.kernels.{op}")
+    except ModuleNotFoundError as error:  # no triton (fastmb.backends() says so), or a bare source tree
+        if error.name not in ("triton", "fastmb.kernels"):
+            raise
+    else:
+        register_operators(kernels.forward, kernels.backward, fake=False)  # triton_op brings its fake
+        dispatch.register_kernel("triton", op, kernels.forward, kernels.backward, supports=kernels.supports)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

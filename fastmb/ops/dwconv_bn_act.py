@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastmb import _extension, dispatch
+from fastmb import dispatch
 from fastmb.ops import reference
 from fastmb.ops.activations import ACTIVATIONS
 from fastmb.ops.common import (
@@ -21,8 +21,8 @@ from fastmb.ops.common import (
     compute_dtype,
     conv_output_shape,
     conv_padding,
-    cpu_kernels_support,
     differentiable_grads,
+    register_backends,
     new_output,
     padding_sides,
     pair,
@@ -266,24 +266,4 @@ def register_operators(forward_op, backward_op, fake: bool = True) -> None:
     dispatch.register_autograd(forward_op, backward, _setup_context)
 
 
-# Each backend's operator pair: the reference always; fastmb._C's native operators (CPU and CUDA
-# kernels) where it was built; the Triton operators where triton imports.
-register_operators(reference.dwconv_bn_act.forward_op, reference.dwconv_bn_act.backward_op)
-dispatch.register_kernel("reference", OP, reference.dwconv_bn_act.forward_op, reference.dwconv_bn_act.backward_op)
-
-if _extension.C is not None:
-    _native = (torch.ops.fastmb.dwconv_bn_act.default, torch.ops.fastmb.dwconv_bn_act_backward.default)
-    register_operators(*_native)
-    if _extension.has_kernel(OP, "CPU"):
-        dispatch.register_kernel("cpu", OP, *_native, supports=cpu_kernels_support)
-    if _extension.has_kernel(OP, "CUDA"):
-        dispatch.register_kernel("cuda", OP, *_native, supports=_cuda_supports)
-
-try:
-    from fastmb.kernels import dwconv_bn_act as triton_kernels
-except ModuleNotFoundError as error:  # no triton (fastmb.backends() says so), or a bare source tree
-    if error.name not in ("triton", "fastmb.kernels"):
-        raise
-else:
-    register_operators(triton_kernels.forward, triton_kernels.backward, fake=False)  # triton_op brings its fake
-    dispatch.register_kernel("triton", OP, triton_kernels.forward, triton_kernels.backward, supports=triton_kernels.supports)
+register_backends(OP, register_operators, (reference.dwconv_bn_act.forward_op, reference.dwconv_bn_act.backward_op), _cuda_supports)

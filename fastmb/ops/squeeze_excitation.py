@@ -4,7 +4,7 @@ implementation and autograd formula shared by every backend's operator."""
 import torch
 from torch import Tensor
 
-from fastmb import _extension, dispatch
+from fastmb import dispatch
 from fastmb.ops import reference
 from fastmb.ops.activations import ACTIVATIONS, GATES
 from fastmb.ops.common import (
@@ -13,8 +13,8 @@ from fastmb.ops.common import (
     check_same_device,
     check_tensor,
     compute_dtype,
-    cpu_kernels_support,
     differentiable_grads,
+    register_backends,
     runs_composite,
 )
 
@@ -127,24 +127,4 @@ def register_operators(forward_op, backward_op, fake: bool = True) -> None:
     dispatch.register_autograd(forward_op, backward, _setup_context)
 
 
-# Each backend's operator pair: the reference always; fastmb._C's native operators (CPU and CUDA
-# kernels) where it was built; the Triton operators where triton imports.
-register_operators(reference.squeeze_excitation.forward_op, reference.squeeze_excitation.backward_op)
-dispatch.register_kernel("reference", OP, reference.squeeze_excitation.forward_op, reference.squeeze_excitation.backward_op)
-
-if _extension.C is not None:
-    _native = (torch.ops.fastmb.squeeze_excitation.default, torch.ops.fastmb.squeeze_excitation_backward.default)
-    register_operators(*_native)
-    if _extension.has_kernel(OP, "CPU"):
-        dispatch.register_kernel("cpu", OP, *_native, supports=cpu_kernels_support)
-    if _extension.has_kernel(OP, "CUDA"):
-        dispatch.register_kernel("cuda", OP, *_native, supports=_cuda_supports)
-
-try:
-    from fastmb.kernels import squeeze_excitation as triton_kernels
-except ModuleNotFoundError as error:  # no triton (fastmb.backends() says so), or a bare source tree
-    if error.name not in ("triton", "fastmb.kernels"):
-        raise
-else:
-    register_operators(triton_kernels.forward, triton_kernels.backward, fake=False)  # triton_op brings its fake
-    dispatch.register_kernel("triton", OP, triton_kernels.forward, triton_kernels.backward, supports=triton_kernels.supports)
+register_backends(OP, register_operators, (reference.squeeze_excitation.forward_op, reference.squeeze_excitation.backward_op), _cuda_supports)
