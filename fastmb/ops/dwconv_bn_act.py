@@ -22,11 +22,11 @@ from fastmb.ops.common import (
     conv_output_shape,
     conv_padding,
     differentiable_grads,
-    register_backends,
     new_output,
     padding_sides,
     pair,
     real,
+    register_backends,
     runs_composite,
     update_running_stats,
 )
