@@ -86,6 +86,21 @@ def assert_close_to_oracle(
         assert error <= bound, f"{key}: max error {error:.3g} > {bound:.3g} (eager {dtype} error {eager_error:.3g})"
 
 
+def assert_autocast_like_eager(model: nn.Module, eager: nn.Module, x: Tensor) -> None:
+    """In eval under CPU bfloat16 autocast, `model`'s output has `eager`'s dtype and is within
+    DESIGN.md's rule (the oracle: `eager` in float64); a forward made before autocast (a memo)
+    neither applies inside it nor changes after it."""
+    with torch.inference_mode():
+        oracle = {"y": copy.deepcopy(eager).double()(x.double())}
+        before = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            actual, expected = {"y": model(x)}, {"y": eager(x)}
+        after = model(x)
+    assert actual["y"].dtype == expected["y"].dtype == torch.bfloat16
+    assert_close_to_oracle(actual, expected, oracle, torch.bfloat16)
+    torch.testing.assert_close(after, before)
+
+
 def clone_as(module: nn.Module, dtype: torch.dtype, memory_format: torch.memory_format = torch.contiguous_format) -> nn.Module:
     return copy.deepcopy(module).to(dtype=dtype, memory_format=memory_format)
 

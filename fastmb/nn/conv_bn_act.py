@@ -369,6 +369,8 @@ def run_conv_bn_act_modules(
         return _BatchNormActivation.apply(z, bn.weight, bn.bias, step.running_mean, step.running_var, step.momentum, bn.eps, name)
     if torch.is_grad_enabled() or not bn.affine or bn.running_var is None:
         return None
+    if autocast_dtype(x.device.type) is not None:
+        return None  # the modules, each cast as eager casts it: the fused paths compute in x's dtype
     name = activation_name(activation)
     if folded_conv is None:
         if x.device.type != "cpu":

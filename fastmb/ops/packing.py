@@ -16,12 +16,14 @@ PANEL = 16  # output channels per packed 1x1 weight panel (csrc/cpu/pointwise/ke
 
 def eval_op_applies(x: Tensor, in_channels: int) -> bool:
     """Whether a whole-block eval op may take x: no autograd, a float32 (N, in_channels, H, W)
-    CPU tensor, the auto or cpu backend chosen, not traced (compile, export, torch.func).
+    CPU tensor, outside CPU autocast (the ops compute in float32; the modules' convs would run in
+    the autocast dtype), the auto or cpu backend chosen, not traced (compile, export, torch.func).
     x.is_cpu and x.size(1), not x.device.type and x.shape[1]: those build Python objects, and
     right after a forward (the interpreter's lines out of cache) took 6-7 us more at batch 1."""
     return (
         not torch.is_grad_enabled()
         and x.is_cpu
+        and not torch.is_autocast_enabled("cpu")
         and x.dtype == torch.float32
         and x.dim() == 4
         and x.size(1) == in_channels

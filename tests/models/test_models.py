@@ -12,7 +12,7 @@ from fastmb.models.mobilenet_v1 import from_timm_state_dict
 from fastmb.models.calibration import calibrate_batch_norm
 from fastmb.nn.conv_bn_act import _pointwise_as_matmul
 from fastmb.ops.activations import ACTIVATIONS
-from oracle import randomize_batch_norm
+from oracle import assert_autocast_like_eager, randomize_batch_norm
 
 TORCHVISION_CASES = [
     ("mobilenet_v2", {}),
@@ -45,6 +45,17 @@ def test_torchvision_state_dict_loads_and_eval_outputs_agree(name, kwargs):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert relative_error(ours.eval()(x), theirs.eval()(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["live", "frozen"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
+def test_eval_under_cpu_autocast_casts_as_torchvision(name, frozen):
+    """Under CPU autocast the output has torchvision's dtype and DESIGN.md's accuracy: the float32
+    whole-block ops and the folded convs step aside (they returned float32 there), and the memo
+    made before does not apply inside autocast."""
+    theirs, ours = pair(name, {"num_classes": 10})
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    assert_autocast_like_eager(fastmb.freeze(ours.eval(), frozen), theirs.eval(), x)
 
 
 def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
