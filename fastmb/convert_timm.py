@@ -38,9 +38,11 @@ from fastmb.ops.inverted_residual import (
     block_slots,
     fused_block,
     has_hooks,
+    hooks_in,
     memoized_forward,
     run_layers,
     stem_conv,
+    subtree_hook_slots,
 )
 from fastmb.ops.packing import Slot, cached_plan, hook_slots, mode_slots, pointwise_conv, structure_slots
 from fastmb.ops.squeeze_excitation import run_squeeze_excitation
@@ -88,7 +90,7 @@ def same_padding(conv: nn.Conv2d, x: Tensor) -> list[int]:
 
 def run_stage(block: nn.Module, conv_name: str, bn_name: str, x: Tensor) -> Tensor:
     conv, bn = block._modules[conv_name], block._modules[bn_name]
-    if has_hooks(conv) or has_hooks(bn):  # the modules themselves, so that their hooks run
+    if has_hooks(conv) or has_hooks(bn) or hooks_in(bn.children()):  # the modules themselves, so that their hooks run
         return bn(conv(x))
     kind, act = block._fastmb_plan[conv_name]
     if kind == "depthwise":
@@ -191,7 +193,7 @@ def _universal_block_layers(block: nn.Module) -> BlockLayers | None:
 def _block_plan(block: nn.Module, layers_of) -> FusedBlock | None:
     """The block's FusedBlock, or None: layers_of(block) says what the op runs (BlockLayers) or
     None; the plan is kept on the block while its layers stay the same (block_slots)."""
-    return cached_plan(block, "_fastmb_fused", lambda: block_slots(block, block), lambda: fused_block(layers_of(block)))
+    return cached_plan(block, "_fastmb_fused", lambda: block_slots(block, block), lambda: fused_block(block, layers_of(block)))
 
 
 def _run_fused_block(block: nn.Module, x: Tensor, layers_of) -> Tensor | None:
@@ -401,14 +403,16 @@ def _head_plan(model: nn.Module, plan_head) -> FusedHead | None:
     if has_hooks(model.blocks) or any(has_hooks(stage) for stage in model.blocks._modules.values()):
         return None
     modules, build = plan_head(model)
+    fused = [module for module in modules if module is not None]
 
     def slots() -> list[Slot]:  # with what the forward reads: the model's layers, the blocks' order, their containers' hooks
         stages = list(model.blocks._modules.values())
         containers = [model, model.blocks, *stages]
-        held = structure_slots([*containers, *(m for m in modules if m is not None)])
-        return held + mode_slots([model]) + [slot for container in containers[1:] for slot in hook_slots(container)]
+        held = structure_slots([*containers, *fused])
+        hooks = [slot for container in containers[1:] for slot in hook_slots(container)]
+        return held + mode_slots([model]) + hooks + [slot for module in fused for slot in subtree_hook_slots(module)]
 
-    return cached_plan(model, "_fastmb_head", slots, build)
+    return cached_plan(model, "_fastmb_head", slots, lambda: build() if not hooks_in(fused) else None)
 
 
 def _average_pooling(global_pool: nn.Module) -> bool:
@@ -478,11 +482,15 @@ def _squeeze_excitation(module: nn.Module, x: Tensor, fc1: nn.Conv2d, fc2: nn.Co
 
 class FusedSqueezeExcite(blocks.SqueezeExcite):
     def forward(self, x: Tensor) -> Tensor:
+        if hooks_in(self.children()):  # timm's forward, so that their hooks run
+            return super().forward(x)
         return _squeeze_excitation(self, x, self.conv_reduce, self.conv_expand)
 
 
 class FusedSEModule(SEModule):
     def forward(self, x: Tensor) -> Tensor:
+        if hooks_in(self.children()):
+            return super().forward(x)
         return _squeeze_excitation(self, x, self.fc1, self.fc2)
 
 

@@ -21,7 +21,7 @@ from fastmb.ops.common import (
     runs_composite,
     update_running_stats,
 )
-from fastmb.ops.inverted_residual import has_hooks
+from fastmb.ops.inverted_residual import has_hooks, own_hooks
 
 _NATIVE_FOLD = _extension.has_kernel("fold_conv_bn", "CPU")
 _NATIVE_CONV1X1 = _extension.has_kernel("conv1x1_bn_act", "CPU")
@@ -332,6 +332,8 @@ class ConvBNAct(nn.Sequential):
             return activation(u) if activation is not None else u
         if type(bn) is not nn.BatchNorm2d or conv.bias is not None or torch.compiler.is_compiling() or runs_composite(x):
             return super().forward(x)  # compile and ONNX export fold on their own; torch.func needs plain ops
+        if own_hooks(conv) or own_hooks(bn) or (activation is not None and own_hooks(activation)):
+            return super().forward(x)  # the modules themselves, so that their hooks run
         y = run_conv_bn_act_modules(x, conv, bn, activation, self._kept_fold if self.frozen else None)
         return y if y is not None else super().forward(x)
 

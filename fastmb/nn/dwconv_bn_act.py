@@ -7,6 +7,7 @@ from fastmb.nn.batch_norm import batch_norm_step, synchronised
 from fastmb.ops.activations import ACTIVATIONS
 from fastmb.ops.common import check_choice, check_tensor, integer, pair, real
 from fastmb.ops.dwconv_bn_act import run_dwconv_bn_act, run_synced_dwconv_bn_act
+from fastmb.ops.inverted_residual import own_hooks
 
 
 class DWConvBNAct(nn.Sequential):
@@ -73,6 +74,8 @@ class DWConvBNAct(nn.Sequential):
         check_tensor("x", x, 4)
         if x.shape[1] != conv.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels but this DWConvBNAct has {conv.in_channels}")
+        if own_hooks(conv) or own_hooks(bn):  # the modules themselves, so that their hooks run
+            return ACTIVATIONS[self.activation].forward(bn(conv(x)))
         return run_dwconv_bn_act_modules(x, conv, bn, self.activation)
 
 

@@ -302,30 +302,33 @@ def stem_plan(module: nn.Module) -> FusedStem | None:
     children = module._modules.values()
 
     def build() -> FusedStem | None:
-        layers = conv_bn(module)
+        layers = conv_bn(module) if not hooks_in(children) else None
         return FusedStem(layers) if layers is not None and stem_conv(layers.conv) else None
 
-    return cached_plan(module, "_fastmb_stem", lambda: structure_slots([module, *children]) + hook_slots(module), build)
+    return cached_plan(module, "_fastmb_stem", lambda: structure_slots([module, *children]) + subtree_hook_slots(module), build)
 
 
 def block_slots(block: nn.Module, layers: nn.Module) -> list[Slot]:
     """What a block's plan is made from besides its tensors and settings: its layers
     (structure_slots of `layers`, the Sequential or block holding them, and theirs), the block's
-    public attributes (training; use_res_connect, timm's has_skip) and its hooks' count."""
+    public attributes (training; use_res_connect, timm's has_skip) and the hooks' count of the
+    block and every module in it."""
     attributes = block.__dict__
     public = [(attributes, name) for name in attributes if not name.startswith("_")]
-    return structure_slots([layers, *layers._modules.values()]) + public + hook_slots(block)
+    return structure_slots([layers, *layers._modules.values()]) + public + subtree_hook_slots(block)
 
 
-def fused_block(layers: BlockLayers | None) -> FusedBlock | None:
-    return FusedBlock(layers) if layers is not None else None
+def fused_block(block: nn.Module, layers: BlockLayers | None) -> FusedBlock | None:
+    """The plan of `block` made of `layers`; None without layers or while a module in the block
+    has hooks (the op would skip their calls)."""
+    return FusedBlock(layers) if layers is not None and not hooks_in(block.children()) else None
 
 
 def block_plan(module: nn.Module, layers: nn.Module, residual: bool) -> FusedBlock | None:
     """The FusedBlock of `module`'s block (the children of `layers`, plus x when `residual`), or
     None when the op cannot run it. Kept on `module`, rebuilt when its layers change
     (block_slots)."""
-    build = lambda: fused_block(block_layers(list(layers._modules.values()), residual))  # noqa: E731
+    build = lambda: fused_block(module, block_layers(list(layers._modules.values()), residual))  # noqa: E731
     return cached_plan(module, "_fastmb_fused", lambda: block_slots(module, layers), build, key=(residual,))
 
 
@@ -337,14 +340,32 @@ def run_fused_block(module: nn.Module, layers: nn.Module, residual: bool, x: Ten
     return plan(x) if plan is not None else None
 
 
+def own_hooks(module: nn.Module) -> bool:
+    """Whether `module` has hooks registered on it. Where a fused path does a module's work
+    without calling it, these make it call the module; global hooks do not (the tools that
+    register them, FlopCounterMode's module tracker, see the fused layers as they run)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether calling `module` would run hooks (its own or global ones): the fused paths that
     skip a module call keep it instead."""
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-        or module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+    return own_hooks(module) or bool(
+        module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
         or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks
     )  # fmt: skip
+
+
+def hooks_in(modules: Iterable[nn.Module]) -> bool:
+    """Whether one of `modules` or a module below one has hooks of its own: a fused path that
+    does their work without calling them steps aside (a pruned conv's weight comes from its
+    pre-hook)."""
+    return any(own_hooks(child) for module in modules for child in module.modules())
+
+
+def subtree_hook_slots(module: nn.Module) -> list[Slot]:
+    """hook_slots of `module` and every module below it."""
+    return [slot for child in module.modules() for slot in hook_slots(child)]
 
 
 def _planned(layer: nn.Module) -> tuple[FusedBlock, tuple] | None:
