@@ -201,6 +201,21 @@ def test_hooks_added_after_the_memo_run(where):
     assert seen and (where == "global" or len(seen) == 1)
 
 
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["live", "frozen"])
+def test_a_model_built_under_inference_mode(frozen):
+    """A model built under torch.inference_mode has inference tensors for parameters, which have
+    no version counter: the packed paths step aside for them (the checks raised), and an
+    in-place change made under inference_mode is seen, frozen or not."""
+    with torch.inference_mode():
+        model, x = fastmb.freeze(small_model(), frozen), image()
+        torch.testing.assert_close(model(x), reference(model, x))
+        model(x)
+        model.features[2].block[0][0].weight.mul_(2)
+        torch.testing.assert_close(model(x), reference(model, x))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(model, x))
+
 @pytest.mark.parametrize("setting", ["grad", "reference_backend", "float64", "other_channels"])
 def test_the_memo_steps_aside_where_the_op_does_not_apply(setting):
     model, x = small_model(), image()

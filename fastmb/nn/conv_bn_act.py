@@ -314,8 +314,11 @@ class ConvBNAct(nn.Sequential):
 
     def _kept_fold(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
         """Frozen: the conv's weight and bias with the batch norm folded in, kept from call to
-        call while the tensors and their versions stay the same."""
-        conv_weight, gamma, beta, mean, var = _fold_inputs(conv, bn)
+        call while the tensors and their versions stay the same (folded on every call where one
+        is an inference tensor: those have no version)."""
+        conv_weight, gamma, beta, mean, var = inputs = _fold_inputs(conv, bn)
+        if any(t.is_inference() for t in inputs):
+            return fold_conv_bn(*inputs, bn.eps)
         key = (conv_weight.data_ptr(), conv_weight._version, gamma.data_ptr(), gamma._version, beta.data_ptr(), beta._version,
                mean.data_ptr(), mean._version, var.data_ptr(), var._version, bn.eps)  # fmt: skip
         if self._folded is None or self._folded[0] != key:
