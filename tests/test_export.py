@@ -1,6 +1,7 @@
 """Deployment paths of fastmb models: ONNX export (the new dynamo-based exporter and the legacy
 one: the fused ops are exported as their composites of standard ONNX ops, and ONNX Runtime
-gives torchvision's outputs), and torch.export / AOTInductor (which keep the fused ops)."""
+gives torchvision's outputs), torch.jit.trace (composites too: the trace loads without fastmb),
+and torch.export / AOTInductor (which keep the fused ops)."""
 
 import copy
 import io
@@ -68,3 +69,28 @@ def test_torch_export_and_aot_inductor_keep_the_fused_ops(tmp_path):
     package = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "model.pt2"))
     with torch.no_grad():
         torch.testing.assert_close(torch._inductor.aoti_load_package(package)(x), expected)
+
+
+@pytest.mark.parametrize("kind", ["builder", "converted_timm"])
+def test_jit_trace_records_standard_ops(torchvision_model, kind):
+    """A model traced after eval forwards (its memo made) traces the composites, not the
+    whole-block calls (whose string lists the tracer rejected) or a replay the tracer cannot see;
+    the saved trace loads and computes eager's outputs for other inputs."""
+    if kind == "builder":
+        model, eager = fastmb.mobilenet_v3_large().eval(), torchvision_model
+        model.load_state_dict(torchvision_model.state_dict())
+    else:
+        timm = pytest.importorskip("timm")
+        eager = calibrate_batch_norm(timm.create_model("mobilenetv4_conv_small"), resolution=96).eval()
+        model = fastmb.convert(copy.deepcopy(eager)).eval()
+    x, other = torch.randn(2, 3, 96, 96), torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        model(x), model(x)
+        traced = torch.jit.trace(model, x)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer)
+        assert not [node.kind() for node in loaded.inlined_graph.nodes() if node.kind().startswith("fastmb::")]
+        assert relative_error(loaded(other), eager(other)) <= 1e-5
+        assert relative_error(model(other), eager(other)) <= 1e-5

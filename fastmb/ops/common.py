@@ -176,10 +176,12 @@ _in_onnx_export = _onnx_export_flag()
 
 def runs_composite(*tensors: Tensor | None) -> bool:
     """Whether a fused op runs as its composite of differentiable PyTorch ops (no custom op):
-    during ONNX export (the graph then holds standard ONNX ops), under torch.func transforms and
-    with forward-mode AD tangents (the custom ops have no rules for those)."""
+    during ONNX export (the graph then holds standard ONNX ops) and torch.jit.trace (a trace
+    loads without fastmb, as torchvision's does; the whole-block calls' string lists do not
+    trace), under torch.func transforms and with forward-mode AD tangents (the custom ops have
+    no rules for those)."""
     # Dynamo traces torch.onnx.is_in_onnx_export, not the flags it reads.
-    exporting = torch.onnx.is_in_onnx_export() if torch.compiler.is_compiling() else _in_onnx_export()
+    exporting = torch.onnx.is_in_onnx_export() if torch.compiler.is_compiling() else _in_onnx_export() or torch._C._is_tracing()
     if exporting or torch._C._are_functorch_transforms_active():
         return True
     return forward_ad._current_level >= 0 and any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
