@@ -355,8 +355,8 @@ def run_conv_bn_act_modules(
     activation. None where neither applies: the caller runs its modules."""
     if bn.training:
         name = activation_name(activation)
-        if name is None or not torch.is_grad_enabled():
-            return None
+        if name is None or not torch.is_grad_enabled() or x.numel() == 0:
+            return None  # an empty batch too: F.batch_norm returns it as it is, native_batch_norm raises
         if _stem_conv(conv, x):
             _check_values_per_channel(conv_output_shape(x, conv.weight, conv.stride, conv.padding, conv.dilation))
             step = batch_norm_step(bn)

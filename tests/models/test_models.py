@@ -76,6 +76,20 @@ def flat(results: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
     return torch.cat([results[k].double().flatten() for k in keys])
 
 
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
+def test_an_empty_batch_trains_as_torchvision(name):
+    """A batch of no images in training: an empty output, torchvision's buffers and gradients
+    (the fused batch norm's native_batch_norm raised on an empty input, F.batch_norm does not)."""
+    theirs, ours = pair(name, {"num_classes": 10})
+    x = torch.randn(0, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    for model in (theirs, ours):
+        model.train()(x).sum().backward()
+    for (key, value), expected in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(value, expected), key
+    for (key, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), key
+
 @pytest.mark.parametrize("name, kwargs", TORCHVISION_CASES[::2], ids=CASE_IDS[::2])
 def test_one_training_step_matches_torchvision(name, kwargs):
     """float64: the same loss, gradients, parameters and running statistics, tensor by tensor,
