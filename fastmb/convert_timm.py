@@ -36,9 +36,9 @@ from fastmb.ops.inverted_residual import (
     FusedStem,
     Program,
     block_slots,
+    calls_needed,
     fused_block,
     has_hooks,
-    hooks_in,
     memoized_forward,
     run_layers,
     stem_conv,
@@ -90,7 +90,7 @@ def same_padding(conv: nn.Conv2d, x: Tensor) -> list[int]:
 
 def run_stage(block: nn.Module, conv_name: str, bn_name: str, x: Tensor) -> Tensor:
     conv, bn = block._modules[conv_name], block._modules[bn_name]
-    if has_hooks(conv) or has_hooks(bn) or hooks_in(bn.children()):  # the modules themselves, so that their hooks run
+    if has_hooks(conv) or has_hooks(bn) or calls_needed([conv, bn]):  # the modules themselves: hooks, parametrizations
         return bn(conv(x))
     kind, act = block._fastmb_plan[conv_name]
     if kind == "depthwise":
@@ -412,7 +412,7 @@ def _head_plan(model: nn.Module, plan_head) -> FusedHead | None:
         hooks = [slot for container in containers[1:] for slot in hook_slots(container)]
         return held + mode_slots([model]) + hooks + [slot for module in fused for slot in subtree_hook_slots(module)]
 
-    return cached_plan(model, "_fastmb_head", slots, lambda: build() if not hooks_in(fused) else None)
+    return cached_plan(model, "_fastmb_head", slots, lambda: build() if not calls_needed(fused) else None)
 
 
 def _average_pooling(global_pool: nn.Module) -> bool:
@@ -482,14 +482,14 @@ def _squeeze_excitation(module: nn.Module, x: Tensor, fc1: nn.Conv2d, fc2: nn.Co
 
 class FusedSqueezeExcite(blocks.SqueezeExcite):
     def forward(self, x: Tensor) -> Tensor:
-        if hooks_in(self.children()):  # timm's forward, so that their hooks run
+        if calls_needed(self.children()):  # timm's forward, so that their hooks run
             return super().forward(x)
         return _squeeze_excitation(self, x, self.conv_reduce, self.conv_expand)
 
 
 class FusedSEModule(SEModule):
     def forward(self, x: Tensor) -> Tensor:
-        if hooks_in(self.children()):
+        if calls_needed(self.children()):
             return super().forward(x)
         return _squeeze_excitation(self, x, self.fc1, self.fc2)
 

@@ -21,7 +21,7 @@ from fastmb.ops.common import (
     runs_composite,
     update_running_stats,
 )
-from fastmb.ops.inverted_residual import has_hooks, own_hooks
+from fastmb.ops.inverted_residual import has_hooks, needs_call
 
 _NATIVE_FOLD = _extension.has_kernel("fold_conv_bn", "CPU")
 _NATIVE_CONV1X1 = _extension.has_kernel("conv1x1_bn_act", "CPU")
@@ -335,8 +335,8 @@ class ConvBNAct(nn.Sequential):
             return activation(u) if activation is not None else u
         if type(bn) is not nn.BatchNorm2d or conv.bias is not None or torch.compiler.is_compiling() or runs_composite(x):
             return super().forward(x)  # compile and ONNX export fold on their own; torch.func needs plain ops
-        if own_hooks(conv) or own_hooks(bn) or (activation is not None and own_hooks(activation)):
-            return super().forward(x)  # the modules themselves, so that their hooks run
+        if needs_call(conv) or needs_call(bn) or (activation is not None and needs_call(activation)):
+            return super().forward(x)  # the modules themselves: their hooks, parametrizations
         y = run_conv_bn_act_modules(x, conv, bn, activation, self._kept_fold if self.frozen else None)
         return y if y is not None else super().forward(x)
 
@@ -442,9 +442,11 @@ def _fused_onednn_conv(conv: nn.Conv2d, x: Tensor) -> bool:
 def _fold_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, ...]:
     """The conv's weight and the batch norm's weight, bias, running mean and variance, straight
     from the modules' dicts: a fold runs for every layer on every call, and nn.Module's attribute
-    lookup costs more than the rest."""
-    return (conv._parameters["weight"], bn._parameters["weight"], bn._parameters["bias"], bn._buffers["running_mean"],
-            bn._buffers["running_var"])  # fmt: skip
+    lookup costs more than the rest. A weight that is not a parameter (remove_parametrizations
+    under no_grad leaves a buffer) is read as the attribute."""
+    weight = conv._parameters.get("weight")
+    return (weight if weight is not None else conv.weight, bn._parameters["weight"], bn._parameters["bias"],
+            bn._buffers["running_mean"], bn._buffers["running_var"])  # fmt: skip
 
 
 def _fold_now(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from fastmb import _extension, dispatch
 from fastmb.ops.activations import activation_name
-from fastmb.ops.inverted_residual import ConvBN, Program, conv_bn, has_hooks, hooks_in, memoized_forward, run_layers, subtree_hook_slots
+from fastmb.ops.inverted_residual import ConvBN, Program, calls_needed, conv_bn, has_hooks, memoized_forward, run_layers, subtree_hook_slots
 from fastmb.ops.packing import (
     PackedArguments,
     Slot,
@@ -116,7 +116,7 @@ def _call_head(x: Tensor, arguments: tuple) -> Tensor:
 def _head_plan(model: nn.Module, features: nn.Sequential, avgpool: nn.Module | None, classifier: nn.Module) -> FusedHead | None:
     """The FusedHead for these modules, kept on `model` while they stay the same (and with it
     what forward_with_fused_head checked: the model's mode, the features' layers and hooks).
-    None while the modules it runs have hooks."""
+    None while a module it runs needs its call (hooks, parametrizations)."""
     last = next(reversed(features._modules.values()), None)
     fused = [module for module in (last, avgpool, classifier) if module is not None]
 
@@ -126,7 +126,7 @@ def _head_plan(model: nn.Module, features: nn.Sequential, avgpool: nn.Module | N
         return structure_slots(modules) + mode_slots([model]) + hooks
 
     def build() -> FusedHead | None:
-        conv = conv_bn(last) if last is not None and not hooks_in(fused) else None
+        conv = conv_bn(last) if last is not None and not calls_needed(fused) else None
         pooled = avgpool is None or (type(avgpool) is nn.AdaptiveAvgPool2d and avgpool.output_size in (1, (1, 1)))
         linears = classifier_layers(classifier)
         if conv is None or not pointwise_conv(conv.conv) or not pooled or linears is None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
+from torch.nn.utils import parametrize
 
 from fastmb import _extension, dispatch
 from fastmb.ops.activations import activation_name
@@ -302,7 +303,7 @@ def stem_plan(module: nn.Module) -> FusedStem | None:
     children = module._modules.values()
 
     def build() -> FusedStem | None:
-        layers = conv_bn(module) if not hooks_in(children) else None
+        layers = conv_bn(module) if not calls_needed(children) else None
         return FusedStem(layers) if layers is not None and stem_conv(layers.conv) else None
 
     return cached_plan(module, "_fastmb_stem", lambda: structure_slots([module, *children]) + subtree_hook_slots(module), build)
@@ -320,8 +321,8 @@ def block_slots(block: nn.Module, layers: nn.Module) -> list[Slot]:
 
 def fused_block(block: nn.Module, layers: BlockLayers | None) -> FusedBlock | None:
     """The plan of `block` made of `layers`; None without layers or while a module in the block
-    has hooks (the op would skip their calls)."""
-    return FusedBlock(layers) if layers is not None and not hooks_in(block.children()) else None
+    needs its call (calls_needed: hooks, parametrizations)."""
+    return FusedBlock(layers) if layers is not None and not calls_needed(block.children()) else None
 
 
 def block_plan(module: nn.Module, layers: nn.Module, residual: bool) -> FusedBlock | None:
@@ -356,11 +357,18 @@ def has_hooks(module: nn.Module) -> bool:
     )  # fmt: skip
 
 
-def hooks_in(modules: Iterable[nn.Module]) -> bool:
-    """Whether one of `modules` or a module below one has hooks of its own: a fused path that
-    does their work without calling them steps aside (a pruned conv's weight comes from its
-    pre-hook)."""
-    return any(own_hooks(child) for module in modules for child in module.modules())
+def needs_call(module: nn.Module) -> bool:
+    """Whether a fused path must call `module` rather than do its work from its tensors: it has
+    hooks of its own (a pruned conv's weight comes from its pre-hook), or parametrizations compute
+    its tensors (weight_norm, spectral_norm, torch.nn.utils.parametrize), which are then not in
+    its _parameters, where the packed paths read them."""
+    return own_hooks(module) or parametrize.is_parametrized(module)
+
+
+def calls_needed(modules: Iterable[nn.Module]) -> bool:
+    """Whether one of `modules` or a module below one needs_call: a fused path that does their
+    work without calling them steps aside."""
+    return any(needs_call(child) for module in modules for child in module.modules())
 
 
 def subtree_hook_slots(module: nn.Module) -> list[Slot]:

@@ -209,15 +209,16 @@ class PackedArguments:
 
     def arguments(self) -> tuple | None:
         """The packed arguments, packed again if any tensor was replaced or changed (its pointer
-        or version counter) or a setting changed; None when a tensor is not float32 on the CPU, or
-        is an inference tensor (made under torch.inference_mode: it has no version counter, so an
+        or version counter) or a setting changed; None when a tensor is absent, not float32 on the
+        CPU, or an inference tensor (made under torch.inference_mode: it has no version counter, so an
         in-place change could not be seen)."""
         if self._watch is None or not self._watch.unchanged():  # at batch 1 this check runs for every block on every call
             if self._slots is None:
                 tensor_slots = self.tensor_slots()
                 self._tensor_count, self._slots = len(tensor_slots), tensor_slots + self.setting_slots()
-            tensors = [holder[name] for holder, name in self._slots[: self._tensor_count]]
-            if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.is_inference() for t in tensors):
+            # absent: moved out of _parameters since the plan was made (a parametrization)
+            tensors = [holder.get(name) for holder, name in self._slots[: self._tensor_count]]
+            if any(not isinstance(t, Tensor) or t.dtype != torch.float32 or t.device.type != "cpu" or t.is_inference() for t in tensors):
                 return None
             with torch.no_grad():
                 self._arguments = _detached(self.pack())

@@ -2,14 +2,18 @@
 would skip a hooked module's call (the whole-block ops, the folded ConvBNAct, DWConvBNAct,
 SqueezeExcitation, the head op) steps aside while any module it covers has hooks of its own, and
 comes back once they are removed. torch.nn.utils.prune, which computes a conv's weight in a
-pre-hook, gives torchvision's outputs and gradients. (Global hooks, which tools such as
-FlopCounterMode register, see the fused layers as they run: tests/test_profile.py.)"""
+pre-hook, and parametrizations (weight_norm, parametrize.register_parametrization), which take
+the weight out of the conv's parameters, give torchvision's outputs and gradients. (Global hooks,
+which tools such as FlopCounterMode register, see the fused layers as they run:
+tests/test_profile.py.)"""
 
 import copy
 
 import pytest
 import torch
 import torch.nn.utils.prune as prune
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
 import torchvision
 from torch import nn
 
@@ -106,6 +110,48 @@ def test_pruned_convs_match_torchvision(name):
         ours(x)
         assert_close(ours(x), theirs(x))
     assert isinstance(ours.__dict__.get("_fastmb_forward"), ir.ForwardMemo)
+
+
+class Scale(nn.Module):
+    """A parametrization of one's own: the weight scaled by 1.5."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * 1.5
+
+
+@pytest.mark.parametrize("parametrization", ["weight_norm", "own"])
+@pytest.mark.parametrize("name", list(INNER))
+def test_parametrized_convs_match_torchvision(name, parametrization):
+    """Parametrizations added to convs after a memo was made (they raised KeyError 'weight' in
+    eval): eval and training give torchvision's outputs; removed, the fused forward is back."""
+    theirs, ours = pair(name)
+    x = image()
+    with torch.no_grad():
+        ours.eval()(x), ours(x)
+    names = [n for n, m in theirs.named_modules() if isinstance(m, nn.Conv2d)][1:12]
+    for model in (ours, theirs):
+        modules = dict(model.named_modules())
+        for n in names:
+            if parametrization == "weight_norm":
+                weight_norm(modules[n])
+            else:
+                parametrize.register_parametrization(modules[n], "weight", Scale())
+    for training in (False, True):
+        with torch.set_grad_enabled(training):
+            assert_close(ours.train(training)(x), theirs.train(training)(x))
+    # Removed under no_grad, weight_norm leaves the weight as a buffer, which the per-layer modules
+    # read; where it is a parameter again, the whole-block ops and the memo are back.
+    with torch.no_grad():
+        for model in (ours, theirs):
+            modules = dict(model.named_modules())
+            for n in names:
+                parametrize.remove_parametrizations(modules[n], "weight")
+        ours.eval(), theirs.eval()
+        ours(x)
+        assert_close(ours(x), theirs(x))
+    parameters_again = all("weight" in modules[n]._parameters for n in names)
+    assert parameters_again == (parametrization == "own")
+    assert isinstance(ours.__dict__.get("_fastmb_forward"), ir.ForwardMemo) == parameters_again
 
 
 TIMM_INNER = {
