@@ -25,7 +25,7 @@ from fastmb.nn.batch_norm import synchronised
 from fastmb.nn.conv_bn_act import run_conv_bn_act_modules
 from fastmb.nn.dwconv_bn_act import run_dwconv_bn_act_modules
 from fastmb.ops.activations import activation_name, gate_name
-from fastmb.ops.common import runs_composite
+from fastmb.ops.common import runs_composite, symbolic
 from fastmb.ops.classifier_head import NATIVE as HEAD_NATIVE
 from fastmb.ops.classifier_head import FusedHead, HeadLinear
 from fastmb.ops.inverted_residual import (
@@ -90,7 +90,7 @@ def same_padding(conv: nn.Conv2d, x: Tensor) -> list[int]:
 
 def run_stage(block: nn.Module, conv_name: str, bn_name: str, x: Tensor) -> Tensor:
     conv, bn = block._modules[conv_name], block._modules[bn_name]
-    if has_hooks(conv) or has_hooks(bn) or calls_needed([conv, bn]):  # the modules themselves: hooks, parametrizations
+    if symbolic(x) or has_hooks(conv) or has_hooks(bn) or calls_needed([conv, bn]):  # the modules: a trace, hooks, parametrizations
         return bn(conv(x))
     kind, act = block._fastmb_plan[conv_name]
     if kind == "depthwise":
@@ -293,7 +293,7 @@ class PooledConv2d(nn.Conv2d):
     for 16 images of 960 -> 1280 channels, where the GEMM took 0.33 and 1.4 (2 threads)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[2:] != (1, 1):
+        if symbolic(x) or x.dim() != 4 or x.shape[2:] != (1, 1):
             return super().forward(x)
         return F.linear(x.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None]
 
@@ -482,14 +482,14 @@ def _squeeze_excitation(module: nn.Module, x: Tensor, fc1: nn.Conv2d, fc2: nn.Co
 
 class FusedSqueezeExcite(blocks.SqueezeExcite):
     def forward(self, x: Tensor) -> Tensor:
-        if calls_needed(self.children()):  # timm's forward, so that their hooks run
+        if symbolic(x) or calls_needed(self.children()):  # timm's forward: a trace records it, hooks run
             return super().forward(x)
         return _squeeze_excitation(self, x, self.conv_reduce, self.conv_expand)
 
 
 class FusedSEModule(SEModule):
     def forward(self, x: Tensor) -> Tensor:
-        if calls_needed(self.children()):
+        if symbolic(x) or calls_needed(self.children()):
             return super().forward(x)
         return _squeeze_excitation(self, x, self.fc1, self.fc2)
 

@@ -1,7 +1,8 @@
 """Deployment paths of fastmb models: ONNX export (the new dynamo-based exporter and the legacy
 one: the fused ops are exported as their composites of standard ONNX ops, and ONNX Runtime
 gives torchvision's outputs), torch.jit.trace (composites too: the trace loads without fastmb),
-and torch.export / AOTInductor (which keep the fused ops)."""
+torch.fx symbolic tracing (the standard modules: torchvision's create_feature_extractor), and
+torch.export / AOTInductor (which keep the fused ops)."""
 
 import copy
 import io
@@ -94,3 +95,28 @@ def test_jit_trace_records_standard_ops(torchvision_model, kind):
         assert not [node.kind() for node in loaded.inlined_graph.nodes() if node.kind().startswith("fastmb::")]
         assert relative_error(loaded(other), eager(other)) <= 1e-5
         assert relative_error(model(other), eager(other)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v2", "mobilenet_v1", "timm:mobilenetv4_conv_small"])
+def test_fx_symbolic_trace_and_feature_extraction(name):
+    """torch.fx.symbolic_trace and torchvision's create_feature_extractor trace a fastmb model's
+    layers as their standard modules (they raised: the fused layers check and branch on x),
+    computing the model's outputs and its features."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    if name.startswith("timm:"):
+        timm = pytest.importorskip("timm")
+        model = fastmb.convert(calibrate_batch_norm(timm.create_model(name[5:]), resolution=96)).eval()
+        features = "blocks.2"
+    else:
+        model = calibrate_batch_norm(getattr(fastmb, name)(), resolution=96).eval()
+        features = "features.5"
+    x = torch.randn(2, 3, 64, 64)
+    traced = torch.fx.symbolic_trace(copy.deepcopy(model))
+    assert not [node.target for node in traced.graph.nodes if "fastmb" in str(node.target)]
+    extractor = create_feature_extractor(copy.deepcopy(model), {features: "features"})
+    captured = []
+    model.get_submodule(features).register_forward_hook(lambda module, args, out: captured.append(out))
+    with torch.no_grad():  # float32 both, eager's unfolded batch norms against the fused layers' folded ones
+        assert relative_error(traced(x), model(x)) <= 5e-5
+        assert relative_error(extractor(x)["features"], captured[0]) <= 5e-5

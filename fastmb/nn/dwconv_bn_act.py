@@ -5,7 +5,7 @@ from torch import Tensor, nn
 
 from fastmb.nn.batch_norm import batch_norm_step, synchronised
 from fastmb.ops.activations import ACTIVATIONS
-from fastmb.ops.common import check_choice, check_tensor, integer, pair, real
+from fastmb.ops.common import check_choice, check_tensor, integer, pair, real, symbolic
 from fastmb.ops.dwconv_bn_act import run_dwconv_bn_act, run_synced_dwconv_bn_act
 from fastmb.ops.inverted_residual import own_hooks
 
@@ -70,13 +70,28 @@ class DWConvBNAct(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         conv, bn = self._modules["0"], self._modules["1"]  # self[i] costs microseconds, a small layer's time
+        if symbolic(x) or own_hooks(conv) or own_hooks(bn) or not fusable_children(conv, bn):
+            return ACTIVATIONS[self.activation].forward(bn(conv(x)))  # the modules: a trace records them, hooks run
         # The parameters were checked when built; only x is new.
         check_tensor("x", x, 4)
         if x.shape[1] != conv.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels but this DWConvBNAct has {conv.in_channels}")
-        if own_hooks(conv) or own_hooks(bn):  # the modules themselves, so that their hooks run
-            return ACTIVATIONS[self.activation].forward(bn(conv(x)))
         return run_dwconv_bn_act_modules(x, conv, bn, self.activation)
+
+
+def fusable_children(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether the children are still what the fused op computes (a depthwise nn.Conv2d without
+    bias, zero padding; a BatchNorm2d or SyncBatchNorm): not after one was swapped, as when the
+    batch norm is folded into the conv by hand (torch.nn.utils.fusion) and replaced by Identity."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.bias is None
+        and conv.groups == conv.in_channels == conv.out_channels
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm)
+        and bn.num_features == conv.out_channels
+    )
 
 
 def run_dwconv_bn_act_modules(

@@ -3,7 +3,7 @@
 from torch import Tensor, nn
 
 from fastmb.ops.activations import ACTIVATIONS, GATES
-from fastmb.ops.common import check_choice, check_tensor, integer
+from fastmb.ops.common import check_choice, check_tensor, integer, symbolic
 from fastmb.ops.inverted_residual import own_hooks
 from fastmb.ops.squeeze_excitation import run_squeeze_excitation
 
@@ -46,14 +46,14 @@ class SqueezeExcitation(nn.Module):
         return f"activation={self.activation!r}, gate={self.gate!r}"
 
     def forward(self, x: Tensor) -> Tensor:
-        # The parameters were checked when built; only x is new.
-        check_tensor("x", x, 4)
-        if x.shape[1] != self.fc1.in_channels:
-            raise ValueError(f"x has {x.shape[1]} channels but this SqueezeExcitation has {self.fc1.in_channels}")
         fc1, fc2 = self.fc1, self.fc2
-        if own_hooks(fc1) or own_hooks(fc2):  # the modules themselves, so that their hooks run
+        if symbolic(x) or own_hooks(fc1) or own_hooks(fc2):  # the modules themselves: a trace records them, hooks run
             scale = fc2(ACTIVATIONS[self.activation].forward(fc1(x.mean((2, 3), keepdim=True))))
             return x * GATES[self.gate].forward(scale)
+        # The parameters were checked when built; only x is new.
+        check_tensor("x", x, 4)
+        if x.shape[1] != fc1.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels but this SqueezeExcitation has {fc1.in_channels}")
         return run_squeeze_excitation(
             x, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias, self.activation, self.gate
         )

@@ -15,6 +15,13 @@ from torch._prims_common import suggest_memory_format
 from fastmb import _extension, dispatch
 
 
+def symbolic(x: object) -> bool:
+    """Whether x is a torch.fx Proxy (torch.fx.symbolic_trace, torchvision's
+    create_feature_extractor): the fused layers then call their modules, which the trace records
+    as the standard modules they are."""
+    return isinstance(x, torch.fx.Proxy)
+
+
 def check_tensor(name: str, value: object, ndim: int | tuple[int, ...]) -> Tensor:
     """`value` must be a floating-point tensor with `ndim` dimensions (one of them)."""
     if not isinstance(value, Tensor):

@@ -69,10 +69,11 @@ class BlockLayers:
 def conv_bn(module: nn.Module) -> ConvBN | None:
     """The (conv, bn, activation) of a fastmb ConvBNAct or DWConvBNAct with a plain batch norm."""
     from fastmb.nn import ConvBNAct, DWConvBNAct
+    from fastmb.nn.dwconv_bn_act import fusable_children
 
     if isinstance(module, DWConvBNAct):
         conv, bn = module._modules["0"], module._modules["1"]
-        return ConvBN(conv, bn, module.activation) if plain_batch_norm(bn, conv.out_channels) else None
+        return ConvBN(conv, bn, module.activation) if fusable_children(conv, bn) and plain_batch_norm(bn, conv.out_channels) else None
     if isinstance(module, ConvBNAct) and len(module) in (2, 3):
         conv, bn = module._modules["0"], module._modules["1"]
         act = activation_name(module._modules.get("2"))
@@ -476,7 +477,7 @@ def run_layers(layers: Iterable[nn.Module], x: Tensor, program: Program | None =
     blocks with hooks, are called as modules and end a run. `program` gets the op calls and what
     they were planned from (ForwardMemo)."""
     layers = list(layers)
-    if not NATIVE or x.dim() != 4 or not eval_op_applies(x, x.shape[1]):
+    if not NATIVE or not isinstance(x, Tensor) or x.dim() != 4 or not eval_op_applies(x, x.shape[1]):  # a Proxy: modules
         for layer in layers:
             x = layer(x)
         if program is not None:

@@ -22,6 +22,7 @@ def eval_op_applies(x: Tensor, in_channels: int) -> bool:
     right after a forward (the interpreter's lines out of cache) took 6-7 us more at batch 1."""
     return (
         not torch.is_grad_enabled()
+        and isinstance(x, Tensor)  # not a torch.fx Proxy
         and x.is_cpu
         and not torch.is_autocast_enabled("cpu")
         and x.dtype == torch.float32

@@ -90,6 +90,21 @@ def test_an_empty_batch_trains_as_torchvision(name):
     for (key, p), q in zip(ours.named_parameters(), theirs.parameters()):
         assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), key
 
+
+def test_a_depthwise_conv_with_a_bias_swapped_into_a_block():
+    """A block whose depthwise conv was replaced by one with a bias, after a forward: the block op
+    (which has no depthwise bias) steps aside; it had ignored the bias (outputs 100% off)."""
+    theirs, ours = pair("mobilenet_v3_small", {"num_classes": 10})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours.eval()(x)
+        for model in (ours, theirs.eval()):
+            old = model.features[2].block[1][0]
+            new = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, groups=old.groups)
+            new.weight.copy_(old.weight), new.bias.fill_(3.0)
+            model.features[2].block[1][0] = new
+        assert relative_error(ours(x), theirs(x)) <= 1e-5
+
 @pytest.mark.parametrize("name, kwargs", TORCHVISION_CASES[::2], ids=CASE_IDS[::2])
 def test_one_training_step_matches_torchvision(name, kwargs):
     """float64: the same loss, gradients, parameters and running statistics, tensor by tensor,

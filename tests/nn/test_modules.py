@@ -155,3 +155,22 @@ def test_eval_conv_bn_off_the_cpu_folds_only_when_frozen(monkeypatch):
         fastmb.freeze(layer)
         layer(x), layer(x)
     assert folds == [1]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_dwconv_with_swapped_children_runs_them(training):
+    """Children that are no longer what the fused op computes run as modules: the batch norm
+    folded into the conv by hand (torch.nn.utils.fusion) and replaced by Identity, or a norm of
+    another kind (they raised AttributeError on the batch norm's momentum)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    module = fastmb.nn.DWConvBNAct(8, 3, activation="hardswish")
+    randomize_batch_norm(module)
+    module.train(training)
+    x = torch.randn(2, 8, 9, 9)
+    if training:
+        module[1] = nn.GroupNorm(2, 8)
+    else:
+        module[0], module[1] = fuse_conv_bn_eval(module[0].eval(), module[1].eval()), nn.Identity()
+    with torch.set_grad_enabled(training):
+        torch.testing.assert_close(module(x), nn.functional.hardswish(module[1](module[0](x))))
