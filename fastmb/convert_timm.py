@@ -42,9 +42,9 @@ from fastmb.ops.inverted_residual import (
     memoized_forward,
     run_layers,
     stem_conv,
-    subtree_hook_slots,
+    module_tree_slots,
 )
-from fastmb.ops.packing import Slot, cached_plan, hook_slots, mode_slots, pointwise_conv, structure_slots
+from fastmb.ops.packing import Slot, cached_plan, hook_slots, mode_slots, plain_1x1_conv, pointwise_conv, structure_slots
 from fastmb.ops.squeeze_excitation import run_squeeze_excitation
 
 _LAYER_SCALE = getattr(timm_layers, "LayerScale2d", None)  # MobileNetV4 hybrids' layer scale
@@ -88,12 +88,25 @@ def same_padding(conv: nn.Conv2d, x: Tensor) -> list[int]:
     return sides
 
 
+def _depthwise_conv(conv: nn.Module) -> bool:
+    """Whether a stage planned as depthwise still is what the fused ops compute (its settings
+    may have been changed since): an nn.Conv2d or Conv2dSame without bias, zero padding, a group
+    per channel."""
+    return (
+        type(conv) in (nn.Conv2d, Conv2dSame)
+        and conv.bias is None
+        and conv.groups == conv.in_channels == conv.out_channels
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    )
+
+
 def run_stage(block: nn.Module, conv_name: str, bn_name: str, x: Tensor) -> Tensor:
     conv, bn = block._modules[conv_name], block._modules[bn_name]
     if symbolic(x) or has_hooks(conv) or has_hooks(bn) or calls_needed([conv, bn]):  # the modules: a trace, hooks, parametrizations
         return bn(conv(x))
     kind, act = block._fastmb_plan[conv_name]
-    if kind == "depthwise":
+    if kind == "depthwise" and _depthwise_conv(conv):
         padding = same_padding(conv, x) if type(conv) is Conv2dSame else None
         return run_dwconv_bn_act_modules(x, conv, bn, act, padding)
     if kind == "conv" and not synchronised(bn) and not torch.compiler.is_compiling() and not runs_composite(x):
@@ -122,10 +135,12 @@ def _se_parts(se: nn.Module) -> _SEParts | None | bool:
     if isinstance(se, nn.Identity):
         return None
     if type(se) is FusedSqueezeExcite:
-        return _SEParts(se.conv_reduce, se.conv_expand, *se._fastmb_plan)
-    if type(se) is FusedSEModule:
-        return _SEParts(se.fc1, se.fc2, *se._fastmb_plan)
-    return False
+        parts = _SEParts(se.conv_reduce, se.conv_expand, *se._fastmb_plan)
+    elif type(se) is FusedSEModule:
+        parts = _SEParts(se.fc1, se.fc2, *se._fastmb_plan)
+    else:
+        return False
+    return parts if plain_1x1_conv(parts.fc1) and plain_1x1_conv(parts.fc2) else False
 
 
 def _as_block_layers(expand, depthwise, project, se: nn.Module, residual: bool) -> BlockLayers | None:
@@ -138,7 +153,7 @@ def _as_block_layers(expand, depthwise, project, se: nn.Module, residual: bool) 
         return None
     expand, depthwise, project = (None if stage is None else ConvBN(stage[0], stage[1], stage[2][1]) for stage in (expand, depthwise, project))
     dw = depthwise.conv if depthwise is not None else None
-    if dw is not None and type(dw) not in (nn.Conv2d, Conv2dSame):
+    if dw is not None and not _depthwise_conv(dw):
         return None
     if not all(pointwise_conv(s.conv) for s in (expand, project) if s is not None):
         return None
@@ -383,7 +398,7 @@ class _Stem:
 
         def slots() -> list[Slot]:
             held = [(model._modules, "conv_stem"), (model._modules, "bn1")]
-            return held + structure_slots([conv, bn]) + hook_slots(conv) + hook_slots(bn) + hook_slots(bn.act)
+            return held + structure_slots([conv, bn]) + module_tree_slots(conv) + module_tree_slots(bn)
 
         return cached_plan(model, "_fastmb_stem", slots, build)
 
@@ -410,7 +425,7 @@ def _head_plan(model: nn.Module, plan_head) -> FusedHead | None:
         containers = [model, model.blocks, *stages]
         held = structure_slots([*containers, *fused])
         hooks = [slot for container in containers[1:] for slot in hook_slots(container)]
-        return held + mode_slots([model]) + hooks + [slot for module in fused for slot in subtree_hook_slots(module)]
+        return held + mode_slots([model]) + hooks + [slot for module in fused for slot in module_tree_slots(module)]
 
     return cached_plan(model, "_fastmb_head", slots, lambda: build() if not calls_needed(fused) else None)
 
@@ -482,14 +497,14 @@ def _squeeze_excitation(module: nn.Module, x: Tensor, fc1: nn.Conv2d, fc2: nn.Co
 
 class FusedSqueezeExcite(blocks.SqueezeExcite):
     def forward(self, x: Tensor) -> Tensor:
-        if symbolic(x) or calls_needed(self.children()):  # timm's forward: a trace records it, hooks run
-            return super().forward(x)
+        if symbolic(x) or calls_needed(self.children()) or not (plain_1x1_conv(self.conv_reduce) and plain_1x1_conv(self.conv_expand)):
+            return super().forward(x)  # timm's: a trace records it, hooks run, a changed conv computes as it is
         return _squeeze_excitation(self, x, self.conv_reduce, self.conv_expand)
 
 
 class FusedSEModule(SEModule):
     def forward(self, x: Tensor) -> Tensor:
-        if symbolic(x) or calls_needed(self.children()):
+        if symbolic(x) or calls_needed(self.children()) or not (plain_1x1_conv(self.fc1) and plain_1x1_conv(self.fc2)):
             return super().forward(x)
         return _squeeze_excitation(self, x, self.fc1, self.fc2)
 

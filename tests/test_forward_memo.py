@@ -114,9 +114,31 @@ def residual_off(model: nn.Module) -> None:
     model.features[5].use_res_connect = False
 
 
+# A conv's settings changed in place (the plans had kept computing with the old ones).
+def stride_an_expansion(model: nn.Module) -> None:
+    model.features[4].block[0][0].stride = (2, 2)
+
+
+def pad_a_projection(model: nn.Module) -> None:
+    model.features[4].block[3][0].padding = (1, 1)
+
+
+def reflect_a_depthwise_conv(model: nn.Module) -> None:
+    model.features[4].block[1][0].padding_mode = "reflect"
+
+
+def reflect_the_stem(model: nn.Module) -> None:
+    model.features[0][0].padding_mode = "reflect"
+
+
+def stride_the_last_conv(model: nn.Module) -> None:
+    model.features[-1][0].stride = (2, 2)
+
+
 CHANGES = [
     scale_block_weight, replace_bn_data, replace_classifier_parameter, scale_stem_weight, change_eps, change_depthwise_activation,
     change_se_gate, drop_an_se, swap_a_block, change_the_head_activation, load_other_weights, train_one_block, residual_off,
+    stride_an_expansion, pad_a_projection, reflect_a_depthwise_conv, reflect_the_stem, stride_the_last_conv,
 ]  # fmt: skip
 
 
@@ -161,7 +183,8 @@ def test_an_edit_through_data_is_seen_after_freeze():
 @pytest.mark.parametrize("name", ["mobilenetv3_small_100", "efficientnet_b0"])
 def test_converted_timm_models_keep_a_memo_and_see_changes(name):
     """timm's MobileNetV3 and EfficientNet classes, converted: the stem, blocks and head replayed,
-    and a block's weight changed in place, or the model's blocks reordered, seen."""
+    and a block's weight changed in place, its depthwise conv's padding mode, or the model's
+    blocks reordered, seen."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = fastmb.convert(timm.create_model(name, pretrained=False, num_classes=10)).eval()
@@ -173,6 +196,9 @@ def test_converted_timm_models_keep_a_memo_and_see_changes(name):
         model.blocks[2][0].conv_pw.weight.mul_(1.5)
         after = model(x)
         assert not torch.equal(after, before) and torch.equal(after, without_plans(model)(x))
+        model.blocks[2][0].conv_dw.padding_mode = "reflect"
+        reflected = model(x)
+        assert not torch.equal(reflected, after) and torch.equal(reflected, without_plans(model)(x))
         model.blocks[1], model.blocks[2] = model.blocks[2], model.blocks[1]  # no longer chains: stages run
         with pytest.raises(RuntimeError):
             model(x)

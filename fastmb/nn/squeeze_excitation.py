@@ -5,6 +5,7 @@ from torch import Tensor, nn
 from fastmb.ops.activations import ACTIVATIONS, GATES
 from fastmb.ops.common import check_choice, check_tensor, integer, symbolic
 from fastmb.ops.inverted_residual import own_hooks
+from fastmb.ops.packing import plain_1x1_conv
 from fastmb.ops.squeeze_excitation import run_squeeze_excitation
 
 
@@ -47,7 +48,8 @@ class SqueezeExcitation(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         fc1, fc2 = self.fc1, self.fc2
-        if symbolic(x) or own_hooks(fc1) or own_hooks(fc2):  # the modules themselves: a trace records them, hooks run
+        if symbolic(x) or own_hooks(fc1) or own_hooks(fc2) or not (plain_1x1_conv(fc1) and plain_1x1_conv(fc2)):
+            # the modules themselves: a trace records them, hooks run, a changed conv computes as it is
             scale = fc2(ACTIVATIONS[self.activation].forward(fc1(x.mean((2, 3), keepdim=True))))
             return x * GATES[self.gate].forward(scale)
         # The parameters were checked when built; only x is new.

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from fastmb import _extension, dispatch
 from fastmb.ops.activations import activation_name
-from fastmb.ops.inverted_residual import ConvBN, Program, calls_needed, conv_bn, has_hooks, memoized_forward, run_layers, subtree_hook_slots
+from fastmb.ops.inverted_residual import ConvBN, Program, calls_needed, conv_bn, has_hooks, memoized_forward, run_layers, module_tree_slots
 from fastmb.ops.packing import (
     PackedArguments,
     Slot,
@@ -122,7 +122,7 @@ def _head_plan(model: nn.Module, features: nn.Sequential, avgpool: nn.Module | N
 
     def slots() -> list[Slot]:
         modules = [features, classifier, *([last] if last is not None else [])]
-        hooks = hook_slots(features) + [slot for module in fused for slot in subtree_hook_slots(module)]
+        hooks = hook_slots(features) + [slot for module in fused for slot in module_tree_slots(module)]
         return structure_slots(modules) + mode_slots([model]) + hooks
 
     def build() -> FusedHead | None:

@@ -26,6 +26,7 @@ from fastmb.ops.packing import (
     eval_op_applies,
     fold_and_pack,
     hook_slots,
+    plain_1x1_conv,
     plain_batch_norm,
     pointwise_conv,
     structure_slots,
@@ -110,8 +111,8 @@ def block_layers(layers: list[nn.Module], residual: bool) -> BlockLayers | None:
         return None
     if expand is not None and expand.conv.out_channels != dw.in_channels:
         return None
-    if se is not None and (se.fc1.bias is None or se.fc2.bias is None or se.fc1.in_channels != dw.out_channels):
-        return None
+    if se is not None and not (all(plain_1x1_conv(fc) and fc.bias is not None for fc in (se.fc1, se.fc2)) and se.fc1.in_channels == dw.out_channels):
+        return None  # the op's SE: FC layers with biases
     return BlockLayers(expand, depthwise, se, project, residual)
 
 
@@ -307,17 +308,17 @@ def stem_plan(module: nn.Module) -> FusedStem | None:
         layers = conv_bn(module) if not calls_needed(children) else None
         return FusedStem(layers) if layers is not None and stem_conv(layers.conv) else None
 
-    return cached_plan(module, "_fastmb_stem", lambda: structure_slots([module, *children]) + subtree_hook_slots(module), build)
+    return cached_plan(module, "_fastmb_stem", lambda: structure_slots([module, *children]) + module_tree_slots(module), build)
 
 
 def block_slots(block: nn.Module, layers: nn.Module) -> list[Slot]:
     """What a block's plan is made from besides its tensors and settings: its layers
     (structure_slots of `layers`, the Sequential or block holding them, and theirs), the block's
-    public attributes (training; use_res_connect, timm's has_skip) and the hooks' count of the
-    block and every module in it."""
+    public attributes (training; use_res_connect, timm's has_skip), and module_tree_slots of the
+    block."""
     attributes = block.__dict__
     public = [(attributes, name) for name in attributes if not name.startswith("_")]
-    return structure_slots([layers, *layers._modules.values()]) + public + subtree_hook_slots(block)
+    return structure_slots([layers, *layers._modules.values()]) + public + module_tree_slots(block)
 
 
 def fused_block(block: nn.Module, layers: BlockLayers | None) -> FusedBlock | None:
@@ -372,9 +373,16 @@ def calls_needed(modules: Iterable[nn.Module]) -> bool:
     return any(needs_call(child) for module in modules for child in module.modules())
 
 
-def subtree_hook_slots(module: nn.Module) -> list[Slot]:
-    """hook_slots of `module` and every module below it."""
-    return [slot for child in module.modules() for slot in hook_slots(child)]
+def module_tree_slots(module: nn.Module) -> list[Slot]:
+    """What a plan made from `module` depends on besides its tensors: hook_slots of the module and
+    every module below it, and where the settings of the convs among them are held (a conv's stride or padding set after a plan was made from it makes the
+    plan again, and checks it again)."""
+    modules = list(module.modules())
+    settings = [(m.__dict__, name) for m in modules if isinstance(m, nn.Conv2d) for name in _CONV_SETTINGS]
+    return [slot for child in modules for slot in hook_slots(child)] + settings
+
+
+_CONV_SETTINGS = ("stride", "padding", "dilation", "groups", "padding_mode")
 
 
 def _planned(layer: nn.Module) -> tuple[FusedBlock, tuple] | None:

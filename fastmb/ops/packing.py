@@ -45,8 +45,9 @@ def plain_batch_norm(bn: nn.Module, channels: int) -> bool:
     )
 
 
-def pointwise_conv(conv: nn.Module) -> bool:
-    """A 1x1 nn.Conv2d without bias, stride, padding, dilation or groups."""
+def plain_1x1_conv(conv: nn.Module) -> bool:
+    """A 1x1 nn.Conv2d without stride, padding, dilation or groups (an SE block's FC layers as
+    the ops compute them)."""
     return (
         type(conv) is nn.Conv2d
         and conv.kernel_size == (1, 1)
@@ -54,8 +55,12 @@ def pointwise_conv(conv: nn.Module) -> bool:
         and conv.padding == (0, 0)
         and conv.dilation == (1, 1)
         and conv.groups == 1
-        and conv.bias is None
     )
+
+
+def pointwise_conv(conv: nn.Module) -> bool:
+    """A plain_1x1_conv without bias."""
+    return plain_1x1_conv(conv) and conv.bias is None
 
 
 def conv_bn_slots(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> list[tuple[dict, str]]:

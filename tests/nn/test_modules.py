@@ -174,3 +174,17 @@ def test_dwconv_with_swapped_children_runs_them(training):
         module[0], module[1] = fuse_conv_bn_eval(module[0].eval(), module[1].eval()), nn.Identity()
     with torch.set_grad_enabled(training):
         torch.testing.assert_close(module(x), nn.functional.hardswish(module[1](module[0](x))))
+
+
+def test_se_with_a_changed_conv_computes_as_its_modules():
+    """An FC layer whose settings were changed (padding) is run as the conv it now is: the
+    module raises as torchvision's does (the fused op had ignored the padding)."""
+    ours = fastmb.nn.SqueezeExcitation(8, 4)
+    theirs = TorchvisionSE(8, 4, scale_activation=nn.Hardsigmoid)
+    theirs.load_state_dict(ours.state_dict())
+    for module in (ours, theirs):
+        module.fc1.padding = (1, 1)
+    x = torch.randn(2, 8, 5, 5)
+    for module in (ours, theirs):
+        with pytest.raises(RuntimeError, match="size of tensor"):
+            module(x)
