@@ -103,7 +103,7 @@ def _depthwise_conv(conv: nn.Module) -> bool:
 
 def run_stage(block: nn.Module, conv_name: str, bn_name: str, x: Tensor) -> Tensor:
     conv, bn = block._modules[conv_name], block._modules[bn_name]
-    if symbolic(x) or has_hooks(conv) or has_hooks(bn) or calls_needed([conv, bn]):  # the modules: a trace, hooks, parametrizations
+    if symbolic(x) or has_hooks(conv) or has_hooks(bn) or calls_needed([conv, bn]):  # the modules: a trace, hooks, ...
         return bn(conv(x))
     kind, act = block._fastmb_plan[conv_name]
     if kind == "depthwise" and _depthwise_conv(conv):
@@ -490,23 +490,25 @@ def _mobilenetv3_head(model: FusedMobileNetV3):
     return modules, build
 
 
-def _squeeze_excitation(module: nn.Module, x: Tensor, fc1: nn.Conv2d, fc2: nn.Conv2d) -> Tensor:
+def _squeeze_excitation(module: nn.Module, x: Tensor, fc1: nn.Conv2d, fc2: nn.Conv2d) -> Tensor | None:
+    """The SE block as the fused op, or None where timm's forward runs: on a torch.fx Proxy, while
+    a module in it needs its call (hooks, parametrizations), or an FC conv is no longer a plain 1x1."""
+    if symbolic(x) or calls_needed(module.children()) or not (plain_1x1_conv(fc1) and plain_1x1_conv(fc2)):
+        return None
     activation, gate = module._fastmb_plan
     return run_squeeze_excitation(x, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias, activation, gate)
 
 
 class FusedSqueezeExcite(blocks.SqueezeExcite):
     def forward(self, x: Tensor) -> Tensor:
-        if symbolic(x) or calls_needed(self.children()) or not (plain_1x1_conv(self.conv_reduce) and plain_1x1_conv(self.conv_expand)):
-            return super().forward(x)  # timm's: a trace records it, hooks run, a changed conv computes as it is
-        return _squeeze_excitation(self, x, self.conv_reduce, self.conv_expand)
+        y = _squeeze_excitation(self, x, self.conv_reduce, self.conv_expand)
+        return y if y is not None else super().forward(x)
 
 
 class FusedSEModule(SEModule):
     def forward(self, x: Tensor) -> Tensor:
-        if symbolic(x) or calls_needed(self.children()) or not (plain_1x1_conv(self.fc1) and plain_1x1_conv(self.fc2)):
-            return super().forward(x)
-        return _squeeze_excitation(self, x, self.fc1, self.fc2)
+        y = _squeeze_excitation(self, x, self.fc1, self.fc2)
+        return y if y is not None else super().forward(x)
 
 
 _FUSED_BLOCKS = {

@@ -335,7 +335,7 @@ class ConvBNAct(nn.Sequential):
             u = synced_batch_norm(conv(x), bn, batch_norm_step(bn))
             return activation(u) if activation is not None else u
         if type(bn) is not nn.BatchNorm2d or conv.bias is not None or torch.compiler.is_compiling() or symbolic(x) or runs_composite(x):
-            return super().forward(x)  # compile and ONNX export fold on their own; torch.func and torch.fx need plain ops
+            return super().forward(x)  # compile and ONNX export fold on their own; torch.func, torch.fx: plain ops
         if needs_call(conv) or needs_call(bn) or (activation is not None and needs_call(activation)):
             return super().forward(x)  # the modules themselves: their hooks, parametrizations
         y = run_conv_bn_act_modules(x, conv, bn, activation, self._kept_fold if self.frozen else None)

@@ -74,7 +74,8 @@ def conv_bn(module: nn.Module) -> ConvBN | None:
 
     if isinstance(module, DWConvBNAct):
         conv, bn = module._modules["0"], module._modules["1"]
-        return ConvBN(conv, bn, module.activation) if fusable_children(conv, bn) and plain_batch_norm(bn, conv.out_channels) else None
+        fusable = fusable_children(conv, bn) and plain_batch_norm(bn, conv.out_channels)
+        return ConvBN(conv, bn, module.activation) if fusable else None
     if isinstance(module, ConvBNAct) and len(module) in (2, 3):
         conv, bn = module._modules["0"], module._modules["1"]
         act = activation_name(module._modules.get("2"))
@@ -111,8 +112,9 @@ def block_layers(layers: list[nn.Module], residual: bool) -> BlockLayers | None:
         return None
     if expand is not None and expand.conv.out_channels != dw.in_channels:
         return None
-    if se is not None and not (all(plain_1x1_conv(fc) and fc.bias is not None for fc in (se.fc1, se.fc2)) and se.fc1.in_channels == dw.out_channels):
-        return None  # the op's SE: FC layers with biases
+    fcs = (se.fc1, se.fc2) if se is not None else ()
+    if not all(plain_1x1_conv(fc) and fc.bias is not None for fc in fcs) or (se is not None and se.fc1.in_channels != dw.out_channels):
+        return None  # the op's SE: plain 1x1 FC layers with biases
     return BlockLayers(expand, depthwise, se, project, residual)
 
 
@@ -375,8 +377,8 @@ def calls_needed(modules: Iterable[nn.Module]) -> bool:
 
 def module_tree_slots(module: nn.Module) -> list[Slot]:
     """What a plan made from `module` depends on besides its tensors: hook_slots of the module and
-    every module below it, and where the settings of the convs among them are held (a conv's stride or padding set after a plan was made from it makes the
-    plan again, and checks it again)."""
+    every module below it, and where the settings of the convs among them are held (a conv's
+    stride or padding set after a plan was made from it makes the plan again, and checks it)."""
     modules = list(module.modules())
     settings = [(m.__dict__, name) for m in modules if isinstance(m, nn.Conv2d) for name in _CONV_SETTINGS]
     return [slot for child in modules for slot in hook_slots(child)] + settings
