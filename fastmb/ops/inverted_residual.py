@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
-from torch.nn.utils import parametrize
 
 from fastmb import _extension, dispatch
 from fastmb.ops.activations import activation_name
@@ -365,8 +364,10 @@ def needs_call(module: nn.Module) -> bool:
     """Whether a fused path must call `module` rather than do its work from its tensors: it has
     hooks of its own (a pruned conv's weight comes from its pre-hook), or parametrizations compute
     its tensors (weight_norm, spectral_norm, torch.nn.utils.parametrize), which are then not in
-    its _parameters, where the packed paths read them."""
-    return own_hooks(module) or parametrize.is_parametrized(module)
+    its _parameters, where the packed paths read them. (parametrize registers them as the child
+    `parametrizations`: looked up there, not by parametrize.is_parametrized's getattr, which
+    raises and catches an AttributeError on every unparametrized module, 1.2 us a call.)"""
+    return own_hooks(module) or "parametrizations" in module._modules
 
 
 def calls_needed(modules: Iterable[nn.Module]) -> bool:
