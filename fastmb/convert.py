@@ -12,6 +12,7 @@ from torch import nn
 from fastmb.models.layers import use_channels_last
 from fastmb.nn import ConvBNAct, DWConvBNAct, SqueezeExcitation
 from fastmb.ops.activations import activation_name, gate_name
+from fastmb.ops.inverted_residual import own_hooks
 
 logger = logging.getLogger("fastmb")
 
@@ -124,6 +125,7 @@ def convert(model: nn.Module, *, report: bool = False, channels_last: bool = Tru
     Where it swapped anything and `channels_last` holds, it then puts the model's 4-D
     parameters in channels_last (fastmb.models.layers.use_channels_last): an NCHW input then
     runs in the fast layout from the first conv on, and 4-D outputs come out channels_last.
+    A torchvision layer with hooks of its own is left as it is (a new module would drop them).
     Logs (logger "fastmb") what it swapped, and what it left and why; returns `model`, or with
     report=True `(model, ConvertReport)`."""
     swapped: Counter[str] = Counter()
@@ -165,6 +167,9 @@ def convert(model: nn.Module, *, report: bool = False, channels_last: bool = Tru
                 visit(child)  # an SE block or ConvNormActs inside
                 continue
             fused = fused_equivalent(child)
+            if fused is not None and own_hooks(child):  # the new module would not carry them
+                skipped[f"{type(child).__name__} with hooks of its own"] += 1
+                fused = None
             if fused is None:
                 visit(child)
                 fuse_torchvision(child)

@@ -142,3 +142,24 @@ def test_converted_blocks_run_in_one_op_call_and_survive_a_round_trip(name, capl
     buffer.seek(0)
     with torch.no_grad():
         torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), y)
+
+
+def test_layers_with_hooks_are_left_with_them():
+    """Hooks registered before convert still run: a hooked Conv2dNormActivation or SE block is
+    left as it is (a fused module in its place would not carry them; they were dropped), a hooked
+    block keeps its hooks through the class swap, and the outputs are torchvision's."""
+    model = calibrate_batch_norm(torchvision.models.mobilenet_v3_small(num_classes=10), resolution=64).eval()
+    expected_model = copy.deepcopy(model)
+    seen = []
+    model.features[2].block[1].register_forward_hook(lambda *args: seen.append("depthwise"))
+    model.features[2].block[0].register_forward_pre_hook(lambda *args: seen.append("expansion"))
+    model.features[4].block[2].register_forward_hook(lambda *args: seen.append("se"))
+    model.features[3].register_forward_hook(lambda *args: seen.append("block"))
+    converted, report = fastmb.convert(model, report=True)
+    assert report.skipped["Conv2dNormActivation with hooks of its own"] == 2
+    assert report.skipped["SqueezeExcitation with hooks of its own"] == 1
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        converted(x)
+        torch.testing.assert_close(converted(x), expected_model(x), rtol=1e-4, atol=1e-5)
+    assert sorted(seen) == sorted(["expansion", "depthwise", "block", "se"] * 2)
