@@ -66,16 +66,22 @@ class BlockLayers:
     layer_scale: nn.Module | None = None
 
 
+def fastmb_module(module: nn.Module, cls: type) -> bool:
+    """Whether `module` is a `cls` (a fastmb module) that computes what `cls` does: not a subclass
+    with a forward of its own, which the ops would skip."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
 def conv_bn(module: nn.Module) -> ConvBN | None:
     """The (conv, bn, activation) of a fastmb ConvBNAct or DWConvBNAct with a plain batch norm."""
     from fastmb.nn import ConvBNAct, DWConvBNAct
     from fastmb.nn.dwconv_bn_act import fusable_children
 
-    if isinstance(module, DWConvBNAct):
+    if fastmb_module(module, DWConvBNAct):
         conv, bn = module._modules["0"], module._modules["1"]
         fusable = fusable_children(conv, bn) and plain_batch_norm(bn, conv.out_channels)
         return ConvBN(conv, bn, module.activation) if fusable else None
-    if isinstance(module, ConvBNAct) and len(module) in (2, 3):
+    if fastmb_module(module, ConvBNAct) and len(module) in (2, 3):
         conv, bn = module._modules["0"], module._modules["1"]
         act = activation_name(module._modules.get("2"))
         if act is None or type(conv) is not nn.Conv2d or conv.bias is not None or not plain_batch_norm(bn, conv.out_channels):
@@ -99,8 +105,8 @@ def block_layers(layers: list[nn.Module], residual: bool) -> BlockLayers | None:
         project = conv_bn(layers.pop())
     else:
         return None
-    se = layers.pop() if layers and isinstance(layers[-1], SqueezeExcitation) else None
-    depthwise = conv_bn(layers.pop()) if layers and isinstance(layers[-1], DWConvBNAct) else None
+    se = layers.pop() if layers and fastmb_module(layers[-1], SqueezeExcitation) else None
+    depthwise = conv_bn(layers.pop()) if layers and fastmb_module(layers[-1], DWConvBNAct) else None
     expand = conv_bn(layers.pop()) if layers else None
     if layers or project is None or not pointwise_conv(project.conv) or depthwise is None:
         return None

@@ -715,3 +715,41 @@ def test_op_rejects_bad_stem_arguments_by_name():
     se_args, se_stem = stem_arguments(se_residual, x)
     with pytest.raises(RuntimeError, match="residual or SE"):
         op(x, *se_args, *se_stem)
+
+
+class _DoubledDepthwise(fastmb.nn.DWConvBNAct):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+class _ShiftedSE(fastmb.nn.SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 1
+
+
+class _HalvedConv(fastmb.nn.ConvBNAct):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 0.5
+
+
+@pytest.mark.parametrize(
+    "path, cls",
+    [("features.2.block.1", _DoubledDepthwise), ("features.4.block.2", _ShiftedSE), ("features.4.block.0", _HalvedConv),
+     ("features.0", _HalvedConv), ("features.12", _HalvedConv)],
+    ids=["depthwise", "se", "expansion", "stem", "head_conv"],
+)  # fmt: skip
+def test_subclasses_with_a_forward_of_their_own_are_not_fused(path, cls):
+    """A fused module's subclass whose forward computes something else is called (the block, stem
+    and head ops ran their parents' computation instead: outputs 50-100% off)."""
+    model = fastmb.mobilenet_v3_small(num_classes=10).eval()
+    randomize_batch_norm(model)
+    model.get_submodule(path).__class__ = cls
+    # the features as the model's forward runs them (its random logits hardly depend on them), or
+    # the logits where the head op is concerned
+    forward = model if path == "features.12" else lambda x: ir.run_layers(model.features, x)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        forward(x)
+        with fastmb.use_backend("reference"):
+            expected = forward(x)
+        assert (forward(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
