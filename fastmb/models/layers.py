@@ -24,12 +24,15 @@ def depthwise_stage(
     activation: str,
     norm_layer: Callable[[int], nn.Module],
 ) -> nn.Module:
-    """The fused DWConvBNAct when `norm_layer` makes a BatchNorm2d (the only norm fastmb fuses),
-    else the unfused equivalent with the same keys."""
+    """The fused DWConvBNAct around the batch norm `norm_layer` makes, as it is made (eps,
+    momentum, running statistics or none), when it is a BatchNorm2d (the only norm fastmb
+    fuses), else the unfused equivalent with the same keys."""
     norm = norm_layer(channels)
     if type(norm) is not nn.BatchNorm2d or not norm.affine:
         return ConvBNAct(channels, channels, kernel_size, stride, channels, dilation, activation, norm_layer)
-    return DWConvBNAct(channels, kernel_size, stride, dilation, activation, eps=norm.eps, momentum=norm.momentum)
+    padding = (kernel_size - 1) // 2 * dilation
+    conv = nn.Conv2d(channels, channels, kernel_size, stride, padding, dilation, groups=channels, bias=False)
+    return DWConvBNAct.from_modules(conv, norm, activation)
 
 
 def init_weights(model: nn.Module) -> None:

@@ -1,6 +1,7 @@
 """The MobileNet builders against torchvision (V2, V3) and the papers (V1)."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -235,6 +236,25 @@ def test_norm_layer_injection_keeps_unfusable_norms_unfused():
     model = fastmb.mobilenet_v2(norm_layer=lambda c: nn.GroupNorm(1, c))
     assert not any(isinstance(m, fastmb.nn.DWConvBNAct) for m in model.modules())
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
+def test_batch_norms_without_running_statistics_are_kept_as_made(name):
+    """norm_layer making batch norms without running statistics: the depthwise stages keep the
+    norm norm_layer made (they had made their own, with running statistics: torchvision's state
+    dict did not load), and eval and training compute torchvision's (float64: batch statistics
+    over two images amplify float32 rounding)."""
+    norm_layer = functools.partial(nn.BatchNorm2d, track_running_stats=False)
+    theirs = getattr(torchvision.models, name)(norm_layer=norm_layer, num_classes=10).double()
+    ours = getattr(fastmb, name)(norm_layer=norm_layer, num_classes=10).double()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert any(isinstance(m, fastmb.nn.DWConvBNAct) for m in ours.modules())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for training in (False, True):
+        torch.manual_seed(1)  # the same dropout mask
+        expected = theirs.train(training)(x)
+        torch.manual_seed(1)
+        assert relative_error(ours.train(training)(x), expected) <= 1e-9
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_large", "mobilenet_v3_small"])
