@@ -40,11 +40,20 @@ from fastmb.ops.inverted_residual import (
     fused_block,
     has_hooks,
     memoized_forward,
+    module_tree_slots,
     run_layers,
     stem_conv,
-    module_tree_slots,
 )
-from fastmb.ops.packing import Slot, cached_plan, hook_slots, mode_slots, plain_1x1_conv, pointwise_conv, structure_slots
+from fastmb.ops.packing import (
+    Slot,
+    cached_plan,
+    depthwise_conv,
+    hook_slots,
+    mode_slots,
+    plain_1x1_conv,
+    pointwise_conv,
+    structure_slots,
+)
 from fastmb.ops.squeeze_excitation import run_squeeze_excitation
 
 _LAYER_SCALE = getattr(timm_layers, "LayerScale2d", None)  # MobileNetV4 hybrids' layer scale
@@ -88,25 +97,12 @@ def same_padding(conv: nn.Conv2d, x: Tensor) -> list[int]:
     return sides
 
 
-def _depthwise_conv(conv: nn.Module) -> bool:
-    """Whether a stage planned as depthwise still is what the fused ops compute (its settings
-    may have been changed since): an nn.Conv2d or Conv2dSame without bias, zero padding, a group
-    per channel."""
-    return (
-        type(conv) in (nn.Conv2d, Conv2dSame)
-        and conv.bias is None
-        and conv.groups == conv.in_channels == conv.out_channels
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-    )
-
-
 def run_stage(block: nn.Module, conv_name: str, bn_name: str, x: Tensor) -> Tensor:
     conv, bn = block._modules[conv_name], block._modules[bn_name]
     if symbolic(x) or has_hooks(conv) or has_hooks(bn) or calls_needed([conv, bn]):  # the modules: a trace, hooks, ...
         return bn(conv(x))
     kind, act = block._fastmb_plan[conv_name]
-    if kind == "depthwise" and _depthwise_conv(conv):
+    if kind == "depthwise" and depthwise_conv(conv, (nn.Conv2d, Conv2dSame)):
         padding = same_padding(conv, x) if type(conv) is Conv2dSame else None
         return run_dwconv_bn_act_modules(x, conv, bn, act, padding)
     if kind == "conv" and not synchronised(bn) and not torch.compiler.is_compiling() and not runs_composite(x):
@@ -153,7 +149,7 @@ def _as_block_layers(expand, depthwise, project, se: nn.Module, residual: bool) 
         return None
     expand, depthwise, project = (None if stage is None else ConvBN(stage[0], stage[1], stage[2][1]) for stage in (expand, depthwise, project))
     dw = depthwise.conv if depthwise is not None else None
-    if dw is not None and not _depthwise_conv(dw):
+    if dw is not None and not depthwise_conv(dw, (nn.Conv2d, Conv2dSame)):
         return None
     if not all(pointwise_conv(s.conv) for s in (expand, project) if s is not None):
         return None

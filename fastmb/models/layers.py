@@ -30,9 +30,9 @@ def depthwise_stage(
     norm = norm_layer(channels)
     if type(norm) is not nn.BatchNorm2d or not norm.affine:
         return ConvBNAct(channels, channels, kernel_size, stride, channels, dilation, activation, norm_layer)
-    padding = (kernel_size - 1) // 2 * dilation
-    conv = nn.Conv2d(channels, channels, kernel_size, stride, padding, dilation, groups=channels, bias=False)
-    return DWConvBNAct.from_modules(conv, norm, activation)
+    stage = DWConvBNAct(channels, kernel_size, stride, dilation, activation)
+    stage[1] = norm
+    return stage
 
 
 def init_weights(model: nn.Module) -> None:

@@ -8,6 +8,7 @@ from fastmb.ops.activations import ACTIVATIONS
 from fastmb.ops.common import check_choice, check_tensor, integer, pair, real, symbolic
 from fastmb.ops.dwconv_bn_act import run_dwconv_bn_act, run_synced_dwconv_bn_act
 from fastmb.ops.inverted_residual import own_hooks
+from fastmb.ops.packing import depthwise_conv
 
 
 class DWConvBNAct(nn.Sequential):
@@ -80,18 +81,10 @@ class DWConvBNAct(nn.Sequential):
 
 
 def fusable_children(conv: nn.Module, bn: nn.Module) -> bool:
-    """Whether the children are still what the fused op computes (a depthwise nn.Conv2d without
-    bias, zero padding; a BatchNorm2d or SyncBatchNorm): not after one was swapped, as when the
-    batch norm is folded into the conv by hand (torch.nn.utils.fusion) and replaced by Identity."""
-    return (
-        type(conv) is nn.Conv2d
-        and conv.bias is None
-        and conv.groups == conv.in_channels == conv.out_channels
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-        and type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm)
-        and bn.num_features == conv.out_channels
-    )
+    """Whether the children are still what the fused op computes (a depthwise_conv; a
+    BatchNorm2d or SyncBatchNorm): not after one was swapped, as when the batch norm is folded
+    into the conv by hand (torch.nn.utils.fusion) and replaced by Identity."""
+    return depthwise_conv(conv) and type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and bn.num_features == conv.out_channels
 
 
 def run_dwconv_bn_act_modules(

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from fastmb import _extension, dispatch
 from fastmb.ops.activations import activation_name
-from fastmb.ops.inverted_residual import ConvBN, Program, calls_needed, conv_bn, has_hooks, memoized_forward, run_layers, module_tree_slots
+from fastmb.ops.inverted_residual import ConvBN, Program, calls_needed, conv_bn, has_hooks, memoized_forward, module_tree_slots, run_layers
 from fastmb.ops.packing import (
     PackedArguments,
     Slot,

@@ -113,7 +113,7 @@ def block_layers(layers: list[nn.Module], residual: bool) -> BlockLayers | None:
     if expand is not None and not pointwise_conv(expand.conv):
         return None
     dw = depthwise.conv
-    if dw.padding_mode != "zeros" or isinstance(dw.padding, str) or dw.out_channels != project.conv.in_channels:
+    if dw.out_channels != project.conv.in_channels:  # zero padding: conv_bn's fusable_children
         return None
     if expand is not None and expand.conv.out_channels != dw.in_channels:
         return None

@@ -63,6 +63,18 @@ def pointwise_conv(conv: nn.Module) -> bool:
     return plain_1x1_conv(conv) and conv.bias is None
 
 
+def depthwise_conv(conv: nn.Module, types: tuple[type, ...] = (nn.Conv2d,)) -> bool:
+    """A conv of one of `types` with a group per channel, no bias and numeric zero padding: what
+    the depthwise ops compute (its settings may have been changed since it was converted)."""
+    return (
+        type(conv) in types
+        and conv.bias is None
+        and conv.groups == conv.in_channels == conv.out_channels
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    )
+
+
 def conv_bn_slots(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> list[tuple[dict, str]]:
     """Where the conv's weight and the batch norm's parameters and statistics are held: the
     modules' own dicts and keys, so a tensor replaced since (a new nn.Parameter) is read there."""
