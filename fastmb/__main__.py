@@ -19,7 +19,6 @@ from torch import nn
 import fastmb
 from fastmb import dispatch, runtimes
 from fastmb.models.calibration import calibrate_batch_norm
-from fastmb.ops.activations import ACTIVATIONS
 
 MODELS = ("mobilenet_v1", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -120,9 +119,8 @@ def eager_copy(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, fastmb.nn.DWConvBNAct):
-            activation = ACTIVATIONS[module.activation].make_module()
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, nn.Sequential(module[0], module[1], activation))
+            setattr(model.get_submodule(parent_name), child, nn.Sequential(*module))
     return model
 
 

@@ -35,7 +35,7 @@ def _as_dwconv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: nn.Module
     if not conv.groups == conv.in_channels == conv.out_channels:
         return "not depthwise"
     reason = fusion_blocker(conv, bn, activation)
-    return reason if reason is not None else DWConvBNAct.from_modules(conv, bn, activation_name(activation))
+    return reason if reason is not None else DWConvBNAct.from_modules(conv, bn, activation)
 
 
 def fusion_blocker(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: nn.Module | None) -> str | None:
@@ -64,7 +64,7 @@ def _as_squeeze_excitation(module: nn.Module) -> SqueezeExcitation | str | None:
         return f"activation {type(module.activation).__name__} or gate {type(module.scale_activation).__name__} is not one fastmb fuses"
     if module.fc1.bias is None or module.fc2.bias is None:
         return "an fc layer has no bias"
-    return SqueezeExcitation.from_modules(module.fc1, module.fc2, *names)
+    return SqueezeExcitation.from_modules(module.fc1, module.fc2, module.activation, module.scale_activation, module.avgpool)
 
 
 def _torchvision_fuser():

@@ -8,7 +8,7 @@ BatchNormAct2d pair fused. Which pairs fuse is decided once, at conversion, into
 `_fastmb_plan`. Imported by fastmb.convert only when a model holds timm modules."""
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from fastmb.ops.inverted_residual import (
     FusedBlock,
     FusedStem,
     Program,
+    SEParts,
     block_slots,
     calls_needed,
     fused_block,
@@ -116,24 +117,14 @@ def run_stage(block: nn.Module, conv_name: str, bn_name: str, x: Tensor) -> Tens
     return bn(conv(x))
 
 
-@dataclass(frozen=True)
-class _SEParts:
-    """A timm SE block's layers as the fused block op reads them (fastmb.nn.SqueezeExcitation's names)."""
-
-    fc1: nn.Conv2d
-    fc2: nn.Conv2d
-    activation: str
-    gate: str
-
-
-def _se_parts(se: nn.Module) -> _SEParts | None | bool:
+def _se_parts(se: nn.Module) -> SEParts | None | bool:
     """The fused SE's layers, None for no SE, False for an SE the op cannot run."""
     if isinstance(se, nn.Identity):
         return None
     if type(se) is FusedSqueezeExcite:
-        parts = _SEParts(se.conv_reduce, se.conv_expand, *se._fastmb_plan)
+        parts = SEParts(se.conv_reduce, se.conv_expand, *se._fastmb_plan)
     elif type(se) is FusedSEModule:
-        parts = _SEParts(se.fc1, se.fc2, *se._fastmb_plan)
+        parts = SEParts(se.fc1, se.fc2, *se._fastmb_plan)
     else:
         return False
     return parts if plain_1x1_conv(parts.fc1) and plain_1x1_conv(parts.fc2) else False

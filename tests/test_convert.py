@@ -73,6 +73,7 @@ def test_shares_parameters_keeps_training_mode_and_reports_what_it_left(caplog):
     fused = model[1][0]
     assert isinstance(fused, fastmb.nn.DWConvBNAct) and fused.training
     assert fused[0].weight is conv_weight and fused.activation == "hardswish" and fused[0].stride == (2, 2)
+    assert fused[2] is depthwise[2]  # the activation module is shared too: hooks on it still run
     # The rest keep their modules: only the pointwise-layer wrapper around them changes.
     assert isinstance(model[0], fastmb.nn.ConvBNAct) and model[0][0] is dense[0] and model[0][2] is dense[2]
     assert isinstance(model[1][1], fastmb.nn.ConvBNAct) and model[1][1][0] is with_bias[0]
@@ -147,7 +148,8 @@ def test_converted_blocks_run_in_one_op_call_and_survive_a_round_trip(name, capl
 def test_layers_with_hooks_are_left_with_them():
     """Hooks registered before convert still run: a hooked Conv2dNormActivation or SE block is
     left as it is (a fused module in its place would not carry them; they were dropped), a hooked
-    block keeps its hooks through the class swap, and the outputs are torchvision's."""
+    block keeps its hooks through the class swap, hooked activations and gates are shared by the
+    fused modules, and the outputs are torchvision's."""
     model = calibrate_batch_norm(torchvision.models.mobilenet_v3_small(num_classes=10), resolution=64).eval()
     expected_model = copy.deepcopy(model)
     seen = []
@@ -155,11 +157,16 @@ def test_layers_with_hooks_are_left_with_them():
     model.features[2].block[0].register_forward_pre_hook(lambda *args: seen.append("expansion"))
     model.features[4].block[2].register_forward_hook(lambda *args: seen.append("se"))
     model.features[3].register_forward_hook(lambda *args: seen.append("block"))
+    model.features[5].block[1][2].register_forward_hook(lambda *args: seen.append("depthwise activation"))
+    model.features[6].block[2].activation.register_forward_hook(lambda *args: seen.append("se activation"))
+    model.features[7].block[2].scale_activation.register_forward_hook(lambda *args: seen.append("gate"))
     converted, report = fastmb.convert(model, report=True)
+    assert isinstance(converted.features[5].block[1], fastmb.nn.DWConvBNAct)
+    assert isinstance(converted.features[6].block[2], fastmb.nn.SqueezeExcitation)
     assert report.skipped["Conv2dNormActivation with hooks of its own"] == 2
     assert report.skipped["SqueezeExcitation with hooks of its own"] == 1
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         converted(x)
         torch.testing.assert_close(converted(x), expected_model(x), rtol=1e-4, atol=1e-5)
-    assert sorted(seen) == sorted(["expansion", "depthwise", "block", "se"] * 2)
+    assert sorted(seen) == sorted(["expansion", "depthwise", "block", "se", "depthwise activation", "se activation", "gate"] * 2)

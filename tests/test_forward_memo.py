@@ -86,6 +86,14 @@ def change_se_gate(model: nn.Module) -> None:
     model.features[4].block[2].gate = "sigmoid"
 
 
+def swap_depthwise_activation_module(model: nn.Module) -> None:
+    model.features[4].block[1][2] = nn.ReLU()
+
+
+def swap_se_activation_for_one_not_fused(model: nn.Module) -> None:
+    model.features[4].block[2].activation = nn.ELU()  # the block's layers then run
+
+
 def drop_an_se(model: nn.Module) -> None:
     model.features[4].block[2] = nn.Identity()  # no longer a block the op runs: its layers run
 
@@ -137,7 +145,7 @@ def stride_the_last_conv(model: nn.Module) -> None:
 
 CHANGES = [
     scale_block_weight, replace_bn_data, replace_classifier_parameter, scale_stem_weight, change_eps, change_depthwise_activation,
-    change_se_gate, drop_an_se, swap_a_block, change_the_head_activation, load_other_weights, train_one_block, residual_off,
+    change_se_gate, swap_depthwise_activation_module, swap_se_activation_for_one_not_fused, drop_an_se, swap_a_block, change_the_head_activation, load_other_weights, train_one_block, residual_off,
     stride_an_expansion, pad_a_projection, reflect_a_depthwise_conv, reflect_the_stem, stride_the_last_conv,
 ]  # fmt: skip
 

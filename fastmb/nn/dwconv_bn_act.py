@@ -4,7 +4,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastmb.nn.batch_norm import batch_norm_step, synchronised
-from fastmb.ops.activations import ACTIVATIONS
+from fastmb.ops.activations import ACTIVATIONS, activation_name
 from fastmb.ops.common import check_choice, check_tensor, integer, pair, real, symbolic
 from fastmb.ops.dwconv_bn_act import run_dwconv_bn_act, run_synced_dwconv_bn_act
 from fastmb.ops.inverted_residual import own_hooks
@@ -14,10 +14,12 @@ from fastmb.ops.packing import depthwise_conv
 class DWConvBNAct(nn.Sequential):
     """Depthwise ``Conv2d`` (no bias) + ``BatchNorm2d`` + activation, run as one fused op.
 
-    Children "0" (the conv) and "1" (the batch norm) carry the parameter and buffer names of
-    torchvision's ``Conv2dNormActivation``, so its state_dict loads unchanged; the activation
-    ("hardswish", "relu", "relu6" or "identity") has no parameters and no child. Training and
-    eval follow ``nn.BatchNorm2d`` exactly, ``momentum=None`` and ``num_batches_tracked`` included.
+    Children "0" (the conv), "1" (the batch norm) and, unless the activation is "identity", "2"
+    (the activation module: ``nn.Hardswish``, ``nn.ReLU``, ...) are torchvision's
+    ``Conv2dNormActivation``'s, so its state_dict loads unchanged and code that indexes, hooks or
+    swaps its layers finds them. ``activation`` is child "2"'s registry name; setting it to a name
+    replaces the child. A child "2" fastmb does not fuse (or hooked) is called as it is. Training
+    and eval follow ``nn.BatchNorm2d`` exactly, ``momentum=None`` and ``num_batches_tracked`` included.
     Child "1" may be an ``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm``): in
     training across processes the batch statistics and the backward's sums are then synchronised
     over its process group, inside the fused ops, on any device (the CPU with gloo too).
@@ -43,14 +45,15 @@ class DWConvBNAct(nn.Sequential):
             nn.Conv2d(channels, channels, kernel_size, stride, padding, dilation, groups=channels, bias=False),
             nn.BatchNorm2d(channels, eps=real("eps", eps, 0.0), momentum=momentum),
         )
-        self.activation = check_choice("activation", activation, ACTIVATIONS)
+        self.activation = activation
         self.out_channels = channels
 
     @classmethod
-    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: str = "identity") -> "DWConvBNAct":
-        """The fused module around existing depthwise `conv` (no bias, zero padding) and `bn`
-        modules, which it shares, with their stride, padding and dilation (fastmb.convert uses
-        this). Anything the fused op would compute differently is an error naming it."""
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: nn.Module | str | None = None) -> "DWConvBNAct":
+        """The fused module around existing depthwise `conv` (no bias, zero padding), `bn` and
+        `activation` (a module, or a registry name; None: identity) modules, which it shares, with
+        their stride, padding and dilation (fastmb.convert uses this). Anything the fused op would
+        compute differently is an error naming it."""
         if not isinstance(conv, nn.Conv2d) or not conv.groups == conv.in_channels == conv.out_channels:
             raise ValueError(f"conv must be a depthwise nn.Conv2d (groups == in_channels == out_channels), got {conv!r}")
         if conv.bias is not None:
@@ -60,24 +63,50 @@ class DWConvBNAct(nn.Sequential):
         pair("conv.stride", conv.stride, 1), pair("conv.padding", conv.padding, 0), pair("conv.dilation", conv.dilation, 1)
         if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or bn.num_features != conv.out_channels:
             raise ValueError(f"bn must be an nn.BatchNorm2d (or SyncBatchNorm) over the conv's {conv.out_channels} channels, got {bn!r}")
+        if isinstance(activation, nn.Module) and activation_name(activation) is None:
+            raise ValueError(f"activation must be one fastmb fuses ({', '.join(ACTIVATIONS)}), got {activation!r}")
         module = cls.__new__(cls)
         nn.Sequential.__init__(module, conv, bn)
-        module.activation = check_choice("activation", activation, ACTIVATIONS)
+        if isinstance(activation, nn.Module) and not isinstance(activation, nn.Identity):
+            module.append(activation)
+        else:
+            module.activation = "identity" if activation is None or isinstance(activation, nn.Identity) else activation
         module.out_channels = conv.out_channels
         return module
 
-    def extra_repr(self) -> str:
-        return f"activation={self.activation!r}"
+    @property
+    def activation(self) -> str | None:
+        """The registry name of what child "2" computes ("identity" without one), or None when
+        fastmb does not fuse it."""
+        return activation_name(self._modules.get("2"))
+
+    @activation.setter
+    def activation(self, name: str) -> None:
+        check_choice("activation", name, ACTIVATIONS)
+        self._modules.pop("2", None)
+        if name != "identity":
+            self.append(ACTIVATIONS[name].make_module())
+
+    def __setstate__(self, state: dict) -> None:
+        name = state.pop("activation", None)  # pickled before the activation became child "2"
+        super().__setstate__(state)
+        if name is not None:
+            self.activation = name
 
     def forward(self, x: Tensor) -> Tensor:
-        conv, bn = self._modules["0"], self._modules["1"]  # self[i] costs microseconds, a small layer's time
-        if symbolic(x) or own_hooks(conv) or own_hooks(bn) or not fusable_children(conv, bn):
-            return ACTIVATIONS[self.activation].forward(bn(conv(x)))  # the modules: a trace records them, hooks run
+        children = self._modules  # self[i] costs microseconds, a small layer's time
+        conv, bn, act = children["0"], children["1"], children.get("2")
+        activation = activation_name(act)
+        if (
+            activation is None or len(children) > 3 or symbolic(x) or own_hooks(conv) or own_hooks(bn)
+            or (act is not None and own_hooks(act)) or not fusable_children(conv, bn)
+        ):  # fmt: skip
+            return super().forward(x)  # the modules: a trace records them, hooks run
         # The parameters were checked when built; only x is new.
         check_tensor("x", x, 4)
         if x.shape[1] != conv.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels but this DWConvBNAct has {conv.in_channels}")
-        return run_dwconv_bn_act_modules(x, conv, bn, self.activation)
+        return run_dwconv_bn_act_modules(x, conv, bn, activation)
 
 
 def fusable_children(conv: nn.Module, bn: nn.Module) -> bool:

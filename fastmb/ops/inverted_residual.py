@@ -46,12 +46,23 @@ class ConvBN:
 
 
 @dataclass(frozen=True)
+class SEParts:
+    """An SE block's layers as the op reads them: its 1x1 FC layers and the registry names of its
+    activation and gate."""
+
+    fc1: nn.Conv2d
+    fc2: nn.Conv2d
+    activation: str
+    gate: str
+
+
+@dataclass(frozen=True)
 class BlockLayers:
     """An inverted-residual block: [expand] -> [depthwise] -> [SE] -> project [* scale] [+ x]."""
 
     expand: ConvBN | None
     depthwise: ConvBN | None  # None (MobileNetV4's ConvNext and FFN blocks): the op gets an identity
-    se: nn.Module | None  # fastmb.nn.SqueezeExcitation, or anything with its fc1, fc2, activation, gate
+    se: SEParts | None
     project: ConvBN
     residual: bool
     # The depthwise padding [top, bottom, left, right] for an input x, where it depends on x's size
@@ -77,10 +88,11 @@ def conv_bn(module: nn.Module) -> ConvBN | None:
     from fastmb.nn import ConvBNAct, DWConvBNAct
     from fastmb.nn.dwconv_bn_act import fusable_children
 
-    if fastmb_module(module, DWConvBNAct):
+    if fastmb_module(module, DWConvBNAct) and len(module) in (2, 3):
         conv, bn = module._modules["0"], module._modules["1"]
-        fusable = fusable_children(conv, bn) and plain_batch_norm(bn, conv.out_channels)
-        return ConvBN(conv, bn, module.activation) if fusable else None
+        act = activation_name(module._modules.get("2"))
+        fusable = act is not None and fusable_children(conv, bn) and plain_batch_norm(bn, conv.out_channels)
+        return ConvBN(conv, bn, act) if fusable else None
     if fastmb_module(module, ConvBNAct) and len(module) in (2, 3):
         conv, bn = module._modules["0"], module._modules["1"]
         act = activation_name(module._modules.get("2"))
@@ -96,6 +108,7 @@ def block_layers(layers: list[nn.Module], residual: bool) -> BlockLayers | None:
     zero padding), an optional fastmb SqueezeExcitation with biases, a 1x1 projection (ConvBNAct,
     with an activation in depthwise-separable blocks, or Conv2d and BatchNorm2d)."""
     from fastmb.nn import DWConvBNAct, SqueezeExcitation
+    from fastmb.nn.squeeze_excitation import fused_activations
 
     layers = list(layers)
     if len(layers) >= 2 and type(layers[-2]) is nn.Conv2d and plain_batch_norm(layers[-1], layers[-2].out_channels):
@@ -105,7 +118,12 @@ def block_layers(layers: list[nn.Module], residual: bool) -> BlockLayers | None:
         project = conv_bn(layers.pop())
     else:
         return None
-    se = layers.pop() if layers and fastmb_module(layers[-1], SqueezeExcitation) else None
+    se = None
+    if layers and fastmb_module(layers[-1], SqueezeExcitation):
+        module, names = layers[-1], fused_activations(layers.pop())
+        if names is None:
+            return None
+        se = SEParts(module.fc1, module.fc2, *names)
     depthwise = conv_bn(layers.pop()) if layers and fastmb_module(layers[-1], DWConvBNAct) else None
     expand = conv_bn(layers.pop()) if layers else None
     if layers or project is None or not pointwise_conv(project.conv) or depthwise is None:

@@ -159,6 +159,18 @@ def test_fused_modules_in_every_depthwise_stage_and_se_block():
     assert counts == {"v1": (13, 0), "v2": (17, 0), "v3l": (15, 8), "v3s": (11, 9)}
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small"])
+def test_module_tree_is_torchvisions(name):
+    """Every module torchvision's model has is at the same path in fastmb's, and every leaf (conv,
+    batch norm, activation, gate, pool, linear, dropout) prints the same: code that indexes, hooks
+    or swaps layers by path or by type finds them (the depthwise activations and the SE's
+    activation and gate had been names, not modules)."""
+    theirs, ours = getattr(torchvision.models, name)(), getattr(fastmb, name)()
+    leaves = lambda model: [(path, repr(m)) for path, m in model.named_modules() if not m._modules]  # noqa: E731
+    assert [path for path, _ in ours.named_modules()] == [path for path, _ in theirs.named_modules()]
+    assert leaves(ours) == leaves(theirs)
+
+
 def test_v1_follows_table_1_with_the_last_stride_fixed():
     model = fastmb.mobilenet_v1().eval()
     strides = [block.dw[0].stride[0] for block in model.features[1:]]

@@ -124,12 +124,80 @@ def test_modules_under_autocast(backend, device):
     assert ours[0][0].weight.grad.dtype == torch.float32
 
 
-def test_repr_and_bad_activation():
-    assert "activation='relu6'" in repr(fastmb.nn.DWConvBNAct(4, 3, activation="relu6"))
+def test_children_and_repr_are_torchvisions():
+    """The same children as torchvision's modules (the activation as child "2", the SE's pool,
+    activation and gate), so code that indexes, hooks or swaps them finds them."""
+    ours, theirs = fastmb.nn.DWConvBNAct(4, 3, activation="relu6"), torchvision_dwconv(4, 3, 1, "relu6")
+    theirs[2] = nn.ReLU6(inplace=True)  # torchvision's builders make activations in place
+    assert repr(ours).split("\n")[1:] == repr(theirs).split("\n")[1:]
+    assert len(fastmb.nn.DWConvBNAct(4, 3, activation="identity")) == 2  # as Conv2dNormActivation without one
+    ours, theirs = fastmb.nn.SqueezeExcitation(8, 4), TorchvisionSE(8, 4, scale_activation=nn.Hardsigmoid)
+    assert repr(ours).split("\n")[1:] == repr(theirs).split("\n")[1:]
+
+
+def test_bad_activation_and_gate_names():
     with pytest.raises(ValueError, match="activation must be one of"):
         fastmb.nn.DWConvBNAct(4, 3, activation="mish")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fastmb.nn.DWConvBNAct(4, 3).activation = "mish"
     with pytest.raises(ValueError, match="gate must be one of"):
         fastmb.nn.SqueezeExcitation(4, 2, gate="tanh")
+    with pytest.raises(ValueError, match="gate must be one of"):
+        fastmb.nn.SqueezeExcitation(4, 2).gate = "tanh"
+    with pytest.raises(ValueError, match="activation must be one fastmb fuses"):
+        fastmb.nn.DWConvBNAct.from_modules(nn.Conv2d(4, 4, 3, groups=4, bias=False), nn.BatchNorm2d(4), nn.Mish())
+
+
+def test_setting_names_replaces_the_children():
+    module = fastmb.nn.DWConvBNAct(4, 3, activation="hardswish")
+    module.activation = "relu"
+    assert type(module[2]) is nn.ReLU and module.activation == "relu"
+    module.activation = "identity"
+    assert len(module) == 2 and module.activation == "identity"
+    module.append(nn.Mish())
+    assert module.activation is None  # a child fastmb does not fuse: called as it is
+    se = fastmb.nn.SqueezeExcitation(4, 2)
+    se.gate = "sigmoid"
+    assert type(se.scale_activation) is nn.Sigmoid and se.gate == "sigmoid"
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("replacement", [nn.ReLU, nn.SiLU, nn.ELU], ids=["relu", "silu", "elu-not-fused"])
+def test_swapped_activation_children_compute_as_torchvisions(training, replacement):
+    """An activation or gate child replaced by another module: fastmb's modules give what
+    torchvision's give with the same replacement, fused where fastmb has the activation (ELU it
+    has not: the modules run)."""
+    theirs = nn.Sequential(torchvision_dwconv(8, 3, 1, "hardswish"), TorchvisionSE(8, 4, scale_activation=nn.Hardsigmoid))
+    randomize_batch_norm(theirs)
+    ours = nn.Sequential(fastmb.nn.DWConvBNAct(8, 3), fastmb.nn.SqueezeExcitation(8, 4))
+    ours.load_state_dict(theirs.state_dict())
+    for model in (ours, theirs):
+        model[0][2], model[1].activation, model[1].scale_activation = replacement(), replacement(), nn.Sigmoid()
+        model.train(training)
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 8, 9, 9)
+    actual, expected = run(ours, x, grad), run(theirs, x, grad)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_pickles_from_before_the_activation_children_load():
+    """A DWConvBNAct or SqueezeExcitation pickled when it kept its activation and gate as names
+    (no such children) unpickles with the children those names stand for."""
+    dw, se = fastmb.nn.DWConvBNAct(4, 3, activation="relu6"), fastmb.nn.SqueezeExcitation(4, 2, gate="sigmoid")
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        expected = se(dw.eval()(x))
+    old_dw = dw.__dict__ | {"_modules": {k: v for k, v in dw._modules.items() if k != "2"}, "activation": "relu6"}
+    se_children = {k: v for k, v in se._modules.items() if k in ("fc1", "fc2")}
+    old_se = se.__dict__ | {"_modules": se_children, "activation": "relu", "gate": "sigmoid"}
+    dw2, se2 = fastmb.nn.DWConvBNAct.__new__(fastmb.nn.DWConvBNAct), fastmb.nn.SqueezeExcitation.__new__(fastmb.nn.SqueezeExcitation)
+    dw2.__setstate__(dict(old_dw))
+    se2.__setstate__(dict(old_se))
+    assert dw2.activation == "relu6" and type(dw2[2]) is nn.ReLU6
+    assert type(se2.activation) is nn.ReLU and se2.gate == "sigmoid" and isinstance(se2.avgpool, nn.AdaptiveAvgPool2d)
+    with torch.no_grad():
+        torch.testing.assert_close(se2(dw2(x)), expected)
 
 
 def test_deepcopy_and_eval_without_grad(backend, device):
