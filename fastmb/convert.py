@@ -39,15 +39,19 @@ def _as_dwconv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: nn.Module
 
 
 def fusion_blocker(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: nn.Module | None) -> str | None:
-    """Why conv -> bn -> activation cannot run as a fused stage (the first reason), or None."""
-    reasons = [
-        (conv.bias is not None, "the conv has a bias"),
-        (conv.padding_mode != "zeros", f"padding_mode={conv.padding_mode!r}"),
-        (isinstance(conv.padding, str), f"padding={conv.padding!r}"),
-        (not bn.affine, "the batch norm has no affine parameters"),
-        (activation_name(activation) is None, f"activation {type(activation).__name__} is not one fastmb fuses"),
-    ]
-    return next((reason for failed, reason in reasons if failed), None)
+    """Why conv -> bn -> activation cannot run as a fused stage (the first reason), or None.
+    (Converted timm blocks ask at every call: the reasons are formatted only when one holds.)"""
+    if conv.bias is not None:
+        return "the conv has a bias"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r}"
+    if not bn.affine:
+        return "the batch norm has no affine parameters"
+    if activation_name(activation) is None:
+        return f"activation {type(activation).__name__} is not one fastmb fuses"
+    return None
 
 
 def _as_squeeze_excitation(module: nn.Module) -> SqueezeExcitation | str | None:

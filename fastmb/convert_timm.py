@@ -4,8 +4,10 @@ SE blocks on fastmb's fused paths.
 
 A recognised block keeps its children, so every state_dict key, hook point and feature_info stays;
 only its class changes, to a subclass of timm's whose forward is the same sequence with each conv +
-BatchNormAct2d pair fused. Which pairs fuse is decided once, at conversion, into the block's
-`_fastmb_plan`. Imported by fastmb.convert only when a model holds timm modules."""
+BatchNormAct2d pair fused. Which pairs fuse, and with which activation, is read off the modules as
+they are at each call (stage_plan, _se_plan; the kept plans of whole blocks, stems and heads are
+made again when a module they read changes), so a norm's activation or an SE gate swapped after
+conversion is computed. Imported by fastmb.convert only when a model holds timm modules."""
 
 import math
 from dataclasses import replace
@@ -75,14 +77,15 @@ def stage_plan(conv: nn.Module, bn: nn.Module) -> tuple[Plan, str | None]:
         return ("modules", None), f"norm {type(bn).__name__} is not a BatchNormAct2d"
     if type(conv) not in (nn.Conv2d, Conv2dSame):
         return ("modules", None), f"conv {type(conv).__name__} is not an nn.Conv2d"
-    if not isinstance(bn.drop, nn.Identity):
-        return ("modules", None), f"the norm's drop is {type(bn.drop).__name__}"
+    children = bn._modules  # not bn.act: nn.Module.__getattr__ costs 0.4 us a child, and this runs every call
+    if not isinstance(children["drop"], nn.Identity):
+        return ("modules", None), f"the norm's drop is {type(children['drop']).__name__}"
     if not bn.track_running_stats:
         return ("modules", None), "the batch norm keeps no running statistics"
-    reason = fusion_blocker(conv, bn, bn.act)
+    reason = fusion_blocker(conv, bn, children["act"])
     if reason is not None:
         return ("modules", None), reason
-    act = activation_name(bn.act)
+    act = activation_name(children["act"])
     if conv.groups == conv.in_channels == conv.out_channels:
         return ("depthwise", act), None
     return ("conv", act), None
@@ -102,7 +105,7 @@ def run_stage(block: nn.Module, conv_name: str, bn_name: str, x: Tensor) -> Tens
     conv, bn = block._modules[conv_name], block._modules[bn_name]
     if symbolic(x) or has_hooks(conv) or has_hooks(bn) or calls_needed([conv, bn]):  # the modules: a trace, hooks, ...
         return bn(conv(x))
-    kind, act = block._fastmb_plan[conv_name]
+    kind, act = stage_plan(conv, bn)[0]
     if kind == "depthwise" and depthwise_conv(conv, (nn.Conv2d, Conv2dSame)):
         padding = same_padding(conv, x) if type(conv) is Conv2dSame else None
         return run_dwconv_bn_act_modules(x, conv, bn, act, padding)
@@ -121,12 +124,12 @@ def _se_parts(se: nn.Module) -> SEParts | None | bool:
     """The fused SE's layers, None for no SE, False for an SE the op cannot run."""
     if isinstance(se, nn.Identity):
         return None
-    if type(se) is FusedSqueezeExcite:
-        parts = SEParts(se.conv_reduce, se.conv_expand, *se._fastmb_plan)
-    elif type(se) is FusedSEModule:
-        parts = SEParts(se.fc1, se.fc2, *se._fastmb_plan)
-    else:
+    if type(se) not in (FusedSqueezeExcite, FusedSEModule):
         return False
+    names = _se_plan(se)[0]
+    if names is None:
+        return False
+    parts = SEParts(*_se_fcs(se), *names)
     return parts if plain_1x1_conv(parts.fc1) and plain_1x1_conv(parts.fc2) else False
 
 
@@ -156,7 +159,7 @@ def _block_layers(block: nn.Module) -> BlockLayers | None:
     three) as BlockLayers, without space-to-depth or anti-aliasing; else None."""
     if getattr(block, "conv_s2d", None) is not None or not isinstance(getattr(block, "aa", nn.Identity()), nn.Identity):
         return None
-    stages = [(block._modules[conv], block._modules[bn], block._fastmb_plan[conv]) for conv, bn in block.STAGES]
+    stages = [(block._modules[conv], block._modules[bn], stage_plan(block._modules[conv], block._modules[bn])[0]) for conv, bn in block.STAGES]
     return _as_block_layers(*([None] * (3 - len(stages)) + stages), block.se, block.has_skip)
 
 
@@ -175,7 +178,7 @@ def _universal_block_layers(block: nn.Module) -> BlockLayers | None:
     prologue = block._modules["dw_start"]
     if isinstance(prologue, nn.Identity):
         prologue = None
-    elif type(prologue) is not FusedConvNormAct or prologue._fastmb_plan["conv"][0] != "depthwise":
+    elif type(prologue) is not FusedConvNormAct or stage_plan(prologue.conv, prologue.bn)[0][0] != "depthwise":
         return None
     stages = []
     for name in ("pw_exp", "dw_mid", "pw_proj"):
@@ -185,7 +188,7 @@ def _universal_block_layers(block: nn.Module) -> BlockLayers | None:
             continue
         if type(layer) is not FusedConvNormAct or not isinstance(getattr(layer, "aa", None) or nn.Identity(), nn.Identity):
             return None
-        stages.append((layer.conv, layer.bn, layer._fastmb_plan["conv"]))
+        stages.append((layer.conv, layer.bn, stage_plan(layer.conv, layer.bn)[0]))
     layers = _as_block_layers(*stages, block.se, block.has_skip)
     if layers is None or (layer_scale is not None and layers.project.activation != "identity"):
         return None  # the layer scale folds into the projection only when nothing comes between them
@@ -376,7 +379,7 @@ class _Stem:
         Conv2dSame's input-dependent padding, hooks)."""
         model = self.model
         conv, bn = model._modules["conv_stem"], model._modules["bn1"]
-        if model._fastmb_plan["conv_stem"][0] != "conv" or has_hooks(conv) or has_hooks(bn) or has_hooks(bn.act):
+        if stage_plan(conv, bn)[0][0] != "conv" or has_hooks(conv) or has_hooks(bn) or has_hooks(bn.act):
             return None
 
         def build() -> FusedStem | None:
@@ -410,7 +413,7 @@ def _head_plan(model: nn.Module, plan_head) -> FusedHead | None:
     def slots() -> list[Slot]:  # with what the forward reads: the model's layers, the blocks' order, their containers' hooks
         stages = list(model.blocks._modules.values())
         containers = [model, model.blocks, *stages]
-        held = structure_slots([*containers, *fused])
+        held = structure_slots([*containers, *(child for module in fused for child in module.modules())])
         hooks = [slot for container in containers[1:] for slot in hook_slots(container)]
         return held + mode_slots([model]) + hooks + [slot for module in fused for slot in module_tree_slots(module)]
 
@@ -435,7 +438,7 @@ def _efficientnet_head(model: FusedEfficientNet):
     modules = (model.conv_head, model.bn2, model.global_pool, model.classifier)
 
     def build() -> FusedHead | None:
-        kind, activation = model._fastmb_plan["conv_head"]
+        kind, activation = stage_plan(model.conv_head, model.bn2)[0]
         linears = _classifier(model.classifier)
         if kind != "conv" or not pointwise_conv(model.conv_head) or not _average_pooling(model.global_pool) or not linears:
             return None
@@ -455,7 +458,7 @@ def _mobilenetv3_head(model: FusedMobileNetV3):
     def build() -> FusedHead | None:
         if type(last) is not FusedConvBnAct or last.has_skip or not isinstance(getattr(last, "aa", nn.Identity()), nn.Identity):
             return None
-        kind, activation = last._fastmb_plan["conv"]
+        kind, activation = stage_plan(last.conv, last.bn1)[0]
         if kind != "conv" or not pointwise_conv(last.conv) or not _average_pooling(model.global_pool):
             return None
         if type(model.conv_head) is not PooledConv2d or type(model.flatten) is not nn.Flatten:
@@ -479,11 +482,14 @@ def _mobilenetv3_head(model: FusedMobileNetV3):
 
 def _squeeze_excitation(module: nn.Module, x: Tensor, fc1: nn.Conv2d, fc2: nn.Conv2d) -> Tensor | None:
     """The SE block as the fused op, or None where timm's forward runs: on a torch.fx Proxy, while
-    a module in it needs its call (hooks, parametrizations), or an FC conv is no longer a plain 1x1."""
+    a module in it needs its call (hooks, parametrizations), an FC conv is no longer a plain 1x1,
+    or the activation or gate was swapped for one fastmb does not fuse."""
     if symbolic(x) or calls_needed(module.children()) or not (plain_1x1_conv(fc1) and plain_1x1_conv(fc2)):
         return None
-    activation, gate = module._fastmb_plan
-    return run_squeeze_excitation(x, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias, activation, gate)
+    names = _se_plan(module)[0]  # the activation and gate modules as they are now
+    if names is None:
+        return None
+    return run_squeeze_excitation(x, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias, *names)
 
 
 class FusedSqueezeExcite(blocks.SqueezeExcite):
@@ -511,14 +517,22 @@ if _UNIVERSAL is not None:
     _FUSED_BLOCKS[_UNIVERSAL] = FusedUniversalInvertedResidual
 
 
+def _se_fcs(module: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """A timm SE block's two FC layers (SqueezeExcite's or SEModule's names)."""
+    if isinstance(module, blocks.SqueezeExcite):
+        return module.conv_reduce, module.conv_expand
+    return module.fc1, module.fc2
+
+
 def _se_plan(module: nn.Module) -> tuple[tuple[str, str] | None, str | None]:
-    """(activation, gate) for a timm SE block, or why it does not fuse."""
-    if type(module) is blocks.SqueezeExcite:
-        fc1, act, fc2, gate = module.conv_reduce, module.act1, module.conv_expand, module.gate
+    """(activation, gate) for a timm SE block (converted or not), or why it does not fuse."""
+    fc1, fc2 = _se_fcs(module)
+    if isinstance(module, blocks.SqueezeExcite):
+        act, gate = module.act1, module.gate
     else:
         if not isinstance(module.bn, nn.Identity) or module.add_maxpool:
             return None, "an SEModule with a norm or max-pool"
-        fc1, act, fc2, gate = module.fc1, module.act, module.fc2, module.gate
+        act, gate = module.act, module.gate
     names = activation_name(act), gate_name(gate)
     if None in names:
         return None, f"activation {type(act).__name__} or gate {type(gate).__name__} is not one fastmb fuses"
@@ -531,26 +545,22 @@ def convert_block(module: nn.Module, swapped, skipped) -> bool:
     """Swaps a timm block's class for its fused subclass (counting in `swapped` the stages and SE
     blocks fused, in `skipped` the reasons for the rest); False if `module` is no timm block."""
     if type(module) in (blocks.SqueezeExcite, SEModule):
-        names, reason = _se_plan(module)
+        reason = _se_plan(module)[1]
         if reason is not None:
             skipped[f"SE block: {reason}"] += 1
             return True
-        module._fastmb_plan = names
         module.__class__ = FusedSqueezeExcite if type(module) is blocks.SqueezeExcite else FusedSEModule
         swapped["SE blocks"] += 1
         return True
     fused_class = _FUSED_BLOCKS.get(type(module))
     if fused_class is None:
         return False
-    plan = {}
     for conv_name, bn_name in fused_class.STAGES:
-        plan[conv_name], reason = stage_plan(module._modules[conv_name], module._modules[bn_name])
-        kind = plan[conv_name][0]
+        (kind, _), reason = stage_plan(module._modules[conv_name], module._modules[bn_name])
         if reason is not None:
             skipped[f"{type(module).__name__}.{conv_name}: {reason}"] += 1
         elif kind != "modules":
             swapped["depthwise stages" if kind == "depthwise" else "conv layers"] += 1
-    module._fastmb_plan = plan
     module.__class__ = fused_class
     if fused_class is FusedMobileNetV3 and _runs_as_gemm_on_a_pixel(module.conv_head):
         module.conv_head.__class__ = PooledConv2d

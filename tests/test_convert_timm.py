@@ -144,6 +144,39 @@ def test_fused_head_follows_weight_changes(name):
     assert converted.__dict__["_fastmb_head"][-1] is not None
 
 
+def swap_activations(model: nn.Module) -> None:
+    """Every norm's activation to ReLU6, every SE block's activation to ELU (not one fastmb has)
+    and its gate to Tanh, and one norm's drop to a Dropout."""
+    from timm.layers import BatchNormAct2d
+
+    for module in model.modules():
+        if isinstance(module, BatchNormAct2d) and not isinstance(module.act, nn.Identity):
+            module.act = nn.ReLU6()
+        if hasattr(module, "conv_reduce"):
+            module.act1, module.gate = nn.ELU(), nn.Tanh()
+    next(m for m in model.blocks[2].modules() if isinstance(m, BatchNormAct2d)).drop = nn.Dropout(0.5).train(model.training)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_large_100", "efficientnet_b0", "mobilenetv4_conv_small"])
+def test_layers_swapped_after_conversion_are_computed(name):
+    """Activations, gates and a norm's drop swapped after conversion, and after a forward made
+    the plans: eval gives timm's outputs (the swapped activations had been ignored: 67-2000% off),
+    and so does a training step in float64 (the dropout draws compared under one seed)."""
+    timm_eager = timm_model(name).eval()
+    converted = fastmb.convert(copy.deepcopy(timm_eager)).eval()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        converted(x), converted(x)
+        for model in (converted, timm_eager):
+            swap_activations(model)
+        torch.testing.assert_close(converted(x), timm_eager(x), rtol=1e-4, atol=1e-5)
+    outputs = []
+    for model in (converted, timm_eager):  # float64: batch statistics over 8 values amplify float32 rounding
+        torch.manual_seed(3)
+        outputs.append(model.double().train()(x.double()))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", ["mobilenetv4_conv_small", "efficientnet_b0"])
 def test_hooks_on_stages_and_blocks_still_run(name):
     """The fused eval forward runs the blocks one by one (run_layers), past the stage

@@ -338,12 +338,12 @@ def stem_plan(module: nn.Module) -> FusedStem | None:
 
 def block_slots(block: nn.Module, layers: nn.Module) -> list[Slot]:
     """What a block's plan is made from besides its tensors and settings: its layers
-    (structure_slots of `layers`, the Sequential or block holding them, and theirs), the block's
-    public attributes (training; use_res_connect, timm's has_skip), and module_tree_slots of the
-    block."""
+    (structure_slots of `layers`, the Sequential or block holding them, and of every module
+    below: timm's norms hold their activations a level down), the block's public attributes
+    (training; use_res_connect, timm's has_skip), and module_tree_slots of the block."""
     attributes = block.__dict__
     public = [(attributes, name) for name in attributes if not name.startswith("_")]
-    return structure_slots([layers, *layers._modules.values()]) + public + module_tree_slots(block)
+    return structure_slots(list(layers.modules())) + public + module_tree_slots(block)
 
 
 def fused_block(block: nn.Module, layers: BlockLayers | None) -> FusedBlock | None:
