@@ -159,7 +159,8 @@ def _block_layers(block: nn.Module) -> BlockLayers | None:
     three) as BlockLayers, without space-to-depth or anti-aliasing; else None."""
     if getattr(block, "conv_s2d", None) is not None or not isinstance(getattr(block, "aa", nn.Identity()), nn.Identity):
         return None
-    stages = [(block._modules[conv], block._modules[bn], stage_plan(block._modules[conv], block._modules[bn])[0]) for conv, bn in block.STAGES]
+    pairs = [(block._modules[conv], block._modules[bn]) for conv, bn in block.STAGES]
+    stages = [(conv, bn, stage_plan(conv, bn)[0]) for conv, bn in pairs]
     return _as_block_layers(*([None] * (3 - len(stages)) + stages), block.se, block.has_skip)
 
 

@@ -51,7 +51,10 @@ class SqueezeExcitation(nn.Module):
                 raise ValueError(f"{name} must be a 1x1 nn.Conv2d with stride 1, no padding and one group, got {fc!r}")
         if (fc2.in_channels, fc2.out_channels) != (fc1.out_channels, fc1.in_channels):
             raise ValueError(f"fc2 must map fc1's {fc1.out_channels} outputs back to its {fc1.in_channels} inputs, got {fc2!r}")
-        names = activation_name(activation) if isinstance(activation, nn.Module) else activation, gate_name(gate) if isinstance(gate, nn.Module) else gate
+        names = (
+            activation_name(activation) if isinstance(activation, nn.Module) else activation,
+            gate_name(gate) if isinstance(gate, nn.Module) else gate,
+        )
         if None in names:
             raise ValueError(f"activation and gate must be ones fastmb fuses, got {activation!r} and {gate!r}")
         module = cls(fc1.in_channels, fc1.out_channels, *names)

@@ -120,7 +120,8 @@ def block_layers(layers: list[nn.Module], residual: bool) -> BlockLayers | None:
         return None
     se = None
     if layers and fastmb_module(layers[-1], SqueezeExcitation):
-        module, names = layers[-1], fused_activations(layers.pop())
+        module = layers.pop()
+        names = fused_activations(module)
         if names is None:
             return None
         se = SEParts(module.fc1, module.fc2, *names)
