@@ -17,15 +17,20 @@ from fastmb.ops.inverted_residual import own_hooks
 logger = logging.getLogger("fastmb")
 
 
-def _conv_bn_parts(module: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.Module | None] | None:
+def _conv_bn_parts(module: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.Module | None] | str | None:
     """(conv, bn, activation or None) of a Sequential(Conv2d, BatchNorm2d or SyncBatchNorm
-    [, activation]), the layout of torchvision's Conv2dNormActivation, else None."""
+    [, activation]), the layout of torchvision's Conv2dNormActivation; why not, for a
+    Conv2dNormActivation with another norm (FrozenBatchNorm2d: detection backbones); else None."""
     if type(module) not in (nn.Sequential, _torchvision_conv_norm_activation()) or len(module) not in (2, 3):
         return None
     if list(module._modules) != [str(i) for i in range(len(module))]:  # named children: the fused module would rename them
         return None
     conv, bn = module[0], module[1]
-    if type(conv) is not nn.Conv2d or type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm) or bn.num_features != conv.out_channels:
+    if type(conv) is not nn.Conv2d:
+        return None
+    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        return f"norm {type(bn).__name__} is not a BatchNorm2d" if type(module) is not nn.Sequential else None
+    if bn.num_features != conv.out_channels:
         return None
     return conv, bn, module[2] if len(module) == 3 else None
 
@@ -154,7 +159,9 @@ def convert(model: nn.Module, *, report: bool = False, channels_last: bool = Tru
         if se is not None:
             return se if not isinstance(se, str) else None
         parts = _conv_bn_parts(module)
-        if parts is None:
+        if isinstance(parts, str):
+            skipped[f"{type(module).__name__}: {parts}"] += 1
+        if parts is None or isinstance(parts, str):
             return None
         fused = _as_dwconv_bn_act(*parts)
         if not isinstance(fused, str):

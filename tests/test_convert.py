@@ -88,6 +88,22 @@ def test_shares_parameters_keeps_training_mode_and_reports_what_it_left(caplog):
             torch.testing.assert_close(model.train(training)(x), original.train(training)(x))
 
 
+def test_layers_with_norms_it_does_not_fuse_are_reported():
+    """A backbone built with FrozenBatchNorm2d (torchvision's detection models load pretrained
+    weights so) is left as it was, each layer's reason reported, and still computes torchvision's
+    outputs."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = torchvision.models.mobilenet_v3_small(norm_layer=FrozenBatchNorm2d, num_classes=10).eval()
+    expected_model = copy.deepcopy(model)
+    converted, report = fastmb.convert(model, report=True)
+    assert report.skipped["Conv2dNormActivation: norm FrozenBatchNorm2d is not a BatchNorm2d"] == 1 + 10 + 11 + 11 + 1
+    assert not any(isinstance(m, (fastmb.nn.DWConvBNAct, fastmb.nn.ConvBNAct)) for m in converted.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), expected_model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_weights_go_channels_last_so_a_contiguous_input_runs_in_it(caplog):
     """After convert (and in the builders' models) the conv weights are channels_last, so a
     contiguous input's activations are channels_last from the first conv on, in training too;
