@@ -29,7 +29,10 @@ def _conv_bn_parts(module: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.Mod
     if type(conv) is not nn.Conv2d:
         return None
     if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
-        return f"norm {type(bn).__name__} is not a BatchNorm2d" if type(module) is not nn.Sequential else None
+        # a norm of another kind, by its name (FrozenBatchNorm2d is no _NormBase); without a norm
+        # (norm_layer=None: the FPN's layers) the second child is the activation: nothing to report
+        named_norm = "Norm" in type(bn).__name__ and type(module) is not nn.Sequential
+        return f"norm {type(bn).__name__} is not a BatchNorm2d" if named_norm else None
     if bn.num_features != conv.out_channels:
         return None
     return conv, bn, module[2] if len(module) == 3 else None

@@ -102,6 +102,30 @@ def test_layers_with_norms_it_does_not_fuse_are_reported():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), expected_model(x), rtol=1e-4, atol=1e-5)
+    _, report = fastmb.convert(nn.Sequential(Conv2dNormActivation(8, 8, 3, norm_layer=None, activation_layer=nn.Mish)), report=True)
+    assert report.skipped == {}  # no norm (a feature pyramid's layers): nothing left that could fuse
+
+
+@pytest.mark.parametrize("detector", ["fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large"])
+def test_detection_backbones(detector):
+    """torchvision's MobileNetV3 detectors (random weights, batch-norm statistics from a random
+    batch): the backbone's layers and blocks are swapped, its feature maps match, and nothing
+    is reported left (the feature pyramid's norm-free layers are not candidates)."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models.detection, detector)(weights=None, weights_backbone=None, num_classes=5)
+    with torch.no_grad():
+        model.train().backbone(torch.randn(2, 3, 128, 128))
+    model.eval()
+    converted, report = fastmb.convert(copy.deepcopy(model), report=True)
+    assert report.skipped == {} and report.swapped["InvertedResidual (one native call in eval)"] >= 14
+    x = torch.rand(2, 3, 160, 160)
+    with torch.no_grad():
+        expected = model.backbone(x)
+        for _ in range(2):  # the second call replays the plans
+            actual = converted.backbone(x)
+            for key in expected:
+                error = (actual[key] - expected[key]).abs().max() / expected[key].abs().max()
+                assert error <= 1e-5, key
 
 
 def test_weights_go_channels_last_so_a_contiguous_input_runs_in_it(caplog):
