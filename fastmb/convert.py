@@ -12,15 +12,16 @@ from torch import nn
 from fastmb.models.layers import use_channels_last
 from fastmb.nn import ConvBNAct, DWConvBNAct, SqueezeExcitation
 from fastmb.ops.activations import activation_name, gate_name
+from fastmb.ops.common import batch_norm_channels, frozen_batch_norm
 from fastmb.ops.inverted_residual import own_hooks
 
 logger = logging.getLogger("fastmb")
 
 
-def _conv_bn_parts(module: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.Module | None] | str | None:
-    """(conv, bn, activation or None) of a Sequential(Conv2d, BatchNorm2d or SyncBatchNorm
-    [, activation]), the layout of torchvision's Conv2dNormActivation; why not, for a
-    Conv2dNormActivation with another norm (FrozenBatchNorm2d: detection backbones); else None."""
+def _conv_bn_parts(module: nn.Module) -> tuple[nn.Conv2d, nn.Module, nn.Module | None] | str | None:
+    """(conv, bn, activation or None) of a Sequential(Conv2d, BatchNorm2d, SyncBatchNorm or
+    FrozenBatchNorm2d [, activation]), the layout of torchvision's Conv2dNormActivation; why not,
+    for a Conv2dNormActivation with another norm; else None."""
     if type(module) not in (nn.Sequential, _torchvision_conv_norm_activation()) or len(module) not in (2, 3):
         return None
     if list(module._modules) != [str(i) for i in range(len(module))]:  # named children: the fused module would rename them
@@ -28,12 +29,12 @@ def _conv_bn_parts(module: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.Mod
     conv, bn = module[0], module[1]
     if type(conv) is not nn.Conv2d:
         return None
-    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
-        # a norm of another kind, by its name (FrozenBatchNorm2d is no _NormBase); without a norm
+    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm) and not frozen_batch_norm(bn):
+        # a norm of another kind, by its name (not all are _NormBase); without a norm
         # (norm_layer=None: the FPN's layers) the second child is the activation: nothing to report
         named_norm = "Norm" in type(bn).__name__ and type(module) is not nn.Sequential
         return f"norm {type(bn).__name__} is not a BatchNorm2d" if named_norm else None
-    if bn.num_features != conv.out_channels:
+    if batch_norm_channels(bn) != conv.out_channels:
         return None
     return conv, bn, module[2] if len(module) == 3 else None
 
@@ -55,7 +56,7 @@ def fusion_blocker(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: nn.Module | 
         return f"padding_mode={conv.padding_mode!r}"
     if isinstance(conv.padding, str):
         return f"padding={conv.padding!r}"
-    if not bn.affine:
+    if not frozen_batch_norm(bn) and not bn.affine:
         return "the batch norm has no affine parameters"
     if activation_name(activation) is None:
         return f"activation {type(activation).__name__} is not one fastmb fuses"

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fastmb.ops.common import update_running_stats
+from fastmb.ops.common import frozen_batch_norm, update_running_stats
 
 
 class BatchNormStep(NamedTuple):
@@ -19,12 +19,16 @@ class BatchNormStep(NamedTuple):
     momentum: float  # the running statistics' averaging factor
 
 
-def batch_norm_step(bn: nn.BatchNorm2d) -> BatchNormStep:
+def batch_norm_step(bn: nn.Module) -> BatchNormStep:
     """nn.BatchNorm2d.forward's rules for one call of `bn`, counting the batch in
-    num_batches_tracked as it does (momentum=None: a cumulative average)."""
+    num_batches_tracked as it does (momentum=None: a cumulative average); a FrozenBatchNorm2d's
+    (its running statistics, always)."""
     # Buffers straight from the module's dict: nn.Module's attribute lookup would cost more than
     # the rest of this, on every call of every fused layer.
-    buffers, training, momentum = bn._buffers, bn.training, bn.momentum
+    buffers = bn._buffers
+    if frozen_batch_norm(bn):  # the running statistics, in training too, and never updated
+        return BatchNormStep(buffers["running_mean"], buffers["running_var"], False, 0.0)
+    training, momentum = bn.training, bn.momentum
     factor = 0.0 if momentum is None else momentum
     tracked = buffers.get("num_batches_tracked")
     if training and bn.track_running_stats and tracked is not None:

@@ -17,6 +17,7 @@ from fastmb.ops.common import (
     check_choice,
     conv_output_shape,
     differentiable_grads,
+    frozen_batch_norm,
     integer,
     runs_composite,
     symbolic,
@@ -267,7 +268,9 @@ class ConvBNAct(nn.Sequential):
     keeps the folded weights instead, also on a GPU, where unfrozen layers run as eager's
     modules), which removes its pass over the output; on the CPU a folded 1x1 conv over channels_last inputs at
     batch 1, or up to 1024 pixels, runs as one GEMM. In training, batch norm + hardswish/relu6
-    keep only the conv output for backward (eager also keeps the batch norm's output).
+    keep only the conv output for backward (eager also keeps the batch norm's output). A
+    torchvision FrozenBatchNorm2d (an eval batch norm in training too) is folded the same way
+    without autograd; with autograd its modules run.
     """
 
     def __init__(
@@ -334,7 +337,8 @@ class ConvBNAct(nn.Sequential):
         if synchronised(bn):  # nn.SyncBatchNorm itself synchronises only CUDA tensors
             u = synced_batch_norm(conv(x), bn, batch_norm_step(bn))
             return activation(u) if activation is not None else u
-        if type(bn) is not nn.BatchNorm2d or conv.bias is not None or torch.compiler.is_compiling() or symbolic(x) or runs_composite(x):
+        norm = type(bn) is nn.BatchNorm2d or frozen_batch_norm(bn)
+        if not norm or conv.bias is not None or torch.compiler.is_compiling() or symbolic(x) or runs_composite(x):
             return super().forward(x)  # compile and ONNX export fold on their own; torch.func, torch.fx: plain ops
         if needs_call(conv) or needs_call(bn) or (activation is not None and needs_call(activation)):
             return super().forward(x)  # the modules themselves: their hooks, parametrizations
@@ -353,8 +357,10 @@ def run_conv_bn_act_modules(
     F.batch_norm's (not synchronised), on the fused paths: in eval without autograd the batch
     norm folded into the conv (`folded_conv` returns the folded weight and bias, kept by a frozen
     layer; default: fold now, on the CPU only); in training, the memory-saving batch norm +
-    activation. None where neither applies: the caller runs its modules."""
-    if bn.training:
+    activation. None where neither applies: the caller runs its modules. (A FrozenBatchNorm2d is
+    an eval batch norm in training too: folded without autograd, its modules with it.)"""
+    frozen = frozen_batch_norm(bn)
+    if bn.training and not frozen:
         name = activation_name(activation)
         if name is None or not torch.is_grad_enabled() or x.numel() == 0:
             return None  # an empty batch too: F.batch_norm returns it as it is, native_batch_norm raises
@@ -373,7 +379,7 @@ def run_conv_bn_act_modules(
         _check_values_per_channel(z.shape)
         step = batch_norm_step(bn)
         return _BatchNormActivation.apply(z, bn.weight, bn.bias, step.running_mean, step.running_var, step.momentum, bn.eps, name)
-    if torch.is_grad_enabled() or not bn.affine or bn.running_var is None:
+    if torch.is_grad_enabled() or not (frozen or bn.affine) or bn.running_var is None:
         return None
     if autocast_dtype(x.device.type) is not None:
         return None  # the modules, each cast as eager casts it: the fused paths compute in x's dtype
@@ -446,7 +452,8 @@ def _fold_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, ...]:
     lookup costs more than the rest. A weight that is not a parameter (remove_parametrizations
     under no_grad leaves a buffer) is read as the attribute."""
     weight = conv._parameters.get("weight")
-    return (weight if weight is not None else conv.weight, bn._parameters["weight"], bn._parameters["bias"],
+    affine = bn._buffers if frozen_batch_norm(bn) else bn._parameters  # a FrozenBatchNorm2d's are buffers
+    return (weight if weight is not None else conv.weight, affine["weight"], affine["bias"],
             bn._buffers["running_mean"], bn._buffers["running_var"])  # fmt: skip
 
 

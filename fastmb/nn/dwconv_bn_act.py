@@ -5,7 +5,7 @@ from torch import Tensor, nn
 
 from fastmb.nn.batch_norm import batch_norm_step, synchronised
 from fastmb.ops.activations import ACTIVATIONS, activation_name
-from fastmb.ops.common import check_choice, check_tensor, integer, pair, real, symbolic
+from fastmb.ops.common import batch_norm_channels, check_choice, check_tensor, frozen_batch_norm, integer, pair, real, symbolic
 from fastmb.ops.dwconv_bn_act import run_dwconv_bn_act, run_synced_dwconv_bn_act
 from fastmb.ops.inverted_residual import own_hooks
 from fastmb.ops.packing import depthwise_conv
@@ -22,7 +22,9 @@ class DWConvBNAct(nn.Sequential):
     and eval follow ``nn.BatchNorm2d`` exactly, ``momentum=None`` and ``num_batches_tracked`` included.
     Child "1" may be an ``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm``): in
     training across processes the batch statistics and the backward's sums are then synchronised
-    over its process group, inside the fused ops, on any device (the CPU with gloo too).
+    over its process group, inside the fused ops, on any device (the CPU with gloo too). It may
+    be torchvision's ``FrozenBatchNorm2d`` (detection backbones): its running statistics then
+    serve in training too, and are never updated.
     """
 
     def __init__(
@@ -61,8 +63,10 @@ class DWConvBNAct(nn.Sequential):
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"conv must have numeric zero padding, got padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
         pair("conv.stride", conv.stride, 1), pair("conv.padding", conv.padding, 0), pair("conv.dilation", conv.dilation, 1)
-        if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or bn.num_features != conv.out_channels:
-            raise ValueError(f"bn must be an nn.BatchNorm2d (or SyncBatchNorm) over the conv's {conv.out_channels} channels, got {bn!r}")
+        if not (isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or frozen_batch_norm(bn)) or batch_norm_channels(bn) != conv.out_channels:
+            raise ValueError(
+                f"bn must be an nn.BatchNorm2d (or SyncBatchNorm, FrozenBatchNorm2d) over the conv's {conv.out_channels} channels, got {bn!r}"
+            )
         if isinstance(activation, nn.Module) and activation_name(activation) is None:
             raise ValueError(f"activation must be one fastmb fuses ({', '.join(ACTIVATIONS)}), got {activation!r}")
         module = cls.__new__(cls)
@@ -111,9 +115,10 @@ class DWConvBNAct(nn.Sequential):
 
 def fusable_children(conv: nn.Module, bn: nn.Module) -> bool:
     """Whether the children are still what the fused op computes (a depthwise_conv; a
-    BatchNorm2d or SyncBatchNorm): not after one was swapped, as when the batch norm is folded
-    into the conv by hand (torch.nn.utils.fusion) and replaced by Identity."""
-    return depthwise_conv(conv) and type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and bn.num_features == conv.out_channels
+    BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d): not after one was swapped, as when the batch
+    norm is folded into the conv by hand (torch.nn.utils.fusion) and replaced by Identity."""
+    norm = type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or frozen_batch_norm(bn)
+    return depthwise_conv(conv) and norm and batch_norm_channels(bn) == conv.out_channels
 
 
 def run_dwconv_bn_act_modules(

@@ -22,6 +22,19 @@ def symbolic(x: object) -> bool:
     return isinstance(x, torch.fx.Proxy)
 
 
+def frozen_batch_norm(module: object) -> bool:
+    """Whether `module` is torchvision's FrozenBatchNorm2d (detection backbones with pretrained
+    weights): an eval batch norm in training too, its weight and bias buffers, not parameters.
+    Told by its class's name and module, so that nothing imports torchvision for it."""
+    cls = type(module)
+    return cls.__name__ == "FrozenBatchNorm2d" and cls.__module__ == "torchvision.ops.misc"
+
+
+def batch_norm_channels(bn: torch.nn.Module) -> int:
+    """How many channels a BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d normalises."""
+    return bn.num_features if not frozen_batch_norm(bn) else bn._buffers["running_var"].shape[0]
+
+
 def check_tensor(name: str, value: object, ndim: int | tuple[int, ...]) -> Tensor:
     """`value` must be a floating-point tensor with `ndim` dimensions (one of them)."""
     if not isinstance(value, Tensor):

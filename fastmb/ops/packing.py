@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmb import _extension, dispatch
-from fastmb.ops.common import runs_composite
+from fastmb.ops.common import batch_norm_channels, frozen_batch_norm, runs_composite
 
 PANEL = 16  # output channels per packed 1x1 weight panel (csrc/cpu/pointwise/kernels.h)
 
@@ -35,7 +35,10 @@ def eval_op_applies(x: Tensor, in_channels: int) -> bool:
 
 
 def plain_batch_norm(bn: nn.Module, channels: int) -> bool:
-    """An eval-capable batch norm over `channels` with affine parameters and running statistics."""
+    """An eval-capable batch norm over `channels` with affine parameters and running statistics
+    (torchvision's FrozenBatchNorm2d is one)."""
+    if frozen_batch_norm(bn):
+        return batch_norm_channels(bn) == channels
     return (
         type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm)
         and bn.num_features == channels
@@ -78,7 +81,8 @@ def depthwise_conv(conv: nn.Module, types: tuple[type, ...] = (nn.Conv2d,)) -> b
 def conv_bn_slots(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> list[tuple[dict, str]]:
     """Where the conv's weight and the batch norm's parameters and statistics are held: the
     modules' own dicts and keys, so a tensor replaced since (a new nn.Parameter) is read there."""
-    return [(conv._parameters, "weight"), (bn._parameters, "weight"), (bn._parameters, "bias"), (bn._buffers, "running_mean"),
+    affine = bn._buffers if frozen_batch_norm(bn) else bn._parameters  # a FrozenBatchNorm2d's are buffers
+    return [(conv._parameters, "weight"), (affine, "weight"), (affine, "bias"), (bn._buffers, "running_mean"),
             (bn._buffers, "running_var")]  # fmt: skip
 
 
