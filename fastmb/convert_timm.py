@@ -59,7 +59,8 @@ from fastmb.ops.packing import (
 )
 from fastmb.ops.squeeze_excitation import run_squeeze_excitation
 
-_LAYER_SCALE = getattr(timm_layers, "LayerScale2d", None)  # MobileNetV4 hybrids' layer scale
+_LAYER_SCALE = getattr(timm_layers, "LayerScale2d", None)
+_FROZEN_NORM_ACT = getattr(timm_layers, "FrozenBatchNormAct2d", None)  # MobileNetV4 hybrids' layer scale
 # Classifiers: nn.Linear, and timm's subclass (the same product; it casts the bias for TorchScript).
 _LINEARS = (nn.Linear, *((timm_layers.Linear,) if hasattr(timm_layers, "Linear") else ()))
 
@@ -73,14 +74,15 @@ def stage_plan(conv: nn.Module, bn: nn.Module) -> tuple[Plan, str | None]:
     no pair: a model without a head conv)."""
     if isinstance(conv, nn.Identity) and isinstance(bn, nn.Identity):
         return ("modules", None), None
-    if not isinstance(bn, BatchNormAct2d):
+    frozen = _FROZEN_NORM_ACT is not None and type(bn) is _FROZEN_NORM_ACT  # freeze_batch_norm_2d's: an eval one
+    if not isinstance(bn, BatchNormAct2d) and not frozen:
         return ("modules", None), f"norm {type(bn).__name__} is not a BatchNormAct2d"
     if type(conv) not in (nn.Conv2d, Conv2dSame):
         return ("modules", None), f"conv {type(conv).__name__} is not an nn.Conv2d"
     children = bn._modules  # not bn.act: nn.Module.__getattr__ costs 0.4 us a child, and this runs every call
     if not isinstance(children["drop"], nn.Identity):
         return ("modules", None), f"the norm's drop is {type(children['drop']).__name__}"
-    if not bn.track_running_stats:
+    if not frozen and not bn.track_running_stats:
         return ("modules", None), "the batch norm keeps no running statistics"
     reason = fusion_blocker(conv, bn, children["act"])
     if reason is not None:

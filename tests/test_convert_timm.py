@@ -178,6 +178,35 @@ def test_layers_swapped_after_conversion_are_computed(name):
 
 
 @pytest.mark.parametrize("name", ["mobilenetv4_conv_small", "efficientnet_b0"])
+def test_frozen_batch_norms_fuse(name):
+    """timm's freeze_batch_norm_2d (FrozenBatchNormAct2d: an eval batch norm, in training too)
+    before conversion: every stage is swapped and nothing reported left; eval matches timm's,
+    also after an in-place edit of a frozen buffer (the replay sees it), and so does a float64
+    training step (outputs, gradients; the frozen buffers unchanged)."""
+    from timm.layers import FrozenBatchNormAct2d, freeze_batch_norm_2d
+
+    timm_eager = freeze_batch_norm_2d(timm_model(name).eval())
+    converted, report = fastmb.convert(copy.deepcopy(timm_eager), report=True)
+    assert report.skipped == {} and sum(report.swapped.values()) >= 40
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for edit in (False, True):
+            if edit:
+                for model in (timm_eager, converted):
+                    norms = [m for m in model.modules() if isinstance(m, FrozenBatchNormAct2d)]
+                    norms[4].running_var.mul_(3), norms[-2].weight.mul_(-1)
+            expected = timm_eager(x)
+            for _ in range(2):
+                torch.testing.assert_close(converted(x), expected, rtol=1e-4, atol=1e-5)
+    grad = torch.randn(2, 10, dtype=torch.float64)
+    expected = run(timm_eager.double().train(), x.double(), grad)
+    actual = run(converted.double().train(), x.double(), grad)
+    for key in expected:
+        error = (actual[key] - expected[key]).abs().max().item()
+        assert error <= 1e-9 * max(expected[key].abs().max().item(), 1.0), key
+
+
+@pytest.mark.parametrize("name", ["mobilenetv4_conv_small", "efficientnet_b0"])
 def test_hooks_on_stages_and_blocks_still_run(name):
     """The fused eval forward runs the blocks one by one (run_layers), past the stage
     Sequentials: a hook on a stage makes it run them as timm does; a hook on a block is kept."""

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fastmb.nn import ConvBNAct, DWConvBNAct
-from fastmb.ops.common import frozen_batch_norm
+from fastmb.ops.common import torchvision_frozen_batch_norm
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -29,7 +29,7 @@ def depthwise_stage(
     momentum, running statistics or none), when it is one fastmb fuses (a BatchNorm2d with affine
     parameters, or torchvision's FrozenBatchNorm2d), else the unfused equivalent with the same keys."""
     norm = norm_layer(channels)
-    if not (type(norm) is nn.BatchNorm2d and norm.affine) and not frozen_batch_norm(norm):
+    if not (type(norm) is nn.BatchNorm2d and norm.affine) and not torchvision_frozen_batch_norm(norm):
         return ConvBNAct(channels, channels, kernel_size, stride, channels, dilation, activation, norm_layer)
     stage = DWConvBNAct(channels, kernel_size, stride, dilation, activation)
     stage[1] = norm

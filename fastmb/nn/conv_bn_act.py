@@ -21,6 +21,7 @@ from fastmb.ops.common import (
     integer,
     runs_composite,
     symbolic,
+    torchvision_frozen_batch_norm,
     update_running_stats,
 )
 from fastmb.ops.inverted_residual import has_hooks, needs_call
@@ -337,7 +338,7 @@ class ConvBNAct(nn.Sequential):
         if synchronised(bn):  # nn.SyncBatchNorm itself synchronises only CUDA tensors
             u = synced_batch_norm(conv(x), bn, batch_norm_step(bn))
             return activation(u) if activation is not None else u
-        norm = type(bn) is nn.BatchNorm2d or frozen_batch_norm(bn)
+        norm = type(bn) is nn.BatchNorm2d or torchvision_frozen_batch_norm(bn)
         if not norm or conv.bias is not None or torch.compiler.is_compiling() or symbolic(x) or runs_composite(x):
             return super().forward(x)  # compile and ONNX export fold on their own; torch.func, torch.fx: plain ops
         if needs_call(conv) or needs_call(bn) or (activation is not None and needs_call(activation)):

@@ -5,7 +5,16 @@ from torch import Tensor, nn
 
 from fastmb.nn.batch_norm import batch_norm_step, synchronised
 from fastmb.ops.activations import ACTIVATIONS, activation_name
-from fastmb.ops.common import batch_norm_channels, check_choice, check_tensor, frozen_batch_norm, integer, pair, real, symbolic
+from fastmb.ops.common import (
+    batch_norm_channels,
+    check_choice,
+    check_tensor,
+    integer,
+    pair,
+    real,
+    symbolic,
+    torchvision_frozen_batch_norm,
+)
 from fastmb.ops.dwconv_bn_act import run_dwconv_bn_act, run_synced_dwconv_bn_act
 from fastmb.ops.inverted_residual import own_hooks
 from fastmb.ops.packing import depthwise_conv
@@ -63,7 +72,8 @@ class DWConvBNAct(nn.Sequential):
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"conv must have numeric zero padding, got padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
         pair("conv.stride", conv.stride, 1), pair("conv.padding", conv.padding, 0), pair("conv.dilation", conv.dilation, 1)
-        if not (isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or frozen_batch_norm(bn)) or batch_norm_channels(bn) != conv.out_channels:
+        norm = isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or torchvision_frozen_batch_norm(bn)
+        if not norm or batch_norm_channels(bn) != conv.out_channels:
             raise ValueError(
                 f"bn must be an nn.BatchNorm2d (or SyncBatchNorm, FrozenBatchNorm2d) over the conv's {conv.out_channels} channels, got {bn!r}"
             )
@@ -117,7 +127,7 @@ def fusable_children(conv: nn.Module, bn: nn.Module) -> bool:
     """Whether the children are still what the fused op computes (a depthwise_conv; a
     BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d): not after one was swapped, as when the batch
     norm is folded into the conv by hand (torch.nn.utils.fusion) and replaced by Identity."""
-    norm = type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or frozen_batch_norm(bn)
+    norm = type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or torchvision_frozen_batch_norm(bn)
     return depthwise_conv(conv) and norm and batch_norm_channels(bn) == conv.out_channels
 
 

@@ -22,12 +22,24 @@ def symbolic(x: object) -> bool:
     return isinstance(x, torch.fx.Proxy)
 
 
+# Frozen batch norms: an eval batch norm in training too, whose weight and bias are buffers, not
+# parameters. torchvision's (its detection models' backbones with pretrained weights) stands where
+# a BatchNorm2d would; timm's (timm.layers.freeze_batch_norm_2d) where a BatchNormAct2d would, and
+# applies its act. Told by class name and module, so that nothing imports torchvision or timm.
+_TORCHVISION_FROZEN = ("torchvision.ops.misc", "FrozenBatchNorm2d")
+_TIMM_FROZEN = ("timm.layers.norm_act", "FrozenBatchNormAct2d")
+
+
 def frozen_batch_norm(module: object) -> bool:
-    """Whether `module` is torchvision's FrozenBatchNorm2d (detection backbones with pretrained
-    weights): an eval batch norm in training too, its weight and bias buffers, not parameters.
-    Told by its class's name and module, so that nothing imports torchvision for it."""
+    """Whether `module` is a frozen batch norm, torchvision's or timm's."""
     cls = type(module)
-    return cls.__name__ == "FrozenBatchNorm2d" and cls.__module__ == "torchvision.ops.misc"
+    return (cls.__module__, cls.__name__) in (_TORCHVISION_FROZEN, _TIMM_FROZEN)
+
+
+def torchvision_frozen_batch_norm(module: object) -> bool:
+    """Whether `module` is torchvision's FrozenBatchNorm2d (a batch norm without activation)."""
+    cls = type(module)
+    return (cls.__module__, cls.__name__) == _TORCHVISION_FROZEN
 
 
 def batch_norm_channels(bn: torch.nn.Module) -> int:

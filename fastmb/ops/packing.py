@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmb import _extension, dispatch
-from fastmb.ops.common import batch_norm_channels, frozen_batch_norm, runs_composite
+from fastmb.ops.common import batch_norm_channels, frozen_batch_norm, runs_composite, torchvision_frozen_batch_norm
 
 PANEL = 16  # output channels per packed 1x1 weight panel (csrc/cpu/pointwise/kernels.h)
 
@@ -37,7 +37,7 @@ def eval_op_applies(x: Tensor, in_channels: int) -> bool:
 def plain_batch_norm(bn: nn.Module, channels: int) -> bool:
     """An eval-capable batch norm over `channels` with affine parameters and running statistics
     (torchvision's FrozenBatchNorm2d is one)."""
-    if frozen_batch_norm(bn):
+    if torchvision_frozen_batch_norm(bn):
         return batch_norm_channels(bn) == channels
     return (
         type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm)
