@@ -59,8 +59,8 @@ from fastmb.ops.packing import (
 )
 from fastmb.ops.squeeze_excitation import run_squeeze_excitation
 
-_LAYER_SCALE = getattr(timm_layers, "LayerScale2d", None)
-_FROZEN_NORM_ACT = getattr(timm_layers, "FrozenBatchNormAct2d", None)  # MobileNetV4 hybrids' layer scale
+_LAYER_SCALE = getattr(timm_layers, "LayerScale2d", None)  # MobileNetV4 hybrids' layer scale
+_FROZEN_NORM_ACT = getattr(timm_layers, "FrozenBatchNormAct2d", None)  # timm.layers.freeze_batch_norm_2d's
 # Classifiers: nn.Linear, and timm's subclass (the same product; it casts the bias for TorchScript).
 _LINEARS = (nn.Linear, *((timm_layers.Linear,) if hasattr(timm_layers, "Linear") else ()))
 

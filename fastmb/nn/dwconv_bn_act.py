@@ -74,9 +74,8 @@ class DWConvBNAct(nn.Sequential):
         pair("conv.stride", conv.stride, 1), pair("conv.padding", conv.padding, 0), pair("conv.dilation", conv.dilation, 1)
         norm = isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or torchvision_frozen_batch_norm(bn)
         if not norm or batch_norm_channels(bn) != conv.out_channels:
-            raise ValueError(
-                f"bn must be an nn.BatchNorm2d (or SyncBatchNorm, FrozenBatchNorm2d) over the conv's {conv.out_channels} channels, got {bn!r}"
-            )
+            kinds = "an nn.BatchNorm2d (or SyncBatchNorm, FrozenBatchNorm2d)"
+            raise ValueError(f"bn must be {kinds} over the conv's {conv.out_channels} channels, got {bn!r}")
         if isinstance(activation, nn.Module) and activation_name(activation) is None:
             raise ValueError(f"activation must be one fastmb fuses ({', '.join(ACTIVATIONS)}), got {activation!r}")
         module = cls.__new__(cls)
