@@ -191,13 +191,14 @@ def test_frozen_batch_norms_fuse(name):
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         for edit in (False, True):
-            if edit:
+            if edit:  # a block's norm and the head's (mobilenetv4's norm_head, efficientnet's bn2)
                 for model in (timm_eager, converted):
                     norms = [m for m in model.modules() if isinstance(m, FrozenBatchNormAct2d)]
-                    norms[4].running_var.mul_(3), norms[-2].weight.mul_(-1)
+                    norms[4].running_var.mul_(3), norms[-1].weight.mul_(-1)
             expected = timm_eager(x)
             for _ in range(2):
                 torch.testing.assert_close(converted(x), expected, rtol=1e-4, atol=1e-5)
+    assert converted.__dict__["_fastmb_head"][-1] is not None  # the head op took the frozen head norm
     grad = torch.randn(2, 10, dtype=torch.float64)
     expected = run(timm_eager.double().train(), x.double(), grad)
     actual = run(converted.double().train(), x.double(), grad)
