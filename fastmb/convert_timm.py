@@ -27,7 +27,7 @@ from fastmb.nn.batch_norm import synchronised
 from fastmb.nn.conv_bn_act import run_conv_bn_act_modules
 from fastmb.nn.dwconv_bn_act import run_dwconv_bn_act_modules
 from fastmb.ops.activations import activation_name, gate_name
-from fastmb.ops.common import batch_norm_channels, runs_composite, symbolic
+from fastmb.ops.common import batch_norm_channels, runs_composite, symbolic, timm_frozen_batch_norm
 from fastmb.ops.classifier_head import NATIVE as HEAD_NATIVE
 from fastmb.ops.classifier_head import FusedHead, HeadLinear
 from fastmb.ops.inverted_residual import (
@@ -60,7 +60,6 @@ from fastmb.ops.packing import (
 from fastmb.ops.squeeze_excitation import run_squeeze_excitation
 
 _LAYER_SCALE = getattr(timm_layers, "LayerScale2d", None)  # MobileNetV4 hybrids' layer scale
-_FROZEN_NORM_ACT = getattr(timm_layers, "FrozenBatchNormAct2d", None)  # timm.layers.freeze_batch_norm_2d's
 # Classifiers: nn.Linear, and timm's subclass (the same product; it casts the bias for TorchScript).
 _LINEARS = (nn.Linear, *((timm_layers.Linear,) if hasattr(timm_layers, "Linear") else ()))
 
@@ -69,18 +68,12 @@ _LINEARS = (nn.Linear, *((timm_layers.Linear,) if hasattr(timm_layers, "Linear")
 Plan = tuple[str, str | None]
 
 
-def _frozen_norm_act(module: nn.Module | None) -> bool:
-    """Whether `module` is timm's FrozenBatchNormAct2d (freeze_batch_norm_2d's): an eval
-    BatchNormAct2d, in training too."""
-    return _FROZEN_NORM_ACT is not None and type(module) is _FROZEN_NORM_ACT
-
-
 def stage_plan(conv: nn.Module, bn: nn.Module) -> tuple[Plan, str | None]:
     """How the pair conv -> bn runs, and why not fused when it is not (None too when there is
     no pair: a model without a head conv)."""
     if isinstance(conv, nn.Identity) and isinstance(bn, nn.Identity):
         return ("modules", None), None
-    frozen = _frozen_norm_act(bn)
+    frozen = timm_frozen_batch_norm(bn)  # freeze_batch_norm_2d's: an eval BatchNormAct2d, in training too
     if not isinstance(bn, BatchNormAct2d) and not frozen:
         return ("modules", None), f"norm {type(bn).__name__} is not a BatchNormAct2d"
     if type(conv) not in (nn.Conv2d, Conv2dSame):
@@ -473,9 +466,10 @@ def _mobilenetv3_head(model: FusedMobileNetV3):
         if type(model.conv_head) is not PooledConv2d or type(model.flatten) is not nn.Flatten:
             return None
         norm, head_activation = None, activation_name(model.act2)
-        if type(norm_head) is BatchNormAct2d or _frozen_norm_act(norm_head):
+        frozen = timm_frozen_batch_norm(norm_head)
+        if type(norm_head) is BatchNormAct2d or frozen:
             norm_activation = activation_name(norm_head.act)
-            affine = _frozen_norm_act(norm_head) or norm_head.affine
+            affine = frozen or norm_head.affine
             plain = affine and norm_head.running_var is not None and isinstance(norm_head.drop, nn.Identity)
             channels = batch_norm_channels(norm_head)
             if not plain or norm_activation is None or head_activation != "identity" or channels != model.conv_head.out_channels:

@@ -111,8 +111,8 @@ class DWConvBNAct(nn.Sequential):
         conv, bn, act = children["0"], children["1"], children.get("2")
         activation = activation_name(act)
         if (
-            activation is None or len(children) > 3 or symbolic(x) or own_hooks(conv) or own_hooks(bn)
-            or (act is not None and own_hooks(act)) or not fusable_children(conv, bn)
+            activation is None or len(children) > 3 or symbolic(x) or any(own_hooks(child) for child in children.values())
+            or not fusable_children(conv, bn)
         ):  # fmt: skip
             return super().forward(x)  # the modules: a trace records them, hooks run
         # The parameters were checked when built; only x is new.

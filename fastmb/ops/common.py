@@ -31,7 +31,8 @@ _TIMM_FROZEN = ("timm.layers.norm_act", "FrozenBatchNormAct2d")
 
 
 def frozen_batch_norm(module: object) -> bool:
-    """Whether `module` is a frozen batch norm, torchvision's or timm's."""
+    """Whether `module` is a frozen batch norm, torchvision's or timm's (one lookup: the fused
+    layers ask on every call)."""
     cls = type(module)
     return (cls.__module__, cls.__name__) in (_TORCHVISION_FROZEN, _TIMM_FROZEN)
 
@@ -40,6 +41,12 @@ def torchvision_frozen_batch_norm(module: object) -> bool:
     """Whether `module` is torchvision's FrozenBatchNorm2d (a batch norm without activation)."""
     cls = type(module)
     return (cls.__module__, cls.__name__) == _TORCHVISION_FROZEN
+
+
+def timm_frozen_batch_norm(module: object) -> bool:
+    """Whether `module` is timm's FrozenBatchNormAct2d (with its act and drop, as BatchNormAct2d)."""
+    cls = type(module)
+    return (cls.__module__, cls.__name__) == _TIMM_FROZEN
 
 
 def batch_norm_channels(bn: torch.nn.Module) -> int:
