@@ -88,9 +88,9 @@ Tensor linear(const Tensor& in, const Tensor& weight, const Tensor& bias, Activa
 void conv_pool(const Tensor& x, const float* w, const float* bias, Activation act, int64_t c, pointwise::GemmPanels gemm, float* pooled) {
   const int64_t n = x.size(0), cin = x.size(1), pixels = x.size(2) * x.size(3);
   const int64_t panels = pointwise::panels_of(c);
-  // With fewer images than threads, each image's panels are split between the threads.
-  const int threads = at::get_num_threads();
-  const int64_t chunks = n >= threads ? 1 : std::min<int64_t>(panels, (threads + n - 1) / n);
+  // Where the images do not share out evenly over the threads (fewer of them, or not a multiple),
+  // each image's panels are split between the threads.
+  const int64_t chunks = std::min<int64_t>(panels, even_parts(n, at::get_num_threads()));
   const int64_t chunk_panels = (panels + chunks - 1) / chunks;
   const float* data = x.const_data_ptr<float>();
   const float inv = 1.0f / float(pixels);
@@ -108,7 +108,7 @@ void conv_pool(const Tensor& x, const float* w, const float* bias, Activation ac
       for (int64_t q = 0; q < pixels; q += rows) {
         const int64_t m = std::min(rows, pixels - q);
         // The kernel addresses output columns absolutely: the buffer stands for columns [col0, ...).
-        // Split into chunks (fewer images than threads), each weight is read once a call: cold.
+        // Split into chunks (few images a thread), each weight is read about once a call: cold.
         const pointwise::Gemm g{data + (image * pixels + q) * cin, cin, w, bias, nullptr, 0, buffer.data() - col0, width, m, c, cin, act,
                                 chunks > 1};
         gemm(g, p0, p1);

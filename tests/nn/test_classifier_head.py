@@ -57,7 +57,7 @@ def check(head: Head, x: torch.Tensor, monkeypatch) -> torch.Tensor:
     return fused
 
 
-@pytest.mark.parametrize("thread_count", [1, 2])
+@pytest.mark.parametrize("thread_count", [1, 2, 3])  # 3 images on 2 threads, 1 or 6 on 3: each image's panels split
 @pytest.mark.parametrize("batch", [1, 3, 6, 21, 70])  # 1, 3: rows; 6, 21: swapped GEMM (a partial panel); 70: ATen
 @pytest.mark.parametrize("v3", [True, False], ids=["v3", "v2"])
 def test_head_matches_its_modules(v3, batch, thread_count, monkeypatch):

@@ -1,8 +1,8 @@
 """The fused inverted-residual block (fastmb::inverted_residual, eval on the CPU) against the same
 block run layer by layer: every V2/V3 configuration and V1's depthwise-separable blocks (the
 projection's activation in the op; with and without expansion, SE, residual;
-strides 1 and 2; dilation; kernels 3 and 5; odd sizes; one image and several, on one thread and
-two, so that each of the op's schedules runs), weights changed between calls, and the cases
+strides 1 and 2; dilation; kernels 3 and 5; odd sizes; one image and several, on one to four
+threads, so that each of the op's schedules runs), weights changed between calls, and the cases
 where it must step aside."""
 
 import contextlib
@@ -102,8 +102,16 @@ def block_id(block_case) -> str:
     return build.__name__[:2] + "-" + "-".join(str(int(v) if isinstance(v, bool) else v) for v in case)
 
 
-@pytest.mark.parametrize("thread_count", [1, 2])
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+# (images, height, width) on 2-4 threads: 3 or 5 images leave a remainder that runs in row parts
+# after the whole images (or, small, phase by phase); 2 images on 3 threads split into 3 parts each.
+UNEVEN_SIZES = [(3, 40, 36), (5, 17, 13), (2, 30, 20)]
+
+
+@pytest.mark.parametrize(
+    "size, thread_count",
+    [(size, count) for size in SIZES for count in (1, 2)] + [(size, count) for size in UNEVEN_SIZES for count in (2, 3, 4)],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"threads{v}",
+)
 @pytest.mark.parametrize("block_case", BLOCKS, ids=block_id)
 def test_block_matches_its_layers(block_case, size, thread_count):
     build, case = block_case
@@ -510,8 +518,11 @@ def stem_layer_by_layer(layers: list[nn.Module], x: torch.Tensor) -> torch.Tenso
     return layer_by_layer(block, stem(x))
 
 
-@pytest.mark.parametrize("thread_count", [1, 2])
-@pytest.mark.parametrize("size", STEM_SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "size, thread_count",
+    [(size, count) for size in STEM_SIZES for count in (1, 2)] + [((3, 80, 70), 2), ((5, 34, 30), 3)],  # last: images after the first read the stem's
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"threads{v}",
+)
 @pytest.mark.parametrize("cases", STEM_CASES, ids=lambda c: f"stem{c[0][0]}-{c[0][1]}-k{c[0][2]}s{c[0][3]}-{block_id(c[1])}")
 def test_stem_and_block_match_their_layers(cases, size, thread_count, native_block_calls):
     """DESIGN.md's rule against the layers in float64, as check_against_layers."""
