@@ -52,12 +52,12 @@ struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
-// x in NHWC order: channels_last memory, dense.
 // Parts to split each of n images into so that the n * parts tasks share out evenly over
 // `threads`: 1 where n is a multiple of them, `threads` at batch 1, 2 for 3 images on 2 threads
 // (whole images left one thread idle a third of the time).
 inline int64_t even_parts(int64_t n, int64_t threads) { return threads / std::gcd(std::max<int64_t>(n, 1), threads); }
 
+// x in NHWC order: channels_last memory, dense.
 inline at::Tensor as_nhwc(const at::Tensor& x) { return x.contiguous(at::MemoryFormat::ChannelsLast); }
 
 // An output tensor, and (for 4-D ones) the NHWC buffer the kernels write: the output itself when

@@ -520,7 +520,8 @@ def stem_layer_by_layer(layers: list[nn.Module], x: torch.Tensor) -> torch.Tenso
 
 @pytest.mark.parametrize(
     "size, thread_count",
-    [(size, count) for size in STEM_SIZES for count in (1, 2)] + [((3, 80, 70), 2), ((5, 34, 30), 3)],  # last: images after the first read the stem's
+    # the last two: images left over after the whole ones read the stem's output of their own image
+    [(size, count) for size in STEM_SIZES for count in (1, 2)] + [((3, 80, 70), 2), ((5, 34, 30), 3)],
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"threads{v}",
 )
 @pytest.mark.parametrize("cases", STEM_CASES, ids=lambda c: f"stem{c[0][0]}-{c[0][1]}-k{c[0][2]}s{c[0][3]}-{block_id(c[1])}")
