@@ -173,8 +173,9 @@ struct BandsFromBothEnds {
 // `slide`, kept in a window of one band's rows: each band keeps the rows it shares with the last
 // one, moved to where it reads them, and computes the rest around them, so the same lines are
 // written again while in L2. With parts of one image at batch 1 the window ran V3-Large 1.01-1.06x
-// and V2 1.01-1.05x faster; with whole images (batch 16) it was level in the models and up to 15%
-// slower for a 112x112 block alone, so they keep the part's rows (and take bands from the top).
+// and V2 1.01-1.05x faster. Whole images slide too while each thread has at most two of them
+// (slide_whole_images); with more (batch 16) it was level in the models and up to 15% slower for
+// a 112x112 block alone, so they keep the part's rows (and take bands from the top).
 template <typename Bands>
 void expand_depthwise_rows(const Block& b, int64_t n, int64_t oh0, int64_t oh1, Bands bands, float* depthwise, float* sums, bool slide) {
   const Geometry& g = b.g;
@@ -409,7 +410,7 @@ constexpr int64_t kSeGroupBytes = 1 << 20;
 // groups: expanded and convolved, their gates computed together (each SE weight row read once a
 // group, not once an image), then projected. 7x7 blocks of V3-Large at batch 16, 2 MB L2:
 // 2.46-2.56 -> 1.92-2.06 ms each.
-void run_se_images(const Block& b, float* sums, int64_t n0, int64_t n1) {
+void run_se_images(const Block& b, float* sums, int64_t n0, int64_t n1, bool slide) {
   const Geometry& g = b.g;
   const int64_t image_values = g.ho * g.wo * g.c, pixels_out = g.ho * g.wo;
   const bool heavy_se = 2 * g.c * b.squeeze > image_values;
@@ -420,7 +421,7 @@ void run_se_images(const Block& b, float* sums, int64_t n0, int64_t n1) {
     const int64_t last = std::min(n1, first + group);
     for (int64_t n = first; n < last; ++n)
       expand_depthwise_rows(b, n, 0, g.ho, BandsFromTop{0, g.ho, band_rows(b)}, depthwise + (n - first) * image_values, sums + n * g.c,
-                            false);
+                            slide);
     const float* gates = excite(b, sums + first * g.c, last - first);
     for (int64_t n = first; n < last; ++n) {
       float* d = depthwise + (n - first) * image_values;
@@ -452,6 +453,13 @@ constexpr int64_t kMinPartRows = 14, kMinPartRowsWithoutSe = 7;
 // time in those blocks rose to 8.5%. From 28 rows it fell from 5-8% to 2-3% (busy host, timers
 // per block).
 constexpr int64_t kMinPairRows = 28;
+
+// Whether images run whole on a thread keep their expanded rows in a sliding window (as row
+// parts do): while each thread has at most two images, whose weights come from memory and whose
+// whole rows (4.8 MB at V2's features.2) miss the caches. Alternated in one process, V2 at batch
+// 2 on 2 threads 1.05x, at batch 4 1.02x, at batch 1 on 1 thread 1.03x, V3-Large 1.01-1.03x; at
+// batch 8 level, at 16 0.5% slower.
+bool slide_whole_images(int64_t images, int threads) { return images <= 2 * threads; }
 
 void run_block(const Block& b) {
   const Geometry& g = b.g;
@@ -502,7 +510,7 @@ void run_block(const Block& b) {
   std::unique_ptr<std::atomic<int64_t>[]> taken(pairs ? new std::atomic<int64_t>[g.n * pair_count] : nullptr);
   for (int64_t i = 0; pairs && i < g.n * pair_count; ++i) taken[i].store(0, std::memory_order_relaxed);
   at::parallel_for(0, g.n * parts, 1, [&](int64_t begin, int64_t end) {
-    if (b.has_se() && parts == 1) return run_se_images(b, sums, begin, end);
+    if (b.has_se() && parts == 1) return run_se_images(b, sums, begin, end, slide_whole_images(g.n, threads));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / parts;
       if (pairs) {
@@ -518,7 +526,7 @@ void run_block(const Block& b) {
       if (b.has_se())  // parts of an image: its depthwise output and channel sums kept for the second pass
         expand_depthwise_rows(b, n, oh0, oh1, bands, shared_depthwise + n * image_values, sums + task * g.c, parts > 1);
       else
-        expand_depthwise_rows(b, n, oh0, oh1, bands, nullptr, nullptr, parts > 1);
+        expand_depthwise_rows(b, n, oh0, oh1, bands, nullptr, nullptr, parts > 1 || slide_whole_images(g.n, threads));
     }
   });
   if (!b.has_se() || parts == 1) return;
