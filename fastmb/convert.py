@@ -12,7 +12,7 @@ from torch import nn
 from fastmb.models.layers import use_channels_last
 from fastmb.nn import ConvBNAct, DWConvBNAct, SqueezeExcitation
 from fastmb.ops.activations import activation_name, gate_name
-from fastmb.ops.common import batch_norm_channels, frozen_batch_norm, torchvision_frozen_batch_norm
+from fastmb.ops.common import batch_norm_channels, frozen_batch_norm, fused_norm
 from fastmb.ops.inverted_residual import own_hooks
 
 logger = logging.getLogger("fastmb")
@@ -29,7 +29,7 @@ def _conv_bn_parts(module: nn.Module) -> tuple[nn.Conv2d, nn.Module, nn.Module |
     conv, bn = module[0], module[1]
     if type(conv) is not nn.Conv2d:
         return None
-    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm) and not torchvision_frozen_batch_norm(bn):
+    if not fused_norm(bn):
         # a norm of another kind, by its name (not all are _NormBase); without a norm
         # (norm_layer=None: the FPN's layers) the second child is the activation: nothing to report
         named_norm = "Norm" in type(bn).__name__ and type(module) is not nn.Sequential

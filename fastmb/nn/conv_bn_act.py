@@ -13,6 +13,7 @@ from fastmb.nn.batch_norm import batch_norm_step, synced_batch_norm, synchronise
 from fastmb.ops.activations import ACTIVATIONS, activation_name
 from fastmb.ops.common import (
     autocast_dtype,
+    batch_norm_affine,
     bn_affine,
     check_choice,
     conv_output_shape,
@@ -453,7 +454,7 @@ def _fold_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, ...]:
     lookup costs more than the rest. A weight that is not a parameter (remove_parametrizations
     under no_grad leaves a buffer) is read as the attribute."""
     weight = conv._parameters.get("weight")
-    affine = bn._buffers if frozen_batch_norm(bn) else bn._parameters  # a FrozenBatchNorm2d's are buffers
+    affine = batch_norm_affine(bn)
     return (weight if weight is not None else conv.weight, affine["weight"], affine["bias"],
             bn._buffers["running_mean"], bn._buffers["running_var"])  # fmt: skip
 

@@ -9,6 +9,7 @@ from fastmb.ops.common import (
     batch_norm_channels,
     check_choice,
     check_tensor,
+    fused_norm,
     integer,
     pair,
     real,
@@ -126,8 +127,7 @@ def fusable_children(conv: nn.Module, bn: nn.Module) -> bool:
     """Whether the children are still what the fused op computes (a depthwise_conv; a
     BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d): not after one was swapped, as when the batch
     norm is folded into the conv by hand (torch.nn.utils.fusion) and replaced by Identity."""
-    norm = type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or torchvision_frozen_batch_norm(bn)
-    return depthwise_conv(conv) and norm and batch_norm_channels(bn) == conv.out_channels
+    return depthwise_conv(conv) and fused_norm(bn) and batch_norm_channels(bn) == conv.out_channels
 
 
 def run_dwconv_bn_act_modules(

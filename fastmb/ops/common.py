@@ -49,6 +49,17 @@ def timm_frozen_batch_norm(module: object) -> bool:
     return (cls.__module__, cls.__name__) == _TIMM_FROZEN
 
 
+def fused_norm(bn: object) -> bool:
+    """Whether `bn` is a batch norm the fused stages compute: exactly a BatchNorm2d or SyncBatchNorm
+    (a subclass may compute otherwise), or torchvision's FrozenBatchNorm2d."""
+    return type(bn) in (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm) or torchvision_frozen_batch_norm(bn)
+
+
+def batch_norm_affine(bn: torch.nn.Module) -> dict:
+    """The dict that holds a batch norm's weight and bias: its parameters, a frozen one's buffers."""
+    return bn._buffers if frozen_batch_norm(bn) else bn._parameters
+
+
 def batch_norm_channels(bn: torch.nn.Module) -> int:
     """How many channels a BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d normalises."""
     return bn.num_features if not frozen_batch_norm(bn) else bn._buffers["running_var"].shape[0]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmb import _extension, dispatch
-from fastmb.ops.common import batch_norm_channels, frozen_batch_norm, runs_composite, torchvision_frozen_batch_norm
+from fastmb.ops.common import batch_norm_affine, batch_norm_channels, fused_norm, runs_composite, torchvision_frozen_batch_norm
 
 PANEL = 16  # output channels per packed 1x1 weight panel (csrc/cpu/pointwise/kernels.h)
 
@@ -40,7 +40,7 @@ def plain_batch_norm(bn: nn.Module, channels: int) -> bool:
     if torchvision_frozen_batch_norm(bn):
         return batch_norm_channels(bn) == channels
     return (
-        type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm)
+        fused_norm(bn)
         and bn.num_features == channels
         and bn.affine
         and bn.track_running_stats
@@ -81,7 +81,7 @@ def depthwise_conv(conv: nn.Module, types: tuple[type, ...] = (nn.Conv2d,)) -> b
 def conv_bn_slots(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> list[tuple[dict, str]]:
     """Where the conv's weight and the batch norm's parameters and statistics are held: the
     modules' own dicts and keys, so a tensor replaced since (a new nn.Parameter) is read there."""
-    affine = bn._buffers if frozen_batch_norm(bn) else bn._parameters  # a FrozenBatchNorm2d's are buffers
+    affine = batch_norm_affine(bn)
     return [(conv._parameters, "weight"), (affine, "weight"), (affine, "bias"), (bn._buffers, "running_mean"),
             (bn._buffers, "running_var")]  # fmt: skip
 
