@@ -55,6 +55,11 @@ def randomize_batch_norm(module: nn.Module, generator: torch.Generator | None = 
                 bn.running_var.uniform_(0.5, 2.0, generator=generator)
 
 
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """The largest absolute difference, relative to the largest magnitude of `expected`."""
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
 def run(module: nn.Module, x: Tensor, grad: Tensor | None) -> dict[str, Tensor]:
     """Output, input grad, parameter grads and buffers of `module` on `x`, detached."""
     x = x.detach().clone().requires_grad_(grad is not None)

@@ -13,6 +13,7 @@ import torchvision
 
 import fastmb
 from fastmb.models.calibration import calibrate_batch_norm
+from oracle import relative_error
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -30,10 +31,6 @@ def onnx_outputs(model: torch.nn.Module, x: torch.Tensor, dynamo: bool) -> tuple
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     return torch.from_numpy(outputs), {node.op_type for node in onnx.load_from_string(data).graph.node}
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 @pytest.fixture(scope="module")

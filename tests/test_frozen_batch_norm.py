@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import fastmb
-from oracle import run
+from oracle import relative_error, run
 
 
 def frozen_pair(name: str) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -28,10 +28,6 @@ def frozen_pair(name: str) -> tuple[nn.Module, nn.Module, nn.Module]:
     ours = getattr(fastmb, name)(norm_layer=FrozenBatchNorm2d, num_classes=10, dropout=0.0).eval()
     ours.load_state_dict(theirs.state_dict())
     return theirs, ours, fastmb.convert(copy.deepcopy(theirs))
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v2"])

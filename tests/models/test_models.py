@@ -13,7 +13,7 @@ from fastmb.models.mobilenet_v1 import from_timm_state_dict
 from fastmb.models.calibration import calibrate_batch_norm
 from fastmb.nn.conv_bn_act import _pointwise_as_matmul
 from fastmb.ops.activations import ACTIVATIONS
-from oracle import assert_autocast_like_eager, randomize_batch_norm
+from oracle import assert_autocast_like_eager, randomize_batch_norm, relative_error
 
 TORCHVISION_CASES = [
     ("mobilenet_v2", {}),
@@ -26,10 +26,6 @@ TORCHVISION_CASES = [
     ("mobilenet_v3_small", {"dilated": True, "dropout": 0.1}),
 ]
 CASE_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kwargs.items()) or 'default'}" for name, kwargs in TORCHVISION_CASES]
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def pair(name: str, kwargs: dict) -> tuple[nn.Module, nn.Module]:
