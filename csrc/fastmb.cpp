@@ -114,6 +114,8 @@ static PyObject* release_cached_outputs(PyObject*, PyObject*) { return PyLong_Fr
 
 static PyMethodDef fastmb_methods[] = {
     {"slot_stamps", fastmb::slot_stamps, METH_VARARGS, "What (dict, key) slots hold: identities, tensor data and versions, as bytes."},
+    {"dict_versions", fastmb::dict_versions, METH_VARARGS, "Each dict's version (PEP 509) as bytes, or None where there are none."},
+    {"tensor_stamps", fastmb::tensor_stamps, METH_VARARGS, "Each tensor's data address and version counter, as bytes."},
     {"prepare_chain", fastmb::prepare_chain, METH_VARARGS, "fastmb::inverted_residual_chain's arguments, prepared once (a capsule)."},
     {"run_chain", fastmb::run_chain, METH_VARARGS, "run_chain(prepared, x): the prepared chain op on x."},
     {"release_cached_outputs", release_cached_outputs, METH_NOARGS, "Frees the idle blocks of the CPU output cache; returns the bytes."},

@@ -99,7 +99,82 @@ void prefetch_slots(PyObject** slots, Py_ssize_t count, Py_ssize_t tensor_slots)
     if (impl->has_storage()) __builtin_prefetch(impl->storage().unsafeGetStorageImpl());
 }
 
+// The tensors' Python objects, then their TensorImpls, then their storages and version counters,
+// each level's misses in flight together (as prefetch_slots).
+void prefetch_tensors(PyObject** objects, Py_ssize_t count) {
+  auto* tensor_class = reinterpret_cast<PyTypeObject*>(THPVariableClass);
+  for (Py_ssize_t i = 0; i < count; ++i) __builtin_prefetch(objects[i]);
+  std::vector<const c10::TensorImpl*> impls;
+  impls.reserve(count);
+  for (Py_ssize_t i = 0; i < count; ++i)
+    if (PyType_IsSubtype(Py_TYPE(objects[i]), tensor_class)) {
+      impls.push_back(THPVariable_Unpack(objects[i]).unsafeGetTensorImpl());
+      prefetch_lines(impls.back(), 4);
+    }
+  for (const c10::TensorImpl* impl : impls)
+    if (impl->has_storage()) __builtin_prefetch(impl->storage().unsafeGetStorageImpl());
+}
+
 }  // namespace
+
+PyObject* dict_versions(PyObject* /*module*/, PyObject* args) {
+#if PY_VERSION_HEX >= 0x030E0000  // 3.14 dropped the versions
+  (void)args;
+  Py_RETURN_NONE;
+#else
+  PyObject* dicts = nullptr;
+  if (!PyArg_ParseTuple(args, "O", &dicts)) return nullptr;
+  PyObject* items = PySequence_Fast(dicts, "dict_versions takes a sequence of dicts");
+  if (items == nullptr) return nullptr;
+  const Py_ssize_t count = PySequence_Fast_GET_SIZE(items);
+  PyObject* versions = PyBytes_FromStringAndSize(nullptr, count * Py_ssize_t(sizeof(uint64_t)));
+  if (versions != nullptr) {
+    auto* values = reinterpret_cast<uint64_t*>(PyBytes_AS_STRING(versions));
+    PyObject** objects = PySequence_Fast_ITEMS(items);
+    for (Py_ssize_t i = 0; i < count; ++i) {
+      if (!PyDict_Check(objects[i])) {
+        PyErr_Format(PyExc_TypeError, "dict_versions: item %zd must be a dict", i);
+        Py_CLEAR(versions);
+        break;
+      }
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"  // 3.12 and 3.13 keep it, deprecated
+      values[i] = reinterpret_cast<PyDictObject*>(objects[i])->ma_version_tag;
+#pragma GCC diagnostic pop
+    }
+  }
+  Py_DECREF(items);
+  return versions;
+#endif
+}
+
+PyObject* tensor_stamps(PyObject* /*module*/, PyObject* args) {
+  PyObject* tensors = nullptr;
+  if (!PyArg_ParseTuple(args, "O", &tensors)) return nullptr;
+  PyObject* items = PySequence_Fast(tensors, "tensor_stamps takes a sequence of tensors");
+  if (items == nullptr) return nullptr;
+  const Py_ssize_t count = PySequence_Fast_GET_SIZE(items);
+  PyObject* stamps = PyBytes_FromStringAndSize(nullptr, 2 * count * Py_ssize_t(sizeof(int64_t)));
+  if (stamps != nullptr) {
+    auto* values = reinterpret_cast<int64_t*>(PyBytes_AS_STRING(stamps));
+    PyObject** objects = PySequence_Fast_ITEMS(items);
+    prefetch_tensors(objects, count);
+    auto* tensor_class = reinterpret_cast<PyTypeObject*>(THPVariableClass);
+    for (Py_ssize_t i = 0; i < count; ++i) {
+      if (!PyType_IsSubtype(Py_TYPE(objects[i]), tensor_class)) {
+        PyErr_Format(PyExc_TypeError, "tensor_stamps: item %zd must be a tensor", i);
+        Py_CLEAR(stamps);
+        break;
+      }
+      if (!stamp_tensor(objects[i], values + 2 * i)) {
+        Py_CLEAR(stamps);
+        break;
+      }
+    }
+  }
+  Py_DECREF(items);
+  return stamps;
+}
 
 PyObject* slot_stamps(PyObject* /*module*/, PyObject* args) {
   PyObject* slots = nullptr;

@@ -13,4 +13,12 @@ namespace fastmb {
 // caches. The other slots' values are not read, for the same reason.
 PyObject* slot_stamps(PyObject* module, PyObject* args);
 
+// fastmb._C.dict_versions(dicts): bytes with each dict's version (PEP 509: CPython 3.11-3.13 give
+// every dict a new one at each change to it), or None where the interpreter keeps none. One read
+// per dict: where no watched dict has changed, the watch checks its tensors alone.
+PyObject* dict_versions(PyObject* module, PyObject* args);
+
+// fastmb._C.tensor_stamps(tensors): bytes with each tensor's data address and version counter.
+PyObject* tensor_stamps(PyObject* module, PyObject* args);
+
 }  // namespace fastmb

@@ -127,3 +127,100 @@ def test_slot_stamps_change_with_each_kind_of_change(stamps):
         inference = {"x": torch.randn(2)}
     with pytest.raises(RuntimeError, match="version counter"):
         stamp([(inference, "x")], 1)
+
+
+def test_dict_versions_and_tensor_stamps_change_with_each_change():
+    """fastmb._C.dict_versions gives a dict a new version at each change to it (another object set,
+    even an equal one, a key added or removed, an OrderedDict's entry) and none while it is only
+    read; tensor_stamps tells a tensor changed in place or given other data. Both refuse other
+    objects."""
+    import collections
+    import sys
+
+    versions, stamps = _extension.C.dict_versions, _extension.C.tensor_stamps
+    plain, ordered = {"eps": 1e-5}, collections.OrderedDict(a=1)
+    if sys.version_info >= (3, 14):
+        assert versions([plain]) is None  # no versions to read: the Watch reads every slot
+        return
+    before = versions([plain, ordered])
+    _ = plain["eps"], ordered.get("a"), len(ordered)
+    assert versions([plain, ordered]) == before
+    seen = [before]
+    for change in (
+        lambda: plain.__setitem__("eps", float("1e-5")),
+        lambda: plain.__setitem__("momentum", 0.1),
+        lambda: plain.pop("momentum"),
+        lambda: ordered.__setitem__("b", 2),
+        lambda: ordered.pop("a"),
+        lambda: ordered.clear(),
+    ):
+        change()
+        seen.append(versions([plain, ordered]))
+    assert len(set(seen)) == len(seen)
+    with pytest.raises(TypeError, match="item 1 must be a dict"):
+        versions([plain, [1]])
+
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    first = stamps([weight])
+    assert stamps([weight]) == first
+    with torch.no_grad():
+        weight.mul_(2)
+    in_place = stamps([weight])
+    weight.data = torch.randn(4, 3)
+    assert len({first, in_place, stamps([weight])}) == 3
+    with pytest.raises(TypeError, match="item 0 must be a tensor"):
+        stamps([1.0])
+    with torch.inference_mode():
+        inference = torch.randn(2)
+    with pytest.raises(RuntimeError, match="version counter"):
+        stamps([inference])
+
+
+@pytest.mark.parametrize("versions", ["native", "none"])
+def test_watch_sees_each_kind_of_change(versions, monkeypatch):
+    """A Watch (what plans and memos are checked with) tells each change to a slot, also after a
+    change elsewhere in a watched dict (which it lets pass), with the dicts' versions and, as
+    after CPython 3.13, without them."""
+    from fastmb.ops import packing
+
+    if versions == "none":
+        monkeypatch.setattr(packing, "dict_versions", lambda dicts: None)
+    full_reads, read_slots = [], packing.slot_stamps
+
+    def counted_slot_stamps(slots: list, tensor_slots: int) -> object:
+        full_reads.append(1)
+        return read_slots(slots, tensor_slots)
+
+    monkeypatch.setattr(packing, "slot_stamps", counted_slot_stamps)
+
+    def parts() -> tuple[dict, dict, list]:
+        parameters, attributes = {"weight": torch.nn.Parameter(torch.randn(4, 3)), "bias": torch.randn(4)}, {"eps": 1e-5}
+        slots = [(parameters, "weight"), (parameters, "bias"), (attributes, "eps"), (attributes, "activation"), (parameters, None)]
+        return parameters, attributes, slots
+
+    def in_place(p: dict, a: dict) -> None:
+        with torch.no_grad():
+            p["weight"].mul_(2)
+
+    changes = {
+        "in place": in_place,
+        "data replaced": lambda p, a: setattr(p["weight"], "data", torch.randn(4, 3)),
+        "other tensor": lambda p, a: p.__setitem__("bias", p["bias"].clone()),
+        "other value": lambda p, a: a.__setitem__("eps", 1e-3),
+        "key added": lambda p, a: a.__setitem__("activation", "relu"),
+        "dict grew": lambda p, a: p.__setitem__("extra", None),
+    }
+    for name, change in changes.items():
+        for elsewhere_first in (False, True):
+            parameters, attributes, slots = parts()
+            watch = packing.Watch(slots)
+            assert watch.unchanged(), name
+            if elsewhere_first:  # a key no slot reads: still unchanged, and the versions taken again
+                attributes["unwatched"] = 1
+                assert watch.unchanged(), name
+                full_reads.clear()
+                assert watch.unchanged(), name
+                assert full_reads == ([] if versions == "native" else [1]), name  # the short check again
+            change(parameters, attributes)
+            assert not watch.unchanged(), name
+            assert not watch.unchanged(), name  # and stays changed

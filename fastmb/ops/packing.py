@@ -132,6 +132,12 @@ def _python_slot_stamps(slots: Sequence[Slot], tensor_slots: int) -> tuple:
 # What the slots hold, in one value compared at once: fastmb._C's, one C loop (a forward's checks
 # as Python reads took 0.25-0.35 ms at batch 1: every read a cache miss after the op's weights).
 slot_stamps: Callable[[Sequence[Slot], int], object] = getattr(_extension.C, "slot_stamps", _python_slot_stamps)
+# Each dict's version (PEP 509: CPython 3.11-3.13 give a dict a new one at every change to it), or
+# None; and each tensor's data address and version counter.
+dict_versions: Callable[[Sequence[dict]], object] = getattr(_extension.C, "dict_versions", lambda dicts: None)
+tensor_stamps: Callable[[Sequence[Tensor]], object] = getattr(
+    _extension.C, "tensor_stamps", lambda tensors: tuple((t.data_ptr(), t._version) for t in tensors)
+)
 
 
 class Watch:
@@ -139,7 +145,7 @@ class Watch:
     tensors the same data and version) and dicts the same sizes. Keeps the values, so that no
     address is taken by another object while watched."""
 
-    __slots__ = ("slots", "_tensor_slots", "_values", "_stamps")
+    __slots__ = ("slots", "_tensor_slots", "_values", "_stamps", "_dicts", "_versions", "_tensors", "_tensor_stamps")
 
     def __init__(self, slots: Iterable[Slot]) -> None:
         unique = list({(id(holder), key): (holder, key) for holder, key in slots}.values())
@@ -148,9 +154,22 @@ class Watch:
         self.slots, self._tensor_slots = (*tensors, *others), len(tensors)  # slot_stamps reads the values of the first only
         self._values = [holder.get(key) for holder, key in self.slots if key is not None]
         self._stamps = slot_stamps(self.slots, self._tensor_slots)
+        self._dicts = tuple({id(holder): holder for holder, _ in self.slots}.values())
+        self._tensors = tuple(holder[key] for holder, key in tensors)
+        self._versions = dict_versions(self._dicts)
+        self._tensor_stamps = tensor_stamps(self._tensors) if self._versions is not None else None
 
     def unchanged(self) -> bool:
-        return slot_stamps(self.slots, self._tensor_slots) == self._stamps
+        # While no watched dict has a new version, every slot holds what it held: only the tensors'
+        # data and versions are read. V3-Large's 2061 slots in 1375 dicts, after a forward at batch
+        # 1: 42 us against 116 (each slot's reads are cache misses once the weights have passed).
+        versions = dict_versions(self._dicts)
+        if versions is not None and versions == self._versions:
+            return tensor_stamps(self._tensors) == self._tensor_stamps
+        if slot_stamps(self.slots, self._tensor_slots) != self._stamps:
+            return False
+        self._versions = versions  # a dict changed elsewhere than the slots: the short check again next time
+        return True
 
 
 def mode_slots(modules: Iterable[nn.Module]) -> list[Slot]:
