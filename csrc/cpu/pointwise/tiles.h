@@ -197,14 +197,13 @@ FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0, const float* ahea
 #endif
 }
 
-// Rows per tile of P panels: about kAccumulators accumulator registers, at most 14 rows. With
-// AVX-512, the tile of one full and one half vector (the projections to 24 channels of the
-// early blocks) keeps 8 rows, not 12: measured on one thread, m = 256, n = 24, k = 64-144,
-// 87-89 G MAC/s against 67-80 (6 or 7 rows level with 8, 10 rows as slow as 12).
-constexpr int rows_for(int panels, bool half) {
-  if (FASTMB_GEMM_BYTES == 64 && half && panels == 2) return 8;
-  return std::min(14, kAccumulators / (panels * kPanelVectors));
-}
+// Rows per tile of P panels: about kAccumulators accumulator registers, at most 8 rows. Each row
+// keeps its input pointer in a general register: with 12 rows (two panels) and 14 (one) on
+// AVX-512 the pointers went to vector registers and accumulators to the stack. One thread, Zen 4,
+// m = 448, k = 32-256: n = 32 (two panels) 47.5-51.5 -> 51.6-57.9 G MAC/s, n = 16 45.7-51.6 ->
+// 49.7-57.9, n = 72 47.6-51.9 -> 52.7-57.9 (of 58.6); 6 or 7 rows level with 8. (The tile of
+// one full and one half vector, n = 24, was the first found: 8 rows ran 87-89 G MAC/s, 12 67-80.)
+constexpr int rows_for(int panels, bool /*half*/) { return std::min(8, kAccumulators / (panels * kPanelVectors)); }
 
 // The last rows' tile: `left` (< R) rows from i0.
 template <int P, bool Half, int R>
