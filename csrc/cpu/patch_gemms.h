@@ -18,7 +18,8 @@
 namespace fastmb::cpu::patches {
 
 // Vector accumulators per register tile: NV vectors of output channels times kTile / NV pixels
-// (z) or taps (weight gradient), 12 of the 16 (AVX2) or 32 (AVX-512) registers.
+// (z: at most kMaxTilePixels) or taps (weight gradient), 12 of the 16 (AVX2) or 32 (AVX-512)
+// registers.
 constexpr int kTile = 12;
 // Pixels per z tile, at most: each keeps a pointer in a general register. With 12 (one vector of
 // channels: the 16-channel stems of MobileNetV3) they did not all fit; with 8 V3-Large's stem

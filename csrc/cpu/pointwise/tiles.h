@@ -203,7 +203,7 @@ FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0, const float* ahea
 // m = 448, k = 32-256: n = 32 (two panels) 47.5-51.5 -> 51.6-57.9 G MAC/s, n = 16 45.7-51.6 ->
 // 49.7-57.9, n = 72 47.6-51.9 -> 52.7-57.9 (of 58.6); 6 or 7 rows level with 8. (The tile of
 // one full and one half vector, n = 24, was the first found: 8 rows ran 87-89 G MAC/s, 12 67-80.)
-constexpr int rows_for(int panels, bool /*half*/) { return std::min(8, kAccumulators / (panels * kPanelVectors)); }
+constexpr int rows_for(int panels) { return std::min(8, kAccumulators / (panels * kPanelVectors)); }
 
 // The last rows' tile: `left` (< R) rows from i0.
 template <int P, bool Half, int R>
@@ -214,13 +214,13 @@ FASTMB_INLINE void tail_tile(const Gemm& g, int64_t i0, int64_t p0, int64_t left
   }
 }
 
-// Rows [0, m) in tiles of rows_for(P, Half), the last tile as many rows as are left. With cold
+// Rows [0, m) in tiles of rows_for(P), the last tile as many rows as are left. With cold
 // weights the row tiles share out the prefetch of the next group's, panels [p0 + P, next_end),
 // and a `lead` group (none before it prefetched its weights) has its first tile run ahead of
 // its own.
 template <int P, bool Half>
 FASTMB_INLINE void tile_rows(const Gemm& g, int64_t p0, int64_t next_end, bool lead) {
-  constexpr int R = rows_for(P, Half);
+  constexpr int R = rows_for(P);
   const int64_t tiles = (g.m + R - 1) / R, lines = g.cold_weights ? std::max<int64_t>(next_end - p0 - P, 0) * g.k : 0;
   const int64_t share = (lines + tiles - 1) / tiles;
   // Tile t's lines of the next group: at most one per k step, and no pointer past the weights.
