@@ -54,6 +54,21 @@ void prefetch_lines(const void* address, int lines) {
   for (int line = 0; line < lines; ++line) __builtin_prefetch(static_cast<const char*>(address) + 64 * line);
 }
 
+// The TensorImpls of the objects that are tensors (their Python objects already prefetched), then
+// their storages: the last two levels of the prefetch passes below.
+void prefetch_tensor_internals(PyObject* const* objects, Py_ssize_t count) {
+  auto* tensor_class = reinterpret_cast<PyTypeObject*>(THPVariableClass);
+  std::vector<const c10::TensorImpl*> impls;
+  impls.reserve(count);
+  for (Py_ssize_t i = 0; i < count; ++i)
+    if (PyType_IsSubtype(Py_TYPE(objects[i]), tensor_class)) {
+      impls.push_back(THPVariable_Unpack(objects[i]).unsafeGetTensorImpl());
+      prefetch_lines(impls.back(), 4);  // its storage, version counter and sizes
+    }
+  for (const c10::TensorImpl* impl : impls)
+    if (impl->has_storage()) __builtin_prefetch(impl->storage().unsafeGetStorageImpl());
+}
+
 // Every read slot_stamps makes misses the caches after a forward (the op's weights went through
 // them), and each slot's reads depend on one another (tuple, dict, its table, the value, its
 // TensorImpl, storage): one slot at a time, the CPU mostly waits on memory. These passes walk all
@@ -86,33 +101,20 @@ void prefetch_slots(PyObject** slots, Py_ssize_t count, Py_ssize_t tensor_slots)
     }
     if (value != nullptr) __builtin_prefetch(value);
   }
-  std::vector<const c10::TensorImpl*> impls;
-  auto* tensor_class = reinterpret_cast<PyTypeObject*>(THPVariableClass);
+  std::vector<PyObject*> values;
+  values.reserve(tensor_slots);
   for (Py_ssize_t i = 0; i < tensor_slots; ++i) {
     dict_slot(slots[i], &holder, &key);  // every one is: the pass above checked them
-    PyObject* value = PyDict_GetItem(holder, key);
-    if (value == nullptr || !PyType_IsSubtype(Py_TYPE(value), tensor_class)) continue;
-    impls.push_back(THPVariable_Unpack(value).unsafeGetTensorImpl());
-    prefetch_lines(impls.back(), 4);  // its storage, version counter and sizes
+    if (PyObject* value = PyDict_GetItem(holder, key); value != nullptr) values.push_back(value);
   }
-  for (const c10::TensorImpl* impl : impls)
-    if (impl->has_storage()) __builtin_prefetch(impl->storage().unsafeGetStorageImpl());
+  prefetch_tensor_internals(values.data(), Py_ssize_t(values.size()));
 }
 
-// The tensors' Python objects, then their TensorImpls, then their storages and version counters,
-// each level's misses in flight together (as prefetch_slots).
+// The tensors' Python objects, then their TensorImpls, storages and version counters, each
+// level's misses in flight together (as prefetch_slots).
 void prefetch_tensors(PyObject** objects, Py_ssize_t count) {
-  auto* tensor_class = reinterpret_cast<PyTypeObject*>(THPVariableClass);
   for (Py_ssize_t i = 0; i < count; ++i) __builtin_prefetch(objects[i]);
-  std::vector<const c10::TensorImpl*> impls;
-  impls.reserve(count);
-  for (Py_ssize_t i = 0; i < count; ++i)
-    if (PyType_IsSubtype(Py_TYPE(objects[i]), tensor_class)) {
-      impls.push_back(THPVariable_Unpack(objects[i]).unsafeGetTensorImpl());
-      prefetch_lines(impls.back(), 4);
-    }
-  for (const c10::TensorImpl* impl : impls)
-    if (impl->has_storage()) __builtin_prefetch(impl->storage().unsafeGetStorageImpl());
+  prefetch_tensor_internals(objects, count);
 }
 
 }  // namespace

@@ -482,8 +482,8 @@ void run_block(const Block& b) {
   const int64_t image_values = g.ho * g.wo * g.c, pixels_out = g.ho * g.wo;
   // With fewer images than threads each image is split into row parts that share out evenly over
   // the threads (one per thread at batch 1), or, when it is too small for that, run by
-  // run_image_split.
-  const int64_t parts = g.n >= threads ? 1 : std::min<int64_t>(g.ho, even_parts(g.n, threads));
+  // run_image_split; images that are a multiple of the threads (all the others, here) run whole.
+  const int64_t parts = std::min<int64_t>(g.ho, even_parts(g.n, threads));
   if (parts > 1 && g.ho / parts < (b.has_se() ? kMinPartRows : kMinPartRowsWithoutSe)) {
     for (int64_t n = 0; n < g.n; ++n) run_image_split(b, n);
     return;

@@ -133,11 +133,10 @@ def _python_slot_stamps(slots: Sequence[Slot], tensor_slots: int) -> tuple:
 # as Python reads took 0.25-0.35 ms at batch 1: every read a cache miss after the op's weights).
 slot_stamps: Callable[[Sequence[Slot], int], object] = getattr(_extension.C, "slot_stamps", _python_slot_stamps)
 # Each dict's version (PEP 509: CPython 3.11-3.13 give a dict a new one at every change to it), or
-# None; and each tensor's data address and version counter.
+# None (3.14, or no extension: a Watch then reads every slot); and each tensor's data address and
+# version counter, read only where there are versions.
 dict_versions: Callable[[Sequence[dict]], object] = getattr(_extension.C, "dict_versions", lambda dicts: None)
-tensor_stamps: Callable[[Sequence[Tensor]], object] = getattr(
-    _extension.C, "tensor_stamps", lambda tensors: tuple((t.data_ptr(), t._version) for t in tensors)
-)
+tensor_stamps: Callable[[Sequence[Tensor]], object] | None = getattr(_extension.C, "tensor_stamps", None)
 
 
 class Watch:
