@@ -102,10 +102,13 @@ TORCH_LIBRARY(fastmb, m) {
       "int[2] stem_dilation=[1, 1], str stem_activation=\"identity\") -> Tensor");
   // A MobileNet's head in eval, float32 channels_last, CPU only: the last 1x1 conv (BN folded,
   // weight packed as inverted_residual's) + activation, global average pooling, then each linear
-  // layer (weight (out, in)) + its activation. Returns (N, classes).
+  // layer (weight (out, in)) + its activation. Returns (N, classes). fc1_by_groups, optional: the
+  // first layer's weight again, by groups of 64 inputs, each packed as the 1x1 convs' weights
+  // ((C / 64, ceil(out / 16), 64, 16): [q][p][k][l] = fc_weights[0][16p + l][64q + k], zero past
+  // out): with it, one image runs that layer under the conv.
   m.def(
       "classifier_head(Tensor x, Tensor conv_weight, Tensor conv_bias, str conv_activation, Tensor[] fc_weights, "
-      "Tensor[] fc_biases, str[] fc_activations) -> Tensor");
+      "Tensor[] fc_biases, str[] fc_activations, Tensor? fc1_by_groups=None) -> Tensor");
 }
 
 // Importing fastmb._C runs the static registrations above; the module itself carries how the

@@ -2,7 +2,8 @@
 // global average pooling and the classifier's linear layers, in eval, float32, in one call:
 //   pooled = mean_hw(act(conv1x1(x))); h = act1(fc1(pooled)); ... -> (N, classes)
 // The conv runs on the pointwise GEMM (its weights packed once by the caller) into a per-thread
-// buffer that is summed while in cache: the conv's output never reaches memory. At batch 1 the
+// buffer that is summed while in cache: the conv's output never reaches memory. With one image,
+// the first linear layer can run group by group under the conv (conv_pool_linear). At batch 1 the
 // linear layers read megabytes of weights for a few multiply-adds each, so their rows are split
 // between the threads (ATen's GEMM ran them on one: 0.39 ms for 960 -> 1280 from DRAM); with
 // more images they are GEMMs (ATen's).
@@ -84,6 +85,55 @@ Tensor linear(const Tensor& in, const Tensor& weight, const Tensor& bias, Activa
   return out;
 }
 
+// The first linear layer of one image, y (rows) = act(fc_w * mean_hw(conv act(x * w + bias)) +
+// fc_b), with the layer's weight by groups of 64 of its inputs (fc_groups: [group][panel][64][16],
+// see classifier_head): each thread takes a share of the groups, and runs each group's conv
+// panels, pools them and multiplies the 64 means into the layer's rows at once, while the
+// group's conv tiles prefetch that group's layer weights (Gemm::stream). The layer's megabytes
+// then stream in from memory under the conv's arithmetic, not after it. The threads' partial
+// sums are added at the end. V2's head (320 -> 1280 at 7x7, then 1280 -> 1000), 2 threads, Zen 4,
+// after its chain as in the model: 372 -> 319 us; V3's convs are too short to hide their first
+// layer (their groups also split unevenly between two threads), which keep conv_pool.
+Tensor conv_pool_linear(const Tensor& x, const float* w, const float* bias, Activation act, int64_t c, const float* fc_groups,
+                        const float* fc_bias, int64_t rows, Activation fc_act, int parts, pointwise::GemmPanels gemm) {
+  constexpr int64_t kGroup = 64, kGroupPanels = kGroup / pointwise::kPanel;
+  const int64_t cin = x.size(1), pixels = x.size(2) * x.size(3), groups = c / kGroup;
+  const int64_t row_panels = pointwise::panels_of(rows), ld = row_panels * pointwise::kPanel, slice = row_panels * kGroup * pointwise::kPanel;
+  AlignedVector<float> partial(parts * ld), zeros(ld, 0.0f);
+  const float* data = x.const_data_ptr<float>();
+  const float inv = 1.0f / float(pixels);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    thread_local AlignedVector<float> buffer;
+    if (int64_t(buffer.size()) < pixels * kGroup) buffer.resize(pixels * kGroup);
+    alignas(64) float pooled[kGroup];
+    for (int64_t part = begin; part < end; ++part) {
+      float* y = partial.data() + part * ld;
+      for (int64_t q = part * groups / parts; q < (part + 1) * groups / parts; ++q) {
+        const float* layer = fc_groups + q * slice;
+        // The kernel addresses output columns absolutely: the buffer stands for columns [64q, ...).
+        const pointwise::Gemm conv{data, cin, w, bias, nullptr, 0, buffer.data() - q * kGroup, kGroup, pixels, c, cin, act, true,
+                                   layer, slice / pointwise::kPanel};
+        gemm(conv, q * kGroupPanels, (q + 1) * kGroupPanels);
+        std::fill(pooled, pooled + kGroup, 0.0f);
+        add_rows(pooled, buffer.data(), pixels, kGroup, kGroup);
+        for (float& v : pooled) v *= inv;
+        // y += the layer's columns of this group times their means (y itself as the residual).
+        const bool first = q == part * groups / parts;
+        const pointwise::Gemm linear{pooled, kGroup, layer, zeros.data(), first ? nullptr : y, ld, y, ld, 1, rows, kGroup, Activation::kIdentity};
+        gemm(linear, 0, row_panels);
+      }
+    }
+  });
+  Tensor out = at::empty({1, rows}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  float* h = out.mutable_data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    float sum = fc_bias[r];
+    for (int part = 0; part < parts; ++part) sum += partial[part * ld + r];
+    h[r] = activate(fc_act, sum);
+  }
+  return out;
+}
+
 // pooled (n, c) = mean over each image's pixels of act(x * w + bias).
 void conv_pool(const Tensor& x, const float* w, const float* bias, Activation act, int64_t c, pointwise::GemmPanels gemm, float* pooled) {
   const int64_t n = x.size(0), cin = x.size(1), pixels = x.size(2) * x.size(3);
@@ -122,7 +172,7 @@ void conv_pool(const Tensor& x, const float* w, const float* bias, Activation ac
 Tensor classifier_head(const Tensor& x, const Tensor& conv_weight, const Tensor& conv_bias, c10::string_view conv_activation,
                        at::TensorList fc_weights, at::TensorList fc_biases,
                        // owned: views of a str[] may outlive the list the boxed call unpacked them from
-                       const std::vector<std::string>& fc_activations) {
+                       const std::vector<std::string>& fc_activations, const std::optional<Tensor>& fc1_by_groups) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "fastmb::classifier_head: x must be a channels_last float32 CPU (N, C, H, W) tensor");
   TORCH_CHECK(x.size(2) * x.size(3) >= 1, "fastmb::classifier_head: x has no pixels to pool");
@@ -144,10 +194,25 @@ Tensor classifier_head(const Tensor& x, const Tensor& conv_weight, const Tensor&
     fc_acts.push_back(parse_activation(fc_activations[i]));
   }
   const Activation act = parse_activation(conv_activation);
-  Tensor h = at::empty({n, c}, x.options().memory_format(at::MemoryFormat::Contiguous));
   const pointwise::GemmPanels gemm = pointwise::select_gemm();
-  if (n > 0) conv_pool(x, w, bias, act, c, gemm, h.mutable_data_ptr<float>());
-  for (size_t i = 0; i < fc_weights.size(); ++i) h = linear(h, fc_weights[i], fc_biases[i], fc_acts[i], gemm);
+  const float* fc_groups = nullptr;
+  if (fc1_by_groups.has_value()) {
+    const int64_t rows = fc_weights[0].size(0);
+    TORCH_CHECK(c % 64 == 0, "fastmb::classifier_head: fc1_by_groups needs the conv's output channels in groups of 64, got ", c);
+    fc_groups = checked_dense_float("classifier_head", "fc1_by_groups", *fc1_by_groups, {c / 64, pointwise::panels_of(rows), 64, pointwise::kPanel});
+  }
+  // One image whose groups share out evenly over the threads: the first layer under the conv.
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  size_t first = 0;
+  Tensor h;
+  if (fc_groups != nullptr && n == 1 && threads > 1 && c >= 64 * threads && (c / 64) % threads == 0) {
+    h = conv_pool_linear(x, w, bias, act, c, fc_groups, fc_biases[0].const_data_ptr<float>(), fc_weights[0].size(0), fc_acts[0], threads, gemm);
+    first = 1;
+  } else {
+    h = at::empty({n, c}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    if (n > 0) conv_pool(x, w, bias, act, c, gemm, h.mutable_data_ptr<float>());
+  }
+  for (size_t i = first; i < fc_weights.size(); ++i) h = linear(h, fc_weights[i], fc_biases[i], fc_acts[i], gemm);
   return h;
 }
 

@@ -1,7 +1,8 @@
 """A MobileNet's head as one native call (fastmb::classifier_head): the last 1x1 ConvBNAct,
 global average pooling and the classifier's linear layers, eval on the CPU, float32. The modules
-stay as they are; `FusedHead` packs their weights (the batch norm folded) and packs again
-whenever one changes. Anything the op does not cover runs the modules."""
+stay as they are; `FusedHead` packs their weights (the batch norm folded; the first linear layer
+also by groups of its inputs, for one image to run it under the conv) and packs again whenever
+one changes. Anything the op does not cover runs the modules."""
 
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from fastmb.ops.packing import (
     fold_and_pack,
     hook_slots,
     mode_slots,
+    pack_panels,
     pointwise_conv,
     structure_slots,
 )
@@ -54,6 +56,16 @@ class HeadLinear:
         scale, shift = bn_scale_shift(self.norm)
         bias = shift if bias is None else shift + bias.double() * scale
         return (weight.double() * scale[:, None]).float().contiguous(), bias.float().contiguous()
+
+
+INPUT_GROUP = 64  # the first layer's inputs per group in fastmb::classifier_head's fc1_by_groups
+
+
+def pack_by_input_groups(weight: Tensor) -> Tensor:
+    """An (out, in) linear weight as fastmb::classifier_head's fc1_by_groups: per group of 64
+    inputs, that group's columns packed as the 1x1 convs' weights (pack_panels):
+    (in / 64, ceil(out / 16), 64, 16)."""
+    return torch.stack([pack_panels(group) for group in weight.split(INPUT_GROUP, dim=1)])
 
 
 def classifier_layers(classifier: nn.Module) -> list[HeadLinear] | None:
@@ -96,7 +108,12 @@ class FusedHead(PackedArguments):
     def pack(self) -> tuple:
         weight, bias = fold_and_pack(self.conv.conv, self.conv.bn)
         fc_weights, fc_biases = zip(*(linear.pack() for linear in self.linears))
-        return weight, bias, self.conv.activation, list(fc_weights), list(fc_biases), [linear.activation for linear in self.linears]
+        # The first layer again by groups of 64 inputs, where the groups share out over two
+        # threads: one image then runs that layer under the conv (a copy of its weight).
+        channels = bias.shape[0]
+        by_groups = pack_by_input_groups(fc_weights[0]) if channels > 0 and channels % (2 * INPUT_GROUP) == 0 else None
+        activations = [linear.activation for linear in self.linears]
+        return weight, bias, self.conv.activation, list(fc_weights), list(fc_biases), activations, by_groups
 
     def __call__(self, x: Tensor, program: Program | None = None) -> Tensor | None:
         """The logits through the op, or None where it does not apply; `program` gets the call."""

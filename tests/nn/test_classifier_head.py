@@ -1,8 +1,8 @@
 """The fused head (fastmb::classifier_head, eval on the CPU): the last 1x1 ConvBNAct, global
 average pooling and the classifier's linear layers against the modules, for V2's and V3's
 layouts, batch sizes in each of the linear layers' three paths (matrix-vector rows, fastmb's GEMM
-with the roles swapped, ATen's GEMM), one and two threads;
-weights changed between calls; the cases where it must step aside."""
+with the roles swapped, ATen's GEMM), one and two threads, and one image's first layer run
+under the conv; weights changed between calls; the cases where it must step aside."""
 
 import contextlib
 
@@ -68,6 +68,39 @@ def test_head_matches_its_modules(v3, batch, thread_count, monkeypatch):
         check(head, x, monkeypatch)
 
 
+@pytest.mark.parametrize("thread_count", [1, 2, 3, 4])  # 2, 4: the groups share out; 3: they do not
+@pytest.mark.parametrize("width", [128, 256])  # 2 and 4 groups of 64 of the first layer's inputs
+@pytest.mark.parametrize("v3", [True, False], ids=["v3", "v2"])
+def test_first_layer_under_the_conv_matches_its_modules(v3, width, thread_count, monkeypatch):
+    """One image, with the first linear layer by groups of inputs (conv_pool_linear where they
+    share out over the threads), partial panels of outputs (40 hidden values, 10 classes)."""
+    torch.manual_seed(0)
+    head = Head(v3, width=width).eval()
+    x = torch.randn(1, 24, 7, 5).contiguous(memory_format=torch.channels_last)
+    with threads(thread_count):
+        check(head, x, monkeypatch)
+    assert head.__dict__["_fastmb_head"][-1].arguments()[-1] is not None
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_first_layer_by_groups_is_read_only_where_it_runs_under_the_conv(batch):
+    """fc1_by_groups is what the op reads at batch 1 on two threads, and nowhere else: a zeroed
+    copy changes those logits only."""
+    torch.manual_seed(0)
+    head = Head(True, width=128).eval()
+    x = torch.randn(batch, 24, 7, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        head(x)
+    weight, bias, act, fc_weights, fc_biases, fc_acts, by_groups = head.__dict__["_fastmb_head"][-1].arguments()
+    op = torch.ops.fastmb.classifier_head
+    with threads(2):
+        plain = op(x, weight, bias, act, fc_weights, fc_biases, fc_acts)
+        grouped = op(x, weight, bias, act, fc_weights, fc_biases, fc_acts, by_groups)
+        zeroed = op(x, weight, bias, act, fc_weights, fc_biases, fc_acts, torch.zeros_like(by_groups))
+    torch.testing.assert_close(grouped, plain)
+    assert torch.equal(zeroed, plain) == (batch != 1)
+
+
 def test_weight_changes_between_calls_are_picked_up(monkeypatch):
     torch.manual_seed(0)
     head = Head(True).eval()
@@ -118,7 +151,7 @@ def test_op_rejects_bad_arguments_by_name():
     x = torch.randn(1, 24, 7, 7).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         head(x)
-    weight, bias, act, fc_weights, fc_biases, fc_acts = head.__dict__["_fastmb_head"][-1].arguments()
+    weight, bias, act, fc_weights, fc_biases, fc_acts, _ = head.__dict__["_fastmb_head"][-1].arguments()
     op = torch.ops.fastmb.classifier_head
     with pytest.raises(RuntimeError, match="conv_weight"):
         op(x[:, :20].contiguous(memory_format=torch.channels_last), weight, bias, act, fc_weights, fc_biases, fc_acts)
@@ -128,6 +161,15 @@ def test_op_rejects_bad_arguments_by_name():
         op(x, weight, bias, act, fc_weights, fc_biases[:1], fc_acts)
     with pytest.raises(RuntimeError, match="no pixels"):
         op(x[:, :, :0].contiguous(memory_format=torch.channels_last), weight, bias, act, fc_weights, fc_biases, fc_acts)
+    with pytest.raises(RuntimeError, match="groups of 64"):  # 56 conv channels
+        op(x, weight, bias, act, fc_weights, fc_biases, fc_acts, torch.zeros(1, 3, 64, 16))
+    wide = Head(True, width=128).eval()
+    with torch.no_grad():
+        wide(x)
+    weight, bias, act, fc_weights, fc_biases, fc_acts, by_groups = wide.__dict__["_fastmb_head"][-1].arguments()
+    for bad in (by_groups[:1], by_groups.transpose(2, 3), by_groups.double()):
+        with pytest.raises(RuntimeError, match="fc1_by_groups"):
+            op(x, weight, bias, act, fc_weights, fc_biases, fc_acts, bad)
 
 
 def test_activation_names_outlive_boxed_calls():

@@ -95,8 +95,8 @@ FASTMB_INLINE void finish(const Gemm& g, const ActivationFn<float>& act, bool sm
 // (the last panel's padding) are computed and dropped, except with Half: the last panel has at
 // most 8 real columns, and its other half is not computed (AVX-512: the last vector is a half
 // vector; 32-byte vectors: the panel's second vector is left out). Each of the first ahead_lines
-// k steps also prefetches a line of `ahead` into L2, and a `lead` tile its own weights
-// kLeadSteps steps on.
+// k steps also prefetches line kk of `ahead` into L2, and line k + kk where ahead_lines > k (a
+// stream's: up to 2k lines a tile), and a `lead` tile its own weights kLeadSteps steps on.
 template <int R, int P, bool Half>
 FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0, const float* ahead, int64_t ahead_lines, bool lead) {
 #if FASTMB_GEMM_BYTES == 64
@@ -130,7 +130,10 @@ FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0, const float* ahea
   const float* w = g.w + p0 * k * kPanel;
   // Plain loops with constant trip counts, fully unrolled, so the accumulators stay in registers.
   for (int64_t kk = 0; kk < k; ++kk) {
-    if (kk < ahead_lines) __builtin_prefetch(ahead + kk * kPanel, 0, 2);
+    if (kk < ahead_lines) {
+      __builtin_prefetch(ahead + kk * kPanel, 0, 2);
+      if (kk + k < ahead_lines) __builtin_prefetch(ahead + (kk + k) * kPanel, 0, 2);
+    }
     if (lead && kk + kLeadSteps < k) {
 #pragma GCC unroll 4
       for (int p = 0; p < P; ++p) __builtin_prefetch(w + (p * k + kk + kLeadSteps) * kPanel, 0, 2);
@@ -216,16 +219,28 @@ FASTMB_INLINE void tail_tile(const Gemm& g, int64_t i0, int64_t p0, int64_t left
 
 // Rows [0, m) in tiles of rows_for(P), the last tile as many rows as are left. With cold
 // weights the row tiles share out the prefetch of the next group's, panels [p0 + P, next_end),
-// and a `lead` group (none before it prefetched its weights) has its first tile run ahead of
-// its own.
+// and a `lead` group (the call's first; none before it prefetched its weights) has its first
+// tile run ahead of its own; in a lead group, the stream (Gemm::stream) goes to the tiles after
+// those, as many as its share of all the lines to prefetch.
 template <int P, bool Half>
 FASTMB_INLINE void tile_rows(const Gemm& g, int64_t p0, int64_t next_end, bool lead) {
   constexpr int R = rows_for(P);
   const int64_t tiles = (g.m + R - 1) / R, lines = g.cold_weights ? std::max<int64_t>(next_end - p0 - P, 0) * g.k : 0;
-  const int64_t share = (lines + tiles - 1) / tiles;
-  // Tile t's lines of the next group: at most one per k step, and no pointer past the weights.
-  const auto count = [&](int64_t t) { return std::clamp<int64_t>(lines - t * share, 0, std::min(share, g.k)); };
-  const auto from = [&](int64_t t) { return count(t) > 0 ? g.w + ((p0 + P) * g.k + t * share) * kPanel : nullptr; };
+  const int64_t stream = lead ? g.stream_lines : 0;
+  const int64_t stream_tiles = stream == 0 ? 0 : lines == 0 ? tiles : tiles * stream / (stream + lines);
+  const int64_t weight_tiles = tiles - stream_tiles;
+  const int64_t share = weight_tiles > 0 ? (lines + weight_tiles - 1) / weight_tiles : 0;
+  const int64_t stream_share = stream_tiles > 0 ? (stream + stream_tiles - 1) / stream_tiles : 0;
+  // Tile t's lines: of the next group's weights at most one a k step (and no pointer past them),
+  // of the stream at most two.
+  const auto count = [&](int64_t t) {
+    if (t < weight_tiles) return std::clamp<int64_t>(lines - t * share, 0, std::min(share, g.k));
+    return std::clamp<int64_t>(stream - (t - weight_tiles) * stream_share, 0, std::min(stream_share, 2 * g.k));
+  };
+  const auto from = [&](int64_t t) -> const float* {
+    if (count(t) == 0) return nullptr;
+    return t < weight_tiles ? g.w + ((p0 + P) * g.k + t * share) * kPanel : g.stream + (t - weight_tiles) * stream_share * kPanel;
+  };
   int64_t i0 = 0, t = 0;
   for (; i0 + R <= g.m; i0 += R, ++t) tile<R, P, Half>(g, i0, p0, from(t), count(t), t == 0 && lead && g.cold_weights);
   tail_tile<P, Half, R - 1>(g, i0, p0, g.m - i0, from(t), count(t));
