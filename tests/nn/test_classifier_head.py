@@ -78,8 +78,12 @@ def test_first_layer_under_the_conv_matches_its_modules(v3, width, thread_count,
     head = Head(v3, width=width).eval()
     x = torch.randn(1, 24, 7, 5).contiguous(memory_format=torch.channels_last)
     with threads(thread_count):
-        check(head, x, monkeypatch)
+        before = check(head, x, monkeypatch)
+        with torch.no_grad():  # the packed copy is made again from the changed weight
+            head.classifier[0 if v3 else 1].weight.mul_(-2.0)
+        after = check(head, x, monkeypatch)
     assert head.__dict__["_fastmb_head"][-1].arguments()[-1] is not None
+    assert not torch.allclose(before, after)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
