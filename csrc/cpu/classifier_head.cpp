@@ -23,6 +23,9 @@ namespace {
 
 using at::Tensor;
 
+// The first linear layer's inputs per group in fc1_by_groups (conv_pool_linear).
+constexpr int64_t kInputGroup = 64;
+
 // Images up to which the linear layers are split by output rows (matrix-vector products that
 // read each weight row once for all the images), and up to which, past that, they run on the
 // pointwise GEMM with the roles swapped (swapped_linear); beyond, ATen's GEMM.
@@ -96,7 +99,7 @@ Tensor linear(const Tensor& in, const Tensor& weight, const Tensor& bias, Activa
 // layer (their groups also split unevenly between two threads), which keep conv_pool.
 Tensor conv_pool_linear(const Tensor& x, const float* w, const float* bias, Activation act, int64_t c, const float* fc_groups,
                         const float* fc_bias, int64_t rows, Activation fc_act, int parts, pointwise::GemmPanels gemm) {
-  constexpr int64_t kGroup = 64, kGroupPanels = kGroup / pointwise::kPanel;
+  constexpr int64_t kGroup = kInputGroup, kGroupPanels = kGroup / pointwise::kPanel;
   const int64_t cin = x.size(1), pixels = x.size(2) * x.size(3), groups = c / kGroup;
   const int64_t row_panels = pointwise::panels_of(rows), ld = row_panels * pointwise::kPanel, slice = row_panels * kGroup * pointwise::kPanel;
   AlignedVector<float> partial(parts * ld), zeros(ld, 0.0f);
@@ -198,14 +201,17 @@ Tensor classifier_head(const Tensor& x, const Tensor& conv_weight, const Tensor&
   const float* fc_groups = nullptr;
   if (fc1_by_groups.has_value()) {
     const int64_t rows = fc_weights[0].size(0);
-    TORCH_CHECK(c % 64 == 0, "fastmb::classifier_head: fc1_by_groups needs the conv's output channels in groups of 64, got ", c);
-    fc_groups = checked_dense_float("classifier_head", "fc1_by_groups", *fc1_by_groups, {c / 64, pointwise::panels_of(rows), 64, pointwise::kPanel});
+    TORCH_CHECK(c % kInputGroup == 0, "fastmb::classifier_head: fc1_by_groups needs the conv's output channels in groups of ", kInputGroup,
+                ", got ", c);
+    fc_groups = checked_dense_float("classifier_head", "fc1_by_groups", *fc1_by_groups,
+                                    {c / kInputGroup, pointwise::panels_of(rows), kInputGroup, pointwise::kPanel});
   }
   // One image whose groups share out evenly over the threads: the first layer under the conv.
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t groups = c / kInputGroup;
   size_t first = 0;
   Tensor h;
-  if (fc_groups != nullptr && n == 1 && threads > 1 && c >= 64 * threads && (c / 64) % threads == 0) {
+  if (fc_groups != nullptr && n == 1 && threads > 1 && groups >= threads && groups % threads == 0) {
     h = conv_pool_linear(x, w, bias, act, c, fc_groups, fc_biases[0].const_data_ptr<float>(), fc_weights[0].size(0), fc_acts[0], threads, gemm);
     first = 1;
   } else {
