@@ -39,9 +39,9 @@ struct Gemm {
   // 1): the kernel then prefetches them ahead of its tiles.
   bool cold_weights = false;
   // Data the caller reads next (the next layer's weights): `stream_lines` 64-byte lines from
-  // `stream`, prefetched into L2 by the row tiles of the call's first group of panels while they
-  // compute, two a k step at most (so a memory-bound read hides under the GEMM's arithmetic).
-  // The row-pair tiles (n = 24, 40) leave it.
+  // `stream`, prefetched into L2 by the row tiles of the call's first group of whole panels
+  // (kPanels of them, on AVX-512 4) while they compute, two a k step at most, so that a
+  // memory-bound read hides under the GEMM's arithmetic. Calls with fewer panels leave it.
   const float* stream = nullptr;
   int64_t stream_lines = 0;
 };

@@ -95,9 +95,9 @@ FASTMB_INLINE void finish(const Gemm& g, const ActivationFn<float>& act, bool sm
 // (the last panel's padding) are computed and dropped, except with Half: the last panel has at
 // most 8 real columns, and its other half is not computed (AVX-512: the last vector is a half
 // vector; 32-byte vectors: the panel's second vector is left out). Each of the first ahead_lines
-// k steps also prefetches line kk of `ahead` into L2, and line k + kk where ahead_lines > k (a
-// stream's: up to 2k lines a tile), and a `lead` tile its own weights kLeadSteps steps on.
-template <int R, int P, bool Half>
+// k steps also prefetches a line of `ahead` into L2 (with Stream, also line k + kk where
+// ahead_lines > k: up to 2k lines a tile), and a `lead` tile its own weights kLeadSteps steps on.
+template <int R, int P, bool Half, bool Stream = false>
 FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0, const float* ahead, int64_t ahead_lines, bool lead) {
 #if FASTMB_GEMM_BYTES == 64
   [[maybe_unused]] constexpr bool kHalfVector = Half;  // one vector a panel: the last one at half width
@@ -132,7 +132,9 @@ FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0, const float* ahea
   for (int64_t kk = 0; kk < k; ++kk) {
     if (kk < ahead_lines) {
       __builtin_prefetch(ahead + kk * kPanel, 0, 2);
-      if (kk + k < ahead_lines) __builtin_prefetch(ahead + (kk + k) * kPanel, 0, 2);
+      if constexpr (Stream) {
+        if (kk + k < ahead_lines) __builtin_prefetch(ahead + (kk + k) * kPanel, 0, 2);
+      }
     }
     if (lead && kk + kLeadSteps < k) {
 #pragma GCC unroll 4
@@ -209,41 +211,54 @@ FASTMB_INLINE void tile(const Gemm& g, int64_t i0, int64_t p0, const float* ahea
 constexpr int rows_for(int panels) { return std::min(8, kAccumulators / (panels * kPanelVectors)); }
 
 // The last rows' tile: `left` (< R) rows from i0.
-template <int P, bool Half, int R>
+template <int P, bool Half, int R, bool Stream = false>
 FASTMB_INLINE void tail_tile(const Gemm& g, int64_t i0, int64_t p0, int64_t left, const float* ahead, int64_t ahead_lines) {
   if constexpr (R >= 1) {
-    if (left == R) return tile<R, P, Half>(g, i0, p0, ahead, ahead_lines, false);
-    tail_tile<P, Half, R - 1>(g, i0, p0, left, ahead, ahead_lines);
+    if (left == R) return tile<R, P, Half, Stream>(g, i0, p0, ahead, ahead_lines, false);
+    tail_tile<P, Half, R - 1, Stream>(g, i0, p0, left, ahead, ahead_lines);
   }
 }
 
 // Rows [0, m) in tiles of rows_for(P), the last tile as many rows as are left. With cold
 // weights the row tiles share out the prefetch of the next group's, panels [p0 + P, next_end),
-// and a `lead` group (the call's first; none before it prefetched its weights) has its first
-// tile run ahead of its own; in a lead group, the stream (Gemm::stream) goes to the tiles after
-// those, as many as its share of all the lines to prefetch.
+// and a `lead` group (none before it prefetched its weights) has its first tile run ahead of
+// its own.
 template <int P, bool Half>
 FASTMB_INLINE void tile_rows(const Gemm& g, int64_t p0, int64_t next_end, bool lead) {
   constexpr int R = rows_for(P);
   const int64_t tiles = (g.m + R - 1) / R, lines = g.cold_weights ? std::max<int64_t>(next_end - p0 - P, 0) * g.k : 0;
-  const int64_t stream = lead ? g.stream_lines : 0;
-  const int64_t stream_tiles = stream == 0 ? 0 : lines == 0 ? tiles : tiles * stream / (stream + lines);
+  const int64_t share = (lines + tiles - 1) / tiles;
+  // Tile t's lines of the next group: at most one per k step, and no pointer past the weights.
+  const auto count = [&](int64_t t) { return std::clamp<int64_t>(lines - t * share, 0, std::min(share, g.k)); };
+  const auto from = [&](int64_t t) { return count(t) > 0 ? g.w + ((p0 + P) * g.k + t * share) * kPanel : nullptr; };
+  int64_t i0 = 0, t = 0;
+  for (; i0 + R <= g.m; i0 += R, ++t) tile<R, P, Half>(g, i0, p0, from(t), count(t), t == 0 && lead && g.cold_weights);
+  tail_tile<P, Half, R - 1>(g, i0, p0, g.m - i0, from(t), count(t));
+}
+
+// A call's first group of P panels (p0 = panel0) with its stream (Gemm::stream): the row tiles
+// after those of the next group's weights share out the stream's lines, as many tiles as its
+// share of all the lines to prefetch, up to two lines a k step. Its own instantiation of the
+// tiles, so that the other calls' tiles are compiled as before.
+template <int P>
+FASTMB_INLINE void tile_rows_streaming(const Gemm& g, int64_t p0, int64_t next_end) {
+  constexpr int R = rows_for(P);
+  const int64_t tiles = (g.m + R - 1) / R, lines = g.cold_weights ? std::max<int64_t>(next_end - p0 - P, 0) * g.k : 0;
+  const int64_t stream_tiles = lines == 0 ? tiles : tiles * g.stream_lines / (g.stream_lines + lines);
   const int64_t weight_tiles = tiles - stream_tiles;
   const int64_t share = weight_tiles > 0 ? (lines + weight_tiles - 1) / weight_tiles : 0;
-  const int64_t stream_share = stream_tiles > 0 ? (stream + stream_tiles - 1) / stream_tiles : 0;
-  // Tile t's lines: of the next group's weights at most one a k step (and no pointer past them),
-  // of the stream at most two.
+  const int64_t stream_share = stream_tiles > 0 ? (g.stream_lines + stream_tiles - 1) / stream_tiles : 0;
   const auto count = [&](int64_t t) {
     if (t < weight_tiles) return std::clamp<int64_t>(lines - t * share, 0, std::min(share, g.k));
-    return std::clamp<int64_t>(stream - (t - weight_tiles) * stream_share, 0, std::min(stream_share, 2 * g.k));
+    return std::clamp<int64_t>(g.stream_lines - (t - weight_tiles) * stream_share, 0, std::min(stream_share, 2 * g.k));
   };
   const auto from = [&](int64_t t) -> const float* {
     if (count(t) == 0) return nullptr;
     return t < weight_tiles ? g.w + ((p0 + P) * g.k + t * share) * kPanel : g.stream + (t - weight_tiles) * stream_share * kPanel;
   };
   int64_t i0 = 0, t = 0;
-  for (; i0 + R <= g.m; i0 += R, ++t) tile<R, P, Half>(g, i0, p0, from(t), count(t), t == 0 && lead && g.cold_weights);
-  tail_tile<P, Half, R - 1>(g, i0, p0, g.m - i0, from(t), count(t));
+  for (; i0 + R <= g.m; i0 += R, ++t) tile<R, P, false, true>(g, i0, p0, from(t), count(t), t == 0 && g.cold_weights);
+  tail_tile<P, false, R - 1, true>(g, i0, p0, g.m - i0, from(t), count(t));
 }
 
 // Panels [p, panel1) in groups of P, then of fewer (a group's weights, k x 16 x P floats, stay in
@@ -365,8 +380,16 @@ void gemm_panels_by_vectors(const Gemm& g, int64_t panel0, int64_t panel1) {
   tile_rows<1, true>(g, group, panel1, lead);
 }
 
-// The output columns of panels [panel0, panel1): in row pairs where they apply, else by vectors.
+// The output columns of panels [panel0, panel1): in row pairs where they apply, else by vectors;
+// a stream (Gemm::stream) goes with the first group of kPanels panels.
 void gemm_panels(const Gemm& g, int64_t panel0, int64_t panel1) {
+  if (g.stream_lines > 0 && panel1 - panel0 >= kPanels && (panel0 + kPanels) * kPanel <= g.n) {
+    tile_rows_streaming<kPanels>(g, panel0, std::min(panel1, panel0 + 2 * kPanels));
+    if (panel0 + kPanels == panel1) return;
+    Gemm rest = g;
+    rest.stream = nullptr, rest.stream_lines = 0;
+    return gemm_panels(rest, panel0 + kPanels, panel1);
+  }
 #if FASTMB_GEMM_BYTES == 64
   const bool rows_follow = g.ldc == g.n && (g.residual == nullptr || g.ldr == g.n);
   if ((g.n == 24 || g.n == 40) && panel0 == 0 && panel1 * kPanel >= g.n && g.m >= 2 && rows_follow) {
