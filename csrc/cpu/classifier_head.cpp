@@ -95,8 +95,9 @@ Tensor linear(const Tensor& in, const Tensor& weight, const Tensor& bias, Activa
 // group's conv tiles prefetch that group's layer weights (Gemm::stream). The layer's megabytes
 // then stream in from memory under the conv's arithmetic, not after it. The threads' partial
 // sums are added at the end. V2's head (320 -> 1280 at 7x7, then 1280 -> 1000), 2 threads, Zen 4,
-// after its chain as in the model: 372 -> 319 us; V3's convs are too short to hide their first
-// layer (their groups also split unevenly between two threads), which keep conv_pool.
+// after its chain as in the model: 372 -> 319 us on a busy host, 287-313 -> 259-278 on a quieter
+// one. V3's convs are too short to hide their first layer (and their groups split unevenly
+// between two threads): they keep conv_pool.
 Tensor conv_pool_linear(const Tensor& x, const float* w, const float* bias, Activation act, int64_t c, const float* fc_groups,
                         const float* fc_bias, int64_t rows, Activation fc_act, int parts, pointwise::GemmPanels gemm) {
   constexpr int64_t kGroup = kInputGroup, kGroupPanels = kGroup / pointwise::kPanel;
