@@ -236,26 +236,16 @@ FASTMB_INLINE void tile_rows(const Gemm& g, int64_t p0, int64_t next_end, bool l
   tail_tile<P, Half, R - 1>(g, i0, p0, g.m - i0, from(t), count(t));
 }
 
-// A call's first group of P panels (p0 = panel0) with its stream (Gemm::stream): the row tiles
-// after those of the next group's weights share out the stream's lines, as many tiles as its
-// share of all the lines to prefetch, up to two lines a k step. Its own instantiation of the
-// tiles, so that the other calls' tiles are compiled as before.
+// A call's first group of P panels (p0 = panel0) with its stream (Gemm::stream): its row tiles
+// share out the stream's lines, up to two a k step (the next group, a call of its own, runs its
+// first tile ahead of its weights instead). Its own instantiation of the tiles, so that the other
+// calls' tiles are compiled as before.
 template <int P>
-FASTMB_INLINE void tile_rows_streaming(const Gemm& g, int64_t p0, int64_t next_end) {
+FASTMB_INLINE void tile_rows_streaming(const Gemm& g, int64_t p0) {
   constexpr int R = rows_for(P);
-  const int64_t tiles = (g.m + R - 1) / R, lines = g.cold_weights ? std::max<int64_t>(next_end - p0 - P, 0) * g.k : 0;
-  const int64_t stream_tiles = lines == 0 ? tiles : tiles * g.stream_lines / (g.stream_lines + lines);
-  const int64_t weight_tiles = tiles - stream_tiles;
-  const int64_t share = weight_tiles > 0 ? (lines + weight_tiles - 1) / weight_tiles : 0;
-  const int64_t stream_share = stream_tiles > 0 ? (g.stream_lines + stream_tiles - 1) / stream_tiles : 0;
-  const auto count = [&](int64_t t) {
-    if (t < weight_tiles) return std::clamp<int64_t>(lines - t * share, 0, std::min(share, g.k));
-    return std::clamp<int64_t>(g.stream_lines - (t - weight_tiles) * stream_share, 0, std::min(stream_share, 2 * g.k));
-  };
-  const auto from = [&](int64_t t) -> const float* {
-    if (count(t) == 0) return nullptr;
-    return t < weight_tiles ? g.w + ((p0 + P) * g.k + t * share) * kPanel : g.stream + (t - weight_tiles) * stream_share * kPanel;
-  };
+  const int64_t tiles = (g.m + R - 1) / R, share = (g.stream_lines + tiles - 1) / tiles;
+  const auto count = [&](int64_t t) { return std::clamp<int64_t>(g.stream_lines - t * share, 0, std::min(share, 2 * g.k)); };
+  const auto from = [&](int64_t t) { return count(t) > 0 ? g.stream + t * share * kPanel : nullptr; };
   int64_t i0 = 0, t = 0;
   for (; i0 + R <= g.m; i0 += R, ++t) tile<R, P, false, true>(g, i0, p0, from(t), count(t), t == 0 && g.cold_weights);
   tail_tile<P, false, R - 1, true>(g, i0, p0, g.m - i0, from(t), count(t));
@@ -384,7 +374,7 @@ void gemm_panels_by_vectors(const Gemm& g, int64_t panel0, int64_t panel1) {
 // a stream (Gemm::stream) goes with the first group of kPanels panels.
 void gemm_panels(const Gemm& g, int64_t panel0, int64_t panel1) {
   if (g.stream_lines > 0 && panel1 - panel0 >= kPanels && (panel0 + kPanels) * kPanel <= g.n) {
-    tile_rows_streaming<kPanels>(g, panel0, std::min(panel1, panel0 + 2 * kPanels));
+    tile_rows_streaming<kPanels>(g, panel0);
     if (panel0 + kPanels == panel1) return;
     Gemm rest = g;
     rest.stream = nullptr, rest.stream_lines = 0;
