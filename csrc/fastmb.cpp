@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "build_info.h"
+#include "forward_replay.h"
 #include "output_cache.h"
 #include "prepared_chain.h"
 #include "slot_stamps.h"
@@ -112,7 +113,7 @@ TORCH_LIBRARY(fastmb, m) {
 }
 
 // Importing fastmb._C runs the static registrations above; the module itself carries how the
-// extension was built, for fastmb.backends(), slot_stamps, and the prepared chain.
+// extension was built, for fastmb.backends(), slot_stamps, the prepared chain and the memo's replay.
 static PyObject* release_cached_outputs(PyObject*, PyObject*) { return PyLong_FromLongLong(fastmb::release_cached_outputs()); }
 
 static PyMethodDef fastmb_methods[] = {
@@ -121,6 +122,9 @@ static PyMethodDef fastmb_methods[] = {
     {"tensor_stamps", fastmb::tensor_stamps, METH_VARARGS, "Each tensor's data address and version counter, as bytes."},
     {"prepare_chain", fastmb::prepare_chain, METH_VARARGS, "fastmb::inverted_residual_chain's arguments, prepared once (a capsule)."},
     {"run_chain", fastmb::run_chain, METH_VARARGS, "run_chain(prepared, x): the prepared chain op on x."},
+    {"prepare_replay", fastmb::prepare_replay, METH_VARARGS, "A ForwardMemo's op calls as one native call (a capsule)."},
+    {"replay", fastmb::replay, METH_VARARGS, "replay(prepared, check, x): the memo's forward on x, or None where Python must decide."},
+    {"replay_gate", fastmb::replay_gate, METH_VARARGS, "replay_gate(default_runs_cpu, opened): fastmb.dispatch's state for replays."},
     {"release_cached_outputs", release_cached_outputs, METH_NOARGS, "Frees the idle blocks of the CPU output cache; returns the bytes."},
     {nullptr, nullptr, 0, nullptr}};
 static struct PyModuleDef fastmb_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fastmb_methods};

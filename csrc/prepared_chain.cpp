@@ -14,24 +14,12 @@
 #include <vector>
 
 #include "cpu/inverted_residual.h"
+#include "python_items.h"
 
 namespace fastmb {
 namespace {
 
 constexpr const char* kCapsule = "fastmb.PreparedChain";
-
-// A Python sequence's items as C++ values, through `item` (which raises on a wrong item).
-template <typename T, typename Item>
-std::vector<T> items(PyObject* sequence, const char* what, const Item& item) {
-  PyObject* fast = PySequence_Fast(sequence, what);
-  if (fast == nullptr) throw python_error();
-  const auto release = c10::make_scope_exit([fast] { Py_DECREF(fast); });
-  std::vector<T> values;
-  const Py_ssize_t count = PySequence_Fast_GET_SIZE(fast);
-  values.reserve(count);
-  for (Py_ssize_t i = 0; i < count; ++i) values.push_back(item(PySequence_Fast_GET_ITEM(fast, i)));
-  return values;
-}
 
 at::Tensor tensor(PyObject* value, const char* what) {
   TORCH_CHECK_TYPE(THPVariable_Check(value), "prepare_chain: ", what, " must be a tensor, got ", Py_TYPE(value)->tp_name);
@@ -87,6 +75,15 @@ PyObject* prepare_chain(PyObject* /*module*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+const cpu::PreparedChain* prepared_chain_of(PyObject* capsule) {
+  return PyCapsule_IsValid(capsule, kCapsule) ? static_cast<const cpu::PreparedChain*>(PyCapsule_GetPointer(capsule, kCapsule)) : nullptr;
+}
+
+at::Tensor run_prepared_chain(const cpu::PreparedChain& prepared, const at::Tensor& x) {
+  RECORD_FUNCTION("fastmb::inverted_residual_chain", std::vector<c10::IValue>{});
+  return prepared.run(x);
+}
+
 PyObject* run_chain(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *capsule = nullptr, *x = nullptr;
@@ -99,8 +96,7 @@ PyObject* run_chain(PyObject* /*module*/, PyObject* args) {
   {
     // Other Python threads run meanwhile, as they do while an op runs.
     const pybind11::gil_scoped_release no_gil;
-    RECORD_FUNCTION("fastmb::inverted_residual_chain", std::vector<c10::IValue>{});
-    y = prepared->run(input);
+    y = run_prepared_chain(*prepared, input);
   }
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace fastmb {
@@ -112,12 +113,49 @@ void prefetch_slots(PyObject** slots, Py_ssize_t count, Py_ssize_t tensor_slots)
 
 // The tensors' Python objects, then their TensorImpls, storages and version counters, each
 // level's misses in flight together (as prefetch_slots).
-void prefetch_tensors(PyObject** objects, Py_ssize_t count) {
+void prefetch_tensors(PyObject* const* objects, Py_ssize_t count) {
   for (Py_ssize_t i = 0; i < count; ++i) __builtin_prefetch(objects[i]);
   prefetch_tensor_internals(objects, count);
 }
 
+#if PY_VERSION_HEX < 0x030E0000  // 3.14 dropped the versions
+uint64_t dict_version(PyObject* dict) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"  // 3.12 and 3.13 keep it, deprecated
+  return reinterpret_cast<PyDictObject*>(dict)->ma_version_tag;
+#pragma GCC diagnostic pop
+}
+#endif
+
 }  // namespace
+
+bool dicts_unchanged(PyObject* const* dicts, Py_ssize_t count, const char* versions) {
+#if PY_VERSION_HEX >= 0x030E0000
+  (void)dicts, (void)count, (void)versions;
+  return false;
+#else
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    uint64_t version = 0;
+    std::memcpy(&version, versions + i * Py_ssize_t(sizeof version), sizeof version);
+    if (dict_version(dicts[i]) != version) return false;
+  }
+  return true;
+#endif
+}
+
+bool tensors_unchanged(PyObject* const* tensors, Py_ssize_t count, const char* stamps) {
+  prefetch_tensors(tensors, count);
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    int64_t now[2], then[2];
+    if (!stamp_tensor(tensors[i], now)) {  // it has no version counter now: changed
+      PyErr_Clear();
+      return false;
+    }
+    std::memcpy(then, stamps + 2 * i * Py_ssize_t(sizeof(int64_t)), sizeof then);
+    if (now[0] != then[0] || now[1] != then[1]) return false;
+  }
+  return true;
+}
 
 PyObject* dict_versions(PyObject* /*module*/, PyObject* args) {
 #if PY_VERSION_HEX >= 0x030E0000  // 3.14 dropped the versions
@@ -139,10 +177,7 @@ PyObject* dict_versions(PyObject* /*module*/, PyObject* args) {
         Py_CLEAR(versions);
         break;
       }
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wdeprecated-declarations"  // 3.12 and 3.13 keep it, deprecated
-      values[i] = reinterpret_cast<PyDictObject*>(objects[i])->ma_version_tag;
-#pragma GCC diagnostic pop
+      values[i] = dict_version(objects[i]);
     }
   }
   Py_DECREF(items);

@@ -21,4 +21,12 @@ PyObject* dict_versions(PyObject* module, PyObject* args);
 // fastmb._C.tensor_stamps(tensors): bytes with each tensor's data address and version counter.
 PyObject* tensor_stamps(PyObject* module, PyObject* args);
 
+// Whether each of `count` dicts still has the version dict_versions gave (`versions`), and each
+// tensor the stamp tensor_stamps gave (`stamps`): a Watch's short check, for callers in C++ (a
+// ForwardMemo's replay, forward_replay.cpp). The objects must be those the bytes were taken from,
+// and the dicts' first lines are best prefetched (each a miss after a forward). Needs the GIL;
+// sets no Python error.
+bool dicts_unchanged(PyObject* const* dicts, Py_ssize_t count, const char* versions);
+bool tensors_unchanged(PyObject* const* tensors, Py_ssize_t count, const char* stamps);
+
 }  // namespace fastmb

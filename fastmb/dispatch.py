@@ -122,11 +122,20 @@ def _check_name(backend: str) -> None:
         raise RuntimeError(f"fastmb backend {backend!r} is not available: {reason}")
 
 
+def _gate_replays(default_runs_cpu: bool | None, opened: int) -> None:
+    """Tells the models' native forward replays (fastmb._C.replay) what they cannot read from
+    Python cheaply: whether the process-wide backend runs the CPU ops, and that a block choosing
+    a backend or recording backends opened (+1) or closed (-1) in some thread."""
+    if _extension.C is not None:
+        _extension.C.replay_gate(default_runs_cpu, opened)
+
+
 def set_backend(backend: str) -> None:
     """Sets the process-wide backend: "auto" (fastest available per device) or a name."""
     global _default_backend
     _check_name(backend)
     _default_backend = backend
+    _gate_replays(backend in ("auto", "cpu"), 0)
 
 
 @contextlib.contextmanager
@@ -135,10 +144,12 @@ def use_backend(backend: str) -> Iterator[None]:
     _check_name(backend)
     previous = getattr(_thread_state, "backend", None)
     _thread_state.backend = backend
+    _gate_replays(None, 1)
     try:
         yield
     finally:
         _thread_state.backend = previous
+        _gate_replays(None, -1)
 
 
 def current_backend() -> str:
@@ -223,10 +234,12 @@ def note_backend(backend: str) -> None:
 def record_backends() -> Iterator[set[str]]:
     """Collects, in this thread, the backends that fused ops' calls ran on within the block."""
     previous, _thread_state.ran = getattr(_thread_state, "ran", None), set()
+    _gate_replays(None, 1)
     try:
         yield _thread_state.ran
     finally:
         _thread_state.ran = previous
+        _gate_replays(None, -1)
 
 
 # Per forward operator, its registered autograd formula as a plain torch.autograd.Function,

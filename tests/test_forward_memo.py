@@ -1,6 +1,7 @@
 """A model's repeated eval forwards on the CPU run as their op calls (ForwardMemo) while nothing
 they were planned from changed, and through the full checks again after any change."""
 
+import contextlib
 import copy
 import io
 
@@ -377,10 +378,8 @@ def test_replays_from_several_threads_agree():
 
 
 def test_the_profiler_sees_a_replayed_chain():
-    model, x = small_model(), image()
+    model, x = replayed()
     with torch.no_grad():
-        model(x)
-        model(x)
         assert memo_of(model)._replay is not None
         with torch.profiler.profile() as profile:
             model(x)
@@ -407,3 +406,204 @@ def test_the_profiler_sees_each_block_of_a_chain():
     assert len(block_events) == len(blocks)
     assert all(chain.time_range.start <= e.time_range.start and e.time_range.end <= chain.time_range.end for e in block_events)
     assert [e.input_shapes[0] for e in block_events] == [list(x.shape)] + inputs[1:]
+
+
+def replayed(name: str = "mobilenet_v3_small") -> tuple[nn.Module, torch.Tensor]:
+    """A model and its image after two forwards: the first makes the memo, the second its
+    native replay."""
+    model, x = small_model(name), image()
+    with torch.no_grad():
+        model(x)
+        model(x)
+    return model, x
+
+
+def native_replay(model: nn.Module) -> tuple:
+    """fastmb._C.replay's first two arguments for the model's memo: its capsule and check."""
+    memo = memo_of(model)
+    assert memo is not None and memo._native is not None
+    return memo._native
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v2", "mobilenet_v1"])
+def test_the_native_replay_gives_the_python_replay(name):
+    model, x = replayed(name)
+    with torch.no_grad():
+        y = fastmb._C.replay(*native_replay(model), x)
+        expected = x
+        for call, arguments in memo_of(model)._replay:
+            expected = call(expected, arguments)
+    assert y is not None and torch.equal(y, expected)
+
+
+class LoggingMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class Tagged(torch.Tensor):
+    """A tensor subclass that leaves every op to torch.Tensor."""
+
+
+def other_thread_using(backend: str):
+    """A use_backend block held open in another thread while the body runs."""
+    import threading
+
+    opened, done = threading.Event(), threading.Event()
+
+    def hold():
+        with fastmb.use_backend(backend):
+            opened.set()
+            done.wait()
+
+    @contextlib.contextmanager
+    def held():
+        thread = threading.Thread(target=hold)
+        thread.start()
+        opened.wait()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    return held()
+
+
+# Where the native replay must leave the forward to the Python path: each setting is a context
+# and the input the forward then takes.
+STEP_ASIDE = {
+    "grad": lambda x: (contextlib.nullcontext(), x),
+    "autocast": lambda x: (torch.autocast("cpu", dtype=torch.bfloat16), x),
+    "reference_backend": lambda x: (fastmb.use_backend("reference"), x),
+    "recording": lambda x: (dispatch.record_backends(), x),
+    "another_thread_choosing": lambda x: (other_thread_using("reference"), x),
+    "dispatch_mode": lambda x: (LoggingMode(), x),
+    "negative_view": lambda x: (torch.no_grad(), torch._neg_view(-x)),
+    "subclass": lambda x: (torch.no_grad(), x.as_subclass(Tagged)),
+    "float64": lambda x: (torch.no_grad(), x.double()),
+    "other_channels": lambda x: (torch.no_grad(), torch.randn(1, 4, 64, 64)),
+}
+
+
+@pytest.mark.parametrize("setting", list(STEP_ASIDE))
+def test_the_native_replay_steps_aside(setting):
+    """Under each setting fastmb._C.replay answers None, and the model's forward gives what the
+    Python path gives (the op through the dispatcher, or the modules); after it, the replay runs
+    again."""
+    model, x = replayed()
+    with torch.no_grad():
+        expected = model(x)
+    context, y = STEP_ASIDE[setting](x)
+    with torch.set_grad_enabled(setting == "grad"), context as entered:
+        assert fastmb._C.replay(*native_replay(model), y) is None
+        if setting not in ("float64", "other_channels"):  # those the modules reject, as in torchvision
+            out = model(y)
+    if setting == "dispatch_mode":
+        assert any("fastmb.inverted_residual_chain" in op for op in entered.ops)
+    if setting == "recording":
+        assert entered == {"cpu"}
+    if setting not in ("float64", "other_channels"):
+        tolerance = 2e-2 if setting == "autocast" else 1e-5
+        torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
+    with torch.no_grad():
+        model(x)
+        model(x)  # a forward the Python path ran may have made a new memo: its native replay from the second forward on
+        assert torch.equal(fastmb._C.replay(*native_replay(model), x), expected)
+
+
+def test_the_native_replay_steps_aside_for_forward_ad_and_tracing():
+    import torch.autograd.forward_ad as forward_ad
+
+    model, x = replayed()
+    with torch.no_grad():
+        expected = model(x)
+    replay = native_replay(model)
+    with torch.no_grad(), forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, torch.ones_like(x))
+        assert fastmb._C.replay(*replay, dual) is None
+        out, tangent = forward_ad.unpack_dual(model(dual))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert tangent is not None
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.seen = model, []
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            self.seen.append(fastmb._C.replay(*replay, image))
+            return self.model(image)
+
+    probe = Probe()
+    with torch.no_grad():
+        traced = torch.jit.trace(probe, x, check_trace=False)
+        torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
+    assert probe.seen == [None]
+
+
+def test_the_native_replay_follows_the_watch_taking_new_versions():
+    """A watched dict changed elsewhere than its slots (an attribute no plan reads): the native
+    check fails once, the Python check finds the slots unchanged, and the memo makes its native
+    replay again from the dicts' new versions."""
+    model, x = replayed()
+    with torch.no_grad():
+        first = native_replay(model)
+        model.features[2].note = "unread"
+        assert fastmb._C.replay(*first, x) is None
+        y = model(x)
+        second = native_replay(model)
+        assert second is not first and torch.equal(fastmb._C.replay(*second, x), y)
+
+
+def test_prepare_replay_and_replay_bad_arguments_raise():
+    model, x = replayed()
+    memo = memo_of(model)
+    capsule, check = memo._native
+    dicts, versions, tensors, stamps = check
+    steps = [ir.NATIVE_STEPS[call](arguments) for call, arguments in memo._replay]
+    head = next(step for step in steps if step[0] == "head")
+    with pytest.raises(TypeError, match="capsule must be prepare_chain's"):
+        fastmb._C.prepare_replay(3, [("chain", object(), True)])
+    with pytest.raises(ValueError, match="a step is"):
+        fastmb._C.prepare_replay(3, [("conv", object())])
+    with pytest.raises(ValueError, match="7 arguments"):
+        fastmb._C.prepare_replay(3, [("head", (1, 2))])
+    with pytest.raises(TypeError, match="conv_activation must be a str"):
+        fastmb._C.prepare_replay(3, [("head", (*head[1][:2], 5, *head[1][3:]))])
+    with pytest.raises(TypeError, match="fc_weights must be a tensor"):
+        fastmb._C.prepare_replay(3, [("head", (*head[1][:3], [None], *head[1][4:]))])
+    with pytest.raises(ValueError):
+        fastmb._C.replay(object(), check, x)  # not a prepared replay
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="8 bytes a dict"):
+            fastmb._C.replay(capsule, (dicts, versions[:-8], tensors, stamps), x)
+        with pytest.raises(ValueError, match="16 a tensor"):
+            fastmb._C.replay(capsule, (dicts, versions, tensors, stamps + b"x"), x)
+        with pytest.raises(TypeError, match="dicts must be dicts"):
+            fastmb._C.replay(capsule, ((1, *dicts[1:]), versions, tensors, stamps), x)
+        with pytest.raises(TypeError, match="tensors must be tensors"):
+            fastmb._C.replay(capsule, (dicts, versions, (None, *tensors[1:]), stamps), x)
+        with pytest.raises(TypeError, match="4-tuple"):
+            fastmb._C.replay(capsule, check[:3], x)
+        assert fastmb._C.replay(capsule, check, "x") is None  # not a tensor: the Python path decides
+        assert torch.equal(fastmb._C.replay(capsule, check, x), model(x))
+
+
+def test_a_model_with_a_native_replay_is_freed():
+    # The capsule holds no Python references the collector cannot see: the model's dicts hold
+    # the memo, which holds the check.
+    import gc
+    import weakref
+
+    model, _ = replayed()
+    assert memo_of(model)._native is not None
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None

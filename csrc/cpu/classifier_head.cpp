@@ -15,6 +15,7 @@
 
 #include "../common.h"
 #include "aligned_vector.h"
+#include "classifier_head.h"
 #include "pointwise/kernels.h"
 #include "vec.h"
 
@@ -173,10 +174,11 @@ void conv_pool(const Tensor& x, const float* w, const float* bias, Activation ac
   });
 }
 
+}  // namespace
+
 Tensor classifier_head(const Tensor& x, const Tensor& conv_weight, const Tensor& conv_bias, c10::string_view conv_activation,
-                       at::TensorList fc_weights, at::TensorList fc_biases,
-                       // owned: views of a str[] may outlive the list the boxed call unpacked them from
-                       const std::vector<std::string>& fc_activations, const std::optional<Tensor>& fc1_by_groups) {
+                       at::TensorList fc_weights, at::TensorList fc_biases, const std::vector<std::string>& fc_activations,
+                       const std::optional<Tensor>& fc1_by_groups) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "fastmb::classifier_head: x must be a channels_last float32 CPU (N, C, H, W) tensor");
   TORCH_CHECK(x.size(2) * x.size(3) >= 1, "fastmb::classifier_head: x has no pixels to pool");
@@ -222,8 +224,6 @@ Tensor classifier_head(const Tensor& x, const Tensor& conv_weight, const Tensor&
   for (size_t i = first; i < fc_weights.size(); ++i) h = linear(h, fc_weights[i], fc_biases[i], fc_acts[i], gemm);
   return h;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fastmb, CPU, m) { m.impl("classifier_head", &classifier_head); }
 

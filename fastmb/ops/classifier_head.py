@@ -11,7 +11,17 @@ from torch import Tensor, nn
 
 from fastmb import _extension, dispatch
 from fastmb.ops.activations import activation_name
-from fastmb.ops.inverted_residual import ConvBN, Program, calls_needed, conv_bn, has_hooks, memoized_forward, module_tree_slots, run_layers
+from fastmb.ops.inverted_residual import (
+    NATIVE_STEPS,
+    ConvBN,
+    Program,
+    calls_needed,
+    conv_bn,
+    has_hooks,
+    memoized_forward,
+    module_tree_slots,
+    run_layers,
+)
 from fastmb.ops.packing import (
     PackedArguments,
     Slot,
@@ -128,6 +138,9 @@ class FusedHead(PackedArguments):
 
 def _call_head(x: Tensor, arguments: tuple) -> Tensor:
     return torch.ops.fastmb.classifier_head(x.contiguous(memory_format=torch.channels_last), *arguments)
+
+
+NATIVE_STEPS[_call_head] = lambda arguments: ("head", arguments)
 
 
 def _head_plan(model: nn.Module, features: nn.Sequential, avgpool: nn.Module | None, classifier: nn.Module) -> FusedHead | None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
+from torch.utils import _python_dispatch
 
 from fastmb import _extension, dispatch
 from fastmb.ops.activations import activation_name
@@ -447,6 +448,8 @@ def _call_chain(x: Tensor, arguments: tuple) -> Tensor:
 
 
 _PREPARE_CHAIN = getattr(_extension.C, "prepare_chain", None)
+_PREPARE_REPLAY = getattr(_extension.C, "prepare_replay", None)
+_REPLAY = getattr(_extension.C, "replay", None)
 
 
 def _run_prepared_chain(x: Tensor, arguments: tuple) -> Tensor:
@@ -455,6 +458,19 @@ def _run_prepared_chain(x: Tensor, arguments: tuple) -> Tensor:
     if not stem:
         x = x.contiguous(memory_format=torch.channels_last)
     return _extension.C.run_chain(prepared, x)
+
+
+# Per prepared op call, its step in fastmb._C.prepare_replay's steps from its arguments (the
+# head's call registers its own: classifier_head.py).
+NATIVE_STEPS: dict[Callable, Callable[[tuple], tuple]] = {_run_prepared_chain: lambda arguments: ("chain", *arguments)}
+
+
+def _native_replay(in_channels: int, steps: tuple) -> object | None:
+    """Prepared `steps` as one fastmb._C.replay call (a capsule), or None where a step has no
+    native form."""
+    if _PREPARE_REPLAY is None or any(call not in NATIVE_STEPS for call, _ in steps):
+        return None
+    return _PREPARE_REPLAY(in_channels, [NATIVE_STEPS[call](arguments) for call, arguments in steps])
 
 
 def _prepared(steps: tuple) -> tuple:
@@ -566,17 +582,34 @@ class ForwardMemo:
         self.in_channels = in_channels
         self.key = key
         self._replay: tuple | None = None  # the steps _prepared, made at the first replay
+        # The steps as one native call (_native_replay) and the watch's short check it runs
+        # first: made again when the watch takes new dict versions.
+        self._native: tuple[object, tuple] | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_replay": None}  # capsules: prepared again after a copy or unpickling
+        return {**self.__dict__, "_replay": None, "_native": None}  # capsules: prepared again after a copy or unpickling
 
     def __call__(self, x: Tensor, key: tuple) -> Tensor | None:
-        """The forward's output, or None when the memo does not apply to x or anything changed."""
-        if key != self.key or not eval_op_applies(x, self.in_channels) or not self.watch.unchanged():
+        """The forward's output, or None when the memo does not apply to x or anything changed.
+        The native replay first: where it cannot tell (another backend or a block recording
+        backends, a tensor subclass, a mode, a changed slot), these checks decide."""
+        if key != self.key:
+            return None
+        native = self._native
+        if native is not None and not torch.compiler.is_compiling():  # dynamo would break its graph at the call
+            y = _REPLAY(native[0], native[1], x)
+            if y is not None:
+                return y
+        if not eval_op_applies(x, self.in_channels) or not self.watch.unchanged():
             return None
         if self._replay is None:
             self._replay = _prepared(self.steps)
-        for call, arguments in self._replay:
+        check = self.watch.short_check()
+        if check is not None and (native is None or native[1][1] is not check[1]):
+            replay = _native_replay(self.in_channels, self._replay)
+            self._native = (replay, check) if replay is not None else None
+        # A dispatch mode (a FLOP counter, a logger) sees the op calls only through the dispatcher.
+        for call, arguments in self.steps if _python_dispatch._get_current_dispatch_mode() is not None else self._replay:
             x = call(x, arguments)
         dispatch.note_backend("cpu")
         return x

@@ -170,6 +170,12 @@ class Watch:
         self._versions = versions  # a dict changed elsewhere than the slots: the short check again next time
         return True
 
+    def short_check(self) -> tuple | None:
+        """What unchanged() compares while no watched dict changes: (dicts, their versions,
+        tensors, their stamps), or None where the interpreter keeps no dict versions. The
+        versions are taken again when a dict changed elsewhere than the slots (a new object)."""
+        return (self._dicts, self._versions, self._tensors, self._tensor_stamps) if self._versions is not None else None
+
 
 def mode_slots(modules: Iterable[nn.Module]) -> list[Slot]:
     """The modules' `training` flags."""
