@@ -111,6 +111,21 @@ def change_the_head_activation(model: nn.Module) -> None:
     model.classifier[1] = nn.ReLU()
 
 
+# The model's own children replaced (the key the forward builds; replayed_forward skips it).
+def replace_the_classifier(model: nn.Module) -> None:
+    other = copy.deepcopy(model.classifier)
+    with torch.no_grad():
+        other[3].bias.add_(1.0)
+    model.classifier = other
+
+
+def replace_the_features(model: nn.Module) -> None:
+    other = copy.deepcopy(model.features)
+    with torch.no_grad():
+        other[-1][0].weight.mul_(0.5)
+    model.features = other
+
+
 def load_other_weights(model: nn.Module) -> None:
     model.load_state_dict(small_model().state_dict() | {"classifier.3.bias": torch.randn(10)})
 
@@ -146,7 +161,7 @@ def stride_the_last_conv(model: nn.Module) -> None:
 
 CHANGES = [
     scale_block_weight, replace_bn_data, replace_classifier_parameter, scale_stem_weight, change_eps, change_depthwise_activation,
-    change_se_gate, swap_depthwise_activation_module, swap_se_activation_for_one_not_fused, drop_an_se, swap_a_block, change_the_head_activation, load_other_weights, train_one_block, residual_off,
+    change_se_gate, swap_depthwise_activation_module, swap_se_activation_for_one_not_fused, drop_an_se, swap_a_block, change_the_head_activation, replace_the_classifier, replace_the_features, load_other_weights, train_one_block, residual_off,
     stride_an_expansion, pad_a_projection, reflect_a_depthwise_conv, reflect_the_stem, stride_the_last_conv,
 ]  # fmt: skip
 

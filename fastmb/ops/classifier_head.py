@@ -163,7 +163,9 @@ def _head_plan(model: nn.Module, features: nn.Sequential, avgpool: nn.Module | N
             return None
         return FusedHead(conv, linears, [m for m in classifier._modules.values() if type(m) is nn.Dropout])
 
-    return cached_plan(model, "_fastmb_head", slots, build, key=(avgpool, classifier))
+    # features in the key too: the slots watch the features this plan was made from, not which
+    # features the model holds (replaced by a changed copy, the head kept the old weights).
+    return cached_plan(model, "_fastmb_head", slots, build, key=(features, avgpool, classifier))
 
 
 def forward_with_fused_head(
