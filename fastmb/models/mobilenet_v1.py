@@ -14,7 +14,16 @@ from torch import Tensor, nn
 
 from fastmb.models.layers import depthwise_stage, init_weights, make_divisible, use_channels_last
 from fastmb.nn import ConvBNAct
-from fastmb.ops.inverted_residual import FusedBlock, Program, block_plan, has_hooks, memoized_forward, run_fused_block, run_layers
+from fastmb.ops.inverted_residual import (
+    FusedBlock,
+    Program,
+    block_plan,
+    has_hooks,
+    memoized_forward,
+    replayed_forward,
+    run_fused_block,
+    run_layers,
+)
 from fastmb.ops.packing import hook_slots, structure_slots
 
 # Table 1 as (stride of the depthwise conv, output channels of the pointwise conv).
@@ -85,6 +94,9 @@ class MobileNetV1(nn.Module):
         use_channels_last(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        replayed = replayed_forward(self, x)
+        if replayed is not None:
+            return self.classifier(torch.flatten(self.avgpool(replayed), 1))
         features = self.features
 
         def run_features(x: Tensor, program: Program) -> Tensor:

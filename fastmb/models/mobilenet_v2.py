@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from fastmb.models.layers import build_with_weights, depthwise_stage, init_weights, make_divisible, use_channels_last
 from fastmb.nn import ConvBNAct
 from fastmb.ops.classifier_head import forward_with_fused_head
-from fastmb.ops.inverted_residual import FusedBlock, block_plan, run_fused_block
+from fastmb.ops.inverted_residual import FusedBlock, block_plan, replayed_forward, run_fused_block
 
 # Table 2: expansion factor t, output channels c, repeats n, first stride s.
 INVERTED_RESIDUAL_SETTING = [
@@ -95,7 +95,8 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # eval on the CPU: the last conv, the pooling and the classifier as one native call
-        return forward_with_fused_head(self, x, self.features, None, self.classifier)
+        replayed = replayed_forward(self, x)
+        return replayed if replayed is not None else forward_with_fused_head(self, x, self.features, None, self.classifier)
 
 
 def mobilenet_v2(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> MobileNetV2:
