@@ -124,7 +124,7 @@ static PyMethodDef fastmb_methods[] = {
     {"run_chain", fastmb::run_chain, METH_VARARGS, "run_chain(prepared, x): the prepared chain op on x."},
     {"prepare_replay", fastmb::prepare_replay, METH_VARARGS, "A ForwardMemo's op calls as one native call (a capsule)."},
     {"replay", fastmb::replay, METH_VARARGS, "replay(prepared, check, x): the memo's forward on x, or None where Python must decide."},
-    {"replay_gate", fastmb::replay_gate, METH_VARARGS, "replay_gate(default_runs_cpu, opened): fastmb.dispatch's state for replays."},
+    {"replay_backend", fastmb::replay_backend, METH_VARARGS, "fastmb.dispatch's backend choices, for the replays."},
     {"release_cached_outputs", release_cached_outputs, METH_NOARGS, "Frees the idle blocks of the CPU output cache; returns the bytes."},
     {nullptr, nullptr, 0, nullptr}};
 static struct PyModuleDef fastmb_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fastmb_methods};

@@ -1,4 +1,4 @@
-// fastmb._C.prepare_replay, replay and replay_gate (forward_replay.h), apart from fastmb.cpp for
+// fastmb._C.prepare_replay, replay and replay_backend (forward_replay.h), apart from fastmb.cpp for
 // the same reason as slot_stamps.cpp: torch's Python headers take seconds to compile.
 #include "forward_replay.h"
 
@@ -13,6 +13,7 @@
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
 #include <atomic>
 #include <optional>
 #include <string>
@@ -30,9 +31,12 @@ namespace {
 
 constexpr const char* kCapsule = "fastmb.ForwardReplay";
 
-// What fastmb.dispatch said last (replay_gate).
+// What fastmb.dispatch chose (replay_backend): whether the process-wide backend runs the CPU ops;
+// this thread's use_backend choice (-1 none, 0 another backend, 1 auto or cpu); and how many
+// record_backends blocks this thread has open.
 std::atomic<bool> default_backend_runs_cpu{true};
-std::atomic<int64_t> open_backend_blocks{0};
+thread_local int thread_backend_runs_cpu = -1;
+thread_local int64_t recording_blocks = 0;
 
 PyObject* borrowed(PyObject* value) { return value; }
 
@@ -135,10 +139,11 @@ class Replay {
   // take the Python path), dense float32 CPU (N, in_channels, H, W), no autograd, autocast, JIT
   // trace, functorch transform or other dispatch key forced in this thread, dispatch or
   // torch-function mode (which see the op calls the Python path makes) or forward-AD tangent, and
-  // the CPU ops chosen with no use_backend or record_backends block open.
+  // the CPU ops chosen for this thread, which records no backends (the Python path notes them).
   bool takes(PyObject* object) const {
     if (Py_TYPE(object) != reinterpret_cast<PyTypeObject*>(THPVariableClass)) return false;
-    if (!default_backend_runs_cpu.load(std::memory_order_relaxed) || open_backend_blocks.load(std::memory_order_relaxed) != 0) return false;
+    const bool runs_cpu = thread_backend_runs_cpu >= 0 ? thread_backend_runs_cpu == 1 : default_backend_runs_cpu.load(std::memory_order_relaxed);
+    if (!runs_cpu || recording_blocks > 0) return false;
     if (at::GradMode::is_enabled() || at::autocast::is_autocast_enabled(at::kCPU) || torch::jit::tracer::isTracing()) return false;
     // BackendSelect and ADInplaceOrView are included by default (the latter not in inference mode).
     static const c10::DispatchKeySet forced_by_default{c10::DispatchKey::BackendSelect, c10::DispatchKey::ADInplaceOrView};
@@ -218,13 +223,19 @@ PyObject* replay(PyObject* /*module*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* replay_gate(PyObject* /*module*/, PyObject* args) {
-  PyObject* runs_cpu = nullptr;
-  long long opened = 0;
-  if (!PyArg_ParseTuple(args, "OL", &runs_cpu, &opened)) return nullptr;
-  if (runs_cpu != Py_None) default_backend_runs_cpu.store(PyObject_IsTrue(runs_cpu) == 1);
-  open_backend_blocks.fetch_add(opened);
-  Py_RETURN_NONE;
+PyObject* replay_backend(PyObject* /*module*/, PyObject* args) {
+  PyObject *default_runs_cpu = nullptr, *thread_runs_cpu = nullptr;
+  long long recording = 0;
+  if (!PyArg_ParseTuple(args, "OOL", &default_runs_cpu, &thread_runs_cpu, &recording)) return nullptr;
+  const int previous = thread_backend_runs_cpu;
+  if (default_runs_cpu != Py_None) default_backend_runs_cpu.store(PyObject_IsTrue(default_runs_cpu) == 1);
+  if (thread_runs_cpu != Py_None) {
+    const long state = PyLong_AsLong(thread_runs_cpu);
+    if (state == -1 && PyErr_Occurred()) return nullptr;
+    thread_backend_runs_cpu = int(std::clamp<long>(state, -1, 1));
+  }
+  recording_blocks += recording;
+  return PyLong_FromLong(previous);
 }
 
 }  // namespace fastmb

@@ -14,10 +14,12 @@ namespace fastmb {
 PyObject* prepare_replay(PyObject* module, PyObject* args);
 PyObject* replay(PyObject* module, PyObject* args);
 
-// fastmb._C.replay_gate(default_runs_cpu, opened): what fastmb.dispatch tells the replays. The
-// process-wide backend lets the CPU ops run (True or False; None: unchanged), and `opened` (+1,
-// -1, 0) use_backend or record_backends blocks were opened or closed in some thread: while one is
-// open, replays take the Python path, which reads the thread's own backend and records it.
-PyObject* replay_gate(PyObject* module, PyObject* args);
+// fastmb._C.replay_backend(default_runs_cpu, thread_runs_cpu, recording): what fastmb.dispatch
+// tells the replays, which cannot read its Python state cheaply: whether the process-wide backend
+// runs the CPU ops (a bool, or None: unchanged), this thread's use_backend choice (-1 none, 0
+// another backend, 1 auto or cpu; None: unchanged), and record_backends blocks opened (+1) or
+// closed (-1) in this thread, during which replays leave the forward to the Python path, which
+// records its backend. Returns this thread's previous choice, for use_backend to restore.
+PyObject* replay_backend(PyObject* module, PyObject* args);
 
 }  // namespace fastmb

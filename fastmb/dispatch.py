@@ -122,12 +122,12 @@ def _check_name(backend: str) -> None:
         raise RuntimeError(f"fastmb backend {backend!r} is not available: {reason}")
 
 
-def _gate_replays(default_runs_cpu: bool | None, opened: int) -> None:
+def _tell_replays(default_runs_cpu: bool | None = None, thread_runs_cpu: int | None = None, recording: int = 0) -> int:
     """Tells the models' native forward replays (fastmb._C.replay) what they cannot read from
-    Python cheaply: whether the process-wide backend runs the CPU ops, and that a block choosing
-    a backend or recording backends opened (+1) or closed (-1) in some thread."""
-    if _extension.C is not None:
-        _extension.C.replay_gate(default_runs_cpu, opened)
+    Python cheaply: whether the process-wide backend runs the CPU ops, this thread's use_backend
+    choice (-1 none, 0 another backend, 1 auto or cpu), and record_backends blocks opened (+1)
+    or closed (-1) in this thread. Returns this thread's previous choice."""
+    return _extension.C.replay_backend(default_runs_cpu, thread_runs_cpu, recording) if _extension.C is not None else -1
 
 
 def set_backend(backend: str) -> None:
@@ -135,7 +135,7 @@ def set_backend(backend: str) -> None:
     global _default_backend
     _check_name(backend)
     _default_backend = backend
-    _gate_replays(backend in ("auto", "cpu"), 0)
+    _tell_replays(default_runs_cpu=backend in ("auto", "cpu"))
 
 
 @contextlib.contextmanager
@@ -144,12 +144,12 @@ def use_backend(backend: str) -> Iterator[None]:
     _check_name(backend)
     previous = getattr(_thread_state, "backend", None)
     _thread_state.backend = backend
-    _gate_replays(None, 1)
+    told = _tell_replays(thread_runs_cpu=int(backend in ("auto", "cpu")))
     try:
         yield
     finally:
         _thread_state.backend = previous
-        _gate_replays(None, -1)
+        _tell_replays(thread_runs_cpu=told)
 
 
 def current_backend() -> str:
@@ -234,12 +234,12 @@ def note_backend(backend: str) -> None:
 def record_backends() -> Iterator[set[str]]:
     """Collects, in this thread, the backends that fused ops' calls ran on within the block."""
     previous, _thread_state.ran = getattr(_thread_state, "ran", None), set()
-    _gate_replays(None, 1)
+    _tell_replays(recording=1)
     try:
         yield _thread_state.ran
     finally:
         _thread_state.ran = previous
-        _gate_replays(None, -1)
+        _tell_replays(recording=-1)
 
 
 # Per forward operator, its registered autograd formula as a plain torch.autograd.Function,

@@ -465,31 +465,6 @@ class Tagged(torch.Tensor):
     """A tensor subclass that leaves every op to torch.Tensor."""
 
 
-def other_thread_using(backend: str):
-    """A use_backend block held open in another thread while the body runs."""
-    import threading
-
-    opened, done = threading.Event(), threading.Event()
-
-    def hold():
-        with fastmb.use_backend(backend):
-            opened.set()
-            done.wait()
-
-    @contextlib.contextmanager
-    def held():
-        thread = threading.Thread(target=hold)
-        thread.start()
-        opened.wait()
-        try:
-            yield
-        finally:
-            done.set()
-            thread.join()
-
-    return held()
-
-
 # Where the native replay must leave the forward to the Python path: each setting is a context
 # and the input the forward then takes.
 STEP_ASIDE = {
@@ -497,7 +472,6 @@ STEP_ASIDE = {
     "autocast": lambda x: (torch.autocast("cpu", dtype=torch.bfloat16), x),
     "reference_backend": lambda x: (fastmb.use_backend("reference"), x),
     "recording": lambda x: (dispatch.record_backends(), x),
-    "another_thread_choosing": lambda x: (other_thread_using("reference"), x),
     "dispatch_mode": lambda x: (LoggingMode(), x),
     "negative_view": lambda x: (torch.no_grad(), torch._neg_view(-x)),
     "subclass": lambda x: (torch.no_grad(), x.as_subclass(Tagged)),
@@ -560,6 +534,42 @@ def test_the_native_replay_steps_aside_for_forward_ad_and_tracing():
         traced = torch.jit.trace(probe, x, check_trace=False)
         torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
     assert probe.seen == [None]
+
+
+def test_a_backend_chosen_in_a_thread_gates_its_replays_alone():
+    # use_backend is per thread (as dispatch.current_backend): another thread's block leaves this
+    # thread's replays running, its own replays step aside, and its choice is undone on exit.
+    import threading
+
+    model, x = replayed()
+    answers = {}
+
+    def other(backend):
+        with torch.no_grad(), fastmb.use_backend(backend):
+            answers[backend] = fastmb._C.replay(*native_replay(model), x)
+            with fastmb.use_backend("auto"):  # nested: the inner choice, then the outer again
+                answers[backend + " inner auto"] = fastmb._C.replay(*native_replay(model), x)
+            answers[backend + " again"] = fastmb._C.replay(*native_replay(model), x)
+        with torch.no_grad():
+            answers[backend + " after"] = fastmb._C.replay(*native_replay(model), x)
+
+    with torch.no_grad(), fastmb.use_backend("cpu"):
+        thread = threading.Thread(target=other, args=("reference",))
+        thread.start()
+        thread.join()
+        assert fastmb._C.replay(*native_replay(model), x) is not None
+    assert answers["reference"] is None and answers["reference again"] is None
+    assert answers["reference inner auto"] is not None and answers["reference after"] is not None
+    fastmb.set_backend("reference")
+    try:
+        with torch.no_grad():
+            assert fastmb._C.replay(*native_replay(model), x) is None
+            with fastmb.use_backend("cpu"):
+                assert fastmb._C.replay(*native_replay(model), x) is not None
+    finally:
+        fastmb.set_backend("auto")
+    with torch.no_grad():
+        assert fastmb._C.replay(*native_replay(model), x) is not None
 
 
 def test_the_native_replay_follows_the_watch_taking_new_versions():
