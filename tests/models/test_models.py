@@ -13,7 +13,7 @@ from fastmb.models.mobilenet_v1 import from_timm_state_dict
 from fastmb.models.calibration import calibrate_batch_norm
 from fastmb.nn.conv_bn_act import _pointwise_as_matmul
 from fastmb.ops.activations import ACTIVATIONS
-from oracle import assert_autocast_like_eager, randomize_batch_norm, relative_error
+from oracle import assert_autocast_like_eager, randomize_batch_norm, relative_error, threads
 
 TORCHVISION_CASES = [
     ("mobilenet_v2", {}),
@@ -42,6 +42,26 @@ def test_torchvision_state_dict_loads_and_eval_outputs_agree(name, kwargs):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert relative_error(ours.eval()(x), theirs.eval()(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v1"])
+def test_one_image_on_two_threads_agrees_with_the_layers(name):
+    """At batch 1 on two threads the first blocks after the stem (V1's and V2's first six, V3-Large's
+    first three) run linked in one parallel region, each thread going on to the next block at its
+    end of the image: outputs as torchvision's (V1: the reference backend's), the same in every
+    forward wherever the threads meet."""
+    if name == "mobilenet_v1":
+        theirs = ours = fastmb.mobilenet_v1().eval()
+        randomize_batch_norm(ours)
+    else:
+        theirs, ours = pair(name, {})
+    x = torch.randn(1, 3, 224, 224)
+    with threads(2), torch.no_grad():
+        outputs = [ours.eval()(x) for _ in range(4)]
+        with fastmb.use_backend("reference"):
+            expected = theirs.eval()(x)
+    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+    assert relative_error(outputs[0], expected) <= 1e-5
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["live", "frozen"])

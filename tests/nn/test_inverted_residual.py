@@ -368,6 +368,35 @@ def test_a_chain_of_blocks_is_one_call_equal_to_a_call_per_block(size, thread_co
     assert torch.equal(chained, one_by_one)
 
 
+# Blocks without SE whose outputs keep at least 28 rows from a 57-60-row input: at batch 1 on two
+# threads each shares its rows from both ends, and runs of them are linked into one parallel region
+# (each thread goes on to the next block without a join). Residual, dilated, stride 2, no
+# expansion (V1), kernel 5; an SE block ends one run, a stride-2 block past it starts another.
+LINKED_CHAIN = [
+    (v3_block, (24, 3, 72, 24, False, "RE", 1, 1)), (v3_block, (24, 3, 88, 24, False, "RE", 1, 2)), (v2_block, (24, 32, 2, 6)),
+    (v1_block, (32, 32, 1, "relu6")), (v3_block, (32, 5, 96, 32, False, "HS", 1, 1)), (v3_block, (32, 3, 96, 32, True, "HS", 1, 1)),
+    (v3_block, (32, 3, 64, 32, False, "RE", 1, 1)), (v2_block, (32, 32, 1, 4)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("thread_count", [1, 2])
+@pytest.mark.parametrize("rows", [60, 57])
+def test_linked_blocks_equal_a_call_per_block(rows, thread_count, native_block_calls):
+    blocks = [build(case, seed) for seed, (build, case) in enumerate(LINKED_CHAIN)]
+    x = torch.randn(1, 24, rows, 29).contiguous(memory_format=torch.channels_last)
+    with threads(thread_count), torch.no_grad():
+        for _ in range(3):  # each run's threads meet at other rows
+            chained = ir.run_layers(blocks, x)
+            one_by_one = x
+            for block in blocks:
+                one_by_one = run_fused_block(block, layers_of(block), residual(block), one_by_one)
+            assert torch.equal(chained, one_by_one)
+        assert native_block_calls[:len(blocks)] == [("block", 0)] * len(blocks)
+        with fastmb.use_backend("reference"):
+            eager = ir.run_layers(blocks, x)
+    torch.testing.assert_close(chained, eager, rtol=1e-4, atol=1e-4)
+
+
 def test_a_chain_stops_at_a_hook_and_at_a_layer_without_a_plan(native_block_calls):
     """A hooked block runs as its module after the blocks before it have run, so its hook sees
     their output; the blocks after it are checked and run once it has returned."""
