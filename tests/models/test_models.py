@@ -46,10 +46,10 @@ def test_torchvision_state_dict_loads_and_eval_outputs_agree(name, kwargs):
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v1"])
 def test_one_image_on_two_threads_agrees_with_the_layers(name):
-    """At batch 1 on two threads the first blocks after the stem (V1's and V2's first six, V3-Large's
-    first three) run linked in one parallel region, each thread going on to the next block at its
-    end of the image: outputs as torchvision's (V1: the reference backend's), the same in every
-    forward wherever the threads meet."""
+    """At batch 1 on two threads the first blocks, the stem's included (V1's first five, V2's first
+    six, V3-Large's first three), run linked in one parallel region, each thread going on to the
+    next block at its end of the image: outputs as torchvision's (V1: the reference backend's), the
+    same in every forward wherever the threads meet."""
     if name == "mobilenet_v1":
         theirs = ours = fastmb.mobilenet_v1().eval()
         randomize_batch_norm(ours)

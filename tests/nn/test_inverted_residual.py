@@ -371,7 +371,7 @@ def test_a_chain_of_blocks_is_one_call_equal_to_a_call_per_block(size, thread_co
 # Blocks without SE whose outputs keep at least 28 rows from a 57-60-row input: at batch 1 on two
 # threads each shares its rows from both ends, and runs of them are linked into one parallel region
 # (each thread goes on to the next block without a join). Residual, dilated, stride 2, no
-# expansion (V1), kernel 5; an SE block ends one run, a stride-2 block past it starts another.
+# expansion (V1), kernel 5; an SE block ends the first run of five, two blocks after it are another.
 LINKED_CHAIN = [
     (v3_block, (24, 3, 72, 24, False, "RE", 1, 1)), (v3_block, (24, 3, 88, 24, False, "RE", 1, 2)), (v2_block, (24, 32, 2, 6)),
     (v1_block, (32, 32, 1, "relu6")), (v3_block, (32, 5, 96, 32, False, "HS", 1, 1)), (v3_block, (32, 3, 96, 32, True, "HS", 1, 1)),
