@@ -497,6 +497,12 @@ constexpr int64_t kMinPartRows = 14, kMinPartRowsWithoutSe = 7;
 // per block).
 constexpr int64_t kMinPairRows = 28;
 
+// Whether run_block's row parts (`parts` of an image, `part_rows` rows each) go in pairs whose
+// rows two threads take from both ends (BandsFromBothEnds).
+bool parts_in_pairs(const Block& b, int64_t parts, int64_t part_rows) {
+  return !b.has_se() && parts % 2 == 0 && 2 * part_rows >= kMinPairRows;
+}
+
 // Whether images run whole on a thread keep their expanded rows in a sliding window (as row
 // parts do): while each thread has at most two images, whose weights come from memory and whose
 // whole rows (4.8 MB at V2's features.2) miss the caches. Alternated in one process, V2 at batch
@@ -549,7 +555,7 @@ void run_block(const Block& b) {
   }
   // Without SE, parts go in pairs whose rows both threads take from either end (BandsFromBothEnds).
   const int64_t pair_rows = 2 * part_rows, pair_count = (g.ho + pair_rows - 1) / pair_rows;
-  const bool pairs = !b.has_se() && parts % 2 == 0 && pair_rows >= kMinPairRows;
+  const bool pairs = parts_in_pairs(b, parts, part_rows);
   std::unique_ptr<std::atomic<int64_t>[]> taken(pairs ? new std::atomic<int64_t>[g.n * pair_count] : nullptr);
   for (int64_t i = 0; pairs && i < g.n * pair_count; ++i) taken[i].store(0, std::memory_order_relaxed);
   at::parallel_for(0, g.n * parts, 1, [&](int64_t begin, int64_t end) {
@@ -704,12 +710,11 @@ Tensor run_prepared(Block& b, const Tensor& input) {
   return y;
 }
 
-// Whether run_block would share block b's one image between two threads from both ends
-// (BandsFromBothEnds): batch 1 on two threads, no SE, at least kMinPairRows rows, something to
-// compute.
+// Whether run_block would share block b's one image between two threads from both ends: batch 1
+// on two threads (two parts), in pairs, something to compute.
 bool shares_rows_from_both_ends(const Block& b, int threads) {
   const Geometry& g = b.g;
-  return g.n == 1 && threads == 2 && !b.has_se() && 2 * ((g.ho + 1) / 2) >= kMinPairRows && g.wo > 0 && b.cout > 0;
+  return g.n == 1 && threads == 2 && parts_in_pairs(b, 2, (g.ho + 1) / 2) && g.wo > 0 && b.cout > 0;
 }
 
 // Blocks one after another that each share their one image's rows between two threads from both
