@@ -312,9 +312,10 @@ def chain_arguments(name: str) -> list[tuple]:
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v2"])
-def test_a_prepared_chain_computes_the_op_at_every_size(name):
-    # One prepared chain over inputs of other sizes and batches in turn (its blocks made again
-    # for each new size) gives the op's output bit for bit.
+def test_a_prepared_chain_computes_the_op_at_every_size_and_layout(name):
+    # One prepared chain over inputs of other sizes and batches in turn, and over images of one
+    # size in other layouts (its stem and blocks made again for each: the stem reads the image
+    # through its strides), gives the op's output bit for bit.
     [arguments] = chain_arguments(name)
     tensors, settings, names, stem = arguments
     prepared = fastmb._C.prepare_chain(tensors, settings, names, stem)
@@ -323,6 +324,9 @@ def test_a_prepared_chain_computes_the_op_at_every_size(name):
         for shape in [(1, 3, 64, 64), (2, 3, 64, 64), (1, 3, 37, 50), (1, 3, 64, 64), (3, 3, 33, 33)]:
             x = torch.randn(shape)
             assert torch.equal(fastmb._C.run_chain(prepared, x), ir._call_chain(x, arguments))
+        x = torch.randn(1, 3, 64, 64)
+        for view in (x.contiguous(memory_format=torch.channels_last), x, torch.randn(1, 3, 64, 128)[..., ::2], x):
+            assert torch.equal(fastmb._C.run_chain(prepared, view), ir._call_chain(view, arguments))
 
 
 def test_a_prepared_chain_without_a_stem_takes_any_layout():
@@ -352,7 +356,8 @@ def test_prepared_chain_bad_arguments_raise():
     prepared = fastmb._C.prepare_chain(tensors, settings, names, stem)
     with pytest.raises(RuntimeError, match="stem"):
         fastmb._C.run_chain(prepared, torch.randn(1, 5, 64, 64))  # the stem takes 3 channels
-    with pytest.raises(RuntimeError):
+    fastmb._C.run_chain(prepared, torch.randn(1, 3, 64, 64))
+    with pytest.raises(RuntimeError):  # the sizes and strides of the last good call, not its dtype
         fastmb._C.run_chain(prepared, torch.randn(1, 3, 64, 64, dtype=torch.float64))
     with pytest.raises(TypeError, match="must be a tensor"):
         fastmb._C.run_chain(prepared, "x")

@@ -69,7 +69,7 @@ struct Block {
   bool cold_weights;  // each GEMM's weights read once a call (fewer images than threads)
   dwconv::Kernels<float> dw;
   pointwise::GemmPanels gemm;
-  const StemRows* stem;  // or null: the block's input is x
+  const StemRows* stem;  // or null: the block's input is x (else x is the stem's image)
   int64_t stem_image0;   // the stem's image that is this block's image 0 (x and y start there)
   float* y;
 
@@ -82,7 +82,7 @@ struct Block {
   // Rows [r0, r1) of image n's depthwise input into `rows` (its row r0), on this thread: the
   // expansion of x's rows, or the stem's output rows.
   void produce(int64_t n, int64_t r0, int64_t r1, float* rows) const {
-    if (stem != nullptr) return stem->rows(rows, stem_image0 + n, r0, r1);
+    if (stem != nullptr) return stem->rows(rows, x, stem_image0 + n, r0, r1);
     gemm(expand(image(n) + r0 * g.w * cin, rows, (r1 - r0) * g.w), 0, pointwise::panels_of(g.c));
   }
   // Floats in the packed projection weights (one image's gated copy).
@@ -353,7 +353,7 @@ void run_image_split(const Block& b, int64_t n) {
     const auto [c0, c1] = by_channels ? share(g.c, pointwise::kPanel) : std::pair<int64_t, int64_t>{0, g.c};
     if (b.stem != nullptr) {  // the stem's rows, split by rows
       const auto [q0, q1] = share(g.h, 1);
-      if (q0 < q1) b.stem->rows(expanded + q0 * g.w * g.c, b.stem_image0 + n, q0, q1);
+      if (q0 < q1) b.stem->rows(expanded + q0 * g.w * g.c, b.x, b.stem_image0 + n, q0, q1);
     } else if (b.expands()) {
       const auto [q0, q1] = by_channels ? std::pair<int64_t, int64_t>{0, pixels_in} : share(pixels_in, 6);
       if (c0 < c1 && q0 < q1)
@@ -757,11 +757,12 @@ Tensor run_stem(const StemRows& stem, const Tensor& x) {
   Tensor y = cached_empty({g.n, stem.channels(), g.ho, g.wo}, x.options(), at::MemoryFormat::ChannelsLast);
   if (y.numel() == 0) return y;
   float* out = y.mutable_data_ptr<float>();
+  const float* image = x.const_data_ptr<float>();
   const int64_t parts = std::min<int64_t>(g.ho, even_parts(g.n, at::get_num_threads())), part_rows = (g.ho + parts - 1) / parts;
   at::parallel_for(0, g.n * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / parts, r0 = (task % parts) * part_rows, r1 = std::min(g.ho, r0 + part_rows);
-      if (r0 < r1) stem.rows(out + (n * g.ho + r0) * row, n, r0, r1);
+      if (r0 < r1) stem.rows(out + (n * g.ho + r0) * row, image, n, r0, r1);
     }
   });
   return y;
@@ -798,8 +799,11 @@ constexpr const char* kChainTensorNames[kChainTensors] = {"expand_weight", "expa
 }  // namespace
 
 struct PreparedChain::Blocks {
-  std::array<int64_t, 4> input;  // the first block's input sizes they were made for
-  bool stem;
+  // The x they were made for: its sizes, strides, dtype and device (with a stem, its image).
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype;
+  at::Device device{at::kCPU};
+  std::unique_ptr<StemRows> stem;  // or null: x is the first block's input
   std::vector<Block> blocks;
   std::vector<Tensor> taps;  // the repacked depthwise weights they read, if any
 };
@@ -819,15 +823,23 @@ PreparedChain::PreparedChain(std::vector<std::optional<Tensor>> tensors, std::ve
 
 PreparedChain::~PreparedChain() = default;
 
-std::shared_ptr<const PreparedChain::Blocks> PreparedChain::blocks_for(const std::array<int64_t, 4>& input, const StemRows* stem) const {
+std::shared_ptr<const PreparedChain::Blocks> PreparedChain::blocks_for(const Tensor& x) const {
+  const auto made_for = [&x](const Blocks& b) {
+    return b.sizes == x.sizes() && b.strides == x.strides() && b.dtype == x.scalar_type() && b.device == x.device();
+  };
   {
     const std::lock_guard<std::mutex> lock(mutex_);
-    if (last_ != nullptr && last_->input == input && last_->stem == (stem != nullptr)) return last_;
+    if (last_ != nullptr && made_for(*last_)) return last_;
   }
+  // x checked (by make_stem, the blocks by prepare_block) only here: an x the blocks were made for
+  // passes the same checks.
   auto made = std::make_shared<Blocks>();
-  made->input = input, made->stem = stem != nullptr;
+  made->sizes = x.sizes().vec(), made->strides = x.strides().vec(), made->dtype = x.scalar_type(), made->device = x.device();
+  made->stem = make_stem("inverted_residual_chain", x, stem_.weight, stem_.scale, stem_.shift, stem_.stride, stem_.padding, stem_.dilation,
+                         stem_.activation);
+  TORCH_CHECK(blocks_ >= 1 || made->stem, "fastmb::inverted_residual_chain: give at least one block, or a stem");
   made->taps.resize(blocks_);
-  std::array<int64_t, 4> sizes = input;
+  std::array<int64_t, 4> sizes = first_input(x, made->stem.get());
   for (int64_t i = 0; i < blocks_; ++i) {
     const std::string op = "inverted_residual_chain (block " + std::to_string(i) + ")";
     std::array<std::optional<Tensor>, kChainTensors> t;
@@ -837,7 +849,7 @@ std::shared_ptr<const PreparedChain::Blocks> PreparedChain::blocks_for(const std
     const std::string* n = names_.data() + i * kChainNames;
     const BlockArguments arguments{t[0], t[1], n[0], *t[2], *t[3], *t[4], {s, 2}, {s + 2, 4}, {s + 6, 2}, n[1],
                                    t[5], t[6], t[7], t[8], n[2], n[3], *t[9], *t[10], s[8] != 0, n[4]};
-    const Block b = prepare_block(op.c_str(), arguments, sizes, i == 0 ? stem : nullptr, made->taps[i]);
+    const Block b = prepare_block(op.c_str(), arguments, sizes, i == 0 ? made->stem.get() : nullptr, made->taps[i]);
     made->blocks.push_back(b);
     sizes = {b.g.n, b.cout, b.g.ho, b.g.wo};
   }
@@ -847,12 +859,9 @@ std::shared_ptr<const PreparedChain::Blocks> PreparedChain::blocks_for(const std
 }
 
 Tensor PreparedChain::run(const Tensor& x) const {
-  const std::unique_ptr<StemRows> stem = make_stem("inverted_residual_chain", x, stem_.weight, stem_.scale, stem_.shift, stem_.stride,
-                                                   stem_.padding, stem_.dilation, stem_.activation);
-  TORCH_CHECK(blocks_ >= 1 || stem, "fastmb::inverted_residual_chain: give at least one block, or a stem");
   const NoAutocast no_autocast;
-  if (blocks_ == 0) return run_stem(*stem, x);
-  const std::shared_ptr<const Blocks> prepared = blocks_for(first_input(x, stem.get()), stem.get());
+  const std::shared_ptr<const Blocks> prepared = blocks_for(x);
+  if (blocks_ == 0) return run_stem(*prepared->stem, x);
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const size_t count = prepared->blocks.size();
   Tensor h = x;
@@ -863,7 +872,6 @@ Tensor PreparedChain::run(const Tensor& x) const {
       std::vector<Block> blocks(prepared->blocks.begin() + i, prepared->blocks.begin() + end);
       std::vector<Tensor> inputs;
       for (size_t k = 0; k < blocks.size(); ++k) {
-        blocks[k].stem = i + k == 0 ? stem.get() : nullptr;  // this call's: it reads x
         inputs.push_back(h);
         h = bind(blocks[k], h);
       }
@@ -875,7 +883,6 @@ Tensor PreparedChain::run(const Tensor& x) const {
     // a chain's time goes. Nothing is built unless a profiler is listening.
     RECORD_FUNCTION("fastmb::inverted_residual_block", std::vector<c10::IValue>{h});
     Block b = prepared->blocks[i];
-    b.stem = i == 0 ? stem.get() : nullptr;  // this call's: it reads x
     h = run_prepared(b, h);
     ++i;
   }

@@ -7,7 +7,6 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <array>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -28,7 +27,7 @@ struct ChainStem {
 class PreparedChain {
  public:
   // The op's arguments (held: the blocks read them in place), their counts checked; each block's
-  // own checks run when run() first sees an input of its sizes.
+  // own checks run when run() first sees an x of its sizes, layout, dtype and device.
   PreparedChain(std::vector<std::optional<at::Tensor>> tensors, std::vector<int64_t> settings, std::vector<std::string> names,
                 ChainStem stem);
   ~PreparedChain();
@@ -37,8 +36,8 @@ class PreparedChain {
   at::Tensor run(const at::Tensor& x) const;
 
  private:
-  struct Blocks;  // the blocks made for one input size
-  std::shared_ptr<const Blocks> blocks_for(const std::array<int64_t, 4>& input, const StemRows* stem) const;
+  struct Blocks;  // the stem and blocks made for one x's sizes, strides, dtype and device
+  std::shared_ptr<const Blocks> blocks_for(const at::Tensor& x) const;
 
   std::vector<std::optional<at::Tensor>> tensors_;
   std::vector<int64_t> settings_;
@@ -46,7 +45,7 @@ class PreparedChain {
   ChainStem stem_;
   int64_t blocks_;
   mutable std::mutex mutex_;
-  mutable std::shared_ptr<const Blocks> last_;  // the blocks of the last input size seen
+  mutable std::shared_ptr<const Blocks> last_;  // those of the last x seen
 };
 
 }  // namespace fastmb::cpu

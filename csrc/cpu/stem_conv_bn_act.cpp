@@ -260,7 +260,6 @@ class EvalStemRows final : public StemRows {
  public:
   EvalStemRows(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift, const Geometry& g, Activation act)
       : s_(g, weight.size(0), gemm_vector_bytes() / int(sizeof(float)), x.strides()),
-        x_(x.const_data_ptr<float>()),
         x_strides_(x.strides().vec()),
         w_(taps_major_weight<float>(weight, s_)),
         scale_(padded(scale.const_data_ptr<float>(), s_.c, s_.cp, 0.0f)),
@@ -271,7 +270,7 @@ class EvalStemRows final : public StemRows {
   const Geometry& geometry() const override { return s_.g; }
   int64_t channels() const override { return s_.c; }
 
-  void rows(float* out, int64_t n, int64_t oh0, int64_t oh1) const override {
+  void rows(float* out, const float* x, int64_t n, int64_t oh0, int64_t oh1) const override {
     thread_local AlignedVector<float> patches, z;
     if (int64_t(patches.size()) < s_.chunk * s_.taps_padded) patches.resize(s_.chunk * s_.taps_padded);
     if (s_.cp != s_.c && int64_t(z.size()) < s_.chunk * s_.cp) z.resize(s_.chunk * s_.cp);
@@ -279,12 +278,12 @@ class EvalStemRows final : public StemRows {
     const StoreNormalized<float> store(scale_.data(), shift_.data(), ActivationFn<float>(act_));
     const bool smooth = is_smooth(act_);
     for (int64_t oh = oh0; oh < oh1; ++oh) {
-      if (oh + kPrefetchRows < oh1) prefetch_input_rows(n, oh + kPrefetchRows);
+      if (oh + kPrefetchRows < oh1) prefetch_input_rows(x, n, oh + kPrefetchRows);
       for (int64_t ow0 = 0; ow0 < g.wo; ow0 += s_.chunk) {
         const int64_t count = std::min(s_.chunk, g.wo - ow0);
         float* y = out + ((oh - oh0) * g.wo + ow0) * s_.c;
         float* chunk = s_.cp == s_.c ? y : z.data();
-        for_each_run(s_, x_, x_strides_, n, oh, ow0, count, patches.data(), [&](const auto& p, int64_t p0, int64_t np) {
+        for_each_run(s_, x, x_strides_, n, oh, ow0, count, patches.data(), [&](const auto& p, int64_t p0, int64_t np) {
           if (smooth) convolve(chunk + p0 * s_.cp, p, w_.data(), np, s_.taps, s_.cp);
           else convolve(chunk + p0 * s_.cp, p, w_.data(), np, s_.taps, s_.cp, store);
         });
@@ -302,16 +301,15 @@ class EvalStemRows final : public StemRows {
   // 1.01-1.02x.
   static constexpr int64_t kPrefetchRows = 4;
 
-  // Prefetches the input rows output row oh (> 0) reads and row oh - 1 does not (image n), into L2.
-  void prefetch_input_rows(int64_t n, int64_t oh) const {
+  // Prefetches the input rows output row oh (> 0) reads and row oh - 1 does not (image n of x), into L2.
+  void prefetch_input_rows(const float* x, int64_t n, int64_t oh) const {
     const Geometry& g = s_.g;
     const int64_t top = oh * g.sh - g.ph, bottom = top + int64_t(g.kh - 1) * g.dh;  // row oh - 1's bottom is bottom - sh
-    patches::prefetch_input_rows(x_, x_strides_, g, n, std::max<int64_t>(top, bottom - g.sh + 1), bottom);
+    patches::prefetch_input_rows(x, x_strides_, g, n, std::max<int64_t>(top, bottom - g.sh + 1), bottom);
   }
 
  private:
   ConvPatches s_;
-  const float* x_;
   std::vector<int64_t> x_strides_;
   AlignedVector<float> w_, scale_, shift_;
   Activation act_;

@@ -14,8 +14,9 @@ namespace fastmb::cpu {
 
 class StemRows {
  public:
-  // x (N, C_in, H, W) float32 in any layout (read through its strides), weight (C, C_in, kH, kW),
-  // scale and shift (C), each checked (errors name `op`). The tensors must outlive the object.
+  // For images x (N, C_in, H, W) float32 of these sizes and strides (any layout: read through its
+  // strides), weight (C, C_in, kH, kW), scale and shift (C), each checked (errors name `op`). The
+  // weight is repacked, scale and shift copied: the object holds no tensor, and none of x's data.
   static std::unique_ptr<StemRows> make(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                                         const at::Tensor& shift, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                         Activation act);
@@ -23,8 +24,9 @@ class StemRows {
   // The conv's geometry over x (g.c is C_in), and C.
   virtual const Geometry& geometry() const = 0;
   virtual int64_t channels() const = 0;
-  // Output rows [oh0, oh1) of image n into out: rows of g.wo * C floats, channels last.
-  virtual void rows(float* out, int64_t n, int64_t oh0, int64_t oh1) const = 0;
+  // Output rows [oh0, oh1) of image n of x (the data of images of the sizes and strides the object
+  // was made for) into out: rows of g.wo * C floats, channels last.
+  virtual void rows(float* out, const float* x, int64_t n, int64_t oh0, int64_t oh1) const = 0;
 };
 
 }  // namespace fastmb::cpu
