@@ -613,7 +613,7 @@ struct BlockArguments {
 
 // The Block one block's arguments make over an input of sizes `input` (N, C, H, W), every argument
 // checked (errors name `op`, the op and which block). `taps` keeps a repacked depthwise weight
-// alive. x, y, the kernels and the stem are left for the caller.
+// alive. What depends on the call (x, y, cold_weights) is left for bind.
 Block prepare_block(const char* op, const BlockArguments& a, const std::array<int64_t, 4>& input, const StemRows* stem, Tensor& taps) {
   TORCH_CHECK(a.expand_weight.has_value() == a.expand_bias.has_value(), "fastmb::", op, ": expand_weight and expand_bias go together");
   TORCH_CHECK(stem == nullptr || !a.expand_weight.has_value(), "fastmb::", op,
@@ -628,6 +628,8 @@ Block prepare_block(const char* op, const BlockArguments& a, const std::array<in
               "fastmb::", op, ": dw_weight must be (", c, ", 1, kH, kW), got shape ", dw_weight.sizes());
   // The depthwise conv's geometry over the expanded channels, with dwconv_bn_act's checks.
   b.g = dwconv_geometry_of(op, {input[0], c, input[2], input[3]}, dw_weight.sizes().slice(2), a.stride, a.padding, a.dilation);
+  b.dw = dwconv::select_kernels<float>(b.g);  // for its geometry, once: not at every call
+  b.gemm = pointwise::select_gemm();
   b.cout = a.project_bias.dim() == 1 ? a.project_bias.size(0) : 0;
   if (a.expand_weight.has_value()) {
     b.expand_w = checked_dense_float(op, "expand_weight", *a.expand_weight, {pointwise::panels_of(c), b.cin, pointwise::kPanel});
@@ -692,13 +694,11 @@ std::array<int64_t, 4> first_input(const Tensor& x, const StemRows* stem) {
 }
 
 // Points prepared block b at `input` (its x; the stem's image with a stem) and at a new output,
-// which it returns, with the kernels for its geometry.
+// which it returns.
 Tensor bind(Block& b, const Tensor& input) {
   Tensor y = cached_empty({b.g.n, b.cout, b.g.ho, b.g.wo}, input.options(), at::MemoryFormat::ChannelsLast);
   b.x = input.const_data_ptr<float>();
   b.y = y.mutable_data_ptr<float>();
-  b.dw = dwconv::select_kernels<float>(b.g);
-  b.gemm = pointwise::select_gemm();
   b.cold_weights = b.g.n < at::get_num_threads();
   return y;
 }
