@@ -204,11 +204,13 @@ def test_alternated_providers_wait_for_the_others_spinning_threads():
     pool threads that still busy-wait would take a core from the provider timed next."""
     fastmb.runtimes.wait_for_idle_threads()  # earlier tests' pool threads may still spin
     assert fastmb.runtimes.wait_for_idle_threads() < 0.01  # nothing else running now
-    stop = time.perf_counter() + 0.3
     started = threading.Event()
 
     def spin():  # a pool thread busy-waiting for more work: native code, mostly without the GIL
         a = torch.ones(1024, 1024)
+        # 0.4 s from its first product, not from before the thread started: on a loaded host the
+        # start took long enough that under 0.1 s was left after the first wait's 0.1-0.2 s.
+        stop = time.perf_counter() + 0.4
         while time.perf_counter() < stop:
             started.set()
             a @ a
