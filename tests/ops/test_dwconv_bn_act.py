@@ -157,6 +157,31 @@ def test_many_channels_per_image_or_per_block(backend, device, batch, config):
     compare((batch, 131, 6, 9), config, torch.float32, torch.channels_last, True, device)
 
 
+@pytest.mark.parametrize("kernel, padding", [(3, 2), (5, 3)], ids=["k3p2", "k5p3"])
+def test_output_larger_than_input(backend, device, kernel, padding):
+    """Padding past the kernel's reach makes z larger than x: the CPU backward, which keeps z
+    from its first pass in dL/dx's memory where z fits, convolves it again here."""
+    compare((2, 24, 5, 7), (kernel, 1, 1, "relu"), torch.float32, torch.channels_last, True, device, padding=padding)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_weight_gradients_without_the_input_gradient(backend, device, stride):
+    """The CPU backward keeps z for its second pass only where dL/dx is wanted (in dL/dx's
+    memory): asked for the weight and BN gradients alone it convolves z again, and they equal
+    the full backward's, in batches split by images (4) and by channel blocks (3)."""
+    kernel = dispatch.kernels("dwconv_bn_act")[backend]
+    generator = torch.Generator().manual_seed(stride)
+    for batch in (3, 4):
+        x = torch.randn(batch, 131, 7, 9, generator=generator).to(device)
+        weight, gamma, beta = torch.randn(131, 1, 3, 3).to(device), torch.rand(131).add(0.5).to(device), torch.randn(131).to(device)
+        conv = ([stride, stride], [1, 1], [1, 1])
+        y, mean, var = kernel.forward(x, weight, gamma, beta, None, None, *conv, 1e-5, True, "relu")
+        args = (torch.randn(y.shape, generator=generator).to(device), x, weight, gamma, beta, mean, var, *conv, 1e-5, True, "relu")
+        full, alone = kernel.backward(*args, [True, True, True]), kernel.backward(*args, [False, True, True])
+        for got, want in zip(alone[1:], full[1:]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("config", [(3, 1, 1, "silu"), (3, 2, 1, "relu6")], ids=lambda c: "k{}s{}d{}-{}".format(*c))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_row_pairs_wider_than_a_chunk(backend, device, config, training):

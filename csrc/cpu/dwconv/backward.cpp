@@ -1,6 +1,7 @@
 // fastmb::dwconv_bn_act_backward on the CPU, NHWC (other layouts converted on entry):
 //   pass 1 (training, or BN affine grads wanted), in bands of output rows: the per-channel sums
-//          of dL/du and dL/du * x_hat, giving the BN grads and the batch statistics' terms
+//          of dL/du and dL/du * x_hat, giving the BN grads and the batch statistics' terms; z
+//          kept in dL/dx's memory for pass 2 where it fits
 //   pass 2, per (image, channel block): dL/dz, the weight gradient (per-thread partials) and
 //          dL/dx (passes.h's grad_input_weight_block)
 #include <torch/library.h>
@@ -83,7 +84,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(const Tensor& 
       b[c] = a[c] * Acc(sum_gu / count);
       d[c] = a[c] * Acc(sum_gu_xhat / count);
     };
-    if ((training && !batch_sums.has_value()) || output_mask[2]) {
+    // Pass 1 keeps z for pass 2 in dL/dx's memory (an image's z in the image's part) where that is
+    // wanted, has z's dtype and z is no larger than x: pass 2 reads an image's z (a channel block
+    // of it) into dL/dz before it writes that part of dL/dx. Convolving z again instead made the
+    // backward 1.09-1.20x slower (bench/results/2026-12-07-training-convs.md).
+    const bool pass_1 = (training && !batch_sums.has_value()) || output_mask[2];
+    const bool keep_z = pass_1 && output_mask[0] && std::is_same_v<scalar_t, Acc> && g.ho * g.wo <= g.h * g.w;
+    Acc* z_kept = keep_z ? reinterpret_cast<Acc*>(grad_x.nhwc.mutable_data_ptr<scalar_t>()) : nullptr;
+    if (pass_1) {
       const int threads = at::get_num_threads();
       std::vector<double> sums(2 * threads * g.c, 0.0);
       at::parallel_for(0, g.n * g.ho, row_grain(g), [&](int64_t begin, int64_t end) {
@@ -93,7 +101,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(const Tensor& 
           const auto [lo, hi] = input_rows(g, oh0, oh1);
           const Acc* x_img = rows_as_acc(kernels, x_data + n * g.h * in_row, lo, hi, in_row, g.c, 0, g.c, x_rows);
           const Acc* gy_img = rows_as_acc(kernels, gy_data + n * g.ho * out_row, oh0, oh1, out_row, g.c, 0, g.c, gy_rows);
-          kernels.grad_sums_rows(s, s + g.c, gy_img, x_img, w, bn, g, act, oh0, oh1);
+          kernels.grad_sums_rows(s, s + g.c, z_kept != nullptr ? z_kept + n * g.h * in_row : nullptr, gy_img, x_img, w, bn, g, act, oh0, oh1);
         });
       });
       Acc *grad_beta_values = grad_beta.mutable_data_ptr<Acc>(), *grad_gamma_values = grad_gamma.mutable_data_ptr<Acc>();
@@ -123,7 +131,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(const Tensor& 
     scalar_t* gx_data = output_mask[0] ? grad_x.nhwc.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, g.n * blocks, 1, [&](int64_t begin, int64_t end) {
       thread_local AlignedVector<Acc> gz, x_rows, gy_rows, gx_rows;
-      BlockArgs<Acc> args{nullptr, nullptr, nullptr, nullptr, w, flipped.empty() ? nullptr : flipped.data(), bn,
+      BlockArgs<Acc> args{nullptr, nullptr, nullptr, nullptr, nullptr, w, flipped.empty() ? nullptr : flipped.data(), bn,
                           a.data(), b.data(), d.data(), &rows, &cols, g, act};
       args.gw = output_mask[1] ? gw_partials.mutable_data_ptr<double>() + at::get_thread_num() * taps * g.c : nullptr;
       for (int64_t task = begin; task < end; ++task) {
@@ -132,6 +140,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_bn_act_backward(const Tensor& 
         args.gy = rows_as_acc(kernels, gy_data + n * g.ho * out_row, 0, g.ho, out_row, g.c, c0, nc, gy_rows);
         scalar_t* gx_img = gx_data != nullptr ? gx_data + n * g.h * in_row : nullptr;
         args.gx = gx_img != nullptr ? output_rows(gx_img, 0, g.h, in_row, gx_rows) : nullptr;
+        args.z = z_kept != nullptr ? z_kept + n * g.h * in_row : nullptr;
         kernels.grad_input_weight_block(args, gz, c0, nc);
         if (gx_img != nullptr) store_rows(kernels, gx_img, args.gx, 0, g.h, in_row, g.c, c0, nc);
       }

@@ -65,6 +65,7 @@ struct TapSources {
 template <typename Acc>
 struct BlockArgs {
   Acc* gx;
+  const Acc* z;  // the image's z as pass 1 kept it (pixels g.c apart), or null: convolved again
   double* gw;
   const Acc *gy, *x, *w;
   const Acc* flipped;  // the flipped weight per channel block (stride 1, K specialised), or null
@@ -86,9 +87,10 @@ struct Kernels {
   void (*statistics_rows)(Acc* z, Moments& moments, const Acc* x, const Acc* w, const Geometry& g, int64_t oh0, int64_t oh1);
   // Training pass 2: y = act(z * scale + shift) over `pixels` pixels of c channels (y may be z).
   void (*normalize)(Acc* y, const Acc* z, const Acc* scale, const Acc* shift, Activation act, int64_t pixels, int64_t c);
-  // Backward pass 1: sum_gu[c] += sum of dL/du, sum_gu_xhat[c] += sum of dL/du * x_hat.
-  void (*grad_sums_rows)(double* sum_gu, double* sum_gu_xhat, const Acc* gy, const Acc* x, const Acc* w, const BnParams<Acc>& bn,
-                         const Geometry& g, Activation act, int64_t oh0, int64_t oh1);
+  // Backward pass 1: sum_gu[c] += sum of dL/du, sum_gu_xhat[c] += sum of dL/du * x_hat; z kept
+  // into the image's rows at z_kept (pixels g.c apart) unless it is null.
+  void (*grad_sums_rows)(double* sum_gu, double* sum_gu_xhat, Acc* z_kept, const Acc* gy, const Acc* x, const Acc* w,
+                         const BnParams<Acc>& bn, const Geometry& g, Activation act, int64_t oh0, int64_t oh1);
   // Backward pass 2 for channels [c0, c0 + nc) of one image; gz is the calling thread's buffer.
   void (*grad_input_weight_block)(const BlockArgs<Acc>& args, AlignedVector<Acc>& gz, int64_t c0, int64_t nc);
   // fastmb::batch_norm_act's passes over `pixels` x c values z of an NHWC tensor, no conv: its

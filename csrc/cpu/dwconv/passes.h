@@ -1,16 +1,17 @@
 // The depthwise conv + BatchNorm + activation passes over one image's rows, compiled once per
 // instruction set (see tiles.h), and make_kernels, the table of them for one kernel size.
 //
-// z = conv(x) is never saved for backward (DESIGN.md's plan); every pass recomputes it a chunk
-// of output pixels at a time, the chunk's accumulators in L1:
+// z = conv(x) is never saved for backward (DESIGN.md's plan); a pass computes it a chunk of
+// output pixels at a time, the chunk's accumulators in L1:
 //   eval forward    eval_rows: y = act(z * scale + shift) as the conv's tiles store z
 //   train forward   statistics_rows: z, stored, and its per-channel mean and M2 (two-pass per
 //                   chunk, Chan merges); normalize: y = act(z * scale + shift)
-//   backward        grad_sums_rows: z per chunk and the sums of dL/du and dL/du * x_hat per
-//                   channel; grad_input_weight_block, per (image, channel block): z again, dL/dz
-//                   into a task buffer, the weight gradient (sums held in registers over bands
-//                   of rows), then dL/dx from dL/dz: a conv with the flipped kernel (stride 1),
-//                   sub-pixel sliding tiles (stride 2), else a gather over the taps
+//   backward        grad_sums_rows: z per chunk (kept for pass 2 in dL/dx's memory where it
+//                   fits: see backward.cpp) and the sums of dL/du and dL/du * x_hat per channel;
+//                   grad_input_weight_block, per (image, channel block): the kept z or z again,
+//                   dL/dz into a task buffer, the weight gradient (sums held in registers over
+//                   bands of rows), then dL/dx from dL/dz: a conv with the flipped kernel
+//                   (stride 1), sub-pixel sliding tiles (stride 2), else a gather over the taps
 #pragma once
 
 #include "tiles.h"
@@ -245,12 +246,12 @@ FASTMB_INLINE void add_grad_sums(Acc* sum_gu, Acc* sum_gu_xhat, const Acc* z, co
 }
 
 // dL/dz = a * gu - b - x_hat * d (a, b, d per channel, offset like bn) for `pixels` x `nc` z
-// values, into gz, a chunk of pixels at a time with a block's parameters in registers. The x_hat
+// values (pixels z_stride apart), into gz (nc apart), a chunk of pixels at a time with a block's parameters in registers. The x_hat
 // term is left out where d is 0 (eval), as eager's backward has no such term: a NaN in z must
 // not reach dL/dz through it.
 template <Activation A, typename Acc>
-FASTMB_INLINE void grad_z(Acc* gz, const Acc* z, const Acc* gy, int64_t gy_stride, const BnParams<Acc>& bn, const Acc* a, const Acc* b,
-                          const Acc* d, int64_t pixels, int64_t nc) {
+FASTMB_INLINE void grad_z(Acc* gz, const Acc* z, int64_t z_stride, const Acc* gy, int64_t gy_stride, const BnParams<Acc>& bn, const Acc* a,
+                          const Acc* b, const Acc* d, int64_t pixels, int64_t nc) {
   const int64_t chunk = chunk_pixels(nc);
   for (int64_t p0 = 0; p0 < pixels; p0 += chunk) {
     const int64_t np = std::min(chunk, pixels - p0);
@@ -267,36 +268,37 @@ FASTMB_INLINE void grad_z(Acc* gz, const Acc* z, const Acc* gy, int64_t gy_strid
       for (int64_t p = p0; p < p0 + np; ++p)
         unroll<NV>([&](auto v) __attribute__((always_inline)) {
           typename V::type x_hat, gu;
-          held.template chain<A>(v, z + p * nc + c + v * L, gy + p * gy_stride + c + v * L, x_hat, gu);
+          held.template chain<A>(v, z + p * z_stride + c + v * L, gy + p * gy_stride + c + v * L, x_hat, gu);
           V::store(gz + p * nc + c + v * L, av[v] * gu - bv[v] - (dv[v] == zero ? zero : x_hat * dv[v]));
         });
     });
     for (int64_t p = p0; p < p0 + np; ++p)
       for (int64_t c = k0; c < nc; ++c) {
         Acc x_hat, gu;
-        chain_at<A>(z + p * nc, gy + p * gy_stride, bn, c, x_hat, gu);
+        chain_at<A>(z + p * z_stride, gy + p * gy_stride, bn, c, x_hat, gu);
         gz[p * nc + c] = a[c] * gu - b[c] - (d[c] == Acc(0) ? Acc(0) : x_hat * d[c]);
       }
   }
 }
 
 template <int K, typename Acc>
-void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, const Acc* gy, const Acc* x, const Acc* w, const BnParams<Acc>& bn,
+void grad_sums_rows(double* sum_gu, double* sum_gu_xhat, Acc* z_kept, const Acc* gy, const Acc* x, const Acc* w, const BnParams<Acc>& bn,
                     const Geometry& g, Activation act, int64_t oh0, int64_t oh1) {
   const int64_t chunk = chunk_pixels(g.c);
-  // z: a chunk of each of two rows; the partial sums: one row's each, as in float they lose
-  // digits with every row more.
-  AlignedVector<Acc> z(2 * chunk * g.c), partial_gu(2 * g.c), partial_gu_xhat(2 * g.c);
+  // z: a chunk of each of two rows, or the image's rows kept for pass 2; the partial sums: one
+  // row's each, as in float they lose digits with every row more.
+  AlignedVector<Acc> z(z_kept != nullptr ? 0 : 2 * chunk * g.c), partial_gu(2 * g.c), partial_gu_xhat(2 * g.c);
   for (int64_t oh = oh0; oh < oh1; oh += 2) {
     const int64_t rows = std::min<int64_t>(2, oh1 - oh);
     std::fill(partial_gu.begin(), partial_gu.end(), Acc(0));
     std::fill(partial_gu_xhat.begin(), partial_gu_xhat.end(), Acc(0));
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
       const int64_t pixels = std::min(chunk, g.wo - ow0);
-      conv_rows<K>(rows, [&](int64_t r) { return StoreValues<Acc>{z.data() + r * chunk * g.c, g.c}; }, x, w, g, oh, ow0, pixels, 0, g.c);
+      const auto z_row = [&](int64_t r) { return z_kept != nullptr ? z_kept + ((oh + r) * g.wo + ow0) * g.c : z.data() + r * chunk * g.c; };
+      conv_rows<K>(rows, [&](int64_t r) { return StoreValues<Acc>{z_row(r), g.c}; }, x, w, g, oh, ow0, pixels, 0, g.c);
       dispatch_activation(act, [&](auto activation) {
         for (int64_t r = 0; r < rows; ++r)
-          add_grad_sums<decltype(activation)::value>(partial_gu.data() + r * g.c, partial_gu_xhat.data() + r * g.c, z.data() + r * chunk * g.c,
+          add_grad_sums<decltype(activation)::value>(partial_gu.data() + r * g.c, partial_gu_xhat.data() + r * g.c, z_row(r),
                                                      gy + ((oh + r) * g.wo + ow0) * g.c, g.c, bn, pixels, g.c);
       });
     }
@@ -564,9 +566,9 @@ FASTMB_INLINE void grad_x_row_stride2(Acc* gx, const Acc* gz, const Acc* w, cons
   }
 }
 
-// x_hat and dL/du are recomputed from x and grad_y: cheaper than keeping them from pass 1, which
-// would write and read two more tensors. gz holds the whole [Ho][Wo][nc] dL/dz when dL/dx is
-// wanted, one band of rows otherwise.
+// z is read where pass 1 kept it (args.z), else convolved again; x_hat and dL/du are recomputed
+// from it and grad_y: cheaper than keeping them from pass 1, which would write and read two more
+// tensors. gz holds the whole [Ho][Wo][nc] dL/dz when dL/dx is wanted, one band of rows otherwise.
 template <int K, typename Acc>
 void grad_input_weight_block(const BlockArgs<Acc>& args, AlignedVector<Acc>& gz, int64_t c0, int64_t nc) {
   const Geometry& g = args.g;
@@ -575,7 +577,7 @@ void grad_input_weight_block(const BlockArgs<Acc>& args, AlignedVector<Acc>& gz,
   // Bands of whole rows, about kWeightGradPixels pixels: the specialised weight gradient sums
   // a band's pixels in registers.
   const int64_t band = std::max<int64_t>(1, kWeightGradPixels / std::max<int64_t>(g.wo, 1));
-  AlignedVector<Acc> z(2 * chunk * nc);  // a chunk of each of two rows
+  AlignedVector<Acc> z(args.z != nullptr ? 0 : 2 * chunk * nc);  // a chunk of each of two rows, where pass 1 kept none
   gz.resize((args.gx != nullptr ? g.ho : std::min(band, g.ho)) * g.wo * nc);
   for (int64_t oh0 = 0; oh0 < g.ho; oh0 += band) {
     const int64_t oh1 = std::min(g.ho, oh0 + band);
@@ -584,12 +586,15 @@ void grad_input_weight_block(const BlockArgs<Acc>& args, AlignedVector<Acc>& gz,
       const int64_t rows = std::min<int64_t>(2, oh1 - oh);
       for (int64_t ow0 = 0; ow0 < g.wo; ow0 += chunk) {
         const int64_t pixels = std::min(chunk, g.wo - ow0);
-        conv_rows<K>(rows, [&](int64_t r) { return StoreValues<Acc>{z.data() + r * chunk * nc, nc}; }, args.x, args.w, g, oh, ow0, pixels, c0, nc);
+        if (args.z == nullptr)
+          conv_rows<K>(rows, [&](int64_t r) { return StoreValues<Acc>{z.data() + r * chunk * nc, nc}; }, args.x, args.w, g, oh, ow0, pixels, c0, nc);
         dispatch_activation(args.act, [&](auto activation) {
-          for (int64_t r = 0; r < rows; ++r)
-            grad_z<decltype(activation)::value>(gz_band + ((oh + r - oh0) * g.wo + ow0) * nc, z.data() + r * chunk * nc,
+          for (int64_t r = 0; r < rows; ++r) {
+            const Acc* z_row = args.z != nullptr ? args.z + ((oh + r) * g.wo + ow0) * g.c + c0 : z.data() + r * chunk * nc;
+            grad_z<decltype(activation)::value>(gz_band + ((oh + r - oh0) * g.wo + ow0) * nc, z_row, args.z != nullptr ? g.c : nc,
                                                 args.gy + ((oh + r) * g.wo + ow0) * g.c + c0, g.c, bn, args.a + c0, args.b + c0, args.d + c0,
                                                 pixels, nc);
+          }
         });
       }
     }
@@ -657,7 +662,7 @@ void batch_norm_grad_sums(double* sum_gu, double* sum_gu_xhat, const Acc* z, con
 template <typename Acc>
 void batch_norm_grad_values(Acc* gz, const Acc* z, const Acc* gy, const BnParams<Acc>& bn, const Acc* a, const Acc* b, const Acc* d,
                             Activation act, int64_t pixels, int64_t c) {
-  dispatch_activation(act, [&](auto activation) { grad_z<decltype(activation)::value>(gz, z, gy, c, bn, a, b, d, pixels, c); });
+  dispatch_activation(act, [&](auto activation) { grad_z<decltype(activation)::value>(gz, z, c, gy, c, bn, a, b, d, pixels, c); });
 }
 
 inline void from_bfloat16(const c10::BFloat16* src, float* dst, int64_t n) { convert(src, dst, n); }
