@@ -61,6 +61,13 @@ TORCH_LIBRARY(fastmb, m) {
       "stem_conv_bn_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor mean, "
       "Tensor var, int[] stride, int[] padding, int[] dilation, float eps, str activation, bool[2] output_mask) "
       "-> (Tensor, Tensor, Tensor)");
+  // z = conv2d(x, weight) without groups or bias: the forward of training's convs that are
+  // neither depthwise nor 1x1, returned channels_last. CPU only, float32.
+  m.def("full_conv(Tensor x, Tensor weight, int[2] stride, int[] padding, int[2] dilation) -> Tensor");
+  // dL/dx of full_conv from dL/dz, x of x_size (N, C_in, H, W); returned channels_last. CPU only,
+  // float32.
+  m.def(
+      "full_conv_input_grad(Tensor grad_z, Tensor weight, int[4] x_size, int[2] stride, int[] padding, int[2] dilation) -> Tensor");
   // dL/dweight of conv2d(x, weight) (no groups, no bias) from dL/dz, z the conv's output:
   // (C_out, C_in, kH, kW) = weight_size, contiguous. CPU only.
   m.def(

@@ -91,6 +91,12 @@ def stem_backward(grad_y=torch.randn(2, 8, 5, 5), stats=stats, mask=(True, True)
 def weight_grad(grad_z=torch.randn(2, 8, 5, 5), x=xs, weight_size=(8, 3, 3, 3), conv=stem_conv):
     return ops.conv_weight_grad(grad_z, x, list(weight_size), *conv)
 
+def full_conv(x=xs, w=ws, conv=stem_conv):
+    return ops.full_conv(x, w, *conv)
+
+def full_conv_input_grad(grad_z=torch.randn(2, 8, 5, 5), w=ws, x_size=(2, 3, 9, 9), conv=stem_conv):
+    return ops.full_conv_input_grad(grad_z, w, list(x_size), *conv)
+
 def stem_same_as_eager(shape):
     x = torch.randn(shape)
     y = stem(x)[0]
@@ -151,6 +157,20 @@ CASES: dict[str, tuple[str, tuple[str, str] | None]] = {
     "conv_weight_grad int x": ("weight_grad(x=torch.ones(2, 3, 9, 9, dtype=torch.int32))", ("RuntimeError", "float32 and float64")),
     "conv_weight_grad stride 0": ("weight_grad(conv=([0, 0], [1, 1], [1, 1]))", ("RuntimeError", "stride must be at least 1")),
     "conv_weight_grad padding 2**62 overflows": ("weight_grad(conv=([1, 1], [2**62, 2**62], [1, 1]))", ("RuntimeError", "overflow|output")),
+    "full_conv 3-D x": ("full_conv(x=torch.randn(3, 9, 9))", ("RuntimeError", "x must be \\(N, C_in, H, W\\)")),
+    "full_conv weight of other input channels": ("full_conv(w=torch.randn(8, 4, 3, 3))", ("RuntimeError", "weight must be \\(C_out, C_in, kH, kW\\) with C_in = 3")),
+    "full_conv kernel of 0 taps": ("full_conv(w=torch.randn(8, 3, 0, 3))", ("RuntimeError", "every other entry at least 1")),
+    "full_conv float64 x": ("full_conv(x=xs.double(), w=ws.double())", ("RuntimeError", "float32 x and weight")),
+    "full_conv stride 0": ("full_conv(conv=([0, 0], [1, 1], [1, 1]))", ("RuntimeError", "stride must be at least 1")),
+    "full_conv padding 2**62 overflows": ("full_conv(conv=([1, 1], [2**62, 2**62], [1, 1]))", ("RuntimeError", "overflow|output")),
+    "full_conv empty batch": ("z = full_conv(x=xs[:0]); assert z.shape == (0, 8, 5, 5)", OK),
+    "full_conv NaN x stays NaN": ("assert full_conv(x=torch.full((2, 3, 9, 9), float('nan'))).isnan().all()", OK),
+    "full_conv_input_grad three x sizes": ("full_conv_input_grad(x_size=(2, 3, 9))", ("RuntimeError", "x_size")),
+    "full_conv_input_grad x_size of other channels": ("full_conv_input_grad(x_size=(2, 4, 9, 9))", ("RuntimeError", "with C_in = 4")),
+    "full_conv_input_grad grad_z of another shape": ("full_conv_input_grad(grad_z=torch.randn(2, 8, 4, 4))", ("RuntimeError", "grad_z must have the conv output's shape")),
+    "full_conv_input_grad float64 grad_z": ("full_conv_input_grad(grad_z=torch.randn(2, 8, 5, 5, dtype=torch.float64))", ("RuntimeError", "float32 grad_z and weight")),
+    "full_conv_input_grad empty batch": ("g = full_conv_input_grad(grad_z=torch.randn(0, 8, 5, 5), x_size=(0, 3, 9, 9)); assert g.shape == (0, 3, 9, 9)", OK),
+    "full_conv_input_grad NaN grad_z stays NaN": ("assert full_conv_input_grad(grad_z=torch.full((2, 8, 5, 5), float('nan'))).isnan().all()", OK),
     "conv_weight_grad empty batch": ("gw = weight_grad(grad_z=torch.randn(0, 8, 5, 5), x=xs[:0]); assert gw.shape == (8, 3, 3, 3) and not gw.any()", OK),
     "conv_weight_grad NaN grad_z stays NaN": ("assert weight_grad(grad_z=torch.full((2, 8, 5, 5), float('nan'))).isnan().all()", OK),
     # the whole-block CPU ops

@@ -27,7 +27,7 @@ def test_lower_instruction_set_kernels_pass_the_same_tests(isa):
     # the stem's and the weight gradient's files: all of them; the chain op's runs of blocks and a
     # stem alone; not opcheck (the ops' registrations, the same under every cap: 3 s a run); the
     # head at every batch size
-    selection = ("(cpu or matches_its_layers or match_their_layers or float32_by_the_rule or stem_conv_bn_act or conv_weight_grad or chain or alone"
+    selection = ("(cpu or matches_its_layers or match_their_layers or float32_by_the_rule or stem_conv_bn_act or conv_weight_grad or full_conv or chain or alone"
                  " or head_matches_its_modules) and not opcheck")
     # The child imports the fastmb this process tests (installed, or an in-place build), from a
     # working directory that does not put a checkout first.

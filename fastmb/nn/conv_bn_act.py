@@ -32,6 +32,12 @@ _NATIVE_CONV1X1 = _extension.has_kernel("conv1x1_bn_act", "CPU")
 _NATIVE_BN_ACT = _extension.has_kernel("batch_norm_act", "CPU")
 _NATIVE_STEM = _extension.has_kernel("stem_conv_bn_act", "CPU")
 _NATIVE_CONV_WEIGHT_GRAD = _extension.has_kernel("conv_weight_grad", "CPU")
+# fastmb::full_conv and its input gradient where they measured faster than oneDNN's (AVX-512,
+# Zen 4, 2 threads): stride 2 into at most 32 channels, MobileNetV4's first 3x3 conv (32 -> 32,
+# 112x112 in, batch 16) 1.23x and 1.06-1.09x; into 48-96 channels or at stride 1 oneDNN's
+# matched them or won by up to 10% (bench/results/2026-12-07-training-convs.md).
+_HAS_FULL_CONV = _extension.has_kernel("full_conv", "CPU")
+_NATIVE_FULL_CONV = _HAS_FULL_CONV and torch.backends.cpu.get_cpu_capability() == "AVX512"
 # Input channels up to which a full conv in training runs as fastmb::stem_conv_bn_act: z costs
 # C_in * kH * kW multiply-adds a value to recompute, less than storing it (RGB stems: 27).
 _STEM_MAX_IN_CHANNELS = 4
@@ -133,13 +139,16 @@ class _StemConvBNAct(torch.autograd.Function):
 
 class _FullConv(torch.autograd.Function):
     """conv2d(x, weight) (no groups, no bias) whose weight gradient is fastmb::conv_weight_grad:
-    the forward and the input gradient stay oneDNN's. On MobileNetV4's 3x3 stride-2 convs over
-    32 channels oneDNN's weight gradient took 6.5-6.8 ms a batch of 16, this 5.1 (2 threads)."""
+    the forward and the input gradient stay oneDNN's but for the narrow stride-2 convs, where
+    fastmb::full_conv's are faster. On MobileNetV4's 3x3 stride-2 convs over 32 channels
+    oneDNN's weight gradient took 6.5-6.8 ms a batch of 16, this 5.1 (2 threads)."""
 
     @staticmethod
     def forward(ctx, x, weight, stride, padding, dilation):
         ctx.conv_args = (stride, padding, dilation)
         ctx.save_for_backward(x, weight)
+        if _patch_conv(x, weight, stride):
+            return torch.ops.fastmb.full_conv(x, weight, stride, padding, dilation)
         return F.conv2d(x, weight, None, stride, padding, dilation)
 
     @staticmethod
@@ -151,7 +160,9 @@ class _FullConv(torch.autograd.Function):
             grads = differentiable_grads(lambda x, w: F.conv2d(x, w, None, stride, padding, dilation), (x, weight), needs[:2], grad_z)
             return (*grads, None, None, None)
         grad_x = None
-        if needs[0]:
+        if needs[0] and _patch_conv(x, weight, stride):
+            grad_x = torch.ops.fastmb.full_conv_input_grad(grad_z, weight, x.shape, stride, padding, dilation)
+        elif needs[0]:
             grad_x = torch.ops.aten.convolution_backward(
                 grad_z, x, weight, None, stride, padding, dilation, False, [0, 0], 1, [True, False, False]
             )[0]
@@ -161,6 +172,12 @@ class _FullConv(torch.autograd.Function):
             if weight.is_contiguous(memory_format=torch.channels_last):  # the parameter's layout, as eager's gradient has it
                 grad_weight = grad_weight.contiguous(memory_format=torch.channels_last)
         return grad_x, grad_weight, None, None, None
+
+
+def _patch_conv(x: Tensor, weight: Tensor, stride: tuple[int, int]) -> bool:
+    """Whether _FullConv's forward and input gradient are fastmb::full_conv's (float32, stride 2,
+    at most 32 output channels, an AVX-512 CPU) rather than oneDNN's."""
+    return _NATIVE_FULL_CONV and x.dtype == torch.float32 and tuple(stride) == (2, 2) and weight.shape[0] <= 32
 
 
 def _plain_cpu_conv(conv: nn.Conv2d, x: Tensor) -> bool:
@@ -245,6 +262,17 @@ if _NATIVE_CONV_WEIGHT_GRAD:
     @torch.library.register_fake("fastmb::conv_weight_grad")
     def _conv_weight_grad_fake(grad_z, x, weight_size, stride, padding, dilation):
         return x.new_empty(weight_size)
+
+
+if _HAS_FULL_CONV:
+
+    @torch.library.register_fake("fastmb::full_conv")
+    def _full_conv_fake(x, weight, stride, padding, dilation):
+        return x.new_empty(conv_output_shape(x, weight, stride, padding, dilation)).contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake("fastmb::full_conv_input_grad")
+    def _full_conv_input_grad_fake(grad_z, weight, x_size, stride, padding, dilation):
+        return grad_z.new_empty(x_size).contiguous(memory_format=torch.channels_last)
 
 
 if _NATIVE_STEM:

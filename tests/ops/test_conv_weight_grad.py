@@ -1,7 +1,7 @@
-"""fastmb::conv_weight_grad, the CPU weight gradient of a full conv, and _FullConv, the training
-conv ConvBNAct and the timm converter run for convs that are neither depthwise nor 1x1: against
-eager's conv backward (float64 to rounding, float32 by DESIGN.md's rule), gradcheck, and the
-inputs that step aside."""
+"""fastmb::conv_weight_grad, the CPU weight gradient of a full conv, fastmb::full_conv and
+full_conv_input_grad, its forward and input gradient, and _FullConv, the training conv ConvBNAct
+and the timm converter run for convs that are neither depthwise nor 1x1: against eager's conv
+(float64 to rounding, float32 by DESIGN.md's rule), gradcheck, and the inputs that step aside."""
 
 import copy
 
@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 import fastmb
 from fastmb.nn import ConvBNAct
+from fastmb.nn import conv_bn_act
 from fastmb.nn.conv_bn_act import _FullConv
 from oracle import assert_close_to_oracle, randomize_batch_norm, run, threads
 
@@ -79,6 +80,76 @@ def test_float32_by_the_rule(thread_count, offset):
         eager = {"grad_weight": eager_weight_grad(grad_z, x, weight, *args)}
         actual = {"grad_weight": torch.ops.fastmb.conv_weight_grad(grad_z, x, list(weight.shape), *args)}
     assert_close_to_oracle(actual, eager, oracle, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("shape, out_channels, kernel, stride, padding, dilation", CASES, ids=CASE_IDS)
+def test_full_conv_matches_eager(layout, shape, out_channels, kernel, stride, padding, dilation):
+    """fastmb::full_conv (float32 only) against the float64 oracle by DESIGN.md's rule; its output
+    channels_last whatever x's layout."""
+    x = torch.randn(shape) + 0.5
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(out_channels, shape[1], *kernel)
+    eager_x, eager_padding = padded_input(x, padding)
+    oracle = {"z": F.conv2d(eager_x.double(), weight.double(), None, stride, eager_padding, dilation)}
+    eager = {"z": F.conv2d(eager_x, weight, None, stride, eager_padding, dilation)}
+    actual = {"z": torch.ops.fastmb.full_conv(x, weight, stride, padding, dilation)}
+    assert actual["z"].is_contiguous(memory_format=torch.channels_last)
+    assert_close_to_oracle(actual, eager, oracle, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("shape, out_channels, kernel, stride, padding, dilation", CASES, ids=CASE_IDS)
+def test_full_conv_input_grad_matches_eager(layout, shape, out_channels, kernel, stride, padding, dilation):
+    """fastmb::full_conv_input_grad (float32 only) against the float64 oracle by DESIGN.md's rule:
+    every residue class of columns and rows, the classes no tap reaches (zero), the padding."""
+    weight = torch.randn(out_channels, shape[1], *kernel)
+    eager_x, eager_padding = padded_input(torch.randn(shape), padding)
+    grad_z = torch.randn(F.conv2d(eager_x, weight, None, stride, eager_padding, dilation).shape)
+    if layout == "channels_last":
+        grad_z = grad_z.contiguous(memory_format=torch.channels_last)
+    top, left = (padding[0], padding[2]) if len(padding) == 4 else (0, 0)
+
+    def input_grad(dtype: torch.dtype) -> Tensor:
+        full = torch.ops.aten.convolution_backward(
+            grad_z.to(dtype), eager_x.to(dtype), weight.to(dtype), None, stride, eager_padding, dilation, False, [0, 0], 1, [True, False, False]
+        )[0]
+        return full[:, :, top : top + shape[2], left : left + shape[3]]  # the input's part of the padded one
+
+    actual = {"grad_x": torch.ops.fastmb.full_conv_input_grad(grad_z, weight, shape, stride, padding, dilation)}
+    assert actual["grad_x"].is_contiguous(memory_format=torch.channels_last)
+    assert_close_to_oracle(actual, {"grad_x": input_grad(torch.float32)}, {"grad_x": input_grad(torch.float64)}, torch.float32)
+
+
+def test_full_conv_opcheck():
+    x = torch.randn(2, 8, 9, 7).contiguous(memory_format=torch.channels_last)
+    weight, conv = torch.randn(16, 8, 3, 3), ([2, 2], [1, 1], [1, 1])
+    torch.library.opcheck(torch.ops.fastmb.full_conv, (x, weight, *conv))
+    grad_z = torch.randn(2, 16, 5, 4).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.fastmb.full_conv_input_grad, (grad_z, weight, list(x.shape), *conv))
+
+
+@pytest.mark.parametrize("thread_count", [1, 2])
+def test_full_conv_trains_like_eager(monkeypatch, thread_count):
+    """_FullConv with fastmb::full_conv's forward and input gradient (where they pay: float32,
+    stride 2, at most 32 output channels; forced here on any CPU): a ConvBNAct's training step by
+    DESIGN.md's rule against its module stack, over rows longer than a GEMM tile and both
+    borders."""
+    monkeypatch.setattr(conv_bn_act, "_NATIVE_FULL_CONV", True)
+    fused = ConvBNAct(32, 32, 3, 2, activation="relu")
+    randomize_batch_norm(fused)
+    fused = fused.train().to(memory_format=torch.channels_last)
+    eager = nn.Sequential(*copy.deepcopy(list(fused.children())))
+    x = torch.randn(3, 32, 33, 30).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(eager[0](x).shape)
+    oracle = run(copy.deepcopy(eager).double(), x.double(), grad.double())
+    with threads(thread_count):
+        baseline, actual = run(eager, x, grad), run(fused, x, grad)
+        with torch.profiler.profile() as profile:  # a copy: its step moves the running statistics
+            copy.deepcopy(fused)(x.detach().requires_grad_()).sum().backward()
+    assert {"fastmb::full_conv", "fastmb::full_conv_input_grad"} <= {event.name for event in profile.events()}
+    assert_close_to_oracle(actual, baseline, oracle, torch.float32)
 
 
 def ran_weight_grad(module: nn.Module, x: Tensor) -> bool:
