@@ -33,9 +33,10 @@ _NATIVE_BN_ACT = _extension.has_kernel("batch_norm_act", "CPU")
 _NATIVE_STEM = _extension.has_kernel("stem_conv_bn_act", "CPU")
 _NATIVE_CONV_WEIGHT_GRAD = _extension.has_kernel("conv_weight_grad", "CPU")
 # fastmb::full_conv and its input gradient where they measured faster than oneDNN's (AVX-512,
-# Zen 4, 2 threads): stride 2 into at most 32 channels, MobileNetV4's first 3x3 conv (32 -> 32,
-# 112x112 in, batch 16) 1.23x and 1.06-1.09x; into 48-96 channels or at stride 1 oneDNN's
-# matched them or won by up to 10% (bench/results/2026-12-07-training-convs.md).
+# Zen 4, 2 threads): stride 2 from 16-64 channels into at most 32, MobileNetV4's first 3x3 conv
+# (32 -> 32, 112x112 in, batch 16) 1.23x and 1.06-1.09x; into 48-96 channels, at stride 1 or
+# from 3 channels oneDNN's matched them or won by up to 15%
+# (bench/results/2026-12-07-training-convs.md).
 _HAS_FULL_CONV = _extension.has_kernel("full_conv", "CPU")
 _NATIVE_FULL_CONV = _HAS_FULL_CONV and torch.backends.cpu.get_cpu_capability() == "AVX512"
 # Input channels up to which a full conv in training runs as fastmb::stem_conv_bn_act: z costs
@@ -176,8 +177,9 @@ class _FullConv(torch.autograd.Function):
 
 def _patch_conv(x: Tensor, weight: Tensor, stride: tuple[int, int]) -> bool:
     """Whether _FullConv's forward and input gradient are fastmb::full_conv's (float32, stride 2,
-    at most 32 output channels, an AVX-512 CPU) rather than oneDNN's."""
-    return _NATIVE_FULL_CONV and x.dtype == torch.float32 and tuple(stride) == (2, 2) and weight.shape[0] <= 32
+    16 or more input channels into at most 32, an AVX-512 CPU) rather than oneDNN's. (An RGB
+    stem whose image takes a gradient: oneDNN's forward was 1.15x faster.)"""
+    return _NATIVE_FULL_CONV and x.dtype == torch.float32 and tuple(stride) == (2, 2) and weight.shape[1] >= 16 and weight.shape[0] <= 32
 
 
 def _plain_cpu_conv(conv: nn.Conv2d, x: Tensor) -> bool:
