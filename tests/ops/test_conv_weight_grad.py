@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastmb
-from fastmb.nn import ConvBNAct
-from fastmb.nn import conv_bn_act
+from fastmb.nn import ConvBNAct, conv_bn_act
 from fastmb.nn.conv_bn_act import _FullConv
 from oracle import assert_close_to_oracle, randomize_batch_norm, run, threads
 
@@ -133,9 +132,9 @@ def test_full_conv_opcheck():
 @pytest.mark.parametrize("thread_count", [1, 2])
 def test_full_conv_trains_like_eager(monkeypatch, thread_count):
     """_FullConv with fastmb::full_conv's forward and input gradient (where they pay: float32,
-    stride 2, at most 32 output channels; forced here on any CPU): a ConvBNAct's training step by
-    DESIGN.md's rule against its module stack, over rows longer than a GEMM tile and both
-    borders."""
+    stride 2, from 16 or more channels into at most 32; forced here on any CPU): a ConvBNAct's
+    training step by DESIGN.md's rule against its module stack, over rows longer than a GEMM tile
+    and both borders."""
     monkeypatch.setattr(conv_bn_act, "_NATIVE_FULL_CONV", True)
     fused = ConvBNAct(32, 32, 3, 2, activation="relu")
     randomize_batch_norm(fused)
@@ -150,6 +149,18 @@ def test_full_conv_trains_like_eager(monkeypatch, thread_count):
             copy.deepcopy(fused)(x.detach().requires_grad_()).sum().backward()
     assert {"fastmb::full_conv", "fastmb::full_conv_input_grad"} <= {event.name for event in profile.events()}
     assert_close_to_oracle(actual, baseline, oracle, torch.float32)
+
+
+@pytest.mark.parametrize("in_channels, out_channels, stride, used", [(16, 32, 2, True), (3, 32, 2, False), (32, 48, 2, False), (32, 32, 1, False)])
+def test_full_conv_only_where_it_pays(monkeypatch, in_channels, out_channels, stride, used):
+    """The convs oneDNN ran faster keep it (bench/results/2026-12-07-training-convs.md): an RGB
+    stem whose image takes a gradient, wider outputs, stride 1."""
+    monkeypatch.setattr(conv_bn_act, "_NATIVE_FULL_CONV", True)
+    module = ConvBNAct(in_channels, out_channels, 3, stride, activation="relu").train().to(memory_format=torch.channels_last)
+    x = torch.randn(2, in_channels, 9, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.profiler.profile() as profile:
+        module(x).sum().backward()
+    assert ("fastmb::full_conv" in {event.name for event in profile.events()}) == used
 
 
 def ran_weight_grad(module: nn.Module, x: Tensor) -> bool:

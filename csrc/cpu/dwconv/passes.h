@@ -246,9 +246,9 @@ FASTMB_INLINE void add_grad_sums(Acc* sum_gu, Acc* sum_gu_xhat, const Acc* z, co
 }
 
 // dL/dz = a * gu - b - x_hat * d (a, b, d per channel, offset like bn) for `pixels` x `nc` z
-// values (pixels z_stride apart), into gz (nc apart), a chunk of pixels at a time with a block's parameters in registers. The x_hat
-// term is left out where d is 0 (eval), as eager's backward has no such term: a NaN in z must
-// not reach dL/dz through it.
+// values (pixels z_stride apart), into gz (nc apart), a chunk of pixels at a time with a block's
+// parameters in registers. The x_hat term is left out where d is 0 (eval), as eager's backward
+// has no such term: a NaN in z must not reach dL/dz through it.
 template <Activation A, typename Acc>
 FASTMB_INLINE void grad_z(Acc* gz, const Acc* z, int64_t z_stride, const Acc* gy, int64_t gy_stride, const BnParams<Acc>& bn, const Acc* a,
                           const Acc* b, const Acc* d, int64_t pixels, int64_t nc) {
