@@ -41,6 +41,7 @@ from fastmb.ops.inverted_residual import (
     block_slots,
     calls_needed,
     fused_block,
+    global_hooks,
     has_hooks,
     memoized_forward,
     replayed_forward,
@@ -105,7 +106,7 @@ def same_padding(conv: nn.Conv2d, x: Tensor) -> list[int]:
 
 def run_stage(block: nn.Module, conv_name: str, bn_name: str, x: Tensor) -> Tensor:
     conv, bn = block._modules[conv_name], block._modules[bn_name]
-    if symbolic(x) or has_hooks(conv) or has_hooks(bn) or calls_needed([conv, bn]):  # the modules: a trace, hooks, ...
+    if symbolic(x) or global_hooks() or calls_needed([conv, bn]):  # the modules: a trace, hooks (their own: calls_needed), ...
         return bn(conv(x))
     kind, act = stage_plan(conv, bn)[0]
     if kind == "depthwise" and depthwise_conv(conv, (nn.Conv2d, Conv2dSame)):

@@ -377,13 +377,18 @@ def own_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
 
 
-def has_hooks(module: nn.Module) -> bool:
-    """Whether calling `module` would run hooks (its own or global ones): the fused paths that
-    skip a module call keep it instead."""
-    return own_hooks(module) or bool(
+def global_hooks() -> bool:
+    """Whether module hooks are registered for every module (nn.modules.module's globals)."""
+    return bool(
         module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
         or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks
     )  # fmt: skip
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` would run hooks (its own or global ones): the fused paths that
+    skip a module call keep it instead."""
+    return own_hooks(module) or global_hooks()
 
 
 def needs_call(module: nn.Module) -> bool:
