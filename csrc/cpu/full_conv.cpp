@@ -92,9 +92,8 @@ std::pair<int64_t, int64_t> inside(int64_t first, int64_t step, int64_t extent, 
 
 // `name` (x or grad_z) and the weight: float32 CPU tensors, the weight (C_out, C_in, kH, kW).
 void check_conv(const char* op, const char* name, const Tensor& t, const Tensor& weight, int64_t c_in) {
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) >= 1 && weight.size(1) == c_in && weight.size(2) >= 1 && weight.size(3) >= 1,
-              "fastmb::", op, ": weight must be (C_out, C_in, kH, kW) with C_in = ", c_in, " and every other entry at least 1, got shape ",
-              weight.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == c_in && weight.size(2) >= 1 && weight.size(3) >= 1, "fastmb::", op,
+              ": weight must be (C_out, C_in, kH, kW) with C_in = ", c_in, " and a kernel of at least 1x1, got shape ", weight.sizes());
   TORCH_CHECK(t.device().is_cpu() && weight.device().is_cpu(), "fastmb::", op, ": the CPU kernel takes CPU tensors, got ", name, " on ",
               t.device(), " and weight on ", weight.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "fastmb::", op, ": the CPU kernel takes float32 ",
@@ -162,6 +161,7 @@ Tensor full_conv_input_grad(const Tensor& grad_z_in, const Tensor& weight, at::I
   const NoAutocast no_autocast;
   Tensor grad_x = at::empty(x_size, weight.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (grad_x.numel() == 0) return grad_x;
+  if (c_out == 0) return grad_x.zero_();
 
   const Tensor gz = grad_z_in.contiguous(at::MemoryFormat::ChannelsLast), w = weight.contiguous();
   const float* wd = w.const_data_ptr<float>();
