@@ -54,7 +54,7 @@ Tensor swapped_linear(const Tensor& in, const Tensor& weight, const Tensor& bias
   const float *x = in.const_data_ptr<float>(), *w = weight.const_data_ptr<float>(), *b = bias.const_data_ptr<float>();
   float *p = packed.mutable_data_ptr<float>(), *yt = transposed.mutable_data_ptr<float>();
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t k = 0; k < in_features; ++k) p[((i / pointwise::kPanel) * in_features + k) * pointwise::kPanel + i % pointwise::kPanel] = x[i * in_features + k];
+    for (int64_t k = 0; k < in_features; ++k) p[pointwise::packed_at(k, i, in_features)] = x[i * in_features + k];
   Tensor out = at::empty({n, out_features}, in.options());
   float* y = out.mutable_data_ptr<float>();
   at::parallel_for(0, out_features, 64, [&](int64_t r0, int64_t r1) {

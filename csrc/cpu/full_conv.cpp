@@ -30,24 +30,25 @@ namespace {
 using at::Tensor;
 
 // A run of taps of kernel row i that lie side by side in the GEMM's input: the weights of taps
-// j[0], j[1], ... packed as the GEMM's panels ([panel][t * c_in + ci][16], zero past n).
+// j[0], j[1], ... packed as the GEMM's panels ([panel][t * c_k + kk][16], zero past n).
 struct TapRun {
   int64_t i;
   std::vector<int64_t> j;
   AlignedVector<float> packed;
 };
 
-// The panels of a run's weights: value(t, kk, col), for tap t, input value kk of its c_k and
-// output column col < n.
-template <typename Value>
-AlignedVector<float> pack_run(int64_t taps, int64_t c_k, int64_t n, const Value& value) {
-  const int64_t k = taps * c_k;
+// The run of taps j of kernel row i of weight w (C_out, C_in, kH, kW; g.c = C_in), packed for the
+// forward (C_in values a tap into C_out columns) or for the input gradient (C_out into C_in).
+TapRun tap_run(const float* w, const Geometry& g, int64_t c_out, int64_t i, std::vector<int64_t> j, bool input_grad) {
+  const int64_t c_in = g.c, c_k = input_grad ? c_out : c_in, n = input_grad ? c_in : c_out, k = int64_t(j.size()) * c_k;
   AlignedVector<float> packed(pointwise::panels_of(n) * k * pointwise::kPanel, 0.0f);
   for (int64_t col = 0; col < n; ++col)
-    for (int64_t t = 0; t < taps; ++t)
-      for (int64_t kk = 0; kk < c_k; ++kk)
-        packed[((col / pointwise::kPanel) * k + t * c_k + kk) * pointwise::kPanel + col % pointwise::kPanel] = value(t, kk, col);
-  return packed;
+    for (size_t t = 0; t < j.size(); ++t)
+      for (int64_t kk = 0; kk < c_k; ++kk) {
+        const int64_t co = input_grad ? kk : col, ci = input_grad ? col : kk;
+        packed[pointwise::packed_at(int64_t(t) * c_k + kk, col, k)] = w[((co * c_in + ci) * g.kh + i) * g.kw + j[t]];
+      }
+  return {i, std::move(j), std::move(packed)};
 }
 
 // One output row's share of a run: out pixels [0, count) (ldc apart, n values each) from the
@@ -116,12 +117,9 @@ Tensor full_conv(const Tensor& x_in, const Tensor& weight, at::IntArrayRef strid
   std::vector<TapRun> runs;
   for (int64_t i = 0; i < g.kh; ++i)
     for (int64_t j0 = 0; j0 < g.kw; j0 += g.dw == 1 ? g.kw : 1) {
-      TapRun run{i, {}, {}};
-      for (int64_t j = j0; j < (g.dw == 1 ? g.kw : j0 + 1); ++j) run.j.push_back(j);
-      run.packed = pack_run(int64_t(run.j.size()), c_in, c_out, [&](int64_t t, int64_t ci, int64_t co) {
-        return wd[((co * c_in + ci) * g.kh + i) * g.kw + run.j[t]];
-      });
-      runs.push_back(std::move(run));
+      std::vector<int64_t> taps;
+      for (int64_t j = j0; j < (g.dw == 1 ? g.kw : j0 + 1); ++j) taps.push_back(j);
+      runs.push_back(tap_run(wd, g, c_out, i, std::move(taps), false));
     }
   const AlignedVector<float> zero_bias(c_out, 0.0f);
   const pointwise::GemmPanels gemm = pointwise::select_gemm();
@@ -174,14 +172,8 @@ Tensor full_conv_input_grad(const Tensor& grad_z_in, const Tensor& weight, at::I
       std::vector<int64_t> taps;
       for (int64_t j = g.kw - 1; j >= 0; --j)
         if (j * g.dw % g.sw == r) taps.push_back(j);
-      for (size_t t0 = 0; t0 < taps.size(); t0 += g.dw == 1 ? taps.size() : 1) {
-        TapRun run{i, {}, {}};
-        run.j.assign(taps.begin() + t0, g.dw == 1 ? taps.end() : taps.begin() + t0 + 1);
-        run.packed = pack_run(int64_t(run.j.size()), c_out, c_in, [&](int64_t t, int64_t co, int64_t ci) {
-          return wd[((co * c_in + ci) * g.kh + i) * g.kw + run.j[t]];
-        });
-        runs[i * g.sw + r].push_back(std::move(run));
-      }
+      for (size_t t0 = 0; t0 < taps.size(); t0 += g.dw == 1 ? taps.size() : 1)
+        runs[i * g.sw + r].push_back(tap_run(wd, g, c_out, i, {taps.begin() + t0, g.dw == 1 ? taps.end() : taps.begin() + t0 + 1}, true));
     }
   const AlignedVector<float> zero_bias(c_in, 0.0f);
   const pointwise::GemmPanels gemm = pointwise::select_gemm();

@@ -24,6 +24,9 @@ constexpr int kPanel = 16;  // output channels per packed weight panel
 // The packed panels that hold `channels` output channels.
 constexpr int64_t panels_of(int64_t channels) { return (channels + kPanel - 1) / kPanel; }
 
+// Where value (kk, col) of a (k, n) weight lies in its packed panels.
+constexpr int64_t packed_at(int64_t kk, int64_t col, int64_t k) { return ((col / kPanel) * k + kk) * kPanel + col % kPanel; }
+
 struct Gemm {
   const float* a;  // (m, k), rows lda apart
   int64_t lda;
