@@ -13,7 +13,7 @@ from fastmb.models.mobilenet_v1 import from_timm_state_dict
 from fastmb.models.calibration import calibrate_batch_norm
 from fastmb.nn.conv_bn_act import _pointwise_as_matmul
 from fastmb.ops.activations import ACTIVATIONS
-from oracle import assert_autocast_like_eager, randomize_batch_norm, relative_error, threads
+from oracle import assert_autocast_like_eager, assert_close_to_oracle, randomize_batch_norm, relative_error, threads
 
 TORCHVISION_CASES = [
     ("mobilenet_v2", {}),
@@ -120,7 +120,10 @@ def test_a_depthwise_conv_with_a_bias_swapped_into_a_block():
             new = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, groups=old.groups)
             new.weight.copy_(old.weight), new.bias.fill_(3.0)
             model.features[2].block[1][0] = new
-        assert relative_error(ours(x), theirs(x)) <= 1e-5
+        # DESIGN.md's rule against float64: on an AVX2 host (Zen 3) eager was 2.7e-5 off float64
+        # and fastmb 7.6e-6, so a 1e-5 bound against eager failed
+        oracle = copy.deepcopy(theirs).double()(x.double())
+        assert_close_to_oracle({"y": ours(x)}, {"y": theirs(x)}, {"y": oracle}, torch.float32)
 
 @pytest.mark.parametrize("name, kwargs", TORCHVISION_CASES[::2], ids=CASE_IDS[::2])
 def test_one_training_step_matches_torchvision(name, kwargs):
