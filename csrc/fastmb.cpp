@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "build_info.h"
+#include "cpu/isa.h"
 #include "forward_replay.h"
 #include "output_cache.h"
 #include "prepared_chain.h"
@@ -136,13 +137,23 @@ static PyMethodDef fastmb_methods[] = {
     {nullptr, nullptr, 0, nullptr}};
 static struct PyModuleDef fastmb_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fastmb_methods};
 
+// The instruction set whose CPU kernel tables run (FASTMB_ISA may cap it): tests and reports.
+static const char* cpu_isa_name() {
+  switch (fastmb::cpu::cpu_isa()) {
+    case fastmb::cpu::Isa::kAvx512: return "avx512";
+    case fastmb::cpu::Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&fastmb_module);
   if (module == nullptr) {
     return nullptr;
   }
   if (PyModule_AddStringConstant(module, "cuda_build", fastmb::cuda_build_status()) < 0 ||
-      PyModule_AddStringConstant(module, "cuda_archs", fastmb::cuda_archs()) < 0) {
+      PyModule_AddStringConstant(module, "cuda_archs", fastmb::cuda_archs()) < 0 ||
+      PyModule_AddStringConstant(module, "cpu_isa", cpu_isa_name()) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

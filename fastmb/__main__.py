@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import fastmb
-from fastmb import dispatch, runtimes
+from fastmb import _extension, dispatch, runtimes
 from fastmb.models.calibration import calibrate_batch_norm
 
 MODELS = ("mobilenet_v1", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
@@ -368,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((batch, f"{best} vs {compiled}: {ratio:.2f}x", None, None, None))
 
     layout = "NCHW" if args.nchw else "channels_last"
-    title = f"{args.model}, {args.mode}, {device}, {args.dtype}, {layout}"
+    # The CPU kernels' instruction set: readings on AVX2 and AVX-512 hosts differ (README).
+    isa = f" ({_extension.C.cpu_isa} kernels)" if device.type == "cpu" and _extension.C is not None else ""
+    title = f"{args.model}, {args.mode}, {device}{isa}, {args.dtype}, {layout}"
     width = max(18, *(len(row[1]) + 2 for row in rows if row[2] is not None))
     print(f"\n{title}\n{'batch':>5}  {'provider':<{width}}{'latency ms':>12}{'images/s':>12}{'speedup':>9}")
     for batch, name, ms, throughput, speedup in rows:

@@ -17,7 +17,9 @@ def test_default_run_exits_zero_and_prints_the_table():
     result = subprocess.run([sys.executable, "-m", "fastmb", "--seconds", "0.2"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "parity (eval, fastmb reference): max relative error" in result.stdout
-    assert "mobilenet_v3_large, eval, cpu, float32" in result.stdout
+    # the CPU kernels' instruction set in the title where they are built
+    kernels = f" ({fastmb._extension.C.cpu_isa} kernels)" if fastmb._extension.C is not None else ""
+    assert f"mobilenet_v3_large, eval, cpu{kernels}, float32" in result.stdout
     assert "torchvision" in result.stdout and "fastmb reference" in result.stdout and "speedup" in result.stdout
     assert "... timing" in result.stderr  # progress
 

@@ -48,6 +48,11 @@ def test_matches_eager(backend, device, dtype, memory_format, training, config):
         # whatever the dtype: float16 NHWC and float32 NCHW cover these cases' paths (45 CPU seconds
         # under the interpreter). A GPU runs them all.
         pytest.skip("float16 NCHW under the Triton interpreter: covered by float16 NHWC and float32 NCHW")
+    if under_interpreter(backend, device) and config[0] == 7 and (dtype, memory_format) != (torch.float32, torch.channels_last):
+        # 7x7 is the same kernels with another constexpr size, 10-15 s a case under the
+        # interpreter: float32 NHWC runs it, and the 3x3 and 5x5 cases run the other dtypes' and
+        # layouts' paths (50 CPU seconds of CI).
+        pytest.skip("7x7 under the Triton interpreter: float32 NHWC only")
     compare((2, 8, 11, 11), config, dtype, memory_format, training, device)
 
 
@@ -171,7 +176,8 @@ def test_weight_gradients_without_the_input_gradient(backend, device, stride):
     the full backward's, in batches split by images (4) and by channel blocks (3)."""
     kernel = dispatch.kernels("dwconv_bn_act")[backend]
     generator = torch.Generator().manual_seed(stride)
-    for batch in (3, 4):
+    # Triton's grid does not split by images or by channel blocks: one batch under the interpreter
+    for batch in (4,) if under_interpreter(backend, device) else (3, 4):
         x = torch.randn(batch, 131, 7, 9, generator=generator).to(device)
         weight, gamma, beta = torch.randn(131, 1, 3, 3).to(device), torch.rand(131).add(0.5).to(device), torch.randn(131).to(device)
         conv = ([stride, stride], [1, 1], [1, 1])
