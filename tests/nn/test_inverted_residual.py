@@ -120,6 +120,17 @@ def test_block_matches_its_layers(block_case, size, thread_count):
         check_against_layers(build(case), x)
 
 
+@pytest.mark.parametrize("thread_count", [2, 3])
+@pytest.mark.parametrize("case", [V3_CASES[6], V3_CASES[4], V3_CASES[2]], ids=["heavy_se", "se", "no_se"])
+def test_whole_images_handed_out_to_free_threads(case, thread_count):
+    """16 images: whole images go to whichever thread is free, with heavy SE (672 channels at
+    7x7) in equal groups of several images (4 + 4 a thread on 2 threads); on 3 threads the
+    remainder after 15 whole images runs in row parts."""
+    x = torch.randn(16, case[0], 7, 7).contiguous(memory_format=torch.channels_last)
+    with threads(thread_count):
+        check_against_layers(v3_block(case), x)
+
+
 @pytest.mark.parametrize("thread_count", [1, 2])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("case", [V3_CASES[6], V3_CASES[5]], ids=["channels_split", "pixels_split"])
