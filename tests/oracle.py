@@ -6,11 +6,16 @@ absolute floor (flash-attention's rule)."""
 
 import contextlib
 import copy
+import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
+import fastmb
 from fastmb.ops.activations import ACTIVATIONS, GATES
 
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -126,3 +131,12 @@ def threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def run_python(args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python *args` in a child process that imports the fastmb this process tests (installed,
+    or an in-place build): from a temporary working directory, which puts no checkout first on
+    sys.path (in CI the checkout's fastmb has no compiled extension). Output captured as text."""
+    path = [os.path.dirname(os.path.dirname(fastmb.__file__))] + [p or os.getcwd() for p in sys.path]
+    child_env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(path)}
+    return subprocess.run([sys.executable, *args], env=child_env, cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=timeout)

@@ -5,15 +5,12 @@ case's failure instead of taking the test run down. A case expects either a clea
 type and a pattern naming the argument) or a result equal to eager PyTorch's."""
 
 import json
-import os
 import re
-import subprocess
-import sys
-import tempfile
 
 import pytest
 
 import fastmb
+from oracle import run_python
 
 PRELUDE = """
 import torch, numpy as np
@@ -283,21 +280,13 @@ for name, (code, _) in json.loads(sys.argv[1]).items():
 """
 
 
-# The child imports the fastmb this process tests (installed, or an in-place build), whatever
-# its working directory would have put first on sys.path.
-_PATH = [os.path.dirname(os.path.dirname(fastmb.__file__))] + [p or os.getcwd() for p in sys.path]
-CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(_PATH)}
-
-
 def run_cases(cases: dict) -> dict[str, list | str | None]:
     """Each case's outcome: None (ran), [error type, message], or "crashed: ..." when the child
     process died in it (the remaining cases then run in a fresh child)."""
     outcomes: dict = {}
     pending = dict(cases)
     while pending:
-        child = subprocess.run(
-            [sys.executable, "-c", CHILD, json.dumps(pending)], capture_output=True, text=True, timeout=600, env=CHILD_ENV, cwd=tempfile.gettempdir()
-        )
+        child = run_python(["-c", CHILD, json.dumps(pending)])
         started = None
         for line in child.stdout.splitlines():
             record = json.loads(line)

@@ -3,17 +3,14 @@ never picks on its own: FASTMB_ISA caps the choice, and the depthwise, batch-nor
 inverted-residual and classifier-head tests run again under each cap in a fresh process (the
 choice is made once per process)."""
 
-import os
 import platform
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 import fastmb
 from fastmb import _extension
+from oracle import run_python
 
 HERE = Path(__file__).resolve().parent
 
@@ -34,13 +31,6 @@ def test_lower_instruction_set_kernels_pass_the_same_tests(isa):
     # head at every batch size
     selection = ("(cpu or matches_its_layers or match_their_layers or float32_by_the_rule or stem_conv_bn_act or conv_weight_grad or full_conv or chain or alone"
                  " or head_matches_its_modules) and not opcheck")
-    # The child imports the fastmb this process tests (installed, or an in-place build), from a
-    # working directory that does not put a checkout first.
-    path = os.pathsep.join([str(Path(fastmb.__file__).resolve().parents[1]), *filter(None, sys.path)])
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests, "-k", selection],
-        env={**os.environ, "FASTMB_ISA": isa, "PYTHONPATH": path}, cwd=tempfile.gettempdir(), capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
+    result = run_python(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests, "-k", selection], env={"FASTMB_ISA": isa})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " failed" not in result.stdout

@@ -1,6 +1,5 @@
 """python -m fastmb, the main job."""
 
-import subprocess
 import sys
 import threading
 import time
@@ -11,10 +10,11 @@ import torch
 
 import fastmb
 from fastmb import __main__ as cli
+from oracle import run_python
 
 
 def test_default_run_exits_zero_and_prints_the_table():
-    result = subprocess.run([sys.executable, "-m", "fastmb", "--seconds", "0.2"], capture_output=True, text=True, timeout=600)
+    result = run_python(["-m", "fastmb", "--seconds", "0.2"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "parity (eval, fastmb reference): max relative error" in result.stdout
     # the CPU kernels' instruction set in the title where they are built
@@ -142,7 +142,7 @@ def test_bad_flags_are_one_line_and_a_nonzero_exit(flags, message, capsys):
 
 
 def test_a_bad_flag_ends_the_process_without_a_traceback():
-    result = subprocess.run([sys.executable, "-m", "fastmb", "--device", "foo"], capture_output=True, text=True, timeout=300)
+    result = run_python(["-m", "fastmb", "--device", "foo"], timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["python -m fastmb: error: --device 'foo' is not a device: cpu, cuda or cuda:N (--help lists the options)"]
 
