@@ -528,7 +528,7 @@ void run_whole_images(const Block& b, float* sums, int threads) {
   const bool slide = slide_whole_images(g.n, threads);
   // SE groups of equal size: each thread's share (as a static split) in as few groups as
   // se_group allows, so 8 images a thread go as 4 + 4, not 5 + 3 (which dealt out 10 and 6).
-  const int64_t share = (g.n + threads - 1) / threads, groups = (share + se_group(b, share) - 1) / se_group(b, share);
+  const int64_t share = (g.n + threads - 1) / threads, group = se_group(b, share), groups = (share + group - 1) / group;
   const int64_t step = (share + groups - 1) / groups;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
@@ -605,11 +605,11 @@ void run_block(const Block& b) {
       }
       const int64_t oh0 = (task % parts) * part_rows, oh1 = std::min(g.ho, oh0 + part_rows);
       if (oh0 >= oh1) continue;
-      const BandsFromTop bands{oh0, oh1, band_rows(b)};
+      const BandsFromTop bands{oh0, oh1, band_rows(b)};  // row parts slide their expanded rows
       if (b.has_se())  // parts of an image: its depthwise output and channel sums kept for the second pass
-        expand_depthwise_rows(b, n, oh0, oh1, bands, shared_depthwise + n * image_values, sums + task * g.c, parts > 1);
+        expand_depthwise_rows(b, n, oh0, oh1, bands, shared_depthwise + n * image_values, sums + task * g.c, true);
       else
-        expand_depthwise_rows(b, n, oh0, oh1, bands, nullptr, nullptr, parts > 1 || slide_whole_images(g.n, threads));
+        expand_depthwise_rows(b, n, oh0, oh1, bands, nullptr, nullptr, true);
     }
   });
   if (!b.has_se()) return;
