@@ -33,6 +33,17 @@ def test_skip_cuda_builds_the_cpp_part_alone(setup_module, monkeypatch):
     assert f"-DFASTMB_CUDA_STATUS={setup_module.CUDA_SKIPPED}" in extension.extra_compile_args["cxx"]
 
 
+def test_ptx_only_asks_nvcc_for_ptx_of_each_architecture(setup_module, monkeypatch):
+    monkeypatch.delenv("FASTMB_CUDA_PTX_ONLY", raising=False)
+    assert setup_module.ptx_only_flags() == []
+    monkeypatch.setenv("FASTMB_CUDA_PTX_ONLY", "1")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    assert setup_module.ptx_only_flags() == ["-gencode=arch=compute_80,code=compute_80", "-gencode=arch=compute_90,code=compute_90"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "Hopper")
+    with pytest.raises(SystemExit, match="TORCH_CUDA_ARCH_LIST"):
+        setup_module.ptx_only_flags()
+
+
 @pytest.mark.parametrize("status, reason", [(1, "FASTMB_SKIP_CUDA=1"), (2, "no CUDA toolkit"), (4, "no CUDA support"), (0, "built")])
 def test_the_extension_says_why_its_cuda_part_was_skipped(tmp_path, status, reason):
     """csrc/build_info.cpp, which fastmb.backends() quotes, compiled alone for each status."""

@@ -104,7 +104,8 @@ def test_asymmetric_padding(backend, device, kernel, stride, training, sides):
     eager.load_state_dict(fused.state_dict())  # undo the running statistics' update
     oracle = run(clone_as(eager, torch.float64), x.double(), grad.double())
     baseline = run(clone_as(eager, torch.float32).to(device), x.to(device), grad.to(device))
-    for memory_format in FORMATS:
+    # The Triton op makes its input NHWC first, so NCHW adds nothing under the interpreter.
+    for memory_format in FORMATS[1:] if under_interpreter(backend, device) else FORMATS:
         module = clone_as(fused, torch.float32, memory_format).to(device)
         actual = run(module, x.to(device, memory_format=memory_format), grad.to(device))
         assert_close_to_oracle(actual, baseline, oracle, torch.float32)
@@ -304,6 +305,10 @@ def test_functional_arguments(backend, device):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("activation", ["hardswish", "relu", "relu6", "identity", *SMOOTH_ACTIVATIONS])
 def test_gradcheck(backend, device, training, activation):
+    if under_interpreter(backend, device) and activation not in ("hardswish", "gelu_tanh"):
+        # 7 s a case interpreted; test_matches_eager and test_smooth_activations check every
+        # activation's gradients against the float64 oracle, and these two run the float64 kernels.
+        pytest.skip("one piecewise and one smooth activation under the Triton interpreter")
     options = {"dtype": torch.float64, "device": device}
     x = torch.randn(2, 3, 6, 5, **options, requires_grad=True)
     weight = torch.randn(3, 1, 3, 3, **options, requires_grad=True)
