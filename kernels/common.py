@@ -106,6 +106,12 @@ def channel_divisor(channels: int) -> int:
 INTERPRETER_BLOCKS = {"BLOCK_P": 128, "BLOCK_C": 64}
 
 
+def fixed_blocks(block_p: int, block_c: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) of a kernel launched without autotuning; INTERPRETER_BLOCKS' under the
+    interpreter, as autotune_configs gives the autotuned ones."""
+    return (INTERPRETER_BLOCKS["BLOCK_P"], INTERPRETER_BLOCKS["BLOCK_C"]) if INTERPRETED else (block_p, block_c)
+
+
 def autotune_configs(configs: list[dict]) -> list[triton.Config]:
     """The configs to autotune over; the first alone where FASTMB_TRITON_AUTOTUNE=0 says so, and
     under the interpreter (where timing means nothing) the first with INTERPRETER_BLOCKS."""

@@ -20,21 +20,20 @@ from fastmb.ops import schemas
 from fastmb.ops.activations import ACTIVATIONS
 from fastmb.ops.common import autocast_off, bn_affine, conv_output_shape, memory_format, new_output, padding_sides
 from fastmb.kernels.common import (
-    INTERPRETED,
-    INTERPRETER_BLOCKS,
     accumulation_dtype,
     activate,
     activation_grad,
     autotune_configs,
     channel_divisor,
     channel_mask,
+    fixed_blocks,
     nhwc,
     row_offsets,
     triton_op as _triton_op,
 )
 
 KERNEL_SIZES = (3, 5, 7)
-STATS_BLOCK_P, BLOCK_C = (INTERPRETER_BLOCKS["BLOCK_P"], INTERPRETER_BLOCKS["BLOCK_C"]) if INTERPRETED else (64, 32)
+STATS_BLOCK_P, BLOCK_C = fixed_blocks(64, 32)
 
 
 @triton.jit
