@@ -28,7 +28,8 @@ def eager_weight_grad(grad_z: Tensor, x: Tensor, weight: Tensor, stride, padding
 
 # (x shape, C_out, kernel, stride, padding, dilation): MobileNetV4's 3x3 stride-2 convs (one and a
 # half vectors of output channels), 5x5 over 3 channels, 1x3 with dilation, asymmetric padding
-# (top, bottom, left, right), an image all border, wide padding, no padding.
+# (top, bottom, left, right), an image all border, wide padding, no padding, and rows wider than
+# the weight gradient's bands of 64 pixels (a band a row).
 CASES = [
     ((2, 32, 13, 11), 24, (3, 3), (2, 2), [1, 1], (1, 1)),
     ((3, 3, 10, 12), 5, (5, 5), (1, 1), [2, 2], (1, 1)),
@@ -37,8 +38,9 @@ CASES = [
     ((1, 4, 2, 1), 8, (3, 3), (1, 1), [1, 1], (1, 1)),
     ((2, 6, 5, 5), 17, (2, 2), (1, 1), [3, 3], (2, 2)),
     ((2, 9, 12, 10), 33, (3, 3), (1, 1), [0, 0], (1, 1)),
+    ((1, 5, 4, 150), 8, (3, 3), (1, 1), [1, 1], (1, 1)),
 ]
-CASE_IDS = ["mnv4_stride_2", "5x5_rgb", "1x3_dilated", "asymmetric_padding", "all_border", "wide_padding", "no_padding"]
+CASE_IDS = ["mnv4_stride_2", "5x5_rgb", "1x3_dilated", "asymmetric_padding", "all_border", "wide_padding", "no_padding", "wide_rows"]
 
 
 def padded_input(x: Tensor, padding: list[int]) -> tuple[Tensor, list[int]]:
