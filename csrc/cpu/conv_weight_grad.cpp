@@ -79,12 +79,10 @@ class WeightGradSums {
   int64_t waiting_ = 0, summed_ = 0;
 };
 
-// Output rows whose interior pixels one weight-gradient call takes, at most, and the pixels it
-// aims at: each tap tile passes over the band's dL/dz for its channels (up to 256 bytes a pixel),
-// which stays in L1 at 64 pixels. Bands of up to 1024 pixels (8 rows of 112) read it from L2
-// once a tile: AVX2, 2 threads, batch 16, alternated in one process, 64 against 1024 pixels:
-// MobileNetV4's 32 -> 32 3x3 stride-2 conv 1.08-1.11x, its stem 1.04-1.05x, a 1x1 conv at 56x56
-// 1.08-1.09x, at 14x14 1.01-1.06x (the same arm twice: 1.00-1.03x).
+// Output rows one weight-gradient call takes, at most, and the pixels it aims at: each tap tile
+// passes over the band's dL/dz for its channels (up to 256 bytes a pixel), in L1 at 64 pixels;
+// bands of up to 1024 read it from L2 once a tile (AVX2: MobileNetV4's stride-2 convs and stem
+// 1.02-1.16x, bench/results/2026-12-08-avx2-probes.md).
 constexpr int64_t kBandRows = 8;
 constexpr int64_t kBandPixels = 64;
 
